@@ -1,0 +1,153 @@
+"""The Miras language model (Llama macro block) and its fixed-size decoding state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import MirasConfig
+from .layers import LayerState, MirasMixer, RMSNorm, SlidingWindowAttention, SwiGLU
+
+
+@dataclass
+class ModelState:
+    """Everything decoding needs, for a batch of sequences; its size does not depend on their length.
+
+    ``pos[b]`` counts the tokens sequence ``b`` has consumed; ``layers[i]`` holds layer ``i``'s
+    tensors, each with the batch as its first dim (Miras layers: short-conv cache, chunk anchor and
+    running memory; attention layers: a KV ring buffer of the window).
+    """
+
+    pos: Tensor
+    layers: list[LayerState]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.pos.shape[0])
+
+    def tensors(self) -> list[Tensor]:
+        return [self.pos] + [t for layer in self.layers for t in layer.values()]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def nbytes_per_sequence(self) -> int:
+        return self.nbytes() // max(self.batch_size, 1)
+
+    def _map(self, fn) -> ModelState:
+        return ModelState(fn(self.pos), [{k: fn(t) for k, t in layer.items()} for layer in self.layers])
+
+    def clone(self) -> ModelState:
+        return self._map(lambda t: t.clone())
+
+    def detach(self) -> ModelState:
+        return self._map(lambda t: t.detach())
+
+    def to(self, device: torch.device | str) -> ModelState:
+        return self._map(lambda t: t.to(device))
+
+    def select(self, index: Tensor | Sequence[int]) -> ModelState:
+        """A new state holding rows ``index`` (repeat a row to fork a sequence)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
+        return self._map(lambda t: t.index_select(0, index))
+
+    def assign(self, index: Tensor | Sequence[int], other: ModelState) -> None:
+        """In place: rows ``index`` of this state take the rows of ``other`` (a state pool's write)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
+        self.pos.index_copy_(0, index, other.pos)
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            for name, t in mine.items():
+                t.index_copy_(0, index, theirs[name].to(t.dtype))
+
+    @staticmethod
+    def cat(states: Sequence[ModelState]) -> ModelState:
+        layers = [{k: torch.cat([s.layers[i][k] for s in states]) for k in states[0].layers[i]}
+                  for i in range(len(states[0].layers))]
+        return ModelState(torch.cat([s.pos for s in states]), layers)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MirasConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MirasMixer(cfg) if kind == "M" else SlidingWindowAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+
+    def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor,
+                lengths: Tensor) -> tuple[Tensor, LayerState]:
+        h, state = self.mixer(self.mixer_norm(x), state, pos, valid, lengths)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class MirasLM(nn.Module):
+    def __init__(self, cfg: MirasConfig):
+        super().__init__()
+        self.config = cfg.validate()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("o_proj", "down")) else 0.02
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for block in self.blocks:
+            if isinstance(block.mixer, MirasMixer):
+                block.mixer.reset_memory_parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> ModelState:
+        """A fresh state (position 0) for ``batch_size`` sequences; memory state is always fp32."""
+        device = torch.device(device) if device is not None else self.device
+        layers = [block.mixer.init_state(batch_size, device, torch.float32) for block in self.blocks]
+        return ModelState(torch.zeros(batch_size, dtype=torch.long, device=device), layers)
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None,
+                lengths: Tensor | None = None) -> tuple[Tensor, ModelState]:
+        """Process ``input_ids`` [B, T] continuing from ``state`` (None: fresh sequences).
+
+        ``lengths[b]`` (default T) is the number of real tokens in row b; the rest of the row is
+        padding that changes nothing. Returns logits [B, T, vocab] (fp32) and the new state; the
+        input state is not modified.
+        """
+        B, T = input_ids.shape
+        if T == 0:
+            raise ValueError("input_ids must hold at least one token per row")
+        device = input_ids.device
+        if state is None:
+            state = self.init_state(B, device)
+        if state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} sequences but input_ids has {B} rows")
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long, device=device)
+        lengths = lengths.to(device=device, dtype=torch.long)
+        valid = torch.arange(T, device=device).view(1, -1) < lengths.view(-1, 1)
+        x = self.embed(input_ids)
+        new_layers = []
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            x, layer_state = block(x, layer_state, state.pos, valid, lengths)
+            new_layers.append(layer_state)
+        logits = self.lm_head(self.norm(x)).float()
+        return logits, ModelState(state.pos + lengths, new_layers)

@@ -1,0 +1,107 @@
+"""Byte-level BPE tokenizer (HF ``tokenizers``) with the special tokens training and serving share."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2
+
+# Used when a checkpoint's tokenizer_config.json names no chat template: one line per turn,
+# "<role>: <content>", then "assistant:" to prompt the reply.
+DEFAULT_CHAT_TEMPLATE = "{role}: {content}\n"
+DEFAULT_GENERATION_PROMPT = "assistant:"
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-to-unicode table that ByteLevel pre-tokenisation uses."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class MirasTokenizer:
+    """Wraps a ``tokenizers.Tokenizer``: text <-> ids, per-token bytes, and the chat format."""
+
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None,
+                 generation_prompt: str | None = None):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        self.generation_prompt = generation_prompt if generation_prompt is not None else DEFAULT_GENERATION_PROMPT
+        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        if None in ids:
+            raise ValueError(f"tokenizer lacks the special tokens {SPECIAL_TOKENS}")
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = ids
+        self.special_ids = frozenset(ids)
+        self._bytes_cache: dict[int, bytes] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id, *ids] if add_bos else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (special tokens: empty), for incremental decoding."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is None:
+            piece = self.tokenizer.id_to_token(token_id)
+            if piece is None:
+                raise ValueError(f"token id {token_id} is not in the vocabulary")
+            if token_id in self.special_ids:
+                cached = b""
+            else:
+                table = _byte_decoder()
+                cached = bytes(table[c] for c in piece)
+            self._bytes_cache[token_id] = cached
+        return cached
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        text = "".join(self.chat_template.format(role=m["role"], content=m["content"]) for m in messages)
+        return text + (self.generation_prompt if add_generation_prompt else "")
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+        config = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
+                  "chat_template": self.chat_template, "generation_prompt": self.generation_prompt}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MirasTokenizer:
+        directory = Path(directory)
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        return cls(tokenizer, config.get("chat_template"), config.get("generation_prompt"))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> MirasTokenizer:
+    """Train a byte-level BPE whose first ids are the special tokens (pad 0, bos 1, eos 2)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return MirasTokenizer(tokenizer)
