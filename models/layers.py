@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels import memory_scan
+
 from .config import MirasConfig
-from .memory import initial_memory, l2_normalise, memory_scan
+from .memory import initial_memory, l2_normalise
 
 LayerState = dict[str, Tensor]
 
@@ -129,7 +131,8 @@ class MirasMixer(nn.Module):
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """eta, log alpha (and delta) per head: [B, H, T] each, from a low-rank projection of x."""
         cfg = self.cfg
-        raw = self.gate_up(self.gate_down(x.to(self.gate_down.weight.dtype))).float().view(*x.shape[:2], self.n_gates, cfg.n_heads)
+        raw = self.gate_up(self.gate_down(x.to(self.gate_down.weight.dtype))).float()
+        raw = raw.view(*x.shape[:2], self.n_gates, cfg.n_heads)
         raw = raw.permute(2, 0, 3, 1)  # [gates, B, H, T]
         eta = cfg.eta_max * torch.sigmoid(raw[0])
         log_alpha = F.logsigmoid(raw[1])

@@ -209,7 +209,10 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
         new_memory = [torch.empty_like(w) for w in memory]
         for value in torch.unique(phase).tolist():
             rows = (phase == value).nonzero().squeeze(1)
-            pick = lambda t: None if t is None else t.index_select(0, rows)
+
+            def pick(t: Tensor | None, rows: Tensor = rows) -> Tensor | None:
+                return None if t is None else t.index_select(0, rows)
+
             o, an, mem = memory_scan(cfg, tuple(pick(w) for w in anchor), tuple(pick(w) for w in memory),
                                      pick(pos), pick(q), pick(k), pick(v), pick(eta), pick(log_alpha),
                                      pick(delta), pick(valid), ln_weight, ln_bias)

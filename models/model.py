@@ -124,14 +124,29 @@ class MirasLM(nn.Module):
         layers = [block.mixer.init_state(batch_size, device, torch.float32) for block in self.blocks]
         return ModelState(torch.zeros(batch_size, dtype=torch.long, device=device), layers)
 
-    def forward(self, input_ids: Tensor, state: ModelState | None = None,
-                lengths: Tensor | None = None) -> tuple[Tensor, ModelState]:
+    def reset_slots(self, pool: ModelState, slots: Tensor | Sequence[int]) -> None:
+        """In place: rows ``slots`` of a state pool become fresh sequences (position 0)."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=pool.pos.device)
+        pool.assign(slots, self.init_state(int(slots.numel()), pool.pos.device))
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, lengths: Tensor | None = None,
+                slots: Tensor | None = None) -> tuple[Tensor, ModelState]:
         """Process ``input_ids`` [B, T] continuing from ``state`` (None: fresh sequences).
 
         ``lengths[b]`` (default T) is the number of real tokens in row b; the rest of the row is
         padding that changes nothing. Returns logits [B, T, vocab] (fp32) and the new state; the
         input state is not modified.
+
+        With ``slots`` [B], ``state`` is a pool of sequences (``init_state(max_num_seqs)``): row b of
+        the batch continues pool row ``slots[b]``, which is updated in place, and the pool is returned.
         """
+        if slots is not None:
+            if state is None:
+                raise ValueError("slots need a state pool")
+            slots = slots.to(device=state.pos.device, dtype=torch.long)
+            logits, new_state = self.forward(input_ids, state.select(slots), lengths)
+            state.assign(slots, new_state)
+            return logits, state
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids must hold at least one token per row")
