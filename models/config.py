@@ -51,13 +51,16 @@ class MirasConfig:
     memory: str = "mlp"  # "mlp": M(x) = x + LN(W_out gelu(W_in x)); "linear": M(x) = W x
     memory_expansion: int = 4
     memory_ln_eps: float = 1e-5
+    # Small LN gain at init keeps the memory's first errors (and the lp / huber gradients) O(|v|):
+    # with gain 1 the LN output dominates and the outer-loop gradients explode.
+    memory_ln_init: float = 0.1
     # --- axis 2: attentional bias ---
     attentional_bias: str = "l2"  # "l2", "lp" (with p), "huber" (with data-dependent delta)
     p: float = 3.0
     # --- axis 3: retention ---
     retention: str = "l2"  # "l2" decay, "lq" (decay + lq-ball normalisation, with q), "kl" (softmax)
     q: float = 4.0
-    lq_radius: float = 2.0  # radius of the lq ball, in units of 1/sqrt(fan_in) per entry
+    lq_radius: float = 3.0  # radius of the lq ball, in units of each matrix's initial entry std
     # --- axis 4: learning algorithm ---
     learning_algorithm: str = "gd"
     eta_max: float = 0.1  # eta_t = eta_max * sigmoid(.)
@@ -114,7 +117,7 @@ class MirasConfig:
              f"must be one of {LEARNING_ALGORITHMS}")
         need(1.0 < self.p <= 8.0, "p", f"must be in (1, 8], got {self.p}")
         need(2.0 <= self.q <= 8.0, "q", f"must be in [2, 8], got {self.q}")
-        for name in ("lq_radius", "eta_max", "delta_init", "sign_sharpness", "abs_eps", "memora_eps",
+        for name in ("lq_radius", "eta_max", "memory_ln_init", "delta_init", "sign_sharpness", "abs_eps", "memora_eps",
                      "norm_eps", "memory_ln_eps", "rope_theta"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and value > 0, name, f"must be > 0, got {value!r}")
@@ -165,6 +168,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 for _name in ("moneta", "yaad", "memora"):
     PRESETS[f"{_name}-h"] = dict(PRESETS[_name], layer_pattern="MA")
+# Baseline only: Transformer++ (full causal attention, the window exceeds every training context).
+PRESETS["transformer"] = dict(layer_pattern="A", swa_window=4096)
 
 
 def preset_config(name: str, **overrides: Any) -> MirasConfig:

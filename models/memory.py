@@ -140,13 +140,20 @@ def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, 
     return out, (new_in, new_out)
 
 
-def lq_normalise(cfg: MirasConfig, w: Tensor) -> Tensor:
+def memory_init_std(cfg: MirasConfig) -> tuple[float, ...]:
+    """Entry scale of each memory matrix at initialisation: W_in (and the linear W) read unit-norm keys,
+    so std 1 gives O(1) pre-activations; W_out reads D hidden units, so std 1/sqrt(D)."""
+    if cfg.memory == "linear":
+        return (1.0,)
+    return (1.0, 1.0 / math.sqrt(cfg.memory_hidden))
+
+
+def lq_normalise(cfg: MirasConfig, w: Tensor, init_std: float) -> Tensor:
     """Moneta's boundary step: project each head's matrix onto the lq ball.
 
-    nu(W) = sqrt(fan_in) * (mean |W_ij|^q)^(1/q);  W <- W * min(1, radius / nu(W)).
+    nu(W) = (mean |W_ij|^q)^(1/q) / init_std;  W <- W * min(1, radius / nu(W)).
     """
-    fan_in = w.shape[-1]
-    nu = math.sqrt(fan_in) * w.abs().pow(cfg.q).mean((-2, -1), keepdim=True).pow(1.0 / cfg.q)
+    nu = w.abs().pow(cfg.q).mean((-2, -1), keepdim=True).pow(1.0 / cfg.q) / init_std
     return w * torch.clamp(cfg.lq_radius / nu, max=1.0)
 
 
@@ -179,7 +186,7 @@ def boundary_step(cfg: MirasConfig, memory: Memory, k0: Tensor, v0: Tensor, eta0
                   log_alpha0: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None) -> Memory:
     """The memory at a chunk start becomes the new anchor, after the rule's boundary map."""
     if cfg.retention == "lq":
-        return tuple(lq_normalise(cfg, w) for w in memory)
+        return tuple(lq_normalise(cfg, w, std) for w, std in zip(memory, memory_init_std(cfg), strict=True))
     if cfg.retention == "kl":
         return memora_lag_step(cfg, memory, k0, v0, eta0, log_alpha0, ln_weight, ln_bias)
     return memory
@@ -270,10 +277,3 @@ def read_memory(cfg: MirasConfig, memory: Memory, x: Tensor, ln_weight: Tensor |
 
 def l2_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
-
-
-__all__ = [
-    "Memory", "boundary_step", "chunk_coefficients", "gelu", "gelu_grad", "initial_memory", "l2_normalise",
-    "layer_norm", "layer_norm_backward", "lq_normalise", "memora_lag_step", "memory_scan", "memory_segment",
-    "mlp_factors", "output_grad", "read_memory", "softmax_rows",
-]

@@ -1,0 +1,104 @@
+"""The invariant: a parallel pass, or a prefill then token-by-token decoding, in any batch, gives the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMALL, small_model
+
+import models
+
+CHUNK = SMALL["chunk_size"]
+PREFILLS = [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]  # across chunk boundaries
+T = 3 * CHUNK + 9
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("preset", sorted(models.PRESETS))
+def test_parallel_pass_equals_prefill_then_decode(preset):
+    model = small_model(preset, seed=hash(preset) % 1000)
+    ids = torch.randint(0, SMALL["vocab_size"], (3, T))
+    lengths = torch.tensor([T, T - 5, T - 11])  # a batch of different lengths (right padding)
+    with torch.no_grad():
+        full, _ = model(ids, lengths=lengths)
+        for prefill in PREFILLS:
+            logits, state = model(ids[:, :prefill], lengths=lengths.clamp(max=prefill))
+            steps = [logits]
+            for t in range(prefill, T):
+                step_lengths = (lengths > t).long()  # finished rows take a no-op step
+                logits, state = model(ids[:, t:t + 1], state, lengths=step_lengths)
+                steps.append(logits)
+            incremental = torch.cat(steps, dim=1)
+            for row, n in enumerate(lengths.tolist()):
+                err = relative_error(incremental[row, :n], full[row, :n])
+                assert err <= 1e-4, f"{preset}: prefill {prefill}, row {row}: relative error {err:.2e}"
+            assert state.pos.tolist() == lengths.tolist()
+
+
+@pytest.mark.parametrize("preset", ["moneta", "memora-h"])
+def test_rows_at_different_positions_batch_together(preset):
+    """Continuing sequences whose chunk phases differ, in one batch, equals continuing each alone."""
+    model = small_model(preset)
+    with torch.no_grad():
+        states = [model(torch.randint(0, SMALL["vocab_size"], (1, n)))[1] for n in (3, 8, 13)]
+        more = torch.randint(0, SMALL["vocab_size"], (3, 6))
+        batched, batched_state = model(more, models.ModelState.cat(states))
+        for row, state in enumerate(states):
+            alone, alone_state = model(more[row:row + 1], state)
+            assert relative_error(batched[row], alone[0]) <= 1e-5
+            for mine, theirs in zip(batched_state.select([row]).tensors(), alone_state.tensors(), strict=True):
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_state_size_does_not_grow_with_context():
+    model = small_model("moneta-h")
+    with torch.no_grad():
+        _, short = model(torch.randint(0, SMALL["vocab_size"], (2, 3)))
+        _, long = model(torch.randint(0, SMALL["vocab_size"], (2, 5 * SMALL["swa_window"] + 7)))
+    assert short.nbytes() == long.nbytes() > 0
+    assert short.nbytes_per_sequence() * 2 == short.nbytes()
+
+
+def test_state_fork_copy_and_pool():
+    model = small_model("yaad-h")
+    prompt = torch.randint(0, SMALL["vocab_size"], (1, 7))
+    nxt = torch.randint(0, SMALL["vocab_size"], (2, 1))
+    with torch.no_grad():
+        _, state = model(prompt)
+        forked = state.select([0, 0])  # one prefill, two continuations
+        forked_logits, _ = model(nxt, forked)
+        for row in range(2):
+            alone, _ = model(nxt[row:row + 1], state.clone())
+            torch.testing.assert_close(forked_logits[row], alone[0])
+        # A pool: rows continue in place through slot indices; other rows stay bit-identical.
+        pool = model.init_state(5)
+        model.reset_slots(pool, [1, 3])
+        pool.assign([3], state)
+        before = pool.clone()
+        pooled_logits, same_pool = model(nxt, pool, slots=torch.tensor([3, 1]))
+        assert same_pool is pool
+        expected, expected_state = model(nxt[:1], state)
+        torch.testing.assert_close(pooled_logits[0], expected[0])
+        torch.testing.assert_close(pool.select([3]).tensors()[1], expected_state.tensors()[1])
+        for untouched in (0, 2, 4):
+            for a, b in zip(pool.select([untouched]).tensors(), before.select([untouched]).tensors(), strict=True):
+                assert torch.equal(a, b)
+        assert state.to("cpu").nbytes() == state.nbytes()
+
+
+def test_bad_calls_raise_clear_errors():
+    model = small_model("moneta")
+    with pytest.raises(ValueError, match="at least one token"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    _, state = model(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="state holds 2 sequences"):
+        model(torch.zeros(3, 1, dtype=torch.long), state)
+    with pytest.raises(models.ConfigError, match="unknown preset"):
+        models.from_preset("mamba")
+    with pytest.raises(models.ConfigError, match="'chunk_size'"):
+        models.from_preset("moneta", chunk_size=0)
+    with pytest.raises(models.ConfigError, match="'no_such_field'"):
+        models.from_preset("moneta", no_such_field=1)

@@ -1,0 +1,202 @@
+"""The memory rules against independent statements of the equations (autograd, per-token loops)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.config import preset_config
+from models.memory import (
+    boundary_step,
+    gelu,
+    layer_norm,
+    lq_normalise,
+    memory_init_std,
+    memory_scan,
+    mlp_factors,
+    output_grad,
+    read_memory,
+)
+
+B, H, d, E = 2, 2, 8, 4
+D = E * d
+
+
+def random_inputs(T: int, seed: int, dtype=torch.float64, delta_scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    q = F.normalize(r(B, H, T, d), dim=-1)
+    k = F.normalize(r(B, H, T, d), dim=-1)
+    v = r(B, H, T, d)
+    eta = 0.3 * torch.rand(B, H, T, generator=g, dtype=dtype)
+    log_alpha = F.logsigmoid(2 + r(B, H, T))
+    delta = delta_scale * (0.5 + torch.rand(B, H, T, generator=g, dtype=dtype))
+    ln_w = (0.5 + torch.rand(H, 1, d, generator=g, dtype=dtype))
+    ln_b = 0.1 * r(H, 1, d)
+    return q, k, v, eta, log_alpha, delta, ln_w, ln_b
+
+
+def random_memory(cfg, seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    if cfg.memory == "linear":
+        return (0.3 * torch.randn(B, H, d, d, generator=g, dtype=dtype),)
+    if cfg.retention == "kl":
+        return tuple(w.shape[-1] * torch.softmax(torch.randn(*w.shape, generator=g, dtype=dtype), -1)
+                     for w in (torch.empty(B, H, D, d), torch.empty(B, H, d, D)))
+    std_in, std_out = memory_init_std(cfg)
+    return (std_in * torch.randn(B, H, D, d, generator=g, dtype=dtype),
+            std_out * torch.randn(B, H, d, D, generator=g, dtype=dtype))
+
+
+def config(preset: str, **overrides):
+    return preset_config(preset, head_dim=d, n_heads=H, memory_expansion=E, **overrides)
+
+
+def stated_loss(cfg, y: torch.Tensor, v: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """The attentional bias as a loss, for autograd (Moneta's uses its exact, unsmoothed form)."""
+    e = y - v
+    if cfg.attentional_bias == "l2":
+        return 0.5 * e.pow(2).sum()
+    if cfg.attentional_bias == "lp":
+        return e.abs().pow(cfg.p).sum() / cfg.p
+    if e.pow(2).mean().sqrt() <= delta:
+        return 0.5 * e.pow(2).sum()
+    # delta * l1 with the smoothed sign: the potential of delta * tanh(c e) is delta/c log cosh(c e)
+    return delta * (torch.log(torch.cosh(cfg.sign_sharpness * e)) / cfg.sign_sharpness).sum()
+
+
+@pytest.mark.parametrize("preset,delta_scale", [("yaad", 0.01), ("yaad", 100.0), ("memora", 1.0), ("moneta", 1.0)])
+def test_hand_written_gradient_equals_autograd(preset, delta_scale):
+    # Moneta: sharpen the smoothing so that the smoothed gradient converges to the exact lp one.
+    cfg = config(preset, sign_sharpness=1e4, abs_eps=1e-14) if preset == "moneta" else config(preset)
+    q, k, v, eta, log_alpha, delta, ln_w, ln_b = random_inputs(5, seed=1, delta_scale=delta_scale)
+    w_in, w_out = random_memory(cfg, seed=2)
+    a, gz, gu = mlp_factors(cfg, w_in, w_out, k, v, ln_w, ln_b, delta)
+    for b in range(B):
+        for h in range(H):
+            for t in range(k.shape[2]):
+                wi = w_in[b, h].clone().requires_grad_()
+                wo = w_out[b, h].clone().requires_grad_()
+                kk = k[b, h, t]
+                y = kk + layer_norm(gelu(kk @ wi.T) @ wo.T, ln_w[h, 0], ln_b[h, 0], cfg.memory_ln_eps)[0]
+                grad_in, grad_out = torch.autograd.grad(stated_loss(cfg, y, v[b, h, t], delta[b, h, t]), (wi, wo))
+                torch.testing.assert_close(torch.outer(gz[b, h, t], kk), grad_in, rtol=1e-6, atol=1e-9)
+                torch.testing.assert_close(torch.outer(gu[b, h, t], a[b, h, t]), grad_out, rtol=1e-6, atol=1e-9)
+
+
+def test_yaad_switch_takes_both_branches():
+    cfg = config("yaad")
+    e = torch.tensor([[[[0.1, -0.2, 0.05, 0.0, 0.1, 0.1, -0.1, 0.2], [3.0, -2.0, 1.0, 0.5, -4.0, 2.0, 1.0, 3.0]]]])
+    delta = torch.tensor([[[0.5, 0.5]]])
+    g = output_grad(cfg, e, delta)
+    torch.testing.assert_close(g[0, 0, 0], e[0, 0, 0])  # rms 0.12 <= 0.5: the l2 branch
+    torch.testing.assert_close(g[0, 0, 1], 0.5 * torch.tanh(cfg.sign_sharpness * e[0, 0, 1]))  # the l1 branch
+
+
+def test_moneta_smoothing_matches_the_paper_form():
+    cfg = config("moneta")
+    e = torch.linspace(-2, 2, 101, dtype=torch.float64)
+    expected = torch.tanh(cfg.sign_sharpness * e) * (e * e + cfg.abs_eps).pow((cfg.p - 1) / 2)
+    torch.testing.assert_close(output_grad(cfg, e, None), expected)
+
+
+def test_moneta_normalisation_takes_both_branches():
+    cfg = config("moneta")
+    std = memory_init_std(cfg)[0]
+    small = 0.5 * std * torch.randn(1, 1, D, d, dtype=torch.float64)  # inside the ball: unchanged
+    torch.testing.assert_close(lq_normalise(cfg, small, std), small)
+    large = 10 * std * torch.randn(1, 1, D, d, dtype=torch.float64)  # outside: projected onto the sphere
+    projected = lq_normalise(cfg, large, std)
+    nu = projected.abs().pow(cfg.q).mean().pow(1 / cfg.q) / std
+    assert math.isclose(nu.item(), cfg.lq_radius, rel_tol=1e-9)
+    torch.testing.assert_close(projected / projected.norm(), large / large.norm())  # direction kept
+
+
+def token_loop(cfg, memory, q, k, v, eta, log_alpha, delta, ln_w, ln_b):
+    """chunk_size = 1 written from the equations, one token at a time, gradients by autograd."""
+    outs = []
+    for t in range(q.shape[2]):
+        alpha = log_alpha[:, :, t].exp()[..., None, None]
+        lr = eta[:, :, t][..., None, None]
+        if cfg.retention == "lq":
+            memory = tuple(lq_normalise(cfg, w, s) for w, s in zip(memory, memory_init_std(cfg), strict=True))
+        params = [w.detach().clone().requires_grad_() for w in memory]
+        y = read_memory(cfg, tuple(params), k[:, :, t:t + 1], ln_w, ln_b)
+        if cfg.attentional_bias == "lp":  # the smoothed lp gradient has no closed-form potential
+            loss = (output_grad(cfg, y - v[:, :, t:t + 1], None).detach() * y).sum()
+        else:
+            loss = sum(stated_loss(cfg, y[b, h, 0], v[b, h, t], delta[b, h, t]) for b in range(B) for h in range(H))
+        grads = torch.autograd.grad(loss, params)
+        if cfg.retention == "kl":  # Memora, Eq. 27: W_t = c softmax(alpha log(W/c) - eta grad) per row
+            memory = tuple(w.shape[-1] * torch.softmax(alpha * torch.log(w / w.shape[-1]) - lr * g, -1)
+                           for w, g in zip(memory, grads, strict=True))
+        else:
+            memory = tuple(alpha * w - lr * g for w, g in zip(memory, grads, strict=True))
+        outs.append(read_memory(cfg, memory, q[:, :, t:t + 1], ln_w, ln_b))
+    return torch.cat(outs, dim=2), memory
+
+
+@pytest.mark.parametrize("preset", ["moneta", "yaad", "memora", "linear"])
+def test_chunk_size_one_equals_a_per_token_loop(preset):
+    cfg = config(preset, chunk_size=1)
+    T = 7
+    q, k, v, eta, log_alpha, delta, ln_w, ln_b = random_inputs(T, seed=3)
+    if preset == "moneta":  # make the projection fire on some tokens
+        eta = 3 * eta
+    memory = random_memory(cfg, seed=4)
+    if cfg.memory == "linear":
+        ln_w = ln_b = None
+    valid = torch.ones(B, T, dtype=torch.bool)
+    out, _, final = memory_scan(cfg, memory, memory, torch.zeros(B, dtype=torch.long), q, k, v, eta, log_alpha,
+                                delta, valid, ln_w, ln_b)
+    ref_out, ref_final = token_loop(cfg, memory, q, k, v, eta, log_alpha, delta, ln_w, ln_b)
+    torch.testing.assert_close(out, ref_out, rtol=1e-8, atol=1e-10)
+    for a, b in zip(final, ref_final, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_linear_preset_is_the_gated_delta_rule(chunk):
+    """linear = S_t = alpha_t S + eta_t (v_t - S_anchor k_t) k_t^T, o_t = S_t q_t; with chunk 1 the anchor is
+    S_{t-1}: the gated delta rule. With a larger chunk every prediction uses the chunk-start S."""
+    cfg = config("linear", chunk_size=chunk)
+    T = 8
+    q, k, v, eta, log_alpha, _, _, _ = random_inputs(T, seed=5)
+    S0 = 0.3 * torch.randn(B, H, d, d, dtype=torch.float64)
+    out, _, (final,) = memory_scan(cfg, (S0,), (S0,), torch.zeros(B, dtype=torch.long), q, k, v, eta, log_alpha,
+                                   None, torch.ones(B, T, dtype=torch.bool), None, None)
+    S, anchor, ref = S0.clone(), S0.clone(), []
+    for t in range(T):
+        if t % chunk == 0:
+            anchor = S
+        kt, vt = k[:, :, t, :, None], v[:, :, t, :, None]
+        S = log_alpha[:, :, t].exp()[..., None, None] * S + eta[:, :, t][..., None, None] * (vt - anchor @ kt) @ kt.mT
+        ref.append((S @ q[:, :, t, :, None]).squeeze(-1))
+    torch.testing.assert_close(out, torch.stack(ref, dim=2), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(final, S, rtol=1e-9, atol=1e-12)
+
+
+def test_memora_memory_stays_positive_and_normalised():
+    cfg = config("memora", chunk_size=4)
+    T = 4 * 6
+    q, k, v, eta, log_alpha, _, ln_w, ln_b = random_inputs(T, seed=6)
+    eta = eta * 20  # large steps push the in-chunk linear part negative: the lag step must repair it
+    memory = random_memory(cfg, seed=7)
+    pos = torch.zeros(B, dtype=torch.long)
+    saw_negative = False
+    for start in range(0, T, 4):
+        sl = slice(start, start + 4)
+        valid = torch.ones(B, 4, dtype=torch.bool)
+        _, anchor, memory = memory_scan(cfg, memory, memory, pos, q[:, :, sl], k[:, :, sl], v[:, :, sl],
+                                        eta[:, :, sl], log_alpha[:, :, sl], None, valid, ln_w, ln_b)
+        pos = pos + 4
+        saw_negative |= any(bool((w < 0).any()) for w in memory)
+        for w in anchor:  # the anchor is the post-lag memory: on the scaled simplex
+            assert bool((w > 0).all())
+            torch.testing.assert_close(w.sum(-1), torch.full(w.shape[:-1], float(w.shape[-1]), dtype=w.dtype))
+    assert saw_negative, "the test should exercise the positivity handling"
+    stepped = boundary_step(cfg, memory, k[:, :, :1], v[:, :, :1], eta[:, :, :1], log_alpha[:, :, :1], ln_w, ln_b)
+    assert all(bool((w > 0).all()) for w in stepped)
