@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import memory_scan
+from kernels import memory_scan, memory_scan_pool
 
 from .config import MirasConfig
-from .memory import initial_memory, l2_normalise
+from .memory import initial_memory, l2_normalise, memory_init_std
 
 LayerState = dict[str, Tensor]
 
@@ -46,11 +46,12 @@ def short_conv(x: Tensor, weight: Tensor, cache: Tensor, lengths: Tensor) -> tup
     Returns the outputs [B, T, C] and the new cache (the last width-1 *valid* inputs).
     """
     width = weight.shape[1]
-    full = torch.cat([cache, x.transpose(1, 2)], dim=-1)  # [B, C, width-1+T]
-    out = F.conv1d(full, weight.unsqueeze(1), groups=weight.shape[0])
+    # Computed in the cache's dtype (fp32 state), whatever the weights' dtype.
+    full = torch.cat([cache, x.transpose(1, 2).to(cache.dtype)], dim=-1)  # [B, C, width-1+T]
+    out = F.conv1d(full, weight.to(cache.dtype).unsqueeze(1), groups=weight.shape[0])
     index = (lengths.view(-1, 1) + torch.arange(width - 1, device=x.device)).unsqueeze(1)
     new_cache = full.gather(2, index.expand(-1, full.shape[1], -1))
-    return out.transpose(1, 2), new_cache
+    return out.transpose(1, 2).to(x.dtype), new_cache
 
 
 def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
@@ -88,7 +89,7 @@ class MirasMixer(nn.Module):
             else:
                 self.mem_init_in = nn.Parameter(torch.empty(H, D, d))
                 self.mem_init_out = nn.Parameter(torch.empty(H, d, D))
-            self.mem_ln_weight = nn.Parameter(torch.ones(H, d))
+            self.mem_ln_weight = nn.Parameter(torch.full((H, d), cfg.memory_ln_init))
             self.mem_ln_bias = nn.Parameter(torch.zeros(H, d))
         self.reset_memory_parameters()
 
@@ -102,12 +103,14 @@ class MirasMixer(nn.Module):
         if self.n_gates == 3:
             bias[2].fill_(math.log(math.expm1(cfg.delta_init)))
         if cfg.memory == "mlp":
+            self.mem_ln_weight.fill_(cfg.memory_ln_init)
             if cfg.retention == "kl":
                 nn.init.normal_(self.mem_logits_in, std=0.5)
                 nn.init.normal_(self.mem_logits_out, std=0.5)
             else:
-                nn.init.normal_(self.mem_init_in, std=1.0 / math.sqrt(cfg.head_dim))
-                nn.init.normal_(self.mem_init_out, std=1.0 / math.sqrt(cfg.memory_hidden))
+                std_in, std_out = memory_init_std(cfg)
+                nn.init.normal_(self.mem_init_in, std=std_in)
+                nn.init.normal_(self.mem_init_out, std=std_out)
 
     def memory_params(self) -> dict[str, Tensor]:
         return {name: p for name, p in self.named_parameters() if name.startswith("mem_")}
@@ -139,8 +142,10 @@ class MirasMixer(nn.Module):
         delta = F.softplus(raw[2]) if self.n_gates == 3 else None
         return eta, log_alpha, delta
 
-    def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor,
-                lengths: Tensor) -> tuple[Tensor, LayerState]:
+    def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor, lengths: Tensor,
+                slots: Tensor | None = None) -> tuple[Tensor, LayerState]:
+        """With ``slots``, the memory entries of ``state`` are the whole pool, updated in place at rows
+        ``slots`` (the other entries are this batch's rows, as without)."""
         cfg = self.cfg
         B, T, _ = x.shape
         qkv, conv = short_conv(self.qkv(x), self.conv_weight, state["conv"], lengths)
@@ -153,8 +158,12 @@ class MirasMixer(nn.Module):
         anchor = tuple(state[f"anchor_{n}"] for n in names)
         memory = tuple(state[f"mem_{n}"] for n in names)
         ln_weight, ln_bias = self.ln_params()
-        out, anchor, memory = memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid,
-                                          ln_weight, ln_bias)
+        if slots is None:
+            out, anchor, memory = memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid,
+                                              ln_weight, ln_bias)
+        else:
+            out = memory_scan_pool(cfg, anchor, memory, slots, pos, q, k, v, eta, log_alpha, delta, lengths,
+                                   ln_weight, ln_bias)
         out = out.transpose(1, 2)  # [B, T, H, d]
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * self.out_norm_weight
         out = out.to(x.dtype).reshape(B, T, cfg.inner_dim) * F.silu(self.out_gate(x))
@@ -186,7 +195,8 @@ class SlidingWindowAttention(nn.Module):
         B, T, _ = x.shape
         W = cfg.swa_window
         device = x.device
-        qkv = self.qkv(x).view(B, T, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        # Attention runs in the ring buffer's dtype (fp32 state), whatever the weights' dtype.
+        qkv = self.qkv(x).view(B, T, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4).to(state["k"].dtype)
         positions = pos.view(-1, 1) + torch.arange(T, device=device)  # [B, T]
         q = rope(qkv[0], positions, cfg.rope_theta)
         k = rope(qkv[1], positions, cfg.rope_theta)
@@ -198,9 +208,12 @@ class SlidingWindowAttention(nn.Module):
         cached = (slot_pos >= 0).unsqueeze(1) & (slot_pos.unsqueeze(1) > positions.unsqueeze(-1) - W)
         t = torch.arange(T, device=device)
         fresh = (t.view(1, -1) <= t.view(-1, 1)) & (t.view(1, -1) > t.view(-1, 1) - W)  # [T, T]
-        mask = torch.cat([cached, fresh.unsqueeze(0).expand(B, -1, -1)], dim=-1).unsqueeze(1)
-        keys = torch.cat([state["k"], k], dim=2)
-        values = torch.cat([state["v"], v], dim=2)
+        if bool((pos == 0).all()):  # fresh sequences: the ring is empty, attend to the new tokens only
+            mask, keys, values = fresh.unsqueeze(0).unsqueeze(0), k, v
+        else:
+            mask = torch.cat([cached, fresh.unsqueeze(0).expand(B, -1, -1)], dim=-1).unsqueeze(1)
+            keys = torch.cat([state["k"], k], dim=2)
+            values = torch.cat([state["v"], v], dim=2)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         # New ring: slot s takes the latest valid new token j = s - pos (mod W), if there is one.
         lens = lengths.view(-1, 1)
@@ -209,5 +222,5 @@ class SlidingWindowAttention(nn.Module):
         gather = newest.clamp(min=0).view(B, 1, W, 1).expand(-1, cfg.n_heads, -1, cfg.head_dim)
         new_state = {"k": torch.where(takes, k.gather(2, gather), state["k"]),
                      "v": torch.where(takes, v.gather(2, gather), state["v"])}
-        out = out.transpose(1, 2).reshape(B, T, cfg.inner_dim)
+        out = out.transpose(1, 2).reshape(B, T, cfg.inner_dim).to(x.dtype)
         return self.o_proj(out), new_state

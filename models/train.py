@@ -59,6 +59,7 @@ class TrainArgs:
     work_dir: str | None = None
     tokenizer: str | None = None
     resume: bool = False
+    stop_after: int | None = None
     threads: int = 0
     overrides: list[str] = field(default_factory=list)
 
@@ -190,7 +191,7 @@ def build_model(args: TrainArgs, tokenizer: MirasTokenizer) -> MirasLM:
 
 
 def train(args: TrainArgs, command: str = "") -> Path:
-    """Run training end to end; returns the model directory."""
+    """Run training; returns the model directory (or the work dir when stopped early by ``stop_after``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -226,6 +227,10 @@ def train(args: TrainArgs, command: str = "") -> Path:
     progress = Progress(args.steps, step)
     tokens_per_step = args.batch_size * args.seq_len
     while step < args.steps:
+        if args.stop_after is not None and step >= args.stop_after:
+            save_checkpoint()
+            progress.close()
+            return work
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
@@ -320,6 +325,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     p.add_argument("--work-dir", default=None, help="checkpoints and tokenizer cache (default: next to --out)")
     p.add_argument("--tokenizer", default=None, help="reuse the tokenizer of this model directory")
     p.add_argument("--resume", action="store_true", help="continue from the work dir's checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="checkpoint and stop at this step (continue later with --resume)")
     return TrainArgs(**vars(p.parse_args(argv)))
 
 
@@ -333,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CorpusError) as exc:
         print(f"miras-train: error: {exc}", file=sys.stderr)
         return 2
-    print(f"model written to {out}")
+    if args.stop_after is not None and args.stop_after < args.steps:
+        print(f"stopped at step {args.stop_after}; checkpoint in {out} (continue with --resume)")
+    else:
+        print(f"model written to {out}")
     return 0
 
 
