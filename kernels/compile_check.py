@@ -1,0 +1,92 @@
+"""Compile the scan kernel for an NVIDIA target without a GPU and report registers and spills.
+
+The interpreter runs kernels as Python, so it misses what only the compiler sees (globals that are not
+constexpr, illegal tl.dot shapes, layouts); this check runs Triton's whole pipeline down to SASS with
+the ptxas that ships in the triton wheel.
+
+    python -m kernels.compile_check            # sm_90 (H100/H200), the 340M shape, every rule
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from models.config import MirasConfig, preset_config
+
+from .scan import launch_config, miras_scan_kernel
+
+INDEX_ARGS = ("SLOTS", "POS", "LENGTHS", "CU_SEQLENS")
+TOKEN_ARGS = ("Q", "K", "V")
+FLOAT_ARGS = ("lq_radius", "lq_inv_std_in", "lq_inv_std_out", "q_exp", "p_exp", "abs_eps", "sharpness",
+              "memora_eps", "ln_eps")
+
+
+def _signature(constexprs: dict, token_dtype: str) -> dict[str, str]:
+    sig = {}
+    for name in miras_scan_kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in INDEX_ARGS:
+            sig[name] = "*i64"
+        elif name in TOKEN_ARGS:
+            sig[name] = f"*{token_dtype}"
+        elif name.isupper() and name != "T":
+            sig[name] = "*fp32"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:  # T and the strides
+            sig[name] = "i32"
+    return sig
+
+
+def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dtype: str = "fp32",
+                 capability: int = 90) -> dict[str, int]:
+    """Compile one variant for ``sm_<capability>``; returns {registers, spill_stores, spill_loads} (bytes)."""
+    config = launch_config(cfg, decode, varlen, ieee=False)
+    num_warps = config.pop("num_warps")
+    source = ASTSource(miras_scan_kernel, _signature(config, token_dtype), config)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        result = subprocess.run([ptxas, "-v", "--gpu-name", arch, ptx, "-o", os.path.join(tmp, "kernel.o")],
+                                capture_output=True, text=True, check=True)
+    registers = re.search(r"Used (\d+) registers", result.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    return {"registers": int(registers.group(1)) if registers else -1,
+            "spill_stores": int(spills.group(1)) if spills else 0,
+            "spill_loads": int(spills.group(2)) if spills else 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print registers and spills of every variant; exit 1 if a decode variant spills (it is
+    bandwidth-bound: local-memory traffic would compete with the state it streams)."""
+    parser = argparse.ArgumentParser(description="Compile the Miras scan kernel for an NVIDIA GPU without one.")
+    parser.add_argument("--capability", type=int, default=90, help="compute capability (90: H100/H200)")
+    parser.add_argument("--presets", nargs="*", default=["moneta", "yaad", "memora", "linear"])
+    args = parser.parse_args(argv)
+    shape = dict(d_model=1024, n_heads=16, head_dim=64, memory_expansion=4, chunk_size=64)
+    print(f"{'preset':8} {'mode':8} {'registers':>9} {'spill stores':>12} {'spill loads':>11}")
+    decode_spills = False
+    for preset in args.presets:
+        for decode in (False, True):
+            info = compile_scan(preset_config(preset, **shape), decode, capability=args.capability)
+            decode_spills |= decode and info["spill_stores"] > 0
+            print(f"{preset:8} {'decode' if decode else 'prefill':8} {info['registers']:>9} "
+                  f"{info['spill_stores']:>12} {info['spill_loads']:>11}", flush=True)
+    return 1 if decode_spills else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Triton building blocks shared by the scan kernel: activations, row-wise LayerNorm and its backward,
+the attentional biases' output gradient, and a matmul that also covers the one-token (decode) case.
+
+Everything here runs under ``TRITON_INTERPRET=1`` too: no libdevice (tanh is 2*sigmoid(2x)-1, powers
+go through exp2/log2), fp32 arithmetic only (the interpreter gets bf16 arithmetic wrong).
+Row tiles are ``[R, BK]`` with the head dim padded to the block ``BK``; padded columns hold zeros.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+# Codes of the config's categorical choices, as the kernel's constexpr switches.
+MEMORY_CODES = {"mlp": 0, "linear": 1}
+BIAS_CODES = {"l2": 0, "lp": 1, "huber": 2}
+RETENTION_CODES = {"l2": 0, "lq": 1, "kl": 2}
+
+
+@triton.jit
+def gelu(z):
+    """Exact (erf) GELU, as the reference."""
+    return 0.5 * z * (1.0 + tl.erf(z * SQRT_HALF))
+
+
+@triton.jit
+def gelu_grad(z):
+    return 0.5 * (1.0 + tl.erf(z * SQRT_HALF)) + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+
+
+@triton.jit
+def tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def pow_pos(x, exponent):
+    """x ** exponent for x >= 0 (0 ** e = 0 for e > 0)."""
+    return tl.exp2(exponent * tl.log2(x))
+
+
+@triton.jit
+def mm(a, b, VEC: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b. With VEC (one-token tiles, below tl.dot's 16-row minimum) one of the two shapes
+    [1, K] @ [K, N] or [M, 1] @ [1, N] is computed on the CUDA cores."""
+    if VEC:
+        if a.shape[0] == 1:
+            return tl.sum(tl.trans(a) * b, axis=0, keep_dims=True)
+        else:
+            return a * b
+    else:
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def layer_norm_rows(u, weight, bias, col_mask, n, eps):
+    """LayerNorm over the first ``n`` columns of each row; returns (output, normalised input, 1/std)."""
+    mean = tl.sum(u, axis=1, keep_dims=True) / n
+    centred = tl.where(col_mask, u - mean, 0.0)
+    inv_std = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1, keep_dims=True) / n + eps)
+    u_hat = centred * inv_std
+    return u_hat * weight + bias, u_hat, inv_std
+
+
+@triton.jit
+def layer_norm_backward_rows(grad_out, u_hat, inv_std, weight, col_mask, n):
+    g = grad_out * weight
+    g_mean = tl.sum(g, axis=1, keep_dims=True) / n
+    gu_mean = tl.sum(g * u_hat, axis=1, keep_dims=True) / n
+    return tl.where(col_mask, inv_std * (g - g_mean - u_hat * gu_mean), 0.0)
+
+
+@triton.jit
+def output_grad(error, delta, n, p, abs_eps, sharpness, BIAS: tl.constexpr):
+    """d l / d M(k) for the attentional bias (models.memory.output_grad); delta is [R, 1] (huber)."""
+    if BIAS == 0:
+        return error
+    elif BIAS == 1:
+        magnitude = pow_pos(error * error + abs_eps, (p - 1.0) * 0.5)
+        return tanh(sharpness * error) * magnitude
+    else:
+        rms = tl.sqrt(tl.sum(error * error, axis=1, keep_dims=True) / n)
+        return tl.where(rms <= delta, error, delta * tanh(sharpness * error))

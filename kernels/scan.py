@@ -1,0 +1,436 @@
+"""The fused Miras memory scan in Triton: chunked prefill and one-token decode in one kernel.
+
+One program per (sequence, head) walks the sequence chunk by chunk (absolute chunk boundaries,
+each sequence with its own start position), exactly as ``models.memory.memory_scan``:
+
+* at a chunk start with a valid token, the rule's boundary step maps the running memory to the
+  new anchor (copy; Moneta's lq projection; Memora's lag-token softmax step);
+* inside a chunk, every gradient is taken at the anchor and reads use the running memory, all
+  through the dual form (a few matmuls per chunk, ``models.memory.memory_segment``);
+* padding tokens (index >= the row's length) are read but update nothing.
+
+The state lives in a pool (anchor and running memory per slot, fp32) that the kernel reads and
+writes **in place** through ``slots``; a negative slot skips the row and leaves the pool untouched.
+The memory is not held in registers across chunks: each (slot, head) is 128 KiB at the 340M shape,
+so it is streamed through in hidden-dim slabs from the pool itself, which stays L2-resident while
+a program runs. Decode is the same kernel with one-token tiles (``BLOCK_T = 1``): GEMVs on the CUDA
+cores instead of ``tl.dot``, the same code and therefore the same chunk semantics.
+
+Threads of a program read pool entries that other threads of the same program wrote (the boundary
+step, the previous chunk), so every such hand-over goes through ``tl.debug_barrier()``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from models.config import MirasConfig
+from models.memory import Memory, memory_init_std
+
+from .ops import (
+    BIAS_CODES,
+    MEMORY_CODES,
+    RETENTION_CODES,
+    gelu,
+    gelu_grad,
+    layer_norm_backward_rows,
+    layer_norm_rows,
+    mm,
+    output_grad,
+    pow_pos,
+)
+
+
+@triton.jit
+def _in_slab(base, s0, ck, cd, D: tl.constexpr, DK: tl.constexpr):
+    """Pointers and mask of W_in^T's slab [BK, BD]: element (j, i) is W_in[s0 + i, j] (W_in is [D, DK])."""
+    rows = s0 + cd
+    return base + rows[None, :] * DK + ck[:, None], (ck < DK)[:, None] & (rows < D)[None, :]
+
+
+@triton.jit
+def _out_slab(base, s0, ck, cd, D: tl.constexpr, DK: tl.constexpr):
+    """Pointers and mask of W_out^T's slab [BD, BK]: element (i, j) is W_out[j, s0 + i] (W_out is [DK, D])."""
+    cols = s0 + cd
+    return base + ck[None, :] * D + cols[:, None], (ck < DK)[None, :] & (cols < D)[:, None]
+
+
+@triton.jit
+def _square(base, ck, DK: tl.constexpr):
+    """Pointers and mask of W^T for the linear memory (W is [DK, DK]): element (j, i) is W[i, j]."""
+    ci = tl.arange(0, ck.shape[0])
+    return base + ci[None, :] * DK + ck[:, None], (ck < DK)[:, None] & (ci < DK)[None, :]
+
+
+@triton.jit
+def _mlp_forward(x, w_in, w_out, ck, cd, D: tl.constexpr, DK: tl.constexpr, BLOCK_D: tl.constexpr,
+                 VEC: tl.constexpr, IEEE: tl.constexpr):
+    """u = W_out gelu(W_in x) for the rows of x [R, BK]: [R, BK]."""
+    u = tl.zeros((x.shape[0], ck.shape[0]), dtype=tl.float32)
+    for s0 in range(0, D, BLOCK_D):
+        ptr, mask = _in_slab(w_in, s0, ck, cd, D, DK)
+        w_in_t = tl.load(ptr, mask=mask, other=0.0)
+        ptr, mask = _out_slab(w_out, s0, ck, cd, D, DK)
+        w_out_t = tl.load(ptr, mask=mask, other=0.0)
+        u += mm(gelu(mm(x, w_in_t, VEC, IEEE)), w_out_t, VEC, IEEE)
+    return u
+
+
+@triton.jit
+def _mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness,
+                    DK: tl.constexpr, BIAS: tl.constexpr):
+    """gu = d l / d u for M(k) = k + LN(u) against v (models.memory.mlp_factors' gu)."""
+    y, u_hat, inv_std = layer_norm_rows(u, ln_w, ln_b, col_mask, DK, ln_eps)
+    g = output_grad(k + y - v, delta, DK, p_exp, abs_eps, sharpness, BIAS)
+    return layer_norm_backward_rows(g, u_hat, inv_std, ln_w, col_mask, DK)
+
+
+@triton.jit
+def _copy_boundary(src_a, src_b, dst_a, dst_b, ck, cd, D: tl.constexpr, DK: tl.constexpr,
+                   BLOCK_D: tl.constexpr, MEMORY: tl.constexpr):
+    """The plain boundary step: the anchor becomes the running memory."""
+    if MEMORY == 1:
+        ptr, mask = _square(src_a, ck, DK)
+        w = tl.load(ptr, mask=mask)
+        ptr, mask = _square(dst_a, ck, DK)
+        tl.store(ptr, w, mask=mask)
+    else:
+        for s0 in range(0, D, BLOCK_D):
+            ptr, mask = _in_slab(src_a, s0, ck, cd, D, DK)
+            w = tl.load(ptr, mask=mask)
+            ptr, mask = _in_slab(dst_a, s0, ck, cd, D, DK)
+            tl.store(ptr, w, mask=mask)
+            ptr, mask = _out_slab(src_b, s0, ck, cd, D, DK)
+            w = tl.load(ptr, mask=mask)
+            ptr, mask = _out_slab(dst_b, s0, ck, cd, D, DK)
+            tl.store(ptr, w, mask=mask)
+
+
+@triton.jit
+def _lq_scale(total, numel, inv_std, q_exp, radius):
+    nu = pow_pos(total / numel, 1.0 / q_exp) * inv_std
+    return tl.minimum(radius / nu, 1.0)
+
+
+@triton.jit
+def _lq_boundary(m_a, m_b, a_a, a_b, ck, cd, q_exp, radius, inv_std_a, inv_std_b, D: tl.constexpr,
+                 DK: tl.constexpr, BLOCK_D: tl.constexpr, MEMORY: tl.constexpr):
+    """Moneta: W <- W * min(1, radius / nu(W)), nu = (mean |W|^q)^(1/q) / init_std, per matrix."""
+    if MEMORY == 1:
+        ptr, mask = _square(m_a, ck, DK)
+        w = tl.load(ptr, mask=mask, other=0.0)
+        w = w * _lq_scale(tl.sum(pow_pos(tl.abs(w), q_exp)), DK * DK, inv_std_a, q_exp, radius)
+        tl.debug_barrier()
+        tl.store(ptr, w, mask=mask)
+        ptr, mask = _square(a_a, ck, DK)
+        tl.store(ptr, w, mask=mask)
+    else:
+        sum_in = 0.0
+        sum_out = 0.0
+        for s0 in range(0, D, BLOCK_D):
+            ptr, mask = _in_slab(m_a, s0, ck, cd, D, DK)
+            sum_in += tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
+            ptr, mask = _out_slab(m_b, s0, ck, cd, D, DK)
+            sum_out += tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
+        scale_in = _lq_scale(sum_in, D * DK, inv_std_a, q_exp, radius)
+        scale_out = _lq_scale(sum_out, D * DK, inv_std_b, q_exp, radius)
+        for s0 in range(0, D, BLOCK_D):
+            ptr, mask = _in_slab(m_a, s0, ck, cd, D, DK)
+            w_in = tl.load(ptr, mask=mask) * scale_in
+            ptr_out, mask_out = _out_slab(m_b, s0, ck, cd, D, DK)
+            w_out = tl.load(ptr_out, mask=mask_out) * scale_out
+            tl.debug_barrier()
+            tl.store(ptr, w_in, mask=mask)
+            tl.store(ptr_out, w_out, mask=mask_out)
+            ptr, mask = _in_slab(a_a, s0, ck, cd, D, DK)
+            tl.store(ptr, w_in, mask=mask)
+            ptr, mask = _out_slab(a_b, s0, ck, cd, D, DK)
+            tl.store(ptr, w_out, mask=mask)
+
+
+@triton.jit
+def _kl_out_logits(w_out_t, x, gu, alpha, eta, memora_eps, D: tl.constexpr):
+    """Memora's W_out^T logits alpha * log(max(W / D, eps)) - eta * grad, grad^T = x^T gu ([BD, BK])."""
+    return alpha * tl.log(tl.maximum(w_out_t / D, memora_eps)) - eta * mm(tl.trans(x), gu, True, True)
+
+
+@triton.jit
+def _kl_boundary(m_in, m_out, a_in, a_out, k0, v0, eta0, log_alpha0, ln_w, ln_b, ck, cd, ln_eps, memora_eps,
+                 D: tl.constexpr, DK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Memora's lag step on the chunk's first token (models.memory.memora_lag_step):
+    W <- fan_in * softmax_rows(alpha_0 log(max(W / fan_in, eps)) - eta_0 grad l(W; k_0, v_0)).
+
+    W_in's rows (over DK) lie inside one slab; W_out's rows (over D) span all slabs, so their
+    softmax statistics are gathered online in a first pass and applied in a second.
+    """
+    col_mask = (ck < DK)[None, :]
+    u = _mlp_forward(k0, m_in, m_out, ck, cd, D, DK, BLOCK_D, True, True)
+    gu = _mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, col_mask, ln_eps, 0.0, 0.0, 0.0, DK, 0)
+    alpha = tl.exp(log_alpha0)
+    row_max = tl.full((1, ck.shape[0]), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((1, ck.shape[0]), dtype=tl.float32)
+    for s0 in range(0, D, BLOCK_D):
+        ptr, mask = _in_slab(m_in, s0, ck, cd, D, DK)
+        x = gelu(mm(k0, tl.load(ptr, mask=mask, other=0.0), True, True))
+        ptr, mask = _out_slab(m_out, s0, ck, cd, D, DK)
+        logits = _kl_out_logits(tl.load(ptr, mask=mask, other=0.0), x, gu, alpha, eta0, memora_eps, D)
+        logits = tl.where((s0 + cd < D)[:, None], logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, axis=0, keep_dims=True))
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max), axis=0, keep_dims=True)
+        row_max = new_max
+    for s0 in range(0, D, BLOCK_D):
+        ptr_in, mask_in = _in_slab(m_in, s0, ck, cd, D, DK)
+        w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
+        ptr_out, mask_out = _out_slab(m_out, s0, ck, cd, D, DK)
+        w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
+        z = mm(k0, w_in_t, True, True)
+        x = gelu(z)
+        gz = mm(gu, tl.trans(w_out_t), True, True) * gelu_grad(z)
+        # W_in^T logits [BK, BD]: its softmax runs over the head dim (axis 0), inside the slab.
+        logits = alpha * tl.log(tl.maximum(w_in_t / DK, memora_eps)) - eta0 * mm(tl.trans(k0), gz, True, True)
+        logits = tl.where((ck < DK)[:, None], logits, float("-inf"))
+        e = tl.exp(logits - tl.max(logits, axis=0, keep_dims=True))
+        new_in = DK * (e / tl.sum(e, axis=0, keep_dims=True))
+        logits = _kl_out_logits(w_out_t, x, gu, alpha, eta0, memora_eps, D)
+        new_out = D * (tl.exp(logits - row_max) / row_sum)
+        tl.debug_barrier()
+        tl.store(ptr_in, new_in, mask=mask_in)
+        tl.store(ptr_out, new_out, mask=mask_out)
+        ptr, mask = _in_slab(a_in, s0, ck, cd, D, DK)
+        tl.store(ptr, new_in, mask=mask)
+        ptr, mask = _out_slab(a_out, s0, ck, cd, D, DK)
+        tl.store(ptr, new_out, mask=mask)
+
+
+@triton.jit
+def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_in, m_out, ln_w, ln_b, ck, cd,
+                 ln_eps, p_exp, abs_eps, sharpness, D: tl.constexpr, DK: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BIAS: tl.constexpr, VEC: tl.constexpr, IEEE: tl.constexpr):
+    """The dual form of models.memory.memory_segment for the MLP memory; updates the running memory
+    in place and returns the reads [BT, BK]."""
+    col_mask = (ck < DK)[None, :]
+    # Pass 1: the chunk's forward at the anchor, to the output gradient gu.
+    u = _mlp_forward(k, a_in, a_out, ck, cd, D, DK, BLOCK_D, VEC, IEEE)
+    gu = _mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    # Pass 2, slab by slab: gz, the reads' hidden layer, and the memory update.
+    coeff_qk = coeff * mm(q, tl.trans(k), VEC, IEEE)
+    k_last = tl.trans(k * last)
+    uq = tl.zeros((q.shape[0], ck.shape[0]), dtype=tl.float32)
+    scores = tl.zeros((q.shape[0], q.shape[0]), dtype=tl.float32)
+    for s0 in range(0, D, BLOCK_D):
+        ptr, mask = _in_slab(a_in, s0, ck, cd, D, DK)
+        z = mm(k, tl.load(ptr, mask=mask, other=0.0), VEC, IEEE)
+        x = gelu(z)
+        ptr, mask = _out_slab(a_out, s0, ck, cd, D, DK)
+        gz = mm(gu, tl.trans(tl.load(ptr, mask=mask, other=0.0)), VEC, IEEE) * gelu_grad(z)
+        ptr_in, mask_in = _in_slab(m_in, s0, ck, cd, D, DK)
+        w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
+        ptr_out, mask_out = _out_slab(m_out, s0, ck, cd, D, DK)
+        w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
+        xq = gelu(decay * mm(q, w_in_t, VEC, IEEE) - mm(coeff_qk, gz, VEC, IEEE))
+        uq += mm(xq, w_out_t, VEC, IEEE)
+        scores += mm(xq, tl.trans(x), VEC, IEEE)
+        w_in_t = last_decay * w_in_t - mm(k_last, gz, VEC, IEEE)
+        w_out_t = last_decay * w_out_t - mm(tl.trans(x * last), gu, VEC, IEEE)
+        tl.debug_barrier()
+        tl.store(ptr_in, w_in_t, mask=mask_in)
+        tl.store(ptr_out, w_out_t, mask=mask_out)
+    uq = decay * uq - mm(coeff * scores, gu, VEC, IEEE)
+    return q + layer_norm_rows(uq, ln_w, ln_b, col_mask, DK, ln_eps)[0]
+
+
+@triton.jit
+def _linear_segment(q, k, v, decay, coeff, last, last_decay, a, m, ck, DK: tl.constexpr, VEC: tl.constexpr,
+                    IEEE: tl.constexpr):
+    """The dual form for the linear memory M(x) = W x."""
+    ptr, mask = _square(a, ck, DK)
+    g = mm(k, tl.load(ptr, mask=mask, other=0.0), VEC, IEEE) - v  # l2 bias: the error itself
+    ptr, mask = _square(m, ck, DK)
+    w_t = tl.load(ptr, mask=mask, other=0.0)
+    out = decay * mm(q, w_t, VEC, IEEE) - mm(coeff * mm(q, tl.trans(k), VEC, IEEE), g, VEC, IEEE)
+    w_t = last_decay * w_t - mm(tl.trans(k * last), g, VEC, IEEE)
+    tl.debug_barrier()
+    tl.store(ptr, w_t, mask=mask)
+    return out
+
+
+@triton.jit(do_not_specialize=["T"])
+def miras_scan_kernel(
+    Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, M_IN, M_OUT, LN_W, LN_B, SLOTS, POS, LENGTHS, CU_SEQLENS, T,
+    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, sg_b, sg_h, sg_t,
+    lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, abs_eps, sharpness, memora_eps, ln_eps,
+    H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MEMORY: tl.constexpr, BIAS: tl.constexpr,
+    RETENTION: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid (N, H). Row n continues pool slot SLOTS[n] from absolute position POS[n].
+
+    Padded layout (VARLEN false): tensors [N, H, T, ...], row n has LENGTHS[n] valid tokens and
+    reads are produced for all T. Varlen: tensors [1, H, total, ...], row n is tokens
+    CU_SEQLENS[n]:CU_SEQLENS[n+1], all valid.
+    """
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    slot = tl.load(SLOTS + n).to(tl.int64)
+    if slot < 0:
+        return
+    p0 = tl.load(POS + n).to(tl.int64)
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + n).to(tl.int64)
+        rows = tl.load(CU_SEQLENS + n + 1).to(tl.int64) - start
+        n_valid = rows
+        row = 0
+    else:
+        start = 0
+        rows = T
+        n_valid = tl.load(LENGTHS + n).to(tl.int64)
+        row = n
+    if rows <= 0:
+        return
+    q_ptr = Q + row * sq_b + h * sq_h + start * sq_t
+    k_ptr = K + row * sk_b + h * sk_h + start * sk_t
+    v_ptr = V + row * sv_b + h * sv_h + start * sv_t
+    o_ptr = O + row * so_b + h * so_h + start * so_t
+    g_off = row * sg_b + h * sg_h + start * sg_t
+    head = (slot * H + h) * (D * DK)  # W_in, W_out (or the linear W, then D == DK) have D * DK entries
+    a_in = A_IN + head
+    a_out = A_OUT + head
+    m_in = M_IN + head
+    m_out = M_OUT + head
+
+    rt = tl.arange(0, BLOCK_T)
+    ck = tl.arange(0, BLOCK_K)
+    cd = tl.arange(0, BLOCK_D)
+    col_mask = ck < DK
+    ln_w = tl.load(LN_W + h * DK + ck, mask=col_mask, other=0.0)[None, :]
+    ln_b = tl.load(LN_B + h * DK + ck, mask=col_mask, other=0.0)[None, :]
+    causal = rt[:, None] >= rt[None, :]
+
+    for c in range(p0 // CHUNK, (p0 + rows - 1) // CHUNK + 1):
+        chunk_start = c * CHUNK - p0  # token index of the chunk's first position (negative: before the row)
+        seg_start = tl.maximum(chunk_start, 0)
+        seg_len = tl.minimum(chunk_start + CHUNK, rows) - seg_start
+        at_boundary = (chunk_start >= 0) & (chunk_start < n_valid)
+        tok = seg_start + rt
+        in_seg = rt < seg_len
+        valid = in_seg & (tok < n_valid)
+        # Padding: eta = 0 and alpha = 1, so it changes nothing.
+        eta = tl.load(ETA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
+        log_alpha = tl.load(LOG_ALPHA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
+        if at_boundary:
+            if RETENTION == 2:
+                k0 = tl.load(k_ptr + chunk_start * sk_t + ck[None, :] * sk_d, mask=col_mask[None, :], other=0.0)
+                v0 = tl.load(v_ptr + chunk_start * sv_t + ck[None, :] * sv_d, mask=col_mask[None, :], other=0.0)
+                _kl_boundary(m_in, m_out, a_in, a_out, k0.to(tl.float32), v0.to(tl.float32),
+                             tl.sum(tl.where(rt == 0, eta, 0.0)), tl.sum(tl.where(rt == 0, log_alpha, 0.0)),
+                             ln_w, ln_b, ck, cd, ln_eps, memora_eps, D, DK, BLOCK_D)
+            elif RETENTION == 1:
+                _lq_boundary(m_in, m_out, a_in, a_out, ck, cd, q_exp, lq_radius, lq_inv_std_in, lq_inv_std_out, D, DK,
+                             BLOCK_D, MEMORY)
+            else:
+                _copy_boundary(m_in, m_out, a_in, a_out, ck, cd, D, DK, BLOCK_D, MEMORY)
+        tl.debug_barrier()
+        if RETENTION == 2:
+            # Memora's retention lives in the lag step; the lag token's update is the step itself.
+            eta = tl.where((rt == 0) & at_boundary, 0.0, eta)
+            log_alpha = tl.zeros_like(log_alpha)
+        # decay[t] = prod_{j<=t} alpha_j; coeff[t, i] = eta_i prod_{i<j<=t} alpha_j (masked before exp).
+        cum = tl.cumsum(log_alpha, axis=0)
+        decay = tl.exp(cum)[:, None]
+        coeff = tl.where(causal, eta[None, :] * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
+        cum_last = tl.sum(tl.where(rt == BLOCK_T - 1, cum, 0.0))  # padded rows add 0: the segment's last
+        last = (eta * tl.exp(cum_last - cum))[:, None]
+        last_decay = tl.exp(cum_last)
+
+        tile_mask = in_seg[:, None] & col_mask[None, :]
+        q = tl.load(q_ptr + tok[:, None] * sq_t + ck[None, :] * sq_d, mask=tile_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + tok[:, None] * sk_t + ck[None, :] * sk_d, mask=tile_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + tok[:, None] * sv_t + ck[None, :] * sv_d, mask=tile_mask, other=0.0).to(tl.float32)
+        if MEMORY == 1:
+            out = _linear_segment(q, k, v, decay, coeff, last, last_decay, a_in, m_in, ck, DK, BLOCK_T == 1, IEEE)
+        else:
+            delta = 0.0
+            if BIAS == 2:
+                delta = tl.load(DELTA + g_off + tok * sg_t, mask=in_seg, other=1.0).to(tl.float32)[:, None]
+            out = _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_in, m_out, ln_w,
+                               ln_b, ck, cd, ln_eps, p_exp, abs_eps, sharpness, D, DK, BLOCK_D, BIAS,
+                               BLOCK_T == 1, IEEE)
+        tl.store(o_ptr + tok[:, None] * so_t + ck[None, :], out, mask=tile_mask)
+        tl.debug_barrier()
+
+
+def _pow2(x: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(x))
+
+
+def dot_is_ieee(device: torch.device) -> bool:
+    """fp32 tl.dot precision: MIRAS_DOT_PRECISION=ieee|tf32; default tf32 on the GPU (tensor cores)."""
+    choice = os.environ.get("MIRAS_DOT_PRECISION", "").strip().lower() or ("tf32" if device.type == "cuda" else "ieee")
+    if choice not in ("ieee", "tf32"):
+        raise ValueError(f"MIRAS_DOT_PRECISION must be 'ieee' or 'tf32', got {choice!r}")
+    return choice == "ieee"
+
+
+def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, ieee: bool) -> dict:
+    """The kernel's constexprs and warps. Hand-picked, never autotuned (the kernel writes its state in
+    place): 8 warps and 32-wide hidden slabs compile for sm_90 without spills for decode and with the
+    fewest spills for the 64-token prefill tiles (ptxas -v, see kernels/compile_check.py)."""
+    d = cfg.head_dim
+    D = d if cfg.memory == "linear" else cfg.memory_hidden
+    return dict(H=cfg.n_heads, DK=d, D=D, CHUNK=cfg.chunk_size, BLOCK_T=1 if decode else _pow2(cfg.chunk_size),
+                BLOCK_K=_pow2(d), BLOCK_D=min(_pow2(D), 32), MEMORY=MEMORY_CODES[cfg.memory],
+                BIAS=BIAS_CODES[cfg.attentional_bias], RETENTION=RETENTION_CODES[cfg.retention], VARLEN=varlen,
+                IEEE=ieee, num_warps=8)
+
+
+def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
+              v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
+              ln_bias: Tensor | None, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+    """Run the memory over every row, updating the state pool (anchor, memory) **in place**.
+
+    Padded layout: q, k, v [N, H, T, d], eta, log_alpha, delta [N, H, T], ``lengths`` [N] valid
+    tokens per row (the rest is right padding; reads are still produced for it). Varlen layout
+    (``cu_seqlens`` [N+1]): q, k, v [1, H, total, d], gates [1, H, total]. Row n continues pool
+    slot ``slots[n]`` (negative: skipped, nothing written) from absolute position ``pos[n]``; the
+    non-negative slots of one launch must be distinct (programs of one slot would race).
+    Pool tensors are fp32 and contiguous, [P, H, D, d] / [P, H, d, D] (linear: [P, H, d, d]).
+    q, k, v may be stored in bf16/fp16 (they are up-cast on load). Returns the reads (fp32), shaped like q.
+    Launches one kernel and never synchronises with the host (CUDA-graph capturable).
+    """
+    n_rows = slots.shape[0]
+    H, T, d = q.shape[1], q.shape[2], q.shape[3]
+    for w in (*anchor, *memory):
+        if w.dtype != torch.float32 or not w.is_contiguous():
+            raise ValueError("the state pool must be fp32 and contiguous")
+    linear = cfg.memory == "linear"
+    varlen = cu_seqlens is not None
+    decode = T == 1 and not varlen
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    gates = [g.contiguous() for g in (eta, log_alpha)]
+    gates.append(gates[0] if delta is None else delta.contiguous())
+    if ln_weight is None:
+        ln_weight = ln_bias = torch.zeros(H, d, device=q.device)
+    ln_weight = ln_weight.reshape(H, d).float().contiguous()
+    ln_bias = ln_bias.reshape(H, d).float().contiguous()
+    index = torch.empty(0, dtype=torch.long, device=q.device)
+    if lengths is None:
+        lengths = torch.full((n_rows,), T, dtype=torch.long, device=q.device) if not varlen else index
+    # Moneta's lq radius is in units of each matrix's initial entry std.
+    lq_inv_std = [1.0 / std for std in memory_init_std(cfg)] * (2 if linear else 1)
+    if n_rows == 0:
+        return out
+    a_in, a_out = (anchor[0], anchor[0]) if linear else anchor
+    m_in, m_out = (memory[0], memory[0]) if linear else memory
+    miras_scan_kernel[(n_rows, H)](
+        q, k, v, out, *gates, a_in, a_out, m_in, m_out, ln_weight, ln_bias, slots, pos, lengths,
+        cu_seqlens if varlen else index, T,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(),
+        cfg.lq_radius, *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps, cfg.memory_ln_eps,
+        **launch_config(cfg, decode, varlen, dot_is_ieee(q.device)),
+    )
+    return out

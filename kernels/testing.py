@@ -1,0 +1,245 @@
+"""Correctness checks of the Triton scan against the fp64 PyTorch reference, shared by the CPU tests
+(tests/test_kernels_*.py, under the Triton interpreter) and the GPU check (kernels/gpu_check.py).
+
+Each ``check_*`` function draws fresh random inputs, runs the kernel with its outputs poisoned with
+NaN, and returns ``{name: relative RMS error}``; a broken invariant (an untouched slot that changed,
+a padding row that was written) is reported as an infinite error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.config import MirasConfig, preset_config
+from models.memory import memory_init_std, memory_scan
+from models.model import MirasLM
+
+from . import forced_backend
+from .scan import scan_pool
+
+# Every rule and boundary step, plus combinations the presets do not use.
+RULES = {
+    "moneta": dict(preset="moneta"),
+    "yaad": dict(preset="yaad"),
+    "memora": dict(preset="memora"),
+    "linear": dict(preset="linear"),
+    "mlp-lp-l2": dict(preset="moneta", retention="l2"),
+    "mlp-huber-lq": dict(preset="yaad", retention="lq", q=3.0),
+    "linear-lq": dict(preset="linear", retention="lq", lq_radius=0.5),
+}
+GATE_NAMES = ("q", "k", "v", "eta", "log_alpha", "delta")
+# Relative RMS error bounds: exact fp32 dots (interpreter, MIRAS_DOT_PRECISION=ieee) and TF32 (GPU default).
+# Memora's memory has entries ~1, so M(x) is nearly constant before its LayerNorm and fp32 rounding
+# order matters ~10x more (the fp32 reference itself is off by ~1e-5 against fp64 there).
+TOLERANCE = {"ieee": 2e-5, "tf32": 5e-3}
+KL_FACTOR = 5.0
+
+
+def tolerance(cfg: MirasConfig, ieee: bool) -> float:
+    return TOLERANCE["ieee" if ieee else "tf32"] * (KL_FACTOR if cfg.retention == "kl" else 1.0)
+
+
+def rule_config(name: str, **overrides) -> MirasConfig:
+    spec = dict(RULES[name])
+    return preset_config(spec.pop("preset"), **{**dict(head_dim=8, n_heads=2, chunk_size=4), **spec, **overrides})
+
+
+def random_memory(cfg: MirasConfig, batch: int, gen: torch.Generator) -> tuple[Tensor, ...]:
+    """A memory per row at 1x to 4x its initial scale, so Moneta's lq projection both acts and does not."""
+    H, d, D = cfg.n_heads, cfg.head_dim, cfg.memory_hidden
+    if cfg.retention == "kl":
+        return (d * torch.softmax(torch.randn(batch, H, D, d, generator=gen), -1),
+                D * torch.softmax(torch.randn(batch, H, d, D, generator=gen), -1))
+    shapes = [(d, d)] if cfg.memory == "linear" else [(D, d), (d, D)]
+    scale = 1 + 3 * torch.rand(batch, 1, 1, 1, generator=gen)
+    return tuple(std * scale * torch.randn(batch, H, *shape, generator=gen)
+                 for shape, std in zip(shapes, memory_init_std(cfg), strict=True))
+
+
+def random_inputs(cfg: MirasConfig, batch: int, T: int, gen: torch.Generator, device: str = "cpu") -> dict:
+    """Token inputs as MirasMixer makes them, an anchor and a (different) running memory."""
+    H, d = cfg.n_heads, cfg.head_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    memory = random_memory(cfg, batch, gen)
+    anchor = tuple(w * (1 + 0.05 * torch.rand(w.shape, generator=gen)) for w in memory)
+    ln = cfg.memory == "mlp"
+    inputs = dict(
+        anchor=anchor, memory=memory,
+        q=F.normalize(randn(batch, H, T, d), dim=-1), k=F.normalize(randn(batch, H, T, d), dim=-1),
+        v=randn(batch, H, T, d),
+        eta=cfg.eta_max * torch.sigmoid(randn(batch, H, T)),
+        log_alpha=F.logsigmoid(randn(batch, H, T) + 2.0),
+        delta=F.softplus(randn(batch, H, T)) if cfg.attentional_bias == "huber" else None,
+        ln_weight=1 + 0.2 * randn(H, 1, d) if ln else None, ln_bias=0.2 * randn(H, 1, d) if ln else None,
+    )
+    return {k: to_device(v, device) for k, v in inputs.items()}
+
+
+def to_device(x, device: str):
+    if isinstance(x, tuple):
+        return tuple(to_device(t, device) for t in x)
+    return None if x is None else x.to(device)
+
+
+def ref_scan(cfg: MirasConfig, *args):
+    """models.memory.memory_scan in fp64: the oracle every fp32 implementation is measured against."""
+    def f64(t):
+        if isinstance(t, tuple):
+            return tuple(f64(x) for x in t)
+        return t.double() if t is not None and t.is_floating_point() else t
+
+    return memory_scan(cfg, *(f64(a) for a in args))
+
+
+def rel_err(ref: Tensor, got: Tensor) -> float:
+    """Relative RMS error (fla's assert_close metric); any non-finite value is an infinite error."""
+    ref, got = ref.double(), got.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((ref - got).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+@contextlib.contextmanager
+def nan_poisoned_empty() -> Iterator[None]:
+    """torch.empty returns NaN-filled float tensors, so entries a kernel forgets to write show up."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = poisoned
+    try:
+        yield
+    finally:
+        torch.empty = real_empty
+
+
+def _state_errors(prefix: str, ref: tuple, got: tuple) -> dict[str, float]:
+    return {f"{prefix} {i}": rel_err(r, g) for i, (r, g) in enumerate(zip(ref, got, strict=True))}
+
+
+def _identical(a: tuple, b: tuple, index: Tensor) -> bool:
+    return all(torch.equal(x.index_select(0, index), y.index_select(0, index)) for x, y in zip(a, b, strict=True))
+
+
+def check_padded_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu",
+                         dtype: torch.dtype = torch.float32, T: int = 11) -> dict[str, float]:
+    """Rows at different phases, an odd length, partial chunks, right padding and an empty row;
+    q, k, v stored in ``dtype`` (the reference gets the same stored values, up-cast)."""
+    x = random_inputs(cfg, 4, T, gen, device)
+    for name in ("q", "k", "v"):
+        x[name] = x[name].to(dtype)
+    pos = torch.tensor([0, 5, 2, 7], device=device)
+    lengths = torch.tensor([T, T - 3, 3, 0], device=device)
+    valid = torch.arange(T, device=device).view(1, -1) < lengths.view(-1, 1)
+    args = [x[n] for n in GATE_NAMES]
+    ref = ref_scan(cfg, x["anchor"], x["memory"], pos, *args[:-1], args[-1], valid, x["ln_weight"], x["ln_bias"])
+    anchor = tuple(w.clone() for w in x["anchor"])
+    memory = tuple(w.clone() for w in x["memory"])
+    with nan_poisoned_empty():
+        out = scan_pool(cfg, anchor, memory, torch.arange(4, device=device), pos, *args, x["ln_weight"],
+                        x["ln_bias"], lengths=lengths)
+    errors = {"reads": rel_err(ref[0], out)}
+    errors.update(_state_errors("anchor", ref[1], anchor))
+    errors.update(_state_errors("memory", ref[2], memory))
+    empty = torch.tensor([3], device=device)
+    if not _identical((*x["anchor"], *x["memory"]), (*anchor, *memory), empty):
+        errors["empty row untouched"] = float("inf")
+    return errors
+
+
+def check_decode_slots(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu", steps: int = 6,
+                       pool_size: int = 7) -> dict[str, float]:
+    """Token-by-token decode on a pool through random slots, one of them a padding slot (-1), across
+    chunk boundaries: reads and touched slots against the reference, the rest bit-identical."""
+    batch = 3
+    x = random_inputs(cfg, batch, steps, gen, device)
+    pool_anchor = to_device(random_memory(cfg, pool_size, gen), device)
+    pool_memory = to_device(random_memory(cfg, pool_size, gen), device)
+    chosen = torch.randperm(pool_size, generator=gen)[:batch].to(device)
+    for pool, init in ((pool_anchor, x["anchor"]), (pool_memory, x["memory"])):
+        for w_pool, w in zip(pool, init, strict=True):
+            w_pool[chosen] = w
+    before = tuple(w.clone() for w in (*pool_anchor, *pool_memory))
+    slots = torch.cat([chosen[:1], torch.tensor([-1], device=device), chosen[1:]])  # batch row 1 is padding
+    rows = torch.tensor([0, 2, 3], device=device)
+    pos = torch.tensor([3, 0, 4, 9], device=device)
+    ref_state = (x["anchor"], x["memory"])
+    ones = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    errors = {}
+    for step in range(steps):
+        token = [None if x[n] is None else x[n][:, :, step:step + 1] for n in GATE_NAMES]
+        ref_out, *ref_state = ref_scan(cfg, *ref_state, pos.index_select(0, rows) + step, *token, ones,
+                                       x["ln_weight"], x["ln_bias"])
+        padded = [None if t is None else torch.cat([t[:1], t[:1], t[1:]]) for t in token]
+        with nan_poisoned_empty():
+            out = scan_pool(cfg, pool_anchor, pool_memory, slots, pos + step, *padded, x["ln_weight"], x["ln_bias"])
+        errors[f"reads step {step}"] = rel_err(ref_out, out.index_select(0, rows))
+        if not torch.isnan(out[1]).all():
+            errors["padding row unwritten"] = float("inf")
+    errors.update(_state_errors("anchor", ref_state[0], tuple(w[chosen] for w in pool_anchor)))
+    errors.update(_state_errors("memory", ref_state[1], tuple(w[chosen] for w in pool_memory)))
+    untouched = torch.tensor([s for s in range(pool_size) if s not in chosen.tolist()], device=device)
+    if not _identical(before, (*pool_anchor, *pool_memory), untouched):
+        errors["untouched slots bit-identical"] = float("inf")
+    return errors
+
+
+def check_varlen_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu",
+                         lengths: tuple[int, ...] = (9, 1, 6), pool_size: int = 5) -> dict[str, float]:
+    """cu_seqlens layout: prompts of different lengths and phases, each continuing its own pool slot."""
+    n_seqs = len(lengths)
+    pos = torch.randint(0, 3 * cfg.chunk_size, (n_seqs,), generator=gen).to(device)
+    pool_anchor = to_device(random_memory(cfg, pool_size, gen), device)
+    pool_memory = to_device(random_memory(cfg, pool_size, gen), device)
+    before = tuple(w.clone() for w in (*pool_anchor, *pool_memory))
+    slots = torch.randperm(pool_size, generator=gen)[:n_seqs].to(device)
+    seqs = [random_inputs(cfg, 1, n, gen, device) for n in lengths]
+    ln = seqs[0]["ln_weight"], seqs[0]["ln_bias"]
+    packed = [None if seqs[0][n] is None else torch.cat([s[n] for s in seqs], dim=2) for n in GATE_NAMES]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    cu_seqlens = torch.tensor(cu, device=device)
+    with nan_poisoned_empty():
+        out = scan_pool(cfg, pool_anchor, pool_memory, slots, pos, *packed, *ln, cu_seqlens=cu_seqlens)
+    errors = {}
+    for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        slot = slots[i:i + 1]
+        ref = ref_scan(cfg, tuple(w[slot] for w in before[:len(pool_anchor)]),
+                       tuple(w[slot] for w in before[len(pool_anchor):]), pos[i:i + 1], *(s[m] for m in GATE_NAMES),
+                       torch.ones(1, n, dtype=torch.bool, device=device), *ln)
+        errors[f"reads seq {i}"] = rel_err(ref[0], out[:, :, cu[i]:cu[i + 1]])
+        errors.update(_state_errors(f"seq {i} anchor", ref[1], tuple(w[slot] for w in pool_anchor)))
+        errors.update(_state_errors(f"seq {i} memory", ref[2], tuple(w[slot] for w in pool_memory)))
+    return errors
+
+
+@torch.inference_mode()
+def check_model_invariant(model: MirasLM, ids: Tensor, prompt: int) -> dict[str, float]:
+    """With the Triton backend: one parallel pass equals a prefill of ``prompt`` tokens followed by
+    one-token decode steps (logits and final state), and equals the PyTorch backend's parallel pass."""
+    with forced_backend("triton"):
+        full, full_state = model(ids)
+        logits, state = model(ids[:, :prompt])
+        steps = [logits]
+        for t in range(prompt, ids.shape[1]):
+            logits, state = model(ids[:, t:t + 1], state)
+            steps.append(logits)
+    with forced_backend("torch"):
+        reference, _ = model(ids)
+    errors = {"logits: prefill + decode vs parallel": rel_err(full, torch.cat(steps, dim=1)),
+              "logits: triton vs torch": rel_err(reference, full)}
+    for i, (layer_a, layer_b) in enumerate(zip(full_state.layers, state.layers, strict=True)):
+        for name, t in layer_a.items():
+            errors[f"layer {i} {name}"] = rel_err(t, layer_b[name])
+    return errors

@@ -1,0 +1,160 @@
+"""The FastAPI app: OpenAI-compatible routes over an AsyncEngine, plus health, version, tokenizer and
+metrics endpoints. ``build_app`` wires middleware and error handlers; the CLI runs it with uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .async_engine import AsyncEngine
+from .errors import APIError, error_body, install_error_handlers
+from .middleware import APIKeyMiddleware, RequestIdMiddleware
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from .serving_chat import OpenAIServingChat, render_chat
+from .serving_completions import OpenAIServingCompletion
+
+try:
+    VERSION = version("miras-serve")
+except PackageNotFoundError:  # running from a source tree
+    VERSION = "0.0.0"
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
+
+
+class ServerStatus(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    model_root: str
+    api_key: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    shutdown_timeout: float = 30.0
+
+
+class ServerState:
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings):
+        self.engine = engine
+        self.settings = settings
+        self.status = ServerStatus.STARTING
+        tokenizer = engine.engine.tokenizer
+        self.completions = OpenAIServingCompletion(engine, tokenizer, settings.served_model_name)
+        self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name)
+
+    async def drain(self) -> None:
+        """SIGTERM: /health goes 503, new requests get 503, in-flight ones get --shutdown-timeout to
+        finish and the rest end with finish_reason "abort"."""
+        self.status = ServerStatus.DRAINING
+        await self.engine.drain(self.settings.shutdown_timeout)
+
+
+async def require_json(request: Request) -> None:
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}", None,
+                       "unsupported_media_type")
+
+
+def build_app(state: ServerState) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        state.status = ServerStatus.READY
+        try:
+            yield
+        finally:
+            state.engine.stop()
+
+    app = FastAPI(title="Miras Serve", version=VERSION, lifespan=lifespan,
+                  description="OpenAI-compatible serving of recurrent Miras language models.")
+    app.state.server = state
+    install_error_handlers(app)
+    tokenizer = state.engine.engine.tokenizer
+    max_prompt_tokens = state.engine.engine.config.max_prompt_tokens
+    json_body = [Depends(require_json)]
+
+    def model_check(model: str | None) -> None:
+        state.completions.check_model(model)
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> Response:
+        if state.status is ServerStatus.READY and state.engine.running:
+            return JSONResponse({"status": "ok"})
+        status = state.status.value if state.engine.dead is None else "dead"
+        return JSONResponse(error_body(503, f"server is {status}", None, status), 503)
+
+    @app.get("/version")
+    async def show_version() -> dict[str, str]:
+        return {"version": VERSION}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        card = ModelCard(id=state.settings.served_model_name, root=state.settings.model_root,
+                         max_model_len=max_prompt_tokens)
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions", dependencies=json_body, response_model=CompletionResponse, responses=ERRORS)
+    async def create_completion(request: CompletionRequest, raw: Request) -> Response:
+        return await state.completions.create(request, raw)
+
+    @app.post("/v1/chat/completions", dependencies=json_body, response_model=ChatCompletionResponse,
+              responses=ERRORS)
+    async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
+        return await state.chat.create(request, raw)
+
+    @app.post("/tokenize", dependencies=json_body, response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        model_check(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt", "invalid_value")
+        text = request.prompt if request.prompt is not None else render_chat(
+            tokenizer, request.messages, request.add_generation_prompt)
+        ids = tokenizer.encode(text, add_bos=request.add_special_tokens)
+        strs = [state.completions.token_str(t) for t in ids] if request.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=max_prompt_tokens, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", dependencies=json_body, response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        model_check(request.model)
+        vocab = state.engine.engine.vocab_size
+        bad = next((t for t in request.tokens if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab})", "tokens", "invalid_value")
+        return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if state.settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=state.settings.api_key)
+    app.add_middleware(RequestIdMiddleware)  # outside the key check, so a 401 carries the id too
+    if state.settings.allowed_origins:  # outermost, so preflights and 401s carry CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=state.settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    return app

@@ -1,0 +1,210 @@
+"""Runs the engine in a background thread and serves its outputs to asyncio callers.
+
+Torch releases the GIL inside its kernels, so the event loop keeps streaming while a step runs. Callers
+add and abort requests through an inbox the engine thread drains between steps; outputs travel back
+through one asyncio queue per request. The waiting queue is bounded: beyond ``max_queued_requests``
+not-yet-admitted requests, ``generate`` raises QueueFullError (HTTP 429) instead of growing a backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger("miras.engine")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full; retry later."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine is draining for shutdown, or dead."""
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    arrival_time: float
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = 256):
+        self.engine = engine
+        self.max_queued_requests = max_queued_requests
+        self.draining = False
+        self.dead: BaseException | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[_Pending] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, _Pending] = {}  # engine thread only
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="miras-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._inbox) + len(self.engine.requests)
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, let in-flight ones finish for up to ``timeout`` s, then abort the rest."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.num_unfinished() and self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with self._lock:
+            self._aborts.extend(p.request_id for p in self._inbox)
+            self._aborts.extend(self.engine.requests)
+            self._wake.notify()
+        while self.num_unfinished() and self.running:
+            await asyncio.sleep(0.02)
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
+               arrival_time: float | None = None) -> RequestGroup:
+        """Queue one request per prompt (validated first; all or none). Raises ParamError (bad input),
+        QueueFullError or EngineUnavailableError. Iterate the returned group to get the outputs."""
+        if self.draining or not self.running:
+            self.engine.metrics.request_rejected["draining"].inc()
+            reason = "the server is shutting down" if self.draining else "the engine is not running"
+            raise EngineUnavailableError(reason)
+        for ids, _ in prompts:
+            self.engine.validate(ids, params)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        arrival = arrival_time or time.monotonic()
+        pending = [_Pending(uuid.uuid4().hex, list(ids), params, text, arrival, queue, loop) for ids, text in prompts]
+        with self._lock:
+            if len(self._inbox) + self.engine.num_waiting + len(pending) > self.max_queued_requests:
+                self.engine.metrics.request_rejected["queue_full"].inc()
+                raise QueueFullError(f"the server's queue is full ({self.max_queued_requests} waiting requests)")
+            self._inbox.extend(pending)
+            self._wake.notify()
+        return RequestGroup(self, [p.request_id for p in pending], queue)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    # ---- engine thread ---------------------------------------------------------------------------------
+
+    def _take_inbox(self) -> list[str] | None:
+        """Wait for work; add queued requests to the engine and return the ids to abort (None: stop)."""
+        with self._lock:
+            while not (self._stop or self._inbox or self._aborts or self.engine.has_unfinished()):
+                self._wake.wait()
+            if self._stop:
+                return None
+            # added under the lock, so a waiting request is always counted by generate's admission check
+            for p in self._inbox:
+                self._add(p)
+            aborts = self._aborts
+            self._inbox, self._aborts = [], []
+            return aborts
+
+    def _add(self, p: _Pending) -> None:
+        try:
+            self.engine.add_request(p.request_id, p.prompt_token_ids, p.params, p.prompt, p.arrival_time)
+            self._streams[p.request_id] = p
+        except ValueError as exc:  # validated before queueing, so only a duplicate id gets here
+            p.loop.call_soon_threadsafe(p.queue.put_nowait, exc)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():  # one wake-up of the event loop per step, not per request
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                aborts = self._take_inbox()
+                if aborts is None:
+                    return
+                outputs = [out for rid in aborts if (out := self.engine.abort_request(rid)) is not None]
+                if self.engine.has_unfinished():
+                    outputs += self.engine.step()
+                self._deliver(outputs)
+        except BaseException as exc:  # a dead engine must fail every request, not hang them
+            logger.exception("engine loop died")
+            self.dead = exc
+            with self._lock:
+                streams = list(self._streams.values()) + self._inbox
+                self._inbox = []
+            for p in streams:
+                p.loop.call_soon_threadsafe(p.queue.put_nowait, EngineUnavailableError(f"engine failed: {exc}"))
+
+
+class RequestGroup:
+    """The requests of one API call (one per prompt). Iterating yields (prompt index, delta) until all
+    finish; leaving early, or ``abort()``, aborts whatever is unfinished (a client that went away)."""
+
+    def __init__(self, engine: AsyncEngine, request_ids: list[str], queue: asyncio.Queue):
+        self.engine = engine
+        self.index = {rid: i for i, rid in enumerate(request_ids)}
+        self.unfinished = set(request_ids)
+        self.queue = queue
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        try:
+            while self.unfinished:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    self.unfinished.discard(item.request_id)
+                yield self.index[item.request_id], item
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        for request_id in self.unfinished:
+            self.engine.abort(request_id)
+        self.unfinished = set()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)

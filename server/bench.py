@@ -1,0 +1,261 @@
+"""Serving benchmark on this machine: a real ``miras-serve`` process driven over HTTP with streaming.
+
+Measures aggregate output tokens/s at concurrency 1, 8 and 32 (continuous batching), TTFT and ITL
+percentiles, and the decode ITL after a short vs a long prompt (a recurrent state does not grow with
+context, so it should be flat). Writes docs/benchmarks/serving-engine-cpu.md.
+
+    python -m server.bench [--model DIR_OR_NAME] [--threads 1] [--long-prompt 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+import models
+
+from .engine import EngineConfig, LLMEngine
+from .request import RequestStatus
+from .sampling_params import SamplingParams
+
+REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "serving-engine-cpu.md"
+SAMPLE_TEXT = ("From fairest creatures we desire increase, that thereby beauty's rose might never die. "
+               "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. ") * 50
+
+
+@dataclass
+class ModelReport:
+    model: str
+    config: models.MirasConfig
+    state_bytes: int
+    rows: list[tuple]  # (concurrency, requests, tok/s, TTFT p50, TTFT p99, ITL p50, ITL p99)
+    long_rows: list[tuple]  # (prompt tokens, ITL p50, ITL p99, TTFT p50)
+    engine_rates: dict[int, float]  # batch -> decode tok/s, in process
+
+
+@dataclass
+class Result:
+    ttft: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
+
+
+def random_model(directory: Path, preset: str) -> Path:
+    """A randomly initialised model of the preset's default size, with a small trained tokenizer."""
+    torch.manual_seed(0)
+    model = models.from_preset(preset).eval()
+    tokenizer = models.train_tokenizer([SAMPLE_TEXT], vocab_size=model.config.vocab_size)
+    return models.save_pretrained(model, tokenizer, directory / f"{preset}-random")
+
+
+async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> Result:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    result, start, last = Result(), time.perf_counter(), None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                result.tokens = chunk["usage"]["completion_tokens"]
+            if not chunk["choices"]:
+                continue
+            now = time.perf_counter()
+            if last is None:
+                result.ttft = now - start
+            else:
+                result.itls.append(now - last)
+            last = now
+    return result
+
+
+async def run_load(url: str, concurrency: int, num_requests: int, prompt_len: int, max_tokens: int,
+                   vocab: int) -> tuple[float, list[Result]]:
+    rng = random.Random(concurrency)
+    prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(num_requests)]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(client: httpx.AsyncClient, prompt: list[int]) -> Result:
+        async with gate:
+            return await one_request(client, prompt, max_tokens)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await one_request(client, prompts[0][:8], 2)  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*[limited(client, p) for p in prompts])
+        return time.perf_counter() - start, results
+
+
+def engine_decode_rates(model: str, threads: int, prompt_len: int, vocab: int) -> dict[int, float]:
+    """Tokens/s of the engine's decode steps alone (in process, no HTTP) at batch 1, 8 and 32."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        net, tokenizer = models.load_pretrained(model)
+        engine = LLMEngine(net, tokenizer, EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096))
+        rng, rates = random.Random(0), {}
+        for batch in (1, 8, 32):
+            params = SamplingParams(temperature=0, max_tokens=1_000, ignore_eos=True)
+            for i in range(batch):
+                engine.add_request(f"{batch}-{i}", [rng.randrange(3, vocab) for _ in range(prompt_len)], params)
+            while any(r.status is not RequestStatus.DECODING for r in engine.requests.values()):
+                engine.step()
+            start, steps = time.perf_counter(), 20
+            for _ in range(steps):
+                engine.step()
+            rates[batch] = batch * steps / (time.perf_counter() - start)
+            for request_id in list(engine.requests):
+                engine.abort_request(request_id)
+        return rates
+    finally:
+        torch.set_num_threads(before)
+
+
+def start_server(model: str, port: int, threads: int, max_num_seqs: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "server.cli", "--model", model, "--port", str(port), "--log-level", "warning",
+           "--max-num-seqs", str(max_num_seqs)]
+    proc = subprocess.Popen(cmd, env=env, cwd=tempfile.gettempdir())  # imports as installed, not from cwd
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser("miras-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", nargs="+", default=None, help="model directories or shipped names (default: "
+                   "moneta-tiny if shipped, else random models of --preset at the default size)")
+    p.add_argument("--preset", nargs="+", default=["linear", "moneta"], help="presets of the random models")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server (OMP_NUM_THREADS)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--long-prompt", type=int, default=8192)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--out", type=Path, default=REPORT)
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        names = args.model or (["moneta-tiny"] if "moneta-tiny" in models.shipped_models() else
+                               [str(random_model(Path(tmp), preset)) for preset in args.preset])
+        sections = [bench_model(args, name) for name in names]
+    write_report(args, sections)
+
+
+def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
+    net, tokenizer = models.load_pretrained(model)
+    config, vocab = net.config, min(tokenizer.vocab_size, net.config.vocab_size)
+    state_bytes = net.init_state(1).nbytes_per_sequence()
+    del net
+    engine_rates = engine_decode_rates(model, args.threads, args.prompt_len, vocab)
+    print(f"{Path(model).name} engine decode tok/s: {engine_rates}", flush=True)
+    url = f"http://127.0.0.1:{args.port}"
+    server = start_server(model, args.port, args.threads, 64)
+    try:
+        rows = []
+        for concurrency in (1, 8, 32):
+            wall, results = asyncio.run(run_load(url, concurrency, max(8, 2 * concurrency), args.prompt_len,
+                                                 args.max_tokens, vocab))
+            itls = [x for r in results for x in r.itls]
+            ttfts = [r.ttft for r in results]
+            rows.append((concurrency, len(results), sum(r.tokens for r in results) / wall, percentile(ttfts, 50),
+                         percentile(ttfts, 99), percentile(itls, 50), percentile(itls, 99)))
+            print(f"{Path(model).name} concurrency {concurrency}: {rows[-1][2]:.1f} tok/s", flush=True)
+        # short and long prompts alternate, so background load hits both alike
+        by_len: dict[int, list[Result]] = {args.prompt_len: [], args.long_prompt: []}
+        for _ in range(3):
+            for prompt_len in by_len:
+                by_len[prompt_len] += asyncio.run(run_load(url, 1, 1, prompt_len, args.max_tokens, vocab))[1]
+        long_rows = []
+        for prompt_len, results in by_len.items():
+            itls = [x for r in results for x in r.itls]
+            long_rows.append((prompt_len, statistics.median(itls), percentile(itls, 99),
+                              statistics.median(r.ttft for r in results)))
+    finally:
+        server.terminate()
+        server.wait(60)
+    return ModelReport(model, config, state_bytes, rows, long_rows, engine_rates)
+
+
+def write_report(args: argparse.Namespace, sections: list[ModelReport]) -> None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=REPORT.parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    lines = [
+        "# Serving engine on CPU: continuous batching and context-independent decode", "",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit `{commit}` "
+        "(plus uncommitted work in progress)",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs while measured (absolute "
+        f"times are noisy; compare ratios), torch {torch.__version__}, server threads {args.threads}",
+        f"- Workload: random token-id prompts of {args.prompt_len} tokens, {args.max_tokens} output tokens "
+        "(ignore_eos, greedy), streamed over HTTP from a real `miras-serve` by `python -m server.bench`; "
+        "requests = max(8, 2 x concurrency), all submitted at once behind a concurrency limit.", ""]
+    for section in sections:
+        model, config, rows, long_rows, engine_rates = (section.model, section.config, section.rows,
+                                                        section.long_rows, section.engine_rates)
+        base = rows[0][2]
+        short, long = long_rows
+        lines += [f"## `{Path(model).name}`: {config.preset}, memory {config.memory}, d_model {config.d_model}, "
+                  f"{config.n_layers} layers, vocab {config.vocab_size}, chunk {config.chunk_size}", "",
+                  f"Recurrent state per sequence: {section.state_bytes / 2**20:.2f} MiB, "
+                  "whatever the context length.", "",
+                  "| concurrency | requests | output tok/s | vs c=1 | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | "
+                  "ITL p99 (ms) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c, n, tps, t50, t99, i50, i99 in rows:
+            lines.append(f"| {c} | {n} | {tps:.1f} | {tps / base:.2f}x | {t50 * 1e3:.1f} | {t99 * 1e3:.1f} | "
+                         f"{i50 * 1e3:.2f} | {i99 * 1e3:.2f} |")
+        lines += ["", "The engine alone (in process, no HTTP; decode steps only) on the same model:", "",
+                  "| batch | decode tok/s | vs batch 1 |", "|---:|---:|---:|"]
+        lines += [f"| {b} | {r:.1f} | {r / engine_rates[1]:.2f}x |" for b, r in engine_rates.items()]
+        lines += ["", "Decode after a short and a long prompt (concurrency 1, 3 requests each, alternating):", "",
+                  "| prompt tokens | ITL p50 (ms) | ITL p99 (ms) | TTFT p50 (ms) |", "|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {i50 * 1e3:.2f} | {i99 * 1e3:.2f} | {t * 1e3:.1f} |" for n, i50, i99, t in long_rows]
+        lines += ["", f"- Throughput at concurrency 32 vs 1: **{rows[-1][2] / base:.1f}x**",
+                  f"- ITL p50 after a {long[0]}-token vs a {short[0]}-token prompt: **{long[1] / short[1]:.2f}x**", ""]
+    lines += ["## Reading", "",
+              "- Decode ITL does not grow with the prompt: the state a sequence carries has a fixed size, so an "
+              "8K-token context decodes as fast as a 128-token one (the long prompt only costs prefill time, "
+              "TTFT).",
+              "- Continuous batching pays when a decode step is bound by the weights (read once per step, shared "
+              "by the batch): the engine-alone table shows how much a model can gain; the HTTP table shows how "
+              "much of it the server keeps. When a model's per-sequence state work dominates (the mlp memory "
+              "update in the PyTorch reference, several MiB of state read and written per sequence per token), "
+              "the step cost grows with the batch and batching gains little on a CPU; that is a kernel matter "
+              "(fused in-place state updates), not a scheduling one.", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

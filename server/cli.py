@@ -1,0 +1,118 @@
+"""``miras-serve``: load a model and serve the OpenAI-compatible API with uvicorn.
+
+SIGTERM (or Ctrl-C) drains: /health turns 503 and new requests are refused while in-flight ones get
+``--shutdown-timeout`` seconds to finish; the rest end with finish_reason "abort", then the server exits.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import os
+import sys
+from types import FrameType
+
+import torch
+import uvicorn
+
+import models
+
+from .api import ServerSettings, ServerState, build_app
+from .async_engine import AsyncEngine
+from .engine import EngineConfig, LLMEngine
+from .loader import DEFAULT_MODEL, default_served_name, load_model
+from .metrics import EngineMetrics
+
+logger = logging.getLogger("miras.serve")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser("miras-serve", description="Serve a Miras model over an OpenAI-compatible API.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model directory or shipped model name (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="name clients use in 'model' (default: from --model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--api-key", default=os.environ.get("MIRAS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (env MIRAS_API_KEY also works)")
+    p.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins ('*' for any; default: no CORS)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="state slots = most sequences decoding at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
+    p.add_argument("--max-prompt-tokens", type=int, default=1_000_000, help="prompt length guard (400 beyond)")
+    p.add_argument("--max-queued-requests", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = p.parse_args(argv)
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_prompt_tokens", "max_queued_requests"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.shutdown_timeout < 0:
+        p.error("--shutdown-timeout must be >= 0")
+    return args
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn stops listening at once on SIGTERM; we first drain (health 503 while in-flight finish)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+        self.drain_task: concurrent.futures.Future | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_task is not None or self.loop is None:  # second signal, or not started: stop now
+            self.should_exit = True
+            self.force_exit = self.drain_task is not None
+            return
+        logger.info("received signal %d: draining for up to %.0f s", sig, self.state.settings.shutdown_timeout)
+        self.drain_task = asyncio.run_coroutine_threadsafe(self._drain_then_exit(), self.loop)
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.state.drain()
+            await asyncio.sleep(0.1)  # let the final SSE events flush
+        finally:
+            self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        net, tokenizer = load_model(args.model, args.device, args.dtype)
+    except (models.CheckpointError, models.ConfigError, ValueError, OSError) as exc:
+        hint = ""
+        if args.model == DEFAULT_MODEL and DEFAULT_MODEL not in models.shipped_models():
+            hint = f"\n(the default model {DEFAULT_MODEL!r} is not shipped in this build; pass --model DIR)"
+        sys.exit(f"miras-serve: cannot load model: {exc}{hint}")
+    if net.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # leave a core to the event loop that streams the tokens: intra-op threads that spin-wait on a
+        # busy core make every step far slower than one thread less
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    name = args.served_model_name or default_served_name(args.model)
+    config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens)
+    try:
+        engine = LLMEngine(net, tokenizer, config, name, EngineMetrics(name))
+    except ValueError as exc:
+        sys.exit(f"miras-serve: {exc}")
+    settings = ServerSettings(name, str(args.model), args.api_key, args.allowed_origins, args.shutdown_timeout)
+    state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings)
+    app = build_app(state)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    logger.info("serving %s (%s) on http://%s:%d", name, args.model, args.host, args.port)
+    DrainingServer(config, state).run()
+
+
+if __name__ == "__main__":
+    main()

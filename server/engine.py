@@ -1,0 +1,271 @@
+"""The engine: a model, a pool of state slots, a scheduler and a sampler. It knows nothing of HTTP.
+
+``step()`` runs one scheduler step: one batched decode (T=1) for every decoding sequence and one padded
+batch of prefill chunks, each sequence continuing its own row of the state pool in place. A request with
+n > 1 is prefilled once; its state is then forked into its other slots. ``step()`` returns what each
+touched request produced in this step (deltas).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from models import MirasLM, MirasTokenizer
+
+from .detokenizer import IncrementalDetokenizer
+from .metrics import EngineMetrics
+from .outputs import CompletionOutput, RequestOutput, TokenLogprob
+from .request import Request, RequestStatus, Sequence
+from .sampler import SampleRow, sample, token_logprob
+from .sampling_params import ParamError, SamplingParams
+from .scheduler import PrefillChunk, Scheduler
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prompt_tokens: int = 1_000_000  # a guard only: state memory does not grow with the prompt
+    seed: int = 0  # for requests without their own seed
+
+
+class LLMEngine:
+    def __init__(self, model: MirasLM, tokenizer: MirasTokenizer, config: EngineConfig | None = None,
+                 model_name: str = "miras", metrics: EngineMetrics | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.model_name = model_name
+        self.device = model.device
+        self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)  # ids the tokenizer can decode
+        self.eos_token_id = tokenizer.eos_token_id
+        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   model.config.chunk_size)
+        self.pool = model.init_state(self.config.max_num_seqs)
+        self.requests: dict[str, Request] = {}
+        self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.metrics = metrics or EngineMetrics(model_name)
+        self.metrics.state_slots_total.set(self.config.max_num_seqs)
+        self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ParamError (naming the field) for a request this engine cannot serve."""
+        if not prompt_token_ids:
+            raise ParamError("prompt", "prompt must not be empty")
+        if len(prompt_token_ids) > self.config.max_prompt_tokens:
+            raise ParamError("prompt", f"prompt has {len(prompt_token_ids)} tokens, more than the server's "
+                             f"limit of {self.config.max_prompt_tokens} (--max-prompt-tokens)")
+        bad = next((t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise ParamError("prompt", f"token id {bad!r} is out of vocabulary (size {self.vocab_size})")
+        if params.n > self.config.max_num_seqs:
+            raise ParamError("n", f"n={params.n} is more than the server's --max-num-seqs={self.config.max_num_seqs}")
+        params.check_vocab(self.vocab_size)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        request = Request(request_id, list(prompt_token_ids), params, prompt)
+        if arrival_time is not None:
+            request.arrival_time = arrival_time
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        self._update_gauges()
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its slots; returns its final delta (finish_reason "abort")."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.remove(request)  # frees the slots of every unfinished sequence
+        if not request.sequences:  # still waiting or prefilling
+            outputs = [CompletionOutput(i, finish_reason="abort") for i in range(request.params.n)]
+            self.metrics.request_success["abort"].inc(request.params.n)
+        else:
+            for seq in request.sequences:
+                if not seq.finished:
+                    seq.finish_reason = "abort"
+                    seq.detokenizer.finish(matched_stop=False)
+                    self.metrics.request_success["abort"].inc()
+            outputs = self._deltas(request)
+        self._finish_request(request, time.monotonic())
+        self._update_gauges()
+        return RequestOutput(request_id, request.prompt_token_ids, outputs, True, request.prompt)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # ---- one step --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        start = time.monotonic()
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        if plan.admitted:
+            self.model.reset_slots(self.pool, [r.slots[0] for r in plan.admitted])
+        touched: dict[str, Request] = {}
+        if plan.decodes:
+            ids = torch.tensor([[s.token_ids[-1]] for s in plan.decodes], device=self.device)
+            slots = torch.tensor([s.slot for s in plan.decodes], device=self.device)
+            logits, _ = self.model(ids, self.pool, None, slots=slots)
+            owners = [self.requests[s.request_id] for s in plan.decodes]
+            self._sample(plan.decodes, owners, logits[:, -1, : self.vocab_size])
+            touched.update((r.request_id, r) for r in owners)
+        if plan.prefills:
+            self._prefill(plan.prefills)
+            touched.update((c.request.request_id, c.request) for c in plan.prefills)
+        now = time.monotonic()
+        outputs = []
+        for request in touched.values():
+            deltas = self._deltas(request)
+            done = all(s.finished for s in request.sequences) and request.status is RequestStatus.DECODING
+            if done:
+                self._finish_request(request, now)
+            if deltas or done:
+                outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, deltas, done,
+                                             request.prompt, request.prompt_logprobs if done else None))
+        self.metrics.engine_step_duration.observe(now - start)
+        self.metrics.engine_batch_size.observe(len(plan.decodes) + len(plan.prefills))
+        self.metrics.iteration_tokens.observe(plan.num_tokens)
+        self._update_gauges()
+        return outputs
+
+    def _prefill(self, chunks: list[PrefillChunk]) -> None:
+        lengths = [c.end - c.start for c in chunks]
+        ids = torch.full((len(chunks), max(lengths)), self.tokenizer.pad_token_id, dtype=torch.long)
+        for row, c in enumerate(chunks):
+            ids[row, : lengths[row]] = torch.tensor(c.request.prompt_token_ids[c.start: c.end])
+        slots = torch.tensor([c.request.slots[0] for c in chunks], device=self.device)
+        logits, _ = self.model(ids.to(self.device), self.pool, torch.tensor(lengths, device=self.device), slots=slots)
+        logits = logits[..., : self.vocab_size]
+        for row, c in enumerate(chunks):
+            request = c.request
+            request.num_prefilled = c.end
+            self.metrics.prompt_tokens.inc(lengths[row])
+            if request.params.prompt_logprobs is not None:
+                self._prompt_logprobs(c, logits[row, : lengths[row]])
+            if c.last:
+                self._start_decoding(request, logits[row, lengths[row] - 1])
+
+    def _prompt_logprobs(self, chunk: PrefillChunk, logits: Tensor) -> None:
+        """Logprob of each prompt token under the model, given the tokens before it."""
+        request = chunk.request
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]
+        rows = torch.log_softmax(logits, dim=-1)
+        targets = request.prompt_token_ids[chunk.start + 1: chunk.end + 1]
+        for row, token in enumerate(targets):
+            request.prompt_logprobs.append(token_logprob(rows[row], token, request.params.prompt_logprobs))
+
+    def _start_decoding(self, request: Request, last_logits: Tensor) -> None:
+        """The prompt is consumed: fork its state into the request's other slots and sample first tokens."""
+        params, n = request.params, request.params.n
+        if n > 1:
+            self.pool.assign(request.slots[1:], self.pool.select([request.slots[0]] * (n - 1)))
+        for i, slot in enumerate(request.slots):
+            generator = None
+            if params.seed is not None:  # like vLLM, sample i of a seeded request uses seed + i
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                                           params.skip_special_tokens)
+            logprobs = [] if params.logprobs is not None else None
+            request.sequences.append(Sequence(request.request_id, i, slot, detok, generator, logprobs=logprobs))
+        request.status = RequestStatus.DECODING
+        if params.max_tokens == 0:
+            for seq in request.sequences:
+                self._finish_sequence(request, seq, "length", None)
+            return
+        self._sample(request.sequences, [request] * n, last_logits.unsqueeze(0).expand(n, -1))
+
+    def _sample(self, seqs: list[Sequence], owners: list[Request], logits: Tensor) -> None:
+        rows = []
+        for seq, request in zip(seqs, owners, strict=True):
+            params = request.params
+            banned = []
+            if len(seq.token_ids) < params.min_tokens:
+                banned = list(params.stop_token_ids) + ([] if params.ignore_eos else [self.eos_token_id])
+            rows.append(SampleRow(params, request.prompt_token_ids, seq.token_ids, seq.generator, banned))
+        tokens, logprobs = sample(logits, rows, self.generator)
+        now = time.monotonic()
+        for seq, request, token, logprob in zip(seqs, owners, tokens, logprobs, strict=True):
+            self._append(request, seq, token, logprob, now)
+
+    def _append(self, request: Request, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        params = request.params
+        seq.token_ids.append(token)
+        seq.new_token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+            seq.new_logprobs.append(logprob)
+        self.metrics.generation_tokens.inc()
+        if request.first_token_time is None:
+            request.first_token_time = now
+            self.metrics.time_to_first_token.observe(now - request.arrival_time)
+        if seq.last_token_time:
+            self.metrics.inter_token_latency.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        count = len(seq.token_ids)
+        if token == self.eos_token_id and not params.ignore_eos:
+            self._finish_sequence(request, seq, "stop", None)
+        elif token in params.stop_token_ids:
+            self._finish_sequence(request, seq, "stop", token)
+        else:
+            matched = seq.detokenizer.add(token, check_stop=count >= params.min_tokens)
+            if matched is not None:
+                self._finish_sequence(request, seq, "stop", matched)
+            elif count >= params.max_tokens:
+                self._finish_sequence(request, seq, "length", None)
+
+    def _finish_sequence(self, request: Request, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.detokenizer.finish(matched_stop=isinstance(stop_reason, str))
+        self.scheduler.free_sequence(seq)
+        self.metrics.request_success[reason].inc()
+
+    def _deltas(self, request: Request) -> list[CompletionOutput]:
+        """What each sequence produced since the last call (a finished one reports its finish once)."""
+        deltas = []
+        for seq in request.sequences:
+            text = seq.detokenizer.take()
+            if not (text or seq.new_token_ids or (seq.finished and not seq.finish_reported)):
+                continue
+            logprobs = seq.new_logprobs if seq.logprobs is not None else None
+            deltas.append(CompletionOutput(seq.index, text, seq.new_token_ids, logprobs, seq.finish_reason,
+                                           seq.stop_reason))
+            seq.new_token_ids, seq.new_logprobs = [], []
+            seq.finish_reported = seq.finished
+        return deltas
+
+    def _finish_request(self, request: Request, now: float) -> None:
+        self.requests.pop(request.request_id, None)
+        if request.status is not RequestStatus.FINISHED:
+            self.scheduler.remove(request)
+        m = self.metrics
+        m.e2e_request_latency.observe(now - request.arrival_time)
+        if request.scheduled_time is not None:
+            m.request_queue_time.observe(request.scheduled_time - request.arrival_time)
+            if request.first_token_time is not None:
+                m.request_prefill_time.observe(request.first_token_time - request.scheduled_time)
+                last = max(s.last_token_time for s in request.sequences)
+                m.request_decode_time.observe(last - request.first_token_time)
+        m.request_prompt_tokens.observe(request.num_prompt_tokens)
+        m.request_generation_tokens.observe(request.num_generated_tokens)
+
+    def _update_gauges(self) -> None:
+        self.metrics.num_requests_running.set(self.scheduler.num_running)
+        self.metrics.num_requests_waiting.set(self.scheduler.num_waiting)
+        self.metrics.state_slots_used.set(self.scheduler.num_slots_used)

@@ -1,0 +1,94 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
+
+FastAPI's 422 for invalid bodies becomes a 400 naming the field (as vLLM and SGLang do), so OpenAI
+clients raise BadRequestError with a useful message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from .sampling_params import ParamError
+
+logger = logging.getLogger("miras.api")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}  # union-member tags in pydantic locs
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in part or part in _TYPE_TAGS:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return APIError(400, f"request body is not valid JSON: {detail}".rstrip(": "), None, "invalid_json")
+    param = _param(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        return APIError(400, f"{param}: field required", param, "missing_required_parameter")
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+        return APIError(400, "request body must be a JSON object", None, "invalid_request")
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return APIError(400, f"{param or 'body'}: {msg}{more}", param, "invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(ParamError)
+    async def _param_error(_: Request, exc: ParamError) -> JSONResponse:
+        return error_response(APIError(400, str(exc), exc.param, "invalid_value"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's only 400: a body it could not decode (e.g. invalid UTF-8)
+            return error_response(APIError(400, "request body is not valid UTF-8 JSON", None, "invalid_json"))
+        return error_response(APIError(exc.status_code, str(exc.detail), None, None, exc.headers))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(APIError(500, f"internal server error: {type(exc).__name__}", None, "internal_error"))

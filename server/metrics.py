@@ -1,0 +1,73 @@
+"""Prometheus metrics: vLLM's names under the ``miras:`` prefix, plus the state-slot view of capacity.
+
+Each engine owns its registry (so several engines can live in one process, as in the tests); the HTTP
+app serves it at /metrics. Bucket boundaries follow vLLM so its dashboards port with a rename.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+FINISH_REASONS = ("stop", "length", "abort")
+REJECT_REASONS = ("queue_full", "draining")
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"miras:{name}", doc, labels, registry=self.registry).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"miras:{name}", doc, labels, registry=self.registry).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"miras:{name}", doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
+
+        self.num_requests_running = gauge("num_requests_running", "Number of requests holding state slots.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Number of requests waiting to be admitted.")
+        self.state_slots_total = gauge("state_slots_total", "State slots in the pool (--max-num-seqs).")
+        self.state_slots_used = gauge("state_slots_used", "State slots held by running sequences.")
+        self.state_bytes_per_sequence = gauge(
+            "state_bytes_per_sequence", "Bytes of recurrent state per sequence (constant in context length).")
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
+        success = Counter("miras:request_success", "Count of finished requests by finish reason.",
+                          labels + ["finished_reason"], registry=self.registry)
+        self.request_success = {r: success.labels(model_name, r) for r in FINISH_REASONS}
+        rejected = Counter("miras:request_rejected", "Requests refused before admission (429 queue full, "
+                           "503 draining).", labels + ["reason"], registry=self.registry)
+        self.request_rejected = {r: rejected.labels(model_name, r) for r in REJECT_REASONS}
+        self.time_to_first_token = histogram("time_to_first_token_seconds", "Histogram of time to first token "
+                                             "in seconds (from arrival).", TTFT_BUCKETS)
+        self.inter_token_latency = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in "
+                                             "seconds.", ITL_BUCKETS)
+        self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Histogram of end-to-end request "
+                                             "latency in seconds.", REQUEST_LATENCY_BUCKETS)
+        self.request_queue_time = histogram("request_queue_time_seconds", "Histogram of time spent waiting for "
+                                            "a state slot.", REQUEST_LATENCY_BUCKETS)
+        self.request_prefill_time = histogram("request_prefill_time_seconds", "Histogram of time from admission "
+                                              "to first token.", REQUEST_LATENCY_BUCKETS)
+        self.request_decode_time = histogram("request_decode_time_seconds", "Histogram of time from first to "
+                                             "last token.", REQUEST_LATENCY_BUCKETS)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.",
+                                                   TOKEN_BUCKETS)
+        self.engine_step_duration = histogram("engine_step_duration_seconds", "Wall time of one engine step.",
+                                              STEP_BUCKETS)
+        self.engine_batch_size = histogram("engine_batch_size", "Sequences in one engine step (decodes + prefill "
+                                           "chunks).", BATCH_BUCKETS)
+        self.iteration_tokens = histogram("iteration_tokens_total", "Tokens processed in one engine step.",
+                                          TOKEN_BUCKETS)

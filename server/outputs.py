@@ -1,0 +1,68 @@
+"""What the engine hands back: per-step deltas of each request, and the offline API's full results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """One position's logprob: the chosen token's and the top alternatives' (raw model distribution)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's n sequences. In a step delta, text/token_ids/logprobs are what is new."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that fired; None for EOS
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def merge(self, delta: CompletionOutput) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    prompt: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first position: None (nothing precedes it)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.outputs)
+
+    def merge(self, delta: RequestOutput) -> None:
+        """Fold a step delta into an accumulated output."""
+        by_index = {o.index: o for o in self.outputs}
+        for out in delta.outputs:
+            if out.index in by_index:
+                by_index[out.index].merge(out)
+            else:
+                fresh = CompletionOutput(out.index)
+                fresh.merge(out)
+                self.outputs.append(fresh)
+                by_index[out.index] = fresh
+        self.outputs.sort(key=lambda o: o.index)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        self.finished = delta.finished

@@ -1,0 +1,255 @@
+"""Pydantic request/response models of the OpenAI-compatible API (field names and defaults as in vLLM).
+
+Only shapes and static ranges live here; checks that need the model (vocabulary, --max-num-seqs,
+--max-prompt-tokens) happen in the engine and come back as 400 errors naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SamplingParams
+
+MAX_N = 128
+MAX_PROMPTS = 256  # prompts in one /v1/completions batch
+DEFAULT_CHAT_MAX_TOKENS = 4096  # chat has no context wall to fill up to, so the default is a fixed budget
+INT64 = dict(ge=-(2**63), le=2**63 - 1)
+
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class OpenAIModel(BaseModel):
+    # like vLLM: unknown request fields are accepted and ignored (clients send extras such as "user")
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by completions and chat."""
+
+    model: str | None = None
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float | None = Field(1.0, ge=0.01, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    seed: int | None = Field(None, **INT64)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(1.0, ge=0)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(0, ge=-1)
+    min_p: float | None = Field(0.0, ge=0, le=1)
+    min_tokens: int | None = Field(0, ge=0)
+    ignore_eos: bool | None = False
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    user: str | None = None
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+                        ) -> SamplingParams:
+        def value(name: str) -> Any:  # explicit null means the default
+            v = getattr(self, name)
+            return type(self).model_fields[name].default if v is None else v
+
+        return SamplingParams(
+            n=value("n"), temperature=value("temperature"), top_p=value("top_p"), top_k=value("top_k"),
+            min_p=value("min_p"), presence_penalty=value("presence_penalty"),
+            frequency_penalty=value("frequency_penalty"), repetition_penalty=value("repetition_penalty"),
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()}, seed=self.seed,
+            max_tokens=max_tokens, min_tokens=min(value("min_tokens"), max_tokens),
+            stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
+            include_stop_str_in_output=value("include_stop_str_in_output"), ignore_eos=value("ignore_eos"),
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=value("skip_special_tokens"))
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return bias
+
+
+PromptInput = str | list[str] | list[TokenId] | list[list[TokenId]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptInput
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS_LIMIT)
+    suffix: str | None = None
+    add_special_tokens: bool | None = True  # prepend BOS to text prompts
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        # one clear message instead of one error per member of the union
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("prompt must be a non-empty string, list of strings, list of token ids or list of "
+                             "token-id lists")
+        if len(prompt) > MAX_PROMPTS and not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        kinds = {type(p) for p in prompt}
+        if not (kinds <= {str} or kinds <= {int} or kinds <= {list}):
+            raise ValueError("prompt lists must hold only strings, only token ids, or only token-id lists")
+        if kinds <= {str, list} and any(len(p) == 0 for p in prompt):
+            raise ValueError("prompt must not contain an empty prompt")
+        return prompt
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    add_generation_prompt: bool | None = True
+    add_special_tokens: bool | None = True  # the default template has no BOS, so it is added here
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "miras-serve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(OpenAIModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

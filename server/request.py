@@ -1,0 +1,72 @@
+"""A request (one prompt) and its n sequences, as the scheduler and engine track them."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .outputs import TokenLogprob
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no state slot
+    PREFILLING = "prefilling"  # holds its slots; prompt partly consumed
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One generated continuation; it owns one state slot from admission until it finishes."""
+
+    request_id: str
+    index: int
+    slot: int
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None  # seeded requests sample from their own generator
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    finish_reported: bool = False
+    last_token_time: float = 0.0
+    # what has not been handed out yet (the step delta)
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    num_prefilled: int = 0
+    slots: list[int] = field(default_factory=list)  # n slots; slots[0] carries the prefill
+    sequences: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

@@ -1,0 +1,128 @@
+"""Continuous batching over a fixed pool of state slots.
+
+Each step every decoding sequence gets one token; the rest of the token budget goes to prefill chunks,
+first of prompts already being prefilled, then of waiting requests admitted in arrival order while
+enough slots are free (n slots for a request with n samples). A recurrent state has a fixed size, so a
+slot is all a request needs: admission never depends on prompt length and nothing is ever preempted.
+
+Prefill pieces end at multiples of the model's chunk size (except a prompt's last piece), so that
+consecutive pieces reproduce the model's chunked semantics exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .request import Request, RequestStatus, Sequence
+
+
+@dataclass
+class PrefillChunk:
+    request: Request
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.request.num_prompt_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.end - c.start for c in self.prefills)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, chunk_size: int):
+        if max_num_batched_tokens < max_num_seqs + chunk_size:
+            # otherwise a full decode batch could leave no room for any prefill chunk
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({max_num_seqs}) + the model's chunk_size ({chunk_size})")
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunk_size = chunk_size
+        self.free_slots: list[int] = list(range(max_num_seqs - 1, -1, -1))
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}  # admitted (prefilling or decoding), in admission order
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_slots_used(self) -> int:
+        return self.max_num_seqs - len(self.free_slots)
+
+    def add(self, request: Request) -> None:
+        if request.params.n > self.max_num_seqs:
+            raise ValueError(f"n={request.params.n} exceeds max_num_seqs={self.max_num_seqs}")
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _prefill_size(self, request: Request, budget: int) -> int:
+        remaining = request.num_prompt_tokens - request.num_prefilled
+        if remaining <= budget:
+            return remaining
+        return budget // self.chunk_size * self.chunk_size
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        prefilling = []
+        for request in self.running.values():
+            if request.status is RequestStatus.DECODING:
+                out.decodes.extend(s for s in request.sequences if not s.finished)
+            else:
+                prefilling.append(request)
+        budget = self.max_num_batched_tokens - len(out.decodes)
+        for request in prefilling:
+            size = self._prefill_size(request, budget)
+            if size == 0:
+                return out
+            out.prefills.append(PrefillChunk(request, request.num_prefilled, request.num_prefilled + size))
+            budget -= size
+        while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
+            request = self.waiting[0]
+            size = self._prefill_size(request, budget)
+            if size == 0:
+                break
+            self.waiting.popleft()
+            request.slots = [self.free_slots.pop() for _ in range(request.params.n)]
+            request.status = RequestStatus.PREFILLING
+            request.scheduled_time = time.monotonic()
+            self.running[request.request_id] = request
+            out.admitted.append(request)
+            out.prefills.append(PrefillChunk(request, 0, size))
+            budget -= size
+        return out
+
+    def free_sequence(self, sequence: Sequence) -> None:
+        self.free_slots.append(sequence.slot)
+
+    def remove(self, request: Request) -> None:
+        """Drop a request (finished or aborted), returning every slot it still holds."""
+        if request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        elif self.running.pop(request.request_id, None) is not None:
+            if request.status is RequestStatus.PREFILLING:
+                self.free_slots.extend(request.slots)
+            else:
+                self.free_slots.extend(s.slot for s in request.sequences if not s.finished)
+        request.status = RequestStatus.FINISHED

@@ -1,0 +1,144 @@
+"""What the completions and chat handlers share: model check, submission with HTTP errors, SSE framing,
+logprob formatting and racing a non-streaming request against the client going away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from models import MirasTokenizer
+
+from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError, RequestGroup
+from .detokenizer import token_text
+from .errors import APIError, error_body
+from .outputs import RequestOutput, TokenLogprob
+from .protocol import StreamOptions
+from .sampling_params import SamplingParams
+
+T = TypeVar("T")
+RETRY_AFTER_SECONDS = "1"
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf (vLLM clamps the same way)
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {payload}\n\n"
+
+
+def clamp(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class StreamUsage:
+    """Token counts of a stream: the final usage chunk (``include_usage``) and, with
+    ``continuous_usage_stats`` as well, the running usage on every chunk (as vLLM does)."""
+
+    def __init__(self, options: StreamOptions | None, prompt_tokens: int):
+        self.final = bool(options and options.include_usage)
+        self.continuous = self.final and bool(options.continuous_usage_stats)
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+
+    def stamp(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        if self.continuous:
+            chunk["usage"] = usage(self.prompt_tokens, self.completion_tokens)
+        return chunk
+
+    def last_event(self, base: dict[str, Any]) -> str | None:
+        return sse({**base, "choices": [], "usage": usage(self.prompt_tokens, self.completion_tokens)}) \
+            if self.final else None
+
+
+class ServingBase:
+    id_prefix = "cmpl"
+
+    def __init__(self, engine: AsyncEngine, tokenizer: MirasTokenizer, served_model_name: str):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.served_model_name = served_model_name
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+
+    def new_id(self) -> str:
+        return f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams) -> RequestGroup:
+        try:
+            return self.engine.submit(prompts, params, time.monotonic())
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), None, "queue_full", {"Retry-After": RETRY_AFTER_SECONDS}) from exc
+        except EngineUnavailableError as exc:
+            raise APIError(503, str(exc), None, "unavailable", {"Retry-After": RETRY_AFTER_SECONDS}) from exc
+
+    def token_str(self, token_id: int) -> str:
+        return token_text(self.tokenizer, token_id)
+
+    def stream_response(self, events: AsyncIterator[str], group: RequestGroup) -> StreamingResponse:
+        """SSE: ``data: <json>`` events, an in-band error event if generation fails after the 200,
+        and ``data: [DONE]`` last, always. Starlette cancels the generator when the client
+        disconnects; the group's iteration then aborts the requests and frees their slots."""
+
+        async def framed() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            except EngineUnavailableError as exc:
+                yield sse(error_body(503, str(exc), None, "unavailable"))
+            except Exception as exc:  # noqa: BLE001 - the 200 is already sent; report in band
+                yield sse(error_body(500, f"internal server error: {type(exc).__name__}", None, "internal_error"))
+            finally:
+                group.abort()
+            yield sse("[DONE]")
+
+        return StreamingResponse(framed(), media_type="text/event-stream; charset=utf-8",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def unless_disconnected(self, raw: Request, work: Awaitable[T], group: RequestGroup) -> T:
+        """Run a non-streaming request, aborting it (and freeing its slots) if the client goes away."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_wait_for_disconnect(raw))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not task.done():
+            task.cancel()
+            group.abort()
+            raise APIError(499, "client disconnected", None, "client_disconnected")
+        try:
+            return task.result()
+        except EngineUnavailableError as exc:
+            raise APIError(503, str(exc), None, "unavailable") from exc
+
+
+async def collect(group: RequestGroup, count: int) -> list[RequestOutput]:
+    """Fold a group's deltas into one finished output per prompt (non-streaming responses)."""
+    finals: list[RequestOutput | None] = [None] * count
+    async for index, delta in group:
+        if finals[index] is None:
+            finals[index] = RequestOutput(delta.request_id, delta.prompt_token_ids, [], prompt=delta.prompt)
+        finals[index].merge(delta)
+    return finals
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+def top_entries(entry: TokenLogprob, token_str: Callable[[int], str]) -> list[tuple[str, float]]:
+    return [(token_str(t), clamp(lp)) for t, lp in entry.top]

@@ -1,0 +1,112 @@
+"""POST /v1/completions: prompts as text, a batch of texts, token ids or a batch of token-id lists."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from .async_engine import RequestGroup
+from .errors import APIError
+from .outputs import CompletionOutput, RequestOutput, TokenLogprob
+from .protocol import CompletionRequest
+from .serving_base import ServingBase, StreamUsage, clamp, collect, sse, top_entries, usage
+
+
+@dataclass
+class _Choice:
+    """A choice's running state while its deltas are turned into API text and logprobs."""
+
+    text_offset: int = 0
+    echoed: bool = False
+
+
+class OpenAIServingCompletion(ServingBase):
+    id_prefix = "cmpl"
+
+    def prompts(self, request: CompletionRequest) -> list[tuple[list[int], str | None]]:
+        prompt = request.prompt
+        if isinstance(prompt, str) or prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        add_bos = request.add_special_tokens is not False
+        return [(self.tokenizer.encode(p, add_bos=add_bos), p) if isinstance(p, str) else (list(p), None)
+                for p in prompt]
+
+    async def create(self, request: CompletionRequest, raw: Request) -> Response:
+        self.check_model(request.model)
+        if request.suffix:
+            raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
+        if request.stream_options is not None and not request.stream:
+            raise APIError(400, "stream_options can only be set when stream is true", "stream_options",
+                           "invalid_value")
+        if request.stream and request.echo and request.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported when streaming", "echo", "unsupported_parameter")
+        max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        prompt_logprobs = request.logprobs if request.echo else None
+        params = request.sampling_params(max_tokens, request.logprobs, prompt_logprobs)
+        prompts = self.prompts(request)
+        group = self.submit(prompts, params)
+        meta = dict(id=self.new_id(), object="text_completion", created=int(time.time()), model=self.served_model_name)
+        if request.stream:
+            return self.stream_response(self._stream(request, prompts, params.n, group, meta), group)
+        finals = await self.unless_disconnected(raw, collect(group, len(prompts)), group)
+        return JSONResponse(self._response(request, prompts, finals, meta))
+
+    def _choice(self, state: _Choice, request: CompletionRequest, prompt: tuple[list[int], str | None],
+                delta: CompletionOutput, prompt_logprobs: list[TokenLogprob | None] | None) -> dict[str, Any]:
+        text, tokens, entries = delta.text, list(delta.token_ids), list(delta.logprobs or [])
+        if request.echo and not state.echoed:
+            state.echoed = True
+            ids, prompt_text = prompt
+            text = (prompt_text if prompt_text is not None else self.tokenizer.decode(ids)) + text
+            if prompt_logprobs is not None:  # its first entry is None: nothing precedes the first token
+                tokens, entries = ids + tokens, prompt_logprobs + entries
+        logprobs = self._logprobs(state, tokens, entries) if request.logprobs is not None else None
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason,
+                "stop_reason": delta.stop_reason}
+
+    def _logprobs(self, state: _Choice, tokens: list[int], entries: list[TokenLogprob | None]) -> dict[str, list]:
+        out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+        for token, entry in zip(tokens, entries, strict=False):
+            piece = self.token_str(token)
+            out["tokens"].append(piece)
+            out["text_offset"].append(state.text_offset)
+            state.text_offset += len(piece)
+            out["token_logprobs"].append(None if entry is None else clamp(entry.logprob))
+            out["top_logprobs"].append(None if entry is None else dict(top_entries(entry, self.token_str)))
+        return out
+
+    async def _stream(self, request: CompletionRequest, prompts: list[tuple[list[int], str | None]], n: int,
+                      group: RequestGroup, meta: dict[str, Any]) -> AsyncIterator[str]:
+        states: dict[int, _Choice] = {}
+        counts = StreamUsage(request.stream_options, sum(len(ids) for ids, _ in prompts))
+        async for prompt_index, out in group:
+            for delta in out.outputs:
+                counts.completion_tokens += len(delta.token_ids)
+                index = prompt_index * n + delta.index
+                state = states.setdefault(index, _Choice())
+                choice = self._choice(state, request, prompts[prompt_index], delta, None)
+                if not (choice["text"] or choice["finish_reason"] or delta.token_ids and choice["logprobs"]):
+                    continue  # nothing to say (text held back for a possible stop string)
+                choice["index"] = index
+                yield sse(counts.stamp({**meta, "choices": [choice]}))
+        if last := counts.last_event(meta):
+            yield last
+
+    def _response(self, request: CompletionRequest, prompts: list[tuple[list[int], str | None]],
+                  finals: list[RequestOutput], meta: dict[str, Any]) -> dict[str, Any]:
+        choices = []
+        n = len(finals[0].outputs)
+        for prompt_index, final in enumerate(finals):
+            for out in final.outputs:
+                choice = self._choice(_Choice(), request, prompts[prompt_index], out, final.prompt_logprobs)
+                choice["index"] = prompt_index * n + out.index
+                choices.append(choice)
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        completion_tokens = sum(f.num_generated_tokens for f in finals)
+        return {**meta, "choices": choices,
+                "usage": usage(prompt_tokens, completion_tokens)}

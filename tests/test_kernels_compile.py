@@ -1,0 +1,29 @@
+"""The scan kernel compiles for the H100/H200 (sm_90) without a GPU, and its decode variant does not
+spill registers. Runs Triton's real compiler and the ptxas shipped in the triton wheel (the interpreter,
+which the other kernel tests use, never compiles anything)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Only look for triton: importing it here, before the interpreter tests set TRITON_INTERPRET, would
+# leave triton's own jitted builtins (tl.sum, ...) compiled-mode for the rest of the session.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def test_compiles_for_sm90_and_decode_does_not_spill():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--presets", "moneta", "memora"],
+                            cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [(line[0], line[1]) for line in lines] == [("moneta", "prefill"), ("moneta", "decode"),
+                                                      ("memora", "prefill"), ("memora", "decode")]
+    assert all(0 < int(line[2]) <= 255 for line in lines)

@@ -1,0 +1,132 @@
+"""The Triton memory scan against the fp64 PyTorch reference (models.memory.memory_scan), on fresh random
+inputs every run, with kernel outputs poisoned with NaN. Without a GPU the kernel runs under the Triton
+interpreter (small shapes: head dim 8, chunk 4)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import random
+
+import pytest
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels.scan import dot_is_ieee  # noqa: E402
+from kernels.testing import (  # noqa: E402
+    RULES,
+    check_decode_slots,
+    check_padded_prefill,
+    check_varlen_prefill,
+    random_inputs,
+    random_memory,
+    ref_scan,
+    rel_err,
+    rule_config,
+    to_device,
+    tolerance,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
+
+
+def fresh_generator() -> tuple[torch.Generator, int]:
+    seed = random.SystemRandom().randrange(2**31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def assert_all_close(errors: dict[str, float], tol: float, seed: int) -> None:
+    bad = {name: err for name, err in errors.items() if not err < tol}
+    assert not bad, f"relative RMS errors above {tol:.1g}: {bad} (seed {seed})"
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_padded_batch_matches_reference(rule):
+    """Rows at different phases, odd length, partial chunks, right padding, an empty row left untouched."""
+    cfg = rule_config(rule)
+    gen, seed = fresh_generator()
+    assert_all_close(check_padded_prefill(cfg, gen, DEVICE), tolerance(cfg, dot_is_ieee(torch.device(DEVICE))), seed)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_decode_steps_in_place_through_slots(rule):
+    """One token at a time through random pool slots and a padding slot (-1), across chunk boundaries."""
+    cfg = rule_config(rule)
+    gen, seed = fresh_generator()
+    assert_all_close(check_decode_slots(cfg, gen, DEVICE), tolerance(cfg, True), seed)
+
+
+@pytest.mark.parametrize("rule", ["moneta", "memora", "yaad", "linear"])
+def test_varlen_prefill_with_initial_states(rule):
+    cfg = rule_config(rule)
+    gen, seed = fresh_generator()
+    assert_all_close(check_varlen_prefill(cfg, gen, DEVICE), tolerance(cfg, dot_is_ieee(torch.device(DEVICE))), seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_up_cast(dtype):
+    """q, k, v stored in bf16/fp16 are loaded and up-cast: the result is the fp32 scan of the stored values."""
+    cfg = rule_config("moneta")
+    gen, seed = fresh_generator()
+    assert_all_close(check_padded_prefill(cfg, gen, DEVICE, dtype), tolerance(cfg, dot_is_ieee(torch.device(DEVICE))),
+                     seed)
+
+
+def test_dispatch_is_functional_and_selectable(monkeypatch):
+    """kernels.memory_scan keeps the reference's contract on both backends (inputs untouched)."""
+    cfg = rule_config("yaad")
+    gen, seed = fresh_generator()
+    x = random_inputs(cfg, 2, 6, gen, DEVICE)
+    pos = torch.tensor([2, 0], device=DEVICE)
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2], device=DEVICE)
+    args = (pos, x["q"], x["k"], x["v"], x["eta"], x["log_alpha"], x["delta"], valid, x["ln_weight"], x["ln_bias"])
+    originals = [w.clone() for w in (*x["anchor"], *x["memory"])]
+    ref = ref_scan(cfg, x["anchor"], x["memory"], *args)
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MIRAS_KERNELS", backend)
+        assert kernels.backend_for(DEVICE) == backend
+        out, anchor, memory = kernels.memory_scan(cfg, x["anchor"], x["memory"], *args)
+        for w, w0 in zip((*x["anchor"], *x["memory"]), originals, strict=True):
+            assert torch.equal(w, w0), f"{backend}: an input was modified"
+        names = ("reads", "anchor in", "anchor out", "mem in", "mem out")
+        errors = {name: rel_err(r, g) for name, r, g in zip(names, (ref[0], *ref[1], *ref[2]), (out, *anchor, *memory),
+                                                             strict=True)}
+        assert_all_close(errors, tolerance(cfg, True), seed)
+    monkeypatch.setenv("MIRAS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="MIRAS_KERNELS"):
+        kernels.backend_for(DEVICE)
+    monkeypatch.delenv("MIRAS_KERNELS")
+    assert kernels.backend_for("cpu") == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pool_api_on_both_backends(backend, monkeypatch):
+    """kernels.memory_scan_pool updates the pool in place through slots and skips a padding slot."""
+    monkeypatch.setenv("MIRAS_KERNELS", backend)
+    cfg = rule_config("memora")
+    gen, seed = fresh_generator()
+    x = random_inputs(cfg, 2, 5, gen, DEVICE)
+    pool = to_device(random_memory(cfg, 4, gen), DEVICE) + to_device(random_memory(cfg, 4, gen), DEVICE)
+    before = [w.clone() for w in pool]
+    slots = torch.tensor([2, -1], device=DEVICE)
+    pos = torch.tensor([3, 0], device=DEVICE)
+    lengths = torch.tensor([4, 5], device=DEVICE)
+    out = kernels.memory_scan_pool(cfg, pool[:2], pool[2:], slots, pos, x["q"], x["k"], x["v"], x["eta"],
+                                   x["log_alpha"], None, lengths, x["ln_weight"], x["ln_bias"])
+    ref = ref_scan(cfg, tuple(w[2:3] for w in before[:2]), tuple(w[2:3] for w in before[2:]), pos[:1],
+                   x["q"][:1], x["k"][:1], x["v"][:1], x["eta"][:1], x["log_alpha"][:1], None,
+                   (torch.arange(5, device=DEVICE) < 4).view(1, -1), x["ln_weight"], x["ln_bias"])
+    errors = {"reads": rel_err(ref[0], out[:1])}
+    errors.update({f"slot 2 state {i}": rel_err(r, w[2:3])
+                   for i, (r, w) in enumerate(zip((*ref[1], *ref[2]), pool, strict=True))})
+    assert_all_close(errors, tolerance(cfg, True), seed)
+    for w, w0 in zip(pool, before, strict=True):
+        for s in (0, 1, 3):
+            assert torch.equal(w[s], w0[s]), "a slot outside the batch changed"

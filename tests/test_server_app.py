@@ -1,0 +1,63 @@
+"""The FastAPI app in process (no sockets): states that are hard to reach on a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from server.api import ServerSettings, ServerState, build_app
+from server.async_engine import AsyncEngine
+from server.engine import EngineConfig, LLMEngine
+from server.loader import load_model
+
+
+@pytest.fixture
+def state(tiny_checkpoint) -> ServerState:
+    model, tokenizer = load_model(tiny_checkpoint)
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64), "tiny")
+    return ServerState(AsyncEngine(engine), ServerSettings("tiny", str(tiny_checkpoint)))
+
+
+def request(app, method: str, path: str, **kw) -> httpx.Response:
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            return await client.request(method, path, **kw)
+
+    return asyncio.run(run())
+
+
+def test_health_is_503_until_the_engine_runs(state):
+    app = build_app(state)  # lifespan not run: the engine thread has not started
+    response = request(app, "GET", "/health")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "starting"
+    refused = request(app, "POST", "/v1/completions", json={"prompt": "x"})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+
+
+def test_engine_failure_after_the_200_is_an_sse_error_event(state, monkeypatch):
+    real_step, calls = state.engine.engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("device lost")
+        return real_step()
+
+    monkeypatch.setattr(state.engine.engine, "step", failing_step)
+    app = build_app(state)
+    state.engine.start()
+    try:
+        body = {"prompt": "Shall I", "max_tokens": 50, "ignore_eos": True, "stream": True}
+        response = request(app, "POST", "/v1/completions", json=body)
+    finally:
+        state.engine.stop()
+    assert response.status_code == 200
+    events = response.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    error = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert error["code"] == "unavailable" and "device lost" in error["message"]
+    assert all(e.startswith("data: {\"id\"") for e in events[:-3])
+    assert request(app, "GET", "/health").json()["error"]["code"] == "dead"
