@@ -239,8 +239,13 @@ def train(args: TrainArgs, command: str = "") -> Path:
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        # A non-finite loss or gradient (one overflowing batch) would poison every weight: skip that
+        # update and count it, rather than lose the run.
+        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            history.setdefault("skipped_steps", []).append(step)
         history["train"].append([step, loss.item()])
         progress.update(step, loss.item(), tokens_per_step)
         step += 1

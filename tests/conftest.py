@@ -14,6 +14,10 @@ if not torch.cuda.is_available():
 
 import models  # noqa: E402
 
+# One thread: the suite's shapes are small, and on a 2-core machine a test process and a server process
+# each spinning two OpenMP threads slow each other down by orders of magnitude.
+torch.set_num_threads(1)
+
 # Small shapes that still cross chunk boundaries quickly (chunk_size 4) and exercise every code path.
 SMALL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, head_dim=8, mlp_hidden=48, gate_rank=8,
              chunk_size=4, swa_window=6)
