@@ -34,19 +34,24 @@ def backend_for(device_type: str) -> str:
 
 
 @contextlib.contextmanager
-def forced_backend(name: str) -> Iterator[None]:
-    """Run a block with ``MIRAS_KERNELS=name`` (e.g. to compare backends on the same model)."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous = os.environ.get("MIRAS_KERNELS")
-    os.environ["MIRAS_KERNELS"] = name
+def environment(name: str, value: str) -> Iterator[None]:
+    """Run a block with environment variable ``name`` set to ``value``, restored afterwards."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            del os.environ["MIRAS_KERNELS"]
+            del os.environ[name]
         else:
-            os.environ["MIRAS_KERNELS"] = previous
+            os.environ[name] = previous
+
+
+def forced_backend(name: str) -> contextlib.AbstractContextManager[None]:
+    """Run a block with ``MIRAS_KERNELS=name`` (e.g. to compare backends on the same model)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return environment("MIRAS_KERNELS", name)
 
 
 def _scan_pool(device_type: str):

@@ -17,14 +17,13 @@ side in one run, written as a Markdown table into docs/benchmarks/.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -136,7 +135,9 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
         verdict = "pass" if passed else "**FAIL**"
         if not passed and not ieee:
             # Tells TF32 rounding from a bug: the same case with exact fp32 dots.
-            with dot_precision("ieee"):
+            from kernels import environment
+
+            with environment("MIRAS_DOT_PRECISION", "ieee"):
                 exact = max(run().values())
             verdict += f" (ieee dots: {exact:.1e})"
         rows.append([name, f"{errors[worst]:.2e}", worst, f"{tol:.0e}", verdict])
@@ -144,19 +145,6 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
                                                              "result"], rows,
                  f"fp32 dot precision: {'ieee' if ieee else 'tf32'}; fresh random inputs, outputs NaN-poisoned.")
     return ok
-
-
-@contextlib.contextmanager
-def dot_precision(value: str) -> Iterator[None]:
-    previous = os.environ.get("MIRAS_DOT_PRECISION")
-    os.environ["MIRAS_DOT_PRECISION"] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["MIRAS_DOT_PRECISION"]
-        else:
-            os.environ["MIRAS_DOT_PRECISION"] = previous
 
 
 class AttentionLayer(nn.Module):
