@@ -1,6 +1,8 @@
 """Write docs/models.md from trained model directories (their training.json and samples).
 
     python -m models.report models/pretrained/* runs/baselines/* --out docs/models.md
+
+Hand-written text after the line ``<!-- notes -->`` in an existing output file is kept.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from .checkpoint import PRETRAINED_DIR, load_pretrained
 from .train import sample
 
 SAMPLE_PROMPT = "KING.\n"
+NOTES_MARKER = "<!-- notes -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *samples,
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out)
+    notes = out.read_text().split(NOTES_MARKER, 1)[1] if out.is_file() and NOTES_MARKER in out.read_text() else "\n"
+    out.write_text("\n".join(lines) + "\n" + NOTES_MARKER + notes)
     print("\n".join(lines))
     return 0
 

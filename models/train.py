@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -271,8 +272,18 @@ def train(args: TrainArgs, command: str = "") -> Path:
     return out
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def hardware() -> str:
-    return f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), {torch.get_num_threads()} threads, " \
+    return f"{platform.machine()} CPU ({cpu_name()}, {os.cpu_count()} cores), {torch.get_num_threads()} threads, " \
            f"torch {torch.__version__}"
 
 

@@ -239,11 +239,11 @@ def test_sampling_params_reject_bad_values(kw, param):
     assert info.value.param == param
 
 
-def test_missing_default_model_has_a_clear_error():
-    if "moneta-tiny" in models.shipped_models():
-        pytest.skip("moneta-tiny is shipped")
-    with pytest.raises(models.CheckpointError, match="moneta-tiny"):
-        LLM()
+def test_default_model_is_shipped_and_a_missing_one_has_a_clear_error():
+    assert "moneta-tiny" in models.shipped_models()
+    assert LLM().generate(["KING.\n"], greedy(4))[0].outputs[0].token_ids
+    with pytest.raises(models.CheckpointError, match="no-such-model"):
+        LLM(model="no-such-model")
 
 
 def test_sampler_survives_degenerate_rows():
