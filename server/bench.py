@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -196,7 +197,9 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
                 by_len[prompt_len] += asyncio.run(run_load(url, 1, 1, prompt_len, args.max_tokens, vocab))[1]
         long_rows = []
         for prompt_len, results in by_len.items():
-            itls = [x for r in results for x in r.itls]
+            # Random prompts can make a model emit byte fragments that the server (rightly) holds back
+            # until they form UTF-8, so a stream may carry too few chunks to time: then ITL is NaN.
+            itls = [x for r in results for x in r.itls] or [math.nan]
             long_rows.append((prompt_len, statistics.median(itls), percentile(itls, 99),
                               statistics.median(r.ttft for r in results)))
     finally:
@@ -213,10 +216,9 @@ def write_report(args: argparse.Namespace, sections: list[ModelReport]) -> None:
         commit = "unknown"
     lines = [
         "# Serving engine on CPU: continuous batching and context-independent decode", "",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit `{commit}` "
-        "(plus uncommitted work in progress)",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs while measured (absolute "
-        f"times are noisy; compare ratios), torch {torch.__version__}, server threads {args.threads}",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit `{commit}`",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared by the server and this load generator "
+        f"(absolute times are a CPU's; compare ratios), torch {torch.__version__}, server threads {args.threads}",
         f"- Workload: random token-id prompts of {args.prompt_len} tokens, {args.max_tokens} output tokens "
         "(ignore_eos, greedy), streamed over HTTP from a real `miras-serve` by `python -m server.bench`; "
         "requests = max(8, 2 x concurrency), all submitted at once behind a concurrency limit.", ""]
