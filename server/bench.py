@@ -253,7 +253,10 @@ def write_report(args: argparse.Namespace, sections: list[ModelReport]) -> None:
                   "| prompt tokens | ITL p50 (ms) | ITL p99 (ms) | TTFT p50 (ms) |", "|---:|---:|---:|---:|"]
         lines += [f"| {n} | {i50 * 1e3:.2f} | {i99 * 1e3:.2f} | {t * 1e3:.1f} |" for n, i50, i99, t in long_rows]
         lines += ["", f"- Throughput at concurrency 32 vs 1: **{rows[-1][2] / base:.1f}x**",
-                  f"- ITL p50 after a {long[0]}-token vs a {short[0]}-token prompt: **{long[1] / short[1]:.2f}x**", ""]
+                  f"- ITL p50 after a {long[0]}-token vs a {short[0]}-token prompt: " + (
+                      f"**{long[1] / short[1]:.2f}x**" if math.isfinite(long[1] / short[1]) else
+                      "not measured (the streams carried no text chunks to time: the model generated only "
+                      "special tokens or byte fragments, which are not streamed as text)"), ""]
     lines += ["## Reading", "",
               "- Decode ITL does not grow with the prompt: the state a sequence carries has a fixed size, so an "
               "8K-token context decodes as fast as a 128-token one (the long prompt only costs prefill time, "
