@@ -50,18 +50,23 @@ class ModelState:
     def to(self, device: torch.device | str) -> ModelState:
         return self._map(lambda t: t.to(device))
 
-    def select(self, index: Tensor | Sequence[int]) -> ModelState:
-        """A new state holding rows ``index`` (repeat a row to fork a sequence)."""
+    def select(self, index: Tensor | Sequence[int], whole: frozenset[str] = frozenset()) -> ModelState:
+        """A new state holding rows ``index`` (repeat a row to fork a sequence); layer entries named in
+        ``whole`` are passed through unselected."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
-        return self._map(lambda t: t.index_select(0, index))
+        layers = [{k: t if k in whole else t.index_select(0, index) for k, t in layer.items()}
+                  for layer in self.layers]
+        return ModelState(self.pos.index_select(0, index), layers)
 
-    def assign(self, index: Tensor | Sequence[int], other: ModelState) -> None:
-        """In place: rows ``index`` of this state take the rows of ``other`` (a state pool's write)."""
+    def assign(self, index: Tensor | Sequence[int], other: ModelState, skip: frozenset[str] = frozenset()) -> None:
+        """In place: rows ``index`` of this state take the rows of ``other`` (a state pool's write);
+        layer entries named in ``skip`` are left alone."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
         self.pos.index_copy_(0, index, other.pos)
         for mine, theirs in zip(self.layers, other.layers, strict=True):
             for name, t in mine.items():
-                t.index_copy_(0, index, theirs[name].to(t.dtype))
+                if name not in skip:
+                    t.index_copy_(0, index, theirs[name].to(t.dtype))
 
     @staticmethod
     def cat(states: Sequence[ModelState]) -> ModelState:
@@ -152,15 +157,8 @@ class MirasLM(nn.Module):
             slots = slots.to(device=state.pos.device, dtype=torch.long)
             # The Miras memory (most of the state) is read and written in place by the memory scan;
             # the small entries (position, conv cache, attention ring) go through gather and scatter.
-            rows = ModelState(state.pos.index_select(0, slots),
-                              [{k: t if k in POOLED else t.index_select(0, slots) for k, t in layer.items()}
-                               for layer in state.layers])
-            logits, new_state = self._forward(input_ids, rows, lengths, slots)
-            state.pos.index_copy_(0, slots, new_state.pos)
-            for mine, theirs in zip(state.layers, new_state.layers, strict=True):
-                for k, t in mine.items():
-                    if k not in POOLED:
-                        t.index_copy_(0, slots, theirs[k].to(t.dtype))
+            logits, new_state = self._forward(input_ids, state.select(slots, whole=POOLED), lengths, slots)
+            state.assign(slots, new_state, skip=POOLED)
             return logits, state
         return self._forward(input_ids, state, lengths, None)
 
