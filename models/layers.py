@@ -112,6 +112,11 @@ class MirasMixer(nn.Module):
                 nn.init.normal_(self.mem_init_in, std=std_in)
                 nn.init.normal_(self.mem_init_out, std=std_out)
 
+    @property
+    def memory_names(self) -> tuple[str, ...]:
+        """The memory's matrices, as named in the layer state (``anchor_<name>``, ``mem_<name>``)."""
+        return ("w",) if self.cfg.memory == "linear" else ("w_in", "w_out")
+
     def memory_params(self) -> dict[str, Tensor]:
         return {name: p for name, p in self.named_parameters() if name.startswith("mem_")}
 
@@ -124,8 +129,7 @@ class MirasMixer(nn.Module):
         cfg = self.cfg
         state = {"conv": torch.zeros(batch, 3 * cfg.inner_dim, cfg.conv_width - 1, device=device, dtype=dtype)}
         init = initial_memory(cfg, self.memory_params())
-        names = ("w",) if cfg.memory == "linear" else ("w_in", "w_out")
-        for name, w in zip(names, init, strict=True):
+        for name, w in zip(self.memory_names, init, strict=True):
             w = w.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, *w.shape)
             state[f"anchor_{name}"] = w.clone()
             state[f"mem_{name}"] = w.clone()
@@ -154,7 +158,7 @@ class MirasMixer(nn.Module):
         qkv = qkv.float()
         q, k, v = l2_normalise(qkv[0]), l2_normalise(qkv[1]), qkv[2]  # [B, H, T, d]
         eta, log_alpha, delta = self.gates(x.float())
-        names = ("w",) if cfg.memory == "linear" else ("w_in", "w_out")
+        names = self.memory_names
         anchor = tuple(state[f"anchor_{n}"] for n in names)
         memory = tuple(state[f"mem_{n}"] for n in names)
         ln_weight, ln_bias = self.ln_params()
