@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import ParamError, SamplingParams
 
 logger = logging.getLogger("miras.engine")
 
@@ -54,6 +54,7 @@ class AsyncEngine:
         self._aborts: list[str] = []
         self._streams: dict[str, _Pending] = {}  # engine thread only
         self._stop = False
+        self._closed = False  # set (under the lock) once the engine thread takes no more requests
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -100,6 +101,9 @@ class AsyncEngine:
             self.engine.metrics.request_rejected["draining"].inc()
             reason = "the server is shutting down" if self.draining else "the engine is not running"
             raise EngineUnavailableError(reason)
+        if len(prompts) > self.max_queued_requests:  # could never fit: a 429 would be retried forever
+            raise ParamError("prompt", f"{len(prompts)} prompts in one request is more than the server's queue "
+                             f"holds ({self.max_queued_requests}, --max-queued-requests)")
         for ids, _ in prompts:
             self.engine.validate(ids, params)
         loop = asyncio.get_running_loop()
@@ -107,6 +111,8 @@ class AsyncEngine:
         arrival = arrival_time or time.monotonic()
         pending = [_Pending(uuid.uuid4().hex, list(ids), params, text, arrival, queue, loop) for ids, text in prompts]
         with self._lock:
+            if self._closed:  # the engine thread stopped or died after the check above
+                raise EngineUnavailableError("the engine is not running")
             if len(self._inbox) + self.engine.num_waiting + len(pending) > self.max_queued_requests:
                 self.engine.metrics.request_rejected["queue_full"].inc()
                 raise QueueFullError(f"the server's queue is full ({self.max_queued_requests} waiting requests)")
@@ -155,6 +161,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(_put_all, items)
 
     def _run(self) -> None:
+        error = EngineUnavailableError("the engine stopped")
         try:
             while True:
                 aborts = self._take_inbox()
@@ -167,11 +174,18 @@ class AsyncEngine:
         except BaseException as exc:  # a dead engine must fail every request, not hang them
             logger.exception("engine loop died")
             self.dead = exc
-            with self._lock:
-                streams = list(self._streams.values()) + self._inbox
-                self._inbox = []
-            for p in streams:
-                p.loop.call_soon_threadsafe(p.queue.put_nowait, EngineUnavailableError(f"engine failed: {exc}"))
+            error = EngineUnavailableError(f"engine failed: {exc}")
+        finally:
+            self._fail_all(error)
+
+    def _fail_all(self, error: Exception) -> None:
+        """The engine thread is leaving: end every stream it still owes an answer, and take no more."""
+        with self._lock:
+            self._closed = True
+            streams = list(self._streams.values()) + self._inbox
+            self._inbox, self._streams = [], {}
+        for p in streams:
+            p.loop.call_soon_threadsafe(p.queue.put_nowait, error)
 
 
 class RequestGroup:

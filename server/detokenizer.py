@@ -28,7 +28,9 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop_str_in_output
         self.skip_special = skip_special_tokens
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""  # all text decoded so far (truncated at a stop string once one matched)
+        # The decoded text not yet handed out, after the last ``max_stop`` characters that were (a stop
+        # string can still begin there); older text is dropped so each token costs O(1), not O(text).
+        self.text = ""
         self.emitted = 0  # characters of ``text`` already handed out
         self.max_stop = max((len(s) for s in stop), default=0)
 
@@ -73,5 +75,6 @@ class IncrementalDetokenizer:
         if end <= self.emitted:
             return ""
         out = self.text[self.emitted:end]
-        self.emitted = end
+        keep = max(0, end - self.max_stop)
+        self.text, self.emitted = self.text[keep:], end - keep
         return out

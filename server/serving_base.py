@@ -27,9 +27,14 @@ RETRY_AFTER_SECONDS = "1"
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf (vLLM clamps the same way)
 
 
+# Legal raw in JSON and in SSE, but many clients' line splitters (httpx's aiter_lines among them) also break
+# lines there: escape them so an event is always one line.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(data: dict[str, Any] | str) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {payload}\n\n"
+    return f"data: {payload.translate(_LINE_BREAKS)}\n\n"
 
 
 def clamp(logprob: float) -> float:
@@ -82,7 +87,7 @@ class ServingBase:
         except QueueFullError as exc:
             raise APIError(429, str(exc), None, "queue_full", {"Retry-After": RETRY_AFTER_SECONDS}) from exc
         except EngineUnavailableError as exc:
-            raise APIError(503, str(exc), None, "unavailable", {"Retry-After": RETRY_AFTER_SECONDS}) from exc
+            raise unavailable(exc) from exc
 
     def token_str(self, token_id: int) -> str:
         return token_text(self.tokenizer, token_id)
@@ -115,14 +120,19 @@ class ServingBase:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            if not task.done():  # the client went away, or this handler itself was cancelled
+                task.cancel()
+                group.abort()
         if not task.done():
-            task.cancel()
-            group.abort()
             raise APIError(499, "client disconnected", None, "client_disconnected")
         try:
             return task.result()
         except EngineUnavailableError as exc:
-            raise APIError(503, str(exc), None, "unavailable") from exc
+            raise unavailable(exc) from exc
+
+
+def unavailable(exc: EngineUnavailableError) -> APIError:
+    return APIError(503, str(exc), None, "unavailable", {"Retry-After": RETRY_AFTER_SECONDS})
 
 
 async def collect(group: RequestGroup, count: int) -> list[RequestOutput]:
