@@ -11,6 +11,7 @@ consecutive pieces reproduce the model's chunked semantics exactly.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk_size = chunk_size
-        self.free_slots: list[int] = list(range(max_num_seqs - 1, -1, -1))
+        # A min-heap: the lowest free slot is handed out first, which keeps the running sequences in few
+        # runs of consecutive slots (the PyTorch decode path reads and writes one run through views).
+        self.free_slots: list[int] = list(range(max_num_seqs))
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # admitted (prefilling or decoding), in admission order
 
@@ -104,7 +107,7 @@ class Scheduler:
             if size == 0:
                 break
             self.waiting.popleft()
-            request.slots = [self.free_slots.pop() for _ in range(request.params.n)]
+            request.slots = [heapq.heappop(self.free_slots) for _ in range(request.params.n)]
             request.status = RequestStatus.PREFILLING
             request.scheduled_time = time.monotonic()
             self.running[request.request_id] = request
@@ -114,15 +117,15 @@ class Scheduler:
         return out
 
     def free_sequence(self, sequence: Sequence) -> None:
-        self.free_slots.append(sequence.slot)
+        heapq.heappush(self.free_slots, sequence.slot)
 
     def remove(self, request: Request) -> None:
         """Drop a request (finished or aborted), returning every slot it still holds."""
         if request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         elif self.running.pop(request.request_id, None) is not None:
-            if request.status is RequestStatus.PREFILLING:
-                self.free_slots.extend(request.slots)
-            else:
-                self.free_slots.extend(s.slot for s in request.sequences if not s.finished)
+            held = request.slots if request.status is RequestStatus.PREFILLING else \
+                [s.slot for s in request.sequences if not s.finished]
+            for slot in held:
+                heapq.heappush(self.free_slots, slot)
         request.status = RequestStatus.FINISHED

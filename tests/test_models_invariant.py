@@ -102,3 +102,25 @@ def test_bad_calls_raise_clear_errors():
         models.from_preset("moneta", chunk_size=0)
     with pytest.raises(models.ConfigError, match="'no_such_field'"):
         models.from_preset("moneta", no_such_field=1)
+
+
+@pytest.mark.parametrize("slots", [[4, 2, 3], [5, 1, 3]])  # one run of slots (in any order), or scattered
+def test_pool_forward_equals_plain_forward(slots):
+    model = small_model("moneta-h")
+    ids = torch.randint(0, SMALL["vocab_size"], (3, 2 * CHUNK + 3))
+    with torch.no_grad():
+        plain, plain_state = model(ids[:, :-1])
+        plain_next, plain_state = model(ids[:, -1:], plain_state)
+        pool = model.init_state(7)
+        model.reset_slots(pool, slots)
+        before = pool.clone()
+        index = torch.tensor(slots)
+        pooled, _ = model(ids[:, :-1], pool, slots=index)
+        pooled_next, _ = model(ids[:, -1:], pool, slots=index)
+    torch.testing.assert_close(pooled, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled_next, plain_next, rtol=1e-5, atol=1e-6)
+    for a, b in zip(pool.select(index).tensors(), plain_state.tensors(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    others = [s for s in range(7) if s not in slots]
+    for a, b in zip(pool.select(others).tensors(), before.select(others).tensors(), strict=True):
+        assert torch.equal(a, b)
