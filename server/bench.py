@@ -29,6 +29,7 @@ import httpx
 import torch
 
 import models
+from loadtest.stats import percentile
 
 from .engine import EngineConfig, LLMEngine
 from .request import RequestStatus
@@ -54,11 +55,6 @@ class Result:
     ttft: float = 0.0
     itls: list[float] = field(default_factory=list)
     tokens: int = 0
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
 
 
 def random_model(directory: Path, preset: str) -> Path:
