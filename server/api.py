@@ -99,7 +99,7 @@ def build_app(state: ServerState) -> FastAPI:
     json_body = [Depends(require_json)]
 
     def model_check(model: str | None) -> None:
-        state.completions.check_model(model)
+        state.completions.check_request(model, stream=None, stream_options=None)
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health() -> Response:

@@ -74,12 +74,18 @@ class ServingBase:
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name
 
-    def check_model(self, model: str | None) -> None:
+    def check_request(self, model: str | None, stream: bool | None, stream_options: StreamOptions | None) -> None:
+        """The checks every endpoint makes: a served model, and stream_options only when streaming."""
         if model is not None and model != self.served_model_name:
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+        if stream_options is not None and not stream:
+            raise APIError(400, "stream_options can only be set when stream is true", "stream_options",
+                           "invalid_value")
 
-    def new_id(self) -> str:
-        return f"{self.id_prefix}-{uuid.uuid4().hex}"
+    def response_meta(self, object_name: str) -> dict[str, Any]:
+        """id, object, created and model: the fields every response and stream chunk starts with."""
+        return dict(id=f"{self.id_prefix}-{uuid.uuid4().hex}", object=object_name, created=int(time.time()),
+                    model=self.served_model_name)
 
     def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams) -> RequestGroup:
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,10 +24,7 @@ class OpenAIServingChat(ServingBase):
     id_prefix = "chatcmpl"
 
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
-        self.check_model(request.model)
-        if request.stream_options is not None and not request.stream:
-            raise APIError(400, "stream_options can only be set when stream is true", "stream_options",
-                           "invalid_value")
+        self.check_request(request.model, request.stream, request.stream_options)
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_CHAT_MAX_TOKENS
@@ -37,7 +33,7 @@ class OpenAIServingChat(ServingBase):
         text = render_chat(self.tokenizer, request.messages, request.add_generation_prompt is not False)
         ids = self.tokenizer.encode(text, add_bos=request.add_special_tokens is not False)
         group = self.submit([(ids, text)], params)
-        meta = dict(id=self.new_id(), object="chat.completion", created=int(time.time()), model=self.served_model_name)
+        meta = self.response_meta("chat.completion")
         if request.stream:
             return self.stream_response(self._stream(request, len(ids), params.n, group, meta), group)
         (final,) = await self.unless_disconnected(raw, collect(group, 1), group)

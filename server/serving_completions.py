@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +36,9 @@ class OpenAIServingCompletion(ServingBase):
                 for p in prompt]
 
     async def create(self, request: CompletionRequest, raw: Request) -> Response:
-        self.check_model(request.model)
+        self.check_request(request.model, request.stream, request.stream_options)
         if request.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
-        if request.stream_options is not None and not request.stream:
-            raise APIError(400, "stream_options can only be set when stream is true", "stream_options",
-                           "invalid_value")
         if request.stream and request.echo and request.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported when streaming", "echo", "unsupported_parameter")
         max_tokens = 16 if request.max_tokens is None else request.max_tokens
@@ -50,7 +46,7 @@ class OpenAIServingCompletion(ServingBase):
         params = request.sampling_params(max_tokens, request.logprobs, prompt_logprobs)
         prompts = self.prompts(request)
         group = self.submit(prompts, params)
-        meta = dict(id=self.new_id(), object="text_completion", created=int(time.time()), model=self.served_model_name)
+        meta = self.response_meta("text_completion")
         if request.stream:
             return self.stream_response(self._stream(request, prompts, params.n, group, meta), group)
         finals = await self.unless_disconnected(raw, collect(group, len(prompts)), group)
