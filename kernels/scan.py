@@ -144,13 +144,22 @@ def _lq_boundary(m_a, m_b, a_a, a_b, ck, cd, q_exp, radius, inv_std_a, inv_std_b
             w_in = tl.load(ptr, mask=mask) * scale_in
             ptr_out, mask_out = _out_slab(m_b, s0, ck, cd, D, DK)
             w_out = tl.load(ptr_out, mask=mask_out) * scale_out
-            tl.debug_barrier()
-            tl.store(ptr, w_in, mask=mask)
-            tl.store(ptr_out, w_out, mask=mask_out)
-            ptr, mask = _in_slab(a_a, s0, ck, cd, D, DK)
-            tl.store(ptr, w_in, mask=mask)
-            ptr, mask = _out_slab(a_b, s0, ck, cd, D, DK)
-            tl.store(ptr, w_out, mask=mask)
+            _store_boundary_slab(m_a, m_b, a_a, a_b, s0, ck, cd, w_in, w_out, D, DK)
+
+
+@triton.jit
+def _store_boundary_slab(m_in, m_out, a_in, a_out, s0, ck, cd, w_in, w_out, D: tl.constexpr, DK: tl.constexpr):
+    """Write one slab of the memory after a chunk-boundary step: it is both the running memory and the
+    new anchor. The barrier keeps every thread's reads of the old slab before the overwrite."""
+    tl.debug_barrier()
+    ptr, mask = _in_slab(m_in, s0, ck, cd, D, DK)
+    tl.store(ptr, w_in, mask=mask)
+    ptr, mask = _out_slab(m_out, s0, ck, cd, D, DK)
+    tl.store(ptr, w_out, mask=mask)
+    ptr, mask = _in_slab(a_in, s0, ck, cd, D, DK)
+    tl.store(ptr, w_in, mask=mask)
+    ptr, mask = _out_slab(a_out, s0, ck, cd, D, DK)
+    tl.store(ptr, w_out, mask=mask)
 
 
 @triton.jit
@@ -198,13 +207,7 @@ def _kl_boundary(m_in, m_out, a_in, a_out, k0, v0, eta0, log_alpha0, ln_w, ln_b,
         new_in = DK * (e / tl.sum(e, axis=0, keep_dims=True))
         logits = _kl_out_logits(w_out_t, x, gu, alpha, eta0, memora_eps, D)
         new_out = D * (tl.exp(logits - row_max) / row_sum)
-        tl.debug_barrier()
-        tl.store(ptr_in, new_in, mask=mask_in)
-        tl.store(ptr_out, new_out, mask=mask_out)
-        ptr, mask = _in_slab(a_in, s0, ck, cd, D, DK)
-        tl.store(ptr, new_in, mask=mask)
-        ptr, mask = _out_slab(a_out, s0, ck, cd, D, DK)
-        tl.store(ptr, new_out, mask=mask)
+        _store_boundary_slab(m_in, m_out, a_in, a_out, s0, ck, cd, new_in, new_out, D, DK)
 
 
 @triton.jit
