@@ -12,17 +12,24 @@ side in one run, written as a Markdown table into docs/benchmarks/.
    chunk_gated_delta_rule where fla is importable.
 3. Decode of the whole 24-layer model through the slot pool under CUDA graphs, cold L2: time per step,
    tokens/s and achieved bandwidth (bytes that must move / time) against the measured copy bandwidth.
+4. Launch configurations of the scan kernel (tile width, warps, pipeline stages) side by side, prefill
+   and decode, each checked against the shipped configuration: the data for choosing ``launch_config``.
+
+A failing section is reported (with its error) and the next one still runs; the report is rewritten
+after every section, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -37,12 +44,35 @@ FULL = dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, head_dim=64
 # CPU smoke run: shapes the interpreter gets through in seconds.
 TINY = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, head_dim=8, mlp_hidden=48, gate_rank=8,
             chunk_size=4, swa_window=6)
+PREFILL_LENGTHS = [2048, 8192, 32768]
+PREFILL_BATCHES = [1, 8]
+DECODE_BATCHES = [1, 8, 64, 256]
 L2_FLUSH_BYTES = 512 << 20  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
 
 
 class Report:
-    def __init__(self) -> None:
+    def __init__(self, header: str, path: Path) -> None:
+        self.header, self.path = header, path
         self.sections: list[str] = []
+
+    def write(self, footer: str = "") -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n\n".join([self.header, *self.sections, *([footer] if footer else [])]) + "\n")
+
+    def run_section(self, title: str, section: Callable[[], bool | None]) -> bool:
+        """Run one section; an exception becomes a failed section in the report, not a lost run."""
+        started = time.perf_counter()
+        print(f"\n[{datetime.datetime.now():%H:%M:%S}] {title} ...", flush=True)
+        try:
+            ok = section() is not False
+        except Exception:  # report it and go on to the next section
+            error = traceback.format_exc()
+            print(error, flush=True)
+            self.sections.append(f"## {title}: **FAILED**\n\n```\n{error[-3000:]}```")
+            ok = False
+        print(f"[{datetime.datetime.now():%H:%M:%S}] {title}: {time.perf_counter() - started:.0f} s", flush=True)
+        self.write()
+        return ok
 
     def table(self, title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
         lines = [f"## {title}", ""]
@@ -172,7 +202,6 @@ def memory_flops_per_token(cfg) -> float:
 
 def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
     import models
-    from kernels import forced_backend
     from models.layers import MirasMixer
 
     shape = TINY if smoke else FULL
@@ -182,31 +211,14 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
     attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.head_dim).to(device=device, dtype=dtype).eval()
     proj_flops = 2 * cfg.d_model * (5 * cfg.inner_dim) + 2 * cfg.d_model * cfg.gate_rank
     mem_flops = memory_flops_per_token(cfg)
-    lengths_t = [16] if smoke else [2048, 8192, 32768]
-    batches = [1, 2] if smoke else [1, 8]
     rows = []
-    for T in lengths_t:
-        for B in batches:
-            x = torch.randn(B, T, cfg.d_model, device=device, dtype=dtype)
-            state = layer.init_state(B, device, torch.float32)
-            pos = torch.zeros(B, dtype=torch.long, device=device)
-            valid = torch.ones(B, T, dtype=torch.bool, device=device)
-            lengths = torch.full((B,), T, dtype=torch.long, device=device)
-            times = {}
-            with torch.inference_mode():
-                for backend in ("triton", "torch"):
-                    with forced_backend(backend):
-                        times[backend] = timed(partial(layer, x, state, pos, valid, lengths), device,
-                                               reps=1 if backend == "torch" else 3)
-                times["sdpa"] = timed(partial(attention, x), device, reps=3)
-            tokens = B * T
-            miras_tflops = tokens * (proj_flops + mem_flops) / times["triton"] / 1e12
-            attn_flops = tokens * (2 * cfg.d_model * 4 * cfg.inner_dim + 2 * T * cfg.head_dim * cfg.n_heads)
-            rows.append([str(T), str(B), f"{B * cfg.n_heads}",
-                         f"{times['triton'] * 1e3:.2f}", f"{tokens / times['triton'] / 1e3:.1f}", f"{miras_tflops:.1f}",
-                         f"{times['torch'] * 1e3:.2f}", f"{times['torch'] / times['triton']:.1f}x",
-                         f"{times['sdpa'] * 1e3:.2f}", f"{attn_flops / times['sdpa'] / 1e12:.1f}",
-                         f"{times['sdpa'] / times['triton']:.2f}x"])
+    for T in [16] if smoke else PREFILL_LENGTHS:
+        for B in [1, 2] if smoke else PREFILL_BATCHES:
+            try:
+                rows.append(prefill_row(layer, attention, cfg, B, T, device, proj_flops + mem_flops))
+            except Exception as exc:  # one shape failing (out of memory, say) must not lose the others
+                traceback.print_exc()
+                rows.append([str(T), str(B), f"{B * cfg.n_heads}", f"failed: {type(exc).__name__}"] + ["-"] * 7)
     report.table(
         "Prefill of one Miras layer (Moneta)",
         ["T", "batch", "batch x heads", "Triton ms", "Triton ktok/s", "Triton TFLOP/s", "PyTorch ms",
@@ -216,22 +228,48 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
         f"{cfg.head_dim}, expansion {cfg.memory_expansion}, chunk {cfg.chunk_size}. TFLOP/s counts "
         f"{memory_flops_per_token(cfg) / cfg.n_heads / 1e3:.0f} kFLOP/token/head of memory work plus the "
         f"projections; the SDPA layer counts causal attention (2 T d per token per head) plus its projections.")
-    bench_fla(report, device, cfg, lengths_t, batches, smoke)
 
 
-def bench_fla(report: Report, device: torch.device, cfg, lengths_t: list[int], batches: list[int],
-              smoke: bool) -> None:
-    if smoke or device.type != "cuda":
-        return
+def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, device: torch.device,
+                flops_per_token: float) -> list[str]:
+    """One row of the prefill table: the layer on the Triton and the PyTorch backend, and the SDPA layer."""
+    from kernels import forced_backend
+
+    dtype = next(layer.parameters()).dtype
+    x = torch.randn(B, T, cfg.d_model, device=device, dtype=dtype)
+    state = layer.init_state(B, device, torch.float32)
+    pos = torch.zeros(B, dtype=torch.long, device=device)
+    valid = torch.ones(B, T, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), T, dtype=torch.long, device=device)
+    times = {}
+    with torch.inference_mode():
+        for backend in ("triton", "torch"):
+            with forced_backend(backend):
+                times[backend] = timed(partial(layer, x, state, pos, valid, lengths), device,
+                                       reps=1 if backend == "torch" else 3)
+        times["sdpa"] = timed(partial(attention, x), device, reps=3)
+    tokens = B * T
+    attn_flops = tokens * (2 * cfg.d_model * 4 * cfg.inner_dim + 2 * T * cfg.head_dim * cfg.n_heads)
+    return [str(T), str(B), f"{B * cfg.n_heads}",
+            f"{times['triton'] * 1e3:.2f}", f"{tokens / times['triton'] / 1e3:.1f}",
+            f"{tokens * flops_per_token / times['triton'] / 1e12:.1f}",
+            f"{times['torch'] * 1e3:.2f}", f"{times['torch'] / times['triton']:.1f}x",
+            f"{times['sdpa'] * 1e3:.2f}", f"{attn_flops / times['sdpa'] / 1e12:.1f}",
+            f"{times['sdpa'] / times['triton']:.2f}x"]
+
+
+def bench_fla(report: Report, device: torch.device) -> None:
+    """fla's chunked gated delta rule at the prefill table's shapes (a yardstick; fla is optional)."""
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception as exc:  # fla is optional: a yardstick only
-        report.sections.append(f"## fla yardstick\n\nfla not importable here ({type(exc).__name__}); skipped.")
+        report.sections.append(f"## fla yardstick\n\nfla not importable here ({type(exc).__name__}: {exc}); "
+                               "skipped.")
         return
     rows = []
-    H, d = cfg.n_heads, cfg.head_dim
-    for T in lengths_t:
-        for B in batches:
+    H, d = FULL["n_heads"], FULL["head_dim"]
+    for T in PREFILL_LENGTHS:
+        for B in PREFILL_BATCHES:
             q, k, v = (torch.randn(B, T, H, d, device=device, dtype=torch.bfloat16) for _ in range(3))
             k = F.normalize(k.float(), dim=-1).to(torch.bfloat16)
             g = F.logsigmoid(torch.randn(B, T, H, device=device))
@@ -247,7 +285,9 @@ def bench_fla(report: Report, device: torch.device, cfg, lengths_t: list[int], b
                  ["T", "batch", "ms", "ktok/s"], rows)
 
 
+@functools.cache
 def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy (bytes read + bytes written)."""
     n = (1 << 30) // 4 if device.type == "cuda" else 1 << 20
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
@@ -256,7 +296,6 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
     import models
-    from kernels import forced_backend
 
     shape = TINY if smoke else FULL
     model = models.from_preset("moneta", **shape).to(device=device, dtype=torch.float32 if smoke else torch.bfloat16)
@@ -269,26 +308,18 @@ def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
     bandwidth = copy_bandwidth(device)
     flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
     rows = []
-    for B in [1, 2] if smoke else [1, 8, 64, 256]:
+    for B in [1, 2] if smoke else DECODE_BATCHES:
         try:
-            pool = model.init_state(B)
-        except torch.OutOfMemoryError:
-            rows.append([str(B)] + ["out of memory"] * 6)
+            t, eager = decode_times(model, B, device, flush, reps=5 if smoke else 20)
+        except Exception as exc:  # out of memory at the largest batch, say: keep the other rows
+            traceback.print_exc()
+            rows.append([str(B), f"failed: {type(exc).__name__}"] + ["-"] * 5)
             continue
-        ids = torch.randint(3, cfg.vocab_size, (B, 1), device=device)
-        slots = torch.arange(B, device=device)
-        with torch.inference_mode(), forced_backend("triton"):
-            step = capture(partial(model, ids, pool, slots=slots), device)
-            t = timed(step, device, reps=5 if smoke else 20, flush=flush)
-            eager = {}
-            if B <= 8:
-                for backend in ("triton", "torch"):
-                    with forced_backend(backend):
-                        eager[backend] = timed(partial(model, ids, pool, slots=slots), device, reps=3)
         moved = weight_bytes + B * state_bytes
         rows.append([str(B), f"{t * 1e3:.3f}", f"{B / t:,.0f}", f"{moved / t / 1e9:,.0f}",
                      f"{moved / t / bandwidth:.0%}",
                      f"{eager['triton'] * 1e3:.2f}" if eager else "-", f"{eager['torch'] * 1e3:.2f}" if eager else "-"])
+        torch.cuda.empty_cache() if device.type == "cuda" else None
     report.table(
         "Decode: whole model, one token per sequence, through the slot pool",
         ["batch", "ms/step (graph, cold L2)", "tokens/s", "achieved GB/s", "of copy bandwidth",
@@ -300,6 +331,26 @@ def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
         f"Measured copy bandwidth {bandwidth / 1e9:,.0f} GB/s. "
         + ("CUDA graph replay; L2 flushed before each step." if device.type == "cuda" else
            "CPU interpreter: no graphs, not a measurement."))
+
+
+def decode_times(model: nn.Module, batch: int, device: torch.device, flush: torch.Tensor,
+                 reps: int) -> tuple[float, dict[str, float]]:
+    """Seconds per whole-model decode step through the slot pool: CUDA graph with cold L2, and (for small
+    batches) eager on both backends."""
+    from kernels import forced_backend
+
+    pool = model.init_state(batch)
+    ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
+    slots = torch.arange(batch, device=device)
+    eager = {}
+    with torch.inference_mode(), forced_backend("triton"):
+        step = capture(partial(model, ids, pool, slots=slots), device)
+        t = timed(step, device, reps=reps, flush=flush)
+        if batch <= 8:
+            for backend in ("triton", "torch"):
+                with forced_backend(backend):
+                    eager[backend] = timed(partial(model, ids, pool, slots=slots), device, reps=3)
+    return t, eager
 
 
 def capture(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
@@ -318,12 +369,84 @@ def capture(step: Callable[[], object], device: torch.device) -> Callable[[], ob
     return graph.replay
 
 
+# Launch configurations compared side by side; the first of each list is the shipped launch_config.
+PREFILL_LAUNCHES = [{}, dict(num_warps=4), dict(num_warps=16), dict(BLOCK_D=16), dict(BLOCK_D=64), dict(num_stages=1)]
+DECODE_LAUNCHES = [{}, dict(num_warps=4), dict(BLOCK_D=64), dict(BLOCK_D=64, num_warps=4), dict(BLOCK_D=128)]
+
+
+def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tensor, launch: dict,
+               device: torch.device, reps: int, flush: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+    """One launch configuration: its outputs (reads, anchor, memory) from a copy of the state in ``x``,
+    then its median time (the copy keeps advancing; the timing does not depend on the values)."""
+    from kernels.scan import scan_pool
+
+    anchor = tuple(w.clone() for w in x["anchor"])
+    memory = tuple(w.clone() for w in x["memory"])
+    step = partial(scan_pool, cfg, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"], launch=launch)
+    result = [step(), *(w.clone() for w in (*anchor, *memory))]
+    return result, timed(step, device, reps=reps, flush=flush)
+
+
+def bench_launch_configs(report: Report, device: torch.device, smoke: bool) -> None:
+    """The scan kernel alone at the 340M head shape under several launch configurations, each checked
+    against the shipped one on the same inputs and timed on the same machine in the same run."""
+    from kernels.scan import launch_config
+    from kernels.testing import GATE_NAMES, random_inputs, rel_err
+    from models.config import preset_config
+
+    shape = dict(n_heads=2, head_dim=8, chunk_size=4) if smoke else dict(
+        n_heads=FULL["n_heads"], head_dim=FULL["head_dim"], memory_expansion=4, chunk_size=FULL["chunk_size"])
+    flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    prefill_batch, prefill_T, decode_batch = (2, 10, 3) if smoke else (8, 8192, 64)
+    rows = []
+    for rule in ["moneta"] if smoke else ["moneta", "memora"]:
+        cfg = preset_config(rule, **shape)
+        for mode, batch, T, launches in (("prefill", prefill_batch, prefill_T, PREFILL_LAUNCHES),
+                                         ("decode", decode_batch, 1, DECODE_LAUNCHES)):
+            x = random_inputs(cfg, batch, T, gen, device.type)
+            tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
+            tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
+            slots = torch.arange(batch, device=device)
+            pos = torch.randint(0, 4 * cfg.chunk_size, (batch,), generator=gen).to(device)
+            shipped = launch_config(cfg, mode == "decode", False, False)
+            state_bytes = 3 * sum(w[0].numel() * 4 for w in x["memory"])  # anchor read, memory read + write
+            reference = None
+            for launch in launches:
+                name = ", ".join(f"{k}={v}" for k, v in {**shipped, **launch}.items()
+                                 if k in ("BLOCK_D", "num_warps") or k in launch)
+                try:
+                    result, t = run_launch(cfg, x, tokens, slots, pos, launch, device,
+                                           reps=5 if mode == "prefill" else 20, flush=flush)
+                    reference = reference or result
+                    error = max(rel_err(r, g) for r, g in zip(reference, result, strict=True))
+                except Exception as exc:  # a configuration that does not compile (shared memory, say)
+                    traceback.print_exc()
+                    rows.append([rule, mode, name, f"failed: {type(exc).__name__}", "-", "-"])
+                    continue
+                if mode == "prefill":
+                    speed = f"{batch * T / t / 1e6:.2f} Mtok/s"
+                else:
+                    rate = batch * state_bytes / t
+                    speed = f"{rate / 1e9:,.0f} GB/s ({rate / copy_bandwidth(device):.0%} of copy)"
+                rows.append([rule, mode, name, f"{t * 1e3:.3f}", speed, f"{error:.1e}"])
+    report.table("Launch configurations of the scan kernel", ["rule", "mode", "launch", "ms", "throughput",
+                                                             "rel. diff to shipped"], rows,
+                 f"Kernel alone, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
+                 f"stored bf16, from random states at random phases; prefill: batch {prefill_batch} x {prefill_T} "
+                 f"tokens; decode: batch {decode_batch}, one token, state bytes that must move (anchor read, memory "
+                 "read + write) against the copy bandwidth, cold L2. The first row of each group is the shipped "
+                 "launch_config.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU run under the Triton interpreter, tiny shapes")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks",
                         help="directory for the Markdown report")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "prefill", "decode"])
+    parser.add_argument("--commit", default=None, help="commit to name in the report (default: git's HEAD; "
+                        "pass it where the tree is a copy without .git)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "prefill", "decode", "launch", "fla"])
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -336,25 +459,30 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     import triton
 
-    report = Report()
+    slug = "smoke" if args.smoke else "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
     header = (f"# Miras kernels GPU check{' (smoke)' if args.smoke else ''}\n\n- card: {card}\n"
-              f"- date: {now:%Y-%m-%d %H:%M} UTC\n- commit: {commit()}\n"
+              f"- date: {now:%Y-%m-%d %H:%M} UTC\n- commit: {args.commit or commit()}\n"
               f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
+    report = Report(header, args.out / f"gpu_check_{slug}_{now:%Y%m%d-%H%M}.md")
     print(header, flush=True)
     started = time.perf_counter()
+    sections = {
+        "correctness": ("Correctness", partial(check_correctness, report, device, args.smoke)),
+        "prefill": ("Prefill", partial(bench_prefill, report, device, args.smoke)),
+        "decode": ("Decode", partial(bench_decode, report, device, args.smoke)),
+        "launch": ("Launch configurations", partial(bench_launch_configs, report, device, args.smoke)),
+        # Last: fla autotunes each of its kernels on first use, which must not starve our own sections.
+        "fla": ("fla yardstick", partial(bench_fla, report, device)),
+    }
+    if args.smoke or device.type != "cuda":
+        del sections["fla"]
     ok = True
-    if "correctness" not in args.skip:
-        ok = check_correctness(report, device, args.smoke)
-    if "prefill" not in args.skip:
-        bench_prefill(report, device, args.smoke)
-    if "decode" not in args.skip:
-        bench_decode(report, device, args.smoke)
+    for key, (title, section) in sections.items():
+        if key not in args.skip:
+            ok &= report.run_section(title, section)
     footer = f"Total wall time: {time.perf_counter() - started:.0f} s."
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "smoke" if args.smoke else "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
-    path = args.out / f"gpu_check_{slug}_{now:%Y%m%d-%H%M}.md"
-    path.write_text("\n\n".join([header, *report.sections, footer]) + "\n")
-    print(f"\n{footer}\nwrote {path}", flush=True)
+    report.write(footer)
+    print(f"\n{footer}\nwrote {report.path}", flush=True)
     return 0 if ok else 1
 
 

@@ -393,7 +393,8 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, ieee: bool) -> d
 
 def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
               v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
-              ln_bias: Tensor | None, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
+              ln_bias: Tensor | None, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
+              launch: dict | None = None) -> Tensor:
     """Run the memory over every row, updating the state pool (anchor, memory) **in place**.
 
     Padded layout: q, k, v [N, H, T, d], eta, log_alpha, delta [N, H, T], ``lengths`` [N] valid
@@ -403,7 +404,9 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, p
     non-negative slots of one launch must be distinct (programs of one slot would race).
     Pool tensors are fp32 and contiguous, [P, H, D, d] / [P, H, d, D] (linear: [P, H, d, d]).
     q, k, v may be stored in bf16/fp16 (they are up-cast on load). Returns the reads (fp32), shaped like q.
-    Launches one kernel and never synchronises with the host (CUDA-graph capturable).
+    Launches one kernel and never synchronises with the host (CUDA-graph capturable). ``launch``
+    overrides entries of :func:`launch_config` (tile sizes, ``num_warps``, ``num_stages``); the GPU
+    check uses it to compare launch configurations side by side.
     """
     n_rows = slots.shape[0]
     H, T, d = q.shape[1], q.shape[2], q.shape[3]
@@ -434,6 +437,6 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, p
         cu_seqlens if varlen else index, T,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(),
         cfg.lq_radius, *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps, cfg.memory_ln_eps,
-        **launch_config(cfg, decode, varlen, dot_is_ieee(q.device)),
+        **{**launch_config(cfg, decode, varlen, dot_is_ieee(q.device)), **(launch or {})},
     )
     return out
