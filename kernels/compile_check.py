@@ -48,12 +48,13 @@ def _signature(constexprs: dict, token_dtype: str) -> dict[str, str]:
 
 
 def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dtype: str = "fp32",
-                 capability: int = 90) -> dict[str, int]:
-    """Compile one variant for ``sm_<capability>``; returns {registers, spill_stores, spill_loads} (bytes)."""
-    config = launch_config(cfg, decode, varlen, ieee=False)
-    num_warps = config.pop("num_warps")
+                 capability: int = 90, launch: dict | None = None) -> dict[str, int]:
+    """Compile one variant for ``sm_<capability>`` (``launch`` overrides entries of launch_config);
+    returns {registers, spill_stores, spill_loads} (bytes)."""
+    config = {**launch_config(cfg, decode, varlen, dot="tf32x3"), **(launch or {})}
+    options = {name: config.pop(name) for name in ("num_warps", "num_stages") if name in config}
     source = ASTSource(miras_scan_kernel, _signature(config, token_dtype), config)
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,22 +71,22 @@ def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dty
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print registers and spills of every variant; exit 1 if a decode variant spills (it is
-    bandwidth-bound: local-memory traffic would compete with the state it streams)."""
+    """Print registers and spills of every variant (the shipped launch_config). Spills are reported,
+    not refused: on an H200 the 128-wide decode slabs spill and still run 1.7x faster than the
+    spill-free 32-wide ones (they compile to 128 registers, so two programs fit on an SM instead of
+    one; kernels/gpu_check.py measures it)."""
     parser = argparse.ArgumentParser(description="Compile the Miras scan kernel for an NVIDIA GPU without one.")
     parser.add_argument("--capability", type=int, default=90, help="compute capability (90: H100/H200)")
     parser.add_argument("--presets", nargs="*", default=["moneta", "yaad", "memora", "linear"])
     args = parser.parse_args(argv)
     shape = dict(d_model=1024, n_heads=16, head_dim=64, memory_expansion=4, chunk_size=64)
     print(f"{'preset':8} {'mode':8} {'registers':>9} {'spill stores':>12} {'spill loads':>11}")
-    decode_spills = False
     for preset in args.presets:
         for decode in (False, True):
             info = compile_scan(preset_config(preset, **shape), decode, capability=args.capability)
-            decode_spills |= decode and info["spill_stores"] > 0
             print(f"{preset:8} {'decode' if decode else 'prefill':8} {info['registers']:>9} "
                   f"{info['spill_stores']:>12} {info['spill_loads']:>11}", flush=True)
-    return 1 if decode_spills else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -43,19 +43,17 @@ def pow_pos(x, exponent):
 
 
 @triton.jit
-def mm(a, b, VEC: tl.constexpr, IEEE: tl.constexpr):
+def mm(a, b, VEC: tl.constexpr, DOT: tl.constexpr):
     """a @ b. With VEC (one-token tiles, below tl.dot's 16-row minimum) one of the two shapes
-    [1, K] @ [K, N] or [M, 1] @ [1, N] is computed on the CUDA cores."""
+    [1, K] @ [K, N] or [M, 1] @ [1, N] is computed on the CUDA cores; otherwise tl.dot with fp32
+    input precision ``DOT`` ("ieee", "tf32x3" or "tf32")."""
     if VEC:
         if a.shape[0] == 1:
             return tl.sum(tl.trans(a) * b, axis=0, keep_dims=True)
         else:
             return a * b
     else:
-        if IEEE:
-            return tl.dot(a, b, input_precision="ieee")
-        else:
-            return tl.dot(a, b, input_precision="tf32")
+        return tl.dot(a, b, input_precision=DOT)
 
 
 @triton.jit

@@ -1,6 +1,6 @@
-"""The scan kernel compiles for the H100/H200 (sm_90) without a GPU, and its decode variant does not
-spill registers. Runs Triton's real compiler and the ptxas shipped in the triton wheel (the interpreter,
-which the other kernel tests use, never compiles anything)."""
+"""The scan kernel compiles for the H100/H200 (sm_90) without a GPU, with the shipped launch
+configuration, prefill and decode. Runs Triton's real compiler and the ptxas shipped in the triton
+wheel (the interpreter, which the other kernel tests use, never compiles anything)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def test_compiles_for_sm90_and_decode_does_not_spill():
+def test_compiles_for_sm90_within_the_register_file():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--presets", "moneta", "memora"],
                             cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
