@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 
 from models.config import MirasConfig, preset_config
 
+from .decode import decode_forward_kernel, decode_output_kernel, decode_update_kernel
 from .scan import launch_config, miras_scan_kernel
 
 INDEX_ARGS = ("SLOTS", "POS", "LENGTHS", "CU_SEQLENS")
@@ -29,9 +30,9 @@ FLOAT_ARGS = ("lq_radius", "lq_inv_std_in", "lq_inv_std_out", "q_exp", "p_exp", 
               "memora_eps", "ln_eps")
 
 
-def _signature(constexprs: dict, token_dtype: str) -> dict[str, str]:
+def _signature(kernel, constexprs: dict, token_dtype: str) -> dict[str, str]:
     sig = {}
-    for name in miras_scan_kernel.arg_names:
+    for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in INDEX_ARGS:
@@ -48,12 +49,31 @@ def _signature(constexprs: dict, token_dtype: str) -> dict[str, str]:
 
 
 def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dtype: str = "fp32",
-                 capability: int = 90, launch: dict | None = None) -> dict[str, int]:
-    """Compile one variant for ``sm_<capability>`` (``launch`` overrides entries of launch_config);
-    returns {registers, spill_stores, spill_loads} (bytes)."""
+                 capability: int = 90, launch: dict | None = None) -> dict[str, dict[str, int]]:
+    """Compile one variant for ``sm_<capability>`` (``launch`` overrides entries of launch_config):
+    the scan kernel, and for a split decode the three kernels of kernels.decode. Returns
+    {kernel: {registers, spill_stores, spill_loads (bytes)}}."""
     config = {**launch_config(cfg, decode, varlen, dot="tf32x3"), **(launch or {})}
+    split_d, split_warps = config.pop("SPLIT_D", 0), config.pop("SPLIT_WARPS", 4)
     options = {name: config.pop(name) for name in ("num_warps", "num_stages") if name in config}
-    source = ASTSource(miras_scan_kernel, _signature(config, token_dtype), config)
+    report = {"scan": _compile(miras_scan_kernel, {**config, "BOUNDARY_ROWS_ONLY": split_d > 0}, options,
+                               token_dtype, capability)}
+    if split_d > 0:
+        shape = dict(H=config["H"], DK=config["DK"], D=config["D"], CHUNK=config["CHUNK"], BLOCK_K=config["BLOCK_K"])
+        slab = {**shape, "BLOCK_D": split_d}
+        report["split forward"] = _compile(decode_forward_kernel, slab, {"num_warps": split_warps}, token_dtype,
+                                           capability)
+        report["split update"] = _compile(decode_update_kernel, {**slab, "BIAS": config["BIAS"],
+                                                                 "RETENTION": config["RETENTION"]},
+                                          {"num_warps": split_warps}, token_dtype, capability)
+        report["split output"] = _compile(decode_output_kernel, {**shape, "N_SLABS": -(-config["D"] // split_d)},
+                                          {"num_warps": 1}, token_dtype, capability)
+    return report
+
+
+def _compile(kernel, constexprs: dict, options: dict, token_dtype: str, capability: int) -> dict[str, int]:
+    constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
+    source = ASTSource(kernel, _signature(kernel, constexprs, token_dtype), constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
@@ -71,21 +91,22 @@ def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dty
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print registers and spills of every variant (the shipped launch_config). Spills are reported,
-    not refused: on an H200 the 128-wide decode slabs spill and still run 1.7x faster than the
-    spill-free 32-wide ones (they compile to 128 registers, so two programs fit on an SM instead of
-    one; kernels/gpu_check.py measures it)."""
-    parser = argparse.ArgumentParser(description="Compile the Miras scan kernel for an NVIDIA GPU without one.")
+    """Print registers and spills of every kernel of every variant (the shipped launch_config). Spills
+    are reported, not refused: on an H200 the fused kernel's 128-wide decode slabs spill and still made
+    the whole-model decode step 1.2-1.3x faster than the spill-free 32-wide ones (they compile to 128
+    registers, so two programs fit on an SM instead of one; kernels/gpu_check.py measures it)."""
+    parser = argparse.ArgumentParser(description="Compile the Miras scan kernels for an NVIDIA GPU without one.")
     parser.add_argument("--capability", type=int, default=90, help="compute capability (90: H100/H200)")
     parser.add_argument("--presets", nargs="*", default=["moneta", "yaad", "memora", "linear"])
     args = parser.parse_args(argv)
     shape = dict(d_model=1024, n_heads=16, head_dim=64, memory_expansion=4, chunk_size=64)
-    print(f"{'preset':8} {'mode':8} {'registers':>9} {'spill stores':>12} {'spill loads':>11}")
+    print(f"{'preset':8} {'mode':8} {'kernel':14} {'registers':>9} {'spill stores':>12} {'spill loads':>11}")
     for preset in args.presets:
         for decode in (False, True):
-            info = compile_scan(preset_config(preset, **shape), decode, capability=args.capability)
-            print(f"{preset:8} {'decode' if decode else 'prefill':8} {info['registers']:>9} "
-                  f"{info['spill_stores']:>12} {info['spill_loads']:>11}", flush=True)
+            kernels = compile_scan(preset_config(preset, **shape), decode, capability=args.capability)
+            for kernel, info in kernels.items():
+                print(f"{preset:8} {'decode' if decode else 'prefill':8} {kernel.replace(' ', '-'):14} "
+                      f"{info['registers']:>9} {info['spill_stores']:>12} {info['spill_loads']:>11}", flush=True)
     return 0
 
 

@@ -12,8 +12,9 @@ side in one run, written as a Markdown table into docs/benchmarks/.
    chunk_gated_delta_rule where fla is importable.
 3. Decode of the whole 24-layer model through the slot pool under CUDA graphs, cold L2: time per step,
    tokens/s and achieved bandwidth (bytes that must move / time) against the measured copy bandwidth.
-4. Launch configurations of the scan kernel (tile width, warps, pipeline stages) side by side, prefill
-   and decode, each checked against the shipped configuration: the data for choosing ``launch_config``.
+4. Launch configurations of the scan kernels side by side (prefill: dot precision, slab width,
+   pipeline stages; decode: fused vs split over hidden slabs, slab width, warps), each checked against
+   the fp64 reference: the data for choosing ``launch_config``.
 
 A failing section is reported (with its error) and the next one still runs; the report is rewritten
 after every section, so a run cut short still leaves what it measured.
@@ -48,6 +49,7 @@ PREFILL_LENGTHS = [2048, 8192, 32768]
 PREFILL_BATCHES = [1, 8]
 DECODE_BATCHES = [1, 8, 64, 256]
 L2_FLUSH_BYTES = 512 << 20  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
+SECTIONS = ["correctness", "prefill", "decode", "launch-prefill", "launch-decode", "fla"]
 
 
 class Report:
@@ -370,9 +372,10 @@ def capture(step: Callable[[], object], device: torch.device) -> Callable[[], ob
 
 
 # Launch configurations compared side by side; the first of each list is the shipped launch_config.
+SHOWN = ("BLOCK_D", "num_warps", "num_stages", "DOT", "SPLIT_D", "SPLIT_WARPS")
 PREFILL_LAUNCHES = [{}, dict(DOT="tf32"), dict(DOT="ieee"), dict(num_stages=3), dict(BLOCK_D=64)]
-DECODE_LAUNCHES = [{}, dict(BLOCK_D=32), dict(BLOCK_D=64, num_warps=4), dict(BLOCK_D=128, num_warps=4),
-                   dict(BLOCK_D=256, num_warps=16)]
+DECODE_LAUNCHES = [{}, dict(SPLIT_D=0), dict(SPLIT_D=64, SPLIT_WARPS=4), dict(SPLIT_D=16, SPLIT_WARPS=2),
+                   dict(SPLIT_D=64, SPLIT_WARPS=8)]
 
 
 def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tensor, launch: dict,
@@ -395,7 +398,7 @@ def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tenso
     return error, timed(step, device, reps=reps, flush=flush)
 
 
-def bench_launch_configs(report: Report, device: torch.device, smoke: bool) -> None:
+def bench_launch_configs(report: Report, device: torch.device, smoke: bool, modes: tuple[str, ...]) -> None:
     """The scan kernel alone at the 340M head shape under several launch configurations, each checked
     against the fp64 reference and timed on the same machine in the same run."""
     from kernels.scan import dot_precision, launch_config
@@ -413,6 +416,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool) -> N
         cfg = preset_config(rule, **shape)
         for mode, batch, T, launches in (("prefill", prefill_batch, prefill_T, PREFILL_LAUNCHES),
                                          ("decode", decode_batch, 1, DECODE_LAUNCHES)):
+            if mode not in modes:
+                continue
             x = random_inputs(cfg, batch, T, gen, device.type)
             tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
             tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
@@ -426,8 +431,7 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool) -> N
             shipped = launch_config(cfg, mode == "decode", False, dot_precision(device))
             state_bytes = 3 * sum(w[0].numel() * 4 for w in x["memory"])  # anchor read, memory read + write
             for launch in launches:
-                name = ", ".join(f"{k}={v}" for k, v in {**shipped, **launch}.items()
-                                 if k in ("BLOCK_D", "num_warps", "num_stages", "DOT") or k in launch)
+                name = ", ".join(f"{k}={v}" for k, v in {**shipped, **launch}.items() if k in SHOWN or k in launch)
                 try:
                     error, t = run_launch(cfg, x, tokens, slots, pos, launch, reference, checked, device,
                                           reps=5 if mode == "prefill" else 20, flush=flush)
@@ -441,8 +445,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool) -> N
                     rate = batch * state_bytes / t
                     speed = f"{rate / 1e9:,.0f} GB/s ({rate / copy_bandwidth(device):.0%} of copy)"
                 rows.append([rule, mode, name, f"{t * 1e3:.3f}", speed, f"{error:.1e}"])
-    report.table("Launch configurations of the scan kernel", ["rule", "mode", "launch", "ms", "throughput",
-                                                             f"rel. error vs fp64 ({check_T} tokens)"], rows,
+    report.table(f"Launch configurations of the scan kernel ({', '.join(modes)})",
+                 ["rule", "mode", "launch", "ms", "throughput", f"rel. error vs fp64 ({check_T} tokens)"], rows,
                  f"Kernel alone, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
                  f"stored bf16, from random states at random phases; prefill: batch {prefill_batch} x {prefill_T} "
                  f"tokens; decode: batch {decode_batch}, one token, state bytes that must move (anchor read, memory "
@@ -459,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory for the Markdown report")
     parser.add_argument("--commit", default=None, help="commit to name in the report (default: git's HEAD; "
                         "pass it where the tree is a copy without .git)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "prefill", "decode", "launch", "fla"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -483,7 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         "correctness": ("Correctness", partial(check_correctness, report, device, args.smoke)),
         "prefill": ("Prefill", partial(bench_prefill, report, device, args.smoke)),
         "decode": ("Decode", partial(bench_decode, report, device, args.smoke)),
-        "launch": ("Launch configurations", partial(bench_launch_configs, report, device, args.smoke)),
+        "launch-prefill": ("Launch configurations (prefill)",
+                           partial(bench_launch_configs, report, device, args.smoke, ("prefill",))),
+        "launch-decode": ("Launch configurations (decode)",
+                          partial(bench_launch_configs, report, device, args.smoke, ("decode",))),
         # Last: fla autotunes each of its kernels on first use, which must not starve our own sections.
         "fla": ("fla yardstick", partial(bench_fla, report, device)),
     }

@@ -85,3 +85,12 @@ def output_grad(error, delta, n, p, abs_eps, sharpness, BIAS: tl.constexpr):
     else:
         rms = tl.sqrt(tl.sum(error * error, axis=1, keep_dims=True) / n)
         return tl.where(rms <= delta, error, delta * tanh(sharpness * error))
+
+
+@triton.jit
+def mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness,
+                   DK: tl.constexpr, BIAS: tl.constexpr):
+    """gu = d l / d u for M(k) = k + LN(u) against v (models.memory.mlp_factors' gu)."""
+    y, u_hat, inv_std = layer_norm_rows(u, ln_w, ln_b, col_mask, DK, ln_eps)
+    g = output_grad(k + y - v, delta, DK, p_exp, abs_eps, sharpness, BIAS)
+    return layer_norm_backward_rows(g, u_hat, inv_std, ln_w, col_mask, DK)

@@ -32,16 +32,16 @@ from torch import Tensor
 from models.config import MirasConfig
 from models.memory import Memory, memory_init_std
 
+from .decode import split_decode
 from .ops import (
     BIAS_CODES,
     MEMORY_CODES,
     RETENTION_CODES,
     gelu,
     gelu_grad,
-    layer_norm_backward_rows,
     layer_norm_rows,
+    mlp_error_grad,
     mm,
-    output_grad,
     pow_pos,
 )
 
@@ -79,15 +79,6 @@ def _mlp_forward(x, w_in, w_out, ck, cd, D: tl.constexpr, DK: tl.constexpr, BLOC
         w_out_t = tl.load(ptr, mask=mask, other=0.0)
         u += mm(gelu(mm(x, w_in_t, VEC, DOT)), w_out_t, VEC, DOT)
     return u
-
-
-@triton.jit
-def _mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness,
-                    DK: tl.constexpr, BIAS: tl.constexpr):
-    """gu = d l / d u for M(k) = k + LN(u) against v (models.memory.mlp_factors' gu)."""
-    y, u_hat, inv_std = layer_norm_rows(u, ln_w, ln_b, col_mask, DK, ln_eps)
-    g = output_grad(k + y - v, delta, DK, p_exp, abs_eps, sharpness, BIAS)
-    return layer_norm_backward_rows(g, u_hat, inv_std, ln_w, col_mask, DK)
 
 
 @triton.jit
@@ -165,7 +156,7 @@ def _store_boundary_slab(m_in, m_out, a_in, a_out, s0, ck, cd, w_in, w_out, D: t
 @triton.jit
 def _kl_out_logits(w_out_t, x, gu, alpha, eta, memora_eps, D: tl.constexpr):
     """Memora's W_out^T logits alpha * log(max(W / D, eps)) - eta * grad, grad^T = x^T gu ([BD, BK])."""
-    return alpha * tl.log(tl.maximum(w_out_t / D, memora_eps)) - eta * mm(tl.trans(x), gu, True, True)
+    return alpha * tl.log(tl.maximum(w_out_t / D, memora_eps)) - eta * mm(tl.trans(x), gu, True, "ieee")
 
 
 @triton.jit
@@ -178,14 +169,14 @@ def _kl_boundary(m_in, m_out, a_in, a_out, k0, v0, eta0, log_alpha0, ln_w, ln_b,
     softmax statistics are gathered online in a first pass and applied in a second.
     """
     col_mask = (ck < DK)[None, :]
-    u = _mlp_forward(k0, m_in, m_out, ck, cd, D, DK, BLOCK_D, True, True)
-    gu = _mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, col_mask, ln_eps, 0.0, 0.0, 0.0, DK, 0)
+    u = _mlp_forward(k0, m_in, m_out, ck, cd, D, DK, BLOCK_D, True, "ieee")
+    gu = mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, col_mask, ln_eps, 0.0, 0.0, 0.0, DK, 0)
     alpha = tl.exp(log_alpha0)
     row_max = tl.full((1, ck.shape[0]), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((1, ck.shape[0]), dtype=tl.float32)
     for s0 in range(0, D, BLOCK_D):
         ptr, mask = _in_slab(m_in, s0, ck, cd, D, DK)
-        x = gelu(mm(k0, tl.load(ptr, mask=mask, other=0.0), True, True))
+        x = gelu(mm(k0, tl.load(ptr, mask=mask, other=0.0), True, "ieee"))
         ptr, mask = _out_slab(m_out, s0, ck, cd, D, DK)
         logits = _kl_out_logits(tl.load(ptr, mask=mask, other=0.0), x, gu, alpha, eta0, memora_eps, D)
         logits = tl.where((s0 + cd < D)[:, None], logits, float("-inf"))
@@ -197,11 +188,11 @@ def _kl_boundary(m_in, m_out, a_in, a_out, k0, v0, eta0, log_alpha0, ln_w, ln_b,
         w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
         ptr_out, mask_out = _out_slab(m_out, s0, ck, cd, D, DK)
         w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
-        z = mm(k0, w_in_t, True, True)
+        z = mm(k0, w_in_t, True, "ieee")
         x = gelu(z)
-        gz = mm(gu, tl.trans(w_out_t), True, True) * gelu_grad(z)
+        gz = mm(gu, tl.trans(w_out_t), True, "ieee") * gelu_grad(z)
         # W_in^T logits [BK, BD]: its softmax runs over the head dim (axis 0), inside the slab.
-        logits = alpha * tl.log(tl.maximum(w_in_t / DK, memora_eps)) - eta0 * mm(tl.trans(k0), gz, True, True)
+        logits = alpha * tl.log(tl.maximum(w_in_t / DK, memora_eps)) - eta0 * mm(tl.trans(k0), gz, True, "ieee")
         logits = tl.where((ck < DK)[:, None], logits, float("-inf"))
         e = tl.exp(logits - tl.max(logits, axis=0, keep_dims=True))
         new_in = DK * (e / tl.sum(e, axis=0, keep_dims=True))
@@ -219,7 +210,7 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
     col_mask = (ck < DK)[None, :]
     # Pass 1: the chunk's forward at the anchor, to the output gradient gu.
     u = _mlp_forward(k, a_in, a_out, ck, cd, D, DK, BLOCK_D, VEC, DOT)
-    gu = _mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    gu = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
     # Pass 2, slab by slab: gz, the reads' hidden layer, and the memory update.
     coeff_qk = coeff * mm(q, tl.trans(k), VEC, DOT)
     k_last = tl.trans(k * last)
@@ -269,13 +260,14 @@ def miras_scan_kernel(
     lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, abs_eps, sharpness, memora_eps, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MEMORY: tl.constexpr, BIAS: tl.constexpr,
-    RETENTION: tl.constexpr, VARLEN: tl.constexpr, DOT: tl.constexpr,
+    RETENTION: tl.constexpr, VARLEN: tl.constexpr, DOT: tl.constexpr, BOUNDARY_ROWS_ONLY: tl.constexpr,
 ):
     """Grid (N, H). Row n continues pool slot SLOTS[n] from absolute position POS[n].
 
     Padded layout (VARLEN false): tensors [N, H, T, ...], row n has LENGTHS[n] valid tokens and
     reads are produced for all T. Varlen: tensors [1, H, total, ...], row n is tokens
-    CU_SEQLENS[n]:CU_SEQLENS[n+1], all valid.
+    CU_SEQLENS[n]:CU_SEQLENS[n+1], all valid. BOUNDARY_ROWS_ONLY (one-token decode): only rows whose
+    token starts a chunk run; kernels.decode takes the others.
     """
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -295,6 +287,9 @@ def miras_scan_kernel(
         row = n
     if rows <= 0:
         return
+    if BOUNDARY_ROWS_ONLY:  # noqa: SIM102 (a compile-time branch around a runtime one)
+        if (p0 % CHUNK != 0) | (n_valid <= 0):
+            return
     q_ptr = Q + row * sq_b + h * sq_h + start * sq_t
     k_ptr = K + row * sk_b + h * sk_h + start * sk_t
     v_ptr = V + row * sv_b + h * sv_h + start * sv_t
@@ -387,17 +382,24 @@ def dot_precision(device: torch.device) -> str:
 
 
 def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dict:
-    """The kernel's constexprs and launch options. Hand-picked, never autotuned (the kernel writes its
-    state in place), from the side-by-side comparison in kernels/gpu_check.py on an H200: decode streams
-    the state in 128-wide hidden slabs (fewer, larger loads in flight: 1.7x faster than 32-wide for
-    Moneta); prefill uses 32-wide slabs at 8 warps without software pipelining (num_stages=1: 13% faster,
-    the pipelined buffers only added register pressure)."""
+    """The kernel's constexprs and launch options. Hand-picked, never autotuned (the kernels write their
+    state in place), from the side-by-side comparisons of kernels/gpu_check.py on an H200 (see
+    docs/kernels.md). Prefill: 32-wide hidden slabs, 8 warps, no software pipelining (num_stages=1: 13%
+    faster, the pipelined buffers only added register pressure). Decode of the MLP memory: the split
+    kernels of kernels.decode (``SPLIT_D``-wide slabs, ``SPLIT_WARPS`` warps; ``SPLIT_D=0`` runs every
+    row through the fused kernel instead), with the fused kernel at 128-wide slabs for the rows that
+    take a chunk-boundary step."""
     d = cfg.head_dim
     D = d if cfg.memory == "linear" else cfg.memory_hidden
-    return dict(H=cfg.n_heads, DK=d, D=D, CHUNK=cfg.chunk_size, BLOCK_T=1 if decode else _pow2(cfg.chunk_size),
-                BLOCK_K=_pow2(d), BLOCK_D=min(_pow2(D), 128 if decode else 32), MEMORY=MEMORY_CODES[cfg.memory],
-                BIAS=BIAS_CODES[cfg.attentional_bias], RETENTION=RETENTION_CODES[cfg.retention], VARLEN=varlen,
-                DOT=dot, num_warps=8, **({} if decode else dict(num_stages=1)))
+    config = dict(H=cfg.n_heads, DK=d, D=D, CHUNK=cfg.chunk_size, BLOCK_T=1 if decode else _pow2(cfg.chunk_size),
+                  BLOCK_K=_pow2(d), BLOCK_D=min(_pow2(D), 128 if decode else 32), MEMORY=MEMORY_CODES[cfg.memory],
+                  BIAS=BIAS_CODES[cfg.attentional_bias], RETENTION=RETENTION_CODES[cfg.retention], VARLEN=varlen,
+                  DOT=dot, num_warps=8)
+    if not decode:
+        config["num_stages"] = 1
+    elif cfg.memory == "mlp":
+        config.update(SPLIT_D=min(_pow2(D), 32), SPLIT_WARPS=4)
+    return config
 
 
 def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
@@ -441,11 +443,16 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, p
         return out
     a_in, a_out = (anchor[0], anchor[0]) if linear else anchor
     m_in, m_out = (memory[0], memory[0]) if linear else memory
+    config = {**launch_config(cfg, decode, varlen, dot_precision(q.device)), **(launch or {})}
+    split_d, split_warps = config.pop("SPLIT_D", 0), config.pop("SPLIT_WARPS", 4)
     miras_scan_kernel[(n_rows, H)](
         q, k, v, out, *gates, a_in, a_out, m_in, m_out, ln_weight, ln_bias, slots, pos, lengths,
         cu_seqlens if varlen else index, T,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(),
         cfg.lq_radius, *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps, cfg.memory_ln_eps,
-        **{**launch_config(cfg, decode, varlen, dot_precision(q.device)), **(launch or {})},
+        BOUNDARY_ROWS_ONLY=split_d > 0, **config,
     )
+    if split_d > 0:
+        split_decode(cfg, config, split_d, split_warps, q, k, v, out, gates, anchor, memory, ln_weight, ln_bias,
+                     slots, pos, lengths)
     return out

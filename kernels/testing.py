@@ -159,9 +159,10 @@ def check_padded_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "
 
 
 def check_decode_slots(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu", steps: int = 6,
-                       pool_size: int = 7) -> dict[str, float]:
+                       pool_size: int = 7, launch: dict | None = None) -> dict[str, float]:
     """Token-by-token decode on a pool through random slots, one of them a padding slot (-1), across
-    chunk boundaries: reads and touched slots against the reference, the rest bit-identical."""
+    chunk boundaries: reads and touched slots against the reference, the rest bit-identical.
+    ``launch`` overrides the scan's launch configuration (e.g. the split decode's slab width)."""
     batch = 3
     x = random_inputs(cfg, batch, steps, gen, device)
     pool_anchor = to_device(random_memory(cfg, pool_size, gen), device)
@@ -183,7 +184,8 @@ def check_decode_slots(cfg: MirasConfig, gen: torch.Generator, device: str = "cp
                                        x["ln_weight"], x["ln_bias"])
         padded = [None if t is None else torch.cat([t[:1], t[:1], t[1:]]) for t in token]
         with nan_poisoned_empty():
-            out = scan_pool(cfg, pool_anchor, pool_memory, slots, pos + step, *padded, x["ln_weight"], x["ln_bias"])
+            out = scan_pool(cfg, pool_anchor, pool_memory, slots, pos + step, *padded, x["ln_weight"], x["ln_bias"],
+                            launch=launch)
         errors[f"reads step {step}"] = rel_err(ref_out, out.index_select(0, rows))
         if not torch.isnan(out[1]).all():
             errors["padding row unwritten"] = float("inf")

@@ -24,6 +24,8 @@ def test_compiles_for_sm90_within_the_register_file():
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line.split() for line in result.stdout.splitlines()[1:]]
-    assert [(line[0], line[1]) for line in lines] == [("moneta", "prefill"), ("moneta", "decode"),
-                                                      ("memora", "prefill"), ("memora", "decode")]
-    assert all(0 < int(line[2]) <= 255 for line in lines)
+    decode = ["scan", "split-forward", "split-update", "split-output"]
+    assert [tuple(line[:3]) for line in lines] == [
+        *[("moneta", "prefill", "scan")], *[("moneta", "decode", k) for k in decode],
+        *[("memora", "prefill", "scan")], *[("memora", "decode", k) for k in decode]]
+    assert all(0 < int(line[3]) <= 255 for line in lines)

@@ -63,6 +63,17 @@ def test_decode_steps_in_place_through_slots(rule):
     assert_all_close(check_decode_slots(cfg, gen, DEVICE), tolerance(cfg, "ieee"), seed)
 
 
+@pytest.mark.parametrize("rule", ["moneta", "memora", "yaad", "mlp-lp-l2"])
+@pytest.mark.parametrize("split_d", [0, 8])
+def test_decode_paths_agree_with_reference(rule, split_d):
+    """Decode of the MLP memory both ways: every row through the fused kernel (SPLIT_D=0), and the split
+    kernels over four 8-wide hidden slabs (partial sums reduced across programs), boundary rows fused."""
+    cfg = rule_config(rule)
+    gen, seed = fresh_generator()
+    errors = check_decode_slots(cfg, gen, DEVICE, launch=dict(SPLIT_D=split_d, SPLIT_WARPS=1))
+    assert_all_close(errors, tolerance(cfg, "ieee"), seed)
+
+
 @pytest.mark.parametrize("rule", ["moneta", "memora", "yaad", "linear"])
 def test_varlen_prefill_with_initial_states(rule):
     cfg = rule_config(rule)

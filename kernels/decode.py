@@ -1,0 +1,178 @@
+"""Decode of the MLP memory split over hidden-dim slabs: three small launches instead of one program per
+(sequence, head).
+
+A decode step must stream every sequence's whole memory (anchor read, running memory read and
+written: ~6 MiB per sequence and layer at the 340M shape) while doing little arithmetic on it, so it
+is bound by how many bytes are in flight. The fused kernel (kernels/scan.py) walks the hidden dim
+slab by slab inside one program per (sequence, head); here each slab is its own program, so a batch
+of 64 keeps 4x-8x more programs, and loads, in flight:
+
+1. ``forward``  (grid N x H x S): z = A_in[s] k and the slab's share of u = A_out gelu(A_in k);
+2. ``update``   (grid N x H x S): sums the shares to u, takes the output gradient gu (LayerNorm
+   backward, attentional bias), then updates the running memory's slab in place and produces the
+   slab's share of the read at the updated memory;
+3. ``output``   (grid N x H): sums the read's shares, LayerNorm, residual.
+
+The arithmetic is the fused kernel's one-token case term by term (post-update read folded in the
+same way), so both compute the reference's chunk semantics. A row whose token starts a chunk needs
+the rule's boundary step (a whole-matrix map) first: the fused kernel takes those rows (launched with
+``BOUNDARY_ROWS_ONLY``) and these kernels skip them. Everything is decided on the device: no host
+synchronisation, CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from models.config import MirasConfig
+
+from .ops import gelu, gelu_grad, layer_norm_rows, mlp_error_grad, mm
+
+
+@triton.jit
+def _row(SLOTS, POS, LENGTHS, n, CHUNK: tl.constexpr):
+    """(slot, valid, skip): skip rows without a slot and rows whose token takes a chunk-boundary step."""
+    slot = tl.load(SLOTS + n).to(tl.int64)
+    valid = tl.load(LENGTHS + n) > 0
+    boundary = (tl.load(POS + n) % CHUNK == 0) & valid
+    return slot, valid, (slot < 0) | boundary
+
+
+@triton.jit
+def _slab_offsets(slot, h, s0, ck, cd, H: tl.constexpr, D: tl.constexpr, DK: tl.constexpr):
+    """Offsets and masks of one (slot, head)'s W_in^T slab [BK, BD] and W_out^T slab [BD, BK] in the
+    pool (W_in is [D, DK] and W_out is [DK, D], row-major), as kernels.scan's _in_slab / _out_slab."""
+    head = (slot * H + h) * (D * DK)
+    rows = s0 + cd
+    in_off = head + rows[None, :] * DK + ck[:, None]
+    in_mask = (ck < DK)[:, None] & (rows < D)[None, :]
+    out_off = head + ck[None, :] * D + rows[:, None]
+    out_mask = (ck < DK)[None, :] & (rows < D)[:, None]
+    return in_off, in_mask, out_off, out_mask
+
+
+@triton.jit
+def decode_forward_kernel(K, A_IN, A_OUT, Z, U_PART, SLOTS, POS, LENGTHS, sk_b, sk_h, sk_d,
+                          H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    slot, valid, skip = _row(SLOTS, POS, LENGTHS, n, CHUNK)
+    if skip:
+        return
+    ck = tl.arange(0, BLOCK_K)
+    cd = tl.arange(0, BLOCK_D)
+    s0 = s * BLOCK_D
+    k = tl.load(K + n * sk_b + h * sk_h + ck[None, :] * sk_d, mask=(ck < DK)[None, :], other=0.0).to(tl.float32)
+    in_off, in_mask, out_off, out_mask = _slab_offsets(slot, h, s0, ck, cd, H, D, DK)
+    z = mm(k, tl.load(A_IN + in_off, mask=in_mask, other=0.0), True, "ieee")  # [1, BD]
+    w_out_t = tl.load(A_OUT + out_off, mask=out_mask, other=0.0)
+    u_part = mm(gelu(z), w_out_t, True, "ieee")  # [1, BK]
+    row = n * H + h
+    tl.store(Z + row * D + s0 + cd[None, :], z, mask=(s0 + cd < D)[None, :])
+    tl.store(U_PART + (row * tl.num_programs(2) + s) * BLOCK_K + ck[None, :], u_part)
+
+
+@triton.jit
+def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_W, LN_B, Z, U_PART, UQ_PART,
+                         SLOTS, POS, LENGTHS, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sg_b, sg_h,
+                         p_exp, abs_eps, sharpness, ln_eps,
+                         H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    n_slabs = tl.num_programs(2)
+    slot, valid, skip = _row(SLOTS, POS, LENGTHS, n, CHUNK)
+    if skip:
+        return
+    ck = tl.arange(0, BLOCK_K)
+    cd = tl.arange(0, BLOCK_D)
+    col_mask = (ck < DK)[None, :]
+    s0 = s * BLOCK_D
+    row = n * H + h
+    q = tl.load(Q + n * sq_b + h * sq_h + ck[None, :] * sq_d, mask=col_mask, other=0.0).to(tl.float32)
+    k = tl.load(K + n * sk_b + h * sk_h + ck[None, :] * sk_d, mask=col_mask, other=0.0).to(tl.float32)
+    v = tl.load(V + n * sv_b + h * sv_h + ck[None, :] * sv_d, mask=col_mask, other=0.0).to(tl.float32)
+    # A padding token (length 0) is read but changes nothing: eta = 0, alpha = 1, as in the fused kernel.
+    eta = tl.where(valid, tl.load(ETA + n * sg_b + h * sg_h).to(tl.float32), 0.0)
+    log_alpha = tl.where(valid, tl.load(LOG_ALPHA + n * sg_b + h * sg_h).to(tl.float32), 0.0)
+    if RETENTION == 2:  # Memora's retention lives in its boundary step
+        log_alpha = 0.0
+    alpha = tl.exp(log_alpha)
+    delta = 0.0
+    if BIAS == 2:
+        delta = tl.load(DELTA + n * sg_b + h * sg_h).to(tl.float32)
+    ln_w = tl.load(LN_W + h * DK + ck, mask=ck < DK, other=0.0)[None, :]
+    ln_b = tl.load(LN_B + h * DK + ck, mask=ck < DK, other=0.0)[None, :]
+
+    u = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+    for i in range(n_slabs):
+        u += tl.load(U_PART + (row * n_slabs + i) * BLOCK_K + ck[None, :])
+    gu = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+
+    z = tl.load(Z + row * D + s0 + cd[None, :], mask=(s0 + cd < D)[None, :], other=0.0)
+    x = gelu(z)
+    in_off, in_mask, out_off, out_mask = _slab_offsets(slot, h, s0, ck, cd, H, D, DK)
+    gz = mm(gu, tl.trans(tl.load(A_OUT + out_off, mask=out_mask, other=0.0)), True, "ieee") * gelu_grad(z)
+    w_in_t = tl.load(M_IN + in_off, mask=in_mask, other=0.0)
+    w_out_t = tl.load(M_OUT + out_off, mask=out_mask, other=0.0)
+    # The read at the updated memory, from the old one: (alpha W_in - eta gz k^T) q and
+    # (alpha W_out - eta gu x^T) xq, as the fused kernel's one-token dual form.
+    xq = gelu(alpha * mm(q, w_in_t, True, "ieee") - eta * tl.sum(q * k) * gz)
+    uq_part = alpha * mm(xq, w_out_t, True, "ieee") - eta * tl.sum(xq * x) * gu
+    tl.store(M_IN + in_off, alpha * w_in_t - eta * mm(tl.trans(k), gz, True, "ieee"), mask=in_mask)
+    tl.store(M_OUT + out_off, alpha * w_out_t - eta * mm(tl.trans(x), gu, True, "ieee"), mask=out_mask)
+    tl.store(UQ_PART + (row * n_slabs + s) * BLOCK_K + ck[None, :], uq_part)
+
+
+@triton.jit
+def decode_output_kernel(Q, O, UQ_PART, LN_W, LN_B, SLOTS, POS, LENGTHS, sq_b, sq_h, sq_d, so_b, so_h, ln_eps,
+                         H: tl.constexpr, DK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+                         N_SLABS: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    slot, valid, skip = _row(SLOTS, POS, LENGTHS, n, CHUNK)
+    if skip:
+        return
+    ck = tl.arange(0, BLOCK_K)
+    col_mask = (ck < DK)[None, :]
+    row = n * H + h
+    uq = tl.zeros((1, BLOCK_K), dtype=tl.float32)
+    for i in range(N_SLABS):
+        uq += tl.load(UQ_PART + (row * N_SLABS + i) * BLOCK_K + ck[None, :])
+    q = tl.load(Q + n * sq_b + h * sq_h + ck[None, :] * sq_d, mask=col_mask, other=0.0).to(tl.float32)
+    ln_w = tl.load(LN_W + h * DK + ck, mask=ck < DK, other=0.0)[None, :]
+    ln_b = tl.load(LN_B + h * DK + ck, mask=ck < DK, other=0.0)[None, :]
+    out = q + layer_norm_rows(uq, ln_w, ln_b, col_mask, DK, ln_eps)[0]
+    tl.store(O + n * so_b + h * so_h + ck[None, :], out, mask=col_mask)
+
+
+def split_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                 gates: list[Tensor], anchor: tuple[Tensor, Tensor], memory: tuple[Tensor, Tensor], ln_weight: Tensor,
+                 ln_bias: Tensor, slots: Tensor, pos: Tensor, lengths: Tensor) -> None:
+    """The three launches for the rows that take no boundary step (q, k, v [N, H, 1, d]; gates
+    [N, H, 1]; ``out`` [N, H, 1, d] is written for those rows only), in ``slab``-wide hidden slabs of
+    ``warps`` warps each. ``config`` is the scan's launch config (shapes and rule codes)."""
+    n_rows, H = q.shape[0], q.shape[1]
+    D, DK, BK, BD = config["D"], config["DK"], config["BLOCK_K"], slab
+    n_slabs = triton.cdiv(D, BD)
+    z = torch.empty(n_rows, H, D, device=q.device, dtype=torch.float32)
+    u_part = torch.empty(n_rows, H, n_slabs, BK, device=q.device, dtype=torch.float32)
+    uq_part = torch.empty_like(u_part)
+    shape = dict(H=H, DK=DK, D=D, CHUNK=config["CHUNK"], BLOCK_K=BK, BLOCK_D=BD)
+    sq, sk, sv, so, sg = q.stride(), k.stride(), v.stride(), out.stride(), gates[0].stride()
+    grid = (n_rows, H, n_slabs)
+    decode_forward_kernel[grid](k, anchor[0], anchor[1], z, u_part, slots, pos, lengths, sk[0], sk[1], sk[3], **shape,
+                                num_warps=warps)
+    decode_update_kernel[grid](q, k, v, *gates, anchor[1], memory[0], memory[1], ln_weight, ln_bias, z, u_part,
+                               uq_part, slots, pos, lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1],
+                               sv[3], sg[0], sg[1], cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memory_ln_eps,
+                               **shape, BIAS=config["BIAS"], RETENTION=config["RETENTION"], num_warps=warps)
+    decode_output_kernel[(n_rows, H)](q, out, uq_part, ln_weight, ln_bias, slots, pos, lengths, sq[0], sq[1], sq[3],
+                                      so[0], so[1], cfg.memory_ln_eps, H=H, DK=DK, CHUNK=config["CHUNK"], BLOCK_K=BK,
+                                      N_SLABS=n_slabs, num_warps=1)
