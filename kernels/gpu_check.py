@@ -374,8 +374,8 @@ def capture(step: Callable[[], object], device: torch.device) -> Callable[[], ob
 # Launch configurations compared side by side; the first of each list is the shipped launch_config.
 SHOWN = ("BLOCK_D", "num_warps", "num_stages", "DOT", "SPLIT_D", "SPLIT_WARPS")
 PREFILL_LAUNCHES = [{}, dict(DOT="tf32"), dict(DOT="ieee"), dict(num_stages=3), dict(BLOCK_D=64)]
-DECODE_LAUNCHES = [{}, dict(SPLIT_D=0), dict(SPLIT_D=64, SPLIT_WARPS=4), dict(SPLIT_D=16, SPLIT_WARPS=2),
-                   dict(SPLIT_D=64, SPLIT_WARPS=8)]
+DECODE_LAUNCHES = [{}, dict(SPLIT_D=0), dict(SPLIT_D=32, SPLIT_WARPS=4), dict(SPLIT_D=64, SPLIT_WARPS=4),
+                   dict(SPLIT_D=16, SPLIT_WARPS=2)]
 
 
 def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tensor, launch: dict,
