@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64, help="state slots = most sequences decoding at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
     p.add_argument("--max-prompt-tokens", type=int, default=1_000_000, help="prompt length guard (400 beyond)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="decode without CUDA graphs (default on a GPU: replay the decode step from graphs)")
     p.add_argument("--max-queued-requests", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -85,6 +87,11 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens,
+                        cuda_graphs=False if args.enforce_eager else None)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         # busy core make every step far slower than one thread less
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     name = args.served_model_name or default_served_name(args.model)
-    config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens)
+    config = engine_config(args)
     try:
         engine = LLMEngine(net, tokenizer, config, name, EngineMetrics(name))
     except ValueError as exc:

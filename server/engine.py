@@ -8,6 +8,7 @@ touched request produced in this step (deltas).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from models import MirasLM, MirasTokenizer
 
+from .decode_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -24,6 +26,8 @@ from .sampler import SampleRow, sample, token_logprob
 from .sampling_params import ParamError, SamplingParams
 from .scheduler import PrefillChunk, Scheduler
 
+logger = logging.getLogger("miras.engine")
+
 
 @dataclass
 class EngineConfig:
@@ -31,6 +35,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_prompt_tokens: int = 1_000_000  # a guard only: state memory does not grow with the prompt
     seed: int = 0  # for requests without their own seed
+    # Replay decode steps from CUDA graphs (None: on CUDA devices). True on a CPU runs the same padded
+    # steps eagerly (tests the padding without a GPU); False is vLLM's --enforce-eager.
+    cuda_graphs: bool | None = None
 
 
 class LLMEngine:
@@ -45,12 +52,24 @@ class LLMEngine:
         self.eos_token_id = tokenizer.eos_token_id
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    model.config.chunk_size)
-        self.pool = model.init_state(self.config.max_num_seqs)
+        use_graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
+        # With graphs, one more pool row that no request owns takes the padding rows of a batch.
+        self.pool = model.init_state(self.config.max_num_seqs + (1 if use_graphs else 0))
+        self.decode_graphs = self._capture_decode_graphs() if use_graphs else None
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.metrics = metrics or EngineMetrics(model_name)
         self.metrics.state_slots_total.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
+
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        try:
+            return DecodeGraphs(self.model, self.pool, scratch_slot=self.config.max_num_seqs,
+                                max_batch=self.config.max_num_seqs, use_graphs=self.device.type == "cuda")
+        except Exception:  # e.g. a model whose step cannot be captured: serve eagerly rather than not at all
+            logger.warning("CUDA-graph capture of the decode step failed; decoding eagerly", exc_info=True)
+            return None
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -121,7 +140,10 @@ class LLMEngine:
         if plan.decodes:
             ids = torch.tensor([[s.token_ids[-1]] for s in plan.decodes], device=self.device)
             slots = torch.tensor([s.slot for s in plan.decodes], device=self.device)
-            logits, _ = self.model(ids, self.pool, None, slots=slots)
+            if self.decode_graphs is not None:
+                logits = self.decode_graphs.run(ids, slots)
+            else:
+                logits, _ = self.model(ids, self.pool, None, slots=slots)
             owners = [self.requests[s.request_id] for s in plan.decodes]
             self._sample(plan.decodes, owners, logits[:, -1, : self.vocab_size])
             touched.update((r.request_id, r) for r in owners)

@@ -19,9 +19,10 @@ class LLM:
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_prompt_tokens: int = 1_000_000,
-                 seed: int = 0):
+                 seed: int = 0, enforce_eager: bool = False):
         net, tokenizer = load_model(model, device, dtype)
-        config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_prompt_tokens, seed)
+        config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_prompt_tokens, seed,
+                              cuda_graphs=False if enforce_eager else None)
         self.engine = LLMEngine(net, tokenizer, config, default_served_name(model))
         self.tokenizer = tokenizer
         self._ids = itertools.count()

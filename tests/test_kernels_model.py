@@ -94,7 +94,7 @@ def no_host_syncs(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, guarded)
 
 
-@pytest.mark.parametrize("preset", ["moneta", "memora", "linear"])
+@pytest.mark.parametrize("preset", ["moneta", "memora", "linear", "yaad-h"])
 @torch.inference_mode()
 def test_pool_decode_step_has_no_host_syncs(preset, no_host_syncs):
     """The whole-model decode step through the pool is CUDA-graph capturable on the Triton backend
