@@ -29,7 +29,7 @@ from torch import Tensor
 
 from models.config import MirasConfig
 
-from .ops import gelu, gelu_grad, layer_norm_rows, mlp_error_grad, mm
+from .ops import gelu, gelu_grad, in_slab, layer_norm_rows, mlp_error_grad, mm, out_slab
 
 
 @triton.jit
@@ -39,19 +39,6 @@ def _row(SLOTS, POS, LENGTHS, n, CHUNK: tl.constexpr):
     valid = tl.load(LENGTHS + n) > 0
     boundary = (tl.load(POS + n) % CHUNK == 0) & valid
     return slot, valid, (slot < 0) | boundary
-
-
-@triton.jit
-def _slab_offsets(slot, h, s0, ck, cd, H: tl.constexpr, D: tl.constexpr, DK: tl.constexpr):
-    """Offsets and masks of one (slot, head)'s W_in^T slab [BK, BD] and W_out^T slab [BD, BK] in the
-    pool (W_in is [D, DK] and W_out is [DK, D], row-major), as kernels.scan's _in_slab / _out_slab."""
-    head = (slot * H + h) * (D * DK)
-    rows = s0 + cd
-    in_off = head + rows[None, :] * DK + ck[:, None]
-    in_mask = (ck < DK)[:, None] & (rows < D)[None, :]
-    out_off = head + ck[None, :] * D + rows[:, None]
-    out_mask = (ck < DK)[None, :] & (rows < D)[:, None]
-    return in_off, in_mask, out_off, out_mask
 
 
 @triton.jit
@@ -68,9 +55,11 @@ def decode_forward_kernel(K, A_IN, A_OUT, Z, U_PART, SLOTS, POS, LENGTHS, sk_b, 
     cd = tl.arange(0, BLOCK_D)
     s0 = s * BLOCK_D
     k = tl.load(K + n * sk_b + h * sk_h + ck[None, :] * sk_d, mask=(ck < DK)[None, :], other=0.0).to(tl.float32)
-    in_off, in_mask, out_off, out_mask = _slab_offsets(slot, h, s0, ck, cd, H, D, DK)
-    z = mm(k, tl.load(A_IN + in_off, mask=in_mask, other=0.0), True, "ieee")  # [1, BD]
-    w_out_t = tl.load(A_OUT + out_off, mask=out_mask, other=0.0)
+    head = (slot * H + h) * (D * DK)  # one (slot, head)'s W_in [D, DK] and W_out [DK, D] in the pool
+    ptr, mask = in_slab(A_IN + head, s0, ck, cd, D, DK)
+    z = mm(k, tl.load(ptr, mask=mask, other=0.0), True, "ieee")  # [1, BD]
+    ptr, mask = out_slab(A_OUT + head, s0, ck, cd, D, DK)
+    w_out_t = tl.load(ptr, mask=mask, other=0.0)
     u_part = mm(gelu(z), w_out_t, True, "ieee")  # [1, BK]
     row = n * H + h
     tl.store(Z + row * D + s0 + cd[None, :], z, mask=(s0 + cd < D)[None, :])
@@ -117,16 +106,19 @@ def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_
 
     z = tl.load(Z + row * D + s0 + cd[None, :], mask=(s0 + cd < D)[None, :], other=0.0)
     x = gelu(z)
-    in_off, in_mask, out_off, out_mask = _slab_offsets(slot, h, s0, ck, cd, H, D, DK)
-    gz = mm(gu, tl.trans(tl.load(A_OUT + out_off, mask=out_mask, other=0.0)), True, "ieee") * gelu_grad(z)
-    w_in_t = tl.load(M_IN + in_off, mask=in_mask, other=0.0)
-    w_out_t = tl.load(M_OUT + out_off, mask=out_mask, other=0.0)
+    head = (slot * H + h) * (D * DK)
+    ptr, mask = out_slab(A_OUT + head, s0, ck, cd, D, DK)
+    gz = mm(gu, tl.trans(tl.load(ptr, mask=mask, other=0.0)), True, "ieee") * gelu_grad(z)
+    in_ptr, in_mask = in_slab(M_IN + head, s0, ck, cd, D, DK)
+    w_in_t = tl.load(in_ptr, mask=in_mask, other=0.0)
+    out_ptr, out_mask = out_slab(M_OUT + head, s0, ck, cd, D, DK)
+    w_out_t = tl.load(out_ptr, mask=out_mask, other=0.0)
     # The read at the updated memory, from the old one: (alpha W_in - eta gz k^T) q and
     # (alpha W_out - eta gu x^T) xq, as the fused kernel's one-token dual form.
     xq = gelu(alpha * mm(q, w_in_t, True, "ieee") - eta * tl.sum(q * k) * gz)
     uq_part = alpha * mm(xq, w_out_t, True, "ieee") - eta * tl.sum(xq * x) * gu
-    tl.store(M_IN + in_off, alpha * w_in_t - eta * mm(tl.trans(k), gz, True, "ieee"), mask=in_mask)
-    tl.store(M_OUT + out_off, alpha * w_out_t - eta * mm(tl.trans(x), gu, True, "ieee"), mask=out_mask)
+    tl.store(in_ptr, alpha * w_in_t - eta * mm(tl.trans(k), gz, True, "ieee"), mask=in_mask)
+    tl.store(out_ptr, alpha * w_out_t - eta * mm(tl.trans(x), gu, True, "ieee"), mask=out_mask)
     tl.store(UQ_PART + (row * n_slabs + s) * BLOCK_K + ck[None, :], uq_part)
 
 

@@ -366,6 +366,7 @@ def decode_times(model: nn.Module, batch: int, device: torch.device, flush: torc
     """Seconds per whole-model decode step through the slot pool: CUDA graph with cold L2, and (for small
     batches) eager on both backends."""
     from kernels import forced_backend
+    from kernels.graphs import capture
 
     pool = model.init_state(batch)
     ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
@@ -379,22 +380,6 @@ def decode_times(model: nn.Module, batch: int, device: torch.device, flush: torc
                 with forced_backend(backend):
                     eager[backend] = timed(partial(model, ids, pool, slots=slots), device, reps=3)
     return t, eager
-
-
-def capture(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """A CUDA graph of ``step`` (warmed up on a side stream first); on CPU the step itself."""
-    if device.type != "cuda":
-        return step
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 # Launch configurations compared side by side; the first of each list is the shipped launch_config.

@@ -94,3 +94,17 @@ def mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps,
     y, u_hat, inv_std = layer_norm_rows(u, ln_w, ln_b, col_mask, DK, ln_eps)
     g = output_grad(k + y - v, delta, DK, p_exp, abs_eps, sharpness, BIAS)
     return layer_norm_backward_rows(g, u_hat, inv_std, ln_w, col_mask, DK)
+
+
+@triton.jit
+def in_slab(base, s0, ck, cd, D: tl.constexpr, DK: tl.constexpr):
+    """Pointers and mask of W_in^T's slab [BK, BD]: element (j, i) is W_in[s0 + i, j] (W_in is [D, DK])."""
+    rows = s0 + cd
+    return base + rows[None, :] * DK + ck[:, None], (ck < DK)[:, None] & (rows < D)[None, :]
+
+
+@triton.jit
+def out_slab(base, s0, ck, cd, D: tl.constexpr, DK: tl.constexpr):
+    """Pointers and mask of W_out^T's slab [BD, BK]: element (i, j) is W_out[j, s0 + i] (W_out is [DK, D])."""
+    cols = s0 + cd
+    return base + ck[None, :] * D + cols[:, None], (ck < DK)[None, :] & (cols < D)[:, None]

@@ -41,25 +41,13 @@ from .ops import (
     RETENTION_CODES,
     gelu,
     gelu_grad,
+    in_slab,
     layer_norm_rows,
     mlp_error_grad,
     mm,
+    out_slab,
     pow_pos,
 )
-
-
-@triton.jit
-def _in_slab(base, s0, ck, cd, D: tl.constexpr, DK: tl.constexpr):
-    """Pointers and mask of W_in^T's slab [BK, BD]: element (j, i) is W_in[s0 + i, j] (W_in is [D, DK])."""
-    rows = s0 + cd
-    return base + rows[None, :] * DK + ck[:, None], (ck < DK)[:, None] & (rows < D)[None, :]
-
-
-@triton.jit
-def _out_slab(base, s0, ck, cd, D: tl.constexpr, DK: tl.constexpr):
-    """Pointers and mask of W_out^T's slab [BD, BK]: element (i, j) is W_out[j, s0 + i] (W_out is [DK, D])."""
-    cols = s0 + cd
-    return base + ck[None, :] * D + cols[:, None], (ck < DK)[None, :] & (cols < D)[:, None]
 
 
 @triton.jit
@@ -75,9 +63,9 @@ def _mlp_forward(x, w_in, w_out, ck, cd, D: tl.constexpr, DK: tl.constexpr, BLOC
     """u = W_out gelu(W_in x) for the rows of x [R, BK]: [R, BK]."""
     u = tl.zeros((x.shape[0], ck.shape[0]), dtype=tl.float32)
     for s0 in range(0, D, BLOCK_D):
-        ptr, mask = _in_slab(w_in, s0, ck, cd, D, DK)
+        ptr, mask = in_slab(w_in, s0, ck, cd, D, DK)
         w_in_t = tl.load(ptr, mask=mask, other=0.0)
-        ptr, mask = _out_slab(w_out, s0, ck, cd, D, DK)
+        ptr, mask = out_slab(w_out, s0, ck, cd, D, DK)
         w_out_t = tl.load(ptr, mask=mask, other=0.0)
         u += mm(gelu(mm(x, w_in_t, VEC, DOT)), w_out_t, VEC, DOT)
     return u
@@ -94,13 +82,13 @@ def _copy_boundary(src_a, src_b, dst_a, dst_b, ck, cd, D: tl.constexpr, DK: tl.c
         tl.store(ptr, w, mask=mask)
     else:
         for s0 in range(0, D, BLOCK_D):
-            ptr, mask = _in_slab(src_a, s0, ck, cd, D, DK)
+            ptr, mask = in_slab(src_a, s0, ck, cd, D, DK)
             w = tl.load(ptr, mask=mask)
-            ptr, mask = _in_slab(dst_a, s0, ck, cd, D, DK)
+            ptr, mask = in_slab(dst_a, s0, ck, cd, D, DK)
             tl.store(ptr, w, mask=mask)
-            ptr, mask = _out_slab(src_b, s0, ck, cd, D, DK)
+            ptr, mask = out_slab(src_b, s0, ck, cd, D, DK)
             w = tl.load(ptr, mask=mask)
-            ptr, mask = _out_slab(dst_b, s0, ck, cd, D, DK)
+            ptr, mask = out_slab(dst_b, s0, ck, cd, D, DK)
             tl.store(ptr, w, mask=mask)
 
 
@@ -126,16 +114,16 @@ def _lq_boundary(m_a, m_b, a_a, a_b, ck, cd, q_exp, radius, inv_std_a, inv_std_b
         sum_in = 0.0
         sum_out = 0.0
         for s0 in range(0, D, BLOCK_D):
-            ptr, mask = _in_slab(m_a, s0, ck, cd, D, DK)
+            ptr, mask = in_slab(m_a, s0, ck, cd, D, DK)
             sum_in += tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
-            ptr, mask = _out_slab(m_b, s0, ck, cd, D, DK)
+            ptr, mask = out_slab(m_b, s0, ck, cd, D, DK)
             sum_out += tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
         scale_in = _lq_scale(sum_in, D * DK, inv_std_a, q_exp, radius)
         scale_out = _lq_scale(sum_out, D * DK, inv_std_b, q_exp, radius)
         for s0 in range(0, D, BLOCK_D):
-            ptr, mask = _in_slab(m_a, s0, ck, cd, D, DK)
+            ptr, mask = in_slab(m_a, s0, ck, cd, D, DK)
             w_in = tl.load(ptr, mask=mask) * scale_in
-            ptr_out, mask_out = _out_slab(m_b, s0, ck, cd, D, DK)
+            ptr_out, mask_out = out_slab(m_b, s0, ck, cd, D, DK)
             w_out = tl.load(ptr_out, mask=mask_out) * scale_out
             _store_boundary_slab(m_a, m_b, a_a, a_b, s0, ck, cd, w_in, w_out, D, DK)
 
@@ -145,13 +133,13 @@ def _store_boundary_slab(m_in, m_out, a_in, a_out, s0, ck, cd, w_in, w_out, D: t
     """Write one slab of the memory after a chunk-boundary step: it is both the running memory and the
     new anchor. The barrier keeps every thread's reads of the old slab before the overwrite."""
     tl.debug_barrier()
-    ptr, mask = _in_slab(m_in, s0, ck, cd, D, DK)
+    ptr, mask = in_slab(m_in, s0, ck, cd, D, DK)
     tl.store(ptr, w_in, mask=mask)
-    ptr, mask = _out_slab(m_out, s0, ck, cd, D, DK)
+    ptr, mask = out_slab(m_out, s0, ck, cd, D, DK)
     tl.store(ptr, w_out, mask=mask)
-    ptr, mask = _in_slab(a_in, s0, ck, cd, D, DK)
+    ptr, mask = in_slab(a_in, s0, ck, cd, D, DK)
     tl.store(ptr, w_in, mask=mask)
-    ptr, mask = _out_slab(a_out, s0, ck, cd, D, DK)
+    ptr, mask = out_slab(a_out, s0, ck, cd, D, DK)
     tl.store(ptr, w_out, mask=mask)
 
 
@@ -177,18 +165,18 @@ def _kl_boundary(m_in, m_out, a_in, a_out, k0, v0, eta0, log_alpha0, ln_w, ln_b,
     row_max = tl.full((1, ck.shape[0]), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((1, ck.shape[0]), dtype=tl.float32)
     for s0 in range(0, D, BLOCK_D):
-        ptr, mask = _in_slab(m_in, s0, ck, cd, D, DK)
+        ptr, mask = in_slab(m_in, s0, ck, cd, D, DK)
         x = gelu(mm(k0, tl.load(ptr, mask=mask, other=0.0), True, "ieee"))
-        ptr, mask = _out_slab(m_out, s0, ck, cd, D, DK)
+        ptr, mask = out_slab(m_out, s0, ck, cd, D, DK)
         logits = _kl_out_logits(tl.load(ptr, mask=mask, other=0.0), x, gu, alpha, eta0, memora_eps, D)
         logits = tl.where((s0 + cd < D)[:, None], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=0, keep_dims=True))
         row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max), axis=0, keep_dims=True)
         row_max = new_max
     for s0 in range(0, D, BLOCK_D):
-        ptr_in, mask_in = _in_slab(m_in, s0, ck, cd, D, DK)
+        ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
         w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
-        ptr_out, mask_out = _out_slab(m_out, s0, ck, cd, D, DK)
+        ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
         w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
         z = mm(k0, w_in_t, True, "ieee")
         x = gelu(z)
@@ -219,14 +207,14 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
     uq = tl.zeros((q.shape[0], ck.shape[0]), dtype=tl.float32)
     scores = tl.zeros((q.shape[0], q.shape[0]), dtype=tl.float32)
     for s0 in range(0, D, BLOCK_D):
-        ptr, mask = _in_slab(a_in, s0, ck, cd, D, DK)
+        ptr, mask = in_slab(a_in, s0, ck, cd, D, DK)
         z = mm(k, tl.load(ptr, mask=mask, other=0.0), VEC, DOT)
         x = gelu(z)
-        ptr, mask = _out_slab(a_out, s0, ck, cd, D, DK)
+        ptr, mask = out_slab(a_out, s0, ck, cd, D, DK)
         gz = mm(gu, tl.trans(tl.load(ptr, mask=mask, other=0.0)), VEC, DOT) * gelu_grad(z)
-        ptr_in, mask_in = _in_slab(m_in, s0, ck, cd, D, DK)
+        ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
         w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
-        ptr_out, mask_out = _out_slab(m_out, s0, ck, cd, D, DK)
+        ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
         w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
         xq = gelu(decay * mm(q, w_in_t, VEC, DOT) - mm(coeff_qk, gz, VEC, DOT))
         uq += mm(xq, w_out_t, VEC, DOT)
