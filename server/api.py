@@ -54,6 +54,7 @@ class ServerSettings:
     api_key: str | None = None
     allowed_origins: list[str] = field(default_factory=list)
     shutdown_timeout: float = 30.0
+    sse_ping_interval: float = 30.0  # seconds without an event before a stream gets an SSE comment; 0: never
 
 
 class ServerState:
@@ -62,8 +63,9 @@ class ServerState:
         self.settings = settings
         self.status = ServerStatus.STARTING
         tokenizer = engine.engine.tokenizer
-        self.completions = OpenAIServingCompletion(engine, tokenizer, settings.served_model_name)
-        self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name)
+        self.completions = OpenAIServingCompletion(engine, tokenizer, settings.served_model_name,
+                                                   settings.sse_ping_interval)
+        self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name, settings.sse_ping_interval)
 
     async def drain(self) -> None:
         """SIGTERM: /health goes 503, new requests get 503, in-flight ones get --shutdown-timeout to

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prompt-tokens", type=int, default=1_000_000, help="prompt length guard (400 beyond)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="decode without CUDA graphs (default on a GPU: replay the decode step from graphs)")
+    p.add_argument("--sse-ping-interval", type=float, default=30.0,
+                   help="seconds a stream may stay silent (long prefill, full queue) before it gets an SSE comment "
+                        "ping; 0 disables")
     p.add_argument("--max-queued-requests", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         engine = LLMEngine(net, tokenizer, config, name, EngineMetrics(name))
     except ValueError as exc:
         sys.exit(f"miras-serve: {exc}")
-    settings = ServerSettings(name, str(args.model), args.api_key, args.allowed_origins, args.shutdown_timeout)
+    settings = ServerSettings(name, str(args.model), args.api_key, args.allowed_origins, args.shutdown_timeout,
+                              args.sse_ping_interval)
     state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings)
     app = build_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

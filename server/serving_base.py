@@ -37,6 +37,33 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {payload.translate(_LINE_BREAKS)}\n\n"
 
 
+SSE_PING = ": ping\n\n"  # an SSE comment: clients ignore it, idle timeouts of proxies and clients see traffic
+
+
+async def with_pings(events: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
+    """Pass ``events`` through; whenever ``interval`` seconds pass without one, send an SSE comment. A long
+    prompt's prefill, or a full queue, can keep a stream silent for longer than a proxy's idle timeout
+    (llama.cpp's server pings the same way). ``interval`` <= 0: no pings."""
+    iterator = aiter(events)
+    if interval <= 0:
+        async for event in iterator:
+            yield event
+        return
+    while True:
+        # Wait on one task per event, so a timeout never cancels the generator in the middle of a step.
+        pending = asyncio.ensure_future(anext(iterator, None))
+        try:
+            while not (await asyncio.wait({pending}, timeout=interval))[0]:
+                yield SSE_PING
+        finally:
+            if not pending.done():  # the client went away while we waited
+                pending.cancel()
+        event = pending.result()
+        if event is None:
+            return
+        yield event
+
+
 def clamp(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
@@ -69,10 +96,12 @@ class StreamUsage:
 class ServingBase:
     id_prefix = "cmpl"
 
-    def __init__(self, engine: AsyncEngine, tokenizer: MirasTokenizer, served_model_name: str):
+    def __init__(self, engine: AsyncEngine, tokenizer: MirasTokenizer, served_model_name: str,
+                 sse_ping_interval: float = 30.0):
         self.engine = engine
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name
+        self.sse_ping_interval = sse_ping_interval
 
     def check_request(self, model: str | None, stream: bool | None, stream_options: StreamOptions | None) -> None:
         """The checks every endpoint makes: a served model, and stream_options only when streaming."""
@@ -99,13 +128,13 @@ class ServingBase:
         return token_text(self.tokenizer, token_id)
 
     def stream_response(self, events: AsyncIterator[str], group: RequestGroup) -> StreamingResponse:
-        """SSE: ``data: <json>`` events, an in-band error event if generation fails after the 200,
-        and ``data: [DONE]`` last, always. Starlette cancels the generator when the client
-        disconnects; the group's iteration then aborts the requests and frees their slots."""
+        """SSE: ``data: <json>`` events (with comment pings while none comes), an in-band error event if
+        generation fails after the 200, and ``data: [DONE]`` last, always. Starlette cancels the generator
+        when the client disconnects; the group's iteration then aborts the requests and frees their slots."""
 
         async def framed() -> AsyncIterator[str]:
             try:
-                async for event in events:
+                async for event in with_pings(events, self.sse_ping_interval):
                     yield event
             except EngineUnavailableError as exc:
                 yield sse(error_body(503, str(exc), None, "unavailable"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ from server.api import ServerSettings, ServerState, build_app
 from server.async_engine import AsyncEngine
 from server.engine import EngineConfig, LLMEngine
 from server.loader import load_model
+from server.serving_base import SSE_PING, with_pings
 
 
 @pytest.fixture
@@ -61,3 +63,56 @@ def test_engine_failure_after_the_200_is_an_sse_error_event(state, monkeypatch):
     assert error["code"] == "unavailable" and "device lost" in error["message"]
     assert all(e.startswith("data: {\"id\"") for e in events[:-3])
     assert request(app, "GET", "/health").json()["error"]["code"] == "dead"
+
+
+def test_silent_streams_get_sse_comment_pings(tiny_checkpoint, monkeypatch):
+    """A stream that waits (here: every engine step takes 0.2 s) gets ': ping' comments every
+    --sse-ping-interval seconds; the data events around them are unchanged."""
+    model, tokenizer = load_model(tiny_checkpoint)
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4), "tiny")
+    state = ServerState(AsyncEngine(engine), ServerSettings("tiny", str(tiny_checkpoint), sse_ping_interval=0.05))
+    real_step = engine.step
+
+    def slow_step():
+        time.sleep(0.2)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    app = build_app(state)
+    state.engine.start()
+    try:
+        body = {"prompt": "Shall I", "max_tokens": 3, "ignore_eos": True, "stream": True}
+        response = request(app, "POST", "/v1/completions", json=body)
+    finally:
+        state.engine.stop()
+    events = response.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    pings = [e for e in events if e == ": ping"]
+    data = [e for e in events[:-2] if e != ": ping"]
+    assert len(pings) >= 3  # at least one per silent 0.2 s step
+    assert len(data) == 3 and all(json.loads(e.removeprefix("data: "))["choices"] for e in data)
+
+
+def test_pings_off_and_cancellation():
+    async def source(log: list[str]):
+        try:
+            for i in range(3):
+                await asyncio.sleep(0.03)
+                yield f"data: {i}\n\n"
+        finally:
+            log.append("closed")
+
+    async def run() -> None:
+        log: list[str] = []
+        assert [e async for e in with_pings(source(log), 0)] == [f"data: {i}\n\n" for i in range(3)]
+        assert log == ["closed"]
+        # A consumer that leaves while the ping wrapper waits for the next event cancels that wait
+        # and closes the source (as Starlette does when the client disconnects).
+        log.clear()
+        stream = with_pings(source(log), 0.01)
+        assert await anext(stream) == SSE_PING
+        await stream.aclose()
+        await asyncio.sleep(0.05)
+        assert log == ["closed"]
+
+    asyncio.run(run())
