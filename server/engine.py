@@ -220,7 +220,8 @@ class LLMEngine:
             banned = []
             if len(seq.token_ids) < params.min_tokens:
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else [self.eos_token_id])
-            rows.append(SampleRow(params, request.prompt_token_ids, seq.token_ids, seq.generator, banned))
+            rows.append(SampleRow(params, request.prompt_token_ids, seq.token_ids, seq.generator, banned,
+                                  seq.token_counts))
         tokens, logprobs = sample(logits, rows, self.generator)
         now = time.monotonic()
         for seq, request, token, logprob in zip(seqs, owners, tokens, logprobs, strict=True):

@@ -10,6 +10,7 @@ import torch
 
 from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprob
+from .sampler import TokenCounts
 from .sampling_params import SamplingParams
 
 
@@ -38,6 +39,7 @@ class Sequence:
     # what has not been handed out yet (the step delta)
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    token_counts: TokenCounts = field(default_factory=TokenCounts)  # for the penalties, built once
 
     @property
     def finished(self) -> bool:

@@ -6,13 +6,37 @@ seeded request draws from its own generator, so its samples do not either.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
+
+
+class TokenCounts:
+    """The penalties' view of one sequence, on the logits' device: which ids occurred (prompt or output)
+    and how often each id was generated. Built from the prompt on first use, then extended by the tokens
+    generated since the previous step, so a step costs O(new tokens) however long the prompt."""
+
+    def __init__(self) -> None:
+        self.seen: Tensor | None = None
+        self.generated: Tensor | None = None
+        self.synced = 0  # output tokens already counted
+
+    def update(self, prompt_token_ids: list[int], output_token_ids: list[int], vocab_size: int,
+               device: torch.device) -> None:
+        if self.seen is None:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(prompt_token_ids, dtype=torch.long, device=device)] = True
+            self.generated = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        new = output_token_ids[self.synced:]
+        if new:
+            ids = torch.tensor(new, dtype=torch.long, device=device)
+            self.seen[ids] = True
+            self.generated.index_add_(0, ids, torch.ones(len(new), device=device))
+            self.synced = len(output_token_ids)
 
 
 @dataclass
@@ -24,20 +48,21 @@ class SampleRow:
     output_token_ids: list[int]
     generator: torch.Generator | None
     banned: list[int]  # ids that must not be sampled now (eos/stop ids before min_tokens)
+    counts: TokenCounts = field(default_factory=TokenCounts)  # kept by the sequence from step to step
 
 
 def _apply_penalties(logits: Tensor, row: SampleRow) -> Tensor:
     p = row.params
+    if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
+        return logits
+    counts = row.counts
+    counts.update(row.prompt_token_ids, row.output_token_ids, logits.shape[0], logits.device)
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long,
-                            device=logits.device)
-        if seen.numel():
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
-        counts = torch.bincount(torch.tensor(row.output_token_ids, device=logits.device),
-                                minlength=logits.shape[0]).to(logits.dtype)
-        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(counts.seen, penalised, logits)
+    if p.presence_penalty or p.frequency_penalty:
+        generated = counts.generated.to(logits.dtype)
+        logits = logits - (p.frequency_penalty * generated + p.presence_penalty * (generated > 0).to(logits.dtype))
     return logits
 
 
