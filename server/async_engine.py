@@ -143,7 +143,8 @@ class AsyncEngine:
 
     def _add(self, p: _Pending) -> None:
         try:
-            self.engine.add_request(p.request_id, p.prompt_token_ids, p.params, p.prompt, p.arrival_time)
+            self.engine.add_request(p.request_id, p.prompt_token_ids, p.params, p.prompt, p.arrival_time,
+                                    validated=True)
             self._streams[p.request_id] = p
         except ValueError as exc:  # validated before queueing, so only a duplicate id gets here
             p.loop.call_soon_threadsafe(p.queue.put_nowait, exc)

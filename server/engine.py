@@ -88,10 +88,14 @@ class LLMEngine:
         params.check_vocab(self.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, arrival_time: float | None = None) -> None:
+                    prompt: str | None = None, arrival_time: float | None = None, validated: bool = False) -> None:
+        """Queue a request. ``validated``: the caller already ran :meth:`validate` on these inputs (the
+        async engine does, to answer 400 before queueing), so the engine thread does not scan the prompt
+        a second time."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
+        if not validated:
+            self.validate(prompt_token_ids, params)
         request = Request(request_id, list(prompt_token_ids), params, prompt)
         if arrival_time is not None:
             request.arrival_time = arrival_time

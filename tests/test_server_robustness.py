@@ -78,3 +78,25 @@ def test_stopping_the_engine_ends_open_streams(engine):
             while True:  # deltas already delivered, then the end: never a hang
                 await asyncio.wait_for(anext(stream), timeout=30)
     asyncio.run(run())
+
+
+def test_a_request_is_validated_once(engine, monkeypatch):
+    """The HTTP path validates before queueing (to answer 400); the engine thread does not scan the
+    prompt again. A direct engine.add_request still validates."""
+    calls = []
+    real_validate = engine.validate
+    monkeypatch.setattr(engine, "validate", lambda *a: (calls.append(1), real_validate(*a))[1])
+
+    async def run() -> None:
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
+        try:
+            group = async_engine.submit([([5, 6, 7], None)], SamplingParams(max_tokens=2))
+            outputs = [delta async for _, delta in group]
+        finally:
+            async_engine.stop()
+        assert outputs[-1].finished
+    asyncio.run(run())
+    assert len(calls) == 1
+    with pytest.raises(ParamError, match="out of vocabulary"):
+        engine.add_request("direct", [10**9], SamplingParams(max_tokens=1))
