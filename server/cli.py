@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prompt-tokens", type=int, default=1_000_000, help="prompt length guard (400 beyond)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="decode without CUDA graphs (default on a GPU: replay the decode step from graphs)")
+    p.add_argument("--state-cache-gb", type=float, default=1.0,
+                   help="memory for recurrent states of earlier prompts and replies, restored when a prompt repeats "
+                        "or extends one (the next turn of a chat): prefix caching; 0 disables")
     p.add_argument("--sse-ping-interval", type=float, default=30.0,
                    help="seconds a stream may stay silent (long prefill, full queue) before it gets an SSE comment "
                         "ping; 0 disables")
@@ -56,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_prompt_tokens", "max_queued_requests"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.shutdown_timeout < 0:
-        p.error("--shutdown-timeout must be >= 0")
+    for name in ("shutdown_timeout", "state_cache_gb", "sse_ping_interval"):
+        if not getattr(args, name) >= 0:  # NaN too
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
 
 
@@ -92,7 +96,8 @@ class DrainingServer(uvicorn.Server):
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens,
-                        cuda_graphs=False if args.enforce_eager else None)
+                        cuda_graphs=False if args.enforce_eager else None,
+                        state_cache_bytes=int(args.state_cache_gb * (1 << 30)))
 
 
 def main(argv: list[str] | None = None) -> None:

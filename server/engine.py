@@ -25,6 +25,7 @@ from .request import Request, RequestStatus, Sequence
 from .sampler import SampleRow, sample, token_logprob
 from .sampling_params import ParamError, SamplingParams
 from .scheduler import PrefillChunk, Scheduler
+from .state_cache import StateCache
 
 logger = logging.getLogger("miras.engine")
 
@@ -38,6 +39,9 @@ class EngineConfig:
     # Replay decode steps from CUDA graphs (None: on CUDA devices). True on a CPU runs the same padded
     # steps eagerly (tests the padding without a GPU); False is vLLM's --enforce-eager.
     cuda_graphs: bool | None = None
+    # Bytes of recurrent states kept for prompts that repeat or extend earlier ones (server/state_cache.py);
+    # 0 turns the cache off.
+    state_cache_bytes: int = 1 << 30
 
 
 class LLMEngine:
@@ -50,8 +54,9 @@ class LLMEngine:
         self.device = model.device
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)  # ids the tokenizer can decode
         self.eos_token_id = tokenizer.eos_token_id
+        self.state_cache = StateCache(self.config.state_cache_bytes) if self.config.state_cache_bytes > 0 else None
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   model.config.chunk_size)
+                                   model.config.chunk_size, self._cached_prefix if self.state_cache else None)
         use_graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
         # With graphs, one more pool row that no request owns takes the padding rows of a batch.
         self.pool = model.init_state(self.config.max_num_seqs + (1 if use_graphs else 0))
@@ -138,9 +143,10 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
-        if plan.admitted:
-            self.model.reset_slots(self.pool, [r.slots[0] for r in plan.admitted])
         touched: dict[str, Request] = {}
+        if plan.admitted:
+            # requests whose whole prompt was cached have their first tokens already
+            touched.update((r.request_id, r) for r in self._admit(plan.admitted))
         if plan.decodes:
             ids = torch.tensor([[s.token_ids[-1]] for s in plan.decodes], device=self.device)
             slots = torch.tensor([s.slot for s in plan.decodes], device=self.device)
@@ -170,6 +176,36 @@ class LLMEngine:
         self._update_gauges()
         return outputs
 
+    def _cached_prefix(self, request: Request) -> int:
+        """The scheduler's question before admitting a request: how many prompt tokens can be restored from
+        the state cache (the entry is kept on the request until it is restored)."""
+        request.restore = None
+        if request.params.prompt_logprobs is not None:  # needs the logits of every prompt position
+            return 0
+        request.restore = self.state_cache.lookup(request.prompt_token_ids)
+        return 0 if request.restore is None else request.restore.length
+
+    def _admit(self, requests: list[Request]) -> list[Request]:
+        """Give admitted requests their starting state: fresh, or restored from the state cache. Returns
+        those whose whole prompt was restored, which sample their first tokens now."""
+        fresh = [r.slots[0] for r in requests if r.restore is None]
+        if fresh:
+            self.model.reset_slots(self.pool, fresh)
+        started = []
+        for request in requests:
+            self.metrics.prompt_tokens.inc(request.num_prompt_tokens)
+            if self.state_cache is not None:
+                self.metrics.prefix_cache_queries.inc(request.num_prompt_tokens)
+            entry, request.restore = request.restore, None
+            if entry is None:
+                continue
+            self.pool.assign([request.slots[0]], entry.state)
+            self.metrics.prefix_cache_hits.inc(entry.length)
+            if entry.length == request.num_prompt_tokens:
+                self._start_decoding(request, entry.logits)
+                started.append(request)
+        return started
+
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         lengths = [c.end - c.start for c in chunks]
         ids = torch.full((len(chunks), max(lengths)), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -181,11 +217,14 @@ class LLMEngine:
         for row, c in enumerate(chunks):
             request = c.request
             request.num_prefilled = c.end
-            self.metrics.prompt_tokens.inc(lengths[row])
             if request.params.prompt_logprobs is not None:
                 self._prompt_logprobs(c, logits[row, : lengths[row]])
             if c.last:
-                self._start_decoding(request, logits[row, lengths[row] - 1])
+                last_logits = logits[row, lengths[row] - 1]
+                if self.state_cache is not None:
+                    self.state_cache.insert(request.prompt_token_ids, self.pool.select([request.slots[0]]),
+                                            last_logits.clone())
+                self._start_decoding(request, last_logits)
 
     def _prompt_logprobs(self, chunk: PrefillChunk, logits: Tensor) -> None:
         """Logprob of each prompt token under the model, given the tokens before it."""
@@ -260,6 +299,10 @@ class LLMEngine:
     def _finish_sequence(self, request: Request, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.detokenizer.finish(matched_stop=isinstance(stop_reason, str))
+        if self.state_cache is not None:
+            # The slot has consumed the prompt and every generated token but the last (sampled, never fed):
+            # exactly what the next turn of a conversation starts with.
+            self.state_cache.insert(request.prompt_token_ids + seq.token_ids[:-1], self.pool.select([seq.slot]))
         self.scheduler.free_sequence(seq)
         self.metrics.request_success[reason].inc()
 

@@ -42,7 +42,12 @@ class EngineMetrics:
         self.state_slots_used = gauge("state_slots_used", "State slots held by running sequences.")
         self.state_bytes_per_sequence = gauge(
             "state_bytes_per_sequence", "Bytes of recurrent state per sequence (constant in context length).")
-        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests (restored from the state "
+                                     "cache or prefilled, as vLLM counts them).")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens of admitted requests looked up "
+                                            "in the state cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens restored from the state cache "
+                                         "instead of prefilled.")
         self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
         success = Counter("miras:request_success", "Count of finished requests by finish reason.",
                           labels + ["finished_reason"], registry=self.registry)

@@ -12,6 +12,7 @@ from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprob
 from .sampler import TokenCounts
 from .sampling_params import SamplingParams
+from .state_cache import CachedState
 
 
 class RequestStatus(enum.Enum):
@@ -60,6 +61,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     scheduled_time: float | None = None
     first_token_time: float | None = None
+    restore: CachedState | None = None  # the state cache entry chosen at admission, until it is restored
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,8 +5,9 @@ first of prompts already being prefilled, then of waiting requests admitted in a
 enough slots are free (n slots for a request with n samples). A recurrent state has a fixed size, so a
 slot is all a request needs: admission never depends on prompt length and nothing is ever preempted.
 
-Prefill pieces end at multiples of the model's chunk size (except a prompt's last piece), so that
-consecutive pieces reproduce the model's chunked semantics exactly.
+Prefill pieces are multiples of the model's chunk size (except a prompt's last piece). A request can
+start past the beginning of its prompt when ``cached_prefix`` says that many tokens can be restored from
+the state cache; if that is all of them, it is admitted without a prefill piece.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .request import Request, RequestStatus, Sequence
@@ -42,11 +44,12 @@ class SchedulerOutput:
 
     @property
     def empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        return not self.decodes and not self.prefills and not self.admitted
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, chunk_size: int):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, chunk_size: int,
+                 cached_prefix: Callable[[Request], int] | None = None):
         if max_num_batched_tokens < max_num_seqs + chunk_size:
             # otherwise a full decode batch could leave no room for any prefill chunk
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
@@ -54,6 +57,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk_size = chunk_size
+        self.cached_prefix = cached_prefix  # prompt tokens a request about to be admitted need not prefill
         # A min-heap: the lowest free slot is handed out first, which keeps the running sequences in few
         # runs of consecutive slots (the PyTorch decode path reads and writes one run through views).
         self.free_slots: list[int] = list(range(max_num_seqs))
@@ -80,8 +84,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _prefill_size(self, request: Request, budget: int) -> int:
-        remaining = request.num_prompt_tokens - request.num_prefilled
+    def _prefill_size(self, request: Request, budget: int, start: int | None = None) -> int:
+        remaining = request.num_prompt_tokens - (request.num_prefilled if start is None else start)
         if remaining <= budget:
             return remaining
         return budget // self.chunk_size * self.chunk_size
@@ -103,16 +107,19 @@ class Scheduler:
             budget -= size
         while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
             request = self.waiting[0]
-            size = self._prefill_size(request, budget)
-            if size == 0:
+            start = self.cached_prefix(request) if self.cached_prefix else 0
+            size = self._prefill_size(request, budget, start)
+            if size == 0 and start < request.num_prompt_tokens:
                 break
             self.waiting.popleft()
+            request.num_prefilled = start
             request.slots = [heapq.heappop(self.free_slots) for _ in range(request.params.n)]
             request.status = RequestStatus.PREFILLING
             request.scheduled_time = time.monotonic()
             self.running[request.request_id] = request
             out.admitted.append(request)
-            out.prefills.append(PrefillChunk(request, 0, size))
+            if size:
+                out.prefills.append(PrefillChunk(request, start, start + size))
             budget -= size
         return out
 
