@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import os
 import platform
 import subprocess
 import time
@@ -85,7 +86,7 @@ def write_report(args: argparse.Namespace, rows: list, chunk_size: int, state_by
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     lines = [
         "# State cache: time to first token of a follow-up turn (CPU, in process)", "",
-        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s); "
+        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
         f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
         f"- model: `{args.model}` (chunk {chunk_size}, state {state_bytes / 2**20:.1f} MiB per sequence); engine "
         "with max_num_batched_tokens 4096; command: `python -m server.bench_state_cache`",
