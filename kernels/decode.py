@@ -33,24 +33,25 @@ from .ops import gelu, gelu_grad, in_slab, layer_norm_rows, mlp_error_grad, mm, 
 
 
 @triton.jit
-def _row(SLOTS, POS, LENGTHS, n, CHUNK: tl.constexpr):
-    """(slot, valid, skip): skip rows without a slot and rows whose token takes a chunk-boundary step."""
+def _program_row(SLOTS, POS, LENGTHS, CHUNK: tl.constexpr):
+    """This program's (row n, head h, slot, valid, skip): skip rows without a slot and rows whose token
+    takes a chunk-boundary step (the fused kernel's)."""
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
     slot = tl.load(SLOTS + n).to(tl.int64)
     valid = tl.load(LENGTHS + n) > 0
     boundary = (tl.load(POS + n) % CHUNK == 0) & valid
-    return slot, valid, (slot < 0) | boundary
+    return n, h, slot, valid, (slot < 0) | boundary
 
 
 @triton.jit
 def decode_forward_kernel(K, A_IN, A_OUT, Z, U_PART, SLOTS, POS, LENGTHS, sk_b, sk_h, sk_d,
                           H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    s = tl.program_id(2)
-    slot, valid, skip = _row(SLOTS, POS, LENGTHS, n, CHUNK)
+    n, h, slot, _, skip = _program_row(SLOTS, POS, LENGTHS, CHUNK)
     if skip:
         return
+    s = tl.program_id(2)
     ck = tl.arange(0, BLOCK_K)
     cd = tl.arange(0, BLOCK_D)
     s0 = s * BLOCK_D
@@ -72,13 +73,11 @@ def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_
                          p_exp, abs_eps, sharpness, ln_eps,
                          H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    s = tl.program_id(2)
-    n_slabs = tl.num_programs(2)
-    slot, valid, skip = _row(SLOTS, POS, LENGTHS, n, CHUNK)
+    n, h, slot, valid, skip = _program_row(SLOTS, POS, LENGTHS, CHUNK)
     if skip:
         return
+    s = tl.program_id(2)
+    n_slabs = tl.num_programs(2)
     ck = tl.arange(0, BLOCK_K)
     cd = tl.arange(0, BLOCK_D)
     col_mask = (ck < DK)[None, :]
@@ -126,9 +125,7 @@ def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_
 def decode_output_kernel(Q, O, UQ_PART, LN_W, LN_B, SLOTS, POS, LENGTHS, sq_b, sq_h, sq_d, so_b, so_h, ln_eps,
                          H: tl.constexpr, DK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
                          N_SLABS: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    slot, valid, skip = _row(SLOTS, POS, LENGTHS, n, CHUNK)
+    n, h, _, _, skip = _program_row(SLOTS, POS, LENGTHS, CHUNK)
     if skip:
         return
     ck = tl.arange(0, BLOCK_K)

@@ -39,7 +39,21 @@ def test_health_is_503_until_the_engine_runs(state):
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
 
 
-def test_engine_failure_after_the_200_is_an_sse_error_event(state, monkeypatch):
+def stream_with_step(state: ServerState, step, body: dict) -> tuple[list[str], object]:
+    """Stream a completion through the in-process app, the engine's step replaced by ``step``; the SSE
+    events (split on blank lines) and the app."""
+    state.engine.engine.step = step
+    app = build_app(state)
+    state.engine.start()
+    try:
+        response = request(app, "POST", "/v1/completions", json={**body, "stream": True})
+    finally:
+        state.engine.stop()
+    assert response.status_code == 200
+    return response.text.split("\n\n"), app
+
+
+def test_engine_failure_after_the_200_is_an_sse_error_event(state):
     real_step, calls = state.engine.engine.step, []
 
     def failing_step():
@@ -48,16 +62,7 @@ def test_engine_failure_after_the_200_is_an_sse_error_event(state, monkeypatch):
             raise RuntimeError("device lost")
         return real_step()
 
-    monkeypatch.setattr(state.engine.engine, "step", failing_step)
-    app = build_app(state)
-    state.engine.start()
-    try:
-        body = {"prompt": "Shall I", "max_tokens": 50, "ignore_eos": True, "stream": True}
-        response = request(app, "POST", "/v1/completions", json=body)
-    finally:
-        state.engine.stop()
-    assert response.status_code == 200
-    events = response.text.split("\n\n")
+    events, app = stream_with_step(state, failing_step, {"prompt": "Shall I", "max_tokens": 50, "ignore_eos": True})
     assert events[-2:] == ["data: [DONE]", ""]
     error = json.loads(events[-3].removeprefix("data: "))["error"]
     assert error["code"] == "unavailable" and "device lost" in error["message"]
@@ -65,27 +70,17 @@ def test_engine_failure_after_the_200_is_an_sse_error_event(state, monkeypatch):
     assert request(app, "GET", "/health").json()["error"]["code"] == "dead"
 
 
-def test_silent_streams_get_sse_comment_pings(tiny_checkpoint, monkeypatch):
+def test_silent_streams_get_sse_comment_pings(state):
     """A stream that waits (here: every engine step takes 0.2 s) gets ': ping' comments every
     --sse-ping-interval seconds; the data events around them are unchanged."""
-    model, tokenizer = load_model(tiny_checkpoint)
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4), "tiny")
-    state = ServerState(AsyncEngine(engine), ServerSettings("tiny", str(tiny_checkpoint), sse_ping_interval=0.05))
-    real_step = engine.step
+    state.completions.sse_ping_interval = 0.05
+    real_step = state.engine.engine.step
 
     def slow_step():
         time.sleep(0.2)
         return real_step()
 
-    monkeypatch.setattr(engine, "step", slow_step)
-    app = build_app(state)
-    state.engine.start()
-    try:
-        body = {"prompt": "Shall I", "max_tokens": 3, "ignore_eos": True, "stream": True}
-        response = request(app, "POST", "/v1/completions", json=body)
-    finally:
-        state.engine.stop()
-    events = response.text.split("\n\n")
+    events, _ = stream_with_step(state, slow_step, {"prompt": "Shall I", "max_tokens": 3, "ignore_eos": True})
     assert events[-2:] == ["data: [DONE]", ""]
     pings = [e for e in events if e == ": ping"]
     data = [e for e in events[:-2] if e != ": ping"]
