@@ -1,7 +1,8 @@
 """Multi-turn chat with and without the state cache, in process (the engine, no HTTP) on this machine.
 
 For each history length H: turn 1 is an H-token prompt and a 16-token greedy reply; turn 2 sends the
-whole conversation again plus a 24-token question, as chat clients do. Measured: time to the first
+whole conversation again (as token ids: prompt, reply, then a 24-token question), as chat clients resend
+their history. (Over a chat template the reply comes back as text and may be prefilled again too.) Measured: time to the first
 token of turn 2, and of the same request sent twice ("regenerate"), with the cache (the state after
 turn 1 is restored, only the new tokens are prefilled) and without (everything is prefilled again).
 Both engines run side by side in one process; the report gives their ratio.
@@ -90,7 +91,9 @@ def write_report(args: argparse.Namespace, rows: list, chunk_size: int, state_by
         f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
         f"- model: `{args.model}` (chunk {chunk_size}, state {state_bytes / 2**20:.1f} MiB per sequence); engine "
         "with max_num_batched_tokens 4096; command: `python -m server.bench_state_cache`",
-        "- turn 1: H random tokens + a 16-token greedy reply; turn 2: the whole conversation + 24 new tokens. "
+        "- turn 1: H random tokens + a 16-token greedy reply; turn 2: the whole conversation as token ids + 24 new "
+        "tokens (over a chat template the reply is re-rendered from text, and the shipped template makes it "
+        "prefilled again: see docs/serving.md). "
         "Both engines (state cache on / off) run side by side in one process and produce the same tokens.", "",
         "| history H | turn-2 prompt | next turn: no cache | with cache | speed-up | regenerate: no cache "
         "| with cache | speed-up |",

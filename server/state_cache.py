@@ -5,7 +5,11 @@ fixed-size state.
 Entries are made where the engine holds a state anyway: at the end of every prompt's prefill (with the
 last position's logits, so an identical prompt, a "regenerate", needs no prefill at all) and when a
 sequence finishes (the prompt and all generated tokens but the last, which was sampled and never fed:
-the next turn of a chat extends exactly that). A prompt restores its longest cached prefix. Restoring
+a client that continues with the generated token ids extends exactly that). A prompt restores its
+longest cached prefix. Over a chat template the next turn restores at least the previous turn's whole
+prompt: the reply comes back as text, and whether its re-rendering matches the generated tokens
+depends on the template (the shipped one adds a space after "assistant:", so the reply is prefilled
+again, never the conversation before it). Restoring
 is exact: the model gives the same logits for a sequence in one pass or continued from any position's
 state (the invariant the model and kernel tests check), so only the work changes.
 

@@ -10,7 +10,7 @@ import torch
 from conftest import small_model
 
 import models
-from server import EngineConfig, LLMEngine, SamplingParams
+from server import LLM, EngineConfig, LLMEngine, SamplingParams
 from server.cli import engine_config, parse_args
 from server.state_cache import StateCache
 
@@ -69,7 +69,7 @@ def run(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> list[li
 
 
 def counter(engine: LLMEngine, name: str) -> float:
-    return engine.metrics.registry.get_sample_value(f"miras:{name}_total", {"model_name": "miras"})
+    return engine.metrics.registry.get_sample_value(f"miras:{name}_total", {"model_name": engine.model_name})
 
 
 def prefilled(engine: LLMEngine) -> float:
@@ -120,3 +120,18 @@ def test_state_cache_flag():
     assert engine_config(parse_args(["--state-cache-gb", "0"])).state_cache_bytes == 0
     with pytest.raises(SystemExit):
         parse_args(["--state-cache-gb", "-1"])
+
+
+def test_chat_turns_restore_the_previous_turns_prompt(tiny_checkpoint):
+    """Over the chat template each turn restores at least the state after the previous turn's whole
+    prompt; only the reply as re-rendered by the template and the new message are prefilled."""
+    llm = LLM(tiny_checkpoint, max_num_seqs=4, max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    messages = [{"role": "user", "content": "Shall I compare thee"}]
+    for question in ("to a summer's day?", "Thou art more lovely"):
+        previous_prompt = len(llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_bos=True))
+        (reply,) = llm.chat(messages, params)
+        messages += [{"role": "assistant", "content": reply.outputs[0].text}, {"role": "user", "content": question}]
+        hits = counter(llm.engine, "prefix_cache_hits")
+        llm.chat(messages, params)
+        assert counter(llm.engine, "prefix_cache_hits") - hits >= previous_prompt
