@@ -2,10 +2,11 @@
 
 For each history length H: turn 1 is an H-token prompt and a 16-token greedy reply; turn 2 sends the
 whole conversation again (as token ids: prompt, reply, then a 24-token question), as chat clients resend
-their history. (Over a chat template the reply comes back as text and may be prefilled again too.) Measured: time to the first
-token of turn 2, and of the same request sent twice ("regenerate"), with the cache (the state after
-turn 1 is restored, only the new tokens are prefilled) and without (everything is prefilled again).
-Both engines run side by side in one process; the report gives their ratio.
+their history. (Over a chat template the reply comes back as text and may be prefilled again too.)
+Measured: time to the first token of turn 2, and of the same request sent twice ("regenerate"), with
+the cache (the state after turn 1 is restored, only the new tokens are prefilled) and without
+(everything is prefilled again). Both engines run side by side in one process; the report gives their
+ratio.
 
     python -m server.bench_state_cache [--model moneta-tiny] [--histories 256 1024 4096 16384]
 
