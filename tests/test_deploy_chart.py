@@ -147,13 +147,13 @@ def test_every_server_value_becomes_its_flag(helm, tmp_path):
     server = {
         "host": "0.0.0.0", "port": 8001, "servedModelName": "chat", "dtype": "bfloat16", "device": "cpu",
         "allowedOrigins": ["https://a.example", "https://b.example"], "maxNumSeqs": 7, "maxNumBatchedTokens": 4096,
-        "maxPromptTokens": 123456789, "maxQueuedRequests": 9, "shutdownTimeout": 45, "logLevel": "debug",
-        "extraArgs": ["--some-future-flag", "x"],
+        "maxPromptTokens": 123456789, "maxQueuedRequests": 9, "stateCacheGb": 0.5, "ssePingInterval": 12.5,
+        "enforceEager": True, "shutdownTimeout": 45, "logLevel": "debug", "extraArgs": ["--some-future-flag", "x"],
     }
     assert set(server) == set(default_values()["server"]), "test every key of values.yaml's server section"
     args = container(render(helm, "-f", values_file(tmp_path, {"server": server})))["args"]
     assert args[-2:] == ["--some-future-flag", "x"]
-    expected = {kebab(k): [str(x) for x in (v if isinstance(v, list) else [v])]
+    expected = {kebab(k): [] if v is True else [str(x) for x in (v if isinstance(v, list) else [v])]
                 for k, v in server.items() if k != "extraArgs"}
     assert flags(args[:-2]) == {"--model": ["moneta-tiny"], **expected}
 
@@ -322,6 +322,8 @@ def test_pod_runs_unprivileged(helm):
     ("server.port=70000", "server.port"),
     ("server.logLevel=loud", "server.logLevel"),
     ("server.maxNumSeqs=lots", "server.maxNumSeqs"),
+    ("server.stateCacheGb=-1", "server.stateCacheGb"),
+    ("server.enforceEager=maybe", "server.enforceEager"),
     ("server.bogusFlag=1", "bogusFlag"),
     ("model.source=s3", "model.source"),
     ("metrics.serviceMonitor.interval=often", "metrics.serviceMonitor.interval"),

@@ -90,6 +90,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - {{ .Values.server.maxPromptTokens | int64 | quote }}
 - --max-queued-requests
 - {{ .Values.server.maxQueuedRequests | int64 | quote }}
+- --state-cache-gb
+- {{ .Values.server.stateCacheGb | quote }}
+- --sse-ping-interval
+- {{ .Values.server.ssePingInterval | quote }}
+{{- if .Values.server.enforceEager }}
+- --enforce-eager
+{{- end }}
 - --shutdown-timeout
 - {{ .Values.server.shutdownTimeout | int64 | quote }}
 - --log-level
