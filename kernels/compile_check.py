@@ -21,8 +21,8 @@ from triton.compiler import ASTSource
 
 from models.config import MirasConfig, preset_config
 
-from .decode import decode_forward_kernel, decode_output_kernel, decode_update_kernel
-from .scan import launch_config, miras_scan_kernel
+from .decode import split_kernels
+from .scan import launch_config, miras_scan_kernel, split_launch
 
 INDEX_ARGS = ("SLOTS", "POS", "LENGTHS", "CU_SEQLENS")
 TOKEN_ARGS = ("Q", "K", "V")
@@ -53,26 +53,17 @@ def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dty
     """Compile one variant for ``sm_<capability>`` (``launch`` overrides entries of launch_config):
     the scan kernel, and for a split decode the three kernels of kernels.decode. Returns
     {kernel: {registers, spill_stores, spill_loads (bytes)}}."""
-    config = {**launch_config(cfg, decode, varlen, dot="tf32x3"), **(launch or {})}
-    split_d, split_warps = config.pop("SPLIT_D", 0), config.pop("SPLIT_WARPS", 4)
+    config, split_d, split_warps = split_launch({**launch_config(cfg, decode, varlen, dot="tf32x3"),
+                                                 **(launch or {})})
     options = {name: config.pop(name) for name in ("num_warps", "num_stages") if name in config}
-    report = {"scan": _compile(miras_scan_kernel, {**config, "BOUNDARY_ROWS_ONLY": split_d > 0}, options,
-                               token_dtype, capability)}
+    report = {"scan": _compile(miras_scan_kernel, config, options, token_dtype, capability)}
     if split_d > 0:
-        shape = dict(H=config["H"], DK=config["DK"], D=config["D"], CHUNK=config["CHUNK"], BLOCK_K=config["BLOCK_K"])
-        slab = {**shape, "BLOCK_D": split_d}
-        report["split forward"] = _compile(decode_forward_kernel, slab, {"num_warps": split_warps}, token_dtype,
-                                           capability)
-        report["split update"] = _compile(decode_update_kernel, {**slab, "BIAS": config["BIAS"],
-                                                                 "RETENTION": config["RETENTION"]},
-                                          {"num_warps": split_warps}, token_dtype, capability)
-        report["split output"] = _compile(decode_output_kernel, {**shape, "N_SLABS": -(-config["D"] // split_d)},
-                                          {"num_warps": 1}, token_dtype, capability)
+        for name, (kernel, constexprs, kernel_options) in split_kernels(config, split_d, split_warps).items():
+            report[f"split {name}"] = _compile(kernel, constexprs, kernel_options, token_dtype, capability)
     return report
 
 
 def _compile(kernel, constexprs: dict, options: dict, token_dtype: str, capability: int) -> dict[str, int]:
-    constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
     source = ASTSource(kernel, _signature(kernel, constexprs, token_dtype), constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")

@@ -141,6 +141,18 @@ def decode_output_kernel(Q, O, UQ_PART, LN_W, LN_B, SLOTS, POS, LENGTHS, sq_b, s
     tl.store(O + n * so_b + h * so_h + ck[None, :], out, mask=col_mask)
 
 
+def split_kernels(config: dict, slab: int, warps: int) -> dict[str, tuple]:
+    """(kernel, compile-time arguments, launch options) of the three split-decode kernels, from the scan's
+    launch config, a slab width and the slab kernels' warps: what runs and what kernels.compile_check
+    compiles come from here."""
+    shape = dict(H=config["H"], DK=config["DK"], CHUNK=config["CHUNK"], BLOCK_K=config["BLOCK_K"])
+    slabs = dict(shape, D=config["D"], BLOCK_D=slab)
+    return {"forward": (decode_forward_kernel, slabs, {"num_warps": warps}),
+            "update": (decode_update_kernel, dict(slabs, BIAS=config["BIAS"], RETENTION=config["RETENTION"]),
+                       {"num_warps": warps}),
+            "output": (decode_output_kernel, dict(shape, N_SLABS=triton.cdiv(config["D"], slab)), {"num_warps": 1})}
+
+
 def split_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                  gates: list[Tensor], anchor: tuple[Tensor, Tensor], memory: tuple[Tensor, Tensor], ln_weight: Tensor,
                  ln_bias: Tensor, slots: Tensor, pos: Tensor, lengths: Tensor) -> None:
@@ -148,20 +160,19 @@ def split_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tenso
     [N, H, 1]; ``out`` [N, H, 1, d] is written for those rows only), in ``slab``-wide hidden slabs of
     ``warps`` warps each. ``config`` is the scan's launch config (shapes and rule codes)."""
     n_rows, H = q.shape[0], q.shape[1]
-    D, DK, BK, BD = config["D"], config["DK"], config["BLOCK_K"], slab
-    n_slabs = triton.cdiv(D, BD)
-    z = torch.empty(n_rows, H, D, device=q.device, dtype=torch.float32)
-    u_part = torch.empty(n_rows, H, n_slabs, BK, device=q.device, dtype=torch.float32)
+    kernels = split_kernels(config, slab, warps)
+    n_slabs = kernels["output"][1]["N_SLABS"]
+    z = torch.empty(n_rows, H, config["D"], device=q.device, dtype=torch.float32)
+    u_part = torch.empty(n_rows, H, n_slabs, config["BLOCK_K"], device=q.device, dtype=torch.float32)
     uq_part = torch.empty_like(u_part)
-    shape = dict(H=H, DK=DK, D=D, CHUNK=config["CHUNK"], BLOCK_K=BK, BLOCK_D=BD)
     sq, sk, sv, so, sg = q.stride(), k.stride(), v.stride(), out.stride(), gates[0].stride()
     grid = (n_rows, H, n_slabs)
-    decode_forward_kernel[grid](k, anchor[0], anchor[1], z, u_part, slots, pos, lengths, sk[0], sk[1], sk[3], **shape,
-                                num_warps=warps)
-    decode_update_kernel[grid](q, k, v, *gates, anchor[1], memory[0], memory[1], ln_weight, ln_bias, z, u_part,
-                               uq_part, slots, pos, lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1],
-                               sv[3], sg[0], sg[1], cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memory_ln_eps,
-                               **shape, BIAS=config["BIAS"], RETENTION=config["RETENTION"], num_warps=warps)
-    decode_output_kernel[(n_rows, H)](q, out, uq_part, ln_weight, ln_bias, slots, pos, lengths, sq[0], sq[1], sq[3],
-                                      so[0], so[1], cfg.memory_ln_eps, H=H, DK=DK, CHUNK=config["CHUNK"], BLOCK_K=BK,
-                                      N_SLABS=n_slabs, num_warps=1)
+    kernel, constexprs, options = kernels["forward"]
+    kernel[grid](k, anchor[0], anchor[1], z, u_part, slots, pos, lengths, sk[0], sk[1], sk[3], **constexprs, **options)
+    kernel, constexprs, options = kernels["update"]
+    kernel[grid](q, k, v, *gates, anchor[1], memory[0], memory[1], ln_weight, ln_bias, z, u_part, uq_part, slots, pos,
+                 lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0], sg[1], cfg.p,
+                 cfg.abs_eps, cfg.sign_sharpness, cfg.memory_ln_eps, **constexprs, **options)
+    kernel, constexprs, options = kernels["output"]
+    kernel[(n_rows, H)](q, out, uq_part, ln_weight, ln_bias, slots, pos, lengths, sq[0], sq[1], sq[3], so[0], so[1],
+                        cfg.memory_ln_eps, **constexprs, **options)

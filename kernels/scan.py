@@ -394,6 +394,15 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
     return config
 
 
+def split_launch(config: dict) -> tuple[dict, int, int]:
+    """A launch config (possibly overridden) as the fused kernel's arguments (``BOUNDARY_ROWS_ONLY`` set
+    when the split decode takes the other rows), the split decode's slab width (0: none) and its warps."""
+    config = dict(config)
+    split_d, split_warps = config.pop("SPLIT_D", 0), config.pop("SPLIT_WARPS", 4)
+    config["BOUNDARY_ROWS_ONLY"] = split_d > 0
+    return config, split_d, split_warps
+
+
 def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
               v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
               ln_bias: Tensor | None, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
@@ -435,14 +444,14 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, p
         return out
     a_in, a_out = (anchor[0], anchor[0]) if linear else anchor
     m_in, m_out = (memory[0], memory[0]) if linear else memory
-    config = {**launch_config(cfg, decode, varlen, dot_precision(q.device)), **(launch or {})}
-    split_d, split_warps = config.pop("SPLIT_D", 0), config.pop("SPLIT_WARPS", 4)
+    config, split_d, split_warps = split_launch({**launch_config(cfg, decode, varlen, dot_precision(q.device)),
+                                                 **(launch or {})})
     miras_scan_kernel[(n_rows, H)](
         q, k, v, out, *gates, a_in, a_out, m_in, m_out, ln_weight, ln_bias, slots, pos, lengths,
         cu_seqlens if varlen else index, T,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(),
         cfg.lq_radius, *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps, cfg.memory_ln_eps,
-        BOUNDARY_ROWS_ONLY=split_d > 0, **config,
+        **config,
     )
     if split_d > 0:
         split_decode(cfg, config, split_d, split_warps, q, k, v, out, gates, anchor, memory, ln_weight, ln_bias,
