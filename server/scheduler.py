@@ -84,8 +84,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _prefill_size(self, request: Request, budget: int, start: int | None = None) -> int:
-        remaining = request.num_prompt_tokens - (request.num_prefilled if start is None else start)
+    def _prefill_size(self, request: Request, budget: int, start: int) -> int:
+        """Tokens of the next prefill piece from prompt position ``start`` within ``budget``."""
+        remaining = request.num_prompt_tokens - start
         if remaining <= budget:
             return remaining
         return budget // self.chunk_size * self.chunk_size
@@ -100,7 +101,7 @@ class Scheduler:
                 prefilling.append(request)
         budget = self.max_num_batched_tokens - len(out.decodes)
         for request in prefilling:
-            size = self._prefill_size(request, budget)
+            size = self._prefill_size(request, budget, request.num_prefilled)
             if size == 0:
                 return out
             out.prefills.append(PrefillChunk(request, request.num_prefilled, request.num_prefilled + size))
