@@ -98,15 +98,10 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
                                          ln_weight, ln_bias, lengths=lengths)
     from models.memory import memory_scan as torch_memory_scan
 
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     access = _slot_access(slots, slots >= 0)
     if access is None:
-        return out
-    rows, picked, read, write = access
-
-    def pick(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.index_select(0, rows)
-
+        return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    rows, picked, read, write, pick = access
     valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < lengths.view(-1, 1)
     o, new_anchor, new_memory = torch_memory_scan(
         cfg, tuple(read(w) for w in anchor), tuple(read(w) for w in memory), pick(pos), pick(q), pick(k), pick(v),
@@ -117,12 +112,20 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
     written = (*anchor, *memory) if bool((first_boundary < pick(lengths)).any()) else memory
     for pool, new in zip(written, (*new_anchor, *new_memory)[-len(written):], strict=True):
         write(pool, new)
-    return out.index_copy_(0, rows, o.float())
+    return _scatter_reads(q, rows, o)
 
 
-def _slot_access(slots: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Callable, Callable] | None:
-    """For the batch rows where ``live`` holds, in slot order: (batch rows, their pool slots, read, write)
-    with ``read(pool)`` their pool rows and ``write(pool, new)`` storing them back; None if no row is live.
+def _scatter_reads(q: Tensor, rows: Tensor, o: Tensor) -> Tensor:
+    """The reads of the batch ([B, H, T, d], fp32, zero for skipped rows) from those of ``rows``."""
+    if rows.numel() == q.shape[0] and torch.equal(rows, torch.arange(q.shape[0], device=rows.device)):
+        return o.float()
+    return torch.zeros(q.shape, dtype=torch.float32, device=q.device).index_copy_(0, rows, o.float())
+
+
+def _slot_access(slots: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Callable, Callable, Callable] | None:
+    """For the batch rows where ``live`` holds, in slot order: (batch rows, their pool slots, read, write,
+    pick) with ``read(pool)`` their pool rows, ``write(pool, new)`` storing them back and ``pick(t)`` their
+    rows of a batch tensor (or None); None if no row is live.
 
     A batch whose slots form one run reads and writes the pool through views rather than gathered and
     scattered copies: half the state traffic of a decode step (the scheduler hands out the lowest free
@@ -147,7 +150,12 @@ def _slot_access(slots: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Callable,
 
         def write(pool: Tensor, new: Tensor) -> None:
             pool.index_copy_(0, picked, new)
-    return rows, picked, read, write
+    everything = count == live.numel() and torch.equal(rows, torch.arange(count, device=rows.device))
+
+    def pick(t: Tensor | None) -> Tensor | None:
+        return t if t is None or everything else t.index_select(0, rows)
+
+    return rows, picked, read, write, pick
 
 
 def _factored_backend(device_type: str) -> None:
@@ -182,15 +190,10 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     from models import memory
 
     _factored_backend(q.device.type)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     access = _slot_access(slots, (slots >= 0) & (lengths > 0))
     if access is None:
-        return out
-    rows, picked, read, write = access
-
-    def pick(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.index_select(0, rows)
-
+        return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    rows, picked, read, write, pick = access
     token = [pick(t) for t in (q, k, v, eta, log_alpha, delta)]
     pos = pick(pos)
     if q.shape[2] > 1:
@@ -199,7 +202,7 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
         o, state = memory.factored_scan(cfg, state, pos, *token, valid, ln_weight, ln_bias)
         for mine, new in zip((*pool.anchor, *pool[1:]), (*state.anchor, *state[1:]), strict=True):
             write(mine, new)
-        return out.index_copy_(0, rows, o)
+        return _scatter_reads(q, rows, o)
     row = pos % cfg.chunk_size
     first = (row == 0).nonzero().squeeze(1)
     if first.numel():  # once per chunk per sequence: fold into the new anchor, start the rows over
@@ -215,4 +218,4 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     pool.rows[picked, :, row] = new_row
     write(pool.row_coef, coef)
     write(pool.row_decay, decay)
-    return out.index_copy_(0, rows, o)
+    return _scatter_reads(q, rows, o)

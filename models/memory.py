@@ -98,7 +98,12 @@ def mlp_factors(cfg: MirasConfig, w_in: Tensor, w_out: Tensor, k: Tensor, v: Ten
 
     Returns (a, gz, gu) with grad W_out_i = gu_i a_i^T  ([d, D]) and grad W_in_i = gz_i k_i^T ([D, d]).
     """
-    z = k @ w_in.transpose(-1, -2)  # [B, H, n, D]
+    return mlp_factors_at(cfg, k @ w_in.transpose(-1, -2), w_out, k, v, ln_weight, ln_bias, delta)
+
+
+def mlp_factors_at(cfg: MirasConfig, z: Tensor, w_out: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor,
+                   ln_bias: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`mlp_factors` given the keys' pre-activations z = k W_in^T [B, H, n, D]."""
     a = gelu(z)
     u = a @ w_out.transpose(-1, -2)  # [B, H, n, d]
     y_ln, u_hat, inv_std = layer_norm(u, ln_weight, ln_bias, cfg.memory_ln_eps)
@@ -363,16 +368,20 @@ def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tens
     else:
         alpha = log_alpha.exp()
     w_in, w_out = state.anchor
-    a, gz, gu = mlp_factors(cfg, w_in, w_out, k, v, ln_weight, ln_bias, delta)  # [B, H, 1, *] at the anchor
+    z, zq = (torch.cat([k, q], dim=2) @ w_in.transpose(-1, -2)).split(1, dim=2)  # one pass over W_in for both
+    a, gz, gu = mlp_factors_at(cfg, z, w_out, k, v, ln_weight, ln_bias, delta)  # [B, H, 1, *] at the anchor
     coef = state.row_coef * alpha  # the old rows (a new row's slot holds 0 until written)
     decay = state.row_decay * alpha.squeeze(-1)
-    old_k, old_gz, old_a, old_gu = split_rows(state.rows, cfg.head_dim)
+    # Only the rows some sequence has filled are read (the others hold 0).
+    filled = int(row.max())
+    old_k, old_gz, old_a, old_gu = split_rows(state.rows[:, :, :filled], cfg.head_dim)
+    old_coef = coef[..., None, :filled]
     eta = eta.unsqueeze(-1)  # [B, H, 1, 1]
     scale = decay[..., None, None]
-    zq = (scale * (q @ w_in.transpose(-1, -2)) - (coef.unsqueeze(-2) * (q @ old_k.transpose(-1, -2))) @ old_gz
+    zq = (scale * zq - (old_coef * (q @ old_k.transpose(-1, -2))) @ old_gz
           - eta * (q * k).sum(-1, keepdim=True) * gz)
     aq = gelu(zq)
-    uq = (scale * (aq @ w_out.transpose(-1, -2)) - (coef.unsqueeze(-2) * (aq @ old_a.transpose(-1, -2))) @ old_gu
+    uq = (scale * (aq @ w_out.transpose(-1, -2)) - (old_coef * (aq @ old_a.transpose(-1, -2))) @ old_gu
           - eta * (aq * a).sum(-1, keepdim=True) * gu)
     out = q + layer_norm(uq, ln_weight, ln_bias, cfg.memory_ln_eps)[0]
     new_row = torch.cat([k, gz, a, gu], dim=-1).squeeze(2)
