@@ -9,7 +9,7 @@ import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:  # models imports this package: import it lazily, whichever is imported first
     from models.config import MirasConfig
-    from models.memory import Memory
+    from models.memory import FactoredMemory, Memory
 
 BACKENDS = ("torch", "triton")
 
@@ -98,13 +98,42 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
                                          ln_weight, ln_bias, lengths=lengths)
     from models.memory import memory_scan as torch_memory_scan
 
-    rows = (slots >= 0).nonzero().squeeze(1)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    access = _slot_access(slots, slots >= 0)
+    if access is None:
+        return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    rows, picked, read, write, pick = access
+    valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < lengths.view(-1, 1)
+    o, new_anchor, new_memory = torch_memory_scan(
+        cfg, tuple(read(w) for w in anchor), tuple(read(w) for w in memory), pick(pos), pick(q), pick(k), pick(v),
+        pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias)
+    # The anchor changes only where a chunk starts inside the processed tokens; most decode steps
+    # cross no boundary, so skip that copy (half the state traffic of the write-back).
+    first_boundary = torch.remainder(-pick(pos), cfg.chunk_size)
+    written = (*anchor, *memory) if bool((first_boundary < pick(lengths)).any()) else memory
+    for pool, new in zip(written, (*new_anchor, *new_memory)[-len(written):], strict=True):
+        write(pool, new)
+    return _scatter_reads(q, rows, o)
+
+
+def _scatter_reads(q: Tensor, rows: Tensor, o: Tensor) -> Tensor:
+    """The reads of the batch ([B, H, T, d], fp32, zero for skipped rows) from those of ``rows``."""
+    if rows.numel() == q.shape[0] and torch.equal(rows, torch.arange(q.shape[0], device=rows.device)):
+        return o.float()
+    return torch.zeros(q.shape, dtype=torch.float32, device=q.device).index_copy_(0, rows, o.float())
+
+
+def _slot_access(slots: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Callable, Callable, Callable] | None:
+    """For the batch rows where ``live`` holds, in slot order: (batch rows, their pool slots, read, write,
+    pick) with ``read(pool)`` their pool rows, ``write(pool, new)`` storing them back and ``pick(t)`` their
+    rows of a batch tensor (or None); None if no row is live.
+
+    A batch whose slots form one run reads and writes the pool through views rather than gathered and
+    scattered copies: half the state traffic of a decode step (the scheduler hands out the lowest free
+    slots, so this is the common case).
+    """
+    rows = live.nonzero().squeeze(1)
     if rows.numel() == 0:
-        return out
-    # In slot order, a batch whose slots form one run reads and writes the pool through views rather than
-    # gathered and scattered copies: half the state traffic of a decode step (the scheduler hands out the
-    # lowest free slots, so this is the common case).
+        return None
     picked = slots.index_select(0, rows)
     order = torch.argsort(picked)
     rows, picked = rows.index_select(0, order), picked.index_select(0, order)
@@ -121,18 +150,72 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
 
         def write(pool: Tensor, new: Tensor) -> None:
             pool.index_copy_(0, picked, new)
+    everything = count == live.numel() and torch.equal(rows, torch.arange(count, device=rows.device))
 
     def pick(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.index_select(0, rows)
+        return t if t is None or everything else t.index_select(0, rows)
 
-    valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < lengths.view(-1, 1)
-    o, new_anchor, new_memory = torch_memory_scan(
-        cfg, tuple(read(w) for w in anchor), tuple(read(w) for w in memory), pick(pos), pick(q), pick(k), pick(v),
-        pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias)
-    # The anchor changes only where a chunk starts inside the processed tokens; most decode steps
-    # cross no boundary, so skip that copy (half the state traffic of the write-back).
-    first_boundary = torch.remainder(-pick(pos), cfg.chunk_size)
-    written = (*anchor, *memory) if bool((first_boundary < pick(lengths)).any()) else memory
-    for pool, new in zip(written, (*new_anchor, *new_memory)[-len(written):], strict=True):
-        write(pool, new)
-    return out.index_copy_(0, rows, o.float())
+    return rows, picked, read, write, pick
+
+
+def _factored_backend(device_type: str) -> None:
+    if backend_for(device_type) != "torch":
+        raise NotImplementedError("the triton backend runs the running-memory state layout (models.layers."
+                                  "state_layout); this state is factored: create it with that backend selected")
+
+
+def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
+                  log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
+                  ln_bias: Tensor) -> tuple[Tensor, FactoredMemory]:
+    """Same contract as :func:`models.memory.factored_scan` (inputs untouched), on the selected backend;
+    one-token batches take the dual-form decode step."""
+    from models import memory
+
+    _factored_backend(q.device.type)
+    if q.shape[2] == 1:
+        return memory.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias)
+    return memory.factored_scan(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias)
+
+
+def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
+                       v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
+                       ln_weight: Tensor, ln_bias: Tensor) -> Tensor:
+    """:func:`memory_scan_pool` on a factored state pool: in place, row b of q/k/v continues pool slot
+    ``slots[b]``; a negative slot or an empty row is skipped. Returns the reads.
+
+    A decode step (one token per row) reads the anchor and the factor rows where they lie and writes
+    one row, the coefficients and the decay; a token that starts a chunk first folds its rows into the
+    new anchor (once per chunk). A prompt gathers its rows, runs the factored scan and writes them back.
+    """
+    from models import memory
+
+    _factored_backend(q.device.type)
+    access = _slot_access(slots, (slots >= 0) & (lengths > 0))
+    if access is None:
+        return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    rows, picked, read, write, pick = access
+    token = [pick(t) for t in (q, k, v, eta, log_alpha, delta)]
+    pos = pick(pos)
+    if q.shape[2] > 1:
+        valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < pick(lengths).view(-1, 1)
+        state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
+        o, state = memory.factored_scan(cfg, state, pos, *token, valid, ln_weight, ln_bias)
+        for mine, new in zip((*pool.anchor, *pool[1:]), (*state.anchor, *state[1:]), strict=True):
+            write(mine, new)
+        return _scatter_reads(q, rows, o)
+    row = pos % cfg.chunk_size
+    first = (row == 0).nonzero().squeeze(1)
+    if first.numel():  # once per chunk per sequence: fold into the new anchor, start the rows over
+        at = picked.index_select(0, first)
+        gathered = memory.FactoredMemory(tuple(w.index_select(0, at) for w in pool.anchor),
+                                         *(t.index_select(0, at) for t in pool[1:]))
+        started = memory.start_chunk(cfg, gathered, *(t.index_select(0, first) for t in token[1:5]),
+                                     ln_weight, ln_bias)
+        for mine, new in zip((*pool.anchor, *pool[1:]), (*started.anchor, *started[1:]), strict=True):
+            mine.index_copy_(0, at, new)
+    state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
+    o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias)
+    pool.rows[picked, :, row] = new_row
+    write(pool.row_coef, coef)
+    write(pool.row_decay, decay)
+    return _scatter_reads(q, rows, o)

@@ -15,11 +15,18 @@ computation with ``n = 1``.
 
 No autograd is used to compute the inner gradients: they are written out below so that the
 kernels can follow them line by line (training differentiates *through* them with autograd).
+
+Decoding keeps an MLP memory *factored* (``FactoredMemory``, models/SPEC.md §7): the chunk's anchor
+plus one factor row per token of the chunk so far, instead of the running memory. The running memory
+is the anchor, decayed, minus the rows' outer products (``fold_rows``); a decode step reads the anchor
+once and the rows (``factored_token``), and a chunk start folds the rows into the next anchor
+(``start_chunk``). Same math as the running-memory form, different bookkeeping.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -91,7 +98,12 @@ def mlp_factors(cfg: MirasConfig, w_in: Tensor, w_out: Tensor, k: Tensor, v: Ten
 
     Returns (a, gz, gu) with grad W_out_i = gu_i a_i^T  ([d, D]) and grad W_in_i = gz_i k_i^T ([D, d]).
     """
-    z = k @ w_in.transpose(-1, -2)  # [B, H, n, D]
+    return mlp_factors_at(cfg, k @ w_in.transpose(-1, -2), w_out, k, v, ln_weight, ln_bias, delta)
+
+
+def mlp_factors_at(cfg: MirasConfig, z: Tensor, w_out: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor,
+                   ln_bias: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`mlp_factors` given the keys' pre-activations z = k W_in^T [B, H, n, D]."""
     a = gelu(z)
     u = a @ w_out.transpose(-1, -2)  # [B, H, n, d]
     y_ln, u_hat, inv_std = layer_norm(u, ln_weight, ln_bias, cfg.memory_ln_eps)
@@ -286,3 +298,150 @@ def read_memory(cfg: MirasConfig, memory: Memory, x: Tensor, ln_weight: Tensor |
 
 def l2_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class FactoredMemory(NamedTuple):
+    """The decode state of an MLP memory in the factored layout, per sequence and head.
+
+    ``anchor``: (W_in [B, H, D, d], W_out [B, H, d, D]), the anchor of the chunk the sequence is in.
+    ``rows`` [B, H, b, 2(D + d)]: one factor row ``(k_i, gz_i, a_i, gu_i)`` per token of the chunk
+    consumed so far (grad W_in_i = gz_i k_i^T, grad W_out_i = gu_i a_i^T, at the anchor); rows not yet
+    written hold 0. ``row_coef`` [B, H, b]: C[t, i] = eta_i prod_{i<j<=t} alpha_j after the last token
+    t (0 for unwritten rows). ``row_decay`` [B, H]: prod_{j<=t} alpha_j from the chunk start.
+    The number of filled rows is ``pos % b`` (0 at ``pos > 0``: the chunk is complete, all b are).
+    """
+
+    anchor: Memory
+    rows: Tensor
+    row_coef: Tensor
+    row_decay: Tensor
+
+
+def factored_fresh(cfg: MirasConfig, memory: Memory) -> FactoredMemory:
+    """The factored state at position 0: the anchor is the initial memory, no rows, decay 1."""
+    w_in = memory[0]
+    batch, H = w_in.shape[:2]
+    rows = w_in.new_zeros(batch, H, cfg.chunk_size, 2 * (cfg.memory_hidden + cfg.head_dim))
+    return FactoredMemory(memory, rows, w_in.new_zeros(batch, H, cfg.chunk_size), w_in.new_ones(batch, H))
+
+
+def split_rows(rows: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Views (k, gz, a, gu) of factor rows laid out as (k [d], gz [D], a [D], gu [d])."""
+    hidden = (rows.shape[-1] - 2 * head_dim) // 2
+    return rows.split((head_dim, hidden, hidden, head_dim), dim=-1)
+
+
+def fold_rows(state: FactoredMemory) -> Memory:
+    """The running memory of a factored state: W = decay * anchor - sum_i C_i grad_i (never stored)."""
+    k, gz, a, gu = split_rows(state.rows, state.anchor[0].shape[-1])
+    coef = state.row_coef.unsqueeze(-1)
+    decay = state.row_decay[..., None, None]
+    w_in, w_out = state.anchor
+    return (decayed_update(w_in, decay, gz.transpose(-1, -2), coef * k),
+            decayed_update(w_out, decay, gu.transpose(-1, -2), coef * a))
+
+
+def start_chunk(cfg: MirasConfig, state: FactoredMemory, k0: Tensor, v0: Tensor, eta0: Tensor, log_alpha0: Tensor,
+                ln_weight: Tensor, ln_bias: Tensor) -> FactoredMemory:
+    """A token starts a chunk: the finished chunk's rows fold into the running memory, the rule's boundary
+    map makes it the new anchor, and the rows, coefficients and decay start over (k0 ... : [B, H, 1, *])."""
+    anchor = boundary_step(cfg, fold_rows(state), k0, v0, eta0, log_alpha0, ln_weight, ln_bias)
+    return FactoredMemory(anchor, torch.zeros_like(state.rows), torch.zeros_like(state.row_coef),
+                          torch.ones_like(state.row_decay))
+
+
+def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                   eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor,
+                   ln_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One token per sequence (q, k, v: [B, H, 1, d]; gates [B, H, 1]) that becomes factor row ``row``
+    [B] of its chunk, whose anchor ``state`` already holds (``start_chunk`` ran for a chunk's first token).
+
+    Returns the read y = M(q; W_t) [B, H, 1, d] and the new (row [B, H, 2(D + d)], row_coef, row_decay):
+    the old coefficients and the decay take the token's alpha, its row enters with eta, and the read sees
+    the post-update memory W_t = decay_t * anchor - sum_{i<=t} C[t, i] grad_i, through the anchor once
+    and the rows' dot products (the dual form with n = 1).
+    """
+    if cfg.retention == "kl":
+        # Memora: no decay inside a chunk; the lag token's update is its boundary step (eta 0 here).
+        alpha = torch.ones_like(log_alpha)
+        eta = torch.where((row == 0).view(-1, 1, 1), 0.0, eta)
+    else:
+        alpha = log_alpha.exp()
+    w_in, w_out = state.anchor
+    z, zq = (torch.cat([k, q], dim=2) @ w_in.transpose(-1, -2)).split(1, dim=2)  # one pass over W_in for both
+    a, gz, gu = mlp_factors_at(cfg, z, w_out, k, v, ln_weight, ln_bias, delta)  # [B, H, 1, *] at the anchor
+    coef = state.row_coef * alpha  # the old rows (a new row's slot holds 0 until written)
+    decay = state.row_decay * alpha.squeeze(-1)
+    # Only the rows some sequence has filled are read (the others hold 0).
+    filled = int(row.max())
+    old_k, old_gz, old_a, old_gu = split_rows(state.rows[:, :, :filled], cfg.head_dim)
+    old_coef = coef[..., None, :filled]
+    eta = eta.unsqueeze(-1)  # [B, H, 1, 1]
+    scale = decay[..., None, None]
+    zq = (scale * zq - (old_coef * (q @ old_k.transpose(-1, -2))) @ old_gz
+          - eta * (q * k).sum(-1, keepdim=True) * gz)
+    aq = gelu(zq)
+    uq = (scale * (aq @ w_out.transpose(-1, -2)) - (old_coef * (aq @ old_a.transpose(-1, -2))) @ old_gu
+          - eta * (aq * a).sum(-1, keepdim=True) * gu)
+    out = q + layer_norm(uq, ln_weight, ln_bias, cfg.memory_ln_eps)[0]
+    new_row = torch.cat([k, gz, a, gu], dim=-1).squeeze(2)
+    coef = coef.scatter(-1, row.view(-1, 1, 1).expand(-1, coef.shape[1], 1), eta.view(*coef.shape[:2], 1))
+    return out, new_row, coef, decay
+
+
+def factored_decode_step(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                         eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
+                         ln_bias: Tensor) -> tuple[Tensor, FactoredMemory]:
+    """One decode step on a factored state (the inputs untouched): token [B, H, 1, *] at ``pos`` [B];
+    rows with ``valid`` [B, 1] false change nothing. Returns the reads and the new state."""
+    b = cfg.chunk_size
+    row = pos % b
+    live = valid[:, 0]
+    first = (row == 0) & live
+    if bool(first.any()):
+        started = start_chunk(cfg, state, k, v, eta, log_alpha, ln_weight, ln_bias)
+        state = FactoredMemory(*(_where_rows(first, new, old) if isinstance(new, tuple) else
+                                 torch.where(first.view(-1, *[1] * (new.dim() - 1)), new, old)
+                                 for new, old in zip(started, state, strict=True)))
+    out, new_row, coef, decay = factored_token(cfg, state, row, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias)
+    at_row = (torch.arange(b, device=pos.device) == row.view(-1, 1)) & live.view(-1, 1)  # [B, b]
+    rows = torch.where(at_row[:, None, :, None], new_row.unsqueeze(2), state.rows)
+    keep = ~live.view(-1, 1, 1)
+    return out, FactoredMemory(state.anchor, rows, torch.where(keep, state.row_coef, coef),
+                               torch.where(keep.squeeze(-1), state.row_decay, decay))
+
+
+def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
+                  log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
+                  ln_bias: Tensor) -> tuple[Tensor, FactoredMemory]:
+    """``memory_scan`` from and to a factored state (any number of tokens, rows at any positions, a chunk
+    possibly half consumed): the running memory is folded once, the tokens run through the chunked scan,
+    and the tokens of the last (possibly partial) chunk become its factor rows at the final anchor."""
+    b, T = cfg.chunk_size, q.shape[2]
+    out, anchor, _ = memory_scan(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta, valid,
+                                 ln_weight, ln_bias)
+    lengths = valid.sum(1)
+    end = pos + lengths
+    chunk_start = torch.div(end - 1, b, rounding_mode="floor") * b  # of the chunk of each row's last token
+    crossed = (chunk_start >= pos).view(-1, 1, 1)  # the call started that chunk: the old rows are gone
+    # Row r of that chunk holds the token at chunk_start + r: index t of this call, or an old row if t < 0.
+    t = (chunk_start - pos).view(-1, 1) + torch.arange(b, device=pos.device)  # [B, b]
+    new = ((t >= 0) & (t < lengths.view(-1, 1))).unsqueeze(1)  # [B, 1, b]
+    index = t.clamp(0, T - 1).unsqueeze(1).expand(-1, q.shape[1], -1)  # [B, H, b]
+
+    def tail(x: Tensor) -> Tensor:
+        return x.gather(2, index if x.dim() == 3 else index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+    k_tail = tail(k)
+    a, gz, gu = mlp_factors(cfg, *anchor, k_tail, tail(v), ln_weight, ln_bias, None if delta is None else tail(delta))
+    zero = torch.zeros((), dtype=state.rows.dtype, device=pos.device)
+    rows = torch.where(new.unsqueeze(-1), torch.cat([k_tail, gz, a, gu], dim=-1),
+                       torch.where(crossed.unsqueeze(-1), zero, state.rows))
+    eta_new = torch.where(new, tail(eta), zero)
+    log_alpha_new = torch.zeros_like(eta_new) if cfg.retention == "kl" else torch.where(new, tail(log_alpha), zero)
+    if cfg.retention == "kl":  # the lag token (row 0) enters through its boundary step
+        eta_new[..., 0] = 0.0
+    coef = torch.where(new | crossed, eta_new, state.row_coef)
+    later = log_alpha_new.flip(-1).cumsum(-1).flip(-1) - log_alpha_new  # sum over the rows after r
+    decay = torch.where(crossed.squeeze(-1), 1.0, state.row_decay) * log_alpha_new.sum(-1).exp()
+    return out, FactoredMemory(anchor, rows, coef * later.exp(), decay)

@@ -9,8 +9,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kernels import backend_for
+
 from .config import MirasConfig
-from .layers import LayerState, MirasMixer, RMSNorm, SlidingWindowAttention, SwiGLU
+from .layers import (
+    FACTOR_ENTRIES,
+    LAYOUTS,
+    LayerState,
+    MirasMixer,
+    RMSNorm,
+    SlidingWindowAttention,
+    SwiGLU,
+    state_layout,
+)
 
 
 @dataclass
@@ -18,8 +29,9 @@ class ModelState:
     """Everything decoding needs, for a batch of sequences; its size does not depend on their length.
 
     ``pos[b]`` counts the tokens sequence ``b`` has consumed; ``layers[i]`` holds layer ``i``'s
-    tensors, each with the batch as its first dim (Miras layers: short-conv cache, chunk anchor and
-    running memory; attention layers: a KV ring buffer of the window).
+    tensors, each with the batch as its first dim (Miras layers: short-conv cache, chunk anchor and,
+    in the "running" layout, the running memory, or in the "factored" layout the chunk's factor rows,
+    their coefficients and decay; attention layers: a KV ring buffer of the window).
     """
 
     pos: Tensor
@@ -28,6 +40,11 @@ class ModelState:
     @property
     def batch_size(self) -> int:
         return int(self.pos.shape[0])
+
+    @property
+    def layout(self) -> str:
+        """How the Miras layers keep their memory: "factored" or "running" (models.layers.state_layout)."""
+        return "factored" if any("rows" in layer for layer in self.layers) else "running"
 
     def tensors(self) -> list[Tensor]:
         return [self.pos] + [t for layer in self.layers for t in layer.values()]
@@ -76,7 +93,8 @@ class ModelState:
 
 
 # Layer-state entries that the slot-pool forward updates in place instead of gathering them.
-POOLED = frozenset(f"{kind}_{name}" for kind in ("anchor", "mem") for name in ("w", "w_in", "w_out"))
+POOLED = frozenset(f"{kind}_{name}" for kind in ("anchor", "mem") for name in ("w", "w_in", "w_out")) | frozenset(
+    FACTOR_ENTRIES)
 
 
 class Block(nn.Module):
@@ -129,16 +147,23 @@ class MirasLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> ModelState:
-        """A fresh state (position 0) for ``batch_size`` sequences; memory state is always fp32."""
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   layout: str | None = None) -> ModelState:
+        """A fresh state (position 0) for ``batch_size`` sequences; memory state is always fp32. ``layout``
+        (default: the one the device's backend runs, :func:`models.layers.state_layout`) is "factored" or
+        "running" ("running" is also accepted by the PyTorch backend, e.g. to compare the two)."""
         device = torch.device(device) if device is not None else self.device
-        layers = [block.mixer.init_state(batch_size, device, torch.float32) for block in self.blocks]
+        if layout is None:
+            layout = state_layout(self.config, backend_for(device.type))
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        layers = [block.mixer.init_state(batch_size, device, torch.float32, layout) for block in self.blocks]
         return ModelState(torch.zeros(batch_size, dtype=torch.long, device=device), layers)
 
     def reset_slots(self, pool: ModelState, slots: Tensor | Sequence[int]) -> None:
         """In place: rows ``slots`` of a state pool become fresh sequences (position 0)."""
         slots = torch.as_tensor(slots, dtype=torch.long, device=pool.pos.device)
-        pool.assign(slots, self.init_state(int(slots.numel()), pool.pos.device))
+        pool.assign(slots, self.init_state(int(slots.numel()), pool.pos.device, pool.layout))
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, lengths: Tensor | None = None,
                 slots: Tensor | None = None) -> tuple[Tensor, ModelState]:

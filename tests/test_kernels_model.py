@@ -23,6 +23,7 @@ from conftest import small_model  # noqa: E402
 import models  # noqa: E402
 from kernels import forced_backend  # noqa: E402
 from kernels.testing import check_model_invariant, rel_err  # noqa: E402
+from models.layers import state_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5 if DEVICE == "cpu" else 5e-3  # relative RMS; TF32 dots on the GPU
@@ -51,7 +52,7 @@ def test_slot_pool_forward_in_place(preset):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=gen).to(DEVICE)
     lengths = torch.tensor([7, 4], device=DEVICE)
-    pool = model.init_state(5)
+    pool = model.init_state(5, layout=state_layout(model.config, "triton"))
     for layer in pool.layers:  # make every slot distinct, so a stray write shows
         for t in layer.values():
             t.add_(torch.rand(t.shape, generator=gen).to(DEVICE))
@@ -101,7 +102,7 @@ def test_pool_decode_step_has_no_host_syncs(preset, no_host_syncs):
     (no host syncs); the PyTorch reference path is not (it groups rows on the host), which shows the
     guard works."""
     model = small_model(preset, seed=0).to(DEVICE)
-    pool = model.init_state(4)
+    pool = model.init_state(4, layout=state_layout(model.config, "triton"))
     ids = torch.tensor([[5], [9]], device=DEVICE)
     slots = torch.tensor([2, 0], device=DEVICE)
     with forced_backend("triton"):
