@@ -158,10 +158,12 @@ def _slot_access(slots: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Callable,
     return rows, picked, read, write, pick
 
 
-def _factored_backend(device_type: str) -> None:
-    if backend_for(device_type) != "torch":
-        raise NotImplementedError("the triton backend runs the running-memory state layout (models.layers."
-                                  "state_layout); this state is factored: create it with that backend selected")
+def _triton_factors(device_type: str, state: FactoredMemory):
+    """The Triton launcher and the factor tensors of a factored state as it takes them."""
+    launch = _scan_pool(device_type)
+    from .scan import Factors
+
+    return launch, Factors(state.rows, state.row_coef, state.row_decay)
 
 
 def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
@@ -171,7 +173,17 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
     one-token batches take the dual-form decode step."""
     from models import memory
 
-    _factored_backend(q.device.type)
+    if backend_for(q.device.type) == "triton":
+        def owned(t: Tensor) -> Tensor:  # the kernels write in place: fp32, contiguous copies
+            return t.to(torch.float32).clone(memory_format=torch.contiguous_format)
+
+        state = memory.FactoredMemory(tuple(owned(w) for w in state.anchor), *(owned(t) for t in state[1:]))
+        launch, factors = _triton_factors(q.device.type, state)
+        rows = torch.arange(q.shape[0], device=q.device)
+        # valid is a prefix mask (right padding), so the row lengths say everything.
+        out = launch(cfg, state.anchor, factors, rows, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
+                     lengths=valid.sum(1))
+        return out.to(q.dtype), state
     if q.shape[2] == 1:
         return memory.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias)
     return memory.factored_scan(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias)
@@ -185,11 +197,16 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
 
     A decode step (one token per row) reads the anchor and the factor rows where they lie and writes
     one row, the coefficients and the decay; a token that starts a chunk first folds its rows into the
-    new anchor (once per chunk). A prompt gathers its rows, runs the factored scan and writes them back.
+    new anchor (once per chunk). The triton backend is in-place kernels without host syncs (CUDA-graph
+    capturable, kernels/factored.py); the torch backend gathers a prompt's rows, runs the factored scan
+    and writes them back.
     """
+    if backend_for(q.device.type) == "triton":
+        launch, factors = _triton_factors(q.device.type, pool)
+        return launch(cfg, pool.anchor, factors, slots, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
+                      lengths=lengths)
     from models import memory
 
-    _factored_backend(q.device.type)
     access = _slot_access(slots, (slots >= 0) & (lengths > 0))
     if access is None:
         return torch.zeros(q.shape, dtype=torch.float32, device=q.device)

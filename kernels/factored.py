@@ -33,6 +33,7 @@ from models.config import MirasConfig
 from .boundary import fold_rows, kl_boundary, lq_boundary
 from .decode import decode_forward_kernel, program_row
 from .ops import (
+    clear_rows,
     gelu,
     gelu_grad,
     in_slab,
@@ -163,6 +164,7 @@ def factored_decode_kernel(
             lq_boundary(a_in, a_out, a_in, a_out, ck, cd, q_exp, lq_radius, lq_inv_std_in, lq_inv_std_out, D, DK,
                         BLOCK_D, 0)
         tl.debug_barrier()
+        clear_rows(rows, 1, ci, cd, CHUNK, RW)  # the new chunk's rows start at 0; row 0 is this token's
     n_old = tl.where(boundary, 0, n_old)
     alpha = tl.exp(log_alpha)
     coef = tl.where(boundary, 0.0, coef) * alpha

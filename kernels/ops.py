@@ -143,3 +143,13 @@ def load_rows(rows, ci, filled, offset, cols, width, RW: tl.constexpr):
 def store_row(row, offset, cols, width, value, write):
     """One factor row's columns ``offset + cols`` (cols < width) take ``value`` [1, len(cols)] if ``write``."""
     tl.store(row + offset + cols[None, :], value, mask=(cols < width)[None, :] & write)
+
+
+@triton.jit
+def clear_rows(rows, first, ci, cw, CHUNK: tl.constexpr, RW: tl.constexpr):
+    """Factor rows ``first`` to CHUNK - 1 hold 0 (rows not yet written in a chunk), ``len(cw)`` columns at
+    a time."""
+    for c0 in range(0, RW, cw.shape[0]):
+        cols = c0 + cw
+        mask = ((ci >= first) & (ci < CHUNK))[:, None] & (cols < RW)[None, :]
+        tl.store(rows + ci[:, None] * RW + cols[None, :], tl.zeros((ci.shape[0], cw.shape[0]), tl.float32), mask=mask)

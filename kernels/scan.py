@@ -42,6 +42,7 @@ from .ops import (
     BIAS_CODES,
     MEMORY_CODES,
     RETENTION_CODES,
+    clear_rows,
     gelu,
     gelu_grad,
     in_slab,
@@ -248,13 +249,14 @@ def miras_scan_kernel(
         if FACTORED:  # noqa: SIM102 (a compile-time branch around a runtime one)
             if last_seg:
                 # Old rows (the segment continues a chunk) decay with it; row j_first + t takes token t's
-                # coefficient at the segment's end; rows past the last token hold 0.
+                # coefficient at the segment's end; rows past the last token (and their coefficients) hold 0.
                 continued = chunk_start < 0
                 kept = tl.where(continued & (ci < j_first), coef0 * last_decay, 0.0)
                 new = tl.sum(tl.where(ci[:, None] == j_first + rt[None, :], tl.reshape(last, (BLOCK_T,))[None, :],
                                       0.0), axis=1)
                 tl.store(COEF + (slot * H + h) * CHUNK + ci, kept + new, mask=ci < CHUNK)
                 tl.store(DECAY + slot * H + h, tl.where(continued, decay0, 1.0) * last_decay)
+                clear_rows(factor_rows, j_first + n_valid - seg_start, ci, cd, CHUNK, RW)
         tl.debug_barrier()
 
 

@@ -268,16 +268,20 @@ def factored_memory(cfg: MirasConfig, anchor: tuple, factors: Factors, pos: Tens
             decay * anchor[1].double() - gu.transpose(-1, -2) @ (coef * a))
 
 
-def _factored_errors(prefix: str, cfg: MirasConfig, ref: tuple, anchor: tuple, factors: Factors,
-                     pos: Tensor) -> dict[str, float]:
-    """The kernel's factored state against the reference's (anchor, running memory); coefficients past
-    the filled rows must be 0."""
+def _factored_errors(prefix: str, cfg: MirasConfig, ref: tuple, anchor: tuple, factors: Factors, pos: Tensor,
+                     start: Tensor) -> dict[str, float]:
+    """The kernel's factored state at ``pos`` against the reference's (anchor, running memory); coefficients
+    past the filled rows must be 0, and so must those rows wherever a chunk started since ``start``."""
+    b = cfg.chunk_size
     errors = _state_errors(f"{prefix}anchor", ref[0], anchor)
     errors.update(_state_errors(f"{prefix}memory", ref[1], factored_memory(cfg, anchor, factors, pos)))
-    past = torch.arange(cfg.chunk_size, device=pos.device).view(1, 1, -1) >= filled_rows(pos, cfg.chunk_size).view(
-        -1, 1, 1)
+    past = torch.arange(b, device=pos.device).view(1, 1, -1) >= filled_rows(pos, b).view(-1, 1, 1)
     if bool((factors.coef.masked_select(past) != 0).any()):
         errors[f"{prefix}coefficients past the filled rows"] = float("inf")
+    started = (torch.div(pos - 1, b, rounding_mode="floor") * b >= start) & (pos > start)
+    cleared = (past & started.view(-1, 1, 1)).expand(factors.coef.shape)
+    if bool((factors.rows[cleared] != 0).any()):
+        errors[f"{prefix}rows past the filled ones in a new chunk"] = float("inf")
     return errors
 
 
@@ -322,7 +326,7 @@ def check_factored_decode(cfg: MirasConfig, gen: torch.Generator, device: str = 
             errors["anchor untouched by steps inside a chunk"] = float("inf")
     end = start + steps
     errors.update(_factored_errors("", cfg, ref_state, tuple(w[chosen] for w in pool[0]),
-                                   Factors(*(t[chosen] for t in pool[1])), end))
+                                   Factors(*(t[chosen] for t in pool[1])), end, start))
     untouched = torch.tensor([s for s in range(pool_size) if s not in chosen.tolist()], device=device)
     if not _identical(before, (*pool[0], *pool[1]), untouched):
         errors["untouched slots bit-identical"] = float("inf")
@@ -350,8 +354,8 @@ def check_factored_prefill(cfg: MirasConfig, gen: torch.Generator, device: str =
     with nan_poisoned_empty():
         out = scan_pool(cfg, anchor, factors, slots, pos, *args, x["ln_weight"], x["ln_bias"], lengths=lengths)
     errors = {"reads": rel_err(ref_out, out)}
-    pos = pos + lengths
-    errors.update(_factored_errors("prefill ", cfg, ref_state, anchor, factors, pos))
+    start, pos = pos, pos + lengths
+    errors.update(_factored_errors("prefill ", cfg, ref_state, anchor, factors, pos, start))
     if not _identical(before, (*anchor, *factors), torch.tensor([batch - 1], device=device)):
         errors["empty row untouched"] = float("inf")
     y = random_inputs(cfg, batch, decode_steps, gen, device)
@@ -363,7 +367,7 @@ def check_factored_prefill(cfg: MirasConfig, gen: torch.Generator, device: str =
             out = scan_pool(cfg, anchor, factors, slots, pos, *token, x["ln_weight"], x["ln_bias"])
         errors[f"decode after prefill, step {step}"] = rel_err(ref_out, out)
         pos = pos + 1
-    errors.update(_factored_errors("decode ", cfg, ref_state, anchor, factors, pos))
+    errors.update(_factored_errors("decode ", cfg, ref_state, anchor, factors, pos, start))
     return errors
 
 
@@ -397,7 +401,7 @@ def check_factored_varlen(cfg: MirasConfig, gen: torch.Generator, device: str = 
                        *ln)
         errors[f"reads seq {i}"] = rel_err(ref[0], out[:, :, cu[i]:cu[i + 1]])
         errors.update(_factored_errors(f"seq {i} ", cfg, ref[1:], tuple(w[slot] for w in pool_anchor),
-                                       Factors(*(t[slot] for t in factors)), pos[i:i + 1] + n))
+                                       Factors(*(t[slot] for t in factors)), pos[i:i + 1] + n, pos[i:i + 1]))
     return errors
 
 

@@ -23,10 +23,12 @@ FACTOR_ENTRIES = ("rows", "row_coef", "row_decay")
 
 def state_layout(cfg: MirasConfig, backend: str) -> str:
     """The one place that chooses how a Miras layer keeps its memory between tokens (models/SPEC.md §7):
-    "factored" (the chunk anchor + one factor row per token of the chunk) for the MLP memories on the
-    backends that implement it, else "running" (the chunk anchor + the running memory). The linear
-    memory stays "running": its d x d matrix is smaller than a chunk of factor rows."""
-    return "factored" if cfg.memory == "mlp" and backend == "torch" else "running"
+    "factored" (the chunk anchor + one factor row per token of the chunk) for the MLP memories, on both
+    backends (``backend``: "torch" or "triton"), else "running" (the chunk anchor + the running memory).
+    The linear memory stays "running": its d x d matrix is smaller than a chunk of factor rows."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}")
+    return "factored" if cfg.memory == "mlp" else "running"
 
 
 class RMSNorm(nn.Module):
