@@ -439,27 +439,33 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
             reference = ref_scan(cfg, *states["running"], pos, *tokens,
                                  torch.ones(batch, 1, dtype=torch.bool, device=device), x["ln_weight"], x["ln_bias"])
             times = {}
-            for layout, (anchor, memory) in states.items():
+            variants = [("running", {}), ("factored", {})]
+            if smoke or batch >= 64:
+                variants += [("factored", launch) for launch in FACTORED_DECODE_LAUNCHES]
+            for layout, launch in variants:
+                anchor, memory = states[layout]
                 anchor = tuple(w.float().clone() for w in anchor)
                 memory = (tuple(w.float().clone() for w in memory) if layout == "running" else
                           Factors(*(t.clone() for t in memory)))
-                step = partial(scan_pool, cfg, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"])
+                step = partial(scan_pool, cfg, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"],
+                               launch=launch)
                 error = rel_err(reference[0], step())
                 # Positions stay put, so every timed step reads the same number of rows (the state advances).
-                times[layout] = timed(step, device, reps=5 if smoke else 20, flush=flush)
+                t = timed(step, device, reps=5 if smoke else 20, flush=flush)
+                times.setdefault(layout, t)
                 cost = step_cost(cfg, layout, batch, 0, 1)
-                rows.append([rule, str(batch), layout, f"{times[layout] * 1e3:.3f}",
-                             f"{cost.total_bytes / 1e6:,.1f}", f"{cost.total_bytes / times[layout] / 1e9:,.0f}",
-                             f"{cost.total_bytes / times[layout] / bandwidth:.0%}", f"{error:.1e}"])
-            rows[-1].append(f"{times['running'] / times['factored']:.2f}x")
-            rows[-2].append("")
+                name = ", ".join(f"{k}={v}" for k, v in launch.items()) or "shipped"
+                rows.append([rule, str(batch), layout, name, f"{t * 1e3:.3f}", f"{cost.total_bytes / 1e6:,.1f}",
+                             f"{cost.total_bytes / t / 1e9:,.0f}", f"{cost.total_bytes / t / bandwidth:.0%}",
+                             f"{error:.1e}", f"{times['running'] / t:.2f}x"])
     report.table(
         "Decode kernels alone: running vs factored state layout",
-        ["rule", "batch", "layout", "ms", "bytes that must move (MB)", "achieved GB/s", "of copy bandwidth",
-         "rel. error vs fp64", "factored speed-up"], rows,
+        ["rule", "batch", "layout", "launch", "ms", "bytes that must move (MB)", "achieved GB/s",
+         "of copy bandwidth", "rel. error vs fp64", "speed-up over running"], rows,
         f"One Miras layer, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
         f"stored bf16, sequences at random positions over four chunks (some fold: the fused kernel takes those "
-        f"rows), shipped launch_config, L2 flushed before each step. Bytes that must move: kernels/cost.py "
+        f"rows), shipped launch_config and (batch >= 64) factored variants: SPLIT_D=0 runs every row through the "
+        f"fused kernel. L2 flushed before each step. Bytes that must move: kernels/cost.py "
         f"for this layer at this batch, averaged over a chunk. Errors: the first step against the fp64 "
         f"reference from the same state.")
 
@@ -469,6 +475,8 @@ SHOWN = ("BLOCK_D", "num_warps", "num_stages", "DOT", "SPLIT_D", "SPLIT_WARPS")
 PREFILL_LAUNCHES = [{}, dict(DOT="tf32"), dict(DOT="ieee"), dict(num_stages=3), dict(BLOCK_D=64)]
 DECODE_LAUNCHES = [{}, dict(SPLIT_D=0), dict(SPLIT_D=32, SPLIT_WARPS=4), dict(SPLIT_D=64, SPLIT_WARPS=4),
                    dict(SPLIT_D=16, SPLIT_WARPS=2)]
+FACTORED_DECODE_LAUNCHES = [dict(SPLIT_D=0), dict(SPLIT_D=0, BLOCK_D=64), dict(SPLIT_D=32, SPLIT_WARPS=4),
+                            dict(SPLIT_D=128, SPLIT_WARPS=8)]
 
 
 def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tensor, launch: dict,
