@@ -273,10 +273,11 @@ def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, dev
                 flops_per_token: float) -> list[str]:
     """One row of the prefill table: the layer on the Triton and the PyTorch backend, and the SDPA layer."""
     from kernels import forced_backend
+    from models.layers import state_layout
 
     dtype = next(layer.parameters()).dtype
     x = torch.randn(B, T, cfg.d_model, device=device, dtype=dtype)
-    state = layer.init_state(B, device, torch.float32)
+    state = layer.init_state(B, device, torch.float32, state_layout(cfg, "triton"))  # both backends run it
     pos = torch.zeros(B, dtype=torch.long, device=device)
     valid = torch.ones(B, T, dtype=torch.bool, device=device)
     lengths = torch.full((B,), T, dtype=torch.long, device=device)
@@ -367,7 +368,7 @@ def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
             rows.append([str(B), f"failed: {type(exc).__name__}"] + ["-"] * 7)
             continue
         moved = step_cost(cfg, layout, B, weight_bytes, n_miras).total_bytes
-        rows.append([str(B), layout, f"{t * 1e3:.3f}", f"{B / t:,.0f}", f"{moved / 1e9:.2f}", f"{moved / t / 1e9:,.0f}",
+        rows.append([str(B), layout, f"{t * 1e3:.3f}", f"{B / t:,.0f}", f"{moved / 1e9:.3g}", f"{moved / t / 1e9:,.3g}",
                      f"{moved / t / bandwidth:.0%}",
                      f"{eager['triton'] * 1e3:.2f}" if eager else "-", f"{eager['torch'] * 1e3:.2f}" if eager else "-"])
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -380,10 +381,10 @@ def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
         f"{cfg.chunk_size}; weights {weight_bytes / 1e9:.2f} GB; sequences at random positions (a mix of chunk "
         f"phases, as in serving). Bytes that must move = weights + batch x the byte model's state bytes per "
         f"sequence and step (kernels/cost.py, averaged over a chunk): running layout (anchor + running memory, "
-        f"{per_seq['running'].state_bytes_per_sequence / 1e6:.0f} MB held) "
-        f"{per_seq['running'].total_bytes / 1e6:.0f} MB, factored layout (anchor + factor rows, "
-        f"{per_seq['factored'].state_bytes_per_sequence / 1e6:.0f} MB held) "
-        f"{per_seq['factored'].total_bytes / 1e6:.0f} MB. Measured copy bandwidth {bandwidth / 1e9:,.0f} GB/s. "
+        f"{per_seq['running'].state_bytes_per_sequence / 1e6:.4g} MB held) "
+        f"{per_seq['running'].total_bytes / 1e6:.4g} MB, factored layout (anchor + factor rows, "
+        f"{per_seq['factored'].state_bytes_per_sequence / 1e6:.4g} MB held) "
+        f"{per_seq['factored'].total_bytes / 1e6:.4g} MB. Measured copy bandwidth {bandwidth / 1e9:,.0f} GB/s. "
         + ("CUDA graph replay; L2 flushed before each step." if device.type == "cuda" else
            "CPU interpreter: no graphs, not a measurement."))
 
@@ -455,8 +456,8 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
                 times.setdefault(layout, t)
                 cost = step_cost(cfg, layout, batch, 0, 1)
                 name = ", ".join(f"{k}={v}" for k, v in launch.items()) or "shipped"
-                rows.append([rule, str(batch), layout, name, f"{t * 1e3:.3f}", f"{cost.total_bytes / 1e6:,.1f}",
-                             f"{cost.total_bytes / t / 1e9:,.0f}", f"{cost.total_bytes / t / bandwidth:.0%}",
+                rows.append([rule, str(batch), layout, name, f"{t * 1e3:.3f}", f"{cost.total_bytes / 1e6:,.3g}",
+                             f"{cost.total_bytes / t / 1e9:,.3g}", f"{cost.total_bytes / t / bandwidth:.0%}",
                              f"{error:.1e}", f"{times['running'] / t:.2f}x"])
     report.table(
         "Decode kernels alone: running vs factored state layout",

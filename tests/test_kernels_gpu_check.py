@@ -24,7 +24,10 @@ def test_smoke_run_writes_report(tmp_path):
     (report,) = tmp_path.glob("gpu_check_smoke_*.md")
     text = report.read_text()
     for heading in ("## Correctness against the fp64 reference", "## Prefill of one Miras layer",
-                    "## Decode: whole model"):
+                    "## Decode: whole model", "## Decode kernels alone: running vs factored"):
         assert heading in text
     assert "**FAIL**" not in text and "| pass |" in text
+    assert "failed" not in text, "a row or section failed"
+    for layout in ("| running |", "| factored |"):  # the decode kernels of both state layouts ran
+        assert layout in text
     assert "- commit: " in text and "- card: CPU" in text
