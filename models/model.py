@@ -151,7 +151,7 @@ class MirasLM(nn.Module):
                    layout: str | None = None) -> ModelState:
         """A fresh state (position 0) for ``batch_size`` sequences; memory state is always fp32. ``layout``
         (default: the one the device's backend runs, :func:`models.layers.state_layout`) is "factored" or
-        "running" ("running" is also accepted by the PyTorch backend, e.g. to compare the two)."""
+        "running" (both backends run either, e.g. to compare the two)."""
         device = torch.device(device) if device is not None else self.device
         if layout is None:
             layout = state_layout(self.config, backend_for(device.type))

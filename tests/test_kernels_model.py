@@ -42,6 +42,25 @@ def test_parallel_equals_prefill_then_decode(preset):
     assert not bad, f"{preset}: relative errors above {tol:.1g}: {bad} (seed {seed})"
 
 
+@torch.inference_mode()
+def test_both_state_layouts_on_triton():
+    """The triton backend also runs the running layout of an MLP memory (kept to compare the two): a prompt
+    and decode steps from either layout give the same logits."""
+    seed = random.SystemRandom().randrange(2**31)
+    model = small_model("yaad", seed=seed % 1000).to(DEVICE)
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    logits = {}
+    with forced_backend("triton"):
+        for layout in ("running", "factored"):
+            state = model.init_state(2, layout=layout)
+            steps = [model(ids[:, :3], state)]
+            for t in range(3, ids.shape[1]):
+                steps.append(model(ids[:, t:t + 1], steps[-1][1]))
+            assert steps[-1][1].layout == layout
+            logits[layout] = torch.cat([step[0] for step in steps], dim=1)
+    assert rel_err(logits["running"], logits["factored"]) < TOL, f"seed {seed}"
+
+
 @pytest.mark.parametrize("preset", ["moneta", "memora-h"])
 @torch.inference_mode()
 def test_slot_pool_forward_in_place(preset):
