@@ -18,6 +18,10 @@ cores instead of ``tl.dot``, the same code and therefore the same chunk semantic
 memories it runs only the decode rows whose token starts a chunk (``BOUNDARY_ROWS_ONLY``); the
 other rows go through the slab-parallel kernels of ``kernels.decode``, which keep more loads in flight.
 
+An MLP memory's pool may instead hold the factored state (anchor + the chunk's factor rows,
+:class:`Factors`): its prefill is this kernel with ``FACTORED`` (the running memory in per-row scratch,
+the state's rows written at the end), its decode the kernels of ``kernels.factored``.
+
 Threads of a program read pool entries that other threads of the same program wrote (the boundary
 step, the previous chunk), so every such hand-over goes through ``tl.debug_barrier()``.
 """
