@@ -1,7 +1,11 @@
 """Backends for the Miras memory scan: the PyTorch reference (models.memory) or the Triton kernel
 (kernels.scan). ``MIRAS_KERNELS=torch|triton`` forces one; the default is triton on CUDA tensors
 (when triton is installed) and the reference elsewhere. Forcing triton on CPU tensors runs the
-kernel under the Triton interpreter (``TRITON_INTERPRET=1`` is set if triton is not loaded yet)."""
+kernel under the Triton interpreter (``TRITON_INTERPRET=1`` is set if triton is not loaded yet).
+
+Two state layouts (models/SPEC.md §7; ``models.layers.state_layout`` picks one per backend):
+``memory_scan`` / ``memory_scan_pool`` take the anchor and the running memory, ``factored_scan`` /
+``factored_scan_pool`` the anchor and the chunk's factor rows (PyTorch backend only, for now)."""
 
 from __future__ import annotations
 

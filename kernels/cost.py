@@ -12,7 +12,7 @@ entries (``2 D d`` for the MLP memory, ``d d`` for the linear one) and the two l
   ``k, gz, a, gu``; ``2 d`` for the linear one: ``k, g``), ``b`` row coefficients and one decay. A step
   reads the anchor once and the ``f`` rows filled so far, and writes one row and the ``f + 1``
   coefficients; the token that starts a chunk first folds the ``b`` rows of the finished chunk into the
-  new anchor (reads them, writes the anchor).
+  new anchor (reads them, writes the anchor and clears the rows: unwritten rows hold 0).
 
 The FLOPs are the memory's only (the dense layers' ``2 x parameters x batch`` are the caller's to add):
 the gradient of the new token at the anchor, the read of its query, and the update (``running``: both
@@ -69,7 +69,8 @@ def _head_step(layout: str, memory: str, d: int, D: int, b: int, f: float) -> tu
         return read, written, flops, 2 * m
     rows_read = 0 if fold else f  # after a fold the new token is row 0: it reads no earlier row
     read = m + (b * row if fold else 0) + rows_read * row + rows_read + 1
-    written = row + rows_read + 1 + 1 + (m if fold else 0)  # the row, coefficients, decay (+ the anchor)
+    # the row, coefficients, decay; a fold also writes the anchor and clears the other rows and coefficients
+    written = row + rows_read + 1 + 1 + ((m + (b - 1) * (row + 1)) if fold else 0)
     flops = grad_flops + read_flops + row_read_flops * (rows_read + 1) + (2 * m * b if fold else 0)
     return read, written, flops, m + b * row + b + 1
 

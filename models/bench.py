@@ -91,37 +91,39 @@ def decode_batches(model: MirasLM, batches: list[int], prompt: int) -> list[dict
     """Decode steps through a state pool (the engine's path) at each batch size, in both layouts, over one
     whole chunk (every phase, one fold per sequence; the sequences' phases are spread over the chunk),
     each step followed by a copy of the bytes the byte model says it must move (weights + state read and
-    written), all interleaved. Medians per step."""
+    written). Every round steps every (batch size, layout) once, so load on a shared machine hits all of
+    them alike and the ratios between batch sizes and layouts stay meaningful. Medians per step."""
     b = model.config.chunk_size
-    rows = []
+    runs = []
     for batch in batches:
-        slots = torch.arange(batch)
         lengths = prompt + (torch.arange(batch) * b) // batch  # phases spread over the chunk
         ids = torch.randint(3, model.config.vocab_size, (batch, int(lengths.max())))
-        pools = {layout: model.init_state(batch, layout=layout) for layout in LAYOUTS}
-        for pool in pools.values():
-            model(ids, pool, lengths, slots=slots)
-        costs = {layout: step_cost(model, layout, batch) for layout in LAYOUTS}
-        buffers = {layout: (torch.empty(int(c.total_bytes) // 4), torch.ones(int(c.total_bytes) // 4))
-                   for layout, c in costs.items()}
-        token = torch.randint(3, model.config.vocab_size, (batch, 1))
-        times = {name: [] for layout in LAYOUTS for name in (layout, f"copy {layout}")}
-        for step in range(b + 1):
-            for layout in LAYOUTS:
-                t0 = time.perf_counter()
-                model(token, pools[layout], slots=slots)
-                elapsed = time.perf_counter() - t0
-                dst, src = buffers[layout]
-                t0 = time.perf_counter()
-                dst.copy_(src)
-                if step:  # the first round warms up
-                    times[f"copy {layout}"].append(time.perf_counter() - t0)
-                    times[layout].append(elapsed)
-        row = {"batch": batch}
         for layout in LAYOUTS:
-            row[layout] = statistics.median(times[layout])
-            row[f"copy {layout}"] = statistics.median(times[f"copy {layout}"])
-            row[f"cost {layout}"] = costs[layout]
+            pool, slots, cost = model.init_state(batch, layout=layout), torch.arange(batch), step_cost(model, layout,
+                                                                                                        batch)
+            model(ids, pool, lengths, slots=slots)
+            runs.append(dict(batch=batch, layout=layout, pool=pool, slots=slots, cost=cost, steps=[], copies=[],
+                             token=torch.randint(3, model.config.vocab_size, (batch, 1)),
+                             buffers=(torch.empty(int(cost.total_bytes) // 4), torch.ones(int(cost.total_bytes) // 4))))
+    for step in range(b + 1):
+        for run in runs:
+            t0 = time.perf_counter()
+            model(run["token"], run["pool"], slots=run["slots"])
+            elapsed = time.perf_counter() - t0
+            dst, src = run["buffers"]
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            if step:  # the first round warms up
+                run["copies"].append(time.perf_counter() - t0)
+                run["steps"].append(elapsed)
+    rows = []
+    for batch in batches:
+        row = {"batch": batch}
+        for run in (r for r in runs if r["batch"] == batch):
+            layout = run["layout"]
+            row[layout] = statistics.median(run["steps"])
+            row[f"copy {layout}"] = statistics.median(run["copies"])
+            row[f"cost {layout}"] = run["cost"]
         rows.append(row)
         print(f"batch {batch}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in row.items()
                                              if isinstance(v, float)), flush=True)
@@ -138,7 +140,8 @@ def decode_batch_lines(rows: list[dict], threads: int, prompt: int) -> list[str]
         "chunk, so every step mixes sequences that read few and many factor rows, and each sequence folds once); "
         "median step. *Copy* is the time, in the same run, to copy a buffer of the bytes the byte model "
         "(`kernels/cost.py`, averaged over a chunk) says the step must move: the weights once, plus every "
-        "sequence's state bytes read and written. Running and factored steps alternate.",
+        "sequence's state bytes read and written. Each round runs one step of every batch size and layout "
+        "(and its copy), so machine load hits them alike.",
         "",
         "| batch | running ms / step | tok/s | vs batch 1 | step / copy | factored ms / step | tok/s | vs batch 1 | "
         "step / copy | factored speed-up |",
@@ -192,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# PyTorch runtime on CPU: `{args.preset}` ({args.size}, {model.num_parameters():,} parameters, "
         f"chunk {model.config.chunk_size})",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), {args.threads} threads, torch "
-        f"{torch.__version__}; "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared; load average {os.getloadavg()[0]:.1f} at "
+        f"the end), {args.threads} threads, torch {torch.__version__}; "
         f"date {datetime.date.today()}; commit {git_commit()}. Command: `python -m models.bench "
         f"--preset {args.preset} --size {args.size}`.",
         "",

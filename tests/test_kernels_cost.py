@@ -36,7 +36,8 @@ def test_factored_layout_counts_by_hand():
     assert two.total_bytes == two.state_bytes_read + two.state_bytes_written + 100
     fold = decode_step_cost("factored", "mlp", **shape, batch=1, weight_bytes=0, filled_rows=4)
     assert fold.state_bytes_read == 4 * (12 + 4 * 10 + 1)  # anchor + every row of the finished chunk
-    assert fold.state_bytes_written == 4 * (12 + 10 + 1 + 1)  # the new anchor, row 0, its coefficient
+    # the new anchor, row 0 and the 3 others cleared, 4 coefficients, the decay
+    assert fold.state_bytes_written == 4 * (12 + 4 * 10 + 4 + 1)
     average = decode_step_cost("factored", "mlp", **shape, batch=3, weight_bytes=0)
     steps = [decode_step_cost("factored", "mlp", **shape, batch=3, weight_bytes=0, filled_rows=f) for f in (4, 1, 2, 3)]
     assert average.state_bytes_read == pytest.approx(sum(s.state_bytes_read for s in steps) / 4)

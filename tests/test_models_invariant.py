@@ -7,6 +7,7 @@ import torch
 from conftest import SMALL, small_model
 
 import models
+from models.layers import state_layout
 from models.memory import FactoredMemory, fold_rows
 
 CHUNK = SMALL["chunk_size"]
@@ -166,3 +167,21 @@ def test_factored_and_running_layouts_decode_alike(preset):
         for got, want in zip((*state.anchor, *fold_rows(state)),
                              (ref["anchor_w_in"], ref["anchor_w_out"], ref["mem_w_in"], ref["mem_w_out"]), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_state_layout_is_chosen_per_memory_and_backend():
+    """models.layers.state_layout is the one choice: factored for the MLP memories on the PyTorch backend,
+    running for the linear memory (and, for now, the Triton kernels); init_state follows it or an explicit
+    layout, and refuses a layout the memory cannot hold."""
+    mlp, linear = small_model("moneta"), small_model("linear")
+    assert state_layout(mlp.config, "torch") == "factored" and state_layout(linear.config, "torch") == "running"
+    assert mlp.init_state(2).layout == "factored" and linear.init_state(2).layout == "running"
+    assert mlp.init_state(2, layout="running").layout == "running"
+    factored = mlp.init_state(3).layers[0]
+    d, D, b = SMALL["head_dim"], 4 * SMALL["head_dim"], CHUNK
+    assert factored["rows"].shape == (3, SMALL["n_heads"], b, 2 * (D + d))
+    assert not factored["row_coef"].any() and bool((factored["row_decay"] == 1).all())
+    with pytest.raises(ValueError, match="factored state layout needs the mlp memory"):
+        linear.init_state(1, layout="factored")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        mlp.init_state(1, layout="rows")
