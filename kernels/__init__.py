@@ -5,7 +5,8 @@ kernel under the Triton interpreter (``TRITON_INTERPRET=1`` is set if triton is 
 
 Two state layouts (models/SPEC.md §7; ``models.layers.state_layout`` picks one per backend):
 ``memory_scan`` / ``memory_scan_pool`` take the anchor and the running memory, ``factored_scan`` /
-``factored_scan_pool`` the anchor and the chunk's factor rows (PyTorch backend only, for now)."""
+``factored_scan_pool`` the anchor and the chunk's factor rows (on triton: kernels.factored, and the
+scan kernel's FACTORED prefill)."""
 
 from __future__ import annotations
 
