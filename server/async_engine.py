@@ -40,6 +40,7 @@ class _Pending:
     arrival_time: float
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    cache_namespace: str
 
 
 class AsyncEngine:
@@ -94,9 +95,10 @@ class AsyncEngine:
     # ---- requests -------------------------------------------------------------------------------------
 
     def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
-               arrival_time: float | None = None) -> RequestGroup:
-        """Queue one request per prompt (validated first; all or none). Raises ParamError (bad input),
-        QueueFullError or EngineUnavailableError. Iterate the returned group to get the outputs."""
+               arrival_time: float | None = None, cache_namespace: str = "") -> RequestGroup:
+        """Queue one request per prompt (validated first; all or none), restoring and caching states in
+        ``cache_namespace`` only. Raises ParamError (bad input), QueueFullError or EngineUnavailableError.
+        Iterate the returned group to get the outputs."""
         if self.draining or not self.running:
             self.engine.metrics.request_rejected["draining"].inc()
             reason = "the server is shutting down" if self.draining else "the engine is not running"
@@ -109,7 +111,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         arrival = arrival_time or time.monotonic()
-        pending = [_Pending(uuid.uuid4().hex, list(ids), params, text, arrival, queue, loop) for ids, text in prompts]
+        pending = [_Pending(uuid.uuid4().hex, list(ids), params, text, arrival, queue, loop, cache_namespace)
+                   for ids, text in prompts]
         with self._lock:
             if self._closed:  # the engine thread stopped or died after the check above
                 raise EngineUnavailableError("the engine is not running")
@@ -144,7 +147,7 @@ class AsyncEngine:
     def _add(self, p: _Pending) -> None:
         try:
             self.engine.add_request(p.request_id, p.prompt_token_ids, p.params, p.prompt, p.arrival_time,
-                                    validated=True)
+                                    validated=True, cache_namespace=p.cache_namespace)
             self._streams[p.request_id] = p
         except ValueError as exc:  # validated before queueing, so only a duplicate id gets here
             p.loop.call_soon_threadsafe(p.queue.put_nowait, exc)

@@ -93,15 +93,17 @@ class LLMEngine:
         params.check_vocab(self.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, arrival_time: float | None = None, validated: bool = False) -> None:
+                    prompt: str | None = None, arrival_time: float | None = None, validated: bool = False,
+                    cache_namespace: str = "") -> None:
         """Queue a request. ``validated``: the caller already ran :meth:`validate` on these inputs (the
         async engine does, to answer 400 before queueing), so the engine thread does not scan the prompt
-        a second time."""
+        a second time. ``cache_namespace``: the tenant (and salt) whose cached states this request may
+        restore and add to; requests of other namespaces never see them."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not validated:
             self.validate(prompt_token_ids, params)
-        request = Request(request_id, list(prompt_token_ids), params, prompt)
+        request = Request(request_id, list(prompt_token_ids), params, prompt, cache_namespace=cache_namespace)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         self.requests[request_id] = request
@@ -182,7 +184,7 @@ class LLMEngine:
         request.restore = None
         if request.params.prompt_logprobs is not None:  # needs the logits of every prompt position
             return 0
-        request.restore = self.state_cache.lookup(request.prompt_token_ids)
+        request.restore = self.state_cache.lookup(request.prompt_token_ids, request.cache_namespace)
         return 0 if request.restore is None else request.restore.length
 
     def _admit(self, requests: list[Request]) -> list[Request]:
@@ -223,7 +225,7 @@ class LLMEngine:
                 last_logits = logits[row, lengths[row] - 1]
                 if self.state_cache is not None:
                     self.state_cache.insert(request.prompt_token_ids, self.pool.select([request.slots[0]]),
-                                            last_logits.clone())
+                                            last_logits.clone(), request.cache_namespace)
                 self._start_decoding(request, last_logits)
 
     def _prompt_logprobs(self, chunk: PrefillChunk, logits: Tensor) -> None:
@@ -302,7 +304,8 @@ class LLMEngine:
         if self.state_cache is not None:
             # The slot has consumed the prompt and every generated token but the last (sampled, never fed):
             # exactly what the next turn of a conversation starts with.
-            self.state_cache.insert(request.prompt_token_ids + seq.token_ids[:-1], self.pool.select([seq.slot]))
+            self.state_cache.insert(request.prompt_token_ids + seq.token_ids[:-1], self.pool.select([seq.slot]),
+                                    namespace=request.cache_namespace)
         self.scheduler.free_sequence(seq)
         self.metrics.request_success[reason].inc()
 

@@ -53,6 +53,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt: str | None = None
+    cache_namespace: str = ""  # the tenant (and salt) whose state-cache entries this request may use
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_prefilled: int = 0

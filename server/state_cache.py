@@ -14,8 +14,10 @@ is exact: the model gives the same logits for a sequence in one pass or continue
 state (the invariant the model and kernel tests check), so only the work changes.
 
 Entries are keyed by a BLAKE2b digest of the token ids, hashed incrementally, so a lookup costs one pass
-over the prompt however many entries there are. Least recently used entries go first once the states
-exceed the byte budget.
+over the prompt however many entries there are. The hash is keyed by the request's cache namespace (its
+tenant and salt, chosen by the caller): a state is only ever restored for a request of the same namespace,
+so one tenant can neither reuse nor detect (by timing) another's prompts. Least recently used entries go
+first once the states exceed the byte budget.
 """
 
 from __future__ import annotations
@@ -45,8 +47,15 @@ def _token_bytes(token_ids: list[int]) -> bytes:
     return array("q", token_ids).tobytes()
 
 
-def _key(token_ids: list[int]) -> bytes:
-    return hashlib.blake2b(_token_bytes(token_ids), digest_size=16).digest()
+def _hasher(namespace: str) -> hashlib.blake2b:
+    """An empty token-id hasher keyed by the namespace: equal token ids in two namespaces never share a key."""
+    return hashlib.blake2b(digest_size=16, key=hashlib.blake2b(namespace.encode("utf-8", "surrogatepass")).digest())
+
+
+def _key(token_ids: list[int], namespace: str) -> bytes:
+    hasher = _hasher(namespace)
+    hasher.update(_token_bytes(token_ids))
+    return hasher.digest()
 
 
 class StateCache:
@@ -56,11 +65,11 @@ class StateCache:
         self.lengths: Counter[int] = Counter()  # lengths of the entries, to know which prefixes to hash
         self.nbytes = 0
 
-    def lookup(self, token_ids: list[int]) -> CachedState | None:
-        """The longest cached prefix of ``token_ids`` that can continue it: shorter than the sequence, or
-        the whole sequence if its entry has the logits to sample from."""
+    def lookup(self, token_ids: list[int], namespace: str = "") -> CachedState | None:
+        """The longest prefix of ``token_ids`` cached in ``namespace`` that can continue it: shorter than the
+        sequence, or the whole sequence if its entry has the logits to sample from."""
         data = _token_bytes(token_ids)
-        hasher, done, best, best_key = hashlib.blake2b(digest_size=16), 0, None, b""
+        hasher, done, best, best_key = _hasher(namespace), 0, None, b""
         for length in sorted(n for n in self.lengths if n <= len(token_ids)):
             hasher.update(data[done * 8: length * 8])
             done = length
@@ -72,9 +81,11 @@ class StateCache:
             self.entries.move_to_end(best_key)
         return best
 
-    def insert(self, token_ids: list[int], state: ModelState, logits: Tensor | None = None) -> None:
-        """Remember ``state`` (one row, not shared with anything that changes) after ``token_ids``."""
-        key = _key(token_ids)
+    def insert(self, token_ids: list[int], state: ModelState, logits: Tensor | None = None,
+               namespace: str = "") -> None:
+        """Remember ``state`` (one row, not shared with anything that changes) after ``token_ids``, for
+        requests of ``namespace`` only."""
+        key = _key(token_ids, namespace)
         old = self.entries.pop(key, None)
         if old is not None:
             self._forget(old)
