@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .engine import LLMEngine
 from .outputs import RequestOutput
+from .request import StateContext
 from .sampling_params import ParamError, SamplingParams
 
 logger = logging.getLogger("miras.engine")
@@ -41,6 +42,7 @@ class _Pending:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     cache_namespace: str
+    context: StateContext | None = None
 
 
 class AsyncEngine:
@@ -95,9 +97,11 @@ class AsyncEngine:
     # ---- requests -------------------------------------------------------------------------------------
 
     def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
-               arrival_time: float | None = None, cache_namespace: str = "") -> RequestGroup:
+               arrival_time: float | None = None, cache_namespace: str = "",
+               context: StateContext | None = None) -> RequestGroup:
         """Queue one request per prompt (validated first; all or none), restoring and caching states in
-        ``cache_namespace`` only. Raises ParamError (bad input), QueueFullError or EngineUnavailableError.
+        ``cache_namespace`` only; with ``context``, each prompt continues that saved state.
+        Raises ParamError (bad input), QueueFullError or EngineUnavailableError.
         Iterate the returned group to get the outputs."""
         if self.draining or not self.running:
             self.engine.metrics.request_rejected["draining"].inc()
@@ -111,7 +115,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         arrival = arrival_time or time.monotonic()
-        pending = [_Pending(uuid.uuid4().hex, list(ids), params, text, arrival, queue, loop, cache_namespace)
+        pending = [_Pending(uuid.uuid4().hex, list(ids), params, text, arrival, queue, loop, cache_namespace, context)
                    for ids, text in prompts]
         with self._lock:
             if self._closed:  # the engine thread stopped or died after the check above
@@ -147,7 +151,7 @@ class AsyncEngine:
     def _add(self, p: _Pending) -> None:
         try:
             self.engine.add_request(p.request_id, p.prompt_token_ids, p.params, p.prompt, p.arrival_time,
-                                    validated=True, cache_namespace=p.cache_namespace)
+                                    validated=True, cache_namespace=p.cache_namespace, context=p.context)
             self._streams[p.request_id] = p
         except ValueError as exc:  # validated before queueing, so only a duplicate id gets here
             p.loop.call_soon_threadsafe(p.queue.put_nowait, exc)

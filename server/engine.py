@@ -21,11 +21,12 @@ from .decode_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
-from .request import Request, RequestStatus, Sequence
+from .request import Request, RequestStatus, Sequence, StateContext
 from .sampler import SampleRow, sample, token_logprob
 from .sampling_params import ParamError, SamplingParams
 from .scheduler import PrefillChunk, Scheduler
-from .state_cache import StateCache
+from .state_cache import CachedState, StateCache
+from .state_tiers import DiskStateTier, model_identity
 
 logger = logging.getLogger("miras.engine")
 
@@ -42,6 +43,10 @@ class EngineConfig:
     # Bytes of recurrent states kept for prompts that repeat or extend earlier ones (server/state_cache.py);
     # 0 turns the cache off.
     state_cache_bytes: int = 1 << 30
+    # A directory for saved states on local disk (server/state_tiers.py), behind the in-memory cache; None: off.
+    state_disk_dir: str | None = None
+    state_disk_bytes: int = 10 << 30
+    state_disk_ttl: float = 0.0  # seconds after its last use that a state on disk expires; 0: never
 
 
 class LLMEngine:
@@ -54,7 +59,7 @@ class LLMEngine:
         self.device = model.device
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)  # ids the tokenizer can decode
         self.eos_token_id = tokenizer.eos_token_id
-        self.state_cache = StateCache(self.config.state_cache_bytes) if self.config.state_cache_bytes > 0 else None
+        self.state_cache = self._state_cache()
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    model.config.chunk_size, self._cached_prefix if self.state_cache else None)
         use_graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
@@ -66,6 +71,17 @@ class LLMEngine:
         self.metrics = metrics or EngineMetrics(model_name)
         self.metrics.state_slots_total.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
+
+    def _state_cache(self) -> StateCache | None:
+        config = self.config
+        tier = None
+        if config.state_disk_dir is not None:
+            tier = DiskStateTier(config.state_disk_dir, model_identity(self.model), self.model.init_state(1),
+                                 config.state_disk_bytes, config.state_disk_ttl,
+                                 on_reject=lambda reason: self.metrics.state_tier_rejected[reason].inc())
+        if config.state_cache_bytes <= 0 and tier is None:
+            return None
+        return StateCache(config.state_cache_bytes, tier)
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
@@ -94,16 +110,20 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float | None = None, validated: bool = False,
-                    cache_namespace: str = "") -> None:
+                    cache_namespace: str = "", context: StateContext | None = None) -> None:
         """Queue a request. ``validated``: the caller already ran :meth:`validate` on these inputs (the
         async engine does, to answer 400 before queueing), so the engine thread does not scan the prompt
         a second time. ``cache_namespace``: the tenant (and salt) whose cached states this request may
-        restore and add to; requests of other namespaces never see them."""
+        restore and add to; requests of other namespaces never see them. ``context``: the saved state the
+        prompt continues (the prompt holds only the tokens after it; needs the state cache)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not validated:
             self.validate(prompt_token_ids, params)
-        request = Request(request_id, list(prompt_token_ids), params, prompt, cache_namespace=cache_namespace)
+        if context is not None and self.state_cache is None:
+            raise ValueError("continuing a saved state needs the state cache")
+        request = Request(request_id, list(prompt_token_ids), params, prompt, cache_namespace=cache_namespace,
+                          context=context)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         self.requests[request_id] = request
@@ -182,6 +202,14 @@ class LLMEngine:
         """The scheduler's question before admitting a request: how many prompt tokens can be restored from
         the state cache (the entry is kept on the request until it is restored)."""
         request.restore = None
+        if request.context is not None and not request.context_length:
+            request.restore = self.state_cache.get(request.context.key)
+            if request.restore is not None:
+                return 0
+            # the saved state is gone: rebuild it from its tokens (slower, same result)
+            history = request.context.token_ids()
+            request.prompt_token_ids = history + request.prompt_token_ids
+            request.context_length = len(history)
         if request.params.prompt_logprobs is not None:  # needs the logits of every prompt position
             return 0
         request.restore = self.state_cache.lookup(request.prompt_token_ids, request.cache_namespace)
@@ -201,12 +229,20 @@ class LLMEngine:
             entry, request.restore = request.restore, None
             if entry is None:
                 continue
-            self.pool.assign([request.slots[0]], entry.state)
-            self.metrics.prefix_cache_hits.inc(entry.length)
-            if entry.length == request.num_prompt_tokens:
+            self._restore(request.slots[0], entry)
+            self.metrics.prefix_cache_hits.inc(request.num_prefilled)
+            if request.num_prefilled == request.num_prompt_tokens:
                 self._start_decoding(request, entry.logits)
                 started.append(request)
         return started
+
+    def _restore(self, slot: int, entry: CachedState) -> None:
+        start = time.perf_counter()
+        self.pool.assign([slot], entry.state)
+        m = self.metrics
+        m.state_restore_seconds[entry.tier].observe(entry.load_seconds + time.perf_counter() - start)
+        m.state_tier_hits[entry.tier].inc()
+        m.state_tier_bytes[entry.tier].inc(entry.nbytes)
 
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         lengths = [c.end - c.start for c in chunks]
@@ -224,8 +260,7 @@ class LLMEngine:
             if c.last:
                 last_logits = logits[row, lengths[row] - 1]
                 if self.state_cache is not None:
-                    self.state_cache.insert(request.prompt_token_ids, self.pool.select([request.slots[0]]),
-                                            last_logits.clone(), request.cache_namespace)
+                    self._save(request, request.prompt_token_ids, [request.slots[0]], last_logits.clone())
                 self._start_decoding(request, last_logits)
 
     def _prompt_logprobs(self, chunk: PrefillChunk, logits: Tensor) -> None:
@@ -304,10 +339,14 @@ class LLMEngine:
         if self.state_cache is not None:
             # The slot has consumed the prompt and every generated token but the last (sampled, never fed):
             # exactly what the next turn of a conversation starts with.
-            self.state_cache.insert(request.prompt_token_ids + seq.token_ids[:-1], self.pool.select([seq.slot]),
-                                    namespace=request.cache_namespace)
+            self._save(request, request.prompt_token_ids + seq.token_ids[:-1], [seq.slot], None)
         self.scheduler.free_sequence(seq)
         self.metrics.request_success[reason].inc()
+
+    def _save(self, request: Request, token_ids: list[int], slot: list[int], logits: Tensor | None) -> None:
+        """Keep the state of ``slot`` (after ``token_ids``) in the state cache, under the request's key for it."""
+        entry = CachedState(len(token_ids), self.pool.select(slot), logits, prefix=request.context is None)
+        self.state_cache.put(request.cache_key(token_ids), entry)
 
     def _deltas(self, request: Request) -> list[CompletionOutput]:
         """What each sequence produced since the last call (a finished one reports its finish once)."""
@@ -342,3 +381,7 @@ class LLMEngine:
         self.metrics.num_requests_running.set(self.scheduler.num_running)
         self.metrics.num_requests_waiting.set(self.scheduler.num_waiting)
         self.metrics.state_slots_used.set(self.scheduler.num_slots_used)
+        if self.state_cache is not None:
+            self.metrics.state_tier_stored_bytes["memory"].set(self.state_cache.nbytes)
+            if self.state_cache.tier is not None:
+                self.metrics.state_tier_stored_bytes[self.state_cache.tier.name].set(self.state_cache.tier.nbytes)

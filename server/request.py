@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,7 @@ from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprob
 from .sampler import TokenCounts
 from .sampling_params import SamplingParams
-from .state_cache import CachedState
+from .state_cache import CachedState, chain_key, prefix_key
 
 
 class RequestStatus(enum.Enum):
@@ -47,6 +48,15 @@ class Sequence:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class StateContext:
+    """A saved state a prompt continues (a conversation continued by reference): the prompt holds only
+    the tokens after it. ``token_ids`` gives the tokens that state consumed, to rebuild it if it is gone."""
+
+    key: bytes  # its state-cache key
+    token_ids: Callable[[], list[int]]
+
+
 @dataclass
 class Request:
     request_id: str
@@ -63,6 +73,14 @@ class Request:
     scheduled_time: float | None = None
     first_token_time: float | None = None
     restore: CachedState | None = None  # the state cache entry chosen at admission, until it is restored
+    context: StateContext | None = None
+    context_length: int = 0  # prompt tokens that rebuild a lost context (they come first in the prompt)
+
+    def cache_key(self, token_ids: list[int]) -> bytes:
+        """The state-cache key of the state after ``token_ids`` (the prompt, then generated tokens)."""
+        if self.context is None:
+            return prefix_key(token_ids, self.cache_namespace)
+        return chain_key(self.context.key, token_ids[self.context_length:])
 
     @property
     def num_prompt_tokens(self) -> int:
