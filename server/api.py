@@ -30,8 +30,11 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from .protocol_responses import ResponsesRequest
+from .response_store import ResponseStore
 from .serving_chat import OpenAIServingChat, render_chat
 from .serving_completions import OpenAIServingCompletion
+from .serving_responses import OpenAIServingResponses
 
 try:
     VERSION = version("miras-serve")
@@ -55,10 +58,15 @@ class ServerSettings:
     allowed_origins: list[str] = field(default_factory=list)
     shutdown_timeout: float = 30.0
     sse_ping_interval: float = 30.0  # seconds without an event before a stream gets an SSE comment; 0: never
+    # stored responses of the Responses API, per tenant (server/response_store.py)
+    responses_max_count: int = 10_000
+    responses_max_bytes: int = 256 << 20
+    responses_ttl: float = 30 * 24 * 3600.0  # seconds after creation; 0: never
 
 
 class ServerState:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings):
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, responses_dir: str | None = None):
+        """``responses_dir``: where stored responses persist across restarts (None: in memory only)."""
         self.engine = engine
         self.settings = settings
         self.status = ServerStatus.STARTING
@@ -66,6 +74,10 @@ class ServerState:
         self.completions = OpenAIServingCompletion(engine, tokenizer, settings.served_model_name,
                                                    settings.sse_ping_interval)
         self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name, settings.sse_ping_interval)
+        store = ResponseStore(settings.responses_max_count, settings.responses_max_bytes, settings.responses_ttl,
+                              responses_dir)
+        self.responses = OpenAIServingResponses(engine, tokenizer, settings.served_model_name,
+                                                settings.sse_ping_interval, store=store)
 
     async def drain(self) -> None:
         """SIGTERM: /health goes 503, new requests get 503, in-flight ones get --shutdown-timeout to
@@ -91,6 +103,8 @@ def build_app(state: ServerState) -> FastAPI:
             yield
         finally:
             state.engine.stop()
+            state.engine.engine.flush_saved_states()
+            state.responses.store.flush()
 
     app = FastAPI(title="Miras Serve", version=VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of recurrent Miras language models.")
@@ -128,6 +142,18 @@ def build_app(state: ServerState) -> FastAPI:
               responses=ERRORS)
     async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
         return await state.chat.create(request, raw)
+
+    @app.post("/v1/responses", dependencies=json_body, responses=ERRORS)
+    async def create_response(request: ResponsesRequest, raw: Request) -> Response:
+        return await state.responses.create(request, raw)
+
+    @app.get("/v1/responses/{response_id}", responses=ERRORS)
+    async def retrieve_response(response_id: str, raw: Request) -> Response:
+        return state.responses.retrieve(raw, response_id)
+
+    @app.delete("/v1/responses/{response_id}", responses=ERRORS)
+    async def delete_response(response_id: str, raw: Request) -> Response:
+        return state.responses.delete(raw, response_id)
 
     @app.post("/tokenize", dependencies=json_body, response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:

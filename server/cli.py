@@ -49,6 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-cache-gb", type=float, default=1.0,
                    help="memory for recurrent states of earlier prompts and replies, restored when a prompt repeats "
                         "or extends one (the next turn of a chat): prefix caching; 0 disables")
+    p.add_argument("--state-disk-dir", default=None,
+                   help="directory for saved states and stored responses on local disk, behind the in-memory "
+                        "cache: they survive a restart (default: none, memory only)")
+    p.add_argument("--state-disk-gb", type=float, default=10.0, help="disk for saved states (least recently "
+                   "used go first)")
+    p.add_argument("--state-disk-ttl", type=float, default=0.0,
+                   help="seconds after its last use that a saved state on disk expires; 0: never")
+    p.add_argument("--responses-max-count", type=int, default=10_000,
+                   help="stored responses (Responses API) kept per tenant; the oldest go first")
+    p.add_argument("--responses-max-mb", type=float, default=256.0, help="memory for stored responses per tenant")
+    p.add_argument("--responses-ttl", type=float, default=30 * 24 * 3600.0,
+                   help="seconds a stored response is kept after its creation; 0: no limit")
     p.add_argument("--sse-ping-interval", type=float, default=30.0,
                    help="seconds a stream may stay silent (long prefill, full queue) before it gets an SSE comment "
                         "ping; 0 disables")
@@ -56,10 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_prompt_tokens", "max_queued_requests"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_prompt_tokens", "max_queued_requests",
+                 "responses_max_count"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("shutdown_timeout", "state_cache_gb", "sse_ping_interval"):
+    for name in ("shutdown_timeout", "state_cache_gb", "sse_ping_interval", "state_disk_gb", "state_disk_ttl",
+                 "responses_max_mb", "responses_ttl"):
         if not getattr(args, name) >= 0:  # NaN too
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
@@ -97,7 +111,8 @@ class DrainingServer(uvicorn.Server):
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens,
                         cuda_graphs=False if args.enforce_eager else None,
-                        state_cache_bytes=int(args.state_cache_gb * (1 << 30)))
+                        state_cache_bytes=int(args.state_cache_gb * (1 << 30)), state_disk_dir=args.state_disk_dir,
+                        state_disk_bytes=int(args.state_disk_gb * (1 << 30)), state_disk_ttl=args.state_disk_ttl)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,11 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     config = engine_config(args)
     try:
         engine = LLMEngine(net, tokenizer, config, name, EngineMetrics(name))
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         sys.exit(f"miras-serve: {exc}")
     settings = ServerSettings(name, str(args.model), args.api_key, args.allowed_origins, args.shutdown_timeout,
-                              args.sse_ping_interval)
-    state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings)
+                              args.sse_ping_interval, args.responses_max_count, int(args.responses_max_mb * (1 << 20)),
+                              args.responses_ttl)
+    tier = engine.state_cache.tier if engine.state_cache is not None else None
+    responses_dir = str(tier.model_dir / "responses") if tier is not None else None
+    state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings, responses_dir)
     app = build_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)

@@ -150,6 +150,11 @@ class LLMEngine:
         self._update_gauges()
         return RequestOutput(request_id, request.prompt_token_ids, outputs, True, request.prompt)
 
+    def flush_saved_states(self) -> None:
+        """Wait until the states saved so far are written to the tier below memory (shutdown, tests)."""
+        if self.state_cache is not None and self.state_cache.tier is not None:
+            self.state_cache.tier.flush()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -191,7 +196,8 @@ class LLMEngine:
                 self._finish_request(request, now)
             if deltas or done:
                 outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, deltas, done,
-                                             request.prompt, request.prompt_logprobs if done else None))
+                                             request.prompt, request.prompt_logprobs if done else None,
+                                             request.num_cached_tokens if done else 0))
         self.metrics.engine_step_duration.observe(now - start)
         self.metrics.engine_batch_size.observe(len(plan.decodes) + len(plan.prefills))
         self.metrics.iteration_tokens.observe(plan.num_tokens)
@@ -201,10 +207,11 @@ class LLMEngine:
     def _cached_prefix(self, request: Request) -> int:
         """The scheduler's question before admitting a request: how many prompt tokens can be restored from
         the state cache (the entry is kept on the request until it is restored)."""
-        request.restore = None
+        request.restore, request.num_cached_tokens = None, 0
         if request.context is not None and not request.context_length:
             request.restore = self.state_cache.get(request.context.key)
             if request.restore is not None:
+                request.num_cached_tokens = request.context.length
                 return 0
             # the saved state is gone: rebuild it from its tokens (slower, same result)
             history = request.context.token_ids()
@@ -213,7 +220,8 @@ class LLMEngine:
         if request.params.prompt_logprobs is not None:  # needs the logits of every prompt position
             return 0
         request.restore = self.state_cache.lookup(request.prompt_token_ids, request.cache_namespace)
-        return 0 if request.restore is None else request.restore.length
+        request.num_cached_tokens = 0 if request.restore is None else request.restore.length
+        return request.num_cached_tokens
 
     def _admit(self, requests: list[Request]) -> list[Request]:
         """Give admitted requests their starting state: fresh, or restored from the state cache. Returns

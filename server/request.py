@@ -54,6 +54,7 @@ class StateContext:
     the tokens after it. ``token_ids`` gives the tokens that state consumed, to rebuild it if it is gone."""
 
     key: bytes  # its state-cache key
+    length: int  # tokens it consumed
     token_ids: Callable[[], list[int]]
 
 
@@ -75,6 +76,7 @@ class Request:
     restore: CachedState | None = None  # the state cache entry chosen at admission, until it is restored
     context: StateContext | None = None
     context_length: int = 0  # prompt tokens that rebuild a lost context (they come first in the prompt)
+    num_cached_tokens: int = 0  # tokens restored from a saved state instead of prefilled (context included)
 
     def cache_key(self, token_ids: list[int]) -> bytes:
         """The state-cache key of the state after ``token_ids`` (the prompt, then generated tokens)."""

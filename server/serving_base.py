@@ -20,6 +20,7 @@ from .detokenizer import token_text
 from .errors import APIError, error_body
 from .outputs import RequestOutput, TokenLogprob
 from .protocol import StreamOptions
+from .request import StateContext
 from .sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -116,9 +117,10 @@ class ServingBase:
         return dict(id=f"{self.id_prefix}-{uuid.uuid4().hex}", object=object_name, created=int(time.time()),
                     model=self.served_model_name)
 
-    def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams) -> RequestGroup:
+    def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
+               cache_namespace: str = "", context: StateContext | None = None) -> RequestGroup:
         try:
-            return self.engine.submit(prompts, params, time.monotonic())
+            return self.engine.submit(prompts, params, time.monotonic(), cache_namespace, context)
         except QueueFullError as exc:
             raise APIError(429, str(exc), None, "queue_full", {"Retry-After": RETRY_AFTER_SECONDS}) from exc
         except EngineUnavailableError as exc:

@@ -78,6 +78,9 @@ class StateTier(Protocol):
 
     def delete(self, key: bytes) -> None: ...
 
+    def flush(self) -> None:
+        """Wait until what was inserted is stored (shutdown, tests)."""
+
 
 def model_identity(model: MirasLM) -> str:
     """A digest of what makes a saved state valid for a model: its config (the chunk size included) and
@@ -179,7 +182,8 @@ class DiskStateTier:
     def __init__(self, root: str | Path, identity: str, template: ModelState, capacity_bytes: int,
                  ttl_seconds: float = 0.0, writer: BackgroundWriter | None = None,
                  on_reject: Callable[[str], None] | None = None):
-        self.dir = Path(root) / identity / "states"
+        self.model_dir = Path(root) / identity  # what this model saves (other stores may live here too)
+        self.dir = self.model_dir / "states"
         self.identity = identity
         self.template = template  # one fresh row: the layout every loaded state must have
         self.device = template.pos.device
@@ -250,6 +254,9 @@ class DiskStateTier:
             self.pending.pop(key, None)  # a write still queued is skipped
         path = self._path(key)
         self.writer.submit(lambda: path.unlink(missing_ok=True))  # queued writes run in order
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     # ---- files ----------------------------------------------------------------------------------------
 
