@@ -17,6 +17,8 @@ from server.api import ServerSettings, ServerState, build_app
 from server.async_engine import AsyncEngine
 from server.engine import EngineConfig, LLMEngine
 from server.loader import load_model
+from server.response_store import ResponseStore, StoredResponse
+from server.serving_responses import OpenAIServingResponses
 
 MODEL = "tiny"
 GREEDY = dict(model=MODEL, temperature=0, max_output_tokens=6)
@@ -198,3 +200,28 @@ def test_another_tenant_sees_no_response(tiny_checkpoint, monkeypatch):
         asyncio.run(scenario())
     finally:
         state.engine.stop()
+
+
+@pytest.mark.parametrize(("template", "restores"), [("{role}: {content}\n", "prompt"),
+                                                    ("{role}:{content}\n", "finish")])
+def test_a_turn_is_the_whole_history_rendered_whichever_state_it_restores(tiny_checkpoint, template, restores):
+    """The restored state's tokens and the prefilled ones make up the chat rendering of the whole history.
+    The shipped template re-renders a reply with a space the generated tokens lack, so the turn continues
+    the state after the previous prompt; where the reply re-renders as generated, the state after it."""
+    model, tokenizer = load_model(tiny_checkpoint)
+    tokenizer.chat_template = template
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, max_num_batched_tokens=64), MODEL)
+    serving = OpenAIServingResponses(AsyncEngine(engine), tokenizer, MODEL, store=ResponseStore(10, 1 << 20, 0))
+    hello = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    first = serving._turn(hello, None, "ns")
+    reply = " Shall I compare thee"
+    generated = tokenizer.encode(reply) + [tokenizer.eos_token_id]
+    previous = StoredResponse("r", "", "ns", {}, first.conversation, first.length, generated, reply,
+                              first.key(first.prompt), first.key(first.prompt + generated[:-1]))
+    more = [{"role": "user", "content": "And then?"}]
+    turn = serving._turn(more, previous, "ns")
+    whole = tokenizer.encode(tokenizer.apply_chat_template(
+        [*hello, {"role": "assistant", "content": reply}, *more]), add_bos=True)
+    assert turn.context.token_ids() + turn.prompt == whole == turn.conversation.token_ids()
+    assert turn.context.key == (previous.prompt_key if restores == "prompt" else previous.finish_key)
+    assert turn.context.length == len(turn.context.token_ids()) and turn.length == len(whole)
