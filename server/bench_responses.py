@@ -2,16 +2,16 @@
 against real ``miras-serve`` processes on this machine; and the restore latency of a saved state from
 memory and from disk (after a restart).
 
-One greedy conversation of ``--turns`` turns (a ~20-token question, a ``--reply-tokens`` reply) is held
-three ways side by side, turn by turn: by reference (``previous_response_id``, the client sends only the
-question), as chat completions resending the whole history to the same server (its state cache restores
-the history's prefix, but the request, its rendering and the lookup grow with it), and as chat
-completions to a server without state cache (everything prefilled again). All three produce the same
-text. Measured: time to the first streamed text of a turn (median over the turns ending at the mark).
-Then the server is restarted on the same ``--state-disk-dir`` and the stored conversation continued at
-the same turns: the state comes from disk.
+A greedy conversation (a ~25-token question, a ``--reply-tokens`` reply per turn) is built through the
+Responses API and, on the same server, as chat completions (the same text every turn). Then the next turn
+after k turns is sent three ways, interleaved so that load on the machine hits them alike: by reference
+(``previous_response_id``: the client sends only the question), as a chat completion resending the whole
+history to the same server (its state cache restores the history's prefix, but the request, its
+rendering and its lookup grow with it), and to a server without state cache (everything prefilled
+again). Measured: time to the first streamed text (median). Then the server is restarted on the same
+``--state-disk-dir`` and the stored conversation continued after k turns: the state comes from disk.
 
-    python -m server.bench_responses [--model moneta-tiny] [--turns 50] [--marks 1 10 50]
+    python -m server.bench_responses [--model moneta-tiny] [--marks 1 10 50] [--repeats 5]
 
 Writes docs/benchmarks/responses-cpu.md.
 """
@@ -36,7 +36,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from .bench import start_server
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "responses-cpu.md"
-WINDOW = 3  # turns per measurement, ending at the mark
 TOPICS = ["the king", "the sea", "a rose", "the night", "a letter", "the war", "a song", "the moon", "a friend",
           "the storm", "a crown", "the garden"]
 
@@ -83,13 +82,12 @@ def restore_seconds(url: str) -> dict[str, tuple[float, int]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="moneta-tiny")
-    p.add_argument("--turns", type=int, default=50)
-    p.add_argument("--marks", type=int, nargs="+", default=[1, 10, 50])
+    p.add_argument("--marks", type=int, nargs="+", default=[1, 10, 50], help="turns before the measured one")
+    p.add_argument("--repeats", type=int, default=5, help="measurements per mark and way (interleaved)")
     p.add_argument("--reply-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (OMP_NUM_THREADS)")
     p.add_argument("--out", type=Path, default=REPORT)
     args = p.parse_args(argv)
-    measured = {t for mark in args.marks for t in range(max(1, mark - WINDOW + 1), mark + 1)}
     disk = tempfile.mkdtemp(prefix="miras-bench-states-")
     cached_flags = ("--served-model-name", "m", "--state-disk-dir", disk)
     ports = {"cached": free_port(), "plain": free_port()}
@@ -98,81 +96,112 @@ def main(argv: list[str] | None = None) -> None:
                                      "--state-cache-gb", "0")}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     cached, plain = (httpx.Client(base_url=urls[name], timeout=600) for name in ("cached", "plain"))
-    sampling = {"model": "m", "temperature": 0}
-    ttft: dict[str, dict[int, float]] = {k: {} for k in ("responses", "chat cached", "chat plain", "restarted")}
-    history_tokens, previous, messages, ids = {}, None, [], {}
+    ttft: dict[tuple[str, int], list[float]] = {}
+    agree = {"chat, state cache on": 0, "chat, no state cache": 0}
     try:
-        for turn in range(1, args.turns + 1):
-            body = {**sampling, "input": question(turn), "max_output_tokens": args.reply_tokens}
-            if previous:
-                body["previous_response_id"] = previous
-            ttft["responses"][turn], reply, done = stream(cached, "/v1/responses", body)
-            previous = ids[turn] = done["response"]["id"]
-            history_tokens[turn] = done["response"]["usage"]["input_tokens"]
-            messages.append({"role": "user", "content": question(turn)})
-            chat = {**sampling, "messages": messages, "max_tokens": args.reply_tokens}
-            ttft["chat cached"][turn], chat_reply, _ = stream(cached, "/v1/chat/completions", chat)
-            if turn in measured:
-                ttft["chat plain"][turn], plain_reply, _ = stream(plain, "/v1/chat/completions", chat)
-                assert plain_reply == chat_reply, f"turn {turn}: the servers disagree"
-            assert chat_reply == reply, f"turn {turn}: Responses and chat disagree"
-            messages.append({"role": "assistant", "content": reply})
-            print(f"turn {turn:>3}: history {history_tokens[turn]:>6} tokens, TTFT responses "
-                  f"{ttft['responses'][turn] * 1e3:7.1f} ms, chat (cached) {ttft['chat cached'][turn] * 1e3:7.1f} ms"
-                  + (f", chat (no cache) {ttft['chat plain'][turn] * 1e3:7.1f} ms" if turn in ttft["chat plain"]
-                     else ""), flush=True)
+        ids, histories, history_tokens = build_conversation(cached, max(args.marks), args.reply_tokens)
+        ways = {"Responses": lambda k, q: respond(cached, ids[k], q),
+                "chat, state cache on": lambda k, q: chat(cached, histories[k], q),
+                "chat, no state cache": lambda k, q: chat(plain, histories[k], q)}
+        for rep in range(args.repeats):  # interleaved, so load drift on the machine hits every column alike
+            for k in args.marks:
+                q = question(k + 1) + f" (take {rep})"
+                texts = {}
+                for way, send in ways.items():
+                    seconds, texts[way] = send(k, q)
+                    ttft.setdefault((way, k), []).append(seconds)
+                for way in agree:
+                    agree[way] += texts[way] == texts["Responses"]
+            print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
         memory = restore_seconds(urls["cached"])
         servers["cached"].terminate()  # SIGTERM: drain, flush the disk tier
         servers["cached"].wait(60)
         servers["cached"] = start_server(args.model, ports["cached"], args.threads, 4, *cached_flags)
-        for turn in sorted(measured):  # continue the stored conversation after ``turn``: its state is on disk
-            body = {**sampling, "input": question(turn + 1), "max_output_tokens": args.reply_tokens,
-                    "previous_response_id": ids[turn], "store": False}
-            ttft["restarted"][turn + 1], _, _ = stream(cached, "/v1/responses", body)
+        stream(cached, "/v1/responses", {"model": "m", "input": "warm up", "max_output_tokens": 1, "store": False})
+        for k in args.marks:  # the restarted server's memory is empty: each state comes from disk
+            ttft[("restarted", k)] = [respond(cached, ids[k], question(k + 1))[0]]
         restored = restore_seconds(urls["cached"])
     finally:
         for proc in servers.values():
             proc.kill()
             proc.wait()
-    write_report(args, ttft, history_tokens, memory, restored)
+    total = args.repeats * len(args.marks)
+    write_report(args, ttft, history_tokens, {way: f"{n}/{total}" for way, n in agree.items()}, memory, restored)
 
 
-def at(series: dict[int, float], mark: int) -> float | None:
-    values = [series[t] for t in range(max(1, mark - WINDOW + 1), mark + 1) if t in series]
-    return statistics.median(values) if values else None
+def build_conversation(client: httpx.Client, turns: int, reply_tokens: int
+                       ) -> tuple[dict[int, str], dict[int, list[dict[str, str]]], dict[int, int]]:
+    """A greedy conversation of ``turns`` turns by reference, and the same as chat turns resending their
+    history to the same server (so its state cache holds what a real chat client's turns leave there). Per
+    turn k: the response id, the chat history, and the conversation's length in tokens."""
+    ids, histories, lengths, previous, messages = {}, {}, {}, None, []
+    for turn in range(1, turns + 1):
+        body = {"model": "m", "temperature": 0, "input": question(turn), "max_output_tokens": reply_tokens,
+                **({"previous_response_id": previous} if previous else {})}
+        _, reply, done = stream(client, "/v1/responses", body)
+        previous = ids[turn] = done["response"]["id"]
+        messages.append({"role": "user", "content": question(turn)})
+        _, chat_reply, _ = stream(client, "/v1/chat/completions", {"model": "m", "temperature": 0,
+                                                                  "messages": messages, "max_tokens": reply_tokens})
+        assert chat_reply == reply, f"turn {turn}: Responses and chat disagree"
+        messages.append({"role": "assistant", "content": reply})
+        histories[turn], lengths[turn] = list(messages), done["response"]["usage"]["input_tokens"]
+    print(f"built a {turns}-turn conversation ({lengths[turns]:,} tokens)", flush=True)
+    return ids, histories, lengths
 
 
-def write_report(args: argparse.Namespace, ttft: dict, history: dict, memory: dict, restored: dict) -> None:
+def respond(client: httpx.Client, previous: str, text: str) -> tuple[float, str]:
+    body = {"model": "m", "temperature": 0, "input": text, "max_output_tokens": 1, "store": False,
+            "previous_response_id": previous}
+    seconds, reply, _ = stream(client, "/v1/responses", body)
+    return seconds, reply
+
+
+def chat(client: httpx.Client, history: list[dict[str, str]], text: str) -> tuple[float, str]:
+    body = {"model": "m", "temperature": 0, "max_tokens": 1,
+            "messages": [*history, {"role": "user", "content": text}]}
+    seconds, reply, _ = stream(client, "/v1/chat/completions", body)
+    return seconds, reply
+
+
+def write_report(args: argparse.Namespace, ttft: dict, history: dict, agree: dict, memory: dict, restored: dict
+                 ) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
 
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1e3:,.1f} ms"
+    def ms(values: list[float] | None) -> str:
+        return "-" if not values else f"{statistics.median(values) * 1e3:,.1f} ms"
 
     lines = [
         "# Responses API: time to first token of a turn after 1, 10, 50 turns (CPU, over HTTP)", "",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch thread(s) per server; "
-        f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
-        f"- model `{args.model}`; one greedy conversation of {args.turns} turns (a ~20-token question, a "
-        f"{args.reply_tokens}-token reply), held three ways side by side, with the same text at every turn; "
-        "command: `python -m server.bench_responses`",
-        f"- TTFT: request sent -> first streamed text, median of the {WINDOW} turns ending at the mark "
-        "(one sample at turn 1); client and servers share the machine's cores.", "",
-        "| turn | history (tokens) | Responses, `previous_response_id` | chat, history resent, state cache on "
-        "| chat, history resent, no state cache | Responses after a restart (state from disk) |",
+        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared with other work while this ran), "
+        f"{args.threads} torch thread(s) per server; date "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
+        f"- model `{args.model}`; a greedy conversation of {max(args.marks)} turns (a ~25-token question, a "
+        f"{args.reply_tokens}-token reply) is built through the Responses API and, on the same server, as chat "
+        "completions (same text every turn). Then the next turn after k turns (a new question) is sent three "
+        f"ways, interleaved, {args.repeats} times each: by reference (`previous_response_id`, `store: false`), "
+        "as a chat completion resending the history to that server (state cache on), and to a server with "
+        "`--state-cache-gb 0`. Last column: the first continuation after a restart on the same "
+        "`--state-disk-dir` (one sample; the state comes from disk). Command: `python -m server.bench_responses`",
+        "- TTFT: request sent -> first streamed text, median; client and servers share the cores.", "",
+        "| after k turns | conversation (tokens) | Responses, `previous_response_id` | chat, history resent, "
+        "state cache on | chat, history resent, no state cache | Responses after a restart (from disk) |",
         "|---|---|---|---|---|---|",
     ]
-    for mark in args.marks:
-        restarted = at(ttft["restarted"], mark + 1)
-        lines.append(f"| {mark} | {history[mark]:,} | {ms(at(ttft['responses'], mark))} | "
-                     f"{ms(at(ttft['chat cached'], mark))} | {ms(at(ttft['chat plain'], mark))} | {ms(restarted)} |")
-    first, last = at(ttft["responses"], args.marks[0]), at(ttft["responses"], args.marks[-1])
-    plain = at(ttft["chat plain"], args.marks[-1])
-    lines += ["", f"Responses TTFT at turn {args.marks[-1]} / turn {args.marks[0]}: {last / first:.2f}x; "
-              f"chat without state cache at turn {args.marks[-1]}: {plain / last:.1f}x the Responses turn.", "",
+    for k in args.marks:
+        lines.append(f"| {k} | {history[k]:,} | {ms(ttft[('Responses', k)])} | "
+                     f"{ms(ttft[('chat, state cache on', k)])} | {ms(ttft[('chat, no state cache', k)])} | "
+                     f"{ms(ttft.get(('restarted', k)))} |")
+    first, last = (statistics.median(ttft[("Responses", k)]) for k in (args.marks[0], args.marks[-1]))
+    plain = statistics.median(ttft[("chat, no state cache", args.marks[-1])])
+    lines += ["", f"Responses TTFT after {args.marks[-1]} turns / after {args.marks[0]}: {last / first:.2f}x; "
+              f"chat without state cache after {args.marks[-1]} turns: {plain / last:.1f}x the Responses turn. "
+              f"First tokens equal to the Responses ones: {', '.join(f'{w} {n}' for w, n in agree.items())} "
+              "(fp32 sums in another order can flip a near-tie over a long prefill).", "",
               "## Restoring a saved state into a slot", "",
-              "From the server's `miras:state_restore_seconds` histogram (read from the tier and copied into "
-              "the slot); the disk row is the restarted server, whose memory tier starts empty.", "",
+              "From the server's `miras:state_restore_seconds` histogram (read and checked from the tier, then "
+              "copied into the slot); the disk row is the restarted server, whose memory tier starts empty.", "",
               "| tier | restores | mean |", "|---|---|---|"]
     for tier, (mean, count) in [("memory", memory.get("memory", (0.0, 0))), ("disk", restored.get("disk", (0.0, 0)))]:
         lines.append(f"| {tier} | {count} | {mean * 1e3:,.2f} ms |")

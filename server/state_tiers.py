@@ -15,6 +15,7 @@ thread: the engine thread only hands over the row it already copied out of the p
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -129,12 +130,13 @@ def decode_state(payload: bytes, template: ModelState, device: torch.device) -> 
 
 class BackgroundWriter:
     """One daemon thread that runs file writes and deletes in order, off the engine and event-loop threads.
-    ``flush`` waits for what is queued (tests, shutdown)."""
+    ``flush`` waits for what is queued (tests, shutdown; and at exit, so no write is cut off)."""
 
     def __init__(self, name: str):
-        self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self.jobs: queue.Queue[Callable[[], None]] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
+        atexit.register(self.flush)
 
     def submit(self, job: Callable[[], None]) -> None:
         self.jobs.put(job)
