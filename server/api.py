@@ -75,7 +75,7 @@ class ServerState:
                                                    settings.sse_ping_interval)
         self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name, settings.sse_ping_interval)
         store = ResponseStore(settings.responses_max_count, settings.responses_max_bytes, settings.responses_ttl,
-                              responses_dir)
+                              responses_dir, on_forget=lambda r: engine.forget_states([r.prompt_key, r.finish_key]))
         self.responses = OpenAIServingResponses(engine, tokenizer, settings.served_model_name,
                                                 settings.sse_ping_interval, store=store)
 

@@ -55,6 +55,7 @@ class AsyncEngine:
         self._wake = threading.Condition(self._lock)
         self._inbox: list[_Pending] = []
         self._aborts: list[str] = []
+        self._forgotten: list[bytes] = []  # state-cache keys to delete on the engine thread
         self._streams: dict[str, _Pending] = {}  # engine thread only
         self._stop = False
         self._closed = False  # set (under the lock) once the engine thread takes no more requests
@@ -132,20 +133,31 @@ class AsyncEngine:
             self._aborts.append(request_id)
             self._wake.notify()
 
+    def forget_states(self, keys: list[bytes]) -> None:
+        """Delete saved states (a deleted conversation's), from every tier, on the engine thread. A request
+        that was about to restore one rebuilds it instead."""
+        if self.engine.state_cache is None:
+            return
+        with self._lock:
+            self._forgotten.extend(keys)
+            self._wake.notify()
+
     # ---- engine thread ---------------------------------------------------------------------------------
 
     def _take_inbox(self) -> list[str] | None:
         """Wait for work; add queued requests to the engine and return the ids to abort (None: stop)."""
         with self._lock:
-            while not (self._stop or self._inbox or self._aborts or self.engine.has_unfinished()):
+            while not (self._stop or self._inbox or self._aborts or self._forgotten or self.engine.has_unfinished()):
                 self._wake.wait()
             if self._stop:
                 return None
             # added under the lock, so a waiting request is always counted by generate's admission check
             for p in self._inbox:
                 self._add(p)
+            for key in self._forgotten:
+                self.engine.state_cache.delete(key)
             aborts = self._aborts
-            self._inbox, self._aborts = [], []
+            self._inbox, self._aborts, self._forgotten = [], [], []
             return aborts
 
     def _add(self, p: _Pending) -> None:

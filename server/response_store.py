@@ -21,6 +21,7 @@ import logging
 import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,9 @@ class StoredResponse:
 
 class ResponseStore:
     def __init__(self, max_count: int, max_bytes: int, ttl_seconds: float, directory: str | Path | None = None,
-                 writer: BackgroundWriter | None = None):
+                 writer: BackgroundWriter | None = None,
+                 on_forget: Callable[[StoredResponse], None] | None = None):
+        """``on_forget`` is called with every response deleted, evicted or expired (to drop its states)."""
         self.max_count = max_count  # per tenant
         self.max_bytes = max_bytes  # per tenant
         self.ttl_seconds = ttl_seconds  # after creation; 0: never
@@ -89,6 +92,7 @@ class ResponseStore:
         self.tenants: dict[str, OrderedDict[str, StoredResponse]] = {}  # oldest first
         self.nbytes: dict[str, int] = {}
         self.children: dict[str, set[str]] = {}  # response id -> stored responses continuing it
+        self.on_forget = on_forget or (lambda response: None)
         if self.dir is not None:
             self._load()
 
@@ -135,6 +139,7 @@ class ResponseStore:
         if self.writer is not None:
             path = self._path(response)
             self.writer.submit(lambda: path.unlink(missing_ok=True))
+        self.on_forget(response)
         return True
 
     def count(self, tenant: str) -> int:

@@ -34,7 +34,7 @@ from .protocol import DEFAULT_CHAT_MAX_TOKENS
 from .protocol_responses import ResponsesRequest
 from .request import StateContext
 from .response_store import ResponseStore, Segment, StoredResponse
-from .sampling_params import SamplingParams
+from .sampling_params import ParamError, SamplingParams
 from .serving_base import ServingBase, collect, sse, with_pings
 from .state_cache import chain_key, prefix_key
 from .tenancy import cache_namespace, tenant_of
@@ -92,8 +92,11 @@ class OpenAIServingResponses(ServingBase):
         params = SamplingParams(temperature=1.0 if request.temperature is None else request.temperature,
                                 top_p=1.0 if request.top_p is None else request.top_p,
                                 max_tokens=request.max_output_tokens or DEFAULT_CHAT_MAX_TOKENS)
-        group = self.submit([(turn.prompt, None)], params, cache_namespace=namespace, context=turn.context)
-        body = self._body(request, previous)
+        try:
+            group = self.submit([(turn.prompt, None)], params, cache_namespace=namespace, context=turn.context)
+        except ParamError as exc:  # the engine's limits name the prompt; here it is the input
+            raise APIError(400, str(exc), "input" if exc.param == "prompt" else exc.param, "invalid_value") from exc
+        body = self._body(request, previous, params)
         if request.stream:
             return self._stream_response(self._events(request, turn, tenant, body, group), group)
         (final,) = await self.unless_disconnected(raw, collect(group, 1), group)
@@ -137,15 +140,16 @@ class OpenAIServingResponses(ServingBase):
 
     # ---- the response ---------------------------------------------------------------------------------
 
-    def _body(self, request: ResponsesRequest, previous: StoredResponse | None) -> dict[str, Any]:
+    def _body(self, request: ResponsesRequest, previous: StoredResponse | None, params: SamplingParams
+              ) -> dict[str, Any]:
         """The response object as it starts (status in_progress, no output yet)."""
         return {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
                 "status": "in_progress", "error": None, "incomplete_details": None,
                 "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
                 "model": self.served_model_name, "output": [], "parallel_tool_calls": False,
                 "previous_response_id": previous.id if previous else None, "reasoning": None,
-                "store": request.store is not False, "temperature": request.temperature, "text":
-                {"format": {"type": "text"}}, "tool_choice": "none", "tools": [], "top_p": request.top_p,
+                "store": request.store is not False, "temperature": params.temperature, "text":
+                {"format": {"type": "text"}}, "tool_choice": "none", "tools": [], "top_p": params.top_p,
                 "truncation": "disabled", "usage": None, "metadata": request.metadata or {}}
 
     def _finish(self, request: ResponsesRequest, turn: Turn, tenant: str, body: dict[str, Any],

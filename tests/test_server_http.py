@@ -346,11 +346,13 @@ def test_schemathesis_finds_no_server_errors(url):
         @given(case=operation.as_strategy(generation_mode=mode))
         def check(case) -> None:
             if isinstance(case.body, dict):  # keep generations short: the point is input handling
-                for field in ("max_tokens", "max_completion_tokens"):
+                for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                     if isinstance(case.body.get(field), int):
                         case.body[field] = min(case.body[field], 4)
                 if "messages" in case.body:
                     case.body.setdefault("max_tokens", 4)
+                if "input" in case.body:
+                    case.body.setdefault("max_output_tokens", 4)
             response = case.call(base_url=url, headers=AUTH, timeout=30)
             if response.status_code >= 500:
                 failures.append((case.operation.label, case.body, response.status_code, response.text[:200]))
