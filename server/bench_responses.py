@@ -10,6 +10,8 @@ history to the same server (its state cache restores the history's prefix, but t
 rendering and its lookup grow with it), and to a server without state cache (everything prefilled
 again). Measured: time to the first streamed text (median). Then the server is restarted on the same
 ``--state-disk-dir`` and the stored conversation continued after k turns: the state comes from disk.
+Last, the server's own work for a turn (render, tokenize, keys, store; no model) is timed in process over
+a synthetic conversation of 10,000 turns.
 
     python -m server.bench_responses [--model moneta-tiny] [--marks 1 10 50] [--repeats 5]
 
@@ -33,7 +35,12 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from .async_engine import AsyncEngine
 from .bench import start_server
+from .engine import EngineConfig, LLMEngine
+from .loader import load_model
+from .response_store import ResponseStore, StoredResponse
+from .serving_responses import OpenAIServingResponses
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "responses-cpu.md"
 TOPICS = ["the king", "the sea", "a rose", "the night", "a letter", "the war", "a song", "the moon", "a friend",
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--marks", type=int, nargs="+", default=[1, 10, 50], help="turns before the measured one")
     p.add_argument("--repeats", type=int, default=5, help="measurements per mark and way (interleaved)")
     p.add_argument("--reply-tokens", type=int, default=16)
+    p.add_argument("--bookkeeping-marks", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (OMP_NUM_THREADS)")
     p.add_argument("--out", type=Path, default=REPORT)
     args = p.parse_args(argv)
@@ -126,7 +134,30 @@ def main(argv: list[str] | None = None) -> None:
             proc.kill()
             proc.wait()
     total = args.repeats * len(args.marks)
-    write_report(args, ttft, history_tokens, {way: f"{n}/{total}" for way, n in agree.items()}, memory, restored)
+    per_turn = bookkeeping(args.model, args.bookkeeping_marks)
+    write_report(args, ttft, history_tokens, {way: f"{n}/{total}" for way, n in agree.items()}, memory, restored,
+                 per_turn)
+
+
+def bookkeeping(model: str, marks: list[int]) -> dict[int, float]:
+    """The server's own work for a turn by reference, without the model: render and tokenize the
+    continuation, derive the state keys, store the response. Timed in process over a synthetic conversation
+    of ``max(marks)`` turns; mean of the 100 turns ending at each mark."""
+    net, tokenizer = load_model(model)
+    serving = OpenAIServingResponses(AsyncEngine(LLMEngine(net, tokenizer, EngineConfig(max_num_seqs=1))),
+                                     tokenizer, "m", store=ResponseStore(max(marks) + 1, 1 << 40, 0))
+    reply = "I know not, my lord, but I shall learn it of the sea."
+    generated = tokenizer.encode(" " + reply)
+    previous, times = None, {}
+    for turn in range(1, max(marks) + 1):
+        start = time.perf_counter()
+        step = serving._turn([{"role": "user", "content": question(turn)}], previous, "bench")
+        previous = StoredResponse(f"r{turn}", "", "bench", {"id": f"r{turn}"}, step.conversation, step.length,
+                                  generated, reply, step.key(step.prompt), step.key(step.prompt + generated[:-1]),
+                                  previous.id if previous else None)
+        serving.store.put(previous)
+        times[turn] = time.perf_counter() - start
+    return {mark: statistics.mean(times[t] for t in range(max(1, mark - 99), mark + 1)) for mark in marks}
 
 
 def build_conversation(client: httpx.Client, turns: int, reply_tokens: int
@@ -164,8 +195,8 @@ def chat(client: httpx.Client, history: list[dict[str, str]], text: str) -> tupl
     return seconds, reply
 
 
-def write_report(args: argparse.Namespace, ttft: dict, history: dict, agree: dict, memory: dict, restored: dict
-                 ) -> None:
+def write_report(args: argparse.Namespace, ttft: dict, history: dict, agree: dict, memory: dict, restored: dict,
+                 per_turn: dict[int, float]) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
 
@@ -205,7 +236,14 @@ def write_report(args: argparse.Namespace, ttft: dict, history: dict, agree: dic
               "| tier | restores | mean |", "|---|---|---|"]
     for tier, (mean, count) in [("memory", memory.get("memory", (0.0, 0))), ("disk", restored.get("disk", (0.0, 0)))]:
         lines.append(f"| {tier} | {count} | {mean * 1e3:,.2f} ms |")
-    lines.append("")
+    lines += ["", "## The server's own work per turn, up to 10,000 turns", "",
+              "Rendering and tokenizing the continuation, deriving the state keys and storing the response (no "
+              "model), in process over one synthetic conversation; mean of the 100 turns ending at the mark. "
+              "The engine's part restores the state by its key and prefills the turn's own tokens: neither "
+              "depends on the history either.", "",
+              "| after k turns | " + " | ".join(f"{k:,}" for k in per_turn) + " |",
+              "|---|" + "---|" * len(per_turn),
+              "| per turn | " + " | ".join(f"{t * 1e3:.3f} ms" for t in per_turn.values()) + " |", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")

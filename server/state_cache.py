@@ -109,7 +109,7 @@ class StateCache:
             self.entries.move_to_end(key)
             entry.tier, entry.load_seconds = "memory", 0.0
             return entry
-        entry = self.tier.load(key) if self.tier is not None else None
+        entry = self.tier.lookup(key) if self.tier is not None else None
         if entry is not None:
             self._remember(key, entry)
         return entry

@@ -61,7 +61,7 @@ class CachedState:
 
 class StateTier(Protocol):
     """What the state cache needs of a tier below it. ``index`` answers without I/O which keys the tier
-    holds (for the prefix lookups of the cache); ``load`` may do I/O and returns None for an entry it
+    holds (for the prefix lookups of the cache); ``lookup`` may do I/O and returns None for an entry it
     had to reject."""
 
     name: str
@@ -73,7 +73,7 @@ class StateTier(Protocol):
     def lengths(self) -> Counter[int]:
         """How many prefix entries of each length the tier holds."""
 
-    def load(self, key: bytes) -> CachedState | None: ...
+    def lookup(self, key: bytes) -> CachedState | None: ...
 
     def insert(self, key: bytes, entry: CachedState) -> None: ...
 
@@ -211,7 +211,7 @@ class DiskStateTier:
     def lengths(self) -> Counter[int]:
         return self._lengths
 
-    def load(self, key: bytes) -> CachedState | None:
+    def lookup(self, key: bytes) -> CachedState | None:
         entry = self.entries.get(key)
         if entry is None:
             return None

@@ -60,11 +60,11 @@ def test_disk_tier_writes_asynchronously_and_survives_a_restart(tmp_path):
     tier = disk_tier(tmp_path, model)
     key = prefix_key([1, 2, 3], "")
     tier.insert(key, CachedState(3, filled(model, 2.0), torch.ones(5)))
-    assert tier.load(key).state.pos.item() == 2  # served from the pending write meanwhile
+    assert tier.lookup(key).state.pos.item() == 2  # served from the pending write meanwhile
     tier.flush()
     again = disk_tier(tmp_path, model)  # a new process: the index comes back from the files
     assert again.index(key) == (3, True, True) and again.lengths() == {3: 1}
-    entry = again.load(key)
+    entry = again.lookup(key)
     assert entry.tier == "disk" and entry.state.pos.item() == 2 and torch.equal(entry.logits, torch.ones(5))
     again.delete(key)
     again.flush()
@@ -82,9 +82,9 @@ def test_corrupt_and_foreign_entries_are_rejected_never_used(tmp_path):
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # one flipped bit in the payload
     path.write_bytes(bytes(data))
-    assert tier.load(bad) is None and rejects == ["corrupt"]
+    assert tier.lookup(bad) is None and rejects == ["corrupt"]
     tier.flush()
-    assert not path.exists() and tier.index(bad) is None and tier.load(good) is not None
+    assert not path.exists() and tier.index(bad) is None and tier.lookup(good) is not None
     # a file of another model copied under this model's directory is dropped when the index is built
     other = small_model("moneta", seed=5)
     foreign = disk_tier(tmp_path, other)
@@ -106,7 +106,7 @@ def test_disk_tier_is_bounded_and_expires(tmp_path):
     short = disk_tier(tmp_path / "ttl", model, ttl=0.05)
     short.insert(keys[0], CachedState(1, filled(model, 1.0)))
     time.sleep(0.1)
-    assert short.index(keys[0]) is None and short.load(keys[0]) is None
+    assert short.index(keys[0]) is None and short.lookup(keys[0]) is None
 
 
 def test_state_cache_finds_prefixes_in_the_tier_below(tmp_path):
