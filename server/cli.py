@@ -25,6 +25,7 @@ from .async_engine import AsyncEngine
 from .engine import EngineConfig, LLMEngine
 from .loader import DEFAULT_MODEL, default_served_name, load_model
 from .metrics import EngineMetrics
+from .state_tiers import DiskStateTier
 
 logger = logging.getLogger("miras.serve")
 
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
                               args.sse_ping_interval, args.responses_max_count, int(args.responses_max_mb * (1 << 20)),
                               args.responses_ttl)
     tier = engine.state_cache.tier if engine.state_cache is not None else None
-    responses_dir = str(tier.model_dir / "responses") if tier is not None else None
+    # stored responses live beside the saved states, under the same model identity
+    responses_dir = str(tier.model_dir / "responses") if isinstance(tier, DiskStateTier) else None
     state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings, responses_dir)
     app = build_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
