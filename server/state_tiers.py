@@ -183,7 +183,7 @@ class DiskStateTier:
 
     def __init__(self, root: str | Path, identity: str, template: ModelState, capacity_bytes: int,
                  ttl_seconds: float = 0.0, writer: BackgroundWriter | None = None,
-                 on_reject: Callable[[str], None] | None = None):
+                 on_reject: Callable[[str], None] | None = None, max_pending_bytes: int = 1 << 30):
         self.model_dir = Path(root) / identity  # what this model saves (other stores may live here too)
         self.dir = self.model_dir / "states"
         self.identity = identity
@@ -196,6 +196,7 @@ class DiskStateTier:
         self._lengths: Counter[int] = Counter()
         self.nbytes = 0
         self.pending: dict[bytes, CachedState] = {}  # queued for writing; served from memory meanwhile
+        self.max_pending_bytes = max_pending_bytes
         self.on_reject = on_reject or (lambda reason: None)  # a metric: why an entry was not used
         self._lock = threading.Lock()  # the writer thread and the engine thread both touch ``pending``
         self._scan()
@@ -239,8 +240,10 @@ class DiskStateTier:
     def insert(self, key: bytes, entry: CachedState) -> None:
         self.delete(key)
         disk = _DiskEntry(entry.length, entry.logits is not None, entry.prefix, entry.nbytes, time.time())
-        if disk.nbytes > self.capacity_bytes:
-            return
+        with self._lock:
+            backlog = sum(e.nbytes for e in self.pending.values())
+        if disk.nbytes > self.capacity_bytes or backlog + disk.nbytes > self.max_pending_bytes:
+            return  # too big, or the disk is behind: this state stays in memory only
         self._add(key, disk)
         with self._lock:
             self.pending[key] = entry

@@ -103,6 +103,11 @@ def test_disk_tier_is_bounded_and_expires(tmp_path):
     for key in keys:
         tier.insert(key, CachedState(1, filled(model, 1.0)))
     assert tier.index(keys[0]) is None and tier.index(keys[2]) is not None and tier.nbytes == 2 * size
+    behind = DiskStateTier(tmp_path / "slow", "id", model.init_state(1), 1 << 30, max_pending_bytes=size)
+    behind.writer.submit(lambda: time.sleep(0.2))  # a slow disk: the first write waits
+    behind.insert(keys[0], CachedState(1, filled(model, 1.0)))
+    behind.insert(keys[1], CachedState(1, filled(model, 1.0)))  # over the backlog: kept in memory only
+    assert behind.index(keys[0]) is not None and behind.index(keys[1]) is None
     short = disk_tier(tmp_path / "ttl", model, ttl=0.05)
     short.insert(keys[0], CachedState(1, filled(model, 1.0)))
     time.sleep(0.1)
