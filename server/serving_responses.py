@@ -52,10 +52,9 @@ def continuation_text(tokenizer: Any, reply: str, messages: list[dict[str, str]]
 class Turn:
     """One request's prompt: its token ids, the saved state it continues, and the keys its states get."""
 
-    def __init__(self, ids: list[int], conversation: Segment, length: int, namespace: str,
-                 context: StateContext | None, prompt: list[int]):
-        self.ids = ids  # the turn's own tokens of the conversation (the chat-rendered continuation)
-        self.conversation = conversation
+    def __init__(self, conversation: Segment, length: int, namespace: str, context: StateContext | None,
+                 prompt: list[int]):
+        self.conversation = conversation  # its last segment: the turn's own tokens (the chat-rendered input)
         self.length = length  # tokens of the conversation up to the end of this prompt
         self.namespace = namespace
         self.context = context  # the saved state the engine restores (None: a conversation's first turn)
@@ -123,20 +122,20 @@ class OpenAIServingResponses(ServingBase):
         tokenizer = self.tokenizer
         if previous is None:
             ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_bos=True)
-            return Turn(ids, Segment(array("i", ids)), len(ids), namespace, None, ids)
+            return Turn(Segment(array("i", ids)), len(ids), namespace, None, ids)
         ids = tokenizer.encode(continuation_text(tokenizer, previous.output_text, messages))
         conversation = Segment(array("i", ids), previous.segment)
         length = previous.length + len(ids)
         if self.engine.engine.state_cache is None:  # no saved states at all: prefill the whole conversation
-            return Turn(ids, conversation, length, namespace, None, conversation.token_ids())
+            return Turn(conversation, length, namespace, None, conversation.token_ids())
         fed = previous.output_ids[:-1]  # the last generated token was sampled, never fed
         segment = previous.segment
         if fed and len(ids) > len(fed) and ids[:len(fed)] == fed:  # the reply re-renders as it was generated
             context = StateContext(previous.finish_key, previous.length + len(fed),
                                    lambda: segment.token_ids() + fed)
-            return Turn(ids, conversation, length, namespace, context, ids[len(fed):])
+            return Turn(conversation, length, namespace, context, ids[len(fed):])
         context = StateContext(previous.prompt_key, previous.length, segment.token_ids)
-        return Turn(ids, conversation, length, namespace, context, ids)
+        return Turn(conversation, length, namespace, context, ids)
 
     # ---- the response ---------------------------------------------------------------------------------
 
