@@ -177,8 +177,8 @@ def test_a_restarted_server_continues_stored_conversations_from_disk(tiny_checkp
 
 
 def test_another_tenant_sees_no_response(tiny_checkpoint, monkeypatch):
-    """GET, DELETE and previous_response_id all go through the tenant of the request (here from a header);
-    DELETE drops the response's saved states too."""
+    """GET, DELETE and previous_response_id all go through the tenant of the request (here from a header),
+    and so do saved states; DELETE drops the response's saved states too."""
     monkeypatch.setattr("server.serving_responses.tenant_of", lambda raw: raw.headers.get("x-tenant", ""))
     model, tokenizer = load_model(tiny_checkpoint)
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, max_num_batched_tokens=64), MODEL)
@@ -195,6 +195,11 @@ def test_another_tenant_sees_no_response(tiny_checkpoint, monkeypatch):
             follow = await http.post("/v1/responses", json={**body, "previous_response_id": made["id"]}, headers=other)
             assert follow.status_code == 404 and follow.json()["error"]["param"] == "previous_response_id"
             assert (await http.get(f"/v1/responses/{made['id']}", headers={"x-tenant": "a"})).status_code == 200
+            # the same input from another tenant restores nothing of the first one's; from the same, all of it
+            same = (await http.post("/v1/responses", json=body, headers=other)).json()
+            again = (await http.post("/v1/responses", json=body, headers={"x-tenant": "a"})).json()
+            assert same["usage"]["input_tokens_details"]["cached_tokens"] == 0
+            assert again["usage"]["input_tokens_details"]["cached_tokens"] == again["usage"]["input_tokens"]
             # deleting a response also deletes its saved states (on the engine thread)
             stored = state.responses.store.get("a", made["id"])
             assert stored.prompt_key in engine.state_cache.entries
