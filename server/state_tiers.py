@@ -235,6 +235,9 @@ class DiskStateTier:
                 return None
         entry.used = time.time()
         self.entries.move_to_end(key)
+        if pending is None:  # the file's time is its last use after a restart (order and expiry)
+            path = self._path(key)
+            self.writer.submit(lambda: os.utime(path) if path.exists() else None)
         return CachedState(entry.length, state, logits, entry.prefix, self.name, time.perf_counter() - start)
 
     def insert(self, key: bytes, entry: CachedState) -> None:
