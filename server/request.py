@@ -13,7 +13,7 @@ from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprob
 from .sampler import TokenCounts
 from .sampling_params import SamplingParams
-from .state_cache import CachedState, chain_key, prefix_key
+from .state_cache import CachedState, state_key
 
 
 class RequestStatus(enum.Enum):
@@ -80,9 +80,8 @@ class Request:
 
     def cache_key(self, token_ids: list[int]) -> bytes:
         """The state-cache key of the state after ``token_ids`` (the prompt, then generated tokens)."""
-        if self.context is None:
-            return prefix_key(token_ids, self.cache_namespace)
-        return chain_key(self.context.key, token_ids[self.context_length:])
+        context = self.context.key if self.context is not None else None
+        return state_key(context, self.cache_namespace, token_ids[self.context_length:])
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -36,7 +36,7 @@ from .request import StateContext
 from .response_store import ResponseStore, Segment, StoredResponse
 from .sampling_params import ParamError, SamplingParams
 from .serving_base import ServingBase, collect, sse, with_pings
-from .state_cache import chain_key, prefix_key
+from .state_cache import state_key
 from .tenancy import cache_namespace, tenant_of
 
 
@@ -62,9 +62,7 @@ class Turn:
 
     def key(self, token_ids: list[int]) -> bytes:
         """The state-cache key the engine saves the state after ``self.prompt + generated`` under."""
-        if self.context is None:
-            return prefix_key(token_ids, self.namespace)
-        return chain_key(self.context.key, token_ids)
+        return state_key(self.context.key if self.context is not None else None, self.namespace, token_ids)
 
 
 class OpenAIServingResponses(ServingBase):

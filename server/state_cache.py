@@ -40,7 +40,7 @@ from models.model import ModelState
 
 from .state_tiers import CachedState, StateTier
 
-__all__ = ["CachedState", "StateCache", "chain_key", "prefix_key"]
+__all__ = ["CachedState", "StateCache", "chain_key", "prefix_key", "state_key"]
 
 
 def _token_bytes(token_ids: list[int]) -> bytes:
@@ -65,6 +65,12 @@ def chain_key(parent: bytes, token_ids: list[int]) -> bytes:
     hasher = hashlib.blake2b(digest_size=16, key=parent, person=b"miras-chain")
     hasher.update(_token_bytes(token_ids))
     return hasher.digest()
+
+
+def state_key(context: bytes | None, namespace: str, token_ids: list[int]) -> bytes:
+    """The key of the state after ``token_ids``: from the start of a sequence in ``namespace`` (no
+    context), or continuing the saved state under the key ``context``."""
+    return prefix_key(token_ids, namespace) if context is None else chain_key(context, token_ids)
 
 
 class StateCache:
