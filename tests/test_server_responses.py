@@ -5,6 +5,7 @@ GET/DELETE, salts and tenants, and a restart that continues from disk (also past
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -241,3 +242,35 @@ def test_a_turn_is_the_whole_history_rendered_whichever_state_it_restores(tiny_c
     assert turn.context.token_ids() + turn.prompt == whole == turn.conversation.token_ids()
     assert turn.context.key == (previous.prompt_key if restores == "prompt" else previous.finish_key)
     assert turn.context.length == len(turn.context.token_ids()) and turn.length == len(whole)
+
+
+def test_an_engine_failure_mid_stream_ends_with_error_and_response_failed(tiny_checkpoint):
+    model, tokenizer = load_model(tiny_checkpoint)
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, max_num_batched_tokens=64), MODEL)
+    state = ServerState(AsyncEngine(engine), ServerSettings(MODEL, str(tiny_checkpoint)))
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("device lost")
+        return real_step()
+
+    engine.step = failing_step
+
+    async def scenario() -> str:
+        transport = httpx.ASGITransport(app=build_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            body = {"input": "hi", "max_output_tokens": 50, "temperature": 0, "stream": True}
+            return (await http.post("/v1/responses", json=body)).text
+
+    state.engine.start()
+    try:
+        text = asyncio.run(scenario())
+    finally:
+        state.engine.stop()
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert "device lost" in events[-2]["message"] and events[-1]["response"]["status"] == "failed"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert not state.responses.store.count("")  # a failed response is not stored
