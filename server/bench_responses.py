@@ -153,8 +153,7 @@ def bookkeeping(model: str, marks: list[int]) -> dict[int, float]:
         start = time.perf_counter()
         step = serving._turn([{"role": "user", "content": question(turn)}], previous, "bench")
         previous = StoredResponse(f"r{turn}", "", "bench", {"id": f"r{turn}"}, step.conversation, step.length,
-                                  generated, reply, step.key(step.prompt), step.key(step.prompt + generated[:-1]),
-                                  previous.id if previous else None)
+                                  generated, reply, step.key(step.prompt), step.key(step.prompt + generated[:-1]))
         serving.store.put(previous)
         times[turn] = time.perf_counter() - start
     return {mark: statistics.mean(times[t] for t in range(max(1, mark - 99), mark + 1)) for mark in marks}

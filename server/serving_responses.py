@@ -165,7 +165,7 @@ class OpenAIServingResponses(ServingBase):
             generated = turn.prompt + out.token_ids[:-1]
             self.store.put(StoredResponse(
                 body["id"], tenant, turn.namespace, body, turn.conversation, turn.length, out.token_ids, out.text,
-                turn.key(turn.prompt), turn.key(generated), body["previous_response_id"]))
+                turn.key(turn.prompt), turn.key(generated)))
         return body
 
     async def _events(self, request: ResponsesRequest, turn: Turn, tenant: str, body: dict[str, Any],

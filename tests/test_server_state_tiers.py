@@ -3,7 +3,6 @@ engine, and the store of responses: exact results, bounds, rejection of bad entr
 
 from __future__ import annotations
 
-import json
 import time
 from array import array
 from pathlib import Path
@@ -178,7 +177,7 @@ def stored(response_id: str, tokens: list[int], parent: StoredResponse | None = 
     segment = Segment(array("i", tokens), parent.segment if parent else None)
     length = (parent.length if parent else 0) + len(tokens)
     return StoredResponse(response_id, tenant, "ns", {"id": response_id}, segment, length, [7, 8], "hi",
-                          bytes(16), bytes(16), parent.id if parent else None, created or time.time())
+                          bytes(16), bytes(16), created or time.time())
 
 
 def test_response_store_is_per_tenant_and_bounded():
@@ -198,6 +197,8 @@ def test_response_store_is_per_tenant_and_bounded():
 
 
 def test_evicted_or_deleted_responses_leave_their_continuations_whole(tmp_path):
+    """A turn's tokens are kept while a stored response's conversation runs through them (and only then),
+    in memory and on disk, and nothing is copied when its own response goes."""
     store = ResponseStore(max_count=3, max_bytes=1 << 20, ttl_seconds=0, directory=tmp_path)
     a = stored("a", [1, 2])
     b = stored("b", [3], a)
@@ -210,11 +211,17 @@ def test_evicted_or_deleted_responses_leave_their_continuations_whole(tmp_path):
     assert store.delete("", "b")
     assert store.get("", "c").segment.token_ids() == [1, 2, 3, 4]
     assert store.get("", "d").segment.token_ids() == [1, 2, 3, 5]
+    assert store.get("", "c").segment.parent is b.segment  # shared, not copied
     store.flush()
     restarted = ResponseStore(max_count=3, max_bytes=1 << 20, ttl_seconds=0, directory=tmp_path)
     assert sorted(restarted.tenants[""]) == ["c", "d"]
     assert restarted.get("", "d").segment.token_ids() == [1, 2, 3, 5] and restarted.get("", "d").length == 4
-    assert json.loads(next(tmp_path.rglob("c.json")).read_text())["parent_id"] is None
+    assert restarted.get("", "c").segment.parent is restarted.get("", "d").segment.parent
+    assert len(list((tmp_path / "segments").iterdir())) == 4  # a, b, c, d: all still needed
+    restarted.delete("", "c")
+    restarted.delete("", "d")
+    restarted.flush()
+    assert not list((tmp_path / "segments").iterdir()) and restarted.refs == {}  # nothing needs them now
 
 
 def test_a_long_conversation_loads_without_recursion(tmp_path):
