@@ -241,6 +241,12 @@ class DiskStateTier:
         return CachedState(entry.length, state, logits, entry.prefix, self.name, time.perf_counter() - start)
 
     def insert(self, key: bytes, entry: CachedState) -> None:
+        old = self.entries.get(key)
+        if old is not None and not self._expired(old) and (old.has_logits or entry.logits is None):
+            # the same key is the same tokens of the same model: the file already holds this state
+            old.used = time.time()
+            self.entries.move_to_end(key)
+            return
         self.delete(key)
         disk = _DiskEntry(entry.length, entry.logits is not None, entry.prefix, entry.nbytes, time.time())
         with self._lock:

@@ -65,6 +65,11 @@ def test_disk_tier_writes_asynchronously_and_survives_a_restart(tmp_path):
     assert again.index(key) == (3, True, True) and again.lengths() == {3: 1}
     entry = again.lookup(key)
     assert entry.tier == "disk" and entry.state.pos.item() == 2 and torch.equal(entry.logits, torch.ones(5))
+    again.flush()  # (a hit renews the file's time)
+    mtime = again._path(key).stat().st_mtime_ns
+    again.insert(key, CachedState(3, filled(model, 2.0)))  # the same state again: not written twice
+    again.flush()
+    assert again._path(key).stat().st_mtime_ns == mtime and again.lookup(key).logits is not None
     again.delete(key)
     again.flush()
     assert disk_tier(tmp_path, model).index(key) is None and not list(tmp_path.rglob("*.state"))
