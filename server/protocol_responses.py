@@ -6,7 +6,7 @@ never accepted and ignored: tools, reasoning, structured output, background mode
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,12 +33,23 @@ class ResponsesRequest(BaseModel):
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=MAX_METADATA_KEYS)] \
         | None = None
     cache_salt: str | None = None  # states are shared only between requests of one tenant and salt
+    # accepted where they ask for what this server does anyway: text out, no tools, no truncation
+    text: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    truncation: Literal["disabled"] | None = None
 
     def check_fields(self) -> None:
         """400 for any field of the API that this server does not implement (null counts as absent)."""
         for name, value in (self.model_extra or {}).items():
             if value is not None:
                 raise APIError(400, f"{name} is not supported by this server", name, "unsupported_field")
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server", "tools", "unsupported_field")
+        if self.text is not None and self.text.get("format", {"type": "text"}) != {"type": "text"} \
+                or set(self.text or {}) - {"format"}:
+            raise APIError(400, "only plain text output (text.format {\"type\": \"text\"}) is supported",
+                           "text.format", "unsupported_value")
 
     def messages(self) -> list[dict[str, str]]:
         """``input`` as chat messages (role, content), with ``instructions`` first as a system message."""

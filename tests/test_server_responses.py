@@ -119,11 +119,20 @@ def test_store_false_is_not_kept_and_get_delete_work(client):
     (dict(input=[{"role": "tool", "content": "x"}]), "input[0].role"),
     (dict(max_output_tokens=0), "max_output_tokens"),
     (dict(temperature=3), "temperature"),
+    (dict(text={"format": {"type": "json_object"}}), "text.format"),
+    (dict(truncation="auto"), "truncation"),
 ])
 def test_fields_not_implemented_are_a_400_naming_them(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as error:
         client.responses.create(**{"input": "x", **GREEDY, **kwargs})
     assert error.value.body["param"] == param
+
+
+def test_fields_that_ask_for_what_the_server_does_are_accepted(client):
+    plain = client.responses.create(input="x", **GREEDY)
+    same = client.responses.create(input="x", text={"format": {"type": "text"}}, truncation="disabled", tools=[],
+                                   tool_choice="none", **GREEDY)
+    assert same.output_text == plain.output_text
 
 
 def test_salts_never_share_a_state(client, server):
