@@ -5,7 +5,8 @@
   its headers with 408. It reads the body before the app sees it, so nothing is parsed until all of it is
   in, and no more than the limit is ever held.
 - ``GuardedH11Protocol`` (uvicorn): a deadline for a request's headers, which uvicorn lacks (a client
-  sending them a byte at a time would hold its connection, and a file descriptor, forever).
+  sending them a byte at a time would hold its connection, and a file descriptor, forever), and for the
+  unread rest of a refused body.
 - ``TextLimits``: the character limit of a text prompt, checked before tokenizing, and tokenization of
   large texts on a worker thread (the tokenizer releases the GIL), so the event loop keeps answering.
 """
@@ -45,11 +46,12 @@ def default_max_prompt_chars(tokenizer: MirasTokenizer, max_prompt_tokens: int) 
     return max_prompt_tokens * max(longest, 1)
 
 
-def _reject(status: int, message: str, code: str) -> list[Message]:
-    """A complete error response that also closes the connection (the rest of the body is never read)."""
+def _reject(status: int, message: str, code: str, close: bool) -> list[Message]:
+    """A complete error response; ``close``: the connection closes after it. Otherwise whatever of the body
+    is still to come is dropped as it arrives (GuardedH11Protocol bounds for how long)."""
     body = json.dumps(error_body(status, message, None, code)).encode()
-    return [{"type": "http.response.start", "status": status,
-             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]},
+    headers = [(b"content-type", b"application/json")] + ([(b"connection", b"close")] if close else [])
+    return [{"type": "http.response.start", "status": status, "headers": headers},
             {"type": "http.response.body", "body": body}]
 
 
@@ -74,7 +76,7 @@ class BodyLimitMiddleware:
         except asyncio.TimeoutError:
             message = (f"request body not received within {self.timeout:g} s of its headers "
                        f"(--request-read-timeout)")
-            return await self._send(send, 408, message, "request_timeout")
+            return await self._send(send, 408, message, "request_timeout", close=True)
         except APIError as exc:
             return await self._send(send, exc.status, exc.message, exc.code)
         if body is None:  # the client went away
@@ -105,62 +107,68 @@ class BodyLimitMiddleware:
         return b"".join(chunks)
 
     @staticmethod
-    async def _send(send: Send, status: int, message: str, code: str) -> None:
-        for event in _reject(status, message, code):
+    async def _send(send: Send, status: int, message: str, code: str, close: bool = False) -> None:
+        for event in _reject(status, message, code, close):
             await send(event)
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus a deadline (``header_timeout`` seconds) for a request's headers,
-    counted from the connection opening or the previous response. A connection that misses it is
-    closed, with a 408 if part of a request had arrived. Use :func:`h11_protocol` to set the deadline."""
+    """uvicorn's h11 protocol, plus a deadline (``read_timeout`` seconds) for every stretch of time in which
+    the connection waits on its client with no request being worked on: for the headers of the next
+    request (from the connection opening, or the previous response), and for the rest of a body the app
+    answered without reading (a 413 or 401: what still comes is read and dropped, as nginx's lingering
+    close does, so that the client gets the answer instead of a reset). The deadline is not extended by
+    bytes that trickle in; past it the connection is closed, with a 408 if part of a request's headers had
+    arrived. Use :func:`h11_protocol` to set it."""
 
-    header_timeout: float = 30.0
+    read_timeout: float = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         super().connection_made(transport)
-        self._arm_header_timer()
+        self._watch()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_timer()
+        self._stop_watching()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
         super().handle_events()
-        if self.conn.their_state is not h11.IDLE:  # the headers are in; the body has its own deadline
-            self._disarm_header_timer()
+        self._watch()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._arm_header_timer()
+        self._watch()
 
-    def _arm_header_timer(self) -> None:
-        self._disarm_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_timed_out)
+    def _waiting_on_client(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
 
-    def _disarm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+    def _watch(self) -> None:
+        if not self._waiting_on_client() or self.transport.is_closing():
+            self._stop_watching()
+        elif self._deadline is None:
+            self._deadline = self.loop.call_later(self.read_timeout, self._timed_out)
 
-    def _headers_timed_out(self) -> None:
-        self._header_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+    def _stop_watching(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or not self._waiting_on_client():
             return
-        if self.conn.trailing_data[0]:  # part of a request arrived: say why the connection ends
-            message = f"request headers not received within {self.header_timeout:g} s (--request-read-timeout)"
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers came
+            message = f"request headers not received within {self.read_timeout:g} s (--request-read-timeout)"
             body = json.dumps(error_body(408, message, None, "request_timeout")).encode()
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-        logger.info("closing a connection whose request headers took over %g s", self.header_timeout)
         self.transport.close()
 
 
-def h11_protocol(header_timeout: float) -> type[GuardedH11Protocol]:
-    """The protocol class to give uvicorn (``Config(http=...)``) for a header deadline of ``header_timeout``."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout": header_timeout})
+def h11_protocol(read_timeout: float) -> type[GuardedH11Protocol]:
+    """The protocol class to give uvicorn (``Config(http=...)``) for a client deadline of ``read_timeout``."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"read_timeout": read_timeout})
 
 
 @dataclass

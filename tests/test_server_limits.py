@@ -1,0 +1,272 @@
+"""Limits that act before work is done, against a real uvicorn server: huge bodies are refused before
+they are sent, long texts are tokenized off the event loop, slow clients are cut off, and the server
+keeps answering everyone else meanwhile. Tests assert on behaviour; the times measured are printed (and
+reported in docs/benchmarks/hardening-cpu.md), never asserted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from test_server_support import ServerProcess
+
+from server.cli import parse_args
+from server.limits import default_max_prompt_chars, default_max_request_bytes
+
+MAX_BODY = 4_000_000
+READ_TIMEOUT = 1.5
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    proc = ServerProcess(tiny_checkpoint, "--max-prompt-tokens", "1000000", "--max-request-bytes", str(MAX_BODY),
+                         "--request-read-timeout", str(READ_TIMEOUT), "--limit-concurrency", "24")
+    yield proc
+    proc.stop()
+
+
+class HealthPoller:
+    """Polls /health from a thread while something else is in flight: how many answers, and the slowest."""
+
+    def __init__(self, url: str):
+        self.url, self.answers, self.slowest, self.stop = url, 0, 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                start = time.perf_counter()
+                assert client.get(f"{self.url}/health").status_code == 200
+                self.slowest = max(self.slowest, time.perf_counter() - start)
+                self.answers += 1
+                time.sleep(0.005)
+
+    def __enter__(self) -> HealthPoller:
+        self.thread.start()
+        while not self.answers:  # polling before the work starts
+            time.sleep(0.001)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def upload(port: int, path: str, total: int, chunked: bool) -> tuple[bytes, int, float]:
+    """POST a ``total``-byte JSON text prompt over a raw socket, reading while sending: the response, the
+    bytes sent before it arrived, and the seconds it took."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+    head += b"Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {total}\r\n\r\n".encode()
+    sock.sendall(head)
+    sock.setblocking(False)
+    piece, sent, pending, response, start = b'{"prompt": "' + b"a" * 65536, 0, b"", b"", time.perf_counter()
+    while sent < total and not response:
+        with contextlib.suppress(BlockingIOError):
+            response = sock.recv(65536)
+        if not pending:  # the next chunk (whole frames only: a chunked body must stay well-formed)
+            pending = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece[: total - sent]
+        try:
+            n = sock.send(pending)
+            sent, pending = sent + n, pending[n:]
+        except BlockingIOError:
+            time.sleep(0.001)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    elapsed = time.perf_counter() - start
+    sock.setblocking(True)
+    sock.settimeout(10)
+    try:
+        while chunk := sock.recv(65536):
+            response += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    sock.close()
+    return response, sent, elapsed
+
+
+def error_of(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        size, _, rest = body.partition(b"\r\n")
+        body = rest[: int(size, 16)]
+    return status, json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_50_mb_prompt_is_refused_before_it_is_sent(server, chunked):
+    total = 50 << 20
+    with HealthPoller(server.url) as health:
+        response, sent, elapsed = upload(server.port, "/v1/completions", total, chunked)
+        answers_before = health.answers
+    status, error = error_of(response)
+    assert status == 413 and "--max-request-bytes" in error["message"] and error["type"] == "invalid_request_error"
+    assert sent < total / 4  # refused long before the body was sent, so never read into memory
+    assert health.answers >= answers_before >= 1
+    print(f"\n50 MB {'chunked' if chunked else 'content-length'}: 413 after {elapsed * 1e3:.1f} ms and "
+          f"{sent / 2**20:.1f} MB sent; /health slowest {health.slowest * 1e3:.1f} ms over {health.answers} answers")
+
+
+def test_a_long_text_is_tokenized_off_the_event_loop(server):
+    text = "Shall I compare thee to a summer's day? " * 90_000  # 3.6 MB, within the limits
+    with HealthPoller(server.url) as health:
+        start = time.perf_counter()
+        done = threading.Event()
+        answers = []
+
+        def during() -> None:  # /health answers that came while the tokenizer was busy
+            while not done.is_set():
+                answers.append(health.answers)
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=during, daemon=True)
+        watcher.start()
+        response = httpx.post(f"{server.url}/tokenize", json={"prompt": text}, timeout=120)
+        done.set()
+        watcher.join()
+        elapsed = time.perf_counter() - start
+    assert response.status_code == 200 and response.json()["count"] > 100_000
+    assert answers[-1] - answers[0] >= 3  # /health kept answering while the text was tokenized
+    print(f"\n3.6 MB /tokenize: {elapsed:.2f} s; /health slowest {health.slowest * 1e3:.1f} ms over "
+          f"{answers[-1] - answers[0]} answers during it")
+
+
+def test_texts_past_the_character_limit_are_refused_before_tokenizing(tiny_checkpoint):
+    server = ServerProcess(tiny_checkpoint, "--max-prompt-chars", "1000")
+    try:
+        for path, body, param in [
+            ("/v1/completions", {"prompt": "a" * 1001}, "prompt"),
+            ("/v1/completions", {"prompt": ["a", "b" * 1001]}, "prompt"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 600}] * 2}, "messages"),
+            ("/tokenize", {"prompt": "a" * 1001}, "prompt"),
+        ]:
+            response = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+            assert response.status_code == 400, (path, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and "--max-prompt-chars" in error["message"]
+        ok = httpx.post(f"{server.url}/tokenize", json={"prompt": "a" * 1000}, timeout=30)
+        assert ok.status_code == 200
+        detok = httpx.post(f"{server.url}/detokenize", json={"tokens": [5] * 1_000_001}, timeout=60)
+        assert detok.status_code == 400 and "--max-prompt-tokens" in detok.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def read_all(sock: socket.socket) -> bytes:
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def test_slow_headers_are_cut_off_while_others_are_served(server):
+    """A client sending its headers a byte at a time (slowloris) is disconnected after
+    --request-read-timeout, with a 408; a connection that sends nothing is closed; others are served."""
+    line = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Padding: " + b"a" * 400
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    slow.settimeout(0.05)
+    start, sent, closed = time.perf_counter(), 0, b""
+    served = []
+    try:
+        while sent < len(line):  # would take 400 x 0.05 s = 20 s to send
+            try:
+                slow.send(line[sent: sent + 1])
+                sent += 1
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                closed = slow.recv(65536)
+                break  # the server answered (408) or closed the connection
+            except TimeoutError:
+                pass
+            if sent % 10 == 0:
+                body = {"prompt": "Shall I", "max_tokens": 2}
+                served.append(httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).status_code)
+        elapsed = time.perf_counter() - start
+        slow.settimeout(10)
+        closed += read_all(slow)
+        idle.settimeout(10)
+        assert read_all(idle) == b""  # closed without a word: nothing of a request had come
+    finally:
+        slow.close()
+        idle.close()
+    assert sent < len(line)
+    status, error = error_of(closed)
+    assert status == 408 and "--request-read-timeout" in error["message"]
+    assert served and set(served) == {200}
+    print(f"\nslow headers: cut off after {elapsed:.2f} s and {sent} bytes; {len(served)} requests served meanwhile")
+
+
+def test_a_slow_body_gets_408(server):
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    body = b'{"prompt": "Shall I compare thee", "max_tokens": 2}' + b" " * 200
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body))
+    sock.settimeout(0.05)
+    sent, response = 0, b""
+    try:
+        while sent < len(body):  # 250 x 0.05 s = 12.5 s if never cut off
+            sock.send(body[sent: sent + 1])
+            sent += 1
+            try:
+                response = sock.recv(65536)
+                break
+            except TimeoutError:
+                pass
+        sock.settimeout(10)
+        response += read_all(sock)
+    finally:
+        sock.close()
+    assert sent < len(body)
+    status, error = error_of(response)
+    assert status == 408 and "--request-read-timeout" in error["message"]
+
+
+def test_connections_beyond_the_limit_get_503(server):
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(24)]
+    try:
+        time.sleep(0.2)  # accepted by the server
+        response = httpx.get(f"{server.url}/health", timeout=10)
+        assert response.status_code == 503
+    finally:
+        for sock in socks:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_default_limits_follow_max_prompt_tokens(tokenizer):
+    assert default_max_request_bytes(4000) >= 4000 * len(b"4095, ")  # a prompt of token ids always fits
+    longest = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+    assert default_max_prompt_chars(tokenizer, 4000) == 4000 * longest
+    # no text longer than that can be within 4000 tokens: each token covers at most `longest` characters
+    text = "Shall I compare thee to a summer's day? " * 2000
+    assert len(tokenizer.encode(text)) >= len(text) / longest
+
+
+def test_cli_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("MIRAS_API_KEY", raising=False)
+    keys = tmp_path / "keys"
+    keys.write_text("# tenants\nalpha\n\n  beta  \nalpha\n")
+    args = parse_args(["--api-key", "gamma", "--api-key-file", str(keys), "--metrics-require-key"])
+    assert args.api_keys == ["gamma", "alpha", "beta"] and args.metrics_require_key
+    monkeypatch.setenv("MIRAS_API_KEY", "delta")
+    assert parse_args([]).api_keys == ["delta"]
+    assert parse_args([]).state_cache_scope == "api-key"
+    monkeypatch.delenv("MIRAS_API_KEY")
+    for bad in (["--metrics-require-key"], ["--max-request-bytes", "0"], ["--request-read-timeout", "0"],
+                ["--api-key-file", str(tmp_path / "missing")], ["--state-cache-scope", "everyone"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
