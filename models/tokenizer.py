@@ -61,7 +61,8 @@ class MirasTokenizer:
         return [self.bos_token_id, *ids] if add_bos else ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        # decode_batch releases the GIL (decode does not), as encode_batch_fast above
+        return self.tokenizer.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes a token stands for (special tokens: empty), for incremental decoding."""

@@ -3,7 +3,6 @@ metrics endpoints. ``build_app`` wires middleware and error handlers; the CLI ru
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 from collections.abc import AsyncIterator
@@ -17,13 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .async_engine import AsyncEngine
 from .errors import APIError, error_body, install_error_handlers
-from .limits import (
-    OFF_LOOP_CHARS,
-    BodyLimitMiddleware,
-    TextLimits,
-    default_max_prompt_chars,
-    default_max_request_bytes,
-)
+from .limits import BodyLimitMiddleware, TextLimits, default_max_prompt_chars, default_max_request_bytes
 from .middleware import APIKeyMiddleware, RequestIdMiddleware
 from .protocol import (
     ChatCompletionRequest,
@@ -169,9 +162,7 @@ def build_app(state: ServerState) -> FastAPI:
         bad = next((t for t in request.tokens if t >= vocab), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab})", "tokens", "invalid_value")
-        if len(request.tokens) < OFF_LOOP_CHARS:
-            return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
-        return DetokenizeResponse(prompt=await asyncio.to_thread(tokenizer.decode, request.tokens))
+        return DetokenizeResponse(prompt=await state.text.decode(request.tokens))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -7,8 +7,9 @@
 - ``GuardedH11Protocol`` (uvicorn): a deadline for a request's headers, which uvicorn lacks (a client
   sending them a byte at a time would hold its connection, and a file descriptor, forever), and for the
   unread rest of a refused body.
-- ``TextLimits``: the character limit of a text prompt, checked before tokenizing, and tokenization of
-  large texts on a worker thread (the tokenizer releases the GIL), so the event loop keeps answering.
+- ``TextLimits``: the character limit of a text prompt, checked before tokenizing, and tokenization (and
+  detokenization) of large inputs on a worker thread (the tokenizer releases the GIL), so the event loop
+  keeps answering.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ logger = logging.getLogger("miras.api")
 BODY_BYTES_PER_TOKEN = 16  # a token id in a JSON list takes <= 8 bytes; text ~4 chars a token, some escaped
 BODY_HEADROOM_BYTES = 1 << 20  # sampling fields, chat framing
 OFF_LOOP_CHARS = 16_384  # texts at least this long are tokenized on a worker thread
+OFF_LOOP_TOKENS = 4_096  # and token-id lists at least this long detokenized on one
 
 
 def default_max_request_bytes(max_prompt_tokens: int) -> int:
@@ -173,8 +175,8 @@ def h11_protocol(read_timeout: float) -> type[GuardedH11Protocol]:
 
 @dataclass
 class TextLimits:
-    """Turns request texts into token ids: refused past ``max_chars`` before any tokenizing, and
-    tokenized on a worker thread when long, so the event loop keeps serving other requests meanwhile."""
+    """Turns request texts into token ids and back: texts are refused past ``max_chars`` before any
+    tokenizing; long inputs are handled on a worker thread, so the event loop keeps serving meanwhile."""
 
     tokenizer: MirasTokenizer
     max_chars: int
@@ -189,3 +191,8 @@ class TextLimits:
         if len(text) < OFF_LOOP_CHARS:
             return self.tokenizer.encode(text, add_bos=add_bos)
         return await asyncio.to_thread(self.tokenizer.encode, text, add_bos)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        if len(token_ids) < OFF_LOOP_TOKENS:
+            return self.tokenizer.decode(token_ids)
+        return await asyncio.to_thread(self.tokenizer.decode, token_ids)
