@@ -177,9 +177,9 @@ def write_report(args: argparse.Namespace, rows: list) -> None:
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores; date "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
         f"- `miras-serve --model {args.model} --request-read-timeout {args.read_timeout:g}` (other flags default: "
-        "body limit 16 MiB + 1 MiB from `--max-prompt-tokens 1000000`), raw-socket clients on loopback that read "
-        "while they send; `/health` polled from another connection every 5 ms throughout; command: "
-        "`python -m server.bench_limits`", "",
+        "body limit 17.05 MB, 16 bytes per token of `--max-prompt-tokens 1000000` + 1 MiB), raw-socket clients "
+        "on loopback that read while they send; `/health` polled from another connection every 5 ms throughout; "
+        "command: `python -m server.bench_limits`", "",
         "| request | answer | /health answers during it | slowest /health |",
         "|---|---|---|---|",
     ]
@@ -188,8 +188,8 @@ def write_report(args: argparse.Namespace, rows: list) -> None:
         lines.append(f"| {what} | {result} | {health.answers}{failed} | {health.slowest * 1e3:.1f} ms |")
     lines += ["", "Before the limits (issue 18) the 50 MB prompt was tokenized in the request handler: nothing, "
               "`/health` included, was answered for 51 s. The tokenizer now runs on a worker thread and releases "
-              "the GIL; what remains of the slowest `/health` in the /tokenize row is building the 1.5M-id list and "
-              "its JSON on the event loop.", ""]
+              "the GIL; what remains of the slowest `/health` in the /tokenize row is building the list of a "
+              "million ids and its JSON on the event loop.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
