@@ -175,6 +175,13 @@ def write_report(args: argparse.Namespace, results: dict[str, dict]) -> None:
             f"| {(r['peak_rss'] - r['baseline_rss']) / 2**20:,.0f} MiB | {r['cache_bytes'] / 2**20:,.0f} MiB "
             f"| {(r['final_rss'] - r['baseline_rss']) / r['budget'] - 1:+.1%} | {cpu_ms[name]:.0f} | {relative} "
             f"| {r['requests'] / r['seconds']:.2f} |")
+    within = [name for name, r in results.items() if (r["final_rss"] - r["baseline_rss"]) / r["budget"] <= 1.05]
+    if within:
+        best = min(within, key=cpu_ms.get)
+        lines += ["", f"Within 5% of the budget: {', '.join(within)}; the least CPU per request among them: "
+                  f"**{best}** ({cpu_ms[best]:.0f} ms)."]
+    else:
+        lines += ["", "No allocator kept RSS within 5% of the budget."]
     lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
