@@ -24,7 +24,7 @@ READ_TIMEOUT = 1.5
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
     proc = ServerProcess(tiny_checkpoint, "--max-prompt-tokens", "1000000", "--max-request-bytes", str(MAX_BODY),
-                         "--request-read-timeout", str(READ_TIMEOUT), "--limit-concurrency", "24")
+                         "--request-read-timeout", str(READ_TIMEOUT))
     yield proc
     proc.stop()
 
@@ -66,25 +66,30 @@ def test_a_long_text_is_tokenized_off_the_event_loop(server):
           f"{answers[-1] - answers[0]} answers during it")
 
 
-def test_texts_past_the_character_limit_are_refused_before_tokenizing(tiny_checkpoint):
-    server = ServerProcess(tiny_checkpoint, "--max-prompt-chars", "1000")
-    try:
-        for path, body, param in [
-            ("/v1/completions", {"prompt": "a" * 1001}, "prompt"),
-            ("/v1/completions", {"prompt": ["a", "b" * 1001]}, "prompt"),
-            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 600}] * 2}, "messages"),
-            ("/tokenize", {"prompt": "a" * 1001}, "prompt"),
-        ]:
-            response = httpx.post(f"{server.url}{path}", json=body, timeout=30)
-            assert response.status_code == 400, (path, response.text)
-            error = response.json()["error"]
-            assert error["param"] == param and "--max-prompt-chars" in error["message"]
-        ok = httpx.post(f"{server.url}/tokenize", json={"prompt": "a" * 1000}, timeout=30)
-        assert ok.status_code == 200
-        detok = httpx.post(f"{server.url}/detokenize", json={"tokens": [5] * 1_000_001}, timeout=60)
-        assert detok.status_code == 400 and "--max-prompt-tokens" in detok.json()["error"]["message"]
-    finally:
-        server.stop()
+@pytest.fixture(scope="module")
+def small_server(tiny_checkpoint):
+    """Small limits: 1,000 characters a prompt, 8 connections."""
+    proc = ServerProcess(tiny_checkpoint, "--max-prompt-chars", "1000", "--limit-concurrency", "8")
+    yield proc
+    proc.stop()
+
+
+def test_texts_past_the_character_limit_are_refused_before_tokenizing(small_server):
+    server = small_server
+    for path, body, param in [
+        ("/v1/completions", {"prompt": "a" * 1001}, "prompt"),
+        ("/v1/completions", {"prompt": ["a", "b" * 1001]}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 600}] * 2}, "messages"),
+        ("/tokenize", {"prompt": "a" * 1001}, "prompt"),
+    ]:
+        response = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and "--max-prompt-chars" in error["message"]
+    ok = httpx.post(f"{server.url}/tokenize", json={"prompt": "a" * 1000}, timeout=30)
+    assert ok.status_code == 200
+    detok = httpx.post(f"{server.url}/detokenize", json={"tokens": [5] * 1_000_001}, timeout=60)
+    assert detok.status_code == 400 and "--max-prompt-tokens" in detok.json()["error"]["message"]
 
 
 def test_slow_headers_are_cut_off_while_others_are_served(server):
@@ -130,19 +135,24 @@ def test_a_slow_body_gets_408(server):
     assert status == 408 and "--request-read-timeout" in error["message"]
 
 
-def test_connections_beyond_the_limit_get_503(server):
-    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(24)]
+def test_connections_beyond_the_limit_get_503(small_server):
+    server = small_server
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
     try:
-        time.sleep(0.2)  # accepted by the server
-        response = httpx.get(f"{server.url}/health", timeout=10)
-        assert response.status_code == 503
+        statuses = []
+        deadline = time.monotonic() + 20
+        while 503 not in statuses and time.monotonic() < deadline:  # until the server has accepted them all
+            statuses.append(httpx.get(f"{server.url}/health", timeout=10).status_code)
+        assert statuses[-1] == 503
+        for sock in socks[:4]:
+            sock.close()
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{server.url}/health", timeout=10).status_code != 200:  # room again
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     finally:
         for sock in socks:
             sock.close()
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{server.url}/health", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 def test_default_limits_follow_max_prompt_tokens(tokenizer):
