@@ -21,6 +21,7 @@ Writes docs/benchmarks/responses-cpu.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
@@ -38,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .async_engine import AsyncEngine
 from .bench import start_server
 from .engine import EngineConfig, LLMEngine
+from .limits import TextLimits
 from .loader import load_model
 from .response_store import ResponseStore, StoredResponse
 from .serving_responses import OpenAIServingResponses
@@ -145,13 +147,14 @@ def bookkeeping(model: str, marks: list[int]) -> dict[int, float]:
     of ``max(marks)`` turns; mean of the 100 turns ending at each mark."""
     net, tokenizer = load_model(model)
     serving = OpenAIServingResponses(AsyncEngine(LLMEngine(net, tokenizer, EngineConfig(max_num_seqs=1))),
-                                     tokenizer, "m", store=ResponseStore(max(marks) + 1, 1 << 40, 0))
+                                     tokenizer, "m", 30.0, TextLimits(tokenizer, 1 << 30),
+                                     store=ResponseStore(max(marks) + 1, 1 << 40, 0))
     reply = "I know not, my lord, but I shall learn it of the sea."
     generated = tokenizer.encode(" " + reply)
     previous, times = None, {}
     for turn in range(1, max(marks) + 1):
         start = time.perf_counter()
-        step = serving._turn([{"role": "user", "content": question(turn)}], previous, "bench")
+        step = asyncio.run(serving._turn([{"role": "user", "content": question(turn)}], previous, "bench"))
         previous = StoredResponse(f"r{turn}", "", "bench", {"id": f"r{turn}"}, step.conversation, step.length,
                                   generated, reply, step.key(step.prompt), step.key(step.prompt + generated[:-1]))
         serving.store.put(previous)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from .errors import APIError
+from .protocol import RequestBody
 from .sampling_params import MAX_TOKENS_LIMIT
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
@@ -18,8 +19,9 @@ TEXT_PARTS = ("input_text", "output_text")
 MAX_METADATA_KEYS = 16
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # extras are refused by name in ``check_fields``
+class ResponsesRequest(RequestBody):
+    # extras are refused by name in ``check_fields``; strings, nesting and numbers are checked as for chat
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
     input: str | list[dict[str, Any]]

@@ -85,12 +85,12 @@ class OpenAIServingResponses(ServingBase):
             if previous.namespace != namespace:
                 raise APIError(400, "cache_salt must be the one the previous response was made with",
                                "cache_salt", "invalid_value")
-        turn = self._turn(request.messages(), previous, namespace)
+        turn = await self._turn(request.messages(), previous, namespace)
         params = SamplingParams(temperature=1.0 if request.temperature is None else request.temperature,
                                 top_p=1.0 if request.top_p is None else request.top_p,
                                 max_tokens=request.max_output_tokens or DEFAULT_CHAT_MAX_TOKENS)
         try:
-            group = self.submit([(turn.prompt, None)], params, cache_namespace=namespace, context=turn.context)
+            group = self.submit([(turn.prompt, None)], params, raw, request.cache_salt, context=turn.context)
         except ParamError as exc:  # the engine's limits name the prompt; here it is the input
             raise APIError(400, str(exc), "input" if exc.param == "prompt" else exc.param, "invalid_value") from exc
         body = self._body(request, previous, params)
@@ -116,12 +116,13 @@ class OpenAIServingResponses(ServingBase):
             raise _not_found(response_id, param)
         return stored
 
-    def _turn(self, messages: list[dict[str, str]], previous: StoredResponse | None, namespace: str) -> Turn:
+    async def _turn(self, messages: list[dict[str, str]], previous: StoredResponse | None, namespace: str) -> Turn:
         tokenizer = self.tokenizer
         if previous is None:
-            ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_bos=True)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = await self.text.encode(text, True, "input")
             return Turn(Segment(array("i", ids)), len(ids), namespace, None, ids)
-        ids = tokenizer.encode(continuation_text(tokenizer, previous.output_text, messages))
+        ids = await self.text.encode(continuation_text(tokenizer, previous.output_text, messages), False, "input")
         conversation = Segment(array("i", ids), previous.segment)
         length = previous.length + len(ids)
         if self.engine.engine.state_cache is None:  # no saved states at all: prefill the whole conversation
