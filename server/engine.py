@@ -22,7 +22,7 @@ from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
 from .request import Request, RequestStatus, Sequence
-from .sampler import SampleRow, sample, token_logprob
+from .sampler import Sampler, token_logprob
 from .sampling_params import ParamError, SamplingParams
 from .scheduler import PrefillChunk, Scheduler
 from .state_cache import StateCache
@@ -63,6 +63,7 @@ class LLMEngine:
         self.decode_graphs = self._capture_decode_graphs() if use_graphs else None
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.sampler = Sampler(self.pool.batch_size, self.vocab_size, self.eos_token_id, self.device, self.generator)
         self.metrics = metrics or EngineMetrics(model_name)
         self.metrics.state_slots_total.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
@@ -121,6 +122,7 @@ class LLMEngine:
             for seq in request.sequences:
                 if not seq.finished:
                     seq.finish_reason = "abort"
+                    self.sampler.remove(seq.slot)
                     seq.detokenizer.finish(matched_stop=False)
                     self.metrics.request_success["abort"].inc()
             outputs = self._deltas(request)
@@ -242,13 +244,11 @@ class LLMEngine:
         if n > 1:
             self.pool.assign(request.slots[1:], self.pool.select([request.slots[0]] * (n - 1)))
         for i, slot in enumerate(request.slots):
-            generator = None
-            if params.seed is not None:  # like vLLM, sample i of a seeded request uses seed + i
-                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            self.sampler.add(slot, params, i, request.prompt_token_ids)
             detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                            params.skip_special_tokens)
             logprobs = [] if params.logprobs is not None else None
-            request.sequences.append(Sequence(request.request_id, i, slot, detok, generator, logprobs=logprobs))
+            request.sequences.append(Sequence(request.request_id, i, slot, detok, logprobs=logprobs))
         request.status = RequestStatus.DECODING
         if params.max_tokens == 0:
             for seq in request.sequences:
@@ -257,15 +257,7 @@ class LLMEngine:
         self._sample(request.sequences, [request] * n, last_logits.unsqueeze(0).expand(n, -1))
 
     def _sample(self, seqs: list[Sequence], owners: list[Request], logits: Tensor) -> None:
-        rows = []
-        for seq, request in zip(seqs, owners, strict=True):
-            params = request.params
-            banned = []
-            if len(seq.token_ids) < params.min_tokens:
-                banned = list(params.stop_token_ids) + ([] if params.ignore_eos else [self.eos_token_id])
-            rows.append(SampleRow(params, request.prompt_token_ids, seq.token_ids, seq.generator, banned,
-                                  seq.token_counts))
-        tokens, logprobs = sample(logits, rows, self.generator)
+        tokens, logprobs = self.sampler.sample(logits, [s.slot for s in seqs])
         now = time.monotonic()
         for seq, request, token, logprob in zip(seqs, owners, tokens, logprobs, strict=True):
             self._append(request, seq, token, logprob, now)
@@ -299,6 +291,7 @@ class LLMEngine:
     def _finish_sequence(self, request: Request, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.detokenizer.finish(matched_stop=isinstance(stop_reason, str))
+        self.sampler.remove(seq.slot)
         if self.state_cache is not None:
             # The slot has consumed the prompt and every generated token but the last (sampled, never fed):
             # exactly what the next turn of a conversation starts with.

@@ -6,11 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprob
-from .sampler import TokenCounts
 from .sampling_params import SamplingParams
 from .state_cache import CachedState
 
@@ -30,7 +27,6 @@ class Sequence:
     index: int
     slot: int
     detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None  # seeded requests sample from their own generator
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
@@ -40,7 +36,6 @@ class Sequence:
     # what has not been handed out yet (the step delta)
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
-    token_counts: TokenCounts = field(default_factory=TokenCounts)  # for the penalties, built once
 
     @property
     def finished(self) -> bool:
