@@ -1,12 +1,13 @@
 """Batched sampling: a whole batch of next-token logits becomes tokens in a fixed number of tensor ops.
 
 Each sequence's parameters live in per-slot tables on the logits' device, written once when the sequence
-starts; a step gathers them by slot and transforms every row at once: logit bias, banned ids (eos and
-stop ids before ``min_tokens``), repetition / presence / frequency penalties, temperature, top-k, top-p,
-min-p, then one draw per row. A stage runs only while some live sequence uses it; the other rows get
-neutral values (bias 0, penalty 1, top-p off, ...) that leave them bit for bit unchanged. Rows are never
-mixed, so a row's result does not depend on what else is in the batch. (A per-row allowed-token mask,
-e.g. for structured outputs, would be one more ``masked_fill`` next to the banned ids.)
+starts (logit bias, banned ids and penalty counts as [slots, vocab] tables, allocated on first use); a
+step gathers them by slot. Each stage (logit bias, banned ids: eos and stop ids before ``min_tokens``,
+repetition / presence / frequency penalties, temperature, top-k, top-p, min-p, the draw) is a fixed
+number of tensor ops on the rows whose sequences use it, found from per-slot sets: a stage nobody uses
+costs nothing, and the costly ones (the sort of top-p) never run on rows that do not need them. Rows are
+never mixed, so a row's result does not depend on what else is in the batch. (A per-row allowed-token
+mask, e.g. for structured outputs, would be one more stage next to the banned ids.)
 
 Randomness: each row draws one uniform number per step, a hash of the sequence's key and its step
 (the number of tokens it has generated), and picks the token where that number falls in the cumulative
@@ -16,6 +17,9 @@ alone or in any batch; an unseeded sequence gets a key from the engine's generat
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -38,7 +42,7 @@ def _mix32(x: Tensor) -> Tensor:
 
 def row_uniforms(key: Tensor, step: Tensor) -> Tensor:
     """One uniform number in (0, 1) per row, a pure function of (key, step) (int64 tensors; key taken
-    modulo 2**64, step modulo 2**32). float64, so ``u * total`` stays below ``total``."""
+    modulo 2**64, step modulo 2**32); float64, with 32 random bits."""
     h = _mix32(step & _MASK32)
     h = _mix32(h ^ ((key >> 32) & _MASK32))
     h = _mix32(h ^ (key & _MASK32))
@@ -56,6 +60,20 @@ def _int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+@dataclass
+class _Rows:
+    """The rows of a batch whose sequences use a stage: their positions (``slice(None)``: every row),
+    slots, and slots on the device."""
+
+    take: Tensor | slice
+    slots: list[int]
+    index: Tensor
+
+    def put(self, x: Tensor, rows: Tensor) -> Tensor:
+        """Replace these rows of ``x`` (a tensor of the sampler's own, written in place) with ``rows``."""
+        return rows if isinstance(self.take, slice) else x.index_copy_(0, self.take, rows)
+
+
 class Sampler:
     """Sampling parameters and token counts of up to ``num_slots`` sequences, indexed by state slot."""
 
@@ -64,27 +82,23 @@ class Sampler:
         self.num_slots, self.vocab_size, self.eos_token_id = num_slots, vocab_size, eos_token_id
         self.device = device
         self.generator = generator  # keys of unseeded sequences
-        ones, zeros = torch.ones(num_slots, device=device), torch.zeros(num_slots, device=device)
-        self.temperature = ones.clone()  # 1 for greedy rows (they take the argmax)
-        self.greedy = torch.ones(num_slots, dtype=torch.bool, device=device)
-        self.top_k = torch.full((num_slots,), vocab_size, dtype=torch.long, device=device)
-        self.top_p = ones.clone()
-        self.min_p = zeros.clone()
-        self.repetition = ones.clone()
-        self.presence = zeros.clone()
-        self.frequency = zeros.clone()
+        self.temperature = torch.ones(num_slots, device=device)
+        self.top_k = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.top_p = torch.ones(num_slots, device=device)
+        self.min_p = torch.zeros(num_slots, device=device)
+        self.penalty = torch.zeros(num_slots, 3, device=device)  # repetition, presence, frequency
         self.key = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.step = torch.zeros(num_slots, dtype=torch.long, device=device)  # tokens generated so far
         self.min_tokens = torch.zeros(num_slots, dtype=torch.long, device=device)
-        # [num_slots, vocab] tables, allocated when a sequence first needs one
+        # [num_slots, vocab] tables, allocated when a sequence first needs one; only users' rows are read
         self.bias: Tensor | None = None
         self.banned: Tensor | None = None  # ids banned while step < min_tokens
         self.seen: Tensor | None = None  # ids in the prompt or the output (repetition penalty)
         self.generated: Tensor | None = None  # output counts (presence / frequency penalties)
-        # live slots using each optional stage: a stage runs while its set is non-empty
+        # live slots using each stage: a stage runs on the rows of its users only
         self.users: dict[str, set[int]] = {name: set() for name in
-                                           ("bias", "banned", "penalties", "top_k", "top_p", "min_p", "random")}
-        self.num_logprobs: list[int | None] = [None] * num_slots
+                                           ("bias", "banned", "penalties", "random", "top_k", "top_p", "min_p")}
+        self.params: list[SamplingParams | None] = [None] * num_slots
 
     def _table(self, name: str, dtype: torch.dtype) -> Tensor:
         if getattr(self, name) is None:
@@ -94,27 +108,12 @@ class Sampler:
     def add(self, slot: int, params: SamplingParams, index: int, prompt_token_ids: list[int]) -> None:
         """Sequence ``index`` of a request starts in ``slot``: write its parameters (once per sequence)."""
         self.remove(slot)
-        greedy = params.greedy
-        self.greedy[slot] = greedy
-        self.temperature[slot] = 1.0 if greedy else params.temperature
-        self.top_k[slot] = params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size
-        self.top_p[slot] = params.top_p if params.top_p < 1.0 else 2.0  # 2: the cumulative mass never reaches it
-        self.min_p[slot] = params.min_p
-        self.repetition[slot] = params.repetition_penalty
-        self.presence[slot] = params.presence_penalty
-        self.frequency[slot] = params.frequency_penalty
-        self.step[slot] = 0
-        self.min_tokens[slot] = params.min_tokens
-        if params.seed is not None:
-            self.key[slot] = _int64(params.seed + index)
-        else:  # drawn on the device: no host sync
-            self.key[slot: slot + 1] = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=self.generator,
-                                                     device=self.generator.device)
-        self.num_logprobs[slot] = params.logprobs
-        uses = {"random": not greedy,
-                "top_k": not greedy and 0 < params.top_k < self.vocab_size,
-                "top_p": not greedy and params.top_p < 1.0,
-                "min_p": not greedy and params.min_p > 0.0,
+        self.params[slot] = params
+        random = not params.greedy
+        uses = {"random": random,
+                "top_k": random and 0 < params.top_k < self.vocab_size,
+                "top_p": random and params.top_p < 1.0,
+                "min_p": random and params.min_p > 0.0,
                 "bias": bool(params.logit_bias),
                 "banned": params.min_tokens > 0,
                 "penalties": params.repetition_penalty != 1.0 or bool(params.presence_penalty)
@@ -122,103 +121,129 @@ class Sampler:
         for name, used in uses.items():
             if used:
                 self.users[name].add(slot)
-        # Once a table exists every starting sequence clears its row, so a sequence that does not use the
-        # stage meets it with neutral values (bias 0, nothing banned; its penalties are 1 and 0 whatever
-        # its counts).
-        for name, stage, dtype in (("bias", "bias", torch.float32), ("banned", "banned", torch.bool),
-                                   ("seen", "penalties", torch.bool), ("generated", "penalties", torch.float32)):
-            if getattr(self, name) is not None or uses[stage]:
-                self._table(name, dtype)[slot].zero_()
+        self.temperature[slot] = params.temperature if random else 1.0
+        self.top_k[slot] = params.top_k
+        self.top_p[slot] = params.top_p
+        self.min_p[slot] = params.min_p
+        self.step[slot] = 0
+        self.min_tokens[slot] = params.min_tokens
+        if params.seed is not None:
+            self.key[slot] = _int64(params.seed + index)
+        else:  # drawn on the device: no host sync
+            self.key[slot: slot + 1] = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=self.generator,
+                                                     device=self.generator.device)
+        ids = partial(torch.tensor, dtype=torch.long, device=self.device)
         if uses["bias"]:
-            ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=self.device)
-            self.bias[slot, ids] = torch.tensor(list(params.logit_bias.values()), device=self.device)
+            bias = self._table("bias", torch.float32)[slot]
+            bias.zero_()
+            bias[ids(list(params.logit_bias))] = torch.tensor(list(params.logit_bias.values()), device=self.device)
         if uses["banned"]:
-            banned = list(params.stop_token_ids) + ([] if params.ignore_eos else [self.eos_token_id])
-            self.banned[slot, torch.tensor(banned, dtype=torch.long, device=self.device)] = True
+            banned = self._table("banned", torch.bool)[slot]
+            banned.zero_()
+            banned[ids(list(params.stop_token_ids) + ([] if params.ignore_eos else [self.eos_token_id]))] = True
         if uses["penalties"]:
-            self.seen[slot, torch.tensor(prompt_token_ids, dtype=torch.long, device=self.device)] = True
+            self.penalty[slot] = torch.tensor([params.repetition_penalty, params.presence_penalty,
+                                               params.frequency_penalty])
+            seen, generated = self._table("seen", torch.bool)[slot], self._table("generated", torch.float32)[slot]
+            seen.zero_()
+            seen[ids(prompt_token_ids)] = True
+            generated.zero_()
 
     def remove(self, slot: int) -> None:
         """The sequence in ``slot`` ended."""
         for users in self.users.values():
             users.discard(slot)
-        self.num_logprobs[slot] = None
+        self.params[slot] = None
+
+    def _rows(self, stage: str, slots: list[int], index: Tensor) -> _Rows | None:
+        """The rows of a batch (sequences in ``slots``) that use ``stage``; None if none does."""
+        users = self.users[stage]
+        if not users:
+            return None
+        positions = [b for b, slot in enumerate(slots) if slot in users]
+        if not positions:
+            return None
+        if len(positions) == len(slots):
+            return _Rows(slice(None), slots, index)
+        take = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return _Rows(take, [slots[b] for b in positions], index[take])
 
     def sample(self, logits: Tensor, slots: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [B, V] (V the tokenizer's vocabulary), row b for the sequence in ``slots[b]`` -> one
         token per row, and its logprobs where the sequence asked for them. Advances each row's step."""
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
-        x = self._process(logits.float(), index)
+        x = self._process(logits.to(torch.float32, copy=True), slots, index)  # raw logits stay for logprobs
         tokens = torch.argmax(x, dim=-1)
-        if self.users["random"]:
-            tokens = torch.where(self.greedy[index], tokens, self._draw(x, index, tokens))
+        if rows := self._rows("random", slots, index):
+            tokens = rows.put(tokens, self._draw(x[rows.take], rows, tokens[rows.take]))
         self.step[index] += 1
         if self.seen is not None:
             self.seen[index, tokens] = True
             self.generated[index, tokens] += 1.0
         return self._results(logits, slots, tokens)
 
-    def _process(self, x: Tensor, index: Tensor) -> Tensor:
+    def _process(self, x: Tensor, slots: list[int], index: Tensor) -> Tensor:
         """Bias, bans and penalties on the raw logits (what greedy rows take the argmax of)."""
-        users = self.users
-        if users["bias"]:
-            x = x + self.bias[index]
-        if users["banned"]:
-            active = (self.step[index] < self.min_tokens[index]).unsqueeze(1)
-            x = x.masked_fill(self.banned[index] & active, float("-inf"))
-        if users["penalties"]:
-            repetition = self.repetition[index].unsqueeze(1)
-            penalised = torch.where(x > 0, x / repetition, x * repetition)
-            x = torch.where(self.seen[index], penalised, x)
-            generated = self.generated[index]
-            x = x - (self.frequency[index].unsqueeze(1) * generated
-                     + self.presence[index].unsqueeze(1) * (generated > 0).float())
+        if rows := self._rows("bias", slots, index):
+            x = rows.put(x, x[rows.take] + self.bias[rows.index])
+        if rows := self._rows("banned", slots, index):
+            active = (self.step[rows.index] < self.min_tokens[rows.index]).unsqueeze(1)
+            x = rows.put(x, x[rows.take].masked_fill(self.banned[rows.index] & active, float("-inf")))
+        if rows := self._rows("penalties", slots, index):
+            y = x[rows.take]
+            repetition, presence, frequency = self.penalty[rows.index].unsqueeze(2).unbind(1)
+            y = torch.where(self.seen[rows.index], torch.where(y > 0, y / repetition, y * repetition), y)
+            generated = self.generated[rows.index]
+            x = rows.put(x, y - (frequency * generated + presence * (generated > 0).float()))
         return _finite(x)
 
-    def _filter(self, x: Tensor, index: Tensor) -> Tensor:
-        """Temperature, top-k, top-p and min-p: the rows' sampling probabilities (not normalised)."""
-        users = self.users
+    def _filter(self, x: Tensor, slots: list[int], index: Tensor) -> Tensor:
+        """Temperature, top-k, top-p and min-p on rows that sample: their probabilities (not normalised)."""
         x = _finite(x / self.temperature[index].unsqueeze(1))
-        if users["top_k"] or users["top_p"]:
-            ordered, order = torch.sort(x, dim=-1, descending=True, stable=True)
-            if users["top_k"]:
-                kth = ordered.gather(1, (self.top_k[index] - 1).unsqueeze(1))
-                x = x.masked_fill(x < kth, float("-inf"))
+        if rows := self._rows("top_k", slots, index):
+            y = x[rows.take]
+            largest = torch.topk(y, max(self.params[s].top_k for s in rows.slots)).values
+            kth = largest.gather(1, (self.top_k[rows.index] - 1).unsqueeze(1))
+            x = rows.put(x, y.masked_fill(y < kth, float("-inf")))
         probs = torch.softmax(x, dim=-1)
-        if users["top_p"]:
+        if rows := self._rows("top_p", slots, index):
             # drop a token when the mass before it already reaches top_p (the top token always stays)
-            ordered_probs = probs.gather(1, order)
-            drop = (ordered_probs.cumsum(-1) - ordered_probs) >= self.top_p[index].unsqueeze(1)
-            probs = probs.scatter(1, order, ordered_probs.masked_fill(drop, 0.0))
-        if users["min_p"]:
-            probs = probs.masked_fill(probs < self.min_p[index].unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0)
+            ordered, order = torch.sort(probs[rows.take], dim=-1, descending=True, stable=True)
+            drop = (ordered.cumsum(-1) - ordered) >= self.top_p[rows.index].unsqueeze(1)
+            probs = rows.put(probs, torch.empty_like(ordered).scatter_(1, order, ordered.masked_fill(drop, 0.0)))
+        if rows := self._rows("min_p", slots, index):
+            y = probs[rows.take]
+            y = y.masked_fill(y < self.min_p[rows.index].unsqueeze(1) * y.amax(-1, keepdim=True), 0.0)
+            probs = rows.put(probs, y)
         return probs
 
-    def _draw(self, x: Tensor, index: Tensor, fallback: Tensor) -> Tensor:
+    def _draw(self, x: Tensor, rows: _Rows, fallback: Tensor) -> Tensor:
         """One inverse-CDF draw per row from the filtered probabilities; a row with nothing left to sample
         (every logit -inf) keeps ``fallback`` (its argmax)."""
-        cdf = self._filter(x, index).cumsum(-1, dtype=torch.float64)
+        cdf = self._filter(x, rows.slots, rows.index).cumsum(-1)
         total = cdf[:, -1]
-        target = row_uniforms(self.key[index], self.step[index]) * total
+        # u < 1, so the rounded target is at most total: the first index whose cdf reaches it has a
+        # positive probability (total >= the top probability >= 1 / V, so it never rounds to 0 either)
+        target = (row_uniforms(self.key[rows.index], self.step[rows.index]) * total).float()
         drawn = torch.searchsorted(cdf, target.unsqueeze(1)).squeeze(1).clamp_(max=x.shape[1] - 1)
         return torch.where(torch.isfinite(total) & (total > 0), drawn, fallback)
 
     def _results(self, logits: Tensor, slots: list[int], tokens: Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Tokens and the logprobs (raw model distribution) of the rows that asked, with one device->host
-        copy of each."""
-        wanted = [self.num_logprobs[s] for s in slots]
-        k = max((n for n in wanted if n is not None), default=None)
-        if k is None:
-            return tokens.tolist(), [None] * len(slots)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        top_values, top_ids = torch.topk(logprobs, k)  # k = 0 gives empty rows
+        """Tokens, and the logprobs (raw model distribution) of the rows that asked for them, computed for
+        those rows only with one device->host copy of each result."""
         token_list = tokens.tolist()
-        chosen_list, values, ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
-        out: list[TokenLogprob | None] = [
-            None if n is None else TokenLogprob(token_list[b], chosen_list[b],
-                                                list(zip(ids[b][:n], values[b][:n], strict=True)))
-            for b, n in enumerate(wanted)]
+        wanted = [(b, self.params[s].logprobs) for b, s in enumerate(slots)
+                  if self.params[s] is not None and self.params[s].logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(slots)
+        if not wanted:
+            return token_list, out
+        take = torch.tensor([b for b, _ in wanted], dtype=torch.long, device=self.device)
+        logprobs = torch.log_softmax(logits[take].float(), dim=-1)
+        chosen = logprobs.gather(1, tokens[take].unsqueeze(1)).squeeze(1).tolist()
+        top_values, top_ids = torch.topk(logprobs, max(k for _, k in wanted))  # k = 0 gives empty rows
+        values, ids = top_values.tolist(), top_ids.tolist()
+        for row, (b, k) in enumerate(wanted):
+            out[b] = TokenLogprob(token_list[b], chosen[row], list(zip(ids[row][:k], values[row][:k], strict=True)))
         return token_list, out
 
 

@@ -54,10 +54,10 @@ def reference_probs(logits: torch.Tensor, p: SamplingParams, prompt: list[int], 
 
 def reference_token(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int], u: float) -> int:
     x, probs = reference_probs(logits, p, prompt, output)
-    cdf = torch.cumsum(probs.double(), 0)
+    cdf = torch.cumsum(probs, 0)
     if p.greedy or not (math.isfinite(cdf[-1]) and cdf[-1] > 0):
         return int(torch.argmax(x))
-    return int((cdf < u * cdf[-1]).sum())
+    return int((cdf < torch.tensor(u * float(cdf[-1]), dtype=torch.float32)).sum())
 
 
 MIXED = [
@@ -97,8 +97,8 @@ def check_against_reference(sampler: Sampler, slots: list[int], params: list[Sam
         expected = [reference_token(logits[b], p, prompts[b], outputs[b], u[b]) for b, p in enumerate(params)]
         # the intermediate rows too: a token equality alone rarely sees a small change in the tail
         index = torch.tensor(slots)
-        processed = sampler._process(logits, index)
-        probs = sampler._filter(processed, index)
+        processed = sampler._process(logits.clone(), slots, index)  # written in place
+        probs = sampler._filter(processed, slots, index)
         for b, p in enumerate(params):
             x, row_probs = reference_probs(logits[b], p, prompts[b], outputs[b])
             torch.testing.assert_close(processed[b], x, rtol=1e-6, atol=1e-6)
