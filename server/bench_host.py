@@ -121,11 +121,13 @@ def git(*args: str) -> str:
 def report(args: argparse.Namespace, results: dict, model_dir: str) -> str:
     config = models.load_pretrained(model_dir)[0].config
     dirty = " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    now = datetime.datetime.now(datetime.timezone.utc)
     lines = [
         "# Engine host work per decode step on CPU", "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit `{git('rev-parse', '--short', 'HEAD')}`"
-        f"{dirty}; baseline `{args.baseline}` (`{git('rev-parse', '--short', args.baseline)}`)",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), one torch thread, torch {torch.__version__}",
+        f"- date: {now:%Y-%m-%d %H:%M} UTC; commit `{git('rev-parse', '--short', 'HEAD')}`{dirty}; baseline "
+        f"`{args.baseline}` (`{git('rev-parse', '--short', args.baseline)}`)",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other work), one torch thread, "
+        f"torch {torch.__version__}",
         f"- model: random `{args.preset}` at size `{args.size}` (d_model {config.d_model}, {config.n_layers} layers, "
         f"vocab {config.vocab_size}), fp32; 16-token prompts, then {args.steps} timed decode steps (after 3 warm-up "
         "steps) with every sequence decoding",
@@ -143,11 +145,13 @@ def report(args: argparse.Namespace, results: dict, model_dir: str) -> str:
                          f"{host * 1e3:.2f} | {r['sampler'] * 1e3:.2f} | {host / r['total']:.0%} | "
                          f"{batch / r['total']:,.0f} |")
     lines += ["", "Ratios (baseline / current, >1: current is faster):", "",
-              "| workload | batch | host time | sampler time | decode tok/s (current / baseline) |", "|---|---:|---:|---:|---:|"]
+              "| workload | batch | host time | sampler time | decode tok/s (current / baseline) |",
+              "|---|---:|---:|---:|---:|"]
     for (kind, batch), by_tree in results.items():
         base, cur = by_tree["baseline"], by_tree["current"]
-        lines.append(f"| {kind} | {batch} | {(base['total'] - base['forward']) / (cur['total'] - cur['forward']):.1f}x | "
-                     f"{base['sampler'] / cur['sampler']:.1f}x | {base['total'] / cur['total']:.2f}x |")
+        host = (base["total"] - base["forward"]) / (cur["total"] - cur["forward"])
+        lines.append(f"| {kind} | {batch} | {host:.1f}x | {base['sampler'] / cur['sampler']:.1f}x | "
+                     f"{base['total'] / cur['total']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

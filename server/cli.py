@@ -41,7 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("MIRAS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (env MIRAS_API_KEY also works)")
     p.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins ('*' for any; default: no CORS)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="state slots = most sequences decoding at once")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="state slots = most sequences decoding at once (default: as many as fit in "
+                        "--gpu-memory-utilization on a GPU, up to 1024; 64 on a CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the GPU's memory this server may use (weights, state pool, state cache, "
+                        "activations): sizes the state pool, or refuses a --max-num-seqs that does not fit")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
     p.add_argument("--max-prompt-tokens", type=int, default=1_000_000, help="prompt length guard (400 beyond)")
     p.add_argument("--enforce-eager", action="store_true",
@@ -57,8 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_prompt_tokens", "max_queued_requests"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 < args.gpu_memory_utilization <= 1:  # NaN too
+        p.error("--gpu-memory-utilization must be in (0, 1]")
     for name in ("shutdown_timeout", "state_cache_gb", "sse_ping_interval"):
         if not getattr(args, name) >= 0:  # NaN too
             p.error(f"--{name.replace('_', '-')} must be >= 0")
@@ -97,7 +104,8 @@ class DrainingServer(uvicorn.Server):
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens,
                         cuda_graphs=False if args.enforce_eager else None,
-                        state_cache_bytes=int(args.state_cache_gb * (1 << 30)))
+                        state_cache_bytes=int(args.state_cache_gb * (1 << 30)),
+                        gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def main(argv: list[str] | None = None) -> None:

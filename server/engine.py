@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from .decode_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
+from .pool_sizing import CPU_MAX_NUM_SEQS, MAX_AUTO_SEQS, plan_pool
 from .request import Request, RequestStatus, Sequence
 from .sampler import Sampler, token_logprob
 from .sampling_params import ParamError, SamplingParams
@@ -32,7 +33,9 @@ logger = logging.getLogger("miras.engine")
 
 @dataclass
 class EngineConfig:
-    max_num_seqs: int = 64
+    # State slots (sequences decoding at once). None: sized from device memory on a GPU (see
+    # server/pool_sizing.py), 64 on a CPU.
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int = 2048
     max_prompt_tokens: int = 1_000_000  # a guard only: state memory does not grow with the prompt
     seed: int = 0  # for requests without their own seed
@@ -42,22 +45,29 @@ class EngineConfig:
     # Bytes of recurrent states kept for prompts that repeat or extend earlier ones (server/state_cache.py);
     # 0 turns the cache off.
     state_cache_bytes: int = 1 << 30
+    # Fraction of the GPU's total memory this process may use (weights, state pool, state cache,
+    # activations); sizes or checks the state pool on a GPU (vLLM's --gpu-memory-utilization).
+    gpu_memory_utilization: float = 0.9
 
 
 class LLMEngine:
+    """``device_memory`` (free, total bytes) stands in for the GPU's memory: tests size a pool without one."""
+
     def __init__(self, model: MirasLM, tokenizer: MirasTokenizer, config: EngineConfig | None = None,
-                 model_name: str = "miras", metrics: EngineMetrics | None = None):
+                 model_name: str = "miras", metrics: EngineMetrics | None = None,
+                 device_memory: tuple[int, int] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
         self.model_name = model_name
         self.device = model.device
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)  # ids the tokenizer can decode
         self.eos_token_id = tokenizer.eos_token_id
+        config = config or EngineConfig()
+        use_graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
+        self.config = replace(config, max_num_seqs=self._size_pool(config, int(use_graphs), device_memory))
         self.state_cache = StateCache(self.config.state_cache_bytes) if self.config.state_cache_bytes > 0 else None
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    model.config.chunk_size, self._cached_prefix if self.state_cache else None)
-        use_graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
         # With graphs, one more pool row that no request owns takes the padding rows of a batch.
         self.pool = model.init_state(self.config.max_num_seqs + (1 if use_graphs else 0))
         self.decode_graphs = self._capture_decode_graphs() if use_graphs else None
@@ -67,6 +77,37 @@ class LLMEngine:
         self.metrics = metrics or EngineMetrics(model_name)
         self.metrics.state_slots_total.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
+
+    def _size_pool(self, config: EngineConfig, extra_slots: int, device_memory: tuple[int, int] | None) -> int:
+        """The pool's number of sequences: from the device's free memory on a GPU (checked there when
+        given), the CPU default otherwise. Raises PoolSizeError (a ValueError) for a pool that does not fit."""
+        if device_memory is None and self.device.type == "cuda":
+            device_memory = torch.cuda.mem_get_info(self.device)
+        if device_memory is None:
+            return config.max_num_seqs or CPU_MAX_NUM_SEQS
+        state_bytes = self.model.init_state(1).nbytes_per_sequence()
+        reserved = config.state_cache_bytes + self._prefill_peak_bytes(config.max_num_batched_tokens)
+        # a step must fit every decode and a chunk of prefill (the scheduler's rule)
+        limit = min(MAX_AUTO_SEQS, config.max_num_batched_tokens - self.model.config.chunk_size)
+        plan = plan_pool(state_bytes, self.vocab_size, *device_memory, config.gpu_memory_utilization, reserved,
+                         config.max_num_seqs, extra_slots, limit)
+        logger.info("%s (%s)", plan.describe(extra_slots),
+                    "--max-num-seqs" if config.max_num_seqs else "sized by --gpu-memory-utilization")
+        return plan.max_num_seqs
+
+    @torch.inference_mode()
+    def _prefill_peak_bytes(self, tokens: int) -> int:
+        """Activation memory of a prefill step of ``tokens`` tokens, measured on a CUDA device (0 elsewhere)."""
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        ids = torch.full((1, tokens), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        self.model(ids, self.model.init_state(1))
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return peak
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
@@ -259,6 +300,7 @@ class LLMEngine:
     def _sample(self, seqs: list[Sequence], owners: list[Request], logits: Tensor) -> None:
         tokens, logprobs = self.sampler.sample(logits, [s.slot for s in seqs])
         now = time.monotonic()
+        self.metrics.generation_tokens.inc(len(tokens))
         for seq, request, token, logprob in zip(seqs, owners, tokens, logprobs, strict=True):
             self._append(request, seq, token, logprob, now)
 
@@ -269,7 +311,6 @@ class LLMEngine:
         if logprob is not None:
             seq.logprobs.append(logprob)
             seq.new_logprobs.append(logprob)
-        self.metrics.generation_tokens.inc()
         if request.first_token_time is None:
             request.first_token_time = now
             self.metrics.time_to_first_token.observe(now - request.arrival_time)
