@@ -69,7 +69,8 @@ class Stopwatch:
 
 
 def measure(model_dir: str, batch: int, kind: str, steps: int) -> dict[str, float]:
-    """Seconds per decode step: total, model forward, sampler (inside the step's host work)."""
+    """Seconds per decode step: total, model forward, and parts of the host work: scheduling, sampler,
+    appending tokens (detokenizing, stop checks, metrics) and output assembly."""
     torch.set_num_threads(1)
     net, tokenizer = models.load_pretrained(model_dir)
     config = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch + net.config.chunk_size),
@@ -83,6 +84,9 @@ def measure(model_dir: str, batch: int, kind: str, steps: int) -> dict[str, floa
     else:  # the per-row sampler of earlier revisions
         sampler = Stopwatch(engine_module.sample)
         engine_module.sample = sampler
+    parts = {"schedule": Stopwatch(engine.scheduler.schedule), "append": Stopwatch(engine._append),
+             "outputs": Stopwatch(engine._deltas)}
+    engine.scheduler.schedule, engine._append, engine._deltas = parts["schedule"], parts["append"], parts["outputs"]
     gen = torch.Generator().manual_seed(0)
     for i, params in enumerate(workload(kind, batch)):
         engine.add_request(str(i), torch.randint(3, engine.vocab_size, (16,), generator=gen).tolist(), params)
@@ -90,12 +94,14 @@ def measure(model_dir: str, batch: int, kind: str, steps: int) -> dict[str, floa
         engine.step()
     for _ in range(3):
         engine.step()
-    forward.seconds = sampler.seconds = 0.0
+    for watch in (forward, sampler, *parts.values()):
+        watch.seconds = 0.0
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     total = time.perf_counter() - start
-    return {"total": total / steps, "forward": forward.seconds / steps, "sampler": sampler.seconds / steps}
+    return {"total": total / steps, "forward": forward.seconds / steps, "sampler": sampler.seconds / steps,
+            **{name: watch.seconds / steps for name, watch in parts.items()}}
 
 
 def run_worker(tree: Path, model_dir: str, batch: int, kind: str, steps: int) -> dict[str, float]:
@@ -134,16 +140,18 @@ def report(args: argparse.Namespace, results: dict, model_dir: str) -> str:
         "- workloads: `greedy` (every row greedy) and `mixed` (rows cycle through top-p + seed, top-k, greedy, "
         "penalties, min-p + logprobs 5, logit bias + min_tokens + a stop string)",
         f"- reproduce: `python -m server.bench_host --baseline {args.baseline} --steps {args.steps}`", "",
-        "Host = step time minus model forward (scheduling, sampling, detokenizing, output assembly); sampler = the "
-        "sampling call alone (part of host).", "",
-        "| workload | batch | tree | step ms | forward ms | host ms | sampler ms | host share | decode tok/s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        "Host = step time minus model forward. Its parts: schedule = the scheduler's plan; sampler = the sampling "
+        "call; append = appending each row's token (detokenizing, stop checks, metrics); outputs = assembling the "
+        "step's deltas. The rest of host (building the decode inputs, gauges) is not listed.", "",
+        "| workload | batch | tree | step ms | forward ms | host ms | schedule | sampler | append | outputs | "
+        "host share | decode tok/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (kind, batch), by_tree in results.items():
         for tree, r in by_tree.items():
             host = r["total"] - r["forward"]
+            parts = " | ".join(f"{r[name] * 1e3:.2f}" for name in ("schedule", "sampler", "append", "outputs"))
             lines.append(f"| {kind} | {batch} | {tree} | {r['total'] * 1e3:.2f} | {r['forward'] * 1e3:.2f} | "
-                         f"{host * 1e3:.2f} | {r['sampler'] * 1e3:.2f} | {host / r['total']:.0%} | "
-                         f"{batch / r['total']:,.0f} |")
+                         f"{host * 1e3:.2f} | {parts} | {host / r['total']:.0%} | {batch / r['total']:,.0f} |")
     lines += ["", "Ratios (baseline / current, >1: current is faster):", "",
               "| workload | batch | host time | sampler time | decode tok/s (current / baseline) |",
               "|---|---:|---:|---:|---:|"]
