@@ -84,6 +84,8 @@ class LLMEngine:
         if device_memory is None and self.device.type == "cuda":
             device_memory = torch.cuda.mem_get_info(self.device)
         if device_memory is None:
+            logger.info("state pool: %d sequences (%s; on a CPU there is no device memory to size it from)",
+                        config.max_num_seqs or CPU_MAX_NUM_SEQS, "--max-num-seqs" if config.max_num_seqs else "default")
             return config.max_num_seqs or CPU_MAX_NUM_SEQS
         state_bytes = self.model.init_state(1).nbytes_per_sequence()
         reserved = config.state_cache_bytes + self._prefill_peak_bytes(config.max_num_batched_tokens)
