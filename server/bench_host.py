@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,8 +71,9 @@ class Stopwatch:
 
 
 def measure(model_dir: str, batch: int, kind: str, steps: int) -> dict[str, float]:
-    """Seconds per decode step: total, model forward, and parts of the host work: scheduling, sampler,
-    appending tokens (detokenizing, stop checks, metrics) and output assembly."""
+    """Seconds per decode step (medians over the steps): total, model forward, host (total - forward) and
+    parts of the host work: scheduling, sampler, appending tokens (detokenizing, stop checks, metrics) and
+    output assembly."""
     torch.set_num_threads(1)
     net, tokenizer = models.load_pretrained(model_dir)
     config = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch + net.config.chunk_size),
@@ -95,18 +97,22 @@ def measure(model_dir: str, batch: int, kind: str, steps: int) -> dict[str, floa
         engine.step()
     for _ in range(3):
         engine.step()
-    for watch in (forward, sampler, *parts.values()):
-        watch.seconds = 0.0
-    start = time.perf_counter()
+    watches = {"forward": forward, "sampler": sampler, **parts}
+    per_step: dict[str, list[float]] = {name: [] for name in ["total", *watches]}
     for _ in range(steps):
+        before = {name: watch.seconds for name, watch in watches.items()}
+        start = time.perf_counter()
         engine.step()
-    total = time.perf_counter() - start
-    return {"total": total / steps, "forward": forward.seconds / steps, "sampler": sampler.seconds / steps,
-            **{name: watch.seconds / steps for name, watch in parts.items()}}
+        per_step["total"].append(time.perf_counter() - start)
+        for name, watch in watches.items():
+            per_step[name].append(watch.seconds - before[name])
+    per_step["host"] = [t - f for t, f in zip(per_step["total"], per_step["forward"], strict=True)]
+    # medians over the steps: a burst of other load on a shared machine moves a mean, not a median
+    return {name: statistics.median(values) for name, values in per_step.items()}
 
 
 def host_time(run: dict[str, float]) -> float:
-    return run["total"] - run["forward"]
+    return run["host"]
 
 
 def run_worker(tree: Path, model_dir: str, batch: int, kind: str, steps: int) -> dict[str, float]:
@@ -147,7 +153,8 @@ def report(args: argparse.Namespace, results: dict, model_dir: str) -> str:
         f"- reproduce: `python -m server.bench_host --baseline {args.baseline} --steps {args.steps} --repeats "
         f"{args.repeats}`; each row is the run with the least host time of {args.repeats} (other load on the "
         "machine only adds time; forward times stay noisy)", "",
-        "Host = step time minus model forward. Its parts: schedule = the scheduler's plan; sampler = the sampling "
+        "Every time is the median over the timed steps. Host = step time minus model forward. Its parts: "
+        "schedule = the scheduler's plan; sampler = the sampling "
         "call; append = appending each row's token (detokenizing, stop checks, metrics); outputs = assembling the "
         "step's deltas. The rest of host (building the decode inputs, gauges) is not listed.", "",
         "| workload | batch | tree | step ms | forward ms | host ms | schedule | sampler | append | outputs | "
@@ -155,7 +162,7 @@ def report(args: argparse.Namespace, results: dict, model_dir: str) -> str:
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (kind, batch), by_tree in results.items():
         for tree, r in by_tree.items():
-            host = host_time(r)
+            host = r["host"]
             parts = " | ".join(f"{r[name] * 1e3:.2f}" for name in ("schedule", "sampler", "append", "outputs"))
             lines.append(f"| {kind} | {batch} | {tree} | {r['total'] * 1e3:.2f} | {r['forward'] * 1e3:.2f} | "
                          f"{host * 1e3:.2f} | {parts} | {host / r['total']:.0%} | {batch / r['total']:,.0f} |")

@@ -131,7 +131,7 @@ class Sampler:
         if params.seed is not None:
             self.key[slot] = _int64(params.seed + index)
         else:  # drawn on the device: no host sync
-            self.key[slot: slot + 1] = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), generator=self.generator,
+            self.key[slot: slot + 1] = torch.randint(0, 1 << 62, (1,), generator=self.generator,
                                                      device=self.generator.device)
         ids = partial(torch.tensor, dtype=torch.long, device=self.device)
         if uses["bias"]:

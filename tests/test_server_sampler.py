@@ -211,3 +211,20 @@ def test_logprobs_are_batched_per_row_k():
     values, ids = torch.topk(reference[2], 4)
     assert [i for i, _ in logprobs[2].top] == ids.tolist()
     assert [v for _, v in logprobs[2].top] == pytest.approx(values.tolist())
+
+
+def test_every_request_of_a_mixed_batch_gets_the_tokens_it_gets_alone(tiny_checkpoint):
+    """End to end through the engine: seeded requests with every parameter, prefilled and decoded together
+    (4 slots for 8 requests, so slots are reused), each give the tokens they give alone."""
+    from server import LLM
+
+    llm = LLM(tiny_checkpoint, max_num_seqs=4, max_num_batched_tokens=64)
+    prompts = ["Shall I compare thee", "From fairest creatures we desire", "x", "Thou art more lovely"] * 2
+    params = [SamplingParams(**{**vars(p), "seed": 100 + i, "max_tokens": 10, "ignore_eos": True,
+                                "logit_bias": {k: v for k, v in p.logit_bias.items() if k < 300},
+                                "min_tokens": min(p.min_tokens, 10)})
+              for i, p in enumerate(MIXED[1:9])]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate([prompt], p)[0].outputs[0].token_ids for prompt, p in zip(prompts, params, strict=True)]
+    assert together == alone
+    assert all(len(t) == 10 for t in together)
