@@ -51,7 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "cache_salt); shared: across keys (default: %(default)s)")
     p.add_argument("--metrics-require-key", action="store_true", help="/metrics requires an API key too")
     p.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins ('*' for any; default: no CORS)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="state slots = most sequences decoding at once")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="state slots = most sequences decoding at once (default: as many as fit in "
+                        "--gpu-memory-utilization on a GPU, up to 1024; 64 on a CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the GPU's memory this server may use (weights, state pool, state cache, "
+                        "activations): sizes the state pool, or refuses a --max-num-seqs that does not fit")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
     p.add_argument("--max-prompt-tokens", type=int, default=1_000_000, help="prompt length guard (400 beyond)")
     p.add_argument("--enforce-eager", action="store_true",
@@ -95,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "responses_max_count", "max_request_bytes", "max_prompt_chars", "limit_concurrency"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 < args.gpu_memory_utilization <= 1:  # NaN too
+        p.error("--gpu-memory-utilization must be in (0, 1]")
     for name in ("shutdown_timeout", "state_cache_gb", "sse_ping_interval", "state_disk_gb", "state_disk_ttl",
                  "responses_max_mb", "responses_ttl"):
         if not getattr(args, name) >= 0:  # NaN too
@@ -155,7 +162,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens,
                         cuda_graphs=False if args.enforce_eager else None,
                         state_cache_bytes=int(args.state_cache_gb * (1 << 30)), state_disk_dir=args.state_disk_dir,
-                        state_disk_bytes=int(args.state_disk_gb * (1 << 30)), state_disk_ttl=args.state_disk_ttl)
+                        state_disk_bytes=int(args.state_disk_gb * (1 << 30)), state_disk_ttl=args.state_disk_ttl,
+                        gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def main(argv: list[str] | None = None) -> None:

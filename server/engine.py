@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -21,8 +21,9 @@ from .decode_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
+from .pool_sizing import CPU_MAX_NUM_SEQS, MAX_AUTO_SEQS, plan_pool
 from .request import Request, RequestStatus, Sequence, StateContext
-from .sampler import SampleRow, sample, token_logprob
+from .sampler import Sampler, token_logprob
 from .sampling_params import ParamError, SamplingParams
 from .scheduler import PrefillChunk, Scheduler
 from .state_cache import CachedState, StateCache
@@ -33,7 +34,9 @@ logger = logging.getLogger("miras.engine")
 
 @dataclass
 class EngineConfig:
-    max_num_seqs: int = 64
+    # State slots (sequences decoding at once). None: sized from device memory on a GPU (see
+    # server/pool_sizing.py), 64 on a CPU.
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int = 2048
     max_prompt_tokens: int = 1_000_000  # a guard only: state memory does not grow with the prompt
     seed: int = 0  # for requests without their own seed
@@ -47,27 +50,35 @@ class EngineConfig:
     state_disk_dir: str | None = None
     state_disk_bytes: int = 10 << 30
     state_disk_ttl: float = 0.0  # seconds after its last use that a state on disk expires; 0: never
+    # Fraction of the GPU's total memory this process may use (weights, state pool, state cache,
+    # activations); sizes or checks the state pool on a GPU (vLLM's --gpu-memory-utilization).
+    gpu_memory_utilization: float = 0.9
 
 
 class LLMEngine:
+    """``device_memory`` (free, total bytes) stands in for the GPU's memory: tests size a pool without one."""
+
     def __init__(self, model: MirasLM, tokenizer: MirasTokenizer, config: EngineConfig | None = None,
-                 model_name: str = "miras", metrics: EngineMetrics | None = None):
+                 model_name: str = "miras", metrics: EngineMetrics | None = None,
+                 device_memory: tuple[int, int] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
         self.model_name = model_name
         self.device = model.device
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)  # ids the tokenizer can decode
         self.eos_token_id = tokenizer.eos_token_id
+        config = config or EngineConfig()
+        use_graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
+        self.config = replace(config, max_num_seqs=self._size_pool(config, int(use_graphs), device_memory))
         self.state_cache = self._state_cache()
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    model.config.chunk_size, self._cached_prefix if self.state_cache else None)
-        use_graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
         # With graphs, one more pool row that no request owns takes the padding rows of a batch.
         self.pool = model.init_state(self.config.max_num_seqs + (1 if use_graphs else 0))
         self.decode_graphs = self._capture_decode_graphs() if use_graphs else None
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.sampler = Sampler(self.pool.batch_size, self.vocab_size, self.eos_token_id, self.device, self.generator)
         self.metrics = metrics or EngineMetrics(model_name)
         self.metrics.state_slots_total.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
@@ -82,6 +93,39 @@ class LLMEngine:
         if config.state_cache_bytes <= 0 and tier is None:
             return None
         return StateCache(config.state_cache_bytes, tier)
+
+    def _size_pool(self, config: EngineConfig, extra_slots: int, device_memory: tuple[int, int] | None) -> int:
+        """The pool's number of sequences: from the device's free memory on a GPU (checked there when
+        given), the CPU default otherwise. Raises PoolSizeError (a ValueError) for a pool that does not fit."""
+        if device_memory is None and self.device.type == "cuda":
+            device_memory = torch.cuda.mem_get_info(self.device)
+        if device_memory is None:
+            logger.info("state pool: %d sequences (%s; on a CPU there is no device memory to size it from)",
+                        config.max_num_seqs or CPU_MAX_NUM_SEQS, "--max-num-seqs" if config.max_num_seqs else "default")
+            return config.max_num_seqs or CPU_MAX_NUM_SEQS
+        state_bytes = self.model.init_state(1).nbytes_per_sequence()
+        reserved = config.state_cache_bytes + self._prefill_peak_bytes(config.max_num_batched_tokens)
+        # a step must fit every decode and a chunk of prefill (the scheduler's rule)
+        limit = min(MAX_AUTO_SEQS, config.max_num_batched_tokens - self.model.config.chunk_size)
+        plan = plan_pool(state_bytes, self.vocab_size, *device_memory, config.gpu_memory_utilization, reserved,
+                         config.max_num_seqs, extra_slots, limit)
+        logger.info("%s (%s)", plan.describe(extra_slots),
+                    "--max-num-seqs" if config.max_num_seqs else "sized by --gpu-memory-utilization")
+        return plan.max_num_seqs
+
+    @torch.inference_mode()
+    def _prefill_peak_bytes(self, tokens: int) -> int:
+        """Activation memory of a prefill step of ``tokens`` tokens, measured on a CUDA device (0 elsewhere)."""
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        ids = torch.full((1, tokens), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        self.model(ids, self.model.init_state(1))
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return peak
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
@@ -143,6 +187,7 @@ class LLMEngine:
             for seq in request.sequences:
                 if not seq.finished:
                     seq.finish_reason = "abort"
+                    self.sampler.remove(seq.slot)
                     seq.detokenizer.finish(matched_stop=False)
                     self.metrics.request_success["abort"].inc()
             outputs = self._deltas(request)
@@ -287,13 +332,11 @@ class LLMEngine:
         if n > 1:
             self.pool.assign(request.slots[1:], self.pool.select([request.slots[0]] * (n - 1)))
         for i, slot in enumerate(request.slots):
-            generator = None
-            if params.seed is not None:  # like vLLM, sample i of a seeded request uses seed + i
-                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            self.sampler.add(slot, params, i, request.prompt_token_ids)
             detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                            params.skip_special_tokens)
             logprobs = [] if params.logprobs is not None else None
-            request.sequences.append(Sequence(request.request_id, i, slot, detok, generator, logprobs=logprobs))
+            request.sequences.append(Sequence(request.request_id, i, slot, detok, logprobs=logprobs))
         request.status = RequestStatus.DECODING
         if params.max_tokens == 0:
             for seq in request.sequences:
@@ -302,16 +345,9 @@ class LLMEngine:
         self._sample(request.sequences, [request] * n, last_logits.unsqueeze(0).expand(n, -1))
 
     def _sample(self, seqs: list[Sequence], owners: list[Request], logits: Tensor) -> None:
-        rows = []
-        for seq, request in zip(seqs, owners, strict=True):
-            params = request.params
-            banned = []
-            if len(seq.token_ids) < params.min_tokens:
-                banned = list(params.stop_token_ids) + ([] if params.ignore_eos else [self.eos_token_id])
-            rows.append(SampleRow(params, request.prompt_token_ids, seq.token_ids, seq.generator, banned,
-                                  seq.token_counts))
-        tokens, logprobs = sample(logits, rows, self.generator)
+        tokens, logprobs = self.sampler.sample(logits, [s.slot for s in seqs])
         now = time.monotonic()
+        self.metrics.generation_tokens.inc(len(tokens))
         for seq, request, token, logprob in zip(seqs, owners, tokens, logprobs, strict=True):
             self._append(request, seq, token, logprob, now)
 
@@ -322,7 +358,6 @@ class LLMEngine:
         if logprob is not None:
             seq.logprobs.append(logprob)
             seq.new_logprobs.append(logprob)
-        self.metrics.generation_tokens.inc()
         if request.first_token_time is None:
             request.first_token_time = now
             self.metrics.time_to_first_token.observe(now - request.arrival_time)
@@ -344,6 +379,7 @@ class LLMEngine:
     def _finish_sequence(self, request: Request, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.detokenizer.finish(matched_stop=isinstance(stop_reason, str))
+        self.sampler.remove(seq.slot)
         if self.state_cache is not None:
             # The slot has consumed the prompt and every generated token but the last (sampled, never fed):
             # exactly what the next turn of a conversation starts with.

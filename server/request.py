@@ -7,11 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprob
-from .sampler import TokenCounts
 from .sampling_params import SamplingParams
 from .state_cache import CachedState, state_key
 
@@ -31,7 +28,6 @@ class Sequence:
     index: int
     slot: int
     detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None  # seeded requests sample from their own generator
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
@@ -41,7 +37,6 @@ class Sequence:
     # what has not been handed out yet (the step delta)
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
-    token_counts: TokenCounts = field(default_factory=TokenCounts)  # for the penalties, built once
 
     @property
     def finished(self) -> bool:
