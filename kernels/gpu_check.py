@@ -15,6 +15,9 @@ side in one run, written as a Markdown table into docs/benchmarks/.
 4. Launch configurations of the scan kernels side by side (prefill: dot precision, slab width,
    pipeline stages; decode: fused vs split over hidden slabs, slab width, warps), each checked against
    the fp64 reference: the data for choosing ``launch_config``.
+5. Serving: ``miras-serve`` on the device with a random 340M-shape model, the load generator over HTTP at
+   concurrency 1 / 8 / 64 / 256 with CUDA graphs and with --enforce-eager, against the engine alone and the
+   kernel-only decode step at the same batch; ITL after a 32K- vs a 128-token prompt.
 
 A failing section is reported (with its error) and the next one still runs; the report is rewritten
 after every section, so a run cut short still leaves what it measured.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import math
 import os
 import statistics
 import subprocess
@@ -49,7 +53,7 @@ PREFILL_LENGTHS = [2048, 8192, 32768]
 PREFILL_BATCHES = [1, 8]
 DECODE_BATCHES = [1, 8, 64, 256]
 L2_FLUSH_BYTES = 512 << 20  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
-SECTIONS = ["correctness", "prefill", "decode", "decode-layouts", "launch-prefill", "launch-decode", "fla"]
+SECTIONS = ["correctness", "prefill", "decode", "decode-layouts", "launch-prefill", "launch-decode", "serve", "fla"]
 
 
 class Report:
@@ -559,6 +563,131 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                  "the long run itself has no exact answer to compare with).")
 
 
+# The serve section: the whole server on the device over HTTP (smoke: tiny shapes on the CPU).
+SERVE_CONCURRENCY = [1, 8, 64, 256]
+SERVE_PROMPT, SERVE_OUTPUT, SERVE_LONG_PROMPT, SERVE_SHORT_PROMPT = 512, 128, 32768, 128
+
+
+def serve_level(url: str, scratch: Path, name: str, model_dir: Path, concurrency: int, input_len: int,
+                output_len: int, num_requests: int) -> dict:
+    """One closed-loop load level of the project's load generator against ``url``: its summary plus the
+    server's mean engine step time during the level (from /metrics)."""
+    import asyncio
+
+    from loadtest.serving_benchmark import run_phase, server_metrics
+
+    before = asyncio.run(server_metrics(url))
+    _, result = run_phase(url, scratch / name, [
+        "--tokenizer", str(model_dir), "--input-len", f"fixed:{input_len}", "--output-len", f"fixed:{output_len}",
+        "--ignore-eos", "--no-progress", "--num-warmups", "1"],
+        ["--concurrency", str(concurrency), "--num-requests", str(num_requests)])
+    after = asyncio.run(server_metrics(url))
+    key = "miras:engine_step_duration_seconds"
+    steps = after[f"{key}_count"] - before[f"{key}_count"]
+    summary = result["levels"][0]["summary"]
+    summary["engine_step_ms"] = 1e3 * (after[f"{key}_sum"] - before[f"{key}_sum"]) / steps if steps else math.nan
+    return summary
+
+
+@torch.inference_mode()
+def engine_alone_step(model: nn.Module, tokenizer, batch: int, prompt_len: int) -> float:
+    """Seconds per decode step of the serving engine in process (no HTTP; CUDA graphs on a GPU), every
+    one of ``batch`` sequences decoding, greedy."""
+    from server.engine import EngineConfig, LLMEngine
+    from server.request import RequestStatus
+    from server.sampling_params import SamplingParams
+
+    budget = max(2048, batch + model.config.chunk_size)
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget,
+                                                      state_cache_bytes=0))
+    params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        engine.add_request(str(i), torch.randint(3, engine.vocab_size, (prompt_len,), generator=gen).tolist(), params)
+    while any(r.status is not RequestStatus.DECODING for r in engine.requests.values()):
+        engine.step()
+    return timed(engine.step, model.device, reps=10)
+
+
+def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
+    """``miras-serve`` on the device with a randomly initialised 340M-shape Moneta (bf16 weights, fp32 state),
+    driven over HTTP by the load generator: output tokens/s, TTFT and ITL at each concurrency, with CUDA
+    graphs and with --enforce-eager; the server's mean engine step against the engine alone in process
+    and the kernel-only decode step (graph, cold L2) at the same batch; ITL after a long vs a short prompt."""
+    import shutil
+    import tempfile
+
+    import models
+    from loadtest.serving_benchmark import Server
+    from models.random_init import random_pretrained
+    from server.pool_sizing import plan_pool
+
+    levels = [1, 2] if smoke else SERVE_CONCURRENCY
+    prompt, output = (32, 8) if smoke else (SERVE_PROMPT, SERVE_OUTPUT)
+    long_prompt, short_prompt = (256, 16) if smoke else (SERVE_LONG_PROMPT, SERVE_SHORT_PROMPT)
+    scratch = Path(tempfile.mkdtemp(prefix="miras-gpu-check-serve-"))
+    try:
+        model_dir = random_pretrained("moneta", scratch / "moneta-340m", "micro" if smoke else "340m",
+                                      vocab_size=512 if smoke else 32000)
+        model, tokenizer = models.load_pretrained(model_dir, device=device,
+                                                  dtype=torch.float32 if smoke else torch.bfloat16)
+        state_bytes = model.init_state(1).nbytes_per_sequence()
+        flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
+        kernel_ms, engine_ms = {}, {}
+        for batch in levels:
+            kernel_ms[batch] = decode_times(model, batch, device, flush, reps=5 if smoke else 20)[0] * 1e3
+            engine_ms[batch] = engine_alone_step(model, tokenizer, batch, prompt) * 1e3
+        sized = "-"
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            sized = str(plan_pool(state_bytes, tokenizer.vocab_size, free, total, 0.9, 1 << 30, None, 1).max_num_seqs)
+        del model
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        slots = max(levels)
+        flags = ["--max-num-seqs", str(slots)] + (["--max-num-batched-tokens", "64"] if smoke else [])
+        rows, ok = [], True
+        long_rows = []
+        # (on a CPU both modes are the same eager steps: the smoke run starts one server)
+        modes = [("eager (CPU)", [])] if smoke else [("CUDA graphs", []), ("--enforce-eager", ["--enforce-eager"])]
+        for mode, extra in modes:
+            with Server(str(model_dir), flags + extra, scratch / f"server-{len(extra)}.log") as server:
+                for c in levels:
+                    s = serve_level(server.url, scratch, f"{mode}-{c}", model_dir, c, prompt, output,
+                                    max(2, 2 * c) if smoke else max(4, 2 * c))
+                    ok &= s["failed"] == 0
+                    engine_rate = c / engine_ms[c] * 1e3
+                    rows.append([mode, str(c), str(s["completed"]), f"{s['output_throughput']:,.0f}",
+                                 f"{s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f}",
+                                 f"{s['itl_ms']['p50']:.1f} / {s['itl_ms']['p99']:.1f}",
+                                 f"{s['engine_step_ms']:.1f}", f"{engine_ms[c]:.1f}", f"{kernel_ms[c]:.1f}",
+                                 f"{engine_rate:,.0f}", f"{s['output_throughput'] / engine_rate:.0%}"])
+                if not extra:
+                    for length in (short_prompt, long_prompt):
+                        s = serve_level(server.url, scratch, f"long-{length}", model_dir, 1, length, output, 2)
+                        ok &= s["failed"] == 0
+                        long_rows.append([str(length), f"{s['ttft_ms']['p50']:,.0f}",
+                                          f"{s['itl_ms']['p50']:.2f}", f"{s['itl_ms']['p99']:.2f}"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report.table(
+        "Serving over HTTP: miras-serve with the load generator", [
+            "mode", "concurrency", "requests", "output tok/s", "TTFT p50 / p99 ms", "ITL p50 / p99 ms",
+            "server step ms (mean)", "engine-alone decode step ms", "kernel-only decode ms", "engine-alone tok/s",
+            "HTTP / engine-alone tok/s"], rows,
+        f"Randomly initialised `moneta` ({'micro' if smoke else '340m'} shape, `python -m models.random_init`), "
+        f"{'fp32' if smoke else 'bf16'} weights, fp32 state of {state_bytes / 2**20:.2f} MiB per sequence; "
+        f"`miras-serve {' '.join(flags)}` on this machine, driven by `miras-loadtest` (closed loop, "
+        f"{prompt}-token prompts, {output} output tokens, ignore_eos, greedy, max(4, 2 x concurrency) requests "
+        "after one warm-up). Server step = the engine's mean step time during the level (`miras:engine_step_"
+        "duration_seconds`, prefill steps included); engine-alone = the engine in process, every sequence "
+        "decoding; kernel-only = the model's decode step alone, graph replay, cold L2. With "
+        f"--gpu-memory-utilization 0.9 and no --max-num-seqs the server would size its pool to {sized} sequences.")
+    report.table(f"Serving over HTTP: decode after a long vs a short prompt ({modes[0][0]}, concurrency 1)",
+                 ["prompt tokens", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms"], long_rows,
+                 "Two requests each; a recurrent state does not grow with the context, so ITL should not either.")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU run under the Triton interpreter, tiny shapes")
@@ -595,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
                            partial(bench_launch_configs, report, device, args.smoke, ("prefill",))),
         "launch-decode": ("Launch configurations (decode)",
                           partial(bench_launch_configs, report, device, args.smoke, ("decode",))),
+        "serve": ("Serving over HTTP", partial(bench_serve, report, device, args.smoke)),
         # Last: fla autotunes each of its kernels on first use, which must not starve our own sections.
         "fla": ("fla yardstick", partial(bench_fla, report, device)),
     }

@@ -31,6 +31,9 @@ from .tokenizer import MirasTokenizer, train_tokenizer
 # Model sizes; any field can still be overridden with --set.
 SIZES: dict[str, dict] = {
     "tiny": dict(d_model=256, n_layers=4, n_heads=4, head_dim=64, mlp_hidden=688, gate_rank=32, chunk_size=64),
+    # the paper's 340M shape (with a 32K vocabulary: 0.37 B parameters); for serving measurements
+    "340m": dict(d_model=1024, n_layers=24, n_heads=16, head_dim=64, memory_expansion=4, mlp_hidden=2816,
+                 chunk_size=64),
     "micro": dict(d_model=32, n_layers=2, n_heads=2, head_dim=8, mlp_hidden=64, gate_rank=8, chunk_size=4,
                   swa_window=8),
 }

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .async_engine import AsyncEngine
 from .errors import APIError, error_body, install_error_handlers
+from .limits import BodyLimitMiddleware, TextLimits, default_max_prompt_chars, default_max_request_bytes
 from .middleware import APIKeyMiddleware, RequestIdMiddleware
 from .protocol import (
     ChatCompletionRequest,
@@ -30,15 +31,18 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from .protocol_responses import ResponsesRequest
+from .response_store import ResponseStore
 from .serving_chat import OpenAIServingChat, render_chat
 from .serving_completions import OpenAIServingCompletion
+from .serving_responses import OpenAIServingResponses
 
 try:
     VERSION = version("miras-serve")
 except PackageNotFoundError:  # running from a source tree
     VERSION = "0.0.0"
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 503)}
 
 
 class ServerStatus(enum.Enum):
@@ -51,21 +55,40 @@ class ServerStatus(enum.Enum):
 class ServerSettings:
     served_model_name: str
     model_root: str
-    api_key: str | None = None
+    api_keys: list[str] = field(default_factory=list)  # each one a tenant; none: no auth
     allowed_origins: list[str] = field(default_factory=list)
     shutdown_timeout: float = 30.0
     sse_ping_interval: float = 30.0  # seconds without an event before a stream gets an SSE comment; 0: never
+    # stored responses of the Responses API, per tenant (server/response_store.py)
+    responses_max_count: int = 10_000
+    responses_max_bytes: int = 256 << 20
+    responses_ttl: float = 30 * 24 * 3600.0  # seconds after creation; 0: never
+    state_cache_scope: str = "api-key"  # "api-key": cached states per key (tenant); "shared": across keys
+    metrics_require_key: bool = False
+    max_request_bytes: int | None = None  # None: derived from --max-prompt-tokens
+    max_prompt_chars: int | None = None  # None: derived from --max-prompt-tokens and the vocabulary
+    request_read_timeout: float = 30.0  # seconds for a request's body after its headers
 
 
 class ServerState:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings):
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, responses_dir: str | None = None):
+        """``responses_dir``: where stored responses persist across restarts (None: in memory only)."""
         self.engine = engine
         self.settings = settings
         self.status = ServerStatus.STARTING
         tokenizer = engine.engine.tokenizer
+        max_prompt_tokens = engine.engine.config.max_prompt_tokens
+        self.max_request_bytes = settings.max_request_bytes or default_max_request_bytes(max_prompt_tokens)
+        self.text = TextLimits(tokenizer, settings.max_prompt_chars or default_max_prompt_chars(tokenizer,
+                                                                                                max_prompt_tokens))
         self.completions = OpenAIServingCompletion(engine, tokenizer, settings.served_model_name,
-                                                   settings.sse_ping_interval)
-        self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name, settings.sse_ping_interval)
+                                                   settings.sse_ping_interval, self.text)
+        self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name, settings.sse_ping_interval,
+                                      self.text)
+        store = ResponseStore(settings.responses_max_count, settings.responses_max_bytes, settings.responses_ttl,
+                              responses_dir, on_forget=lambda r: engine.forget_states([r.prompt_key, r.finish_key]))
+        self.responses = OpenAIServingResponses(engine, tokenizer, settings.served_model_name,
+                                                settings.sse_ping_interval, self.text, store=store)
 
     async def drain(self) -> None:
         """SIGTERM: /health goes 503, new requests get 503, in-flight ones get --shutdown-timeout to
@@ -91,6 +114,8 @@ def build_app(state: ServerState) -> FastAPI:
             yield
         finally:
             state.engine.stop()
+            state.engine.engine.flush_saved_states()
+            state.responses.store.flush()
 
     app = FastAPI(title="Miras Serve", version=VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of recurrent Miras language models.")
@@ -129,6 +154,18 @@ def build_app(state: ServerState) -> FastAPI:
     async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
         return await state.chat.create(request, raw)
 
+    @app.post("/v1/responses", dependencies=json_body, responses=ERRORS)
+    async def create_response(request: ResponsesRequest, raw: Request) -> Response:
+        return await state.responses.create(request, raw)
+
+    @app.get("/v1/responses/{response_id}", responses=ERRORS)
+    async def retrieve_response(response_id: str, raw: Request) -> Response:
+        return state.responses.retrieve(raw, response_id)
+
+    @app.delete("/v1/responses/{response_id}", responses=ERRORS)
+    async def delete_response(response_id: str, raw: Request) -> Response:
+        return state.responses.delete(raw, response_id)
+
     @app.post("/tokenize", dependencies=json_body, response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         model_check(request.model)
@@ -136,27 +173,36 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, "give exactly one of prompt or messages", "prompt", "invalid_value")
         text = request.prompt if request.prompt is not None else render_chat(
             tokenizer, request.messages, request.add_generation_prompt)
-        ids = tokenizer.encode(text, add_bos=request.add_special_tokens)
+        ids = await state.text.encode(text, request.add_special_tokens,
+                                      "prompt" if request.prompt is not None else "messages")
         strs = [state.completions.token_str(t) for t in ids] if request.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=max_prompt_tokens, tokens=ids, token_strs=strs)
 
     @app.post("/detokenize", dependencies=json_body, response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
         model_check(request.model)
+        if len(request.tokens) > max_prompt_tokens:
+            raise APIError(400, f"{len(request.tokens)} tokens is more than the server's limit of {max_prompt_tokens} "
+                           "(--max-prompt-tokens)", "tokens", "invalid_value")
         vocab = state.engine.engine.vocab_size
         bad = next((t for t in request.tokens if t >= vocab), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab})", "tokens", "invalid_value")
-        return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
+        return DetokenizeResponse(prompt=await state.text.decode(request.tokens))
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(state.engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    if state.settings.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=state.settings.api_key)
+    settings = state.settings
+    # innermost first: the body is read only for requests the key check let through
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_bytes, timeout=settings.request_read_timeout)
+    if settings.api_keys:
+        app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys,
+                           tenant_per_key=settings.state_cache_scope == "api-key",
+                           metrics_need_key=settings.metrics_require_key)
     app.add_middleware(RequestIdMiddleware)  # outside the key check, so a 401 carries the id too
-    if state.settings.allowed_origins:  # outermost, so preflights and 401s carry CORS headers too
-        app.add_middleware(CORSMiddleware, allow_origins=state.settings.allowed_origins, allow_methods=["*"],
+    if settings.allowed_origins:  # outermost, so preflights and 401s carry CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
     return app

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .engine import LLMEngine
 from .outputs import RequestOutput
+from .request import StateContext
 from .sampling_params import ParamError, SamplingParams
 
 logger = logging.getLogger("miras.engine")
@@ -40,6 +41,8 @@ class _Pending:
     arrival_time: float
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    cache_namespace: str
+    context: StateContext | None = None
 
 
 class AsyncEngine:
@@ -52,6 +55,7 @@ class AsyncEngine:
         self._wake = threading.Condition(self._lock)
         self._inbox: list[_Pending] = []
         self._aborts: list[str] = []
+        self._forgotten: list[bytes] = []  # state-cache keys to delete on the engine thread
         self._streams: dict[str, _Pending] = {}  # engine thread only
         self._stop = False
         self._closed = False  # set (under the lock) once the engine thread takes no more requests
@@ -94,9 +98,12 @@ class AsyncEngine:
     # ---- requests -------------------------------------------------------------------------------------
 
     def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams,
-               arrival_time: float | None = None) -> RequestGroup:
-        """Queue one request per prompt (validated first; all or none). Raises ParamError (bad input),
-        QueueFullError or EngineUnavailableError. Iterate the returned group to get the outputs."""
+               arrival_time: float | None = None, cache_namespace: str = "",
+               context: StateContext | None = None) -> RequestGroup:
+        """Queue one request per prompt (validated first; all or none), restoring and caching states in
+        ``cache_namespace`` only; with ``context``, each prompt continues that saved state.
+        Raises ParamError (bad input), QueueFullError or EngineUnavailableError.
+        Iterate the returned group to get the outputs."""
         if self.draining or not self.running:
             self.engine.metrics.request_rejected["draining"].inc()
             reason = "the server is shutting down" if self.draining else "the engine is not running"
@@ -109,7 +116,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         arrival = arrival_time or time.monotonic()
-        pending = [_Pending(uuid.uuid4().hex, list(ids), params, text, arrival, queue, loop) for ids, text in prompts]
+        pending = [_Pending(uuid.uuid4().hex, list(ids), params, text, arrival, queue, loop, cache_namespace, context)
+                   for ids, text in prompts]
         with self._lock:
             if self._closed:  # the engine thread stopped or died after the check above
                 raise EngineUnavailableError("the engine is not running")
@@ -125,26 +133,37 @@ class AsyncEngine:
             self._aborts.append(request_id)
             self._wake.notify()
 
+    def forget_states(self, keys: list[bytes]) -> None:
+        """Delete saved states (a deleted conversation's), from every tier, on the engine thread. A request
+        that was about to restore one rebuilds it instead."""
+        if self.engine.state_cache is None:
+            return
+        with self._lock:
+            self._forgotten.extend(keys)
+            self._wake.notify()
+
     # ---- engine thread ---------------------------------------------------------------------------------
 
     def _take_inbox(self) -> list[str] | None:
         """Wait for work; add queued requests to the engine and return the ids to abort (None: stop)."""
         with self._lock:
-            while not (self._stop or self._inbox or self._aborts or self.engine.has_unfinished()):
+            while not (self._stop or self._inbox or self._aborts or self._forgotten or self.engine.has_unfinished()):
                 self._wake.wait()
             if self._stop:
                 return None
             # added under the lock, so a waiting request is always counted by generate's admission check
             for p in self._inbox:
                 self._add(p)
+            for key in self._forgotten:
+                self.engine.state_cache.delete(key)
             aborts = self._aborts
-            self._inbox, self._aborts = [], []
+            self._inbox, self._aborts, self._forgotten = [], [], []
             return aborts
 
     def _add(self, p: _Pending) -> None:
         try:
             self.engine.add_request(p.request_id, p.prompt_token_ids, p.params, p.prompt, p.arrival_time,
-                                    validated=True)
+                                    validated=True, cache_namespace=p.cache_namespace, context=p.context)
             self._streams[p.request_id] = p
         except ValueError as exc:  # validated before queueing, so only a duplicate id gets here
             p.loop.call_soon_threadsafe(p.queue.put_nowait, exc)

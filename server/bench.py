@@ -140,10 +140,10 @@ def engine_decode_rates(model: str, threads: int, prompt_len: int, vocab: int,
         torch.set_num_threads(before)
 
 
-def start_server(model: str, port: int, threads: int, max_num_seqs: int) -> subprocess.Popen:
+def start_server(model: str, port: int, threads: int, max_num_seqs: int, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "server.cli", "--model", model, "--port", str(port), "--log-level", "warning",
-           "--max-num-seqs", str(max_num_seqs)]
+           "--max-num-seqs", str(max_num_seqs), *flags]
     proc = subprocess.Popen(cmd, env=env, cwd=tempfile.gettempdir())  # imports as installed, not from cwd
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -21,18 +21,22 @@ from .decode_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
-from .request import Request, RequestStatus, Sequence
-from .sampler import SampleRow, sample, token_logprob
+from .pool_sizing import CPU_MAX_NUM_SEQS, MAX_AUTO_SEQS, plan_pool
+from .request import Request, RequestStatus, Sequence, StateContext
+from .sampler import Sampler, token_logprob
 from .sampling_params import ParamError, SamplingParams
 from .scheduler import PrefillChunk, Scheduler
-from .state_cache import StateCache
+from .state_cache import CachedState, StateCache
+from .state_tiers import DiskStateTier, model_identity
 
 logger = logging.getLogger("miras.engine")
 
 
 @dataclass
 class EngineConfig:
-    max_num_seqs: int = 64
+    # State slots (sequences decoding at once). None: sized from device memory on a GPU (see
+    # server/pool_sizing.py), 64 on a CPU.
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int = 2048
     max_prompt_tokens: int = 1_000_000  # a guard only: state memory does not grow with the prompt
     seed: int = 0  # for requests without their own seed
@@ -42,30 +46,86 @@ class EngineConfig:
     # Bytes of recurrent states kept for prompts that repeat or extend earlier ones (server/state_cache.py);
     # 0 turns the cache off.
     state_cache_bytes: int = 1 << 30
+    # A directory for saved states on local disk (server/state_tiers.py), behind the in-memory cache; None: off.
+    state_disk_dir: str | None = None
+    state_disk_bytes: int = 10 << 30
+    state_disk_ttl: float = 0.0  # seconds after its last use that a state on disk expires; 0: never
+    # Fraction of the GPU's total memory this process may use (weights, state pool, state cache,
+    # activations); sizes or checks the state pool on a GPU (vLLM's --gpu-memory-utilization).
+    gpu_memory_utilization: float = 0.9
 
 
 class LLMEngine:
+    """``device_memory`` (free, total bytes) stands in for the GPU's memory: tests size a pool without one."""
+
     def __init__(self, model: MirasLM, tokenizer: MirasTokenizer, config: EngineConfig | None = None,
-                 model_name: str = "miras", metrics: EngineMetrics | None = None):
+                 model_name: str = "miras", metrics: EngineMetrics | None = None,
+                 device_memory: tuple[int, int] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
         self.model_name = model_name
         self.device = model.device
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)  # ids the tokenizer can decode
         self.eos_token_id = tokenizer.eos_token_id
-        self.state_cache = StateCache(self.config.state_cache_bytes) if self.config.state_cache_bytes > 0 else None
+        config = config or EngineConfig()
+        use_graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
+        self.config = replace(config, max_num_seqs=self._size_pool(config, int(use_graphs), device_memory))
+        self.state_cache = self._state_cache()
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    model.config.chunk_size, self._cached_prefix if self.state_cache else None)
-        use_graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
         # With graphs, one more pool row that no request owns takes the padding rows of a batch.
         self.pool = model.init_state(self.config.max_num_seqs + (1 if use_graphs else 0))
         self.decode_graphs = self._capture_decode_graphs() if use_graphs else None
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.sampler = Sampler(self.pool.batch_size, self.vocab_size, self.eos_token_id, self.device, self.generator)
         self.metrics = metrics or EngineMetrics(model_name)
         self.metrics.state_slots_total.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
+
+    def _state_cache(self) -> StateCache | None:
+        config = self.config
+        tier = None
+        if config.state_disk_dir is not None:
+            tier = DiskStateTier(config.state_disk_dir, model_identity(self.model), self.model.init_state(1),
+                                 config.state_disk_bytes, config.state_disk_ttl,
+                                 on_reject=lambda reason: self.metrics.state_tier_rejected[reason].inc())
+        if config.state_cache_bytes <= 0 and tier is None:
+            return None
+        return StateCache(config.state_cache_bytes, tier)
+
+    def _size_pool(self, config: EngineConfig, extra_slots: int, device_memory: tuple[int, int] | None) -> int:
+        """The pool's number of sequences: from the device's free memory on a GPU (checked there when
+        given), the CPU default otherwise. Raises PoolSizeError (a ValueError) for a pool that does not fit."""
+        if device_memory is None and self.device.type == "cuda":
+            device_memory = torch.cuda.mem_get_info(self.device)
+        if device_memory is None:
+            logger.info("state pool: %d sequences (%s; on a CPU there is no device memory to size it from)",
+                        config.max_num_seqs or CPU_MAX_NUM_SEQS, "--max-num-seqs" if config.max_num_seqs else "default")
+            return config.max_num_seqs or CPU_MAX_NUM_SEQS
+        state_bytes = self.model.init_state(1).nbytes_per_sequence()
+        reserved = config.state_cache_bytes + self._prefill_peak_bytes(config.max_num_batched_tokens)
+        # a step must fit every decode and a chunk of prefill (the scheduler's rule)
+        limit = min(MAX_AUTO_SEQS, config.max_num_batched_tokens - self.model.config.chunk_size)
+        plan = plan_pool(state_bytes, self.vocab_size, *device_memory, config.gpu_memory_utilization, reserved,
+                         config.max_num_seqs, extra_slots, limit)
+        logger.info("%s (%s)", plan.describe(extra_slots),
+                    "--max-num-seqs" if config.max_num_seqs else "sized by --gpu-memory-utilization")
+        return plan.max_num_seqs
+
+    @torch.inference_mode()
+    def _prefill_peak_bytes(self, tokens: int) -> int:
+        """Activation memory of a prefill step of ``tokens`` tokens, measured on a CUDA device (0 elsewhere)."""
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        ids = torch.full((1, tokens), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        self.model(ids, self.model.init_state(1))
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return peak
 
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
@@ -93,15 +153,21 @@ class LLMEngine:
         params.check_vocab(self.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, arrival_time: float | None = None, validated: bool = False) -> None:
+                    prompt: str | None = None, arrival_time: float | None = None, validated: bool = False,
+                    cache_namespace: str = "", context: StateContext | None = None) -> None:
         """Queue a request. ``validated``: the caller already ran :meth:`validate` on these inputs (the
         async engine does, to answer 400 before queueing), so the engine thread does not scan the prompt
-        a second time."""
+        a second time. ``cache_namespace``: the tenant (and salt) whose cached states this request may
+        restore and add to; requests of other namespaces never see them. ``context``: the saved state the
+        prompt continues (the prompt holds only the tokens after it; needs the state cache)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not validated:
             self.validate(prompt_token_ids, params)
-        request = Request(request_id, list(prompt_token_ids), params, prompt)
+        if context is not None and self.state_cache is None:
+            raise ValueError("continuing a saved state needs the state cache")
+        request = Request(request_id, list(prompt_token_ids), params, prompt, cache_namespace=cache_namespace,
+                          context=context)
         if arrival_time is not None:
             request.arrival_time = arrival_time
         self.requests[request_id] = request
@@ -121,12 +187,18 @@ class LLMEngine:
             for seq in request.sequences:
                 if not seq.finished:
                     seq.finish_reason = "abort"
+                    self.sampler.remove(seq.slot)
                     seq.detokenizer.finish(matched_stop=False)
                     self.metrics.request_success["abort"].inc()
             outputs = self._deltas(request)
         self._finish_request(request, time.monotonic())
         self._update_gauges()
         return RequestOutput(request_id, request.prompt_token_ids, outputs, True, request.prompt)
+
+    def flush_saved_states(self) -> None:
+        """Wait until the states saved so far are written to the tier below memory (shutdown, tests)."""
+        if self.state_cache is not None and self.state_cache.tier is not None:
+            self.state_cache.tier.flush()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -169,7 +241,8 @@ class LLMEngine:
                 self._finish_request(request, now)
             if deltas or done:
                 outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, deltas, done,
-                                             request.prompt, request.prompt_logprobs if done else None))
+                                             request.prompt, request.prompt_logprobs if done else None,
+                                             request.num_cached_tokens if done else 0))
         self.metrics.engine_step_duration.observe(now - start)
         self.metrics.engine_batch_size.observe(len(plan.decodes) + len(plan.prefills))
         self.metrics.iteration_tokens.observe(plan.num_tokens)
@@ -179,11 +252,21 @@ class LLMEngine:
     def _cached_prefix(self, request: Request) -> int:
         """The scheduler's question before admitting a request: how many prompt tokens can be restored from
         the state cache (the entry is kept on the request until it is restored)."""
-        request.restore = None
+        request.restore, request.num_cached_tokens = None, 0
+        if request.context is not None and not request.context_length:
+            request.restore = self.state_cache.get(request.context.key)
+            if request.restore is not None:
+                request.num_cached_tokens = request.context.length
+                return 0
+            # the saved state is gone: rebuild it from its tokens (slower, same result)
+            history = request.context.token_ids()
+            request.prompt_token_ids = history + request.prompt_token_ids
+            request.context_length = len(history)
         if request.params.prompt_logprobs is not None:  # needs the logits of every prompt position
             return 0
-        request.restore = self.state_cache.lookup(request.prompt_token_ids)
-        return 0 if request.restore is None else request.restore.length
+        request.restore = self.state_cache.lookup(request.prompt_token_ids, request.cache_namespace)
+        request.num_cached_tokens = 0 if request.restore is None else request.restore.length
+        return request.num_cached_tokens
 
     def _admit(self, requests: list[Request]) -> list[Request]:
         """Give admitted requests their starting state: fresh, or restored from the state cache. Returns
@@ -199,12 +282,20 @@ class LLMEngine:
             entry, request.restore = request.restore, None
             if entry is None:
                 continue
-            self.pool.assign([request.slots[0]], entry.state)
-            self.metrics.prefix_cache_hits.inc(entry.length)
-            if entry.length == request.num_prompt_tokens:
+            self._restore(request.slots[0], entry)
+            self.metrics.prefix_cache_hits.inc(request.num_prefilled)
+            if request.num_prefilled == request.num_prompt_tokens:
                 self._start_decoding(request, entry.logits)
                 started.append(request)
         return started
+
+    def _restore(self, slot: int, entry: CachedState) -> None:
+        start = time.perf_counter()
+        self.pool.assign([slot], entry.state)
+        m = self.metrics
+        m.state_restore_seconds[entry.tier].observe(entry.load_seconds + time.perf_counter() - start)
+        m.state_tier_hits[entry.tier].inc()
+        m.state_tier_bytes[entry.tier].inc(entry.nbytes)
 
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         lengths = [c.end - c.start for c in chunks]
@@ -222,8 +313,7 @@ class LLMEngine:
             if c.last:
                 last_logits = logits[row, lengths[row] - 1]
                 if self.state_cache is not None:
-                    self.state_cache.insert(request.prompt_token_ids, self.pool.select([request.slots[0]]),
-                                            last_logits.clone())
+                    self._save(request, request.prompt_token_ids, [request.slots[0]], last_logits.clone())
                 self._start_decoding(request, last_logits)
 
     def _prompt_logprobs(self, chunk: PrefillChunk, logits: Tensor) -> None:
@@ -242,13 +332,11 @@ class LLMEngine:
         if n > 1:
             self.pool.assign(request.slots[1:], self.pool.select([request.slots[0]] * (n - 1)))
         for i, slot in enumerate(request.slots):
-            generator = None
-            if params.seed is not None:  # like vLLM, sample i of a seeded request uses seed + i
-                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            self.sampler.add(slot, params, i, request.prompt_token_ids)
             detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                            params.skip_special_tokens)
             logprobs = [] if params.logprobs is not None else None
-            request.sequences.append(Sequence(request.request_id, i, slot, detok, generator, logprobs=logprobs))
+            request.sequences.append(Sequence(request.request_id, i, slot, detok, logprobs=logprobs))
         request.status = RequestStatus.DECODING
         if params.max_tokens == 0:
             for seq in request.sequences:
@@ -257,16 +345,9 @@ class LLMEngine:
         self._sample(request.sequences, [request] * n, last_logits.unsqueeze(0).expand(n, -1))
 
     def _sample(self, seqs: list[Sequence], owners: list[Request], logits: Tensor) -> None:
-        rows = []
-        for seq, request in zip(seqs, owners, strict=True):
-            params = request.params
-            banned = []
-            if len(seq.token_ids) < params.min_tokens:
-                banned = list(params.stop_token_ids) + ([] if params.ignore_eos else [self.eos_token_id])
-            rows.append(SampleRow(params, request.prompt_token_ids, seq.token_ids, seq.generator, banned,
-                                  seq.token_counts))
-        tokens, logprobs = sample(logits, rows, self.generator)
+        tokens, logprobs = self.sampler.sample(logits, [s.slot for s in seqs])
         now = time.monotonic()
+        self.metrics.generation_tokens.inc(len(tokens))
         for seq, request, token, logprob in zip(seqs, owners, tokens, logprobs, strict=True):
             self._append(request, seq, token, logprob, now)
 
@@ -277,7 +358,6 @@ class LLMEngine:
         if logprob is not None:
             seq.logprobs.append(logprob)
             seq.new_logprobs.append(logprob)
-        self.metrics.generation_tokens.inc()
         if request.first_token_time is None:
             request.first_token_time = now
             self.metrics.time_to_first_token.observe(now - request.arrival_time)
@@ -299,12 +379,18 @@ class LLMEngine:
     def _finish_sequence(self, request: Request, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.detokenizer.finish(matched_stop=isinstance(stop_reason, str))
+        self.sampler.remove(seq.slot)
         if self.state_cache is not None:
             # The slot has consumed the prompt and every generated token but the last (sampled, never fed):
             # exactly what the next turn of a conversation starts with.
-            self.state_cache.insert(request.prompt_token_ids + seq.token_ids[:-1], self.pool.select([seq.slot]))
+            self._save(request, request.prompt_token_ids + seq.token_ids[:-1], [seq.slot], None)
         self.scheduler.free_sequence(seq)
         self.metrics.request_success[reason].inc()
+
+    def _save(self, request: Request, token_ids: list[int], slot: list[int], logits: Tensor | None) -> None:
+        """Keep the state of ``slot`` (after ``token_ids``) in the state cache, under the request's key for it."""
+        entry = CachedState(len(token_ids), self.pool.select(slot), logits, prefix=request.context is None)
+        self.state_cache.put(request.cache_key(token_ids), entry)
 
     def _deltas(self, request: Request) -> list[CompletionOutput]:
         """What each sequence produced since the last call (a finished one reports its finish once)."""
@@ -339,3 +425,7 @@ class LLMEngine:
         self.metrics.num_requests_running.set(self.scheduler.num_running)
         self.metrics.num_requests_waiting.set(self.scheduler.num_waiting)
         self.metrics.state_slots_used.set(self.scheduler.num_slots_used)
+        if self.state_cache is not None:
+            self.metrics.state_tier_stored_bytes["memory"].set(self.state_cache.nbytes)
+            if self.state_cache.tier is not None:
+                self.metrics.state_tier_stored_bytes[self.state_cache.tier.name].set(self.state_cache.tier.nbytes)

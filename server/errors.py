@@ -19,8 +19,9 @@ from .sampling_params import ParamError
 logger = logging.getLogger("miras.api")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+               404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable_error"}
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}  # union-member tags in pydantic locs
 
 
@@ -69,6 +70,17 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, f"{param or 'body'}: {msg}{more}", param, "invalid_value")
 
 
+def undecodable_body(cause: BaseException | None) -> APIError:
+    """The 400 for a body that JSON decoding failed on, saying why."""
+    if isinstance(cause, RecursionError):
+        message = "request body nests too deeply to decode"
+    elif isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        message = "request body holds an integer with too many digits"
+    else:
+        message = "request body is not valid UTF-8 JSON"
+    return APIError(400, message, None, "invalid_json")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -84,8 +96,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        if exc.status_code == 400:  # FastAPI's only 400: a body it could not decode (e.g. invalid UTF-8)
-            return error_response(APIError(400, "request body is not valid UTF-8 JSON", None, "invalid_json"))
+        if exc.status_code == 400:  # FastAPI's only 400: a body it could not decode
+            return error_response(undecodable_body(exc.__cause__))
         return error_response(APIError(exc.status_code, str(exc.detail), None, None, exc.headers))
 
     @app.exception_handler(Exception)

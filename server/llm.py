@@ -18,12 +18,14 @@ class LLM:
     """Loads a model and runs every given prompt to completion through the continuous-batching engine."""
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_prompt_tokens: int = 1_000_000,
-                 seed: int = 0, enforce_eager: bool = False, state_cache_gb: float = 1.0):
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int = 2048,
+                 max_prompt_tokens: int = 1_000_000, seed: int = 0, enforce_eager: bool = False,
+                 state_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.9):
         net, tokenizer = load_model(model, device, dtype)
         config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_prompt_tokens, seed,
                               cuda_graphs=False if enforce_eager else None,
-                              state_cache_bytes=int(state_cache_gb * (1 << 30)))
+                              state_cache_bytes=int(state_cache_gb * (1 << 30)),
+                              gpu_memory_utilization=gpu_memory_utilization)
         self.engine = LLMEngine(net, tokenizer, config, default_served_name(model))
         self.tokenizer = tokenizer
         self._ids = itertools.count()

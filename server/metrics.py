@@ -10,6 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 FINISH_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = ("queue_full", "draining")
+STATE_TIERS = ("memory", "disk")  # where a restored state came from
+STATE_REJECT_REASONS = ("corrupt", "missing")  # why a saved state was not used (it is recomputed)
+RESTORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -74,5 +77,24 @@ class EngineMetrics:
                                               STEP_BUCKETS)
         self.engine_batch_size = histogram("engine_batch_size", "Sequences in one engine step (decodes + prefill "
                                            "chunks).", BATCH_BUCKETS)
+        def per_tier(metric: Counter | Gauge | Histogram, names: tuple[str, ...]) -> dict:
+            return {name: metric.labels(model_name, name) for name in names}
+
+        tier = labels + ["tier"]
+        self.state_tier_hits = per_tier(Counter(
+            "miras:state_tier_hits", "Saved states restored into a slot, by the tier they came from.", tier,
+            registry=self.registry), STATE_TIERS)
+        self.state_tier_bytes = per_tier(Counter(
+            "miras:state_tier_restored_bytes", "Bytes of saved states restored into slots, by tier.", tier,
+            registry=self.registry), STATE_TIERS)
+        self.state_tier_stored_bytes = per_tier(Gauge(
+            "miras:state_tier_stored_bytes", "Bytes of saved states each tier holds.", tier,
+            registry=self.registry), STATE_TIERS)
+        self.state_restore_seconds = per_tier(Histogram(
+            "miras:state_restore_seconds", "Time to restore a saved state into a slot (read and decode from "
+            "the tier, then copy), by tier.", tier, buckets=RESTORE_BUCKETS, registry=self.registry), STATE_TIERS)
+        self.state_tier_rejected = per_tier(Counter(
+            "miras:state_tier_rejected", "Saved states found unusable (corrupt, truncated, another model's or "
+            "gone) and recomputed instead.", labels + ["reason"], registry=self.registry), STATE_REJECT_REASONS)
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens processed in one engine step.",
                                           TOKEN_BUCKETS)

@@ -10,6 +10,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_body
+from .tenancy import TENANT_STATE_KEY, tenant_id
 
 OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json", "/docs", "/redoc")
 
@@ -35,20 +36,35 @@ class RequestIdMiddleware:
 
 
 class APIKeyMiddleware:
-    """``Authorization: Bearer <key>`` on everything but health, metrics, version and the docs (and CORS
-    preflights). Keys are compared as SHA-256 digests in constant time."""
+    """``Authorization: Bearer <key>`` on everything but health, version and the docs (and CORS preflights);
+    on /metrics too with ``metrics_need_key``. Any of ``api_keys`` is accepted, each compared as a SHA-256
+    digest in constant time. With ``tenant_per_key`` the request carries the key's tenant id (for its cache
+    namespace: server/tenancy.py)."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, api_keys: list[str], tenant_per_key: bool = True,
+                 metrics_need_key: bool = False):
         self.app = app
-        self.digest = hashlib.sha256(api_key.encode()).digest()
+        self.keys = [(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest(),
+                      tenant_id(key) if tenant_per_key else "") for key in api_keys]
+        self.open_paths = tuple(p for p in OPEN_PATHS if not (metrics_need_key and p == "/metrics"))
+
+    def tenant(self, token: str) -> str | None:
+        """The tenant of the key ``token`` ("" when not per key), or None if it is no configured key."""
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        for key_digest, tenant in self.keys:  # every key compared, so the time says nothing of which matched
+            if hmac.compare_digest(digest, key_digest):
+                found = tenant
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(),
-                                                               self.digest):
+        tenant = self.tenant(token.strip()) if scheme.lower() == "bearer" else None
+        if tenant is not None:
+            scope.setdefault("state", {})[TENANT_STATE_KEY] = tenant
             return await self.app(scope, receive, send)
         message = "Incorrect API key provided." if header else "Missing API key: send 'Authorization: Bearer <key>'."
         body = json.dumps(error_body(401, message, None, "invalid_api_key")).encode()

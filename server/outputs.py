@@ -46,6 +46,7 @@ class RequestOutput:
     finished: bool = False
     prompt: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first position: None (nothing precedes it)
+    num_cached_tokens: int = 0  # tokens of the context restored from a saved state (final output only)
 
     @property
     def num_generated_tokens(self) -> int:
@@ -65,4 +66,5 @@ class RequestOutput:
         self.outputs.sort(key=lambda o: o.index)
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         self.finished = delta.finished

@@ -6,24 +6,76 @@ Only shapes and static ranges live here; checks that need the model (vocabulary,
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import APIError
 from .sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SamplingParams
 
 MAX_N = 128
 MAX_PROMPTS = 256  # prompts in one /v1/completions batch
 DEFAULT_CHAT_MAX_TOKENS = 4096  # chat has no context wall to fill up to, so the default is a fixed budget
 INT64 = dict(ge=-(2**63), le=2**63 - 1)
+MAX_JSON_DEPTH = 32  # the API's own bodies nest 4 deep (messages[0].content[0].text)
+MAX_CACHE_SALT_CHARS = 1024
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts "²"
 
 TokenId = Annotated[int, Field(ge=0)]
 
 
 class OpenAIModel(BaseModel):
-    # like vLLM: unknown request fields are accepted and ignored (clients send extras such as "user")
-    model_config = ConfigDict(extra="allow")
+    # like vLLM: unknown request fields are accepted and ignored (clients send extras such as "user");
+    # numbers must be finite (Python's JSON decoder accepts Infinity, NaN and 1e999)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_json_body(body: Any) -> None:
+    """Raise a 400 naming the field for what no field validator should ever see: a string (value or key)
+    holding a lone UTF-16 surrogate, which JSON's \\ud800 escapes can produce but no text contains (the
+    tokenizer and the JSON encoder both fail on it), or nesting deeper than MAX_JSON_DEPTH."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if _has_lone_surrogate(value):
+                raise APIError(400, f"{path or 'body'}: string holds a lone UTF-16 surrogate (not valid Unicode "
+                               "text)", path or None, "invalid_value")
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels (at {path})", path or None,
+                           "invalid_value")
+        if isinstance(value, list) and set(map(type, value)).isdisjoint((str, dict, list)):
+            continue  # numbers only (a prompt of token ids): skipped at C speed, not item by item
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and _has_lone_surrogate(key):
+                raise APIError(400, f"{path or 'body'}: a key holds a lone UTF-16 surrogate (not valid Unicode "
+                               "text)", path or None, "invalid_value")
+            child = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+            stack.append((item, child, depth + 1))
+
+
+class RequestBody(OpenAIModel):
+    """The top level of a request body: checked as a whole (check_json_body) before any field is parsed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_json(cls, data: Any) -> Any:
+        check_json_body(data)
+        return data
 
 
 class StreamOptions(OpenAIModel):
@@ -31,7 +83,7 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestBody):
     """Fields shared by completions and chat."""
 
     model: str | None = None
@@ -54,6 +106,8 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
     user: str | None = None
+    # vLLM's field: mixed into the state-cache key, so only requests with the same salt share cached states
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
                         ) -> SamplingParams:
@@ -75,8 +129,9 @@ class SamplingFields(OpenAIModel):
     @classmethod
     def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not TOKEN_ID_KEY.fullmatch(key):
+                shown = key if len(key) <= 20 else key[:20] + "..."
+                raise ValueError(f"keys must be token ids (1 to 10 ASCII digits), got {shown!r}")
         return bias
 
 
@@ -219,7 +274,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -235,7 +290,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[TokenId]
 

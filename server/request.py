@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
 
 from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprob
-from .sampler import TokenCounts
 from .sampling_params import SamplingParams
-from .state_cache import CachedState
+from .state_cache import CachedState, state_key
 
 
 class RequestStatus(enum.Enum):
@@ -30,7 +28,6 @@ class Sequence:
     index: int
     slot: int
     detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None  # seeded requests sample from their own generator
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
@@ -40,11 +37,20 @@ class Sequence:
     # what has not been handed out yet (the step delta)
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
-    token_counts: TokenCounts = field(default_factory=TokenCounts)  # for the penalties, built once
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StateContext:
+    """A saved state a prompt continues (a conversation continued by reference): the prompt holds only
+    the tokens after it. ``token_ids`` gives the tokens that state consumed, to rebuild it if it is gone."""
+
+    key: bytes  # its state-cache key
+    length: int  # tokens it consumed
+    token_ids: Callable[[], list[int]]
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt: str | None = None
+    cache_namespace: str = ""  # the tenant (and salt) whose state-cache entries this request may use
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_prefilled: int = 0
@@ -62,6 +69,14 @@ class Request:
     scheduled_time: float | None = None
     first_token_time: float | None = None
     restore: CachedState | None = None  # the state cache entry chosen at admission, until it is restored
+    context: StateContext | None = None
+    context_length: int = 0  # prompt tokens that rebuild a lost context (they come first in the prompt)
+    num_cached_tokens: int = 0  # tokens restored from a saved state instead of prefilled (context included)
+
+    def cache_key(self, token_ids: list[int]) -> bytes:
+        """The state-cache key of the state after ``token_ids`` (the prompt, then generated tokens)."""
+        context = self.context.key if self.context is not None else None
+        return state_key(context, self.cache_namespace, token_ids[self.context_length:])
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,12 +1,25 @@
-"""Turns a batch of next-token logits into tokens, row by row with each request's own parameters.
+"""Batched sampling: a whole batch of next-token logits becomes tokens in a fixed number of tensor ops.
 
-Every transformation is per row, so a row's result does not depend on what else is in the batch; a
-seeded request draws from its own generator, so its samples do not either.
+Each sequence's parameters live in per-slot tables on the logits' device, written once when the sequence
+starts (logit bias, banned ids and penalty counts as [slots, vocab] tables, allocated on first use); a
+step gathers them by slot. Each stage (logit bias, banned ids: eos and stop ids before ``min_tokens``,
+repetition / presence / frequency penalties, temperature, top-k, top-p, min-p, the draw) is a fixed
+number of tensor ops on the rows whose sequences use it, found from per-slot sets: a stage nobody uses
+costs nothing, and the costly ones (the sort of top-p) never run on rows that do not need them. Rows are
+never mixed, so a row's result does not depend on what else is in the batch. (A per-row allowed-token
+mask, e.g. for structured outputs, would be one more stage next to the banned ids.)
+
+Randomness: each row draws one uniform number per step, a hash of the sequence's key and its step
+(the number of tokens it has generated), and picks the token where that number falls in the cumulative
+distribution of the filtered probabilities, in vocabulary order (inverse CDF). A seeded request's key is
+``seed + i`` for its sample ``i`` (vLLM's convention), so the same seed and prompt give the same tokens
+alone or in any batch; an unseeded sequence gets a key from the engine's generator.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -14,111 +27,230 @@ from torch import Tensor
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
 
+_MASK32 = 0xFFFFFFFF
 
-class TokenCounts:
-    """The penalties' view of one sequence, on the logits' device: which ids occurred (prompt or output)
-    and how often each id was generated. Built from the prompt on first use, then extended by the tokens
-    generated since the previous step, so a step costs O(new tokens) however long the prompt."""
 
-    def __init__(self) -> None:
-        self.seen: Tensor | None = None
-        self.generated: Tensor | None = None
-        self.synced = 0  # output tokens already counted
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (two xorshift-multiply rounds) on int64 tensors holding values < 2**32.
+    Both multipliers are below 2**31, so no product overflows int64: exact on every device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
 
-    def update(self, prompt_token_ids: list[int], output_token_ids: list[int], vocab_size: int,
-               device: torch.device) -> None:
-        if self.seen is None:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(prompt_token_ids, dtype=torch.long, device=device)] = True
-            self.generated = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-        new = output_token_ids[self.synced:]
-        if new:
-            ids = torch.tensor(new, dtype=torch.long, device=device)
-            self.seen[ids] = True
-            self.generated.index_add_(0, ids, torch.ones(len(new), device=device))
-            self.synced = len(output_token_ids)
+
+def row_uniforms(key: Tensor, step: Tensor) -> Tensor:
+    """One uniform number in (0, 1) per row, a pure function of (key, step) (int64 tensors; key taken
+    modulo 2**64, step modulo 2**32); float64, with 32 random bits."""
+    h = _mix32(step & _MASK32)
+    h = _mix32(h ^ ((key >> 32) & _MASK32))
+    h = _mix32(h ^ (key & _MASK32))
+    return (h.double() + 0.5) / 2.0**32
+
+
+def _finite_(logits: Tensor) -> Tensor:
+    """Extreme parameters can overflow a row; NaN never wins and +inf becomes the largest float. In place
+    (on a CPU many times faster than into a fresh tensor)."""
+    return logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+
+
+def _int64(value: int) -> int:
+    """A Python int as the int64 with the same low 64 bits."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 @dataclass
-class SampleRow:
-    """What the sampler needs to know about one sequence."""
+class _Rows:
+    """The rows of a batch whose sequences use a stage: their positions (``slice(None)``: every row),
+    slots, and slots on the device."""
 
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    generator: torch.Generator | None
-    banned: list[int]  # ids that must not be sampled now (eos/stop ids before min_tokens)
-    counts: TokenCounts = field(default_factory=TokenCounts)  # kept by the sequence from step to step
+    take: Tensor | slice
+    slots: list[int]
+    index: Tensor
 
-
-def _apply_penalties(logits: Tensor, row: SampleRow) -> Tensor:
-    p = row.params
-    if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
-        return logits
-    counts = row.counts
-    counts.update(row.prompt_token_ids, row.output_token_ids, logits.shape[0], logits.device)
-    if p.repetition_penalty != 1.0:
-        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-        logits = torch.where(counts.seen, penalised, logits)
-    if p.presence_penalty or p.frequency_penalty:
-        generated = counts.generated.to(logits.dtype)
-        logits = logits - (p.frequency_penalty * generated + p.presence_penalty * (generated > 0).to(logits.dtype))
-    return logits
+    def put(self, x: Tensor, rows: Tensor) -> Tensor:
+        """Replace these rows of ``x`` (a tensor of the sampler's own, written in place) with ``rows``."""
+        return rows if isinstance(self.take, slice) else x.index_copy_(0, self.take, rows)
 
 
-def _finite(logits: Tensor) -> Tensor:
-    """Extreme parameters can overflow a row; NaN never wins and +inf becomes the largest float."""
-    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+class Sampler:
+    """Sampling parameters and token counts of up to ``num_slots`` sequences, indexed by state slot."""
 
+    def __init__(self, num_slots: int, vocab_size: int, eos_token_id: int, device: torch.device,
+                 generator: torch.Generator):
+        self.num_slots, self.vocab_size, self.eos_token_id = num_slots, vocab_size, eos_token_id
+        self.device = device
+        self.generator = generator  # keys of unseeded sequences
+        self.temperature = torch.ones(num_slots, device=device)
+        self.top_k = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.top_p = torch.ones(num_slots, device=device)
+        self.min_p = torch.zeros(num_slots, device=device)
+        self.penalty = torch.zeros(num_slots, 3, device=device)  # repetition, presence, frequency
+        self.key = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.step = torch.zeros(num_slots, dtype=torch.long, device=device)  # tokens generated so far
+        self.min_tokens = torch.zeros(num_slots, dtype=torch.long, device=device)
+        # [num_slots, vocab] tables, allocated when a sequence first needs one; only users' rows are read
+        self.bias: Tensor | None = None
+        self.banned: Tensor | None = None  # ids banned while step < min_tokens
+        self.seen: Tensor | None = None  # ids in the prompt or the output (repetition penalty)
+        self.generated: Tensor | None = None  # output counts (presence / frequency penalties)
+        # live slots using each stage: a stage runs on the rows of its users only
+        self.users: dict[str, set[int]] = {name: set() for name in
+                                           ("bias", "banned", "penalties", "random", "top_k", "top_p", "min_p")}
+        self.params: list[SamplingParams | None] = [None] * num_slots
 
-def _truncate(logits: Tensor, p: SamplingParams) -> Tensor:
-    """Temperature, top-k, top-p, min-p on one row of logits; returns the probabilities."""
-    logits = _finite(logits / p.temperature)
-    if 0 < p.top_k < logits.shape[0]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    probs = probs / probs.sum()
-    # a row with nothing left to sample (e.g. every logit -inf) falls back to its argmax, without a host sync
-    fallback = torch.zeros_like(probs).scatter_(0, torch.argmax(logits).view(1), 1.0)
-    return torch.where(torch.isfinite(probs).all() & (probs.sum() > 0), probs, fallback)
+    def _table(self, name: str, dtype: torch.dtype) -> Tensor:
+        if getattr(self, name) is None:
+            setattr(self, name, torch.zeros(self.num_slots, self.vocab_size, dtype=dtype, device=self.device))
+        return getattr(self, name)
 
+    def add(self, slot: int, params: SamplingParams, index: int, prompt_token_ids: list[int]) -> None:
+        """Sequence ``index`` of a request starts in ``slot``: write its parameters (once per sequence)."""
+        self.remove(slot)
+        self.params[slot] = params
+        random = not params.greedy
+        uses = {"random": random,
+                "top_k": random and 0 < params.top_k < self.vocab_size,
+                "top_p": random and params.top_p < 1.0,
+                "min_p": random and params.min_p > 0.0,
+                "bias": bool(params.logit_bias),
+                "banned": params.min_tokens > 0,
+                "penalties": params.repetition_penalty != 1.0 or bool(params.presence_penalty)
+                or bool(params.frequency_penalty)}
+        for name, used in uses.items():
+            if used:
+                self.users[name].add(slot)
+        self.temperature[slot] = params.temperature if random else 1.0
+        self.top_k[slot] = params.top_k
+        self.top_p[slot] = params.top_p
+        self.min_p[slot] = params.min_p
+        self.step[slot] = 0
+        self.min_tokens[slot] = params.min_tokens
+        if params.seed is not None:
+            self.key[slot] = _int64(params.seed + index)
+        else:  # drawn on the device: no host sync
+            self.key[slot: slot + 1] = torch.randint(0, 1 << 62, (1,), generator=self.generator,
+                                                     device=self.generator.device)
+        ids = partial(torch.tensor, dtype=torch.long, device=self.device)
+        if uses["bias"]:
+            bias = self._table("bias", torch.float32)[slot]
+            bias.zero_()
+            bias[ids(list(params.logit_bias))] = torch.tensor(list(params.logit_bias.values()), device=self.device)
+        if uses["banned"]:
+            banned = self._table("banned", torch.bool)[slot]
+            banned.zero_()
+            banned[ids(list(params.stop_token_ids) + ([] if params.ignore_eos else [self.eos_token_id]))] = True
+        if uses["penalties"]:
+            self.penalty[slot] = torch.tensor([params.repetition_penalty, params.presence_penalty,
+                                               params.frequency_penalty])
+            seen, generated = self._table("seen", torch.bool)[slot], self._table("generated", torch.float32)[slot]
+            seen.zero_()
+            seen[ids(prompt_token_ids)] = True
+            generated.zero_()
 
-def sample(logits: Tensor, rows: list[SampleRow], generator: torch.Generator | None = None
-           ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [B, V] (fp32; V already limited to the tokenizer's vocabulary) -> one token per row."""
-    raw = logits
-    logprobs_needed = any(r.params.logprobs is not None for r in rows)
-    raw_logprobs = torch.log_softmax(raw, dim=-1) if logprobs_needed else None
-    picks: list[Tensor] = []  # 0-d tensors: one device->host copy for the whole batch at the end
-    for b, row in enumerate(rows):
-        p = row.params
-        x = raw[b].clone()
-        for token_id, bias in p.logit_bias.items():
-            x[token_id] += bias
-        if row.banned:
-            x[row.banned] = float("-inf")
-        x = _finite(_apply_penalties(x, row))
-        if p.greedy:
-            picks.append(torch.argmax(x))
-        else:
-            picks.append(torch.multinomial(_truncate(x, p), 1, generator=row.generator or generator)[0])
-    tokens: list[int] = torch.stack(picks).tolist()
-    logprobs: list[TokenLogprob | None] = []
-    for b, row in enumerate(rows):
-        k = row.params.logprobs
-        logprobs.append(None if k is None else token_logprob(raw_logprobs[b], tokens[b], k))
-    return tokens, logprobs
+    def remove(self, slot: int) -> None:
+        """The sequence in ``slot`` ended."""
+        for users in self.users.values():
+            users.discard(slot)
+        self.params[slot] = None
+
+    def _rows(self, stage: str, slots: list[int], index: Tensor) -> _Rows | None:
+        """The rows of a batch (sequences in ``slots``) that use ``stage``; None if none does."""
+        users = self.users[stage]
+        if not users:
+            return None
+        positions = [b for b, slot in enumerate(slots) if slot in users]
+        if not positions:
+            return None
+        if len(positions) == len(slots):
+            return _Rows(slice(None), slots, index)
+        take = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return _Rows(take, [slots[b] for b in positions], index[take])
+
+    def sample(self, logits: Tensor, slots: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [B, V] (V the tokenizer's vocabulary), row b for the sequence in ``slots[b]`` -> one
+        token per row, and its logprobs where the sequence asked for them. Advances each row's step."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        x = self._process(logits.to(torch.float32, copy=True), slots, index)  # raw logits stay for logprobs
+        tokens = torch.argmax(x, dim=-1)
+        if rows := self._rows("random", slots, index):
+            tokens = rows.put(tokens, self._draw(x[rows.take], rows, tokens[rows.take]))
+        self.step[index] += 1
+        if self.seen is not None:
+            self.seen[index, tokens] = True
+            self.generated[index, tokens] += 1.0
+        return self._results(logits, slots, tokens)
+
+    def _process(self, x: Tensor, slots: list[int], index: Tensor) -> Tensor:
+        """Bias, bans and penalties on a copy of the raw logits (written in place): what greedy rows take the
+        argmax of."""
+        if rows := self._rows("bias", slots, index):
+            x = rows.put(x, x[rows.take] + self.bias[rows.index])
+        if rows := self._rows("banned", slots, index):
+            active = (self.step[rows.index] < self.min_tokens[rows.index]).unsqueeze(1)
+            x = rows.put(x, x[rows.take].masked_fill(self.banned[rows.index] & active, float("-inf")))
+        if rows := self._rows("penalties", slots, index):
+            y = x[rows.take]
+            repetition, presence, frequency = self.penalty[rows.index].unsqueeze(2).unbind(1)
+            y = torch.where(self.seen[rows.index], torch.where(y > 0, y / repetition, y * repetition), y)
+            generated = self.generated[rows.index]
+            x = rows.put(x, y - (frequency * generated + presence * (generated > 0).float()))
+        return _finite_(x)
+
+    def _filter(self, x: Tensor, slots: list[int], index: Tensor) -> Tensor:
+        """Temperature, top-k, top-p and min-p on rows that sample: their probabilities (not normalised)."""
+        x = _finite_(x / self.temperature[index].unsqueeze(1))
+        if rows := self._rows("top_k", slots, index):
+            y = x[rows.take]
+            largest = torch.topk(y, max(self.params[s].top_k for s in rows.slots)).values
+            kth = largest.gather(1, (self.top_k[rows.index] - 1).unsqueeze(1))
+            x = rows.put(x, y.masked_fill(y < kth, float("-inf")))
+        probs = torch.softmax(x, dim=-1)
+        if rows := self._rows("top_p", slots, index):
+            # drop a token when the mass before it already reaches top_p (the top token always stays)
+            ordered, order = torch.sort(probs[rows.take], dim=-1, descending=True, stable=True)
+            drop = (ordered.cumsum(-1) - ordered) >= self.top_p[rows.index].unsqueeze(1)
+            probs = rows.put(probs, torch.empty_like(ordered).scatter_(1, order, ordered.masked_fill(drop, 0.0)))
+        if rows := self._rows("min_p", slots, index):
+            y = probs[rows.take]
+            y = y.masked_fill(y < self.min_p[rows.index].unsqueeze(1) * y.amax(-1, keepdim=True), 0.0)
+            probs = rows.put(probs, y)
+        return probs
+
+    def _draw(self, x: Tensor, rows: _Rows, fallback: Tensor) -> Tensor:
+        """One inverse-CDF draw per row from the filtered probabilities; a row with nothing left to sample
+        (every logit -inf) keeps ``fallback`` (its argmax)."""
+        cdf = self._filter(x, rows.slots, rows.index).cumsum(-1)
+        total = cdf[:, -1]
+        # u < 1, so the rounded target is at most total: the first index whose cdf reaches it has a
+        # positive probability (total >= the top probability >= 1 / V, so it never rounds to 0 either)
+        target = (row_uniforms(self.key[rows.index], self.step[rows.index]) * total).float()
+        drawn = torch.searchsorted(cdf, target.unsqueeze(1)).squeeze(1).clamp_(max=x.shape[1] - 1)
+        return torch.where(torch.isfinite(total) & (total > 0), drawn, fallback)
+
+    def _results(self, logits: Tensor, slots: list[int], tokens: Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Tokens, and the logprobs (raw model distribution) of the rows that asked for them, computed for
+        those rows only with one device->host copy of each result."""
+        token_list = tokens.tolist()
+        wanted = [(b, self.params[s].logprobs) for b, s in enumerate(slots)
+                  if self.params[s] is not None and self.params[s].logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(slots)
+        if not wanted:
+            return token_list, out
+        take = torch.tensor([b for b, _ in wanted], dtype=torch.long, device=self.device)
+        logprobs = torch.log_softmax(logits[take].float(), dim=-1)
+        chosen = logprobs.gather(1, tokens[take].unsqueeze(1)).squeeze(1).tolist()
+        top_values, top_ids = torch.topk(logprobs, max(k for _, k in wanted))  # k = 0 gives empty rows
+        values, ids = top_values.tolist(), top_ids.tolist()
+        for row, (b, k) in enumerate(wanted):
+            out[b] = TokenLogprob(token_list[b], chosen[row], list(zip(ids[row][:k], values[row][:k], strict=True)))
+        return token_list, out
 
 
 def token_logprob(row_logprobs: Tensor, token_id: int, k: int) -> TokenLogprob:
+    """One position's logprob and top-k from a row of logprobs (the prompt's, which are not sampled)."""
     top = []
     if k > 0:
         values, ids = torch.topk(row_logprobs, k)

@@ -18,9 +18,12 @@ from models import MirasTokenizer
 from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError, RequestGroup
 from .detokenizer import token_text
 from .errors import APIError, error_body
+from .limits import TextLimits
 from .outputs import RequestOutput, TokenLogprob
 from .protocol import StreamOptions
+from .request import StateContext
 from .sampling_params import SamplingParams
+from .tenancy import cache_namespace, tenant_of
 
 T = TypeVar("T")
 RETRY_AFTER_SECONDS = "1"
@@ -97,9 +100,10 @@ class ServingBase:
     id_prefix = "cmpl"
 
     def __init__(self, engine: AsyncEngine, tokenizer: MirasTokenizer, served_model_name: str,
-                 sse_ping_interval: float = 30.0):
+                 sse_ping_interval: float, text: TextLimits):
         self.engine = engine
         self.tokenizer = tokenizer
+        self.text = text
         self.served_model_name = served_model_name
         self.sse_ping_interval = sse_ping_interval
 
@@ -116,9 +120,13 @@ class ServingBase:
         return dict(id=f"{self.id_prefix}-{uuid.uuid4().hex}", object=object_name, created=int(time.time()),
                     model=self.served_model_name)
 
-    def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams) -> RequestGroup:
+    def submit(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams, raw: Request,
+               cache_salt: str | None, context: StateContext | None = None) -> RequestGroup:
+        """Queue the prompts, restoring and caching states only in the namespace of the request's tenant
+        and salt (``context``: a saved state to continue, for the Responses API)."""
+        namespace = cache_namespace(tenant_of(raw), cache_salt)
         try:
-            return self.engine.submit(prompts, params, time.monotonic())
+            return self.engine.submit(prompts, params, time.monotonic(), namespace, context)
         except QueueFullError as exc:
             raise APIError(429, str(exc), None, "queue_full", {"Retry-After": RETRY_AFTER_SECONDS}) from exc
         except EngineUnavailableError as exc:

@@ -31,8 +31,8 @@ class OpenAIServingChat(ServingBase):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, logprobs)
         text = render_chat(self.tokenizer, request.messages, request.add_generation_prompt is not False)
-        ids = self.tokenizer.encode(text, add_bos=request.add_special_tokens is not False)
-        group = self.submit([(ids, text)], params)
+        ids = await self.text.encode(text, request.add_special_tokens is not False, "messages")
+        group = self.submit([(ids, text)], params, raw, request.cache_salt)
         meta = self.response_meta("chat.completion")
         if request.stream:
             return self.stream_response(self._stream(request, len(ids), params.n, group, meta), group)

@@ -27,12 +27,15 @@ class _Choice:
 class OpenAIServingCompletion(ServingBase):
     id_prefix = "cmpl"
 
-    def prompts(self, request: CompletionRequest) -> list[tuple[list[int], str | None]]:
+    async def prompts(self, request: CompletionRequest) -> list[tuple[list[int], str | None]]:
         prompt = request.prompt
         if isinstance(prompt, str) or prompt and isinstance(prompt[0], int):
             prompt = [prompt]
         add_bos = request.add_special_tokens is not False
-        return [(self.tokenizer.encode(p, add_bos=add_bos), p) if isinstance(p, str) else (list(p), None)
+        for p in prompt:  # every text within the limit before any is tokenized
+            if isinstance(p, str):
+                self.text.check(p, "prompt")
+        return [(await self.text.encode(p, add_bos, "prompt"), p) if isinstance(p, str) else (list(p), None)
                 for p in prompt]
 
     async def create(self, request: CompletionRequest, raw: Request) -> Response:
@@ -44,8 +47,8 @@ class OpenAIServingCompletion(ServingBase):
         max_tokens = 16 if request.max_tokens is None else request.max_tokens
         prompt_logprobs = request.logprobs if request.echo else None
         params = request.sampling_params(max_tokens, request.logprobs, prompt_logprobs)
-        prompts = self.prompts(request)
-        group = self.submit(prompts, params)
+        prompts = await self.prompts(request)
+        group = self.submit(prompts, params, raw, request.cache_salt)
         meta = self.response_meta("text_completion")
         if request.stream:
             return self.stream_response(self._stream(request, prompts, params.n, group, meta), group)

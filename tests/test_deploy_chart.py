@@ -149,9 +149,12 @@ def test_every_server_value_becomes_its_flag(helm, tmp_path):
         "allowedOrigins": ["https://a.example", "https://b.example"], "maxNumSeqs": 7, "maxNumBatchedTokens": 4096,
         "maxPromptTokens": 123456789, "maxQueuedRequests": 9, "stateCacheGb": 0.5, "ssePingInterval": 12.5,
         "enforceEager": True, "shutdownTimeout": 45, "logLevel": "debug", "extraArgs": ["--some-future-flag", "x"],
+        "stateCacheScope": "shared", "metricsRequireKey": True, "maxRequestBytes": 5000000, "maxPromptChars": 70000,
+        "requestReadTimeout": 12.5, "timeoutKeepAlive": 7, "limitConcurrency": 300,
     }
     assert set(server) == set(default_values()["server"]), "test every key of values.yaml's server section"
-    args = container(render(helm, "-f", values_file(tmp_path, {"server": server})))["args"]
+    values = {"server": server, "apiKey": {"value": "k"}}  # --metrics-require-key needs a key
+    args = container(render(helm, "-f", values_file(tmp_path, values)))["args"]
     assert args[-2:] == ["--some-future-flag", "x"]
     expected = {kebab(k): [] if v is True else [str(x) for x in (v if isinstance(v, list) else [v])]
                 for k, v in server.items() if k != "extraArgs"}
@@ -162,6 +165,7 @@ def test_optional_flags_are_left_to_server_defaults(helm):
     parsed = flags(container(render(helm))["args"])
     assert "--served-model-name" not in parsed and "--allowed-origins" not in parsed
     assert "--api-key" not in parsed
+    assert "--max-request-bytes" not in parsed and "--max-prompt-chars" not in parsed  # derived by the server
 
 
 def test_drain_fits_inside_the_grace_period(helm):
@@ -272,6 +276,15 @@ def test_service_monitor_scrapes_the_service_metrics_port(helm):
     assert "ServiceMonitor" not in render(helm)
 
 
+def test_protected_metrics_are_scraped_with_the_key(helm):
+    objects = render(helm, "--set", "metrics.serviceMonitor.enabled=true", "--set", "server.metricsRequireKey=true",
+                     "--set", "apiKey.existingSecret=team-keys", "--set", "apiKey.secretKey=miras")
+    (endpoint,) = objects["ServiceMonitor"]["spec"]["endpoints"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "team-keys", "key": "miras"}}
+    assert "--metrics-require-key" in container(objects)["args"]
+    assert "needs an API key" in render_error(helm, "--set", "server.metricsRequireKey=true")
+
+
 def test_default_pdb_allows_node_drains(helm):
     assert render(helm)["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
     assert "PodDisruptionBudget" not in render(helm, "--set", "podDisruptionBudget.enabled=false")
@@ -325,6 +338,9 @@ def test_pod_runs_unprivileged(helm):
     ("server.stateCacheGb=-1", "server.stateCacheGb"),
     ("server.enforceEager=maybe", "server.enforceEager"),
     ("server.bogusFlag=1", "bogusFlag"),
+    ("server.stateCacheScope=everyone", "server.stateCacheScope"),
+    ("server.requestReadTimeout=0", "server.requestReadTimeout"),
+    ("server.maxRequestBytes=0", "server.maxRequestBytes"),
     ("model.source=s3", "model.source"),
     ("metrics.serviceMonitor.interval=often", "metrics.serviceMonitor.interval"),
     ("podSecurityContext.runAsNonRoot=false", "podSecurityContext.runAsNonRoot"),

@@ -124,3 +124,11 @@ def test_image_command_line_is_accepted_by_the_server(final_stage):
     assert (default.model, default.host, default.port) == ("moneta-tiny", "0.0.0.0", 8000)
     mounted = parse_args(entrypoint[1:] + ["--model", "/models/mine", "--max-num-seqs", "8"])
     assert (mounted.model, mounted.port, mounted.max_num_seqs) == ("/models/mine", 8000, 8)
+
+
+def test_image_runs_the_server_under_jemalloc(final_stage):
+    """The allocator that keeps RSS within 5% of the state-cache budget (docs/benchmarks/memory-soak-cpu.md)."""
+    installs = " ".join(rest for kw, rest in final_stage if kw == "RUN")
+    assert "libjemalloc2" in installs
+    env = " ".join(rest for kw, rest in final_stage if kw == "ENV")
+    assert "LD_PRELOAD=libjemalloc.so.2" in env.split()

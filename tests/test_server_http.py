@@ -213,6 +213,14 @@ def test_metrics_parse_and_counters_match_requests(url):
     assert metric(after, "miras:num_requests_waiting") == 0
 
 
+def nested(depth: int) -> list:
+    """A list nested ``depth`` lists deep."""
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 BAD_INPUTS = [
     ("malformed JSON", dict(content=b'{"prompt": "x",'), 400, None),
     ("not an object", dict(content=b'[1, 2]'), 400, None),
@@ -241,6 +249,25 @@ BAD_INPUTS = [
     ("stream_options without stream", dict(json={"prompt": "x", "stream_options": {"include_usage": True}}), 400,
      "stream_options"),
     ("suffix", dict(json={"prompt": "x", "suffix": "y"}), 400, "suffix"),
+    # issue 18: every one of these was a 500 or a misleading 400
+    ("lone surrogate in prompt", dict(content=b'{"prompt": "\\ud800"}'), 400, "prompt"),
+    ("lone surrogate in a prompt list", dict(content=b'{"prompt": ["a", "b\\udfff"]}'), 400, "prompt[1]"),
+    ("lone surrogate in model", dict(content=b'{"prompt": "x", "model": "\\ud800"}'), 400, "model"),
+    ("lone surrogate in stop", dict(content=b'{"prompt": "x", "stop": ["\\ud800"]}'), 400, "stop[0]"),
+    ("lone surrogate in an unknown field", dict(content=b'{"prompt": "x", "user": "\\udc00"}'), 400, "user"),
+    ("lone surrogate in a logit_bias key", dict(content=b'{"prompt": "x", "logit_bias": {"\\ud800": 1}}'), 400,
+     "logit_bias"),
+    ("superscript digit logit_bias key", dict(json={"prompt": "x", "logit_bias": {"\u00b2": 1}}), 400, "logit_bias"),
+    ("5000-digit logit_bias key", dict(json={"prompt": "x", "logit_bias": {"9" * 5000: 1}}), 400, "logit_bias"),
+    ("logit_bias key out of vocabulary", dict(json={"prompt": "x", "logit_bias": {"99999": 1}}), 400, "logit_bias"),
+    ("5000-digit number", dict(content=b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}"), 400, None),
+    ("infinite temperature", dict(content=b'{"prompt": "x", "temperature": 1e999}'), 400, "temperature"),
+    ("NaN top_p", dict(content=b'{"prompt": "x", "top_p": NaN}'), 400, "top_p"),
+    ("nesting past the limit", dict(json={"prompt": "x", "extra": nested(31)}), 400, "extra" + "[0]" * 31),
+    ("nesting past the decoder", dict(content=b'{"prompt": "x", "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+     400, None),
+    ("empty cache_salt", dict(json={"prompt": "x", "cache_salt": ""}), 400, "cache_salt"),
+    ("body over --max-request-bytes", dict(json={"prompt": [5] * 600_000}), 413, None),
 ]
 
 
@@ -252,7 +279,25 @@ def test_bad_completion_input_is_an_openai_error(url, case, kw, status, param):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+    assert "UTF-8" not in error["message"] or case == "invalid UTF-8"  # each cause has its own message
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udbff"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "cache_salt": "\\ud800"}',
+     "cache_salt"),
+    ("/tokenize", b'{"prompt": "\\ud800"}', "prompt"),
+    ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    ("/detokenize", b'{"tokens": [5], "model": "\\udc80"}', "model"),
+])
+def test_lone_surrogates_anywhere_are_a_400_naming_the_field(url, path, body, param):
+    response = httpx.post(f"{url}{path}", content=body, headers={**AUTH, "Content-Type": "application/json"},
+                          timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param and "surrogate" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -346,15 +391,84 @@ def test_schemathesis_finds_no_server_errors(url):
         @given(case=operation.as_strategy(generation_mode=mode))
         def check(case) -> None:
             if isinstance(case.body, dict):  # keep generations short: the point is input handling
-                for field in ("max_tokens", "max_completion_tokens"):
+                for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                     if isinstance(case.body.get(field), int):
                         case.body[field] = min(case.body[field], 4)
                 if "messages" in case.body:
                     case.body.setdefault("max_tokens", 4)
+                if "input" in case.body:
+                    case.body.setdefault("max_output_tokens", 4)
             response = case.call(base_url=url, headers=AUTH, timeout=30)
             if response.status_code >= 500:
                 failures.append((case.operation.label, case.body, response.status_code, response.text[:200]))
 
         check()
+    assert not failures
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+class Raw(str):
+    """JSON text inserted verbatim (numbers too long for Python's int-to-str limit, deep nesting)."""
+
+
+def to_json(value) -> str:
+    if isinstance(value, Raw):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{to_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(to_json(v) for v in value) + "]"
+    return json.dumps(value)  # ensure_ascii: lone surrogates go out as \udXXX escapes; inf as Infinity
+
+
+def test_adversarial_bodies_never_get_a_5xx(url):
+    """Property: whatever a body holds (lone surrogates in any string or key, huge or non-finite numbers,
+    deep nesting, bodies over the size limit), the answer is never a 5xx and the server stays healthy."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    plain = st.text(st.characters(categories=["Cs", "Lu", "Ll", "Nd", "No", "Po", "Zs", "Cc"]), max_size=12)
+    surrogate = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+    text = plain | st.tuples(plain, surrogate, plain).map("".join)  # half the strings hold a lone surrogate
+    scalars = st.one_of(
+        text, text, st.booleans(), st.none(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+        st.from_regex(r"-?[1-9][0-9]{15,6000}", fullmatch=True).map(Raw),  # past int64 and past 4,300 digits
+        st.integers(1, 3000).map(lambda d: Raw("[" * d + "]" * d)),  # past the depth limit and the decoder's
+    )
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+                          max_leaves=6)
+    messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                               "content": text | st.lists(st.fixed_dictionaries(
+                                                   {"type": st.just("text"), "text": text}), max_size=2)}),
+                        min_size=1, max_size=3)
+    token_keys = st.from_regex(r"[0-9\u00b2\u0663]{1,12}", fullmatch=True) | text
+    fields = {  # each field with values of the right shape and of any other, so validation is passed or probed
+        "prompt": text | st.lists(text, min_size=1, max_size=3) | values, "messages": messages | values,
+        "model": text | values, "stop": text | st.lists(text, max_size=3) | values,
+        "logit_bias": st.dictionaries(token_keys, st.floats(allow_nan=True) | values, max_size=3),
+        "cache_salt": text | values, "user": text | values, "tokens": st.lists(st.integers(-5, 2**64)) | values,
+        **{name: values for name in ("temperature", "seed", "n", "max_tokens", "stream", "top_p", "extra")},
+    }
+    bases = {"/v1/completions": {"prompt": "x"}, "/v1/chat/completions": {"messages": [{"role": "user",
+                                                                                          "content": "x"}]},
+             "/tokenize": {"prompt": "x"}, "/detokenize": {"tokens": [5]}}
+    large = st.integers(1_200_000, 2_000_000).map(lambda n: Raw(json.dumps("a" * n)))  # over --max-request-bytes
+    failures = []
+
+    @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(sorted(bases)), changes=st.fixed_dictionaries({}, optional=fields),
+           big=st.integers(0, 9).flatmap(lambda i: large if i == 0 else st.none()))
+    def check(path: str, changes: dict, big: Raw | None) -> None:
+        body = {**bases[path], "max_tokens": 2, **changes, **({"extra": big} if big else {})}
+        if type(body["max_tokens"]) is int and 4 < body["max_tokens"] < 2**20:
+            body["max_tokens"] = 4  # keep generations short: the point is input handling
+        response = httpx.post(f"{url}{path}", content=to_json(body).encode(), timeout=60,
+                              headers={**AUTH, "Content-Type": "application/json"})
+        if response.status_code >= 500:
+            failures.append((path, to_json(body)[:300], response.status_code, response.text[:300]))
+        elif response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
     assert not failures
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200

@@ -51,15 +51,28 @@ def test_least_recently_used_entries_go_first():
     StateCache(size - 1).insert([1], row_state(model, 0))  # too big for the budget: not kept, no error
 
 
+def test_namespaces_never_share_entries():
+    """Equal token ids in two namespaces (tenants, salts) are two entries: a lookup never finds the other's."""
+    model = small_model("moneta")
+    cache = StateCache(1 << 30)
+    cache.insert([1, 2, 3], row_state(model, 1.0), namespace="tenant-a")
+    assert cache.lookup([1, 2, 3, 4], "tenant-b") is None and cache.lookup([1, 2, 3, 4]) is None
+    assert cache.lookup([1, 2, 3, 4], "tenant-a").state.pos.item() == 1.0
+    cache.insert([1, 2, 3], row_state(model, 2.0), namespace="tenant-b")
+    assert cache.lookup([1, 2, 3, 4], "tenant-a").state.pos.item() == 1.0
+    assert cache.lookup([1, 2, 3, 4], "tenant-b").state.pos.item() == 2.0
+    assert len(cache.entries) == 2
+
+
 def engine(checkpoint, cache: bool, **config) -> LLMEngine:
     model, tokenizer = models.load_pretrained(checkpoint)
     return LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16,
                                                     state_cache_bytes=(1 << 30) if cache else 0, **config))
 
 
-def run(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> list[list[int]]:
+def run(engine: LLMEngine, prompt: list[int], params: SamplingParams, namespace: str = "") -> list[list[int]]:
     """One request to completion; its tokens, one list per sequence."""
-    engine.add_request(f"r{next(REQUEST_IDS)}", prompt, params)
+    engine.add_request(f"r{next(REQUEST_IDS)}", prompt, params, cache_namespace=namespace)
     outputs: dict[int, list[int]] = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -98,6 +111,16 @@ def test_next_turn_and_regenerate_restore_exactly(tiny_checkpoint):
     assert run(cached, turn2, seeded) == first == run(plain, turn2, seeded)  # regenerate: no prefill at all
     assert prefilled(cached) == len(prompt) + 6
     assert counter(cached, "prefix_cache_queries") == counter(cached, "prompt_tokens") == len(prompt) + 3 * len(turn2)
+
+
+def test_engine_restores_only_within_a_namespace(tiny_checkpoint):
+    cached = engine(tiny_checkpoint, True)
+    prompt = [5 + i % 200 for i in range(21)]
+    first = run(cached, prompt, GREEDY, "alice")
+    assert run(cached, prompt, GREEDY, "bob") == first  # same tokens, computed again
+    assert counter(cached, "prefix_cache_hits") == 0
+    assert run(cached, prompt, GREEDY, "alice") == first
+    assert counter(cached, "prefix_cache_hits") == len(prompt)
 
 
 def test_prompt_logprobs_bypass_the_cache(tiny_checkpoint):

@@ -99,6 +99,25 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 - --shutdown-timeout
 - {{ .Values.server.shutdownTimeout | int64 | quote }}
+- --state-cache-scope
+- {{ .Values.server.stateCacheScope | quote }}
+{{- if .Values.server.metricsRequireKey }}
+- --metrics-require-key
+{{- end }}
+{{- if not (kindIs "invalid" .Values.server.maxRequestBytes) }}
+- --max-request-bytes
+- {{ .Values.server.maxRequestBytes | int64 | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.server.maxPromptChars) }}
+- --max-prompt-chars
+- {{ .Values.server.maxPromptChars | int64 | quote }}
+{{- end }}
+- --request-read-timeout
+- {{ .Values.server.requestReadTimeout | quote }}
+- --timeout-keep-alive
+- {{ .Values.server.timeoutKeepAlive | quote }}
+- --limit-concurrency
+- {{ .Values.server.limitConcurrency | int64 | quote }}
 - --log-level
 - {{ .Values.server.logLevel | quote }}
 {{- range .Values.server.extraArgs }}
@@ -131,6 +150,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and .Values.apiKey.value .Values.apiKey.existingSecret }}
 {{- fail "set apiKey.value or apiKey.existingSecret, not both" }}
+{{- end }}
+{{- if and .Values.server.metricsRequireKey (not (include "miras-serve.apiKeyEnabled" .)) }}
+{{- fail "server.metricsRequireKey needs an API key (apiKey.value or apiKey.existingSecret)" }}
 {{- end }}
 {{- $liveness := mul .Values.probes.liveness.periodSeconds .Values.probes.liveness.failureThreshold }}
 {{- if le (int $liveness) (int .Values.server.shutdownTimeout) }}

@@ -1,0 +1,217 @@
+"""Host work per engine step: the time of a decode step spent outside the model forward (scheduling,
+sampling, detokenizing, output assembly), at batch 1 / 64 / 256, for this tree and a baseline revision
+side by side in one run, and the engine's decode tokens/s. Writes docs/benchmarks/engine-host-cpu.md.
+
+    python -m server.bench_host [--baseline REV] [--steps 30] [--preset linear --size tiny]
+
+The baseline is exported with ``git archive`` and this file is copied into it, so both trees are measured
+by the same code (it only uses the engine API both have). Each measurement is its own process, with one
+torch thread; baseline and current runs alternate, and each is repeated (``--repeats``), keeping the run
+with the least host time: other load on a shared machine only ever adds time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import models
+import server.engine as engine_module
+from server.engine import EngineConfig, LLMEngine
+from server.request import RequestStatus
+from server.sampling_params import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "docs" / "benchmarks" / "engine-host-cpu.md"
+BATCHES = (1, 64, 256)
+
+
+def workload(kind: str, batch: int) -> list[SamplingParams]:
+    """``greedy``: every row greedy. ``mixed``: every sampling feature somewhere in the batch."""
+    long = dict(max_tokens=100_000, ignore_eos=True)
+    if kind == "greedy":
+        return [SamplingParams(temperature=0.0, **long)] * batch
+    mixed = itertools.cycle([
+        lambda i: SamplingParams(temperature=0.8, top_p=0.95, seed=i, **long),
+        lambda i: SamplingParams(temperature=1.0, top_k=50, **long),
+        lambda i: SamplingParams(temperature=0.0, **long),
+        lambda i: SamplingParams(temperature=0.7, repetition_penalty=1.1, presence_penalty=0.3,
+                                 frequency_penalty=0.2, **long),
+        lambda i: SamplingParams(temperature=1.0, min_p=0.05, logprobs=5, **long),
+        lambda i: SamplingParams(temperature=0.9, logit_bias={10: 2.0}, min_tokens=8, stop=["\n\n"], **long),
+    ])
+    return [next(mixed)(i) for i in range(batch)]
+
+
+class Stopwatch:
+    """Wraps a callable and adds up the seconds spent in it."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def measure(model_dir: str, batch: int, kind: str, steps: int) -> dict[str, float]:
+    """Seconds per decode step (medians over the steps): total, model forward, host (total - forward) and
+    parts of the host work: scheduling, sampler, appending tokens (detokenizing, stop checks, metrics) and
+    output assembly."""
+    torch.set_num_threads(1)
+    net, tokenizer = models.load_pretrained(model_dir)
+    config = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(2048, batch + net.config.chunk_size),
+                          state_cache_bytes=0)
+    engine = LLMEngine(net, tokenizer, config)
+    forward = Stopwatch(net.forward)
+    net.forward = forward
+    if hasattr(engine, "sampler"):  # batched sampler
+        sampler = Stopwatch(engine.sampler.sample)
+        engine.sampler.sample = sampler
+    else:  # the per-row sampler of earlier revisions
+        sampler = Stopwatch(engine_module.sample)
+        engine_module.sample = sampler
+    parts = {"schedule": Stopwatch(engine.scheduler.schedule), "append": Stopwatch(engine._append),
+             "outputs": Stopwatch(engine._deltas)}
+    engine.scheduler.schedule, engine._append, engine._deltas = parts["schedule"], parts["append"], parts["outputs"]
+    gen = torch.Generator().manual_seed(0)
+    for i, params in enumerate(workload(kind, batch)):
+        engine.add_request(str(i), torch.randint(3, engine.vocab_size, (16,), generator=gen).tolist(), params)
+    while any(r.status is not RequestStatus.DECODING for r in engine.requests.values()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    watches = {"forward": forward, "sampler": sampler, **parts}
+    per_step: dict[str, list[float]] = {name: [] for name in ["total", *watches]}
+    for _ in range(steps):
+        before = {name: watch.seconds for name, watch in watches.items()}
+        start = time.perf_counter()
+        engine.step()
+        per_step["total"].append(time.perf_counter() - start)
+        for name, watch in watches.items():
+            per_step[name].append(watch.seconds - before[name])
+    per_step["host"] = [t - f for t, f in zip(per_step["total"], per_step["forward"], strict=True)]
+    # medians over the steps: a burst of other load on a shared machine moves a mean, not a median
+    return {name: statistics.median(values) for name, values in per_step.items()}
+
+
+def host_time(run: dict[str, float]) -> float:
+    return run["host"]
+
+
+def run_worker(tree: Path, model_dir: str, batch: int, kind: str, steps: int) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "server.bench_host", "--worker", model_dir, str(batch), kind,
+                          str(steps)], env=env, cwd=tree, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def export(rev: str, into: Path) -> Path:
+    """The tree of ``rev`` with this benchmark file copied in."""
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True).stdout
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    shutil.copy(__file__, into / "server" / "bench_host.py")
+    return into
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def report(args: argparse.Namespace, results: dict, model_dir: str) -> str:
+    config = models.load_pretrained(model_dir)[0].config
+    dirty = " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [
+        "# Engine host work per decode step on CPU", "",
+        f"- date: {now:%Y-%m-%d %H:%M} UTC; commit `{git('rev-parse', '--short', 'HEAD')}`{dirty}; baseline "
+        f"`{args.baseline}` (`{git('rev-parse', '--short', args.baseline)}`)",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other work), one torch thread, "
+        f"torch {torch.__version__}",
+        f"- model: random `{args.preset}` at size `{args.size}` (d_model {config.d_model}, {config.n_layers} layers, "
+        f"vocab {config.vocab_size}), fp32; 16-token prompts, then {args.steps} timed decode steps (after 3 warm-up "
+        "steps) with every sequence decoding",
+        "- workloads: `greedy` (every row greedy) and `mixed` (rows cycle through top-p + seed, top-k, greedy, "
+        "penalties, min-p + logprobs 5, logit bias + min_tokens + a stop string)",
+        f"- reproduce: `python -m server.bench_host --baseline {args.baseline} --steps {args.steps} --repeats "
+        f"{args.repeats}`; each row is the run with the least host time of {args.repeats} (other load on the "
+        "machine only adds time; forward times stay noisy)", "",
+        "Every time is the median over the timed steps. Host = step time minus model forward. Its parts: "
+        "schedule = the scheduler's plan; sampler = the sampling "
+        "call; append = appending each row's token (detokenizing, stop checks, metrics); outputs = assembling the "
+        "step's deltas. The rest of host (building the decode inputs, gauges) is not listed.", "",
+        "| workload | batch | tree | step ms | forward ms | host ms | schedule | sampler | append | outputs | "
+        "host share | decode tok/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (kind, batch), by_tree in results.items():
+        for tree, r in by_tree.items():
+            host = r["host"]
+            parts = " | ".join(f"{r[name] * 1e3:.2f}" for name in ("schedule", "sampler", "append", "outputs"))
+            lines.append(f"| {kind} | {batch} | {tree} | {r['total'] * 1e3:.2f} | {r['forward'] * 1e3:.2f} | "
+                         f"{host * 1e3:.2f} | {parts} | {host / r['total']:.0%} | {batch / r['total']:,.0f} |")
+    lines += ["", "Ratios (baseline / current, >1: current is faster):", "",
+              "| workload | batch | host time | sampler time | decode tok/s (current / baseline) |",
+              "|---|---:|---:|---:|---:|"]
+    for (kind, batch), by_tree in results.items():
+        base, cur = by_tree["baseline"], by_tree["current"]
+        host = host_time(base) / host_time(cur)
+        lines.append(f"| {kind} | {batch} | {host:.1f}x | {base['sampler'] / cur['sampler']:.1f}x | "
+                     f"{base['total'] / cur['total']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        model_dir, batch, kind, steps = argv[1:]
+        print(json.dumps(measure(model_dir, int(batch), kind, int(steps))))
+        return
+    p = argparse.ArgumentParser("python -m server.bench_host", description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline", default="415010d", help="git revision to compare with (default: before the "
+                   "batched sampler)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the least host time is kept")
+    p.add_argument("--preset", default="linear")
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--out", type=Path, default=REPORT)
+    args = p.parse_args(argv)
+    from models.random_init import random_pretrained
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(random_pretrained(args.preset, Path(tmp) / "model", args.size, dtype=torch.float32))
+        trees = {"baseline": export(args.baseline, Path(tmp) / "baseline"), "current": ROOT}
+        results: dict[tuple[str, int], dict[str, dict]] = {}
+        for _ in range(args.repeats):
+            for kind in ("greedy", "mixed"):
+                for batch in BATCHES:
+                    best = results.setdefault((kind, batch), {})
+                    for name, tree in trees.items():
+                        run = run_worker(tree, model_dir, batch, kind, args.steps)
+                        print(kind, batch, name, run, flush=True)
+                        if name not in best or host_time(run) < host_time(best[name]):
+                            best[name] = run
+        text = report(args, results, model_dir)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Who a request belongs to, and so which cached states it may restore.
+
+Every API key configured is a tenant. The auth middleware attaches to each request the tenant id of the
+key that authenticated it: a short digest of the key (never the key itself), or "" when no key is
+configured or when the cache is shared across keys (--state-cache-scope shared). A request's cache
+namespace combines its tenant with its ``cache_salt``; the state cache, and anything else that stores
+what a client sent, keys its entries by it, so neither equal prompts of two tenants nor those of one
+tenant under two salts ever share an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from starlette.requests import Request
+
+TENANT_STATE_KEY = "miras.tenant"  # where in the ASGI scope's "state" the middleware puts the tenant id
+
+
+def tenant_id(api_key: str) -> str:
+    """The tenant id of an API key: 16 hex digits of a digest the key cannot be read back from."""
+    return hashlib.blake2b(api_key.encode("utf-8", "surrogatepass"), digest_size=8,
+                           person=b"miras-tenant").hexdigest()
+
+
+def tenant_of(request: Request) -> str:
+    """The tenant id the auth layer attached to ``request``; "" when there is none."""
+    return request.scope.get("state", {}).get(TENANT_STATE_KEY, "")
+
+
+def cache_namespace(tenant: str, cache_salt: str | None) -> str:
+    """The state-cache namespace of a request of ``tenant`` with ``cache_salt``. Tenant ids hold no "/", so
+    the two parts never run together: ("a", "b/c") and ("a/b", "c") cannot meet."""
+    return tenant if cache_salt is None else f"{tenant}/{cache_salt}"
