@@ -262,10 +262,11 @@ def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, dev
                 flops_per_token: float) -> list[str]:
     """One row of the prefill table: the layer on the Triton and the PyTorch backend, and the SDPA layer."""
     from kernels import forced_backend
+    from models.layers import state_layout
 
     dtype = next(layer.parameters()).dtype
     x = torch.randn(B, T, cfg.d_model, device=device, dtype=dtype)
-    state = layer.init_state(B, device, torch.float32)
+    state = layer.init_state(B, device, torch.float32, state_layout(cfg, "triton"))  # the torch backend runs both
     pos = torch.zeros(B, dtype=torch.long, device=device)
     valid = torch.ones(B, T, dtype=torch.bool, device=device)
     lengths = torch.full((B,), T, dtype=torch.long, device=device)
@@ -367,8 +368,9 @@ def decode_times(model: nn.Module, batch: int, device: torch.device, flush: torc
     batches) eager on both backends."""
     from kernels import forced_backend
     from kernels.graphs import capture
+    from models.layers import state_layout
 
-    pool = model.init_state(batch)
+    pool = model.init_state(batch, layout=state_layout(model.config, "triton"))  # the torch backend runs both
     ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
     slots = torch.arange(batch, device=device)
     eager = {}
