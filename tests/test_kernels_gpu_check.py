@@ -29,7 +29,7 @@ def test_smoke_run_writes_report(tmp_path):
                     "## Serving over HTTP: decode after a long vs a short prompt"):
         assert heading in text
     assert "**FAIL**" not in text and "| pass |" in text
-    assert "failed" not in text, "a row or section failed"
+    assert "failed" not in text.lower(), "a table row or section failed (its exception is in the report)"
     for layout in ("| running |", "| factored |"):  # the decode kernels of both state layouts ran
         assert layout in text
     assert "| eager (CPU) | 2 | 4 |" in text  # the serve section: every request of the last level completed
