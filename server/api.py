@@ -199,7 +199,7 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_bytes, timeout=settings.request_read_timeout)
     if settings.api_keys:
         app.add_middleware(APIKeyMiddleware, api_keys=settings.api_keys,
-                           tenant_per_key=settings.state_cache_scope == "api-key",
+                           cache_per_key=settings.state_cache_scope == "api-key",
                            metrics_need_key=settings.metrics_require_key)
     app.add_middleware(RequestIdMiddleware)  # outside the key check, so a 401 carries the id too
     if settings.allowed_origins:  # outermost, so preflights and 401s carry CORS headers too

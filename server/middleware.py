@@ -10,7 +10,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_body
-from .tenancy import TENANT_STATE_KEY, tenant_id
+from .tenancy import CACHE_TENANT_STATE_KEY, TENANT_STATE_KEY, tenant_id
 
 OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json", "/docs", "/redoc")
 
@@ -38,18 +38,19 @@ class RequestIdMiddleware:
 class APIKeyMiddleware:
     """``Authorization: Bearer <key>`` on everything but health, version and the docs (and CORS preflights);
     on /metrics too with ``metrics_need_key``. Any of ``api_keys`` is accepted, each compared as a SHA-256
-    digest in constant time. With ``tenant_per_key`` the request carries the key's tenant id (for its cache
-    namespace: server/tenancy.py)."""
+    digest in constant time. The request carries the key's tenant id, and its cache tenant: the same with
+    ``cache_per_key``, "" (shared across keys) without (server/tenancy.py)."""
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], tenant_per_key: bool = True,
+    def __init__(self, app: ASGIApp, api_keys: list[str], cache_per_key: bool = True,
                  metrics_need_key: bool = False):
         self.app = app
-        self.keys = [(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest(),
-                      tenant_id(key) if tenant_per_key else "") for key in api_keys]
+        self.cache_per_key = cache_per_key
+        self.keys = [(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest(), tenant_id(key))
+                     for key in api_keys]
         self.open_paths = tuple(p for p in OPEN_PATHS if not (metrics_need_key and p == "/metrics"))
 
     def tenant(self, token: str) -> str | None:
-        """The tenant of the key ``token`` ("" when not per key), or None if it is no configured key."""
+        """The tenant of the key ``token``, or None if it is no configured key."""
         digest = hashlib.sha256(token.encode()).digest()
         found = None
         for key_digest, tenant in self.keys:  # every key compared, so the time says nothing of which matched
@@ -64,7 +65,9 @@ class APIKeyMiddleware:
         scheme, _, token = header.partition(" ")
         tenant = self.tenant(token.strip()) if scheme.lower() == "bearer" else None
         if tenant is not None:
-            scope.setdefault("state", {})[TENANT_STATE_KEY] = tenant
+            state = scope.setdefault("state", {})
+            state[TENANT_STATE_KEY] = tenant
+            state[CACHE_TENANT_STATE_KEY] = tenant if self.cache_per_key else ""
             return await self.app(scope, receive, send)
         message = "Incorrect API key provided." if header else "Missing API key: send 'Authorization: Bearer <key>'."
         body = json.dumps(error_body(401, message, None, "invalid_api_key")).encode()

@@ -23,7 +23,7 @@ from .outputs import RequestOutput, TokenLogprob
 from .protocol import StreamOptions
 from .request import StateContext
 from .sampling_params import SamplingParams
-from .tenancy import cache_namespace, tenant_of
+from .tenancy import request_namespace
 
 T = TypeVar("T")
 RETRY_AFTER_SECONDS = "1"
@@ -124,9 +124,9 @@ class ServingBase:
                cache_salt: str | None, context: StateContext | None = None) -> RequestGroup:
         """Queue the prompts, restoring and caching states only in the namespace of the request's tenant
         and salt (``context``: a saved state to continue, for the Responses API)."""
-        namespace = cache_namespace(tenant_of(raw), cache_salt)
         try:
-            return self.engine.submit(prompts, params, time.monotonic(), namespace, context)
+            return self.engine.submit(prompts, params, time.monotonic(), request_namespace(raw, cache_salt),
+                                      context)
         except QueueFullError as exc:
             raise APIError(429, str(exc), None, "queue_full", {"Retry-After": RETRY_AFTER_SECONDS}) from exc
         except EngineUnavailableError as exc:

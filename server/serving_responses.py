@@ -37,7 +37,7 @@ from .response_store import ResponseStore, Segment, StoredResponse
 from .sampling_params import ParamError, SamplingParams
 from .serving_base import ServingBase, collect, sse, with_pings
 from .state_cache import state_key
-from .tenancy import cache_namespace, tenant_of
+from .tenancy import request_namespace, tenant_of
 
 
 def continuation_text(tokenizer: Any, reply: str, messages: list[dict[str, str]]) -> str:
@@ -78,7 +78,7 @@ class OpenAIServingResponses(ServingBase):
         request.check_fields()
         self.check_request(request.model, request.stream, None)
         tenant = tenant_of(raw)
-        namespace = cache_namespace(tenant, request.cache_salt)
+        namespace = request_namespace(raw, request.cache_salt)
         previous = None
         if request.previous_response_id is not None:
             previous = self._stored(tenant, request.previous_response_id, "previous_response_id")

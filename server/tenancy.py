@@ -2,10 +2,10 @@
 
 Every API key configured is a tenant. The auth middleware attaches to each request the tenant id of the
 key that authenticated it: a short digest of the key (never the key itself), or "" when no key is
-configured or when the cache is shared across keys (--state-cache-scope shared). A request's cache
-namespace combines its tenant with its ``cache_salt``; the state cache, and anything else that stores
-what a client sent, keys its entries by it, so neither equal prompts of two tenants nor those of one
-tenant under two salts ever share an entry.
+configured. What a tenant stores by name (stored responses) belongs to that tenant alone. A request's
+cache namespace combines its cache tenant (its tenant, or "" when cached states are shared across keys:
+--state-cache-scope shared) with its ``cache_salt``; the state cache and its tiers key their entries by it,
+so neither equal prompts of two tenants nor those of one tenant under two salts ever share an entry.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 from starlette.requests import Request
 
 TENANT_STATE_KEY = "miras.tenant"  # where in the ASGI scope's "state" the middleware puts the tenant id
+CACHE_TENANT_STATE_KEY = "miras.cache_tenant"  # and the tenant whose cached states the request may share
 
 
 def tenant_id(api_key: str) -> str:
@@ -26,6 +27,11 @@ def tenant_id(api_key: str) -> str:
 def tenant_of(request: Request) -> str:
     """The tenant id the auth layer attached to ``request``; "" when there is none."""
     return request.scope.get("state", {}).get(TENANT_STATE_KEY, "")
+
+
+def request_namespace(request: Request, cache_salt: str | None) -> str:
+    """The state-cache namespace of ``request`` sent with ``cache_salt``."""
+    return cache_namespace(request.scope.get("state", {}).get(CACHE_TENANT_STATE_KEY, ""), cache_salt)
 
 
 def cache_namespace(tenant: str, cache_salt: str | None) -> str:

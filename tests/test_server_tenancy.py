@@ -97,3 +97,25 @@ def test_metrics_can_require_the_key(tiny_checkpoint, require):
     anonymous, keyed, health = asyncio.run(run())
     assert (anonymous, keyed) == ((401, 200) if require else (200, 200))
     assert health == 503
+
+
+def test_shared_cache_scope_keeps_stored_responses_per_key(tiny_checkpoint):
+    """--state-cache-scope shared shares cached states across keys, never what a key stored by name: another
+    key's stored response is a 404, for GET and for previous_response_id."""
+    state = make_state(tiny_checkpoint, api_keys=["alpha", "beta"], state_cache_scope="shared")
+    app = build_app(state)
+    alpha, beta = ({"Authorization": f"Bearer {key}"} for key in ("alpha", "beta"))
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://app", timeout=60) as client:
+            body = {"input": PROMPT, "max_output_tokens": 2, "temperature": 0}
+            made = (await client.post("/v1/responses", headers=alpha, json=body)).json()
+            assert (await client.get(f"/v1/responses/{made['id']}", headers=alpha)).status_code == 200
+            assert (await client.get(f"/v1/responses/{made['id']}", headers=beta)).status_code == 404
+            follow = await client.post("/v1/responses", headers=beta, json={**body, "previous_response_id": made["id"]})
+            assert follow.status_code == 404
+            again = (await client.post("/v1/responses", headers=beta, json=body)).json()  # states are shared
+            assert again["usage"]["input_tokens_details"]["cached_tokens"] == again["usage"]["input_tokens"]
+
+    asyncio.run(run())
