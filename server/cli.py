@@ -25,7 +25,9 @@ from .async_engine import AsyncEngine
 from .engine import EngineConfig, LLMEngine
 from .loader import DEFAULT_MODEL, default_served_name, load_model
 from .metrics import EngineMetrics
-from .state_tiers import DiskStateTier
+from .response_store_redis import RedisResponses
+from .state_tier_redis import RedisStateTier
+from .state_tiers import DiskStateTier, StackedTiers
 
 logger = logging.getLogger("miras.serve")
 
@@ -57,6 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "used go first)")
     p.add_argument("--state-disk-ttl", type=float, default=0.0,
                    help="seconds after its last use that a saved state on disk expires; 0: never")
+    p.add_argument("--state-redis-url", default=None,
+                   help="shared store for saved states and stored responses, read and written by every replica "
+                        "(redis://host:port/db), below the local tiers: a conversation continues on any replica "
+                        "(default: none)")
+    p.add_argument("--state-redis-gb", type=float, default=4.0,
+                   help="bytes of saved states in the shared store, for all replicas (least recently used go first)")
+    p.add_argument("--state-redis-ttl", type=float, default=0.0,
+                   help="seconds after its last use that a saved state in the shared store expires; 0: never")
     p.add_argument("--responses-max-count", type=int, default=10_000,
                    help="stored responses (Responses API) kept per tenant; the oldest go first")
     p.add_argument("--responses-max-mb", type=float, default=256.0, help="memory for stored responses per tenant")
@@ -74,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("shutdown_timeout", "state_cache_gb", "sse_ping_interval", "state_disk_gb", "state_disk_ttl",
-                 "responses_max_mb", "responses_ttl"):
+                 "responses_max_mb", "responses_ttl", "state_redis_gb", "state_redis_ttl"):
         if not getattr(args, name) >= 0:  # NaN too
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
@@ -113,7 +123,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens,
                         cuda_graphs=False if args.enforce_eager else None,
                         state_cache_bytes=int(args.state_cache_gb * (1 << 30)), state_disk_dir=args.state_disk_dir,
-                        state_disk_bytes=int(args.state_disk_gb * (1 << 30)), state_disk_ttl=args.state_disk_ttl)
+                        state_disk_bytes=int(args.state_disk_gb * (1 << 30)), state_disk_ttl=args.state_disk_ttl,
+                        state_redis_url=args.state_redis_url, state_redis_bytes=int(args.state_redis_gb * (1 << 30)),
+                        state_redis_ttl=args.state_redis_ttl)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,9 +152,14 @@ def main(argv: list[str] | None = None) -> None:
                               args.sse_ping_interval, args.responses_max_count, int(args.responses_max_mb * (1 << 20)),
                               args.responses_ttl)
     tier = engine.state_cache.tier if engine.state_cache is not None else None
+    tiers = tier.tiers if isinstance(tier, StackedTiers) else [tier]
     # stored responses live beside the saved states, under the same model identity
-    responses_dir = str(tier.model_dir / "responses") if isinstance(tier, DiskStateTier) else None
-    state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings, responses_dir)
+    disk = next((t for t in tiers if isinstance(t, DiskStateTier)), None)
+    redis = next((t for t in tiers if isinstance(t, RedisStateTier)), None)
+    responses_dir = str(disk.model_dir / "responses") if disk is not None else None
+    shared = RedisResponses(redis.redis, redis.identity, args.responses_max_count, args.responses_ttl) \
+        if redis is not None else None
+    state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings, responses_dir, shared)
     app = build_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
