@@ -255,3 +255,40 @@ def test_stored_responses_are_shared_per_tenant_and_bounded(fresh):
         a.put(stored(f"r{i}", [i]))
     assert b.get("", "r1") is None and b.get("", "r7") is not None  # the shared store keeps 3 per tenant
     assert len(redis_client(fresh).keys("miras:m:resp:*")) == 3
+
+
+# ---- the local multi-replica setup (deploy/local) --------------------------------------------------------
+
+
+def test_the_router_keeps_conversations_on_one_replica_and_survives_a_crash(tiny_checkpoint):
+    """nginx hashing x-session-id over two replicas: every follow-up turn restores its state from the
+    memory of the replica that served the last one; the replica holding conversations is killed (SIGKILL);
+    the next turn of each conversation is served by the other one, from the shared store."""
+    import asyncio
+
+    from deploy.local.bench_replicas import tier_hits, turn
+    from deploy.local.replicas import Stack
+
+    def hits(stack: Stack, port: int) -> dict:
+        values = metric_values(f"http://127.0.0.1:{port}")
+        return {tier: metric(values, "miras:state_tier_hits_total", tier=tier) for tier in ("memory", "redis")}
+
+    async def converse(stack: Stack, previous: dict[str, str | None], turns: int) -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            for _ in range(turns):
+                for name in previous:
+                    text = f"Tell me more, {name}"  # distinct: no conversation restores another's first prompt
+                    _, previous[name], _ = await turn(http, stack.url, name, text, previous[name], 3)
+
+    with Stack(str(tiny_checkpoint), 2, serve_args=("--served-model-name", MODEL)) as stack:
+        previous: dict[str, str | None] = {f"conversation-{i}": None for i in range(4)}
+        asyncio.run(converse(stack, previous, 3))
+        per_replica = [hits(stack, port) for port in stack.replica_ports]
+        assert sum(h["memory"] for h in per_replica) == 4 * 2 and sum(h["redis"] for h in per_replica) == 0
+        busiest = max(range(2), key=lambda i: per_replica[i]["memory"])
+        time.sleep(1.2)  # the survivor's mirror of the store's index (refreshed every second)
+        stack.kill_replica(busiest)
+        asyncio.run(converse(stack, previous, 1))  # would raise if a turn failed
+        survivor = stack.replica_ports[1 - busiest]
+        moved = per_replica[busiest]["memory"] // 2
+        assert hits(stack, survivor)["redis"] == moved and tier_hits(stack)["redis"] == moved
