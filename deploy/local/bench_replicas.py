@@ -60,55 +60,60 @@ async def turn(http: httpx.AsyncClient, url: str, conversation: str, text: str, 
 
 
 async def run_phase(stack: Stack, args: argparse.Namespace, kill_after: int | None) -> dict:
+    """Turn by turn: every conversation's turn t (``--concurrency`` at a time), then turn t + 1, so every turn
+    runs under the same load and a kill hits conversations in the middle."""
     ttfts: list[list[float]] = [[] for _ in range(args.turns)]
     stats = {"turns": 0, "retried": 0, "lost": 0, "restored": 0}
-    done_turns = 0
-    killed = asyncio.Event()
     rng = random.Random(args.seed)
+    names = [f"conv-{args.seed}-{c}-{rng.getrandbits(32):08x}" for c in range(args.conversations)]
+    previous: dict[str, str | None] = dict.fromkeys(names)
     semaphore = asyncio.Semaphore(args.concurrency)
-    before = tier_hits(stack)
+    before, gone = tier_hits(stack), {}
 
-    async def conversation(c: int) -> None:
-        nonlocal done_turns
+    async def one(http: httpx.AsyncClient, name: str, t: int) -> None:
+        nonlocal gone
+        if name not in previous:  # lost earlier
+            return
+        text = " ".join(rng.choice(WORDS) for _ in range(6))
         async with semaphore:
-            name, previous = f"conv-{args.seed}-{c}-{rng.getrandbits(32):08x}", None
-            async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as http:
-                for t in range(args.turns):
-                    text = " ".join(rng.choice(WORDS) for _ in range(6))
-                    for attempt in range(3):  # bounded: a turn is lost after three failures
-                        try:
-                            ttft, previous, cached = await turn(http, stack.url, name, text, previous,
-                                                                args.max_output_tokens)
-                            break
-                        except (httpx.HTTPError, RuntimeError):
-                            if attempt == 2:
-                                stats["lost"] += 1
-                                return
-                            stats["retried"] += 1
-                            await asyncio.sleep(0.5)
-                    ttfts[t].append(ttft)
-                    stats["turns"] += 1
-                    stats["restored"] += t > 0 and cached > 0
-                    done_turns += 1
-                    if kill_after is not None and done_turns >= kill_after and not killed.is_set():
-                        killed.set()
-                        stack.kill_replica(0)
+            for attempt in range(3):  # bounded: a turn is lost after three failures
+                try:
+                    ttft, previous[name], cached = await turn(http, stack.url, name, text, previous[name],
+                                                              args.max_output_tokens)
+                    break
+                except (httpx.HTTPError, RuntimeError):
+                    if attempt == 2:
+                        stats["lost"] += 1
+                        del previous[name]
+                        return
+                    stats["retried"] += 1
+                    await asyncio.sleep(0.5)
+        ttfts[t].append(ttft)
+        stats["turns"] += 1
+        stats["restored"] += t > 0 and cached > 0
+        if kill_after is not None and stats["turns"] == kill_after:
+            gone = tier_hits(stack, only=0)  # what the replica restored before it dies
+            stack.kill_replica(0)
 
-    overhead = await router_overhead(stack)
     start = time.perf_counter()
-    await asyncio.gather(*(conversation(c) for c in range(args.conversations)))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=httpx.Limits(max_connections=64)) as http:
+        for t in range(args.turns):
+            rng.shuffle(names)  # in a fixed order, round robin would send each conversation to the same replica
+            await asyncio.gather(*(one(http, name, t) for name in names))
     after = tier_hits(stack)
-    hits = {tier: after.get(tier, 0) - before.get(tier, 0) for tier in ("memory", "redis", "disk")}
-    return {"ttft": ttfts, "wall": time.perf_counter() - start, "hits": hits, "overhead": overhead, **stats}
+    hits = {tier: after.get(tier, 0) + gone.get(tier, 0) - before.get(tier, 0) for tier in ("memory", "redis", "disk")}
+    wall = time.perf_counter() - start
+    return {"ttft": ttfts, "wall": wall, "hits": hits, "overhead": await router_overhead(stack), **stats}
 
 
 async def router_overhead(stack: Stack, n: int = 200) -> float:
     """Median extra latency (s) of a request through the router over one sent to a replica directly
     (GET /v1/models, alternating, sequential)."""
     direct, routed = [], []
+    live = [port for port, proc in zip(stack.replica_ports, stack.replicas, strict=True) if proc.poll() is None]
     async with httpx.AsyncClient(timeout=30) as http:
         for i in range(n):
-            for url, into in ((f"http://127.0.0.1:{stack.replica_ports[i % len(stack.replica_ports)]}", direct),
+            for url, into in ((f"http://127.0.0.1:{live[i % len(live)]}", direct),
                               (stack.url, routed)):
                 start = time.perf_counter()
                 (await http.get(f"{url}/v1/models", headers={"x-session-id": f"probe-{i}"})).raise_for_status()
@@ -116,11 +121,11 @@ async def router_overhead(stack: Stack, n: int = 200) -> float:
     return statistics.median(routed) - statistics.median(direct)
 
 
-def tier_hits(stack: Stack) -> dict[str, float]:
-    """State restores by tier, summed over the replicas still up."""
+def tier_hits(stack: Stack, only: int | None = None) -> dict[str, float]:
+    """State restores by tier, summed over the replicas still up (or of replica ``only``)."""
     total: dict[str, float] = {}
-    for port, proc in zip(stack.replica_ports, stack.replicas, strict=True):
-        if proc is None or proc.poll() is not None:
+    for i, (port, proc) in enumerate(zip(stack.replica_ports, stack.replicas, strict=True)):
+        if proc is None or proc.poll() is not None or only not in (None, i):
             continue
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         for family in text_string_to_metric_families(text):
@@ -152,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
               ("nginx", "round-robin", None, "nginx, round robin")]
     if "vllm-router" in args.routers:
         phases.append(("vllm-router", "session", None, "vllm-router, consistent_hash on x-session-id"))
-    phases.append(("nginx", "session", args.conversations * args.turns // 2,
-                   "nginx affine, replica 0 killed (SIGKILL) at half the turns"))
+    phases.append(("nginx", "session", args.conversations * args.turns // 2 + args.conversations // 2,
+                   f"nginx affine, replica 0 killed (SIGKILL) during turn {args.turns // 2 + 1}"))
     results = []
     for router, policy, kill_after, label in phases:
         try:
@@ -182,8 +187,9 @@ def write_report(args: argparse.Namespace, results: list[dict]) -> None:
         f"commit {commit}. {args.replicas} replicas of {args.model} on CPU (one thread each), Redis, a router; "
         f"{args.conversations} conversations x {args.turns} turns through the Responses API "
         f"(`previous_response_id`, streamed, greedy, {args.max_output_tokens} output tokens), "
-        f"{args.concurrency} conversations at a time. Median time to first token per turn (ms), over HTTP through the "
-        "router; every phase on a fresh stack.",
+        f"{args.concurrency} requests at a time, turn by turn (every conversation's turn t, then turn t + 1). Median "
+        "time to first token per turn (ms), over HTTP through the router; every phase on a fresh stack. Router ms: "
+        "median extra latency of `GET /v1/models` through the router over a replica directly.",
         "",
         header,
         "|" + "---|" * (args.turns + 6),
