@@ -160,6 +160,17 @@ def test_two_engines_continue_each_others_conversations(fresh, tiny_checkpoint):
         if turn:
             assert cached > 0 and engine.metrics.state_tier_hits["redis"]._value.get() >= 1
         history += tokens
+    # every state in the store corrupted: a third replica rejects them and recomputes, with the same tokens
+    redis = redis_client(fresh)
+    for name in redis.scan_iter("miras:*:state:*"):
+        data = bytearray(redis.get(name))
+        data[-1] ^= 0xFF
+        redis.set(name, bytes(data))
+    third = LLMEngine(model, tokenizer, config)
+    history += [7, 8, 9]
+    tokens, cached = generate(third, "t4", history)
+    assert tokens == generate(alone, "t4", history)[0] and cached == 0
+    assert third.metrics.state_tier_rejected["corrupt"]._value.get() >= 1
 
 
 @pytest.fixture
@@ -292,3 +303,16 @@ def test_the_router_keeps_conversations_on_one_replica_and_survives_a_crash(tiny
         survivor = stack.replica_ports[1 - busiest]
         moved = per_replica[busiest]["memory"] // 2
         assert hits(stack, survivor)["redis"] == moved and tier_hits(stack)["redis"] == moved
+
+
+def test_shared_store_flags():
+    from server.cli import engine_config, parse_args
+
+    config = engine_config(parse_args(["--state-redis-url", "redis://127.0.0.1:7000/1", "--state-redis-gb", "0.5",
+                                       "--state-redis-ttl", "60"]))
+    assert (config.state_redis_url, config.state_redis_bytes, config.state_redis_ttl) == \
+        ("redis://127.0.0.1:7000/1", 1 << 29, 60.0)
+    assert engine_config(parse_args([])).state_redis_url is None
+    for bad in (["--state-redis-gb", "-1"], ["--state-redis-ttl", "nan"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
