@@ -42,10 +42,23 @@ def fresh(redis_url):
     return redis_url
 
 
+TIERS: list[RedisStateTier] = []
+
+
+@pytest.fixture(autouse=True)
+def close_tiers():
+    """Stop the index refreshers of the tiers a test made (before its Redis goes away)."""
+    yield
+    while TIERS:
+        TIERS.pop()._stop.set()
+
+
 def tier(url: str, model, capacity: int = 1 << 30, ttl: float = 0.0, rejects: list | None = None,
          retry: float = 5.0) -> RedisStateTier:
-    return RedisStateTier(redis_client(url), model_identity(model), model.init_state(1), capacity, ttl,
+    made = RedisStateTier(redis_client(url), model_identity(model), model.init_state(1), capacity, ttl,
                           on_reject=rejects.append if rejects is not None else None, retry_seconds=retry)
+    TIERS.append(made)
+    return made
 
 
 def filled(model, value: float):
@@ -171,6 +184,8 @@ def test_two_engines_continue_each_others_conversations(fresh, tiny_checkpoint):
     tokens, cached = generate(third, "t4", history)
     assert tokens == generate(alone, "t4", history)[0] and cached == 0
     assert third.metrics.state_tier_rejected["corrupt"]._value.get() >= 1
+    for engine in (*replicas, third):
+        engine.state_cache.tier.close()
 
 
 @pytest.fixture
