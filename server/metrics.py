@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 FINISH_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = ("queue_full", "draining")
-STATE_TIERS = ("memory", "disk")  # where a restored state came from
+STATE_TIERS = ("memory", "disk", "redis")  # where a restored state came from
 STATE_REJECT_REASONS = ("corrupt", "missing")  # why a saved state was not used (it is recomputed)
 RESTORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 

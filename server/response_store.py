@@ -10,7 +10,10 @@ it (reference counts), so evicting or deleting a response never breaks a convers
 Responses belong to a tenant: another tenant's id is not found. Each tenant's responses are bounded in
 count and bytes (the oldest go first) and expire a fixed time after creation. With a directory, every
 stored response and segment is also a file (written off the event loop), and a restarted server loads
-them: a conversation continues across restarts.
+them: a conversation continues across restarts. With a shared store (server/response_store_redis.py) every
+stored response is also written there, and one this replica does not hold is looked for there, so a
+conversation continues on any replica; this replica's copies are then a cache, bounded as above, and a
+response deleted elsewhere is dropped here when next asked for.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import logging
 import time
 import uuid
 from array import array
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import ChainMap, OrderedDict
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .response_store_redis import RedisResponses
 from .state_tiers import BackgroundWriter, write_atomically
 
 logger = logging.getLogger("miras.responses")
@@ -83,17 +87,20 @@ class StoredResponse:
 class ResponseStore:
     def __init__(self, max_count: int, max_bytes: int, ttl_seconds: float, directory: str | Path | None = None,
                  writer: BackgroundWriter | None = None,
-                 on_forget: Callable[[StoredResponse], None] | None = None):
-        """``on_forget`` is called with every response deleted, evicted or expired (to drop its states)."""
+                 on_forget: Callable[[StoredResponse], None] | None = None, shared: RedisResponses | None = None):
+        """``on_forget`` is called with every response deleted, evicted or expired (to drop its states; with
+        a shared store, only when deleted: other replicas may still continue it)."""
         self.max_count = max_count  # per tenant
         self.max_bytes = max_bytes  # per tenant
         self.ttl_seconds = ttl_seconds  # after creation; 0: never
         self.dir = Path(directory) if directory is not None else None
+        self.shared = shared
         self.writer = writer or (BackgroundWriter("miras-response-writer") if self.dir is not None else None)
         self.tenants: dict[str, OrderedDict[str, StoredResponse]] = {}  # oldest first
         self.nbytes: dict[str, int] = {}
         # segment id -> how many stored responses and kept segments point to it
         self.refs: dict[str, int] = {}
+        self.segments: dict[str, Segment] = {}  # the segments held, by id
         self.on_forget = on_forget or (lambda response: None)
         if self.dir is not None:
             self._load()
@@ -101,32 +108,62 @@ class ResponseStore:
     def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         response = self.tenants.get(tenant, {}).get(response_id)
         if response is not None and self._expired(response):
-            self.delete(tenant, response_id)
+            self._drop(tenant, response_id, forget=self.shared is None)
             return None
+        if response is not None and self.shared is not None and not self.shared.exists(tenant, response_id):
+            self._drop(tenant, response_id, forget=False)  # deleted (or evicted) on another replica
+            return None
+        if response is None and self.shared is not None:
+            response = self._fetch(tenant, response_id)
         return response
 
     def put(self, response: StoredResponse, save: bool = True) -> None:
+        """Keep a response; ``save``: also write it to the directory and the shared store (not when it
+        was read from there)."""
         responses = self.tenants.setdefault(response.tenant, OrderedDict())
         responses[response.id] = response
         self.nbytes[response.tenant] = self.nbytes.get(response.tenant, 0) + response.nbytes
-        save = save and self.writer is not None
-        self._hold(response.segment, save)
-        if save:
+        self._hold(response.segment, save and self.dir is not None)
+        if save and self.dir is not None:
             self._write(self._path(response), response.to_json())
+        if save and self.shared is not None:  # at once: the next turn may come to another replica right away
+            self.shared.put(response.to_json(), response.segment)
         self._evict(response.tenant)
 
     def delete(self, tenant: str, response_id: str) -> bool:
-        """Forget a response (its segments stay while another stored response's conversation needs them)."""
-        response = self.tenants.get(tenant, {}).pop(response_id, None)
-        if response is None:
+        """Forget a response, here and in the shared store (its segments stay while another stored
+        response's conversation needs them)."""
+        if self.get(tenant, response_id) is None:
             return False
+        if self.shared is not None:
+            self.shared.delete(tenant, response_id)
+        self._drop(tenant, response_id, forget=True)
+        return True
+
+    def _drop(self, tenant: str, response_id: str, forget: bool) -> None:
+        response = self.tenants[tenant].pop(response_id)
         self.nbytes[tenant] -= response.nbytes
         self._release(response.segment)
-        if self.writer is not None:
+        if self.dir is not None:
             path = self._path(response)
             self.writer.submit(lambda: path.unlink(missing_ok=True))
-        self.on_forget(response)
-        return True
+        if forget:
+            self.on_forget(response)
+
+    def _fetch(self, tenant: str, response_id: str) -> StoredResponse | None:
+        """A response another replica stored, with the segments of its conversation this one lacks."""
+        record = self.shared.get(tenant, response_id)
+        if record is None:
+            return None
+        records = self.shared.segments(record["segment"], self.segments)
+        if records is None:
+            return None
+        segment = _build(record["segment"], records, ChainMap({}, self.segments))
+        if segment is None:
+            return None
+        response = _from_json(record, segment)
+        self.put(response, save=False)
+        return response
 
     def count(self, tenant: str) -> int:
         return len(self.tenants.get(tenant, {}))
@@ -147,7 +184,10 @@ class ResponseStore:
             if len(responses) <= self.max_count and self.nbytes[tenant] <= self.max_bytes \
                     and not self._expired(oldest):
                 break
-            self.delete(tenant, oldest.id)
+            if self.shared is None:
+                self.delete(tenant, oldest.id)
+            else:  # this replica's copy only: the shared store bounds its own
+                self._drop(tenant, oldest.id, forget=False)
 
     # ---- segments -------------------------------------------------------------------------------------
 
@@ -158,6 +198,7 @@ class ResponseStore:
             self.refs[segment.id] = self.refs.get(segment.id, 0) + 1
             if known:
                 return
+            self.segments[segment.id] = segment
             if save:
                 self._write(self._segment_path(segment.id), {
                     "id": segment.id, "parent": segment.parent.id if segment.parent else None,
@@ -171,7 +212,8 @@ class ResponseStore:
             if self.refs[segment.id]:
                 return
             del self.refs[segment.id]
-            if self.writer is not None:
+            del self.segments[segment.id]
+            if self.dir is not None:
                 path = self._segment_path(segment.id)
                 self.writer.submit(lambda path=path: path.unlink(missing_ok=True))
             segment = segment.parent
@@ -197,10 +239,7 @@ class ResponseStore:
         built: dict[str, Segment | None] = {}
         for record in sorted(_read_all(self.dir / "tenants"), key=lambda r: r["created"]):
             segment = _build(record["segment"], segments, built)
-            response = StoredResponse(
-                record["id"], record["tenant"], record["namespace"], record["body"], segment, record["length"],
-                record["output_ids"], record["output_text"], bytes.fromhex(record["prompt_key"]),
-                bytes.fromhex(record["finish_key"]), record["created"])
+            response = _from_json(record, segment)
             if segment is None:
                 logger.warning("dropping stored response %s: its conversation's earlier tokens are gone",
                                record["id"])
@@ -209,6 +248,12 @@ class ResponseStore:
             self.put(response, save=False)
         for segment_id in set(segments) - set(self.refs):
             self._segment_path(segment_id).unlink(missing_ok=True)
+
+
+def _from_json(record: dict[str, Any], segment: Segment | None) -> StoredResponse:
+    return StoredResponse(record["id"], record["tenant"], record["namespace"], record["body"], segment,
+                          record["length"], record["output_ids"], record["output_text"],
+                          bytes.fromhex(record["prompt_key"]), bytes.fromhex(record["finish_key"]), record["created"])
 
 
 def _read_all(directory: Path) -> list[dict[str, Any]]:
@@ -222,7 +267,8 @@ def _read_all(directory: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _build(segment_id: str, records: dict[str, dict[str, Any]], built: dict[str, Segment | None]) -> Segment | None:
+def _build(segment_id: str, records: dict[str, dict[str, Any]], built: MutableMapping[str, Segment | None]
+           ) -> Segment | None:
     """The segment ``segment_id`` linked to its parents, from their records (iteratively: chains are
     long); None if one of them is missing."""
     chain = []

@@ -1,5 +1,5 @@
-"""Tiers of saved recurrent states behind the in-process state cache: a local-disk tier now, a shared store
-(Redis, for replicas) later, both behind one interface.
+"""Tiers of saved recurrent states behind the in-process state cache: a local-disk tier here, a shared store
+for replicas in state_tier_redis.py, both behind one interface (and stacked by ``StackedTiers``).
 
 A tier maps a state-cache key (a digest that already carries the tenant namespace, see state_cache.py) to
 one row of recurrent state. Entries are bound to the model that made them: the tier's files live under the
@@ -28,7 +28,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -126,6 +126,44 @@ def decode_state(payload: bytes, template: ModelState, device: torch.device) -> 
     layers = [{name: tensors[f"layers.{i}.{name}"].to(device) for name in layer} for i, layer in
               enumerate(template.layers)]
     return ModelState(tensors["pos"].to(device), layers), None if logits is None else logits.to(device)
+
+
+def pack_entry(identity: str, key: bytes, entry: CachedState) -> bytes:
+    """A saved state as stored by every tier: magic, a JSON header (model identity, key, length, checksum of
+    the payload) and the safetensors payload."""
+    payload = encode_state(entry)
+    header = json.dumps({"identity": identity, "key": key.hex(), "length": entry.length, "prefix": entry.prefix,
+                         "logits": entry.logits is not None,
+                         "checksum": hashlib.blake2b(payload, digest_size=16).hexdigest()}).encode()
+    return MAGIC + _HEADER_LEN.pack(len(header)) + header + payload
+
+
+def read_header(f: BinaryIO, identity: str) -> dict:
+    """The header of a packed entry (``f`` is left at its payload); ValueError if it is not one of this
+    model's."""
+    if f.read(len(MAGIC)) != MAGIC:
+        raise ValueError("not a saved state")
+    (size,) = _HEADER_LEN.unpack(f.read(_HEADER_LEN.size))
+    header = json.loads(f.read(size))
+    if header.get("identity") != identity:
+        raise ValueError("saved by another model")
+    return header
+
+
+def unpack_entry(f: BinaryIO, identity: str, key: bytes, template: ModelState, device: torch.device
+                 ) -> tuple[dict, ModelState, torch.Tensor | None]:
+    """The header, state and logits of a packed entry, checked against the model identity, the key, the checksum
+    and the layout; ValueError (struct.error included) when any differs."""
+    try:
+        header = read_header(f, identity)
+    except struct.error as exc:
+        raise ValueError("truncated") from exc
+    payload = f.read()
+    if header.get("key") != key.hex():
+        raise ValueError("entry holds another key")
+    if hashlib.blake2b(payload, digest_size=16).hexdigest() != header.get("checksum"):
+        raise ValueError("checksum mismatch")
+    return header, *decode_state(payload, template, device)
 
 
 class BackgroundWriter:
@@ -283,34 +321,16 @@ class DiskStateTier:
             with self._lock:
                 if self.pending.get(key) is not entry:  # replaced or deleted before it was written
                     return
-            payload = encode_state(entry)
-            header = json.dumps({"identity": self.identity, "key": key.hex(), "length": entry.length,
-                                 "prefix": entry.prefix, "logits": entry.logits is not None,
-                                 "checksum": hashlib.blake2b(payload, digest_size=16).hexdigest()}).encode()
-            write_atomically(self._path(key), MAGIC + _HEADER_LEN.pack(len(header)) + header + payload)
+            write_atomically(self._path(key), pack_entry(self.identity, key, entry))
         finally:
             with self._lock:
                 if self.pending.get(key) is entry:
                     del self.pending[key]
 
-    def _read_header(self, f) -> dict:
-        if f.read(len(MAGIC)) != MAGIC:
-            raise ValueError("not a saved state")
-        (size,) = _HEADER_LEN.unpack(f.read(_HEADER_LEN.size))
-        header = json.loads(f.read(size))
-        if header.get("identity") != self.identity:
-            raise ValueError("saved by another model")
-        return header
-
     def _read(self, key: bytes) -> tuple[ModelState, torch.Tensor | None]:
         with open(self._path(key), "rb") as f:
-            header = self._read_header(f)
-            payload = f.read()
-        if header.get("key") != key.hex():
-            raise ValueError("file holds another key")
-        if hashlib.blake2b(payload, digest_size=16).hexdigest() != header.get("checksum"):
-            raise ValueError("checksum mismatch")
-        return decode_state(payload, self.template, self.device)
+            _, state, logits = unpack_entry(f, self.identity, key, self.template, self.device)
+        return state, logits
 
     def _scan(self) -> None:
         """Rebuild the index from the files' headers, oldest first (a restart keeps every saved state)."""
@@ -318,7 +338,7 @@ class DiskStateTier:
         for path in self.dir.glob("*/*.state"):
             try:
                 with open(path, "rb") as f:
-                    header = self._read_header(f)
+                    header = read_header(f, self.identity)
                 stat = path.stat()
                 found.append((stat.st_mtime, bytes.fromhex(header["key"]), header, stat.st_size))
             except (OSError, ValueError, KeyError) as exc:
@@ -353,3 +373,40 @@ class DiskStateTier:
             if self.nbytes <= self.capacity_bytes and not self._expired(oldest):
                 return
             self.delete(key)
+
+
+class StackedTiers:
+    """Several tiers below memory, fastest first (local disk, then a shared store): an entry is looked for
+    in each in turn and written to all, so whichever holds it serves it."""
+
+    def __init__(self, tiers: list[StateTier]):
+        self.tiers = tiers
+        self.name = "+".join(t.name for t in tiers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tiers)
+
+    def index(self, key: bytes) -> tuple[int, bool, bool] | None:
+        return next((found for t in self.tiers if (found := t.index(key)) is not None), None)
+
+    def lengths(self) -> Counter[int]:
+        total: Counter[int] = Counter()
+        for t in self.tiers:
+            total.update(t.lengths())
+        return total
+
+    def lookup(self, key: bytes) -> CachedState | None:
+        return next((entry for t in self.tiers if (entry := t.lookup(key)) is not None), None)
+
+    def insert(self, key: bytes, entry: CachedState) -> None:
+        for t in self.tiers:
+            t.insert(key, entry)
+
+    def delete(self, key: bytes) -> None:
+        for t in self.tiers:
+            t.delete(key)
+
+    def flush(self) -> None:
+        for t in self.tiers:
+            t.flush()

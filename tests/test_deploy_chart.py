@@ -50,11 +50,13 @@ def template_text(helm: str, *args: str) -> str:
 
 
 def render(helm: str, *args: str) -> dict[str, dict]:
-    """Rendered objects by kind (the chart makes at most one of each)."""
+    """Rendered objects by kind, and ``kind/component`` for the router's and the shared store's (the chart
+    makes at most one of each)."""
     docs = [d for d in yaml.safe_load_all(template_text(helm, *args)) if d]
-    kinds = [d["kind"] for d in docs]
+    kinds = ["/".join([d["kind"], *filter(None, [d["metadata"]["labels"].get("app.kubernetes.io/component")])])
+             for d in docs]
     assert len(kinds) == len(set(kinds)), kinds
-    return {d["kind"]: d for d in docs}
+    return dict(zip(kinds, docs, strict=True))
 
 
 def render_error(helm: str, *args: str) -> str:
@@ -345,6 +347,8 @@ def test_pod_runs_unprivileged(helm):
     ("metrics.serviceMonitor.interval=often", "metrics.serviceMonitor.interval"),
     ("podSecurityContext.runAsNonRoot=false", "podSecurityContext.runAsNonRoot"),
     ("securityContext.allowPrivilegeEscalation=true", "securityContext.allowPrivilegeEscalation"),
+    ("router.sessionHeader=x session", "router.sessionHeader"),
+    ("sharedStore.gb=-1", "sharedStore.gb"),
 ])
 def test_schema_rejects_bad_values(helm, setting, complaint):
     error = render_error(helm, "--set", setting)
@@ -406,3 +410,34 @@ def test_rendered_command_line_is_accepted_by_the_server(helm, values):
     chosen = default_values()["server"] | yaml.safe_load(values.read_text() if values else "{}").get("server", {})
     assert parsed.port == chosen["port"] and parsed.max_num_seqs == chosen["maxNumSeqs"]
     assert parsed.shutdown_timeout == chosen["shutdownTimeout"] and parsed.device == chosen["device"]
+
+
+def test_router_and_shared_store_front_the_replicas(helm):
+    """The router (nginx hashing the conversation header over the replicas' headless Service) and the
+    chart's own Redis, which every replica is pointed at; none of their pods is selected as a replica."""
+    objects = render(helm, "-f", str(CHART / "ci" / "replicas-values.yaml"))
+    assert objects["Deployment"]["spec"]["replicas"] == 3 and objects["Deployment/router"]["spec"]["replicas"] == 2
+    args = flags(container(objects)["args"])
+    assert args["--state-redis-url"] == [f"redis://{RELEASE}-miras-serve-redis.{NAMESPACE}.svc:6379/0"]
+    assert args["--state-redis-gb"] == ["2"] and args["--state-redis-ttl"] == ["86400"]
+    conf = objects["ConfigMap/router"]["data"]["nginx.conf"]
+    assert "hash $route_key consistent;" in conf and "default $http_x_session_id;" in conf
+    assert f"server {RELEASE}-miras-serve-replicas.{NAMESPACE}.svc.cluster.local:8000 resolve;" in conf
+    headless = objects["Service/replicas"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == objects["Service"]["spec"]["selector"]
+    replica_selector = objects["Service"]["spec"]["selector"].items()
+    for component in ("router", "redis"):
+        pod_labels = objects[f"Deployment/{component}"]["spec"]["template"]["metadata"]["labels"]
+        assert not replica_selector <= pod_labels.items()  # the server's Service, PDB and HPA never pick them
+        assert objects[f"Service/{component}"]["spec"]["selector"].items() <= pod_labels.items()
+    assert objects["Service/redis"]["spec"]["ports"][0]["port"] == 6379
+
+
+def test_an_external_store_runs_no_redis(helm):
+    objects = render(helm, "--set", "sharedStore.enabled=true", "--set", "sharedStore.externalUrl=redis://cache:6379/2")
+    assert "Deployment/redis" not in objects and "Deployment/router" not in objects
+    assert flags(container(objects)["args"])["--state-redis-url"] == ["redis://cache:6379/2"]
+    assert "--state-redis-url" not in flags(container(render(helm))["args"])
+    assert "redis://" in render_error(helm, "--set", "sharedStore.enabled=true", "--set",
+                                      "sharedStore.externalUrl=cache:6379")

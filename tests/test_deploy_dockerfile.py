@@ -89,7 +89,7 @@ def test_serves_the_shipped_default_model_on_the_chart_port(final_stage):
 
 def test_build_installs_pinned_torch_before_the_package():
     build = " ".join(rest for kw, rest in instructions()[0] if kw == "RUN")
-    assert build.index('"torch==${TORCH_VERSION}"') < build.index('pip install ".[triton]"')
+    assert build.index('"torch==${TORCH_VERSION}"') < build.index('pip install ".[triton,redis]"')
 
 
 def test_copied_sources_exist_and_pass_the_dockerignore():

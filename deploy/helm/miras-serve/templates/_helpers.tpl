@@ -120,6 +120,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - {{ .Values.server.limitConcurrency | int64 | quote }}
 - --log-level
 - {{ .Values.server.logLevel | quote }}
+{{- if .Values.sharedStore.enabled }}
+- --state-redis-url
+- {{ include "miras-serve.redisUrl" . | quote }}
+- --state-redis-gb
+- {{ .Values.sharedStore.gb | quote }}
+- --state-redis-ttl
+- {{ .Values.sharedStore.ttlSeconds | quote }}
+{{- end }}
 {{- range .Values.server.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -161,7 +169,34 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.autoscaling.enabled (kindIs "invalid" .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.requestsWaiting.enabled) }}
 {{- fail "autoscaling.enabled needs targetCPUUtilizationPercentage or requestsWaiting.enabled" }}
 {{- end }}
+{{- if and .Values.sharedStore.externalUrl (not (hasPrefix "redis://" .Values.sharedStore.externalUrl)) }}
+{{- fail "sharedStore.externalUrl must be a redis:// address" }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must be <= autoscaling.maxReplicas" }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the router's and the store's pods: another app name, so the server's Service, PDB and HPA
+never select them. */}}
+{{- define "miras-serve.componentSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-%s" (include "miras-serve.name" .root) .component | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "miras-serve.componentLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "miras-serve.componentSelectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+{{- end }}
+
+{{/* The shared store's address: an external one, or the chart's own Redis Service. */}}
+{{- define "miras-serve.redisUrl" -}}
+{{- if .Values.sharedStore.externalUrl }}
+{{- .Values.sharedStore.externalUrl }}
+{{- else }}
+{{- printf "redis://%s-redis.%s.svc:6379/0" (include "miras-serve.fullname" .) .Release.Namespace }}
 {{- end }}
 {{- end }}
