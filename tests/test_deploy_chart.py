@@ -148,7 +148,8 @@ def test_startup_probe_allows_minutes_for_model_load(helm):
 def test_every_server_value_becomes_its_flag(helm, tmp_path):
     server = {
         "host": "0.0.0.0", "port": 8001, "servedModelName": "chat", "dtype": "bfloat16", "device": "cpu",
-        "allowedOrigins": ["https://a.example", "https://b.example"], "maxNumSeqs": 7, "maxNumBatchedTokens": 4096,
+        "allowedOrigins": ["https://a.example", "https://b.example"], "maxNumSeqs": 7, "gpuMemoryUtilization": 0.8,
+        "maxNumBatchedTokens": 4096,
         "maxPromptTokens": 123456789, "maxQueuedRequests": 9, "stateCacheGb": 0.5, "ssePingInterval": 12.5,
         "enforceEager": True, "shutdownTimeout": 45, "logLevel": "debug", "extraArgs": ["--some-future-flag", "x"],
         "stateCacheScope": "shared", "metricsRequireKey": True, "maxRequestBytes": 5000000, "maxPromptChars": 70000,
@@ -168,6 +169,7 @@ def test_optional_flags_are_left_to_server_defaults(helm):
     assert "--served-model-name" not in parsed and "--allowed-origins" not in parsed
     assert "--api-key" not in parsed
     assert "--max-request-bytes" not in parsed and "--max-prompt-chars" not in parsed  # derived by the server
+    assert "--max-num-seqs" not in parsed  # sized by the server from the GPU's memory (64 on a CPU)
 
 
 def test_drain_fits_inside_the_grace_period(helm):
@@ -337,6 +339,8 @@ def test_pod_runs_unprivileged(helm):
     ("server.port=70000", "server.port"),
     ("server.logLevel=loud", "server.logLevel"),
     ("server.maxNumSeqs=lots", "server.maxNumSeqs"),
+    ("server.gpuMemoryUtilization=0", "server.gpuMemoryUtilization"),
+    ("server.gpuMemoryUtilization=1.5", "server.gpuMemoryUtilization"),
     ("server.stateCacheGb=-1", "server.stateCacheGb"),
     ("server.enforceEager=maybe", "server.enforceEager"),
     ("server.bogusFlag=1", "bogusFlag"),
@@ -408,7 +412,8 @@ def test_rendered_command_line_is_accepted_by_the_server(helm, values):
     except SystemExit as exc:
         pytest.fail(f"miras-serve refuses the chart's arguments {server['args']}: exit {exc.code}")
     chosen = default_values()["server"] | yaml.safe_load(values.read_text() if values else "{}").get("server", {})
-    assert parsed.port == chosen["port"] and parsed.max_num_seqs == chosen["maxNumSeqs"]
+    assert parsed.port == chosen["port"] and parsed.max_num_seqs == chosen["maxNumSeqs"]  # None: sized at start-up
+    assert parsed.gpu_memory_utilization == chosen["gpuMemoryUtilization"]
     assert parsed.shutdown_timeout == chosen["shutdownTimeout"] and parsed.device == chosen["device"]
 
 

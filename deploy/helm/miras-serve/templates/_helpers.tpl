@@ -82,8 +82,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- with .Values.server.maxNumSeqs }}
 - --max-num-seqs
-- {{ .Values.server.maxNumSeqs | int64 | quote }}
+- {{ . | int64 | quote }}
+{{- end }}
+- --gpu-memory-utilization
+- {{ .Values.server.gpuMemoryUtilization | quote }}
 - --max-num-batched-tokens
 - {{ .Values.server.maxNumBatchedTokens | int64 | quote }}
 - --max-prompt-tokens
