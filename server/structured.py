@@ -45,19 +45,21 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._compile = lru_cache(maxsize=256)(self._compile_uncached)
 
-    def compile(self, guided: GuidedDecoding) -> str:
-        """The grammar of ``guided``; ParamError naming its request field when it is invalid."""
-        return self._compile(guided)
+    def compile(self, guided: GuidedDecoding) -> None:
+        """Check ``guided``'s grammar (compiled once, cached); ParamError naming its request field if invalid."""
+        self._compile(guided)
 
-    def _compile_uncached(self, guided: GuidedDecoding) -> str:
+    def _compile_uncached(self, guided: GuidedDecoding) -> Any:
+        """A fresh matcher of the grammar, copied for each sequence: copies share the compiled lexer and its
+        caches (a copy takes ~20 µs, a new matcher ~1 ms and slower first masks)."""
         grammar = _grammar(guided)
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
             raise ParamError(guided.field, f"{guided.field}: invalid {guided.kind.replace('_', ' ')}: {error}")
-        return grammar
+        return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
 
     def matcher(self, guided: GuidedDecoding) -> GrammarMatcher:
-        return GrammarMatcher(llguidance.LLMatcher(self.tokenizer, self.compile(guided), log_level=0))
+        return GrammarMatcher(self._compile(guided).deep_copy())
 
 
 def _grammar(guided: GuidedDecoding) -> str:

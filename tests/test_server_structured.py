@@ -18,10 +18,11 @@ import torch
 from test_server_support import ServerProcess
 
 import models
+from server.engine import EngineConfig, LLMEngine
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest
 from server.sampler import Sampler
-from server.sampling_params import SamplingParams
+from server.sampling_params import GuidedDecoding, ParamError, SamplingParams
 from server.tool_calls import parse_tool_calls, tool_mode
 
 MODEL_DIR = Path(models.__file__).parent / "pretrained" / "moneta-tiny"
@@ -64,6 +65,18 @@ def test_masked_rows_sample_only_allowed_tokens_and_leave_other_rows_alone(tempe
                 assert step_tokens[b] == plain_tokens[b]
     if temperature:
         assert len({t[1] for t in masked}) > 1  # a constrained row still samples among what is allowed
+
+
+def test_without_the_grammar_package_a_constrained_request_is_a_400_naming_its_field(tokenizer):
+    from conftest import small_model
+
+    engine = LLMEngine(small_model("linear"), tokenizer, EngineConfig(max_num_seqs=2, state_cache_bytes=0))
+    engine.validate([1, 5], SamplingParams(guided=GuidedDecoding("regex", "[ab]+", "guided_regex")))
+    engine.grammars = None  # as when llguidance is not installed
+    with pytest.raises(ParamError, match="llguidance") as err:
+        engine.validate([1, 5], SamplingParams(guided=GuidedDecoding("regex", "[ab]+", "guided_regex")))
+    assert err.value.param == "guided_regex"
+    engine.validate([1, 5], SamplingParams())  # unconstrained requests are served as before
 
 
 # ---- tool modes (no server) ---------------------------------------------------------------------------------
