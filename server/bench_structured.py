@@ -18,6 +18,7 @@ when installed (pip install xgrammar outlines-core).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -120,10 +121,8 @@ def outlines_core_engine(tokenizer: MirasTokenizer, vocab: int, eos: int):
     for i in range(vocab):
         if i == eos or i in tokenizer.special_ids:
             continue
-        try:
+        with contextlib.suppress(UnicodeDecodeError):
             tokens.setdefault(tokenizer.token_bytes(i).decode("utf-8"), []).append(i)
-        except UnicodeDecodeError:
-            pass
     vocabulary = Vocabulary(eos, tokens)
 
     def compile_(schema: dict) -> Callable[[], Walker]:
@@ -250,10 +249,8 @@ def write_report(args: argparse.Namespace, vocab: int, engines: list[tuple], ove
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     versions = []
     for package in ("llguidance", "xgrammar", "outlines_core"):
-        try:
+        with contextlib.suppress(ImportError, AttributeError):
             versions.append(f"{package} {__import__(package).__version__}")
-        except (ImportError, AttributeError):
-            pass
     lines = [
         "# Structured outputs: grammar engines and the mask's cost per decode step (CPU)", "",
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared), {torch.get_num_threads()} torch "
