@@ -69,6 +69,7 @@ class ServerSettings:
     max_request_bytes: int | None = None  # None: derived from --max-prompt-tokens
     max_prompt_chars: int | None = None  # None: derived from --max-prompt-tokens and the vocabulary
     request_read_timeout: float = 30.0  # seconds for a request's body after its headers
+    tool_call_parser: str | None = None  # "auto" tool choice's parser (--enable-auto-tool-choice); None: refused
 
 
 class ServerState:
@@ -87,7 +88,7 @@ class ServerState:
         self.completions = OpenAIServingCompletion(engine, tokenizer, settings.served_model_name,
                                                    settings.sse_ping_interval, self.text)
         self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name, settings.sse_ping_interval,
-                                      self.text)
+                                      self.text, tool_call_parser=settings.tool_call_parser)
         store = ResponseStore(settings.responses_max_count, settings.responses_max_bytes, settings.responses_ttl,
                               responses_dir, on_forget=lambda r: engine.forget_states([r.prompt_key, r.finish_key]),
                               shared=shared_responses)
@@ -176,7 +177,7 @@ def build_app(state: ServerState) -> FastAPI:
         if (request.prompt is None) == (request.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt", "invalid_value")
         text = request.prompt if request.prompt is not None else render_chat(
-            tokenizer, request.messages, request.add_generation_prompt)
+            tokenizer, request.messages, request.add_generation_prompt, request.tools)
         ids = await state.text.encode(text, request.add_special_tokens,
                                       "prompt" if request.prompt is not None else "messages")
         strs = [state.completions.token_str(t) for t in ids] if request.return_token_strs else None

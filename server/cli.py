@@ -30,6 +30,7 @@ from .metrics import EngineMetrics
 from .response_store_redis import RedisResponses
 from .state_tier_redis import RedisStateTier
 from .state_tiers import DiskStateTier, StackedTiers
+from .tool_calls import TOOL_CALL_PARSERS
 
 logger = logging.getLogger("miras.serve")
 
@@ -104,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-concurrency", type=int, default=1024,
                    help="open connections (streams included) beyond which new requests get 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto": the model decides whether to call tools, and --tool-call-parser '
+                        "finds the calls in its output")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                   help="how tool calls are read from a model's output under \"auto\" (miras_json: the shipped chat "
+                        "format's JSON array of {name, arguments}; docs/serving.md#tool-calls)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_prompt_tokens", "max_queued_requests",
@@ -123,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.api_keys = api_keys(args)
     except (OSError, UnicodeDecodeError) as exc:
         p.error(f"--api-key-file: {exc}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        p.error("--enable-auto-tool-choice needs --tool-call-parser")
     if args.metrics_require_key and not args.api_keys:
         p.error("--metrics-require-key needs an API key (--api-key, --api-key-file or MIRAS_API_KEY)")
     return args
@@ -202,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         responses_max_count=args.responses_max_count, responses_max_bytes=int(args.responses_max_mb * (1 << 20)),
         responses_ttl=args.responses_ttl, state_cache_scope=args.state_cache_scope,
         metrics_require_key=args.metrics_require_key, max_request_bytes=args.max_request_bytes,
-        max_prompt_chars=args.max_prompt_chars, request_read_timeout=args.request_read_timeout)
+        max_prompt_chars=args.max_prompt_chars, request_read_timeout=args.request_read_timeout,
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     tier = engine.state_cache.tier if engine.state_cache is not None else None
     tiers = tier.tiers if isinstance(tier, StackedTiers) else [tier]
     # stored responses live beside the saved states, under the same model identity

@@ -29,6 +29,8 @@ from .scheduler import PrefillChunk, Scheduler
 from .state_cache import CachedState, StateCache
 from .state_tier_redis import RedisStateTier, redis_client
 from .state_tiers import DiskStateTier, StackedTiers, StateTier, model_identity
+from .structured import GrammarCompiler
+from .structured import available as structured_available
 
 logger = logging.getLogger("miras.engine")
 
@@ -85,6 +87,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.sampler = Sampler(self.pool.batch_size, self.vocab_size, self.eos_token_id, self.device, self.generator)
+        # built once at start-up (about a second), not on the first constrained request
+        self.grammars = GrammarCompiler(tokenizer.tokenizer.to_str(), self.vocab_size, self.eos_token_id) \
+            if structured_available() else None
         self.metrics = metrics or EngineMetrics(model_name)
         self.metrics.state_slots_total.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
@@ -163,6 +168,11 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise ParamError("n", f"n={params.n} is more than the server's --max-num-seqs={self.config.max_num_seqs}")
         params.check_vocab(self.vocab_size)
+        if params.guided is not None:
+            if self.grammars is None:
+                raise ParamError(params.guided.field, f"{params.guided.field} needs structured outputs, and this "
+                                 "server lacks the llguidance package (pip install 'miras-serve[structured]')")
+            self.grammars.compile(params.guided)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float | None = None, validated: bool = False,
@@ -344,11 +354,12 @@ class LLMEngine:
         if n > 1:
             self.pool.assign(request.slots[1:], self.pool.select([request.slots[0]] * (n - 1)))
         for i, slot in enumerate(request.slots):
-            self.sampler.add(slot, params, i, request.prompt_token_ids)
+            matcher = self.grammars.matcher(params.guided) if params.guided is not None else None
+            self.sampler.add(slot, params, i, request.prompt_token_ids, matcher)
             detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                            params.skip_special_tokens)
             logprobs = [] if params.logprobs is not None else None
-            request.sequences.append(Sequence(request.request_id, i, slot, detok, logprobs=logprobs))
+            request.sequences.append(Sequence(request.request_id, i, slot, detok, logprobs=logprobs, matcher=matcher))
         request.status = RequestStatus.DECODING
         if params.max_tokens == 0:
             for seq in request.sequences:
@@ -377,7 +388,11 @@ class LLMEngine:
             self.metrics.inter_token_latency.observe(now - seq.last_token_time)
         seq.last_token_time = now
         count = len(seq.token_ids)
-        if token == self.eos_token_id and not params.ignore_eos:
+        if seq.matcher is not None and not seq.matcher.accept(token):  # cannot happen: the mask allowed it
+            logger.error("request %s: grammar rejected sampled token %d: %s", request.request_id, token,
+                         seq.matcher.error)
+            self._finish_sequence(request, seq, "stop", None)
+        elif token == self.eos_token_id and not params.ignore_eos:
             self._finish_sequence(request, seq, "stop", None)
         elif token in params.stop_token_ids:
             self._finish_sequence(request, seq, "stop", token)
@@ -385,6 +400,8 @@ class LLMEngine:
             matched = seq.detokenizer.add(token, check_stop=count >= params.min_tokens)
             if matched is not None:
                 self._finish_sequence(request, seq, "stop", matched)
+            elif seq.matcher is not None and seq.matcher.done:  # the grammar is complete: nothing may follow
+                self._finish_sequence(request, seq, "stop", None)
             elif count >= params.max_tokens:
                 self._finish_sequence(request, seq, "length", None)
 

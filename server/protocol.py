@@ -6,6 +6,7 @@ Only shapes and static ranges live here; checks that need the model (vocabulary,
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -13,7 +14,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import APIError
-from .sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SamplingParams
+from .sampling_params import (
+    MAX_LOGPROBS,
+    MAX_STOP_STRINGS,
+    MAX_TOKENS_LIMIT,
+    GuidedDecoding,
+    ParamError,
+    SamplingParams,
+)
 
 MAX_N = 128
 MAX_PROMPTS = 256  # prompts in one /v1/completions batch
@@ -83,6 +91,29 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")  # `schema` would shadow a pydantic method
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema must be given exactly when type is "json_schema"')
+        return self
+
+    def guided(self) -> GuidedDecoding:
+        if self.type == "json_object":
+            return GuidedDecoding("json_object", "", "response_format")
+        return GuidedDecoding("json", json.dumps(self.json_schema.json_schema), "response_format")
+
+
 class SamplingFields(RequestBody):
     """Fields shared by completions and chat."""
 
@@ -108,6 +139,32 @@ class SamplingFields(RequestBody):
     user: str | None = None
     # vLLM's field: mixed into the state-cache key, so only requests with the same salt share cached states
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
+    # ---- structured outputs (server/structured.py): OpenAI's response_format and vLLM's guided fields ----
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    # ---- end of structured outputs ----
+
+    def guided_decoding(self) -> GuidedDecoding | None:
+        """The request's output constraint, if any; at most one of the fields that set one."""
+        found = []
+        if self.response_format is not None and self.response_format.type != "text":
+            found.append(self.response_format.guided())
+        if self.guided_json is not None:
+            schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            found.append(GuidedDecoding("json", schema, "guided_json"))
+        if self.guided_regex is not None:
+            found.append(GuidedDecoding("regex", self.guided_regex, "guided_regex"))
+        if self.guided_choice is not None:
+            found.append(GuidedDecoding("choice", json.dumps(self.guided_choice), "guided_choice"))
+        if self.guided_grammar is not None:
+            found.append(GuidedDecoding("grammar", self.guided_grammar, "guided_grammar"))
+        if len(found) > 1:
+            raise ParamError(found[1].field, f"only one output constraint per request, got {found[0].field} and "
+                             f"{found[1].field}")
+        return found[0] if found else None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
                         ) -> SamplingParams:
@@ -123,7 +180,8 @@ class SamplingFields(RequestBody):
             max_tokens=max_tokens, min_tokens=min(value("min_tokens"), max_tokens),
             stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
             include_stop_str_in_output=value("include_stop_str_in_output"), ignore_eos=value("ignore_eos"),
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=value("skip_special_tokens"))
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=value("skip_special_tokens"),
+            guided=self.guided_decoding())
 
     @field_validator("logit_bias")
     @classmethod
@@ -172,10 +230,46 @@ class TextPart(OpenAIModel):
     text: str
 
 
+# ---- tool calls (server/tool_calls.py) ----
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+# ---- end of tool calls ----
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message's answer to that call
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -191,6 +285,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     add_generation_prompt: bool | None = True
     add_special_tokens: bool | None = True  # the default template has no BOS, so it is added here
+    # ---- tool calls (server/tool_calls.py) ----
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+    # ---- end of tool calls ----
 
 
 class UsageInfo(BaseModel):
@@ -281,6 +380,7 @@ class TokenizeRequest(RequestBody):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    tools: list[ToolDefinition] | None = None  # rendered like chat (server/tool_calls.py)
 
 
 class TokenizeResponse(BaseModel):

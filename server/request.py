@@ -11,6 +11,7 @@ from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
 from .state_cache import CachedState, state_key
+from .structured import GrammarMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -37,6 +38,7 @@ class Sequence:
     # what has not been handed out yet (the step delta)
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    matcher: GrammarMatcher | None = None  # its grammar (structured outputs), advanced with each token
 
     @property
     def finished(self) -> bool:

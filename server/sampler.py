@@ -6,8 +6,9 @@ step gathers them by slot. Each stage (logit bias, banned ids: eos and stop ids 
 repetition / presence / frequency penalties, temperature, top-k, top-p, min-p, the draw) is a fixed
 number of tensor ops on the rows whose sequences use it, found from per-slot sets: a stage nobody uses
 costs nothing, and the costly ones (the sort of top-p) never run on rows that do not need them. Rows are
-never mixed, so a row's result does not depend on what else is in the batch. (A per-row allowed-token
-mask, e.g. for structured outputs, would be one more stage next to the banned ids.)
+never mixed, so a row's result does not depend on what else is in the batch. Structured outputs add one
+more stage next to the banned ids: each constrained row's grammar matcher (server/structured.py) writes its
+allowed tokens into a bitmask, and every other token gets -inf; the engine advances the matchers.
 
 Randomness: each row draws one uniform number per step, a hash of the sequence's key and its step
 (the number of tokens it has generated), and picks the token where that number falls in the cumulative
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
+from .structured import GrammarMatcher, allocate_bitmask, allowed_mask
 
 _MASK32 = 0xFFFFFFFF
 
@@ -98,18 +100,23 @@ class Sampler:
         self.generated: Tensor | None = None  # output counts (presence / frequency penalties)
         # live slots using each stage: a stage runs on the rows of its users only
         self.users: dict[str, set[int]] = {name: set() for name in
-                                           ("bias", "banned", "penalties", "random", "top_k", "top_p", "min_p")}
+                                           ("bias", "banned", "guided", "penalties", "random", "top_k",
+                                                            "top_p", "min_p")}
         self.params: list[SamplingParams | None] = [None] * num_slots
+        self.matchers: list[GrammarMatcher | None] = [None] * num_slots
 
     def _table(self, name: str, dtype: torch.dtype) -> Tensor:
         if getattr(self, name) is None:
             setattr(self, name, torch.zeros(self.num_slots, self.vocab_size, dtype=dtype, device=self.device))
         return getattr(self, name)
 
-    def add(self, slot: int, params: SamplingParams, index: int, prompt_token_ids: list[int]) -> None:
-        """Sequence ``index`` of a request starts in ``slot``: write its parameters (once per sequence)."""
+    def add(self, slot: int, params: SamplingParams, index: int, prompt_token_ids: list[int],
+            matcher: GrammarMatcher | None = None) -> None:
+        """Sequence ``index`` of a request starts in ``slot``: write its parameters (once per sequence).
+        ``matcher``: its grammar, which this sampler reads (the caller advances it with each token)."""
         self.remove(slot)
         self.params[slot] = params
+        self.matchers[slot] = matcher
         random = not params.greedy
         uses = {"random": random,
                 "top_k": random and 0 < params.top_k < self.vocab_size,
@@ -117,6 +124,7 @@ class Sampler:
                 "min_p": random and params.min_p > 0.0,
                 "bias": bool(params.logit_bias),
                 "banned": params.min_tokens > 0,
+                "guided": matcher is not None,
                 "penalties": params.repetition_penalty != 1.0 or bool(params.presence_penalty)
                 or bool(params.frequency_penalty)}
         for name, used in uses.items():
@@ -155,6 +163,7 @@ class Sampler:
         for users in self.users.values():
             users.discard(slot)
         self.params[slot] = None
+        self.matchers[slot] = None
 
     def _rows(self, stage: str, slots: list[int], index: Tensor) -> _Rows | None:
         """The rows of a batch (sequences in ``slots``) that use ``stage``; None if none does."""
@@ -191,6 +200,12 @@ class Sampler:
         if rows := self._rows("banned", slots, index):
             active = (self.step[rows.index] < self.min_tokens[rows.index]).unsqueeze(1)
             x = rows.put(x, x[rows.take].masked_fill(self.banned[rows.index] & active, float("-inf")))
+        if rows := self._rows("guided", slots, index):
+            bitmask = allocate_bitmask(len(rows.slots), self.vocab_size)
+            for row, slot in enumerate(rows.slots):
+                self.matchers[slot].fill_bitmask(bitmask, row)
+            allowed = allowed_mask(bitmask, self.vocab_size, self.device)
+            x = rows.put(x, x[rows.take].masked_fill(~allowed, float("-inf")))
         if rows := self._rows("penalties", slots, index):
             y = x[rows.take]
             repetition, presence, frequency = self.penalty[rows.index].unsqueeze(2).unbind(1)

@@ -19,6 +19,17 @@ class ParamError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """A constraint on the output (structured outputs, server/structured.py): ``kind`` is "json" (``value``: a
+    JSON schema, as JSON text), "json_object", "regex", "choice" (``value``: a JSON list of strings) or
+    "grammar" (Lark or GBNF); ``field`` names the request field it came from, for errors."""
+
+    kind: str
+    value: str
+    field: str
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -40,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs of each generated token (the sampled one always)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,8 +1,10 @@
-"""POST /v1/chat/completions: messages rendered with the tokenizer's chat template."""
+"""POST /v1/chat/completions: messages (and tools) rendered with the tokenizer's chat template; outputs as text
+or as tool calls (server/tool_calls.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -11,17 +13,33 @@ from fastapi.responses import JSONResponse, Response
 from .async_engine import RequestGroup
 from .errors import APIError
 from .outputs import CompletionOutput
-from .protocol import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest, ChatMessage
+from .protocol import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest, ChatMessage, ToolDefinition
 from .serving_base import ServingBase, StreamUsage, clamp, collect, sse, top_entries, usage
+from .tool_calls import ToolMode, chat_turns, parse_tool_calls, tool_mode
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
-                                         add_generation_prompt=add_generation_prompt)
+def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
+                tools: list[ToolDefinition] | None = None) -> str:
+    return tokenizer.apply_chat_template(chat_turns(messages, tools), add_generation_prompt=add_generation_prompt)
+
+
+def tool_message(out_text: str, finish_reason: str | None, mode: ToolMode | None
+                 ) -> tuple[dict[str, Any], str | None]:
+    """A finished choice's message and finish reason: its tool calls when it made some, else its text."""
+    calls = parse_tool_calls(out_text, mode) if mode is not None and finish_reason == "stop" else None
+    if calls is None:
+        return {"role": "assistant", "content": out_text}, finish_reason
+    return {"role": "assistant", "content": None, "tool_calls": calls}, \
+        "stop" if mode.choice == "named" else "tool_calls"
 
 
 class OpenAIServingChat(ServingBase):
     id_prefix = "chatcmpl"
+
+    def __init__(self, *args: Any, tool_call_parser: str | None = None, **kwargs: Any):
+        """``tool_call_parser``: the parser of "auto" tool choice (--enable-auto-tool-choice); None: refused."""
+        super().__init__(*args, **kwargs)
+        self.tool_call_parser = tool_call_parser
 
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_request(request.model, request.stream, request.stream_options)
@@ -30,16 +48,26 @@ class OpenAIServingChat(ServingBase):
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_CHAT_MAX_TOKENS
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, logprobs)
-        text = render_chat(self.tokenizer, request.messages, request.add_generation_prompt is not False)
+        mode = tool_mode(request, self.tool_call_parser)
+        if mode is not None and mode.guided is not None:
+            if params.guided is not None:
+                raise APIError(400, f"{params.guided.field} cannot be combined with tool_choice {mode.choice!r}",
+                               params.guided.field, "invalid_value")
+            params = replace(params, guided=mode.guided)
+        text = render_chat(self.tokenizer, request.messages, request.add_generation_prompt is not False,
+                           request.tools)
         ids = await self.text.encode(text, request.add_special_tokens is not False, "messages")
         group = self.submit([(ids, text)], params, raw, request.cache_salt)
         meta = self.response_meta("chat.completion")
         if request.stream:
-            return self.stream_response(self._stream(request, len(ids), params.n, group, meta), group)
+            return self.stream_response(self._stream(request, len(ids), params.n, group, meta, mode), group)
         (final,) = await self.unless_disconnected(raw, collect(group, 1), group)
-        choices = [{"index": out.index, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": self._logprobs(out) if request.logprobs else None,
-                    "finish_reason": out.finish_reason, "stop_reason": out.stop_reason} for out in final.outputs]
+        choices = []
+        for out in final.outputs:
+            message, finish_reason = tool_message(out.text, out.finish_reason, mode)
+            choices.append({"index": out.index, "message": message,
+                            "logprobs": self._logprobs(out) if request.logprobs else None,
+                            "finish_reason": finish_reason, "stop_reason": out.stop_reason})
         return JSONResponse({**meta, "choices": choices,
                              "usage": usage(len(ids), final.num_generated_tokens)})
 
@@ -53,9 +81,24 @@ class OpenAIServingChat(ServingBase):
             content.append({**item(self.token_str(token_id), entry.logprob), "top_logprobs": top})
         return {"content": content}
 
+    @staticmethod
+    def _held_delta(held: dict[int, str], delta: CompletionOutput, mode: ToolMode) -> tuple[dict[str, Any], str | None]:
+        """A streamed delta of a request with tools: nothing until the choice finishes, then its tool calls
+        (each whole, with its index) or its text."""
+        held[delta.index] = held.get(delta.index, "") + delta.text
+        if not delta.finish_reason:
+            return {}, None
+        message, finish_reason = tool_message(held.pop(delta.index), delta.finish_reason, mode)
+        if message["content"] is None:
+            return {"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}, finish_reason
+        return ({"content": message["content"]} if message["content"] else {}), finish_reason
+
     async def _stream(self, request: ChatCompletionRequest, prompt_tokens: int, n: int, group: RequestGroup,
-                      meta: dict[str, Any]) -> AsyncIterator[str]:
+                      meta: dict[str, Any], mode: ToolMode | None) -> AsyncIterator[str]:
+        """With tools, a choice's text is held back until it finishes, then sent as tool calls (one delta
+        each, whole) or, if it made none, as content."""
         chunk = {**meta, "object": "chat.completion.chunk"}
+        held: dict[int, str] = {}
         counts = StreamUsage(request.stream_options, prompt_tokens)
         for index in range(n):  # the role comes first, in a chunk of its own (as OpenAI and vLLM send it)
             yield sse(counts.stamp({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -64,10 +107,12 @@ class OpenAIServingChat(ServingBase):
             for delta in out.outputs:
                 counts.completion_tokens += len(delta.token_ids)
                 logprobs = self._logprobs(delta) if request.logprobs and delta.token_ids else None
-                if not (delta.text or delta.finish_reason or logprobs):
+                body, finish_reason = {"content": delta.text} if delta.text else {}, delta.finish_reason
+                if mode is not None:
+                    body, finish_reason = self._held_delta(held, delta, mode)
+                if not (body or finish_reason or logprobs):
                     continue
-                choice = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
-                          "logprobs": logprobs, "finish_reason": delta.finish_reason}
+                choice = {"index": delta.index, "delta": body, "logprobs": logprobs, "finish_reason": finish_reason}
                 if delta.finish_reason:
                     choice["stop_reason"] = delta.stop_reason
                 yield sse(counts.stamp({**chunk, "choices": [choice]}))
