@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-concurrency", type=int, default=1024,
                    help="open connections (streams included) beyond which new requests get 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--disable-playground", action="store_true",
+                   help="do not serve the playground page at / (then / is 404)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_prompt_tokens", "max_queued_requests",
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         responses_max_count=args.responses_max_count, responses_max_bytes=int(args.responses_max_mb * (1 << 20)),
         responses_ttl=args.responses_ttl, state_cache_scope=args.state_cache_scope,
         metrics_require_key=args.metrics_require_key, max_request_bytes=args.max_request_bytes,
-        max_prompt_chars=args.max_prompt_chars, request_read_timeout=args.request_read_timeout)
+        max_prompt_chars=args.max_prompt_chars, request_read_timeout=args.request_read_timeout,
+        playground=not args.disable_playground)
     tier = engine.state_cache.tier if engine.state_cache is not None else None
     # stored responses live beside the saved states, under the same model identity
     responses_dir = str(tier.model_dir / "responses") if isinstance(tier, DiskStateTier) else None
