@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint bench clean browser
 
 setup: $(STAMP)
 
@@ -30,9 +30,15 @@ $(HELM): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $(HELM)
 
-test: setup $(HELM)
+# the playground's browser test: Debian's chromium and its driver (root, or sudo when there is one)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
+
+test: setup $(HELM) browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	MIRAS_REQUIRE_BROWSER=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
