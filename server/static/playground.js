@@ -89,7 +89,7 @@ async function* sseData(response) {
 
 function newRun(withSurprise) {
   $("output").replaceChildren();
-  const promptBox = document.createElement("div");
+  const promptBox = document.createElement("span");
   promptBox.className = "prompt-tokens";
   const replyBox = document.createElement("span");
   replyBox.className = "reply";
@@ -232,7 +232,10 @@ function onChoice(choice) {
   if (choice.surprise) addSurprise(choice.surprise);
   if (text || tokens.length) {
     if (run.firstToken === null) run.firstToken = performance.now();
+    const output = $("output");
+    const following = output.scrollHeight - output.scrollTop - output.clientHeight < 40;
     run.generated += addTokens(run.replyBox, run.spans, text, tokens, run.generated, "completion");
+    if (following) output.scrollTop = output.scrollHeight;  // keep the newest text in view unless scrolled up
     run.reply += text;
     scheduleRedraw();
   }
