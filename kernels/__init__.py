@@ -1,7 +1,12 @@
 """Backends for the Miras memory scan: the PyTorch reference (models.memory) or the Triton kernel
 (kernels.scan). ``MIRAS_KERNELS=torch|triton`` forces one; the default is triton on CUDA tensors
 (when triton is installed) and the reference elsewhere. Forcing triton on CPU tensors runs the
-kernel under the Triton interpreter (``TRITON_INTERPRET=1`` is set if triton is not loaded yet)."""
+kernel under the Triton interpreter (``TRITON_INTERPRET=1`` is set if triton is not loaded yet).
+
+Two state layouts (models/SPEC.md §7; ``models.layers.state_layout`` picks one per backend):
+``memory_scan`` / ``memory_scan_pool`` take the anchor and the running memory, ``factored_scan`` /
+``factored_scan_pool`` the anchor and the chunk's factor rows (on triton: kernels.factored, and the
+scan kernel's FACTORED prefill)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +22,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:  # models imports this package: import it lazily, whichever is imported first
     from models.config import MirasConfig
-    from models.memory import Memory
+    from models.memory import FactoredMemory, Memory
 
 BACKENDS = ("torch", "triton")
 
@@ -68,13 +73,14 @@ def _scan_pool(device_type: str):
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
                 eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor | None,
-                ln_bias: Tensor | None) -> tuple[Tensor, Memory, Memory]:
+                ln_bias: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Memory, Memory]:
     """Same contract as :func:`models.memory.memory_scan`, on the selected backend (inputs untouched)."""
     from models.memory import memory_scan as torch_memory_scan
 
     if backend_for(q.device.type) == "torch":
         return torch_memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid,
-                                 ln_weight, ln_bias)
+                                 ln_weight, ln_bias, surprise)
+    _no_triton_surprise(surprise)
     anchor = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in anchor)
     memory = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in memory)
     rows = torch.arange(q.shape[0], device=q.device)
@@ -86,25 +92,86 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
 
 def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor,
                      k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
-                     ln_weight: Tensor | None, ln_bias: Tensor | None) -> Tensor:
+                     ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None) -> Tensor:
     """In place on a state pool: row b of q/k/v ([B, H, T, d], right-padded to ``lengths``) continues
     pool slot ``slots[b]`` from position ``pos[b]``; a negative slot is skipped. Returns the reads.
+    ``surprise`` [B, H, T], if given, takes every token's loss at its chunk's anchor (skipped rows: 0).
 
     The triton backend is one in-place launch without host syncs (CUDA-graph capturable); the torch
     backend gathers the rows, runs the reference and scatters them back.
     """
     if backend_for(q.device.type) == "triton":
+        _no_triton_surprise(surprise)
         return _scan_pool(q.device.type)(cfg, anchor, memory, slots, pos, q, k, v, eta, log_alpha, delta,
                                          ln_weight, ln_bias, lengths=lengths)
     from models.memory import memory_scan as torch_memory_scan
 
-    rows = (slots >= 0).nonzero().squeeze(1)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    access = _slot_access(slots, slots >= 0)
+    if access is None:
+        return _zero_reads(q, surprise)
+    rows, picked, read, write, pick = access
+    valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < lengths.view(-1, 1)
+    part = _surprise_part(surprise, rows)
+    o, new_anchor, new_memory = torch_memory_scan(
+        cfg, tuple(read(w) for w in anchor), tuple(read(w) for w in memory), pick(pos), pick(q), pick(k), pick(v),
+        pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias, part)
+    # The anchor changes only where a chunk starts inside the processed tokens; most decode steps
+    # cross no boundary, so skip that copy (half the state traffic of the write-back).
+    first_boundary = torch.remainder(-pick(pos), cfg.chunk_size)
+    written = (*anchor, *memory) if bool((first_boundary < pick(lengths)).any()) else memory
+    for pool, new in zip(written, (*new_anchor, *new_memory)[-len(written):], strict=True):
+        write(pool, new)
+    return _scatter_reads(q, rows, o, surprise, part)
+
+
+def _all_rows(rows: Tensor, batch: int) -> bool:
+    return rows.numel() == batch and torch.equal(rows, torch.arange(batch, device=rows.device))
+
+
+def _no_triton_surprise(surprise: Tensor | None) -> None:
+    if surprise is not None:
+        raise NotImplementedError("surprise is computed by the torch backend only (MIRAS_KERNELS=torch)")
+
+
+def _zero_reads(q: Tensor, surprise: Tensor | None) -> Tensor:
+    """The reads of a batch whose rows are all skipped (and its surprise: 0)."""
+    if surprise is not None:
+        surprise.zero_()
+    return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+
+
+def _surprise_part(surprise: Tensor | None, rows: Tensor) -> Tensor | None:
+    """A buffer for the surprise of batch rows ``rows`` (the whole buffer when they are all the rows, in order)."""
+    if surprise is None or _all_rows(rows, surprise.shape[0]):
+        return surprise
+    return surprise.new_empty(rows.numel(), *surprise.shape[1:])
+
+
+def _scatter_reads(q: Tensor, rows: Tensor, o: Tensor, surprise: Tensor | None = None,
+                   part: Tensor | None = None) -> Tensor:
+    """The reads of the batch ([B, H, T, d], fp32, zero for skipped rows) from those of ``rows``; the surprise
+    of ``rows`` (``part``) goes to its rows of ``surprise`` likewise."""
+    if _all_rows(rows, q.shape[0]):
+        if surprise is not None and part is not surprise:
+            surprise.copy_(part)
+        return o.float()
+    if surprise is not None:
+        surprise.zero_().index_copy_(0, rows, part)
+    return torch.zeros(q.shape, dtype=torch.float32, device=q.device).index_copy_(0, rows, o.float())
+
+
+def _slot_access(slots: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Callable, Callable, Callable] | None:
+    """For the batch rows where ``live`` holds, in slot order: (batch rows, their pool slots, read, write,
+    pick) with ``read(pool)`` their pool rows, ``write(pool, new)`` storing them back and ``pick(t)`` their
+    rows of a batch tensor (or None); None if no row is live.
+
+    A batch whose slots form one run reads and writes the pool through views rather than gathered and
+    scattered copies: half the state traffic of a decode step (the scheduler hands out the lowest free
+    slots, so this is the common case).
+    """
+    rows = live.nonzero().squeeze(1)
     if rows.numel() == 0:
-        return out
-    # In slot order, a batch whose slots form one run reads and writes the pool through views rather than
-    # gathered and scattered copies: half the state traffic of a decode step (the scheduler hands out the
-    # lowest free slots, so this is the common case).
+        return None
     picked = slots.index_select(0, rows)
     order = torch.argsort(picked)
     rows, picked = rows.index_select(0, order), picked.index_select(0, order)
@@ -121,18 +188,94 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
 
         def write(pool: Tensor, new: Tensor) -> None:
             pool.index_copy_(0, picked, new)
+    everything = count == live.numel() and torch.equal(rows, torch.arange(count, device=rows.device))
 
     def pick(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.index_select(0, rows)
+        return t if t is None or everything else t.index_select(0, rows)
 
-    valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < lengths.view(-1, 1)
-    o, new_anchor, new_memory = torch_memory_scan(
-        cfg, tuple(read(w) for w in anchor), tuple(read(w) for w in memory), pick(pos), pick(q), pick(k), pick(v),
-        pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias)
-    # The anchor changes only where a chunk starts inside the processed tokens; most decode steps
-    # cross no boundary, so skip that copy (half the state traffic of the write-back).
-    first_boundary = torch.remainder(-pick(pos), cfg.chunk_size)
-    written = (*anchor, *memory) if bool((first_boundary < pick(lengths)).any()) else memory
-    for pool, new in zip(written, (*new_anchor, *new_memory)[-len(written):], strict=True):
-        write(pool, new)
-    return out.index_copy_(0, rows, o.float())
+    return rows, picked, read, write, pick
+
+
+def _triton_factors(device_type: str, state: FactoredMemory):
+    """The Triton launcher and the factor tensors of a factored state as it takes them."""
+    launch = _scan_pool(device_type)
+    from .scan import Factors
+
+    return launch, Factors(state.rows, state.row_coef, state.row_decay)
+
+
+def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
+                  log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
+                  ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, FactoredMemory]:
+    """Same contract as :func:`models.memory.factored_scan` (inputs untouched), on the selected backend;
+    one-token batches take the dual-form decode step."""
+    from models import memory
+
+    if backend_for(q.device.type) == "triton":
+        _no_triton_surprise(surprise)
+
+        def owned(t: Tensor) -> Tensor:  # the kernels write in place: fp32, contiguous copies
+            return t.to(torch.float32).clone(memory_format=torch.contiguous_format)
+
+        state = memory.FactoredMemory(tuple(owned(w) for w in state.anchor), *(owned(t) for t in state[1:]))
+        launch, factors = _triton_factors(q.device.type, state)
+        rows = torch.arange(q.shape[0], device=q.device)
+        # valid is a prefix mask (right padding), so the row lengths say everything.
+        out = launch(cfg, state.anchor, factors, rows, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
+                     lengths=valid.sum(1))
+        return out.to(q.dtype), state
+    if q.shape[2] == 1:
+        return memory.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
+                                           surprise)
+    return memory.factored_scan(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise)
+
+
+def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
+                       v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
+                       ln_weight: Tensor, ln_bias: Tensor, surprise: Tensor | None = None) -> Tensor:
+    """:func:`memory_scan_pool` on a factored state pool: in place, row b of q/k/v continues pool slot
+    ``slots[b]``; a negative slot or an empty row is skipped. Returns the reads.
+
+    A decode step (one token per row) reads the anchor and the factor rows where they lie and writes
+    one row, the coefficients and the decay; a token that starts a chunk first folds its rows into the
+    new anchor (once per chunk). The triton backend is in-place kernels without host syncs (CUDA-graph
+    capturable, kernels/factored.py); the torch backend gathers a prompt's rows, runs the factored scan
+    and writes them back.
+    """
+    if backend_for(q.device.type) == "triton":
+        _no_triton_surprise(surprise)
+        launch, factors = _triton_factors(q.device.type, pool)
+        return launch(cfg, pool.anchor, factors, slots, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
+                      lengths=lengths)
+    from models import memory
+
+    access = _slot_access(slots, (slots >= 0) & (lengths > 0))
+    if access is None:
+        return _zero_reads(q, surprise)
+    rows, picked, read, write, pick = access
+    token = [pick(t) for t in (q, k, v, eta, log_alpha, delta)]
+    pos = pick(pos)
+    part = _surprise_part(surprise, rows)
+    if q.shape[2] > 1:
+        valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < pick(lengths).view(-1, 1)
+        state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
+        o, state = memory.factored_scan(cfg, state, pos, *token, valid, ln_weight, ln_bias, part)
+        for mine, new in zip((*pool.anchor, *pool[1:]), (*state.anchor, *state[1:]), strict=True):
+            write(mine, new)
+        return _scatter_reads(q, rows, o, surprise, part)
+    row = pos % cfg.chunk_size
+    first = (row == 0).nonzero().squeeze(1)
+    if first.numel():  # once per chunk per sequence: fold into the new anchor, start the rows over
+        at = picked.index_select(0, first)
+        gathered = memory.FactoredMemory(tuple(w.index_select(0, at) for w in pool.anchor),
+                                         *(t.index_select(0, at) for t in pool[1:]))
+        started = memory.start_chunk(cfg, gathered, *(t.index_select(0, first) for t in token[1:5]),
+                                     ln_weight, ln_bias)
+        for mine, new in zip((*pool.anchor, *pool[1:]), (*started.anchor, *started[1:]), strict=True):
+            mine.index_copy_(0, at, new)
+    state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
+    o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias, part)
+    pool.rows[picked, :, row] = new_row
+    write(pool.row_coef, coef)
+    write(pool.row_decay, decay)
+    return _scatter_reads(q, rows, o, surprise, part)

@@ -22,6 +22,7 @@ from triton.compiler import ASTSource
 from models.config import MirasConfig, preset_config
 
 from .decode import split_kernels
+from .factored import factored_kernels
 from .scan import launch_config, miras_scan_kernel, split_launch
 
 INDEX_ARGS = ("SLOTS", "POS", "LENGTHS", "CU_SEQLENS")
@@ -49,14 +50,22 @@ def _signature(kernel, constexprs: dict, token_dtype: str) -> dict[str, str]:
 
 
 def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dtype: str = "fp32",
-                 capability: int = 90, launch: dict | None = None) -> dict[str, dict[str, int]]:
-    """Compile one variant for ``sm_<capability>`` (``launch`` overrides entries of launch_config):
-    the scan kernel, and for a split decode the three kernels of kernels.decode. Returns
+                 capability: int = 90, launch: dict | None = None,
+                 layout: str = "running") -> dict[str, dict[str, int]]:
+    """Compile one variant for ``sm_<capability>`` (``launch`` overrides entries of launch_config) on the
+    state ``layout`` ("running": anchor + running memory; "factored": anchor + factor rows, MLP memory):
+    prefill, the scan kernel; decode, the kernels that run it (running: the scan kernel and the split
+    kernels of kernels.decode; factored: the kernels of kernels.factored). Returns
     {kernel: {registers, spill_stores, spill_loads (bytes)}}."""
     config, split_d, split_warps = split_launch({**launch_config(cfg, decode, varlen, dot="tf32x3"),
                                                  **(launch or {})})
     options = {name: config.pop(name) for name in ("num_warps", "num_stages") if name in config}
-    report = {"scan": _compile(miras_scan_kernel, config, options, token_dtype, capability)}
+    factored = layout == "factored"
+    if factored and decode:
+        kernels = factored_kernels({**config, **options}, split_d, split_warps)
+        return {f"factored {name}": _compile(kernel, constexprs, kernel_options, token_dtype, capability)
+                for name, (kernel, constexprs, kernel_options) in kernels.items()}
+    report = {"scan": _compile(miras_scan_kernel, dict(config, FACTORED=factored), options, token_dtype, capability)}
     if split_d > 0:
         for name, (kernel, constexprs, kernel_options) in split_kernels(config, split_d, split_warps).items():
             report[f"split {name}"] = _compile(kernel, constexprs, kernel_options, token_dtype, capability)
@@ -89,15 +98,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile the Miras scan kernels for an NVIDIA GPU without one.")
     parser.add_argument("--capability", type=int, default=90, help="compute capability (90: H100/H200)")
     parser.add_argument("--presets", nargs="*", default=["moneta", "yaad", "memora", "linear"])
+    parser.add_argument("--layouts", nargs="*", default=["running", "factored"], choices=["running", "factored"],
+                        help="state layouts (the linear memory has the running one only)")
     args = parser.parse_args(argv)
     shape = dict(d_model=1024, n_heads=16, head_dim=64, memory_expansion=4, chunk_size=64)
-    print(f"{'preset':8} {'mode':8} {'kernel':14} {'registers':>9} {'spill stores':>12} {'spill loads':>11}")
+    print(f"{'preset':8} {'layout':9} {'mode':8} {'kernel':17} {'registers':>9} {'spill stores':>12} "
+          f"{'spill loads':>11}")
     for preset in args.presets:
-        for decode in (False, True):
-            kernels = compile_scan(preset_config(preset, **shape), decode, capability=args.capability)
-            for kernel, info in kernels.items():
-                print(f"{preset:8} {'decode' if decode else 'prefill':8} {kernel.replace(' ', '-'):14} "
-                      f"{info['registers']:>9} {info['spill_stores']:>12} {info['spill_loads']:>11}", flush=True)
+        cfg = preset_config(preset, **shape)
+        for layout in args.layouts:
+            if layout == "factored" and cfg.memory == "linear":
+                continue
+            for decode in (False, True):
+                kernels = compile_scan(cfg, decode, capability=args.capability, layout=layout)
+                for kernel, info in kernels.items():
+                    print(f"{preset:8} {layout:9} {'decode' if decode else 'prefill':8} {kernel.replace(' ', '-'):17} "
+                          f"{info['registers']:>9} {info['spill_stores']:>12} {info['spill_loads']:>11}", flush=True)
     return 0
 
 

@@ -33,7 +33,7 @@ from .ops import gelu, gelu_grad, in_slab, layer_norm_rows, mlp_error_grad, mm, 
 
 
 @triton.jit
-def _program_row(SLOTS, POS, LENGTHS, CHUNK: tl.constexpr):
+def program_row(SLOTS, POS, LENGTHS, CHUNK: tl.constexpr):
     """This program's (row n, head h, slot, valid, skip): skip rows without a slot and rows whose token
     takes a chunk-boundary step (the fused kernel's)."""
     n = tl.program_id(0).to(tl.int64)
@@ -45,10 +45,12 @@ def _program_row(SLOTS, POS, LENGTHS, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def decode_forward_kernel(K, A_IN, A_OUT, Z, U_PART, SLOTS, POS, LENGTHS, sk_b, sk_h, sk_d,
+def decode_forward_kernel(Q, K, A_IN, A_OUT, Z, U_PART, SLOTS, POS, LENGTHS, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d,
                           H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    n, h, slot, _, skip = _program_row(SLOTS, POS, LENGTHS, CHUNK)
+                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, FACTORED: tl.constexpr):
+    """Z [N, H, D] takes z = A_in k; FACTORED (kernels.factored): Z [N, H, 2, D] also takes A_in q, read in
+    the same pass over A_in."""
+    n, h, slot, _, skip = program_row(SLOTS, POS, LENGTHS, CHUNK)
     if skip:
         return
     s = tl.program_id(2)
@@ -58,12 +60,19 @@ def decode_forward_kernel(K, A_IN, A_OUT, Z, U_PART, SLOTS, POS, LENGTHS, sk_b, 
     k = tl.load(K + n * sk_b + h * sk_h + ck[None, :] * sk_d, mask=(ck < DK)[None, :], other=0.0).to(tl.float32)
     head = (slot * H + h) * (D * DK)  # one (slot, head)'s W_in [D, DK] and W_out [DK, D] in the pool
     ptr, mask = in_slab(A_IN + head, s0, ck, cd, D, DK)
-    z = mm(k, tl.load(ptr, mask=mask, other=0.0), True, "ieee")  # [1, BD]
+    w_in_t = tl.load(ptr, mask=mask, other=0.0)
+    z = mm(k, w_in_t, True, "ieee")  # [1, BD]
     ptr, mask = out_slab(A_OUT + head, s0, ck, cd, D, DK)
     w_out_t = tl.load(ptr, mask=mask, other=0.0)
     u_part = mm(gelu(z), w_out_t, True, "ieee")  # [1, BK]
     row = n * H + h
-    tl.store(Z + row * D + s0 + cd[None, :], z, mask=(s0 + cd < D)[None, :])
+    in_d = (s0 + cd < D)[None, :]
+    if FACTORED:
+        q = tl.load(Q + n * sq_b + h * sq_h + ck[None, :] * sq_d, mask=(ck < DK)[None, :], other=0.0).to(tl.float32)
+        tl.store(Z + row * (2 * D) + s0 + cd[None, :], z, mask=in_d)
+        tl.store(Z + row * (2 * D) + D + s0 + cd[None, :], mm(q, w_in_t, True, "ieee"), mask=in_d)
+    else:
+        tl.store(Z + row * D + s0 + cd[None, :], z, mask=in_d)
     tl.store(U_PART + (row * tl.num_programs(2) + s) * BLOCK_K + ck[None, :], u_part)
 
 
@@ -73,7 +82,7 @@ def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_
                          p_exp, abs_eps, sharpness, ln_eps,
                          H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr):
-    n, h, slot, valid, skip = _program_row(SLOTS, POS, LENGTHS, CHUNK)
+    n, h, slot, valid, skip = program_row(SLOTS, POS, LENGTHS, CHUNK)
     if skip:
         return
     s = tl.program_id(2)
@@ -125,7 +134,7 @@ def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_
 def decode_output_kernel(Q, O, UQ_PART, LN_W, LN_B, SLOTS, POS, LENGTHS, sq_b, sq_h, sq_d, so_b, so_h, ln_eps,
                          H: tl.constexpr, DK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
                          N_SLABS: tl.constexpr):
-    n, h, _, _, skip = _program_row(SLOTS, POS, LENGTHS, CHUNK)
+    n, h, _, _, skip = program_row(SLOTS, POS, LENGTHS, CHUNK)
     if skip:
         return
     ck = tl.arange(0, BLOCK_K)
@@ -147,7 +156,7 @@ def split_kernels(config: dict, slab: int, warps: int) -> dict[str, tuple]:
     compiles come from here."""
     shape = dict(H=config["H"], DK=config["DK"], CHUNK=config["CHUNK"], BLOCK_K=config["BLOCK_K"])
     slabs = dict(shape, D=config["D"], BLOCK_D=slab)
-    return {"forward": (decode_forward_kernel, slabs, {"num_warps": warps}),
+    return {"forward": (decode_forward_kernel, dict(slabs, FACTORED=False), {"num_warps": warps}),
             "update": (decode_update_kernel, dict(slabs, BIAS=config["BIAS"], RETENTION=config["RETENTION"]),
                        {"num_warps": warps}),
             "output": (decode_output_kernel, dict(shape, N_SLABS=triton.cdiv(config["D"], slab)), {"num_warps": 1})}
@@ -168,7 +177,8 @@ def split_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tenso
     sq, sk, sv, so, sg = q.stride(), k.stride(), v.stride(), out.stride(), gates[0].stride()
     grid = (n_rows, H, n_slabs)
     kernel, constexprs, options = kernels["forward"]
-    kernel[grid](k, anchor[0], anchor[1], z, u_part, slots, pos, lengths, sk[0], sk[1], sk[3], **constexprs, **options)
+    kernel[grid](q, k, anchor[0], anchor[1], z, u_part, slots, pos, lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3],
+                 **constexprs, **options)
     kernel, constexprs, options = kernels["update"]
     kernel[grid](q, k, v, *gates, anchor[1], memory[0], memory[1], ln_weight, ln_bias, z, u_part, uq_part, slots, pos,
                  lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0], sg[1], cfg.p,

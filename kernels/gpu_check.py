@@ -53,7 +53,7 @@ PREFILL_LENGTHS = [2048, 8192, 32768]
 PREFILL_BATCHES = [1, 8]
 DECODE_BATCHES = [1, 8, 64, 256]
 L2_FLUSH_BYTES = 512 << 20  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
-SECTIONS = ["correctness", "prefill", "decode", "launch-prefill", "launch-decode", "serve", "fla"]
+SECTIONS = ["correctness", "prefill", "decode", "decode-layouts", "launch-prefill", "launch-decode", "serve", "fla"]
 
 
 class Report:
@@ -128,6 +128,9 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
     from kernels.scan import dot_precision
     from kernels.testing import (
         check_decode_slots,
+        check_factored_decode,
+        check_factored_prefill,
+        check_factored_varlen,
         check_model_invariant,
         check_padded_prefill,
         check_varlen_prefill,
@@ -149,10 +152,18 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
                           tolerance(cfg, precision)))
             cases.append((f"{rule} {shape} decode slots", lambda c=cfg: check_decode_slots(c, gen, dev),
                           tolerance(cfg, "ieee")))
+            if cfg.memory == "mlp":  # the factored state (the fold's dots run at the shipped precision)
+                cases.append((f"{rule} {shape} factored prefill + decode",
+                              lambda c=cfg, t=T: check_factored_prefill(c, gen, dev, T=t), tolerance(cfg, precision)))
+                cases.append((f"{rule} {shape} factored decode slots", lambda c=cfg: check_factored_decode(c, gen, dev),
+                              tolerance(cfg, precision)))
         cfg = rule_config(rule)
         if not smoke:
             cases.append((f"{rule} d8 c4 varlen", lambda c=cfg: check_varlen_prefill(c, gen, dev),
                           tolerance(cfg, precision)))
+            if cfg.memory == "mlp":
+                cases.append((f"{rule} d8 c4 factored varlen", lambda c=cfg: check_factored_varlen(c, gen, dev),
+                              tolerance(cfg, precision)))
             cases.append((f"{rule} d8 c4 prefill bf16 q/k/v",
                           lambda c=cfg: check_padded_prefill(c, gen, dev, torch.bfloat16), tolerance(cfg, precision)))
     for preset in ["moneta-h"] if smoke else ["moneta", "memora-h"]:
@@ -266,10 +277,11 @@ def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, dev
                 flops_per_token: float) -> list[str]:
     """One row of the prefill table: the layer on the Triton and the PyTorch backend, and the SDPA layer."""
     from kernels import forced_backend
+    from models.layers import state_layout
 
     dtype = next(layer.parameters()).dtype
     x = torch.randn(B, T, cfg.d_model, device=device, dtype=dtype)
-    state = layer.init_state(B, device, torch.float32)
+    state = layer.init_state(B, device, torch.float32, state_layout(cfg, "triton"))  # both backends run it
     pos = torch.zeros(B, dtype=torch.long, device=device)
     valid = torch.ones(B, T, dtype=torch.bool, device=device)
     lengths = torch.full((B,), T, dtype=torch.long, device=device)
@@ -326,6 +338,15 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), device, reps=10)
 
 
+def step_cost(cfg, layout: str, batch: int, weight_bytes: float, n_miras_layers: int):
+    """The byte model's cost of one decode step (kernels.cost), averaged over the positions of a chunk."""
+    from kernels.cost import decode_step_cost
+
+    return decode_step_cost(layout, cfg.memory, head_dim=cfg.head_dim, hidden=cfg.memory_hidden,
+                            chunk_size=cfg.chunk_size, n_heads=cfg.n_heads, n_miras_layers=n_miras_layers,
+                            batch=batch, weight_bytes=weight_bytes)
+
+
 def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
     import models
 
@@ -335,44 +356,53 @@ def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     n_miras = cfg.layer_kinds.count("M")
-    # Per sequence and step: read the anchor, read and write the running memory (fp32).
-    state_bytes = n_miras * cfg.n_heads * 3 * (2 * cfg.head_dim * cfg.memory_hidden) * 4
     bandwidth = copy_bandwidth(device)
     flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
     rows = []
     for B in [1, 2] if smoke else DECODE_BATCHES:
-        try:
-            t, eager = decode_times(model, B, device, flush, reps=5 if smoke else 20)
-        except Exception as exc:  # out of memory at the largest batch, say: keep the other rows
-            traceback.print_exc()
-            rows.append([str(B), f"failed: {type(exc).__name__}"] + ["-"] * 5)
-            continue
-        moved = weight_bytes + B * state_bytes
-        rows.append([str(B), f"{t * 1e3:.3f}", f"{B / t:,.0f}", f"{moved / t / 1e9:,.0f}",
-                     f"{moved / t / bandwidth:.0%}",
-                     f"{eager['triton'] * 1e3:.2f}" if eager else "-", f"{eager['torch'] * 1e3:.2f}" if eager else "-"])
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        times = {}
+        for layout in ("factored", "running"):  # the layout the triton backend runs first
+            try:
+                t, eager = decode_times(model, B, layout, device, flush, reps=5 if smoke else 20)
+            except Exception as exc:  # out of memory at the largest batch, say: keep the other rows
+                traceback.print_exc()
+                rows.append([str(B), layout, f"failed: {type(exc).__name__}"] + ["-"] * 7)
+                continue
+            times[layout] = t
+            moved = step_cost(cfg, layout, B, weight_bytes, n_miras).total_bytes
+            rows.append([str(B), layout, f"{t * 1e3:.3f}", f"{B / t:,.0f}", f"{moved / 1e9:.3g}",
+                         f"{moved / t / 1e9:,.3g}", f"{moved / t / bandwidth:.0%}",
+                         f"{eager['triton'] * 1e3:.2f}" if eager else "-",
+                         f"{eager['torch'] * 1e3:.2f}" if eager else "-",
+                         f"{times['factored'] / t:.2f}x" if "factored" in times else "-"])
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+    per_seq = {name: step_cost(cfg, name, 1, 0, n_miras) for name in ("running", "factored")}
     report.table(
         "Decode: whole model, one token per sequence, through the slot pool",
-        ["batch", "ms/step (graph, cold L2)", "tokens/s", "achieved GB/s", "of copy bandwidth",
-         "eager Triton ms", "eager PyTorch ms"], rows,
+        ["batch", "state layout", "ms/step (graph, cold L2)", "tokens/s", "bytes that must move (GB)",
+         "achieved GB/s", "of copy bandwidth", "eager Triton ms", "eager PyTorch ms", "time / factored's"], rows,
         f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads x {cfg.head_dim}, chunk "
-        f"{cfg.chunk_size}; weights {weight_bytes / 1e9:.2f} GB; fp32 memory {state_bytes / 3 / 1e6:.1f} MB per "
-        f"sequence, held twice (anchor + running memory) and moved three times per step (anchor read, memory "
-        f"read + write): bytes that must move = weights + batch x {state_bytes / 1e6:.0f} MB. "
-        f"Measured copy bandwidth {bandwidth / 1e9:,.0f} GB/s. "
+        f"{cfg.chunk_size}; weights {weight_bytes / 1e9:.2f} GB; sequences at random positions (a mix of chunk "
+        f"phases, as in serving); both state layouts of the same model side by side (the triton backend runs "
+        f"the factored one). Bytes that must move = weights + batch x the byte model's state bytes per "
+        f"sequence and step (kernels/cost.py, averaged over a chunk): running layout (anchor + running memory, "
+        f"{per_seq['running'].state_bytes_per_sequence / 1e6:.4g} MB held) "
+        f"{per_seq['running'].total_bytes / 1e6:.4g} MB, factored layout (anchor + factor rows, "
+        f"{per_seq['factored'].state_bytes_per_sequence / 1e6:.4g} MB held) "
+        f"{per_seq['factored'].total_bytes / 1e6:.4g} MB. Measured copy bandwidth {bandwidth / 1e9:,.0f} GB/s. "
         + ("CUDA graph replay; L2 flushed before each step." if device.type == "cuda" else
            "CPU interpreter: no graphs, not a measurement."))
 
 
-def decode_times(model: nn.Module, batch: int, device: torch.device, flush: torch.Tensor,
+def decode_times(model: nn.Module, batch: int, layout: str, device: torch.device, flush: torch.Tensor,
                  reps: int) -> tuple[float, dict[str, float]]:
-    """Seconds per whole-model decode step through the slot pool: CUDA graph with cold L2, and (for small
-    batches) eager on both backends."""
+    """Seconds per whole-model decode step through a slot pool in state ``layout``, sequences at random
+    positions: CUDA graph with cold L2, and (for small batches) eager on both backends."""
     from kernels import forced_backend
     from kernels.graphs import capture
 
-    pool = model.init_state(batch)
+    pool = model.init_state(batch, layout=layout)
+    pool.pos.copy_(torch.randint(0, 4 * model.config.chunk_size, (batch,), device=device))
     ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
     slots = torch.arange(batch, device=device)
     eager = {}
@@ -386,11 +416,73 @@ def decode_times(model: nn.Module, batch: int, device: torch.device, flush: torc
     return t, eager
 
 
+def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> None:
+    """The memory's decode kernels alone, one Miras layer at the 340M head shape, both state layouts side by
+    side at each batch (same rule, same positions): time, and the byte model's bytes over the time against
+    the copy bandwidth. Checked against the fp64 reference first (one step from the same state)."""
+    from kernels.scan import Factors, scan_pool
+    from kernels.testing import GATE_NAMES, factored_memory, random_factors, random_inputs, ref_scan, rel_err
+    from models.config import preset_config
+
+    shape = dict(n_heads=2, head_dim=8, chunk_size=4) if smoke else dict(
+        n_heads=FULL["n_heads"], head_dim=FULL["head_dim"], memory_expansion=4, chunk_size=FULL["chunk_size"])
+    flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for rule in ["moneta"] if smoke else ["moneta", "memora"]:
+        cfg = preset_config(rule, **shape)
+        for batch in [1, 3] if smoke else DECODE_BATCHES:
+            x = random_inputs(cfg, batch, 1, gen, device.type)
+            tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
+            tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
+            pos = torch.randint(0, 4 * cfg.chunk_size, (batch,), generator=gen)
+            factors = Factors(*(t.nan_to_num().to(device) for t in random_factors(cfg, pos, gen)))
+            pos = pos.to(device)
+            states = {"running": (x["anchor"], factored_memory(cfg, x["anchor"], factors, pos)),
+                      "factored": (x["anchor"], factors)}
+            slots = torch.arange(batch, device=device)
+            reference = ref_scan(cfg, *states["running"], pos, *tokens,
+                                 torch.ones(batch, 1, dtype=torch.bool, device=device), x["ln_weight"], x["ln_bias"])
+            times = {}
+            variants = [("running", {}), ("factored", {})]
+            if smoke or batch >= 64:
+                variants += [("factored", launch) for launch in FACTORED_DECODE_LAUNCHES]
+            for layout, launch in variants:
+                anchor, memory = states[layout]
+                anchor = tuple(w.float().clone() for w in anchor)
+                memory = (tuple(w.float().clone() for w in memory) if layout == "running" else
+                          Factors(*(t.clone() for t in memory)))
+                step = partial(scan_pool, cfg, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"],
+                               launch=launch)
+                error = rel_err(reference[0], step())
+                # Positions stay put, so every timed step reads the same number of rows (the state advances).
+                t = timed(step, device, reps=5 if smoke else 20, flush=flush)
+                times.setdefault(layout, t)
+                cost = step_cost(cfg, layout, batch, 0, 1)
+                name = ", ".join(f"{k}={v}" for k, v in launch.items()) or "shipped"
+                rows.append([rule, str(batch), layout, name, f"{t * 1e3:.3f}", f"{cost.total_bytes / 1e6:,.3g}",
+                             f"{cost.total_bytes / t / 1e9:,.3g}", f"{cost.total_bytes / t / bandwidth:.0%}",
+                             f"{error:.1e}", f"{times['running'] / t:.2f}x"])
+    report.table(
+        "Decode kernels alone: running vs factored state layout",
+        ["rule", "batch", "layout", "launch", "ms", "bytes that must move (MB)", "achieved GB/s",
+         "of copy bandwidth", "rel. error vs fp64", "speed-up over running"], rows,
+        f"One Miras layer, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
+        f"stored bf16, sequences at random positions over four chunks (some fold: the fused kernel takes those "
+        f"rows), shipped launch_config and (batch >= 64) factored variants: SPLIT_D=0 runs every row through the "
+        f"fused kernel. L2 flushed before each step. Bytes that must move: kernels/cost.py "
+        f"for this layer at this batch, averaged over a chunk. Errors: the first step against the fp64 "
+        f"reference from the same state.")
+
+
 # Launch configurations compared side by side; the first of each list is the shipped launch_config.
 SHOWN = ("BLOCK_D", "num_warps", "num_stages", "DOT", "SPLIT_D", "SPLIT_WARPS")
 PREFILL_LAUNCHES = [{}, dict(DOT="tf32"), dict(DOT="ieee"), dict(num_stages=3), dict(BLOCK_D=64)]
 DECODE_LAUNCHES = [{}, dict(SPLIT_D=0), dict(SPLIT_D=32, SPLIT_WARPS=4), dict(SPLIT_D=64, SPLIT_WARPS=4),
                    dict(SPLIT_D=16, SPLIT_WARPS=2)]
+FACTORED_DECODE_LAUNCHES = [dict(SPLIT_D=0), dict(SPLIT_D=0, BLOCK_D=64), dict(SPLIT_D=32, SPLIT_WARPS=4),
+                            dict(SPLIT_D=128, SPLIT_WARPS=8)]
 
 
 def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tensor, launch: dict,
@@ -627,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "correctness": ("Correctness", partial(check_correctness, report, device, args.smoke)),
         "prefill": ("Prefill", partial(bench_prefill, report, device, args.smoke)),
         "decode": ("Decode", partial(bench_decode, report, device, args.smoke)),
+        "decode-layouts": ("Decode kernels by state layout", partial(bench_decode_layouts, report, device, args.smoke)),
         "launch-prefill": ("Launch configurations (prefill)",
                            partial(bench_launch_configs, report, device, args.smoke, ("prefill",))),
         "launch-decode": ("Launch configurations (decode)",

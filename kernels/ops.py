@@ -108,3 +108,48 @@ def out_slab(base, s0, ck, cd, D: tl.constexpr, DK: tl.constexpr):
     """Pointers and mask of W_out^T's slab [BD, BK]: element (i, j) is W_out[j, s0 + i] (W_out is [DK, D])."""
     cols = s0 + cd
     return base + ck[None, :] * D + cols[:, None], (ck < DK)[None, :] & (cols < D)[:, None]
+
+
+@triton.jit
+def mlp_forward(x, w_in, w_out, ck, cd, D: tl.constexpr, DK: tl.constexpr, BLOCK_D: tl.constexpr,
+                VEC: tl.constexpr, DOT: tl.constexpr):
+    """u = W_out gelu(W_in x) for the rows of x [R, BK]: [R, BK]."""
+    u = tl.zeros((x.shape[0], ck.shape[0]), dtype=tl.float32)
+    for s0 in range(0, D, BLOCK_D):
+        ptr, mask = in_slab(w_in, s0, ck, cd, D, DK)
+        w_in_t = tl.load(ptr, mask=mask, other=0.0)
+        ptr, mask = out_slab(w_out, s0, ck, cd, D, DK)
+        w_out_t = tl.load(ptr, mask=mask, other=0.0)
+        u += mm(gelu(mm(x, w_in_t, VEC, DOT)), w_out_t, VEC, DOT)
+    return u
+
+
+@triton.jit
+def row_offsets(D: tl.constexpr, DK: tl.constexpr):
+    """Where each factor sits in a row of the factored state, (k [DK], gz [D], a [D], gu [DK]), and the
+    row's length: (k, gz, a, gu offsets, row length)."""
+    return 0, DK, DK + D, DK + 2 * D, 2 * (D + DK)
+
+
+@triton.jit
+def load_rows(rows, ci, filled, offset, cols, width, RW: tl.constexpr):
+    """Factor rows ``ci`` (only the ``filled`` ones; zeros elsewhere), columns ``offset + cols`` for
+    cols < width: [len(ci), len(cols)]."""
+    mask = filled[:, None] & (cols < width)[None, :]
+    return tl.load(rows + ci[:, None] * RW + offset + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_row(row, offset, cols, width, value, write):
+    """One factor row's columns ``offset + cols`` (cols < width) take ``value`` [1, len(cols)] if ``write``."""
+    tl.store(row + offset + cols[None, :], value, mask=(cols < width)[None, :] & write)
+
+
+@triton.jit
+def clear_rows(rows, first, ci, cw, CHUNK: tl.constexpr, RW: tl.constexpr):
+    """Factor rows ``first`` to CHUNK - 1 hold 0 (rows not yet written in a chunk), ``len(cw)`` columns at
+    a time."""
+    for c0 in range(0, RW, cw.shape[0]):
+        cols = c0 + cw
+        mask = ((ci >= first) & (ci < CHUNK))[:, None] & (cols < RW)[None, :]
+        tl.store(rows + ci[:, None] * RW + cols[None, :], tl.zeros((ci.shape[0], cw.shape[0]), tl.float32), mask=mask)

@@ -18,6 +18,10 @@ cores instead of ``tl.dot``, the same code and therefore the same chunk semantic
 memories it runs only the decode rows whose token starts a chunk (``BOUNDARY_ROWS_ONLY``); the
 other rows go through the slab-parallel kernels of ``kernels.decode``, which keep more loads in flight.
 
+An MLP memory's pool may instead hold the factored state (anchor + the chunk's factor rows,
+:class:`Factors`): its prefill is this kernel with ``FACTORED`` (the running memory in per-row scratch,
+the state's rows written at the end), its decode the kernels of ``kernels.factored``.
+
 Threads of a program read pool entries that other threads of the same program wrote (the boundary
 step, the previous chunk), so every such hand-over goes through ``tl.debug_barrier()``.
 """
@@ -25,6 +29,7 @@ step, the previous chunk), so every such hand-over goes through ``tl.debug_barri
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,173 +39,43 @@ from torch import Tensor
 from models.config import MirasConfig
 from models.memory import Memory, memory_init_std
 
+from .boundary import copy_boundary, fold_rows, kl_boundary, lq_boundary, square
 from .decode import split_decode
+from .factored import factored_decode, filled_rows
 from .ops import (
     BIAS_CODES,
     MEMORY_CODES,
     RETENTION_CODES,
+    clear_rows,
     gelu,
     gelu_grad,
     in_slab,
     layer_norm_rows,
     mlp_error_grad,
+    mlp_forward,
     mm,
     out_slab,
-    pow_pos,
+    row_offsets,
 )
 
 
 @triton.jit
-def _square(base, ck, DK: tl.constexpr):
-    """Pointers and mask of W^T for the linear memory (W is [DK, DK]): element (j, i) is W[i, j]."""
-    ci = tl.arange(0, ck.shape[0])
-    return base + ci[None, :] * DK + ck[:, None], (ck < DK)[:, None] & (ci < DK)[None, :]
-
-
-@triton.jit
-def _mlp_forward(x, w_in, w_out, ck, cd, D: tl.constexpr, DK: tl.constexpr, BLOCK_D: tl.constexpr,
-                 VEC: tl.constexpr, DOT: tl.constexpr):
-    """u = W_out gelu(W_in x) for the rows of x [R, BK]: [R, BK]."""
-    u = tl.zeros((x.shape[0], ck.shape[0]), dtype=tl.float32)
-    for s0 in range(0, D, BLOCK_D):
-        ptr, mask = in_slab(w_in, s0, ck, cd, D, DK)
-        w_in_t = tl.load(ptr, mask=mask, other=0.0)
-        ptr, mask = out_slab(w_out, s0, ck, cd, D, DK)
-        w_out_t = tl.load(ptr, mask=mask, other=0.0)
-        u += mm(gelu(mm(x, w_in_t, VEC, DOT)), w_out_t, VEC, DOT)
-    return u
-
-
-@triton.jit
-def _copy_boundary(src_a, src_b, dst_a, dst_b, ck, cd, D: tl.constexpr, DK: tl.constexpr,
-                   BLOCK_D: tl.constexpr, MEMORY: tl.constexpr):
-    """The plain boundary step: the anchor becomes the running memory."""
-    if MEMORY == 1:
-        ptr, mask = _square(src_a, ck, DK)
-        w = tl.load(ptr, mask=mask)
-        ptr, mask = _square(dst_a, ck, DK)
-        tl.store(ptr, w, mask=mask)
-    else:
-        for s0 in range(0, D, BLOCK_D):
-            ptr, mask = in_slab(src_a, s0, ck, cd, D, DK)
-            w = tl.load(ptr, mask=mask)
-            ptr, mask = in_slab(dst_a, s0, ck, cd, D, DK)
-            tl.store(ptr, w, mask=mask)
-            ptr, mask = out_slab(src_b, s0, ck, cd, D, DK)
-            w = tl.load(ptr, mask=mask)
-            ptr, mask = out_slab(dst_b, s0, ck, cd, D, DK)
-            tl.store(ptr, w, mask=mask)
-
-
-@triton.jit
-def _lq_scale(total, numel, inv_std, q_exp, radius):
-    nu = pow_pos(total / numel, 1.0 / q_exp) * inv_std
-    return tl.minimum(radius / nu, 1.0)
-
-
-@triton.jit
-def _lq_boundary(m_a, m_b, a_a, a_b, ck, cd, q_exp, radius, inv_std_a, inv_std_b, D: tl.constexpr,
-                 DK: tl.constexpr, BLOCK_D: tl.constexpr, MEMORY: tl.constexpr):
-    """Moneta: W <- W * min(1, radius / nu(W)), nu = (mean |W|^q)^(1/q) / init_std, per matrix."""
-    if MEMORY == 1:
-        ptr, mask = _square(m_a, ck, DK)
-        w = tl.load(ptr, mask=mask, other=0.0)
-        w = w * _lq_scale(tl.sum(pow_pos(tl.abs(w), q_exp)), DK * DK, inv_std_a, q_exp, radius)
-        tl.debug_barrier()
-        tl.store(ptr, w, mask=mask)
-        ptr, mask = _square(a_a, ck, DK)
-        tl.store(ptr, w, mask=mask)
-    else:
-        sum_in = 0.0
-        sum_out = 0.0
-        for s0 in range(0, D, BLOCK_D):
-            ptr, mask = in_slab(m_a, s0, ck, cd, D, DK)
-            sum_in += tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
-            ptr, mask = out_slab(m_b, s0, ck, cd, D, DK)
-            sum_out += tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
-        scale_in = _lq_scale(sum_in, D * DK, inv_std_a, q_exp, radius)
-        scale_out = _lq_scale(sum_out, D * DK, inv_std_b, q_exp, radius)
-        for s0 in range(0, D, BLOCK_D):
-            ptr, mask = in_slab(m_a, s0, ck, cd, D, DK)
-            w_in = tl.load(ptr, mask=mask) * scale_in
-            ptr_out, mask_out = out_slab(m_b, s0, ck, cd, D, DK)
-            w_out = tl.load(ptr_out, mask=mask_out) * scale_out
-            _store_boundary_slab(m_a, m_b, a_a, a_b, s0, ck, cd, w_in, w_out, D, DK)
-
-
-@triton.jit
-def _store_boundary_slab(m_in, m_out, a_in, a_out, s0, ck, cd, w_in, w_out, D: tl.constexpr, DK: tl.constexpr):
-    """Write one slab of the memory after a chunk-boundary step: it is both the running memory and the
-    new anchor. The barrier keeps every thread's reads of the old slab before the overwrite."""
-    tl.debug_barrier()
-    ptr, mask = in_slab(m_in, s0, ck, cd, D, DK)
-    tl.store(ptr, w_in, mask=mask)
-    ptr, mask = out_slab(m_out, s0, ck, cd, D, DK)
-    tl.store(ptr, w_out, mask=mask)
-    ptr, mask = in_slab(a_in, s0, ck, cd, D, DK)
-    tl.store(ptr, w_in, mask=mask)
-    ptr, mask = out_slab(a_out, s0, ck, cd, D, DK)
-    tl.store(ptr, w_out, mask=mask)
-
-
-@triton.jit
-def _kl_out_logits(w_out_t, x, gu, alpha, eta, memora_eps, D: tl.constexpr):
-    """Memora's W_out^T logits alpha * log(max(W / D, eps)) - eta * grad, grad^T = x^T gu ([BD, BK])."""
-    return alpha * tl.log(tl.maximum(w_out_t / D, memora_eps)) - eta * mm(tl.trans(x), gu, True, "ieee")
-
-
-@triton.jit
-def _kl_boundary(m_in, m_out, a_in, a_out, k0, v0, eta0, log_alpha0, ln_w, ln_b, ck, cd, ln_eps, memora_eps,
-                 D: tl.constexpr, DK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Memora's lag step on the chunk's first token (models.memory.memora_lag_step):
-    W <- fan_in * softmax_rows(alpha_0 log(max(W / fan_in, eps)) - eta_0 grad l(W; k_0, v_0)).
-
-    W_in's rows (over DK) lie inside one slab; W_out's rows (over D) span all slabs, so their
-    softmax statistics are gathered online in a first pass and applied in a second.
-    """
-    col_mask = (ck < DK)[None, :]
-    u = _mlp_forward(k0, m_in, m_out, ck, cd, D, DK, BLOCK_D, True, "ieee")
-    gu = mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, col_mask, ln_eps, 0.0, 0.0, 0.0, DK, 0)
-    alpha = tl.exp(log_alpha0)
-    row_max = tl.full((1, ck.shape[0]), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((1, ck.shape[0]), dtype=tl.float32)
-    for s0 in range(0, D, BLOCK_D):
-        ptr, mask = in_slab(m_in, s0, ck, cd, D, DK)
-        x = gelu(mm(k0, tl.load(ptr, mask=mask, other=0.0), True, "ieee"))
-        ptr, mask = out_slab(m_out, s0, ck, cd, D, DK)
-        logits = _kl_out_logits(tl.load(ptr, mask=mask, other=0.0), x, gu, alpha, eta0, memora_eps, D)
-        logits = tl.where((s0 + cd < D)[:, None], logits, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, axis=0, keep_dims=True))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max), axis=0, keep_dims=True)
-        row_max = new_max
-    for s0 in range(0, D, BLOCK_D):
-        ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
-        w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
-        ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
-        w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
-        z = mm(k0, w_in_t, True, "ieee")
-        x = gelu(z)
-        gz = mm(gu, tl.trans(w_out_t), True, "ieee") * gelu_grad(z)
-        # W_in^T logits [BK, BD]: its softmax runs over the head dim (axis 0), inside the slab.
-        logits = alpha * tl.log(tl.maximum(w_in_t / DK, memora_eps)) - eta0 * mm(tl.trans(k0), gz, True, "ieee")
-        logits = tl.where((ck < DK)[:, None], logits, float("-inf"))
-        e = tl.exp(logits - tl.max(logits, axis=0, keep_dims=True))
-        new_in = DK * (e / tl.sum(e, axis=0, keep_dims=True))
-        logits = _kl_out_logits(w_out_t, x, gu, alpha, eta0, memora_eps, D)
-        new_out = D * (tl.exp(logits - row_max) / row_sum)
-        _store_boundary_slab(m_in, m_out, a_in, a_out, s0, ck, cd, new_in, new_out, D, DK)
-
-
-@triton.jit
 def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_in, m_out, ln_w, ln_b, ck, cd,
-                 ln_eps, p_exp, abs_eps, sharpness, D: tl.constexpr, DK: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BIAS: tl.constexpr, VEC: tl.constexpr, DOT: tl.constexpr):
+                 ln_eps, p_exp, abs_eps, sharpness, seg_rows, row_store, D: tl.constexpr, DK: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BIAS: tl.constexpr, VEC: tl.constexpr, DOT: tl.constexpr,
+                 FACTORED: tl.constexpr):
     """The dual form of models.memory.memory_segment for the MLP memory; updates the running memory
-    in place and returns the reads [BT, BK]."""
+    in place and returns the reads [BT, BK]. FACTORED: the tokens flagged in ``row_store`` [BT] also
+    write their factor rows (k, gz, a, gu at the anchor), token t at row t of ``seg_rows``."""
     col_mask = (ck < DK)[None, :]
+    K_OFF, GZ_OFF, A_OFF, GU_OFF, RW = row_offsets(D, DK)
+    rt = tl.arange(0, q.shape[0])
     # Pass 1: the chunk's forward at the anchor, to the output gradient gu.
-    u = _mlp_forward(k, a_in, a_out, ck, cd, D, DK, BLOCK_D, VEC, DOT)
+    u = mlp_forward(k, a_in, a_out, ck, cd, D, DK, BLOCK_D, VEC, DOT)
     gu = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    if FACTORED:
+        tl.store(seg_rows + rt[:, None] * RW + K_OFF + ck[None, :], k, mask=row_store[:, None] & col_mask)
+        tl.store(seg_rows + rt[:, None] * RW + GU_OFF + ck[None, :], gu, mask=row_store[:, None] & col_mask)
     # Pass 2, slab by slab: gz, the reads' hidden layer, and the memory update.
     coeff_qk = coeff * mm(q, tl.trans(k), VEC, DOT)
     k_last = tl.trans(k * last)
@@ -212,6 +87,10 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
         x = gelu(z)
         ptr, mask = out_slab(a_out, s0, ck, cd, D, DK)
         gz = mm(gu, tl.trans(tl.load(ptr, mask=mask, other=0.0)), VEC, DOT) * gelu_grad(z)
+        if FACTORED:
+            row_mask = row_store[:, None] & (s0 + cd < D)[None, :]
+            tl.store(seg_rows + rt[:, None] * RW + GZ_OFF + s0 + cd[None, :], gz, mask=row_mask)
+            tl.store(seg_rows + rt[:, None] * RW + A_OFF + s0 + cd[None, :], x, mask=row_mask)
         ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
         w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
         ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
@@ -232,9 +111,9 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
 def _linear_segment(q, k, v, decay, coeff, last, last_decay, a, m, ck, DK: tl.constexpr, VEC: tl.constexpr,
                     DOT: tl.constexpr):
     """The dual form for the linear memory M(x) = W x."""
-    ptr, mask = _square(a, ck, DK)
+    ptr, mask = square(a, ck, DK)
     g = mm(k, tl.load(ptr, mask=mask, other=0.0), VEC, DOT) - v  # l2 bias: the error itself
-    ptr, mask = _square(m, ck, DK)
+    ptr, mask = square(m, ck, DK)
     w_t = tl.load(ptr, mask=mask, other=0.0)
     out = decay * mm(q, w_t, VEC, DOT) - mm(coeff * mm(q, tl.trans(k), VEC, DOT), g, VEC, DOT)
     w_t = last_decay * w_t - mm(tl.trans(k * last), g, VEC, DOT)
@@ -245,12 +124,14 @@ def _linear_segment(q, k, v, decay, coeff, last, last_decay, a, m, ck, DK: tl.co
 
 @triton.jit(do_not_specialize=["T"])
 def miras_scan_kernel(
-    Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, M_IN, M_OUT, LN_W, LN_B, SLOTS, POS, LENGTHS, CU_SEQLENS, T,
-    sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, sg_b, sg_h, sg_t,
+    Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, M_IN, M_OUT, ROWS, COEF, DECAY, LN_W, LN_B, SLOTS, POS, LENGTHS,
+    CU_SEQLENS, T, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, sg_b,
+    sg_h, sg_t,
     lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, abs_eps, sharpness, memora_eps, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MEMORY: tl.constexpr, BIAS: tl.constexpr,
     RETENTION: tl.constexpr, VARLEN: tl.constexpr, DOT: tl.constexpr, BOUNDARY_ROWS_ONLY: tl.constexpr,
+    FACTORED: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grid (N, H). Row n continues pool slot SLOTS[n] from absolute position POS[n].
 
@@ -258,6 +139,11 @@ def miras_scan_kernel(
     reads are produced for all T. Varlen: tensors [1, H, total, ...], row n is tokens
     CU_SEQLENS[n]:CU_SEQLENS[n+1], all valid. BOUNDARY_ROWS_ONLY (one-token decode): only rows whose
     token starts a chunk run; kernels.decode takes the others.
+
+    FACTORED (MLP memory): the pool holds the factored state (anchor, ROWS, COEF, DECAY; kernels.factored)
+    and M_IN / M_OUT are per-row scratch [N, H, ...] for the running memory, which the program first
+    folds from the state; the segment holding the last valid token writes its factor rows, the
+    coefficients and the decay, so the state is decode-ready (mid-chunk or at a chunk end).
     """
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -290,6 +176,9 @@ def miras_scan_kernel(
     a_out = A_OUT + head
     m_in = M_IN + head
     m_out = M_OUT + head
+    _, _, _, _, RW = row_offsets(D, DK)
+    factor_rows = ROWS + (slot * H + h) * (CHUNK * RW)
+    ci = tl.arange(0, BLOCK_C)
 
     rt = tl.arange(0, BLOCK_T)
     ck = tl.arange(0, BLOCK_K)
@@ -298,6 +187,15 @@ def miras_scan_kernel(
     ln_w = tl.load(LN_W + h * DK + ck, mask=col_mask, other=0.0)[None, :]
     ln_b = tl.load(LN_B + h * DK + ck, mask=col_mask, other=0.0)[None, :]
     causal = rt[:, None] >= rt[None, :]
+    if FACTORED:
+        scratch = (n * H + h) * (D * DK)
+        m_in = M_IN + scratch
+        m_out = M_OUT + scratch
+        n_old = filled_rows(p0, CHUNK)
+        coef0 = tl.load(COEF + (slot * H + h) * CHUNK + ci, mask=ci < n_old, other=0.0)
+        decay0 = tl.load(DECAY + slot * H + h)
+        fold_rows(a_in, a_out, m_in, m_out, factor_rows, coef0, decay0, n_old, ck, cd, D, DK, BLOCK_D, BLOCK_C, DOT)
+        tl.debug_barrier()
 
     for c in range(p0 // CHUNK, (p0 + rows - 1) // CHUNK + 1):
         chunk_start = c * CHUNK - p0  # token index of the chunk's first position (negative: before the row)
@@ -314,14 +212,14 @@ def miras_scan_kernel(
             if RETENTION == 2:
                 k0 = tl.load(k_ptr + chunk_start * sk_t + ck[None, :] * sk_d, mask=col_mask[None, :], other=0.0)
                 v0 = tl.load(v_ptr + chunk_start * sv_t + ck[None, :] * sv_d, mask=col_mask[None, :], other=0.0)
-                _kl_boundary(m_in, m_out, a_in, a_out, k0.to(tl.float32), v0.to(tl.float32),
+                kl_boundary(m_in, m_out, a_in, a_out, k0.to(tl.float32), v0.to(tl.float32),
                              tl.sum(tl.where(rt == 0, eta, 0.0)), tl.sum(tl.where(rt == 0, log_alpha, 0.0)),
                              ln_w, ln_b, ck, cd, ln_eps, memora_eps, D, DK, BLOCK_D)
             elif RETENTION == 1:
-                _lq_boundary(m_in, m_out, a_in, a_out, ck, cd, q_exp, lq_radius, lq_inv_std_in, lq_inv_std_out, D, DK,
+                lq_boundary(m_in, m_out, a_in, a_out, ck, cd, q_exp, lq_radius, lq_inv_std_in, lq_inv_std_out, D, DK,
                              BLOCK_D, MEMORY)
             else:
-                _copy_boundary(m_in, m_out, a_in, a_out, ck, cd, D, DK, BLOCK_D, MEMORY)
+                copy_boundary(m_in, m_out, a_in, a_out, ck, cd, D, DK, BLOCK_D, MEMORY)
         tl.debug_barrier()
         if RETENTION == 2:
             # Memora's retention lives in the lag step; the lag token's update is the step itself.
@@ -339,6 +237,9 @@ def miras_scan_kernel(
         q = tl.load(q_ptr + tok[:, None] * sq_t + ck[None, :] * sq_d, mask=tile_mask, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + tok[:, None] * sk_t + ck[None, :] * sk_d, mask=tile_mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + tok[:, None] * sv_t + ck[None, :] * sv_d, mask=tile_mask, other=0.0).to(tl.float32)
+        # The segment holding the last valid token leaves its factor rows (FACTORED), from row j_first on.
+        last_seg = (n_valid > seg_start) & (n_valid <= seg_start + seg_len)
+        j_first = (p0 + seg_start) % CHUNK
         if MEMORY == 1:
             out = _linear_segment(q, k, v, decay, coeff, last, last_decay, a_in, m_in, ck, DK, BLOCK_T == 1, DOT)
         else:
@@ -346,9 +247,20 @@ def miras_scan_kernel(
             if BIAS == 2:
                 delta = tl.load(DELTA + g_off + tok * sg_t, mask=in_seg, other=1.0).to(tl.float32)[:, None]
             out = _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_in, m_out, ln_w,
-                               ln_b, ck, cd, ln_eps, p_exp, abs_eps, sharpness, D, DK, BLOCK_D, BIAS,
-                               BLOCK_T == 1, DOT)
+                               ln_b, ck, cd, ln_eps, p_exp, abs_eps, sharpness, factor_rows + j_first * RW,
+                               valid & last_seg, D, DK, BLOCK_D, BIAS, BLOCK_T == 1, DOT, FACTORED)
         tl.store(o_ptr + tok[:, None] * so_t + ck[None, :], out, mask=tile_mask)
+        if FACTORED:  # noqa: SIM102 (a compile-time branch around a runtime one)
+            if last_seg:
+                # Old rows (the segment continues a chunk) decay with it; row j_first + t takes token t's
+                # coefficient at the segment's end; rows past the last token (and their coefficients) hold 0.
+                continued = chunk_start < 0
+                kept = tl.where(continued & (ci < j_first), coef0 * last_decay, 0.0)
+                new = tl.sum(tl.where(ci[:, None] == j_first + rt[None, :], tl.reshape(last, (BLOCK_T,))[None, :],
+                                      0.0), axis=1)
+                tl.store(COEF + (slot * H + h) * CHUNK + ci, kept + new, mask=ci < CHUNK)
+                tl.store(DECAY + slot * H + h, tl.where(continued, decay0, 1.0) * last_decay)
+                clear_rows(factor_rows, j_first + n_valid - seg_start, ci, cd, CHUNK, RW)
         tl.debug_barrier()
 
 
@@ -384,7 +296,8 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
     d = cfg.head_dim
     D = d if cfg.memory == "linear" else cfg.memory_hidden
     config = dict(H=cfg.n_heads, DK=d, D=D, CHUNK=cfg.chunk_size, BLOCK_T=1 if decode else _pow2(cfg.chunk_size),
-                  BLOCK_K=_pow2(d), BLOCK_D=min(_pow2(D), 128 if decode else 32), MEMORY=MEMORY_CODES[cfg.memory],
+                  BLOCK_C=_pow2(cfg.chunk_size), BLOCK_K=_pow2(d), BLOCK_D=min(_pow2(D), 128 if decode else 32),
+                  MEMORY=MEMORY_CODES[cfg.memory],
                   BIAS=BIAS_CODES[cfg.attentional_bias], RETENTION=RETENTION_CODES[cfg.retention], VARLEN=varlen,
                   DOT=dot, num_warps=8)
     if not decode:
@@ -403,8 +316,18 @@ def split_launch(config: dict) -> tuple[dict, int, int]:
     return config, split_d, split_warps
 
 
-def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
-              v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
+class Factors(NamedTuple):
+    """The factored decode state of an MLP memory in a pool (kernels.factored): per slot and head the
+    chunk's factor rows [P, H, b, 2(D + d)] as (k, gz, a, gu), their coefficients [P, H, b] and the decay
+    [P, H]; it stands for the running memory, next to the anchor."""
+
+    rows: Tensor
+    coef: Tensor
+    decay: Tensor
+
+
+def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots: Tensor, pos: Tensor, q: Tensor,
+              k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
               ln_bias: Tensor | None, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
               launch: dict | None = None) -> Tensor:
     """Run the memory over every row, updating the state pool (anchor, memory) **in place**.
@@ -414,18 +337,22 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, p
     (``cu_seqlens`` [N+1]): q, k, v [1, H, total, d], gates [1, H, total]. Row n continues pool
     slot ``slots[n]`` (negative: skipped, nothing written) from absolute position ``pos[n]``; the
     non-negative slots of one launch must be distinct (programs of one slot would race).
-    Pool tensors are fp32 and contiguous, [P, H, D, d] / [P, H, d, D] (linear: [P, H, d, d]).
+    Pool tensors are fp32 and contiguous: the anchor [P, H, D, d] / [P, H, d, D] (linear: [P, H, d, d])
+    and either the running memory (same shapes) or, for the MLP memory, its :class:`Factors`.
     q, k, v may be stored in bf16/fp16 (they are up-cast on load). Returns the reads (fp32), shaped like q.
-    Launches one kernel and never synchronises with the host (CUDA-graph capturable). ``launch``
-    overrides entries of :func:`launch_config` (tile sizes, ``num_warps``, ``num_stages``); the GPU
-    check uses it to compare launch configurations side by side.
+    Never synchronises with the host (CUDA-graph capturable). ``launch`` overrides entries of
+    :func:`launch_config` (tile sizes, ``num_warps``, ``num_stages``); the GPU check uses it to compare
+    launch configurations side by side.
     """
     n_rows = slots.shape[0]
     H, T, d = q.shape[1], q.shape[2], q.shape[3]
+    factored = isinstance(memory, Factors)
     for w in (*anchor, *memory):
         if w.dtype != torch.float32 or not w.is_contiguous():
             raise ValueError("the state pool must be fp32 and contiguous")
     linear = cfg.memory == "linear"
+    if factored and linear:
+        raise ValueError("the linear memory keeps the running layout (anchor, memory)")
     varlen = cu_seqlens is not None
     decode = T == 1 and not varlen
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -442,16 +369,25 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, p
     lq_inv_std = [1.0 / std for std in memory_init_std(cfg)] * (2 if linear else 1)
     if n_rows == 0:
         return out
-    a_in, a_out = (anchor[0], anchor[0]) if linear else anchor
-    m_in, m_out = (memory[0], memory[0]) if linear else memory
     config, split_d, split_warps = split_launch({**launch_config(cfg, decode, varlen, dot_precision(q.device)),
                                                  **(launch or {})})
+    a_in, a_out = (anchor[0], anchor[0]) if linear else anchor
+    if factored and decode:
+        factored_decode(cfg, config, split_d, split_warps, q, k, v, out, gates, anchor, *memory, ln_weight, ln_bias,
+                        slots, pos, lengths, lq_inv_std)
+        return out
+    if factored:  # the running memory lives in per-row scratch while the prompt runs
+        m_in, m_out = (torch.empty(n_rows, *w.shape[1:], device=q.device, dtype=torch.float32) for w in anchor)
+        rows, coef, decay = memory
+    else:
+        m_in, m_out = (memory[0], memory[0]) if linear else memory
+        rows = coef = decay = index
     miras_scan_kernel[(n_rows, H)](
-        q, k, v, out, *gates, a_in, a_out, m_in, m_out, ln_weight, ln_bias, slots, pos, lengths,
+        q, k, v, out, *gates, a_in, a_out, m_in, m_out, rows, coef, decay, ln_weight, ln_bias, slots, pos, lengths,
         cu_seqlens if varlen else index, T,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(),
         cfg.lq_radius, *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps, cfg.memory_ln_eps,
-        **config,
+        FACTORED=factored, **config,
     )
     if split_d > 0:
         split_decode(cfg, config, split_d, split_warps, q, k, v, out, gates, anchor, memory, ln_weight, ln_bias,

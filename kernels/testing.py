@@ -20,7 +20,7 @@ from models.memory import memory_init_std, memory_scan
 from models.model import MirasLM
 
 from . import forced_backend
-from .scan import scan_pool
+from .scan import Factors, scan_pool
 
 # Every rule and boundary step, plus combinations the presets do not use.
 RULES = {
@@ -129,7 +129,11 @@ def _state_errors(prefix: str, ref: tuple, got: tuple) -> dict[str, float]:
 
 
 def _identical(a: tuple, b: tuple, index: Tensor) -> bool:
-    return all(torch.equal(x.index_select(0, index), y.index_select(0, index)) for x, y in zip(a, b, strict=True))
+    """Rows ``index`` hold the same bits (NaN poison included)."""
+    def bits(t: Tensor) -> Tensor:
+        return t.index_select(0, index).contiguous().view(torch.int32)
+
+    return all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b, strict=True))
 
 
 def check_padded_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu",
@@ -224,6 +228,180 @@ def check_varlen_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "
         errors[f"reads seq {i}"] = rel_err(ref[0], out[:, :, cu[i]:cu[i + 1]])
         errors.update(_state_errors(f"seq {i} anchor", ref[1], tuple(w[slot] for w in pool_anchor)))
         errors.update(_state_errors(f"seq {i} memory", ref[2], tuple(w[slot] for w in pool_memory)))
+    return errors
+
+
+def filled_rows(pos: Tensor, chunk: int) -> Tensor:
+    """Factor rows a factored state holds before the token at ``pos``: pos % b, or b at a completed chunk."""
+    j = pos % chunk
+    return torch.where(j > 0, j, torch.where(pos > 0, chunk, 0))
+
+
+def random_factors(cfg: MirasConfig, pos: Tensor, gen: torch.Generator) -> Factors:
+    """A factored state per row consistent with ``pos``: random factor rows and positive coefficients for
+    the filled rows, NaN rows and zero coefficients past them (a kernel that reads them shows it), a decay
+    in (0.5, 1] (Memora: 1)."""
+    H, d, D, b = cfg.n_heads, cfg.head_dim, cfg.memory_hidden, cfg.chunk_size
+    batch = pos.shape[0]
+    filled = (torch.arange(b).view(1, 1, b) < filled_rows(pos.cpu(), b).view(-1, 1, 1)).expand(batch, H, b)
+    k = F.normalize(torch.randn(batch, H, b, d, generator=gen), dim=-1)
+    gz = 0.5 * torch.randn(batch, H, b, D, generator=gen)
+    a = F.gelu(torch.randn(batch, H, b, D, generator=gen))
+    gu = 0.3 * torch.randn(batch, H, b, d, generator=gen)
+    rows = torch.where(filled.unsqueeze(-1), torch.cat([k, gz, a, gu], dim=-1), float("nan"))
+    coef = torch.where(filled, cfg.eta_max * torch.rand(batch, H, b, generator=gen), 0.0)
+    decay = torch.ones(batch, H) if cfg.retention == "kl" else 0.5 + 0.5 * torch.rand(batch, H, generator=gen)
+    return Factors(rows, coef, torch.where(pos.cpu().view(-1, 1) > 0, decay, 1.0))
+
+
+def factored_memory(cfg: MirasConfig, anchor: tuple, factors: Factors, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """The running memory a factored state stands for, in fp64: decay A - sum_i C_i (gz_i k_i^T, gu_i a_i^T)
+    over the filled rows."""
+    d, D = cfg.head_dim, cfg.memory_hidden
+    filled = torch.arange(cfg.chunk_size, device=pos.device).view(1, 1, -1) < filled_rows(pos, cfg.chunk_size).view(
+        -1, 1, 1)
+    rows = torch.where(filled.unsqueeze(-1), factors.rows.double(), 0.0)
+    k, gz, a, gu = rows.split([d, D, D, d], dim=-1)
+    coef = torch.where(filled, factors.coef.double(), 0.0).unsqueeze(-1)
+    decay = factors.decay.double().view(*factors.decay.shape, 1, 1)
+    return (decay * anchor[0].double() - gz.transpose(-1, -2) @ (coef * k),
+            decay * anchor[1].double() - gu.transpose(-1, -2) @ (coef * a))
+
+
+def _factored_errors(prefix: str, cfg: MirasConfig, ref: tuple, anchor: tuple, factors: Factors, pos: Tensor,
+                     start: Tensor) -> dict[str, float]:
+    """The kernel's factored state at ``pos`` against the reference's (anchor, running memory); coefficients
+    past the filled rows must be 0, and so must those rows wherever a chunk started since ``start``."""
+    b = cfg.chunk_size
+    errors = _state_errors(f"{prefix}anchor", ref[0], anchor)
+    errors.update(_state_errors(f"{prefix}memory", ref[1], factored_memory(cfg, anchor, factors, pos)))
+    past = torch.arange(b, device=pos.device).view(1, 1, -1) >= filled_rows(pos, b).view(-1, 1, 1)
+    if bool((factors.coef.masked_select(past) != 0).any()):
+        errors[f"{prefix}coefficients past the filled rows"] = float("inf")
+    started = (torch.div(pos - 1, b, rounding_mode="floor") * b >= start) & (pos > start)
+    cleared = (past & started.view(-1, 1, 1)).expand(factors.coef.shape)
+    if bool((factors.rows[cleared] != 0).any()):
+        errors[f"{prefix}rows past the filled ones in a new chunk"] = float("inf")
+    return errors
+
+
+def check_factored_decode(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu", steps: int = 6,
+                          pool_size: int = 7, launch: dict | None = None) -> dict[str, float]:
+    """Token-by-token decode on a factored pool through random slots and a padding slot (-1), from every
+    kind of start (mid-chunk, a completed chunk that folds first, a fresh state) across chunk boundaries:
+    reads and the state (anchor, the running memory it stands for) against the fp64 reference, slots not
+    in the batch bit-identical, and the anchor untouched by every step that starts no chunk."""
+    batch = 4
+    x = random_inputs(cfg, batch, steps, gen, device)
+    b = cfg.chunk_size
+    start = torch.tensor([b - 1, b, 0, 2 * b + 1])
+    pool_pos = torch.randint(0, 3 * b, (pool_size,), generator=gen)
+    chosen = torch.randperm(pool_size, generator=gen)[:batch]
+    pool_pos[chosen] = start
+    pool_anchor = list(random_memory(cfg, pool_size, gen))
+    for w, w0 in zip(pool_anchor, x["anchor"], strict=True):
+        w[chosen] = w0.cpu()
+    factors = to_device(tuple(random_factors(cfg, pool_pos, gen)), device)
+    pool = to_device(tuple(pool_anchor), device), Factors(*factors)
+    chosen, start = chosen.to(device), start.to(device)
+    ref_state = (x["anchor"], factored_memory(cfg, x["anchor"], Factors(*(t[chosen] for t in factors)), start))
+    before = tuple(w.clone() for w in (*pool[0], *pool[1]))
+    slots = torch.cat([chosen[:1], torch.tensor([-1], device=device), chosen[1:]])  # batch row 1 is padding
+    rows = torch.tensor([0, 2, 3, 4], device=device)
+    pos = torch.cat([start[:1], torch.tensor([5], device=device), start[1:]])
+    ones = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    errors = {}
+    for step in range(steps):
+        token = [None if x[n] is None else x[n][:, :, step:step + 1] for n in GATE_NAMES]
+        ref_out, *ref_state = ref_scan(cfg, *ref_state, start + step, *token, ones, x["ln_weight"], x["ln_bias"])
+        padded = [None if t is None else torch.cat([t[:1], t[:1], t[1:]]) for t in token]
+        anchor_before = tuple(w.clone() for w in pool[0])
+        with nan_poisoned_empty():
+            out = scan_pool(cfg, *pool, slots, pos + step, *padded, x["ln_weight"], x["ln_bias"], launch=launch)
+        errors[f"reads step {step}"] = rel_err(ref_out, out.index_select(0, rows))
+        if not torch.isnan(out[1]).all():
+            errors["padding row unwritten"] = float("inf")
+        mid_chunk = chosen[(start + step) % b != 0]
+        if not _identical(anchor_before, pool[0], mid_chunk):
+            errors["anchor untouched by steps inside a chunk"] = float("inf")
+    end = start + steps
+    errors.update(_factored_errors("", cfg, ref_state, tuple(w[chosen] for w in pool[0]),
+                                   Factors(*(t[chosen] for t in pool[1])), end, start))
+    untouched = torch.tensor([s for s in range(pool_size) if s not in chosen.tolist()], device=device)
+    if not _identical(before, (*pool[0], *pool[1]), untouched):
+        errors["untouched slots bit-identical"] = float("inf")
+    return errors
+
+
+def check_factored_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu", T: int = 11,
+                           decode_steps: int = 2) -> dict[str, float]:
+    """A padded prefill on a factored pool: rows continuing mid-chunk, from a completed chunk, fresh, a
+    prompt ending exactly at a chunk end, right padding and an empty row (left untouched); then
+    ``decode_steps`` one-token steps from the state it leaves. Reads and states against the fp64 reference."""
+    b = cfg.chunk_size
+    batch = 5
+    x = random_inputs(cfg, batch, T, gen, device)
+    pos = torch.tensor([b + 2, b, 0, 1, 3], device=device)
+    lengths = torch.tensor([T, T - 3, 2 * b, b - 1, 0], device=device).clamp(max=T)
+    factors = Factors(*to_device(tuple(random_factors(cfg, pos.cpu(), gen)), device))
+    anchor = tuple(w.clone() for w in x["anchor"])
+    before = tuple(w.clone() for w in (*anchor, *factors))
+    valid = torch.arange(T, device=device).view(1, -1) < lengths.view(-1, 1)
+    args = [x[n] for n in GATE_NAMES]
+    ref_state = (x["anchor"], factored_memory(cfg, x["anchor"], factors, pos))
+    ref_out, *ref_state = ref_scan(cfg, *ref_state, pos, *args, valid, x["ln_weight"], x["ln_bias"])
+    slots = torch.arange(batch, device=device)
+    with nan_poisoned_empty():
+        out = scan_pool(cfg, anchor, factors, slots, pos, *args, x["ln_weight"], x["ln_bias"], lengths=lengths)
+    errors = {"reads": rel_err(ref_out, out)}
+    start, pos = pos, pos + lengths
+    errors.update(_factored_errors("prefill ", cfg, ref_state, anchor, factors, pos, start))
+    if not _identical(before, (*anchor, *factors), torch.tensor([batch - 1], device=device)):
+        errors["empty row untouched"] = float("inf")
+    y = random_inputs(cfg, batch, decode_steps, gen, device)
+    ones = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    for step in range(decode_steps):
+        token = [None if y[n] is None else y[n][:, :, step:step + 1] for n in GATE_NAMES]
+        ref_out, *ref_state = ref_scan(cfg, *ref_state, pos, *token, ones, x["ln_weight"], x["ln_bias"])
+        with nan_poisoned_empty():
+            out = scan_pool(cfg, anchor, factors, slots, pos, *token, x["ln_weight"], x["ln_bias"])
+        errors[f"decode after prefill, step {step}"] = rel_err(ref_out, out)
+        pos = pos + 1
+    errors.update(_factored_errors("decode ", cfg, ref_state, anchor, factors, pos, start))
+    return errors
+
+
+def check_factored_varlen(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu",
+                          lengths: tuple[int, ...] = (9, 1, 6), pool_size: int = 5) -> dict[str, float]:
+    """cu_seqlens prefill on a factored pool: prompts of different lengths, each continuing its own slot
+    from its own factored state and phase."""
+    n_seqs = len(lengths)
+    pool_pos = torch.randint(0, 3 * cfg.chunk_size, (pool_size,), generator=gen)
+    pool_anchor = to_device(random_memory(cfg, pool_size, gen), device)
+    factors = Factors(*to_device(tuple(random_factors(cfg, pool_pos, gen)), device))
+    pool_pos = pool_pos.to(device)
+    before_anchor = tuple(w.clone() for w in pool_anchor)
+    before_memory = factored_memory(cfg, pool_anchor, factors, pool_pos)
+    slots = torch.randperm(pool_size, generator=gen)[:n_seqs].to(device)
+    pos = pool_pos[slots]
+    seqs = [random_inputs(cfg, 1, n, gen, device) for n in lengths]
+    ln = seqs[0]["ln_weight"], seqs[0]["ln_bias"]
+    packed = [None if seqs[0][n] is None else torch.cat([s[n] for s in seqs], dim=2) for n in GATE_NAMES]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    with nan_poisoned_empty():
+        out = scan_pool(cfg, pool_anchor, factors, slots, pos, *packed, *ln,
+                        cu_seqlens=torch.tensor(cu, device=device))
+    errors = {}
+    for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        slot = slots[i:i + 1]
+        ref = ref_scan(cfg, tuple(w[slot] for w in before_anchor), tuple(w[slot] for w in before_memory),
+                       pos[i:i + 1], *(s[m] for m in GATE_NAMES), torch.ones(1, n, dtype=torch.bool, device=device),
+                       *ln)
+        errors[f"reads seq {i}"] = rel_err(ref[0], out[:, :, cu[i]:cu[i + 1]])
+        errors.update(_factored_errors(f"seq {i} ", cfg, ref[1:], tuple(w[slot] for w in pool_anchor),
+                                       Factors(*(t[slot] for t in factors)), pos[i:i + 1] + n, pos[i:i + 1]))
     return errors
 
 

@@ -10,12 +10,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import memory_scan, memory_scan_pool
+from kernels import factored_scan, factored_scan_pool, memory_scan, memory_scan_pool
 
 from .config import MirasConfig
-from .memory import initial_memory, l2_normalise, memory_init_std
+from .memory import FactoredMemory, factored_fresh, initial_memory, l2_normalise, memory_init_std
 
 LayerState = dict[str, Tensor]
+LAYOUTS = ("running", "factored")
+# The layer-state entries of a factored memory besides its anchor (models/SPEC.md §7).
+FACTOR_ENTRIES = ("rows", "row_coef", "row_decay")
+
+
+def state_layout(cfg: MirasConfig, backend: str) -> str:
+    """The one place that chooses how a Miras layer keeps its memory between tokens (models/SPEC.md §7):
+    "factored" (the chunk anchor + one factor row per token of the chunk) for the MLP memories, on both
+    backends (``backend``: "torch" or "triton"), else "running" (the chunk anchor + the running memory).
+    The linear memory stays "running": its d x d matrix is smaller than a chunk of factor rows."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}")
+    return "factored" if cfg.memory == "mlp" else "running"
 
 
 class RMSNorm(nn.Module):
@@ -125,14 +138,20 @@ class MirasMixer(nn.Module):
             return None, None
         return self.mem_ln_weight.float().unsqueeze(1), self.mem_ln_bias.float().unsqueeze(1)  # [H, 1, d]
 
-    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LayerState:
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype, layout: str) -> LayerState:
+        """A fresh state (position 0) in ``layout`` (see :func:`state_layout`)."""
         cfg = self.cfg
+        if layout == "factored" and cfg.memory != "mlp":
+            raise ValueError("the factored state layout needs the mlp memory")
         state = {"conv": torch.zeros(batch, 3 * cfg.inner_dim, cfg.conv_width - 1, device=device, dtype=dtype)}
-        init = initial_memory(cfg, self.memory_params())
+        init = tuple(w.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, *w.shape).clone()
+                     for w in initial_memory(cfg, self.memory_params()))
         for name, w in zip(self.memory_names, init, strict=True):
-            w = w.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, *w.shape)
-            state[f"anchor_{name}"] = w.clone()
-            state[f"mem_{name}"] = w.clone()
+            state[f"anchor_{name}"] = w
+            if layout == "running":
+                state[f"mem_{name}"] = w.clone()
+        if layout == "factored":
+            state.update(zip(FACTOR_ENTRIES, factored_fresh(cfg, init)[1:], strict=True))
         return state
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -147,9 +166,10 @@ class MirasMixer(nn.Module):
         return eta, log_alpha, delta
 
     def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor, lengths: Tensor,
-                slots: Tensor | None = None) -> tuple[Tensor, LayerState]:
+                slots: Tensor | None = None, surprise: Tensor | None = None) -> tuple[Tensor, LayerState]:
         """With ``slots``, the memory entries of ``state`` are the whole pool, updated in place at rows
-        ``slots`` (the other entries are this batch's rows, as without)."""
+        ``slots`` (the other entries are this batch's rows, as without). ``surprise`` [B, T], if given, takes
+        each token's memory loss at its chunk's anchor, averaged over the heads (models/SPEC.md §4)."""
         cfg = self.cfg
         B, T, _ = x.shape
         qkv, conv = short_conv(self.qkv(x), self.conv_weight, state["conv"], lengths)
@@ -160,21 +180,33 @@ class MirasMixer(nn.Module):
         eta, log_alpha, delta = self.gates(x.float())
         names = self.memory_names
         anchor = tuple(state[f"anchor_{n}"] for n in names)
-        memory = tuple(state[f"mem_{n}"] for n in names)
         ln_weight, ln_bias = self.ln_params()
-        if slots is None:
-            out, anchor, memory = memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid,
-                                              ln_weight, ln_bias)
+        gates = (q, k, v, eta, log_alpha, delta)
+        per_head = None if surprise is None else eta.new_empty(eta.shape)  # [B, H, T]
+        new_state = {"conv": conv}
+        if "rows" in state:  # the factored layout
+            factored = FactoredMemory(anchor, *(state[n] for n in FACTOR_ENTRIES))
+            if slots is None:
+                out, factored = factored_scan(cfg, factored, pos, *gates, valid, ln_weight, ln_bias, per_head)
+            else:
+                out = factored_scan_pool(cfg, factored, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head)
+            new_state.update(zip((f"anchor_{n}" for n in names), factored.anchor, strict=True))
+            new_state.update(zip(FACTOR_ENTRIES, factored[1:], strict=True))
         else:
-            out = memory_scan_pool(cfg, anchor, memory, slots, pos, q, k, v, eta, log_alpha, delta, lengths,
-                                   ln_weight, ln_bias)
+            memory = tuple(state[f"mem_{n}"] for n in names)
+            if slots is None:
+                out, anchor, memory = memory_scan(cfg, anchor, memory, pos, *gates, valid, ln_weight, ln_bias,
+                                                  per_head)
+            else:
+                out = memory_scan_pool(cfg, anchor, memory, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head)
+            for n, a, m in zip(names, anchor, memory, strict=True):
+                new_state[f"anchor_{n}"] = a
+                new_state[f"mem_{n}"] = m
+        if surprise is not None:
+            surprise.copy_(per_head.mean(1))
         out = out.transpose(1, 2)  # [B, T, H, d]
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * self.out_norm_weight
         out = out.to(x.dtype).reshape(B, T, cfg.inner_dim) * F.silu(self.out_gate(x))
-        new_state = {"conv": conv}
-        for n, a, m in zip(names, anchor, memory, strict=True):
-            new_state[f"anchor_{n}"] = a
-            new_state[f"mem_{n}"] = m
         return self.o_proj(out), new_state
 
 
@@ -187,7 +219,7 @@ class SlidingWindowAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.inner_dim, bias=False)
         self.o_proj = nn.Linear(cfg.inner_dim, cfg.d_model, bias=False)
 
-    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LayerState:
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype, layout: str) -> LayerState:
         cfg = self.cfg
         shape = (batch, cfg.n_heads, cfg.swa_window, cfg.head_dim)
         return {"k": torch.zeros(shape, device=device, dtype=dtype),

@@ -15,11 +15,18 @@ computation with ``n = 1``.
 
 No autograd is used to compute the inner gradients: they are written out below so that the
 kernels can follow them line by line (training differentiates *through* them with autograd).
+
+Decoding keeps an MLP memory *factored* (``FactoredMemory``, models/SPEC.md §7): the chunk's anchor
+plus one factor row per token of the chunk so far, instead of the running memory. The running memory
+is the anchor, decayed, minus the rows' outer products (``fold_rows``); a decode step reads the anchor
+once and the rows (``factored_token``), and a chunk start folds the rows into the next anchor
+(``start_chunk``). Same math as the running-memory form, different bookkeeping.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -79,6 +86,22 @@ def output_grad(cfg: MirasConfig, error: Tensor, delta: Tensor | None) -> Tensor
     return torch.where(rms <= delta, error, delta * smooth_sign(error, cfg.sign_sharpness))
 
 
+def attentional_loss(cfg: MirasConfig, error: Tensor, delta: Tensor | None) -> Tensor:
+    """The attentional bias l(M(k), v) itself, per token ([..., n, d] -> [..., n]): the memory's surprise.
+
+    The unsmoothed loss of models/SPEC.md §4 (the smoothing only shapes the gradient):
+    l2: 1/2 ||e||^2;  lp: 1/p sum |e|^p;  huber: rms(e) <= delta ? 1/2 ||e||^2 : delta * sum |e|.
+    """
+    half_sq = 0.5 * error.pow(2).sum(-1)
+    if cfg.attentional_bias == "l2":
+        return half_sq
+    if cfg.attentional_bias == "lp":
+        return error.abs().pow(cfg.p).sum(-1) / cfg.p
+    assert delta is not None, "the huber bias needs delta"
+    rms = error.pow(2).mean(-1).sqrt()
+    return torch.where(rms <= delta, half_sq, delta * error.abs().sum(-1))
+
+
 def mlp_read(w_in: Tensor, w_out: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float) -> Tensor:
     """M(x) = x + LN(W_out gelu(W_in x)) with per-sequence weights."""
     u = gelu(x @ w_in.transpose(-1, -2)) @ w_out.transpose(-1, -2)
@@ -86,16 +109,26 @@ def mlp_read(w_in: Tensor, w_out: Tensor, x: Tensor, ln_weight: Tensor, ln_bias:
 
 
 def mlp_factors(cfg: MirasConfig, w_in: Tensor, w_out: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor,
-                ln_bias: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                ln_bias: Tensor, delta: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token gradients of l(M(k_i), v_i) at fixed weights, as outer-product factors.
 
     Returns (a, gz, gu) with grad W_out_i = gu_i a_i^T  ([d, D]) and grad W_in_i = gz_i k_i^T ([D, d]).
+    ``surprise`` [B, H, n], if given, takes the losses l(M(k_i), v_i) themselves (:func:`attentional_loss`).
     """
-    z = k @ w_in.transpose(-1, -2)  # [B, H, n, D]
+    return mlp_factors_at(cfg, k @ w_in.transpose(-1, -2), w_out, k, v, ln_weight, ln_bias, delta, surprise)
+
+
+def mlp_factors_at(cfg: MirasConfig, z: Tensor, w_out: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor,
+                   ln_bias: Tensor, delta: Tensor | None,
+                   surprise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`mlp_factors` given the keys' pre-activations z = k W_in^T [B, H, n, D]."""
     a = gelu(z)
     u = a @ w_out.transpose(-1, -2)  # [B, H, n, d]
     y_ln, u_hat, inv_std = layer_norm(u, ln_weight, ln_bias, cfg.memory_ln_eps)
-    g = output_grad(cfg, k + y_ln - v, delta)
+    error = k + y_ln - v
+    if surprise is not None:
+        surprise.copy_(attentional_loss(cfg, error, delta))
+    g = output_grad(cfg, error, delta)
     gu = layer_norm_backward(g, u_hat, inv_std, ln_weight)
     gz = (gu @ w_out) * gelu_grad(z)
     return a, gz, gu
@@ -123,22 +156,26 @@ def decayed_update(w: Tensor, decay: Tensor, left: Tensor, right: Tensor) -> Ten
 
 def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, k: Tensor, v: Tensor,
                    eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
-                   ln_bias: Tensor | None) -> tuple[Tensor, Memory]:
+                   ln_bias: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Memory]:
     """Process tokens that all lie in one chunk: reads for every token and the memory after the last.
 
     ``anchor`` is the chunk's anchor (gradients are taken there), ``memory`` the running memory
     just before the first token. Reads see the post-update memory:
         W_t = decay_t * memory - sum_{i<=t} C[t, i] grad_i,   y_t = M(q_t; W_t).
+    ``surprise`` [B, H, n], if given, takes each token's loss at the anchor, l(M_anchor(k_t), v_t).
     """
     decay, coeff = chunk_coefficients(eta, log_alpha)
     last = coeff[..., -1, :].unsqueeze(-1)  # [B, H, n, 1]: C[n-1, i]
     decay_last = decay[..., -1, None, None]
     if cfg.memory == "linear":
         (w_anchor,), (w,) = anchor, memory
-        g = output_grad(cfg, k @ w_anchor.transpose(-1, -2) - v, delta)
+        error = k @ w_anchor.transpose(-1, -2) - v
+        if surprise is not None:
+            surprise.copy_(attentional_loss(cfg, error, delta))
+        g = output_grad(cfg, error, delta)
         out = decay.unsqueeze(-1) * (q @ w.transpose(-1, -2)) - (coeff * (q @ k.transpose(-1, -2))) @ g
         return out, (decayed_update(w, decay_last, g.transpose(-1, -2), last * k),)
-    a, gz, gu = mlp_factors(cfg, *anchor, k, v, ln_weight, ln_bias, delta)
+    a, gz, gu = mlp_factors(cfg, *anchor, k, v, ln_weight, ln_bias, delta, surprise)
     w_in, w_out = memory
     zq = decay.unsqueeze(-1) * (q @ w_in.transpose(-1, -2)) - (coeff * (q @ k.transpose(-1, -2))) @ gz
     aq = gelu(zq)
@@ -208,12 +245,14 @@ def _where_rows(mask: Tensor, new: Memory, old: Memory) -> Memory:
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor,
                 v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor,
-                ln_weight: Tensor | None, ln_bias: Tensor | None) -> tuple[Tensor, Memory, Memory]:
+                ln_weight: Tensor | None, ln_bias: Tensor | None,
+                surprise: Tensor | None = None) -> tuple[Tensor, Memory, Memory]:
     """Run the memory over ``T`` tokens per sequence, continuing from (anchor, memory) at ``pos``.
 
     q, k, v: [B, H, T, d]; eta, log_alpha, delta: [B, H, T]; pos: [B] absolute position of the
     first token; valid: [B, T] (padding at the end of a row updates nothing).
-    Returns the reads [B, H, T, d] and the new (anchor, memory).
+    Returns the reads [B, H, T, d] and the new (anchor, memory). ``surprise`` [B, H, T], if given, takes
+    every token's loss at its chunk's anchor (``memory_segment``; padding: unspecified).
     """
     b = cfg.chunk_size
     T = q.shape[2]
@@ -229,9 +268,12 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
             def pick(t: Tensor | None, rows: Tensor = rows) -> Tensor | None:
                 return None if t is None else t.index_select(0, rows)
 
+            part = None if surprise is None else surprise.new_empty(len(rows), *surprise.shape[1:])
             o, an, mem = memory_scan(cfg, tuple(pick(w) for w in anchor), tuple(pick(w) for w in memory),
                                      pick(pos), pick(q), pick(k), pick(v), pick(eta), pick(log_alpha),
-                                     pick(delta), pick(valid), ln_weight, ln_bias)
+                                     pick(delta), pick(valid), ln_weight, ln_bias, part)
+            if surprise is not None:
+                surprise.index_copy_(0, rows, part)
             out = out.index_copy(0, rows, o)
             new_anchor = [x.index_copy(0, rows, y) for x, y in zip(new_anchor, an, strict=True)]
             new_memory = [x.index_copy(0, rows, y) for x, y in zip(new_memory, mem, strict=True)]
@@ -261,7 +303,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
                 seg_eta = torch.cat([first.unsqueeze(-1), seg_eta[:, :, 1:]], dim=-1)
         o, memory = memory_segment(cfg, anchor, memory, q[:, :, seg], k[:, :, seg], v[:, :, seg], seg_eta,
                                    log_alpha[:, :, seg], None if delta is None else delta[:, :, seg],
-                                   ln_weight, ln_bias)
+                                   ln_weight, ln_bias, None if surprise is None else surprise[:, :, seg])
         outs.append(o)
         t += n
     return torch.cat(outs, dim=2), anchor, memory
@@ -286,3 +328,154 @@ def read_memory(cfg: MirasConfig, memory: Memory, x: Tensor, ln_weight: Tensor |
 
 def l2_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class FactoredMemory(NamedTuple):
+    """The decode state of an MLP memory in the factored layout, per sequence and head.
+
+    ``anchor``: (W_in [B, H, D, d], W_out [B, H, d, D]), the anchor of the chunk the sequence is in.
+    ``rows`` [B, H, b, 2(D + d)]: one factor row ``(k_i, gz_i, a_i, gu_i)`` per token of the chunk
+    consumed so far (grad W_in_i = gz_i k_i^T, grad W_out_i = gu_i a_i^T, at the anchor); rows not yet
+    written hold 0. ``row_coef`` [B, H, b]: C[t, i] = eta_i prod_{i<j<=t} alpha_j after the last token
+    t (0 for unwritten rows). ``row_decay`` [B, H]: prod_{j<=t} alpha_j from the chunk start.
+    The number of filled rows is ``pos % b`` (0 at ``pos > 0``: the chunk is complete, all b are).
+    """
+
+    anchor: Memory
+    rows: Tensor
+    row_coef: Tensor
+    row_decay: Tensor
+
+
+def factored_fresh(cfg: MirasConfig, memory: Memory) -> FactoredMemory:
+    """The factored state at position 0: the anchor is the initial memory, no rows, decay 1."""
+    w_in = memory[0]
+    batch, H = w_in.shape[:2]
+    rows = w_in.new_zeros(batch, H, cfg.chunk_size, 2 * (cfg.memory_hidden + cfg.head_dim))
+    return FactoredMemory(memory, rows, w_in.new_zeros(batch, H, cfg.chunk_size), w_in.new_ones(batch, H))
+
+
+def split_rows(rows: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Views (k, gz, a, gu) of factor rows laid out as (k [d], gz [D], a [D], gu [d])."""
+    hidden = (rows.shape[-1] - 2 * head_dim) // 2
+    return rows.split((head_dim, hidden, hidden, head_dim), dim=-1)
+
+
+def fold_rows(state: FactoredMemory) -> Memory:
+    """The running memory of a factored state: W = decay * anchor - sum_i C_i grad_i (never stored)."""
+    k, gz, a, gu = split_rows(state.rows, state.anchor[0].shape[-1])
+    coef = state.row_coef.unsqueeze(-1)
+    decay = state.row_decay[..., None, None]
+    w_in, w_out = state.anchor
+    return (decayed_update(w_in, decay, gz.transpose(-1, -2), coef * k),
+            decayed_update(w_out, decay, gu.transpose(-1, -2), coef * a))
+
+
+def start_chunk(cfg: MirasConfig, state: FactoredMemory, k0: Tensor, v0: Tensor, eta0: Tensor, log_alpha0: Tensor,
+                ln_weight: Tensor, ln_bias: Tensor) -> FactoredMemory:
+    """A token starts a chunk: the finished chunk's rows fold into the running memory, the rule's boundary
+    map makes it the new anchor, and the rows, coefficients and decay start over (k0 ... : [B, H, 1, *])."""
+    anchor = boundary_step(cfg, fold_rows(state), k0, v0, eta0, log_alpha0, ln_weight, ln_bias)
+    return FactoredMemory(anchor, torch.zeros_like(state.rows), torch.zeros_like(state.row_coef),
+                          torch.ones_like(state.row_decay))
+
+
+def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                   eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor,
+                   ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One token per sequence (q, k, v: [B, H, 1, d]; gates [B, H, 1]) that becomes factor row ``row``
+    [B] of its chunk, whose anchor ``state`` already holds (``start_chunk`` ran for a chunk's first token).
+
+    Returns the read y = M(q; W_t) [B, H, 1, d] and the new (row [B, H, 2(D + d)], row_coef, row_decay):
+    the old coefficients and the decay take the token's alpha, its row enters with eta, and the read sees
+    the post-update memory W_t = decay_t * anchor - sum_{i<=t} C[t, i] grad_i, through the anchor once
+    and the rows' dot products (the dual form with n = 1). ``surprise`` [B, H, 1], if given, takes the
+    token's loss at the anchor (computed with its factors).
+    """
+    if cfg.retention == "kl":
+        # Memora: no decay inside a chunk; the lag token's update is its boundary step (eta 0 here).
+        alpha = torch.ones_like(log_alpha)
+        eta = torch.where((row == 0).view(-1, 1, 1), 0.0, eta)
+    else:
+        alpha = log_alpha.exp()
+    w_in, w_out = state.anchor
+    z, zq = (torch.cat([k, q], dim=2) @ w_in.transpose(-1, -2)).split(1, dim=2)  # one pass over W_in for both
+    a, gz, gu = mlp_factors_at(cfg, z, w_out, k, v, ln_weight, ln_bias, delta, surprise)  # [B, H, 1, *] at the anchor
+    coef = state.row_coef * alpha  # the old rows (a new row's slot holds 0 until written)
+    decay = state.row_decay * alpha.squeeze(-1)
+    # Only the rows some sequence has filled are read (the others hold 0).
+    filled = int(row.max())
+    old_k, old_gz, old_a, old_gu = split_rows(state.rows[:, :, :filled], cfg.head_dim)
+    old_coef = coef[..., None, :filled]
+    eta = eta.unsqueeze(-1)  # [B, H, 1, 1]
+    scale = decay[..., None, None]
+    zq = (scale * zq - (old_coef * (q @ old_k.transpose(-1, -2))) @ old_gz
+          - eta * (q * k).sum(-1, keepdim=True) * gz)
+    aq = gelu(zq)
+    uq = (scale * (aq @ w_out.transpose(-1, -2)) - (old_coef * (aq @ old_a.transpose(-1, -2))) @ old_gu
+          - eta * (aq * a).sum(-1, keepdim=True) * gu)
+    out = q + layer_norm(uq, ln_weight, ln_bias, cfg.memory_ln_eps)[0]
+    new_row = torch.cat([k, gz, a, gu], dim=-1).squeeze(2)
+    coef = coef.scatter(-1, row.view(-1, 1, 1).expand(-1, coef.shape[1], 1), eta.view(*coef.shape[:2], 1))
+    return out, new_row, coef, decay
+
+
+def factored_decode_step(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                         eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
+                         ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, FactoredMemory]:
+    """One decode step on a factored state (the inputs untouched): token [B, H, 1, *] at ``pos`` [B];
+    rows with ``valid`` [B, 1] false change nothing. Returns the reads and the new state (``surprise``
+    [B, H, 1], if given, takes the token's loss at the anchor)."""
+    b = cfg.chunk_size
+    row = pos % b
+    live = valid[:, 0]
+    first = (row == 0) & live
+    if bool(first.any()):
+        started = start_chunk(cfg, state, k, v, eta, log_alpha, ln_weight, ln_bias)
+        state = FactoredMemory(*(_where_rows(first, new, old) if isinstance(new, tuple) else
+                                 torch.where(first.view(-1, *[1] * (new.dim() - 1)), new, old)
+                                 for new, old in zip(started, state, strict=True)))
+    out, new_row, coef, decay = factored_token(cfg, state, row, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
+                                               surprise)
+    at_row = (torch.arange(b, device=pos.device) == row.view(-1, 1)) & live.view(-1, 1)  # [B, b]
+    rows = torch.where(at_row[:, None, :, None], new_row.unsqueeze(2), state.rows)
+    keep = ~live.view(-1, 1, 1)
+    return out, FactoredMemory(state.anchor, rows, torch.where(keep, state.row_coef, coef),
+                               torch.where(keep.squeeze(-1), state.row_decay, decay))
+
+
+def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
+                  log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
+                  ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, FactoredMemory]:
+    """``memory_scan`` from and to a factored state (any number of tokens, rows at any positions, a chunk
+    possibly half consumed): the running memory is folded once, the tokens run through the chunked scan,
+    and the tokens of the last (possibly partial) chunk become its factor rows at the final anchor
+    (``surprise`` [B, H, T]: as in ``memory_scan``)."""
+    b, T = cfg.chunk_size, q.shape[2]
+    out, anchor, _ = memory_scan(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta, valid,
+                                 ln_weight, ln_bias, surprise)
+    lengths = valid.sum(1)
+    end = pos + lengths
+    chunk_start = torch.div(end - 1, b, rounding_mode="floor") * b  # of the chunk of each row's last token
+    crossed = (chunk_start >= pos).view(-1, 1, 1)  # the call started that chunk: the old rows are gone
+    # Row r of that chunk holds the token at chunk_start + r: index t of this call, or an old row if t < 0.
+    t = (chunk_start - pos).view(-1, 1) + torch.arange(b, device=pos.device)  # [B, b]
+    new = ((t >= 0) & (t < lengths.view(-1, 1))).unsqueeze(1)  # [B, 1, b]
+    index = t.clamp(0, T - 1).unsqueeze(1).expand(-1, q.shape[1], -1)  # [B, H, b]
+
+    def tail(x: Tensor) -> Tensor:
+        return x.gather(2, index if x.dim() == 3 else index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+    k_tail = tail(k)
+    a, gz, gu = mlp_factors(cfg, *anchor, k_tail, tail(v), ln_weight, ln_bias, None if delta is None else tail(delta))
+    zero = torch.zeros((), dtype=state.rows.dtype, device=pos.device)
+    rows = torch.where(new.unsqueeze(-1), torch.cat([k_tail, gz, a, gu], dim=-1),
+                       torch.where(crossed.unsqueeze(-1), zero, state.rows))
+    eta_new = torch.where(new, tail(eta), zero)
+    log_alpha_new = torch.zeros_like(eta_new) if cfg.retention == "kl" else torch.where(new, tail(log_alpha), zero)
+    if cfg.retention == "kl":  # the lag token (row 0) enters through its boundary step
+        eta_new[..., 0] = 0.0
+    coef = torch.where(new | crossed, eta_new, state.row_coef)
+    later = log_alpha_new.flip(-1).cumsum(-1).flip(-1) - log_alpha_new  # sum over the rows after r
+    decay = torch.where(crossed.squeeze(-1), 1.0, state.row_decay) * log_alpha_new.sum(-1).exp()
+    return out, FactoredMemory(anchor, rows, coef * later.exp(), decay)

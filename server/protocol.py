@@ -10,7 +10,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from .errors import APIError
 from .sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SamplingParams
@@ -108,6 +108,8 @@ class SamplingFields(RequestBody):
     user: str | None = None
     # vLLM's field: mixed into the state-cache key, so only requests with the same salt share cached states
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
+    # Miras extension: each consumed token's surprise per Miras layer (docs/surprise.md); a JSON boolean only
+    return_surprise: StrictBool | None = False
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
                         ) -> SamplingParams:
@@ -123,7 +125,8 @@ class SamplingFields(RequestBody):
             max_tokens=max_tokens, min_tokens=min(value("min_tokens"), max_tokens),
             stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
             include_stop_str_in_output=value("include_stop_str_in_output"), ignore_eos=value("ignore_eos"),
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=value("skip_special_tokens"))
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=value("skip_special_tokens"),
+            return_surprise=value("return_surprise"))
 
     @field_validator("logit_bias")
     @classmethod

@@ -40,6 +40,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs of each generated token (the sampled one always)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # each consumed token's surprise per Miras layer (docs/surprise.md): computed only for requests that ask
+    return_surprise: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -12,7 +12,7 @@ from .async_engine import RequestGroup
 from .errors import APIError
 from .outputs import CompletionOutput
 from .protocol import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest, ChatMessage
-from .serving_base import ServingBase, StreamUsage, clamp, collect, sse, top_entries, usage
+from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries, usage
 
 
 def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
@@ -40,6 +40,9 @@ class OpenAIServingChat(ServingBase):
         choices = [{"index": out.index, "message": {"role": "assistant", "content": out.text},
                     "logprobs": self._logprobs(out) if request.logprobs else None,
                     "finish_reason": out.finish_reason, "stop_reason": out.stop_reason} for out in final.outputs]
+        if request.return_surprise:
+            for choice, out in zip(choices, final.outputs, strict=True):
+                choice["surprise"] = self.surprise(final.prompt_surprise, out)
         return JSONResponse({**meta, "choices": choices,
                              "usage": usage(len(ids), final.num_generated_tokens)})
 
@@ -60,14 +63,19 @@ class OpenAIServingChat(ServingBase):
         for index in range(n):  # the role comes first, in a chunk of its own (as OpenAI and vLLM send it)
             yield sse(counts.stamp({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                           "logprobs": None, "finish_reason": None}]}))
+        surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
         async for _, out in group:
             for delta in out.outputs:
                 counts.completion_tokens += len(delta.token_ids)
                 logprobs = self._logprobs(delta) if request.logprobs and delta.token_ids else None
+                if surprise is not None:
+                    surprise.add(delta.index, out.prompt_surprise, delta)
                 if not (delta.text or delta.finish_reason or logprobs):
                     continue
                 choice = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
                           "logprobs": logprobs, "finish_reason": delta.finish_reason}
+                if surprise is not None:
+                    choice["surprise"] = surprise.take(delta.index)
                 if delta.finish_reason:
                     choice["stop_reason"] = delta.stop_reason
                 yield sse(counts.stamp({**chunk, "choices": [choice]}))

@@ -17,15 +17,22 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def test_compiles_for_sm90_within_the_register_file():
+def _compile_check(*args: str) -> list[list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--presets", "moneta", "memora"],
+    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", *args],
                             cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [line.split() for line in result.stdout.splitlines()[1:]]
-    decode = ["scan", "split-forward", "split-update", "split-output"]
-    assert [tuple(line[:3]) for line in lines] == [
-        *[("moneta", "prefill", "scan")], *[("moneta", "decode", k) for k in decode],
-        *[("memora", "prefill", "scan")], *[("memora", "decode", k) for k in decode]]
-    assert all(0 < int(line[3]) <= 255 for line in lines)
+    return [line.split() for line in result.stdout.splitlines()[1:]]
+
+
+def test_compiles_for_sm90_within_the_register_file():
+    """Moneta on both state layouts, Memora (its lag-token boundary map in the factored fold) factored."""
+    lines = _compile_check("--presets", "moneta") + _compile_check("--presets", "memora", "--layouts", "factored")
+    running = ["scan", "split-forward", "split-update", "split-output"]
+    factored = ["factored-fused", "factored-forward", "factored-update", "factored-output"]
+    assert [tuple(line[:4]) for line in lines] == [
+        ("moneta", "running", "prefill", "scan"), *[("moneta", "running", "decode", k) for k in running],
+        ("moneta", "factored", "prefill", "scan"), *[("moneta", "factored", "decode", k) for k in factored],
+        ("memora", "factored", "prefill", "scan"), *[("memora", "factored", "decode", k) for k in factored]]
+    assert all(0 < int(line[4]) <= 255 for line in lines)

@@ -24,9 +24,13 @@ def test_smoke_run_writes_report(tmp_path):
     (report,) = tmp_path.glob("gpu_check_smoke_*.md")
     text = report.read_text()
     for heading in ("## Correctness against the fp64 reference", "## Prefill of one Miras layer",
-                    "## Decode: whole model", "## Serving over HTTP: miras-serve with the load generator",
+                    "## Decode: whole model", "## Decode kernels alone: running vs factored",
+                    "## Serving over HTTP: miras-serve with the load generator",
                     "## Serving over HTTP: decode after a long vs a short prompt"):
         assert heading in text
     assert "**FAIL**" not in text and "| pass |" in text
+    assert "failed" not in text, "a row or section failed"
+    for layout in ("| running |", "| factored |"):  # the decode kernels of both state layouts ran
+        assert layout in text
     assert "| eager (CPU) | 2 | 4 |" in text  # the serve section: every request of the last level completed
     assert "- commit: " in text and "- card: CPU" in text

@@ -23,6 +23,7 @@ from conftest import small_model  # noqa: E402
 import models  # noqa: E402
 from kernels import forced_backend  # noqa: E402
 from kernels.testing import check_model_invariant, rel_err  # noqa: E402
+from models.layers import state_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5 if DEVICE == "cpu" else 5e-3  # relative RMS; TF32 dots on the GPU
@@ -41,6 +42,25 @@ def test_parallel_equals_prefill_then_decode(preset):
     assert not bad, f"{preset}: relative errors above {tol:.1g}: {bad} (seed {seed})"
 
 
+@torch.inference_mode()
+def test_both_state_layouts_on_triton():
+    """The triton backend also runs the running layout of an MLP memory (kept to compare the two): a prompt
+    and decode steps from either layout give the same logits."""
+    seed = random.SystemRandom().randrange(2**31)
+    model = small_model("yaad", seed=seed % 1000).to(DEVICE)
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    logits = {}
+    with forced_backend("triton"):
+        for layout in ("running", "factored"):
+            state = model.init_state(2, layout=layout)
+            steps = [model(ids[:, :3], state)]
+            for t in range(3, ids.shape[1]):
+                steps.append(model(ids[:, t:t + 1], steps[-1][1]))
+            assert steps[-1][1].layout == layout
+            logits[layout] = torch.cat([step[0] for step in steps], dim=1)
+    assert rel_err(logits["running"], logits["factored"]) < TOL, f"seed {seed}"
+
+
 @pytest.mark.parametrize("preset", ["moneta", "memora-h"])
 @torch.inference_mode()
 def test_slot_pool_forward_in_place(preset):
@@ -51,7 +71,7 @@ def test_slot_pool_forward_in_place(preset):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=gen).to(DEVICE)
     lengths = torch.tensor([7, 4], device=DEVICE)
-    pool = model.init_state(5)
+    pool = model.init_state(5, layout=state_layout(model.config, "triton"))
     for layer in pool.layers:  # make every slot distinct, so a stray write shows
         for t in layer.values():
             t.add_(torch.rand(t.shape, generator=gen).to(DEVICE))
@@ -101,7 +121,7 @@ def test_pool_decode_step_has_no_host_syncs(preset, no_host_syncs):
     (no host syncs); the PyTorch reference path is not (it groups rows on the host), which shows the
     guard works."""
     model = small_model(preset, seed=0).to(DEVICE)
-    pool = model.init_state(4)
+    pool = model.init_state(4, layout=state_layout(model.config, "triton"))
     ids = torch.tensor([[5], [9]], device=DEVICE)
     slots = torch.tensor([2, 0], device=DEVICE)
     with forced_backend("triton"):

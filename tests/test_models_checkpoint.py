@@ -119,5 +119,6 @@ def test_dtype_and_device_arguments(saved):
     assert model.embed.weight.dtype == torch.bfloat16
     with torch.no_grad():
         logits, state = model(torch.randint(0, SMALL["vocab_size"], (1, 6)))
-    assert logits.dtype == torch.float32 and state.layers[0]["mem_w_in"].dtype == torch.float32
+    assert logits.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in state.layers[0].values() if t.is_floating_point())
     shutil.rmtree(saved)

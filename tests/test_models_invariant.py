@@ -7,6 +7,8 @@ import torch
 from conftest import SMALL, small_model
 
 import models
+from models.layers import state_layout
+from models.memory import FactoredMemory, fold_rows
 
 CHUNK = SMALL["chunk_size"]
 PREFILLS = [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]  # across chunk boundaries
@@ -124,3 +126,62 @@ def test_pool_forward_equals_plain_forward(slots):
     others = [s for s in range(7) if s not in slots]
     for a, b in zip(pool.select(others).tensors(), before.select(others).tensors(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("preset", ["moneta", "yaad", "memora", "yaad-h"])
+def test_factored_and_running_layouts_decode_alike(preset):
+    """Through a state pool on the PyTorch backend, the factored layout (the default for the MLP memories)
+    and the running-memory layout give the same logits and memories: prompts of different lengths into
+    scattered slots, then decode steps across chunk boundaries with rows at different phases, a finished
+    row taking no-op steps and the batch order shuffled; slots outside the batch stay bit-identical."""
+    model = small_model(preset, seed=7)
+    slots = torch.tensor([5, 1, 3])
+    lengths = torch.tensor([CHUNK + 2, 1, 2 * CHUNK])
+    ids = torch.randint(0, SMALL["vocab_size"], (3, int(lengths.max()) + 2 * CHUNK + 1))
+    pools, logits = {}, {}
+    with torch.no_grad():
+        for layout in ("running", "factored"):
+            pool = pools[layout] = model.init_state(7, layout=layout)
+            assert pool.layout == layout
+            before = pool.clone()
+            prefill = model(ids[:, : int(lengths.max())], pool, lengths, slots=slots)[0]
+            steps = [prefill[row, :n] for row, n in enumerate(lengths.tolist())]  # padding has no meaning
+            order = torch.tensor([2, 0, 1])
+            for t in range(2 * CHUNK + 1):
+                step_ids = (ids.gather(1, (lengths + t).view(-1, 1)))[order]
+                active = torch.tensor([1, 1, int(t < CHUNK)])  # row 2 finishes after a chunk
+                step = model(step_ids, pool, active[order], slots=slots[order])[0][order.argsort()]
+                steps.append(step[active.bool()])
+            logits[layout] = steps
+            others = torch.tensor([0, 2, 4, 6])
+            for a, b in zip(pool.select(others).tensors(), before.select(others).tensors(), strict=True):
+                assert torch.equal(a, b)
+    for running, factored in zip(logits["running"], logits["factored"], strict=True):
+        assert relative_error(factored, running) <= 1e-5
+    assert pools["running"].pos.tolist() == pools["factored"].pos.tolist()
+    for mine, ref in zip(pools["factored"].layers, pools["running"].layers, strict=True):
+        if "rows" not in mine:
+            continue
+        state = FactoredMemory((mine["anchor_w_in"], mine["anchor_w_out"]), mine["rows"], mine["row_coef"],
+                               mine["row_decay"])
+        for got, want in zip((*state.anchor, *fold_rows(state)),
+                             (ref["anchor_w_in"], ref["anchor_w_out"], ref["mem_w_in"], ref["mem_w_out"]), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_state_layout_is_chosen_per_memory_and_backend():
+    """models.layers.state_layout is the one choice: factored for the MLP memories on the PyTorch backend,
+    running for the linear memory (and, for now, the Triton kernels); init_state follows it or an explicit
+    layout, and refuses a layout the memory cannot hold."""
+    mlp, linear = small_model("moneta"), small_model("linear")
+    assert state_layout(mlp.config, "torch") == "factored" and state_layout(linear.config, "torch") == "running"
+    assert mlp.init_state(2).layout == "factored" and linear.init_state(2).layout == "running"
+    assert mlp.init_state(2, layout="running").layout == "running"
+    factored = mlp.init_state(3).layers[0]
+    d, D, b = SMALL["head_dim"], 4 * SMALL["head_dim"], CHUNK
+    assert factored["rows"].shape == (3, SMALL["n_heads"], b, 2 * (D + d))
+    assert not factored["row_coef"].any() and bool((factored["row_decay"] == 1).all())
+    with pytest.raises(ValueError, match="factored state layout needs the mlp memory"):
+        linear.init_state(1, layout="factored")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        mlp.init_state(1, layout="rows")

@@ -11,6 +11,10 @@ import torch.nn.functional as F
 from models.config import preset_config
 from models.memory import (
     boundary_step,
+    factored_decode_step,
+    factored_fresh,
+    factored_scan,
+    fold_rows,
     gelu,
     layer_norm,
     lq_normalise,
@@ -200,3 +204,77 @@ def test_memora_memory_stays_positive_and_normalised():
     assert saw_negative, "the test should exercise the positivity handling"
     stepped = boundary_step(cfg, memory, k[:, :, :1], v[:, :, :1], eta[:, :, :1], log_alpha[:, :, :1], ln_w, ln_b)
     assert all(bool((w > 0).all()) for w in stepped)
+
+
+def factored_state_after(cfg, memory, pos_tokens, seed):
+    """A factored state after ``pos_tokens`` tokens from ``memory`` (token by token), and those inputs."""
+    inputs = random_inputs(pos_tokens, seed=seed)
+    q, k, v, eta, log_alpha, delta, ln_w, ln_b = inputs
+    state = factored_fresh(cfg, memory)
+    for t in range(pos_tokens):
+        sl = slice(t, t + 1)
+        _, state = factored_decode_step(cfg, state, torch.full((B,), t), q[:, :, sl], k[:, :, sl], v[:, :, sl],
+                                        eta[:, :, sl], log_alpha[:, :, sl], delta[:, :, sl],
+                                        torch.ones(B, 1, dtype=torch.bool), ln_w, ln_b)
+    return state
+
+
+@pytest.mark.parametrize("preset", ["moneta", "yaad", "memora"])
+def test_factored_decode_equals_running_decode(preset):
+    """fp64, token by token over several chunks: the dual-form step on (anchor, factor rows) reads exactly
+    what the running-memory step reads, and folding its rows gives the running memory at every step.
+    Row 1 skips some steps (padding): its state does not change."""
+    cfg = config(preset, chunk_size=4)
+    T = 3 * cfg.chunk_size + 3
+    q, k, v, eta, log_alpha, delta, ln_w, ln_b = random_inputs(T, seed=11)
+    memory = random_memory(cfg, seed=12)
+    anchor, running = memory, memory
+    factored = factored_fresh(cfg, memory)
+    pos = torch.zeros(B, dtype=torch.long)
+    for t in range(T):
+        valid = torch.tensor([[True], [t % 5 != 3]])
+        token = [x[:, :, t:t + 1] for x in (q, k, v, eta, log_alpha, delta)]
+        ref_out, anchor, running = memory_scan(cfg, anchor, running, pos, *token, valid, ln_w, ln_b)
+        before = factored
+        out, factored = factored_decode_step(cfg, factored, pos, *token, valid, ln_w, ln_b)
+        torch.testing.assert_close(out[0], ref_out[0], rtol=1e-9, atol=1e-12)
+        if valid[1]:
+            torch.testing.assert_close(out[1], ref_out[1], rtol=1e-9, atol=1e-12)
+        else:
+            assert all(torch.equal(a[1], b[1]) for a, b in zip((*before.anchor, *before[1:]),
+                                                               (*factored.anchor, *factored[1:]), strict=True))
+        for mine, ref in zip((*factored.anchor, *fold_rows(factored)), (*anchor, *running), strict=True):
+            torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
+        filled = (pos + valid[:, 0]) % cfg.chunk_size  # rows past the filled ones hold 0
+        for row, n in enumerate(filled.tolist()):
+            if n:
+                assert not factored.rows[row, :, n:].any() and not factored.row_coef[row, :, n:].any()
+        pos = pos + valid[:, 0]
+
+
+@pytest.mark.parametrize("preset", ["moneta", "yaad", "memora"])
+@pytest.mark.parametrize("lengths", [(9, 2), (4, 7), (1, 0)])  # mid-chunk, exactly at a chunk end, empty row
+def test_factored_scan_continues_and_writes_the_factored_state(preset, lengths):
+    """A prompt continuing a half-consumed chunk (rows at different positions) on a factored state equals
+    the running-memory scan (reads, anchor, folded memory), and leaves the state that token-by-token
+    decoding leaves: prefill then decode and decode all the way are the same state."""
+    cfg = config(preset, chunk_size=4)
+    memory = random_memory(cfg, seed=13)
+    start = factored_state_after(cfg, memory, 3, seed=14)
+    pos = torch.tensor([3, 3])
+    T = max(lengths)
+    q, k, v, eta, log_alpha, delta, ln_w, ln_b = random_inputs(T, seed=15)
+    valid = torch.arange(T).view(1, -1) < torch.tensor(lengths).view(-1, 1)
+    gates = (q, k, v, eta, log_alpha, delta)
+    ref_out, ref_anchor, ref_memory = memory_scan(cfg, start.anchor, fold_rows(start), pos, *gates, valid, ln_w, ln_b)
+    out, state = factored_scan(cfg, start, pos, *gates, valid, ln_w, ln_b)
+    mask = valid[:, None, :, None]
+    torch.testing.assert_close(out * mask, ref_out * mask, rtol=1e-9, atol=1e-12)
+    for mine, ref in zip((*state.anchor, *fold_rows(state)), (*ref_anchor, *ref_memory), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
+    stepped = start
+    for t in range(T):
+        token = [x[:, :, t:t + 1] for x in gates]
+        _, stepped = factored_decode_step(cfg, stepped, pos + t, *token, valid[:, t:t + 1], ln_w, ln_b)
+    for mine, ref in zip((*state.anchor, *state[1:]), (*stepped.anchor, *stepped[1:]), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-12)
