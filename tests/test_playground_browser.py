@@ -152,7 +152,6 @@ def test_chat_mode_keeps_the_conversation(page):
         page.find_element(By.CSS_SELECTOR, "input[name=mode][value=completion]").click()
 
 
-@pytest.mark.xfail(strict=True, reason="the server does not return 'surprise' yet (return_surprise, issue 17 part A)")
 def test_surprise_view_colours_tokens(page):
     set_checkbox(page, "surprise", True)
     generate(page, "ROMEO.\nWhat light through yonder window breaks?\n", 40)
