@@ -148,7 +148,15 @@ def test_chat_mode_keeps_the_conversation(page):
         roles = [e.text.lower() for e in page.find_elements(By.CSS_SELECTOR, "#transcript .role")]
         assert roles == ["user", "assistant"]
         assert "Who art thou?" in text_of(page, "transcript")
+        set_checkbox(page, "surprise", True)  # chat's logprobs split the reply into tokens another way
+        generate(page, "Speak again.", 12)
+        wait(page, lambda d: text_of(d, "status").startswith("finished"))
+        assert text_of(page, "error") == ""
+        assert len(page.find_elements(By.CSS_SELECTOR, "#transcript .role")) == 4
+        wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#output .reply .tok.heat")) > 0, timeout=10)
+        assert len(page.find_elements(By.CSS_SELECTOR, "#output .prompt-tokens .tok.heat")) > 10  # the whole chat
     finally:
+        set_checkbox(page, "surprise", False)
         page.find_element(By.CSS_SELECTOR, "input[name=mode][value=completion]").click()
 
 
