@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-
-from tests.test_loadtest_server import free_port
+from test_server_support import ServerProcess, metric, metric_values
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,35 +36,12 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "server.cli", "--model", MODEL, "--host", "127.0.0.1",
-                                    "--port", str(port), "--max-num-seqs", "2", "--api-key", API_KEY,
-                                    "--log-level", "warning"],
-                                   stdout=sink, stderr=subprocess.STDOUT,
-                                   env={k: v for k, v in os.environ.items() if k != "MIRAS_API_KEY"})
-    url = f"http://127.0.0.1:{port}"
+def server():
+    process = ServerProcess(Path(MODEL), "--max-num-seqs", "2", "--api-key", API_KEY)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"miras-serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"miras-serve not healthy in 90 s:\n{log.read_text()}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        yield url
+        yield process.url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +92,8 @@ def reply(driver) -> str:
     return driver.execute_script("return document.querySelector('#output .reply').textContent")
 
 
-def metric(server: str, name: str, label: str = "") -> float:
-    text = httpx.get(server + "/metrics").text
-    found = re.search(rf"^miras:{name}\{{[^}}]*{label}[^}}]*\}} (\S+)$", text, re.M)
-    assert found, f"no miras:{name} {label} in /metrics:\n{text}"
-    return float(found.group(1))
+def server_metric(server: str, name: str, **labels: str) -> float:
+    return metric(metric_values(server), f"miras:{name}", **labels)
 
 
 def test_completion_streams_text_and_shows_stats(page):
@@ -195,15 +164,15 @@ def test_stop_mid_stream_frees_the_slot(page, server):
         generate(page, "ROMEO.\n", 20000)
         wait(page, lambda d: len(reply(d)) > 20)
         assert text_of(page, "status") == "generating…"
-        assert metric(server, "state_slots_used") == 1
+        assert server_metric(server, "state_slots_used") == 1
         page.find_element(By.ID, "stop").click()
         wait(page, lambda d: text_of(d, "status") == "stopped", timeout=10)
         deadline = time.monotonic() + 15
-        while metric(server, "state_slots_used") != 0:
+        while server_metric(server, "state_slots_used") != 0:
             assert time.monotonic() < deadline, "the slot was not freed after Stop"
             time.sleep(0.1)
-        assert metric(server, "num_requests_running") == 0
-        assert metric(server, "request_success_total", 'finished_reason="abort"') == 1
+        assert server_metric(server, "num_requests_running") == 0
+        assert server_metric(server, "request_success_total", finished_reason="abort") == 1
         wait(page, lambda d: text_of(d, "slots-used") == "0", timeout=10)
     finally:
         set_checkbox(page, "ignore-eos", False)
