@@ -180,12 +180,12 @@ function redraw() {
 
 async function showPromptTokens(body) {
   // the prompt's tokens as the server splits them, to colour them by their surprise
+  const mine = run;  // a newer run may have replaced it by the time the answer comes
   const request = {return_token_strs: true};
   if (body.messages) request.messages = body.messages; else request.prompt = body.prompt;
   const response = await fetch("tokenize", {method: "POST", headers: headers(), body: JSON.stringify(request)});
   if (!response.ok) return;
   const strs = (await response.json()).token_strs;
-  const mine = run;
   if (mine.promptBox.isConnected) {
     mine.promptBox.replaceChildren();
     strs.forEach((s, i) => addTokens(mine.promptBox, mine.promptSpans, s, [s], i, "prompt"));
