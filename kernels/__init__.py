@@ -80,13 +80,12 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
     if backend_for(q.device.type) == "torch":
         return torch_memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid,
                                  ln_weight, ln_bias, surprise)
-    _no_triton_surprise(surprise)
     anchor = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in anchor)
     memory = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in memory)
     rows = torch.arange(q.shape[0], device=q.device)
     # valid is a prefix mask (right padding), so the row lengths say everything.
     out = _scan_pool(q.device.type)(cfg, anchor, memory, rows, pos, q, k, v, eta, log_alpha, delta, ln_weight,
-                                    ln_bias, lengths=valid.sum(1))
+                                    ln_bias, lengths=valid.sum(1), surprise=surprise)
     return out.to(q.dtype), anchor, memory
 
 
@@ -95,15 +94,15 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
                      ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None) -> Tensor:
     """In place on a state pool: row b of q/k/v ([B, H, T, d], right-padded to ``lengths``) continues
     pool slot ``slots[b]`` from position ``pos[b]``; a negative slot is skipped. Returns the reads.
-    ``surprise`` [B, H, T], if given, takes every token's loss at its chunk's anchor (skipped rows: 0).
+    ``surprise`` [B, H, T] (fp32, contiguous), if given, takes every token's loss at its chunk's anchor (skipped
+    rows and padding: unspecified).
 
     The triton backend is one in-place launch without host syncs (CUDA-graph capturable); the torch
     backend gathers the rows, runs the reference and scatters them back.
     """
     if backend_for(q.device.type) == "triton":
-        _no_triton_surprise(surprise)
         return _scan_pool(q.device.type)(cfg, anchor, memory, slots, pos, q, k, v, eta, log_alpha, delta,
-                                         ln_weight, ln_bias, lengths=lengths)
+                                         ln_weight, ln_bias, lengths=lengths, surprise=surprise)
     from models.memory import memory_scan as torch_memory_scan
 
     access = _slot_access(slots, slots >= 0)
@@ -126,11 +125,6 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
 
 def _all_rows(rows: Tensor, batch: int) -> bool:
     return rows.numel() == batch and torch.equal(rows, torch.arange(batch, device=rows.device))
-
-
-def _no_triton_surprise(surprise: Tensor | None) -> None:
-    if surprise is not None:
-        raise NotImplementedError("surprise is computed by the torch backend only (MIRAS_KERNELS=torch)")
 
 
 def _zero_reads(q: Tensor, surprise: Tensor | None) -> Tensor:
@@ -212,8 +206,6 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
     from models import memory
 
     if backend_for(q.device.type) == "triton":
-        _no_triton_surprise(surprise)
-
         def owned(t: Tensor) -> Tensor:  # the kernels write in place: fp32, contiguous copies
             return t.to(torch.float32).clone(memory_format=torch.contiguous_format)
 
@@ -222,7 +214,7 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
         rows = torch.arange(q.shape[0], device=q.device)
         # valid is a prefix mask (right padding), so the row lengths say everything.
         out = launch(cfg, state.anchor, factors, rows, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
-                     lengths=valid.sum(1))
+                     lengths=valid.sum(1), surprise=surprise)
         return out.to(q.dtype), state
     if q.shape[2] == 1:
         return memory.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
@@ -243,10 +235,9 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     and writes them back.
     """
     if backend_for(q.device.type) == "triton":
-        _no_triton_surprise(surprise)
         launch, factors = _triton_factors(q.device.type, pool)
         return launch(cfg, pool.anchor, factors, slots, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
-                      lengths=lengths)
+                      lengths=lengths, surprise=surprise)
     from models import memory
 
     access = _slot_access(slots, (slots >= 0) & (lengths > 0))

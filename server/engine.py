@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from kernels import backend_for
 from models import MirasLM, MirasTokenizer
 
 from .decode_graphs import DecodeGraphs
@@ -153,9 +152,6 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise ParamError("n", f"n={params.n} is more than the server's --max-num-seqs={self.config.max_num_seqs}")
         params.check_vocab(self.vocab_size)
-        if params.return_surprise and backend_for(self.device.type) != "torch":
-            raise ParamError("return_surprise", "return_surprise is not supported yet by the triton kernels this "
-                             "server runs (serve with MIRAS_KERNELS=torch to get it)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float | None = None, validated: bool = False,

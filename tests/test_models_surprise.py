@@ -135,11 +135,3 @@ def test_model_surprise_parallel_equals_prefill_decode_and_batched(preset):
         assert close(full[0], got[0]) and close(full[1, :6], got[1, :6])
     assert len(model.miras_layers) == sum(kind == "M" for kind in model.config.layer_kinds)
     assert full.shape[-1] == len(model.miras_layers) and bool((full >= 0).all())
-
-
-def test_triton_backend_says_it_has_no_surprise_yet():
-    cfg = rule_config("moneta")
-    x = random_inputs(cfg, 1, 2, torch.Generator().manual_seed(0))
-    with forced_backend("triton"), pytest.raises(NotImplementedError, match="surprise"):
-        memory_scan(cfg, x["memory"], x["memory"], torch.zeros(1, dtype=torch.long), *(x[n] for n in GATES),
-                    torch.ones(1, 2, dtype=torch.bool), x["ln_weight"], x["ln_bias"], torch.empty(1, 2, 2))
