@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint bench clean system-deps replicas bench-replicas
+.PHONY: setup serve test lint bench clean system-deps replicas bench-replicas browser
 
 setup: $(STAMP)
 
@@ -37,9 +37,14 @@ system-deps:
 	@command -v redis-server >/dev/null && { command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends redis-server nginx-light; }
 
-test: setup $(HELM) system-deps
+# the playground's browser test: Debian's chromium and its driver (root, or sudo when there is one)
+browser:
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
+
+test: setup $(HELM) system-deps browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	MIRAS_REQUIRE_BROWSER=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # 3 replicas of MODEL on CPU + nginx routing by x-session-id on PORT (default 8080) + Redis; Ctrl-C stops all.
 replicas: setup system-deps

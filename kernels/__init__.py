@@ -73,57 +73,84 @@ def _scan_pool(device_type: str):
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
                 eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor | None,
-                ln_bias: Tensor | None) -> tuple[Tensor, Memory, Memory]:
+                ln_bias: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Memory, Memory]:
     """Same contract as :func:`models.memory.memory_scan`, on the selected backend (inputs untouched)."""
     from models.memory import memory_scan as torch_memory_scan
 
     if backend_for(q.device.type) == "torch":
         return torch_memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid,
-                                 ln_weight, ln_bias)
+                                 ln_weight, ln_bias, surprise)
     anchor = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in anchor)
     memory = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in memory)
     rows = torch.arange(q.shape[0], device=q.device)
     # valid is a prefix mask (right padding), so the row lengths say everything.
     out = _scan_pool(q.device.type)(cfg, anchor, memory, rows, pos, q, k, v, eta, log_alpha, delta, ln_weight,
-                                    ln_bias, lengths=valid.sum(1))
+                                    ln_bias, lengths=valid.sum(1), surprise=surprise)
     return out.to(q.dtype), anchor, memory
 
 
 def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor,
                      k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
-                     ln_weight: Tensor | None, ln_bias: Tensor | None) -> Tensor:
+                     ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None) -> Tensor:
     """In place on a state pool: row b of q/k/v ([B, H, T, d], right-padded to ``lengths``) continues
     pool slot ``slots[b]`` from position ``pos[b]``; a negative slot is skipped. Returns the reads.
+    ``surprise`` [B, H, T] (fp32, contiguous), if given, takes every token's loss at its chunk's anchor (skipped
+    rows and padding: unspecified).
 
     The triton backend is one in-place launch without host syncs (CUDA-graph capturable); the torch
     backend gathers the rows, runs the reference and scatters them back.
     """
     if backend_for(q.device.type) == "triton":
         return _scan_pool(q.device.type)(cfg, anchor, memory, slots, pos, q, k, v, eta, log_alpha, delta,
-                                         ln_weight, ln_bias, lengths=lengths)
+                                         ln_weight, ln_bias, lengths=lengths, surprise=surprise)
     from models.memory import memory_scan as torch_memory_scan
 
     access = _slot_access(slots, slots >= 0)
     if access is None:
-        return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        return _zero_reads(q, surprise)
     rows, picked, read, write, pick = access
     valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < lengths.view(-1, 1)
+    part = _surprise_part(surprise, rows)
     o, new_anchor, new_memory = torch_memory_scan(
         cfg, tuple(read(w) for w in anchor), tuple(read(w) for w in memory), pick(pos), pick(q), pick(k), pick(v),
-        pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias)
+        pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias, part)
     # The anchor changes only where a chunk starts inside the processed tokens; most decode steps
     # cross no boundary, so skip that copy (half the state traffic of the write-back).
     first_boundary = torch.remainder(-pick(pos), cfg.chunk_size)
     written = (*anchor, *memory) if bool((first_boundary < pick(lengths)).any()) else memory
     for pool, new in zip(written, (*new_anchor, *new_memory)[-len(written):], strict=True):
         write(pool, new)
-    return _scatter_reads(q, rows, o)
+    return _scatter_reads(q, rows, o, surprise, part)
 
 
-def _scatter_reads(q: Tensor, rows: Tensor, o: Tensor) -> Tensor:
-    """The reads of the batch ([B, H, T, d], fp32, zero for skipped rows) from those of ``rows``."""
-    if rows.numel() == q.shape[0] and torch.equal(rows, torch.arange(q.shape[0], device=rows.device)):
+def _all_rows(rows: Tensor, batch: int) -> bool:
+    return rows.numel() == batch and torch.equal(rows, torch.arange(batch, device=rows.device))
+
+
+def _zero_reads(q: Tensor, surprise: Tensor | None) -> Tensor:
+    """The reads of a batch whose rows are all skipped (and its surprise: 0)."""
+    if surprise is not None:
+        surprise.zero_()
+    return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+
+
+def _surprise_part(surprise: Tensor | None, rows: Tensor) -> Tensor | None:
+    """A buffer for the surprise of batch rows ``rows`` (the whole buffer when they are all the rows, in order)."""
+    if surprise is None or _all_rows(rows, surprise.shape[0]):
+        return surprise
+    return surprise.new_empty(rows.numel(), *surprise.shape[1:])
+
+
+def _scatter_reads(q: Tensor, rows: Tensor, o: Tensor, surprise: Tensor | None = None,
+                   part: Tensor | None = None) -> Tensor:
+    """The reads of the batch ([B, H, T, d], fp32, zero for skipped rows) from those of ``rows``; the surprise
+    of ``rows`` (``part``) goes to its rows of ``surprise`` likewise."""
+    if _all_rows(rows, q.shape[0]):
+        if surprise is not None and part is not surprise:
+            surprise.copy_(part)
         return o.float()
+    if surprise is not None:
+        surprise.zero_().index_copy_(0, rows, part)
     return torch.zeros(q.shape, dtype=torch.float32, device=q.device).index_copy_(0, rows, o.float())
 
 
@@ -173,7 +200,7 @@ def _triton_factors(device_type: str, state: FactoredMemory):
 
 def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
                   log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
-                  ln_bias: Tensor) -> tuple[Tensor, FactoredMemory]:
+                  ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, FactoredMemory]:
     """Same contract as :func:`models.memory.factored_scan` (inputs untouched), on the selected backend;
     one-token batches take the dual-form decode step."""
     from models import memory
@@ -187,16 +214,17 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
         rows = torch.arange(q.shape[0], device=q.device)
         # valid is a prefix mask (right padding), so the row lengths say everything.
         out = launch(cfg, state.anchor, factors, rows, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
-                     lengths=valid.sum(1))
+                     lengths=valid.sum(1), surprise=surprise)
         return out.to(q.dtype), state
     if q.shape[2] == 1:
-        return memory.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias)
-    return memory.factored_scan(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias)
+        return memory.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
+                                           surprise)
+    return memory.factored_scan(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise)
 
 
 def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
                        v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
-                       ln_weight: Tensor, ln_bias: Tensor) -> Tensor:
+                       ln_weight: Tensor, ln_bias: Tensor, surprise: Tensor | None = None) -> Tensor:
     """:func:`memory_scan_pool` on a factored state pool: in place, row b of q/k/v continues pool slot
     ``slots[b]``; a negative slot or an empty row is skipped. Returns the reads.
 
@@ -209,22 +237,23 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     if backend_for(q.device.type) == "triton":
         launch, factors = _triton_factors(q.device.type, pool)
         return launch(cfg, pool.anchor, factors, slots, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
-                      lengths=lengths)
+                      lengths=lengths, surprise=surprise)
     from models import memory
 
     access = _slot_access(slots, (slots >= 0) & (lengths > 0))
     if access is None:
-        return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        return _zero_reads(q, surprise)
     rows, picked, read, write, pick = access
     token = [pick(t) for t in (q, k, v, eta, log_alpha, delta)]
     pos = pick(pos)
+    part = _surprise_part(surprise, rows)
     if q.shape[2] > 1:
         valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < pick(lengths).view(-1, 1)
         state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
-        o, state = memory.factored_scan(cfg, state, pos, *token, valid, ln_weight, ln_bias)
+        o, state = memory.factored_scan(cfg, state, pos, *token, valid, ln_weight, ln_bias, part)
         for mine, new in zip((*pool.anchor, *pool[1:]), (*state.anchor, *state[1:]), strict=True):
             write(mine, new)
-        return _scatter_reads(q, rows, o)
+        return _scatter_reads(q, rows, o, surprise, part)
     row = pos % cfg.chunk_size
     first = (row == 0).nonzero().squeeze(1)
     if first.numel():  # once per chunk per sequence: fold into the new anchor, start the rows over
@@ -236,8 +265,8 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
         for mine, new in zip((*pool.anchor, *pool[1:]), (*started.anchor, *started[1:]), strict=True):
             mine.index_copy_(0, at, new)
     state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
-    o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias)
+    o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias, part)
     pool.rows[picked, :, row] = new_row
     write(pool.row_coef, coef)
     write(pool.row_decay, decay)
-    return _scatter_reads(q, rows, o)
+    return _scatter_reads(q, rows, o, surprise, part)

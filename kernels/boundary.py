@@ -123,7 +123,7 @@ def kl_boundary(m_in, m_out, a_in, a_out, k0, v0, eta0, log_alpha0, ln_w, ln_b, 
     """
     col_mask = (ck < DK)[None, :]
     u = mlp_forward(k0, m_in, m_out, ck, cd, D, DK, BLOCK_D, True, "ieee")
-    gu = mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, col_mask, ln_eps, 0.0, 0.0, 0.0, DK, 0)
+    gu, _ = mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, col_mask, ln_eps, 0.0, 0.0, 0.0, DK, 0)
     alpha = tl.exp(log_alpha0)
     row_max = tl.full((1, ck.shape[0]), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((1, ck.shape[0]), dtype=tl.float32)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from models.config import MirasConfig
 
-from .ops import gelu, gelu_grad, in_slab, layer_norm_rows, mlp_error_grad, mm, out_slab
+from .ops import attentional_loss, gelu, gelu_grad, in_slab, layer_norm_rows, mlp_error_grad, mm, out_slab
 
 
 @triton.jit
@@ -77,11 +77,12 @@ def decode_forward_kernel(Q, K, A_IN, A_OUT, Z, U_PART, SLOTS, POS, LENGTHS, sq_
 
 
 @triton.jit
-def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_W, LN_B, Z, U_PART, UQ_PART,
+def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_W, LN_B, Z, U_PART, UQ_PART, S,
                          SLOTS, POS, LENGTHS, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sg_b, sg_h,
                          p_exp, abs_eps, sharpness, ln_eps,
                          H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr):
+                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr,
+                         SURPRISE: tl.constexpr):
     n, h, slot, valid, skip = program_row(SLOTS, POS, LENGTHS, CHUNK)
     if skip:
         return
@@ -110,7 +111,10 @@ def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_
     u = tl.zeros((1, BLOCK_K), dtype=tl.float32)
     for i in range(n_slabs):
         u += tl.load(U_PART + (row * n_slabs + i) * BLOCK_K + ck[None, :])
-    gu = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    if SURPRISE:  # the token's loss at the anchor, in S (laid out as the gates); slab 0 writes it
+        tl.store(S + n * sg_b + h * sg_h, tl.sum(attentional_loss(error, delta, DK, p_exp, BIAS)),
+                 mask=valid & (s == 0))
 
     z = tl.load(Z + row * D + s0 + cd[None, :], mask=(s0 + cd < D)[None, :], other=0.0)
     x = gelu(z)
@@ -157,17 +161,18 @@ def split_kernels(config: dict, slab: int, warps: int) -> dict[str, tuple]:
     shape = dict(H=config["H"], DK=config["DK"], CHUNK=config["CHUNK"], BLOCK_K=config["BLOCK_K"])
     slabs = dict(shape, D=config["D"], BLOCK_D=slab)
     return {"forward": (decode_forward_kernel, dict(slabs, FACTORED=False), {"num_warps": warps}),
-            "update": (decode_update_kernel, dict(slabs, BIAS=config["BIAS"], RETENTION=config["RETENTION"]),
-                       {"num_warps": warps}),
+            "update": (decode_update_kernel, dict(slabs, BIAS=config["BIAS"], RETENTION=config["RETENTION"],
+                                                  SURPRISE=config["SURPRISE"]), {"num_warps": warps}),
             "output": (decode_output_kernel, dict(shape, N_SLABS=triton.cdiv(config["D"], slab)), {"num_warps": 1})}
 
 
 def split_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                  gates: list[Tensor], anchor: tuple[Tensor, Tensor], memory: tuple[Tensor, Tensor], ln_weight: Tensor,
-                 ln_bias: Tensor, slots: Tensor, pos: Tensor, lengths: Tensor) -> None:
+                 ln_bias: Tensor, slots: Tensor, pos: Tensor, lengths: Tensor, surprise: Tensor) -> None:
     """The three launches for the rows that take no boundary step (q, k, v [N, H, 1, d]; gates
     [N, H, 1]; ``out`` [N, H, 1, d] is written for those rows only), in ``slab``-wide hidden slabs of
-    ``warps`` warps each. ``config`` is the scan's launch config (shapes and rule codes)."""
+    ``warps`` warps each. ``config`` is the scan's launch config (shapes and rule codes); with its
+    ``SURPRISE``, ``surprise`` (laid out as the gates) takes those rows' losses."""
     n_rows, H = q.shape[0], q.shape[1]
     kernels = split_kernels(config, slab, warps)
     n_slabs = kernels["output"][1]["N_SLABS"]
@@ -180,7 +185,8 @@ def split_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tenso
     kernel[grid](q, k, anchor[0], anchor[1], z, u_part, slots, pos, lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3],
                  **constexprs, **options)
     kernel, constexprs, options = kernels["update"]
-    kernel[grid](q, k, v, *gates, anchor[1], memory[0], memory[1], ln_weight, ln_bias, z, u_part, uq_part, slots, pos,
+    kernel[grid](q, k, v, *gates, anchor[1], memory[0], memory[1], ln_weight, ln_bias, z, u_part, uq_part, surprise,
+                 slots, pos,
                  lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0], sg[1], cfg.p,
                  cfg.abs_eps, cfg.sign_sharpness, cfg.memory_ln_eps, **constexprs, **options)
     kernel, constexprs, options = kernels["output"]

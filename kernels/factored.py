@@ -33,6 +33,7 @@ from models.config import MirasConfig
 from .boundary import fold_rows, kl_boundary, lq_boundary
 from .decode import decode_forward_kernel, program_row
 from .ops import (
+    attentional_loss,
     clear_rows,
     gelu,
     gelu_grad,
@@ -115,16 +116,16 @@ def _finish(q, uq, scores, coef, rows, ci, n_gu, ck, ln_w, ln_b, ln_eps, D: tl.c
 
 @triton.jit
 def factored_decode_kernel(
-    Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, ROWS, COEF, DECAY, LN_W, LN_B, Z, SLOTS, POS, LENGTHS,
+    Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, ROWS, COEF, DECAY, LN_W, LN_B, Z, S, SLOTS, POS, LENGTHS,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, so_b, so_h, sg_b, sg_h,
     lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, abs_eps, sharpness, memora_eps, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr,
-    DOT: tl.constexpr, BOUNDARY_ROWS_ONLY: tl.constexpr,
+    DOT: tl.constexpr, BOUNDARY_ROWS_ONLY: tl.constexpr, SURPRISE: tl.constexpr,
 ):
     """Grid (N, H): one decode token of row n (q, k, v [N, H, 1, d]) on pool slot SLOTS[n] at POS[n].
     Z [N, H, 2, D] is scratch. BOUNDARY_ROWS_ONLY: only rows whose token starts a chunk run (the split
-    kernels take the others)."""
+    kernels take the others). SURPRISE: S (laid out as the gates) takes the token's loss at the anchor."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     slot = tl.load(SLOTS + n).to(tl.int64)
@@ -182,7 +183,9 @@ def factored_decode_kernel(
         in_d = (s0 + cd < D)[None, :]
         tl.store(z_row + s0 + cd[None, :], z, mask=in_d)
         tl.store(z_row + D + s0 + cd[None, :], mm(q, w_in_t, True, "ieee"), mask=in_d)
-    gu = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    if SURPRISE:
+        tl.store(S + n * sg_b + h * sg_h, tl.sum(attentional_loss(error, delta, DK, p_exp, BIAS)), mask=valid)
     tl.debug_barrier()
 
     # Pass 2: the key's backward (the new row) and the query's read through the anchor and the rows.
@@ -214,11 +217,12 @@ def factored_decode_kernel(
 
 @triton.jit
 def factored_update_kernel(
-    Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, ROWS, COEF, DECAY, LN_W, LN_B, Z, U_PART, UQ_PART, SCORE_PART,
+    Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, ROWS, COEF, DECAY, LN_W, LN_B, Z, U_PART, UQ_PART, SCORE_PART, S,
     SLOTS, POS, LENGTHS, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sg_b, sg_h,
     p_exp, abs_eps, sharpness, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr,
+    SURPRISE: tl.constexpr,
 ):
     """Grid (N, H, slabs), rows that take no boundary step: sums the forward's shares of u into the output
     gradient gu, writes the slab's part of the new row (slab 0 also its k and gu) and the slab's shares of
@@ -244,7 +248,11 @@ def factored_update_kernel(
     u = tl.zeros((1, BLOCK_K), dtype=tl.float32)
     for i in range(n_slabs):
         u += tl.load(U_PART + (row * n_slabs + i) * BLOCK_K + ck[None, :])
-    gu = mlp_error_grad(u, k, v, delta, ln_w, ln_b, (ck < DK)[None, :], ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, (ck < DK)[None, :], ln_eps, p_exp, abs_eps, sharpness, DK,
+                               BIAS)
+    if SURPRISE:  # slab 0 writes the token's loss
+        tl.store(S + n * sg_b + h * sg_h, tl.sum(attentional_loss(error, delta, DK, p_exp, BIAS)),
+                 mask=valid & (s == 0))
 
     n_old = filled_rows(tl.load(POS + n).to(tl.int64), CHUNK)
     alpha = tl.exp(log_alpha)
@@ -314,13 +322,14 @@ def factored_kernels(config: dict, slab: int, warps: int) -> dict[str, tuple]:
     rule = dict(BIAS=config["BIAS"], RETENTION=config["RETENTION"])
     block_c = config["BLOCK_C"]
     fused = dict(shape, D=config["D"], BLOCK_D=config["BLOCK_D"], BLOCK_C=block_c, **rule, DOT=config["DOT"],
-                 BOUNDARY_ROWS_ONLY=slab > 0)
+                 BOUNDARY_ROWS_ONLY=slab > 0, SURPRISE=config["SURPRISE"])
     kernels = {"fused": (factored_decode_kernel, fused, {"num_warps": config["num_warps"]})}
     if slab > 0:
         slabs = dict(shape, D=config["D"], BLOCK_D=slab)
         kernels.update({
             "forward": (decode_forward_kernel, dict(slabs, FACTORED=True), {"num_warps": warps}),
-            "update": (factored_update_kernel, dict(slabs, BLOCK_C=block_c, **rule), {"num_warps": warps}),
+            "update": (factored_update_kernel, dict(slabs, BLOCK_C=block_c, **rule, SURPRISE=config["SURPRISE"]),
+                       {"num_warps": warps}),
             "output": (factored_output_kernel, dict(shape, D=config["D"], BLOCK_C=block_c,
                                                     N_SLABS=triton.cdiv(config["D"], slab),
                                                     RETENTION=config["RETENTION"]), {"num_warps": 1}),
@@ -331,18 +340,20 @@ def factored_kernels(config: dict, slab: int, warps: int) -> dict[str, tuple]:
 def factored_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor,
                     out: Tensor, gates: list[Tensor], anchor: tuple[Tensor, Tensor], rows: Tensor, coef: Tensor,
                     decay: Tensor, ln_weight: Tensor, ln_bias: Tensor, slots: Tensor, pos: Tensor, lengths: Tensor,
-                    lq_inv_std: list[float]) -> None:
+                    lq_inv_std: list[float], surprise: Tensor) -> None:
     """One decode token per row (q, k, v [N, H, 1, d]; gates [N, H, 1]) on the factored pool, in place:
     the fused kernel for every row (``slab`` 0) or for the rows that start a chunk, and the split kernels
     over ``slab``-wide hidden slabs of ``warps`` warps for the others. ``config`` is the scan's launch
-    config (shapes, rule codes, the fused kernel's slab width and warps)."""
+    config (shapes, rule codes, the fused kernel's slab width and warps); with its ``SURPRISE``, ``surprise``
+    (laid out as the gates) takes each token's loss at the anchor."""
     n_rows, H = q.shape[0], q.shape[1]
     D, block_k, block_c = config["D"], config["BLOCK_K"], config["BLOCK_C"]
     kernels = factored_kernels(config, slab, warps)
     z = torch.empty(n_rows, H, 2, D, device=q.device, dtype=torch.float32)
     sq, sk, sv, so, sg = q.stride(), k.stride(), v.stride(), out.stride(), gates[0].stride()
     kernel, constexprs, options = kernels["fused"]
-    kernel[(n_rows, H)](q, k, v, out, *gates, *anchor, rows, coef, decay, ln_weight, ln_bias, z, slots, pos, lengths,
+    kernel[(n_rows, H)](q, k, v, out, *gates, *anchor, rows, coef, decay, ln_weight, ln_bias, z, surprise, slots, pos,
+                        lengths,
                         sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], so[0], so[1], sg[0], sg[1],
                         cfg.lq_radius, *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps,
                         cfg.memory_ln_eps, **constexprs, **options)
@@ -358,8 +369,8 @@ def factored_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Te
                  **constexprs, **options)
     kernel, constexprs, options = kernels["update"]
     kernel[grid](q, k, v, *gates, anchor[1], rows, coef, decay, ln_weight, ln_bias, z, u_part, uq_part, score_part,
-                 slots, pos, lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0], sg[1],
-                 cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memory_ln_eps, **constexprs, **options)
+                 surprise, slots, pos, lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0],
+                 sg[1], cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memory_ln_eps, **constexprs, **options)
     kernel, constexprs, options = kernels["output"]
     kernel[(n_rows, H)](q, out, gates[0], gates[1], rows, coef, decay, ln_weight, ln_bias, uq_part, score_part, slots,
                         pos, lengths, sq[0], sq[1], sq[3], so[0], so[1], sg[0], sg[1], cfg.memory_ln_eps, **constexprs,

@@ -88,12 +88,27 @@ def output_grad(error, delta, n, p, abs_eps, sharpness, BIAS: tl.constexpr):
 
 
 @triton.jit
+def attentional_loss(error, delta, n, p, BIAS: tl.constexpr):
+    """The loss l(M(k), v) itself per row [R, 1]: a token's surprise (models.memory.attentional_loss,
+    unsmoothed); delta is [R, 1] (huber); padded columns hold 0 and add nothing."""
+    half_sq = 0.5 * tl.sum(error * error, axis=1, keep_dims=True)
+    if BIAS == 0:
+        return half_sq
+    elif BIAS == 1:
+        return tl.sum(pow_pos(tl.abs(error), p), axis=1, keep_dims=True) / p
+    else:
+        rms = tl.sqrt(2.0 * half_sq / n)
+        return tl.where(rms <= delta, half_sq, delta * tl.sum(tl.abs(error), axis=1, keep_dims=True))
+
+
+@triton.jit
 def mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness,
                    DK: tl.constexpr, BIAS: tl.constexpr):
-    """gu = d l / d u for M(k) = k + LN(u) against v (models.memory.mlp_factors' gu)."""
+    """gu = d l / d u for M(k) = k + LN(u) against v (models.memory.mlp_factors' gu), and the error M(k) - v."""
     y, u_hat, inv_std = layer_norm_rows(u, ln_w, ln_b, col_mask, DK, ln_eps)
-    g = output_grad(k + y - v, delta, DK, p_exp, abs_eps, sharpness, BIAS)
-    return layer_norm_backward_rows(g, u_hat, inv_std, ln_w, col_mask, DK)
+    error = k + y - v
+    g = output_grad(error, delta, DK, p_exp, abs_eps, sharpness, BIAS)
+    return layer_norm_backward_rows(g, u_hat, inv_std, ln_w, col_mask, DK), error
 
 
 @triton.jit

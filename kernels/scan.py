@@ -46,6 +46,7 @@ from .ops import (
     BIAS_CODES,
     MEMORY_CODES,
     RETENTION_CODES,
+    attentional_loss,
     clear_rows,
     gelu,
     gelu_grad,
@@ -65,14 +66,15 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
                  BLOCK_D: tl.constexpr, BIAS: tl.constexpr, VEC: tl.constexpr, DOT: tl.constexpr,
                  FACTORED: tl.constexpr):
     """The dual form of models.memory.memory_segment for the MLP memory; updates the running memory
-    in place and returns the reads [BT, BK]. FACTORED: the tokens flagged in ``row_store`` [BT] also
-    write their factor rows (k, gz, a, gu at the anchor), token t at row t of ``seg_rows``."""
+    in place and returns the reads [BT, BK] and the errors M_anchor(k) - v [BT, BK]. FACTORED: the tokens
+    flagged in ``row_store`` [BT] also write their factor rows (k, gz, a, gu at the anchor), token t at row t
+    of ``seg_rows``."""
     col_mask = (ck < DK)[None, :]
     K_OFF, GZ_OFF, A_OFF, GU_OFF, RW = row_offsets(D, DK)
     rt = tl.arange(0, q.shape[0])
     # Pass 1: the chunk's forward at the anchor, to the output gradient gu.
     u = mlp_forward(k, a_in, a_out, ck, cd, D, DK, BLOCK_D, VEC, DOT)
-    gu = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
     if FACTORED:
         tl.store(seg_rows + rt[:, None] * RW + K_OFF + ck[None, :], k, mask=row_store[:, None] & col_mask)
         tl.store(seg_rows + rt[:, None] * RW + GU_OFF + ck[None, :], gu, mask=row_store[:, None] & col_mask)
@@ -104,13 +106,13 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
         tl.store(ptr_in, w_in_t, mask=mask_in)
         tl.store(ptr_out, w_out_t, mask=mask_out)
     uq = decay * uq - mm(coeff * scores, gu, VEC, DOT)
-    return q + layer_norm_rows(uq, ln_w, ln_b, col_mask, DK, ln_eps)[0]
+    return q + layer_norm_rows(uq, ln_w, ln_b, col_mask, DK, ln_eps)[0], error
 
 
 @triton.jit
 def _linear_segment(q, k, v, decay, coeff, last, last_decay, a, m, ck, DK: tl.constexpr, VEC: tl.constexpr,
                     DOT: tl.constexpr):
-    """The dual form for the linear memory M(x) = W x."""
+    """The dual form for the linear memory M(x) = W x: the reads and the errors (the l2 bias's gradient)."""
     ptr, mask = square(a, ck, DK)
     g = mm(k, tl.load(ptr, mask=mask, other=0.0), VEC, DOT) - v  # l2 bias: the error itself
     ptr, mask = square(m, ck, DK)
@@ -119,19 +121,19 @@ def _linear_segment(q, k, v, decay, coeff, last, last_decay, a, m, ck, DK: tl.co
     w_t = last_decay * w_t - mm(tl.trans(k * last), g, VEC, DOT)
     tl.debug_barrier()
     tl.store(ptr, w_t, mask=mask)
-    return out
+    return out, g
 
 
 @triton.jit(do_not_specialize=["T"])
 def miras_scan_kernel(
-    Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, M_IN, M_OUT, ROWS, COEF, DECAY, LN_W, LN_B, SLOTS, POS, LENGTHS,
+    Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, M_IN, M_OUT, ROWS, COEF, DECAY, LN_W, LN_B, S, SLOTS, POS, LENGTHS,
     CU_SEQLENS, T, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, sg_b,
     sg_h, sg_t,
     lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, abs_eps, sharpness, memora_eps, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MEMORY: tl.constexpr, BIAS: tl.constexpr,
     RETENTION: tl.constexpr, VARLEN: tl.constexpr, DOT: tl.constexpr, BOUNDARY_ROWS_ONLY: tl.constexpr,
-    FACTORED: tl.constexpr, BLOCK_C: tl.constexpr,
+    FACTORED: tl.constexpr, BLOCK_C: tl.constexpr, SURPRISE: tl.constexpr,
 ):
     """Grid (N, H). Row n continues pool slot SLOTS[n] from absolute position POS[n].
 
@@ -144,6 +146,9 @@ def miras_scan_kernel(
     and M_IN / M_OUT are per-row scratch [N, H, ...] for the running memory, which the program first
     folds from the state; the segment holding the last valid token writes its factor rows, the
     coefficients and the decay, so the state is decode-ready (mid-chunk or at a chunk end).
+
+    SURPRISE: S (laid out as the gates) takes every valid token's loss at its chunk's anchor, from the error
+    the segment computes for the gradient (models.memory.memory_segment's ``surprise``).
     """
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -240,16 +245,20 @@ def miras_scan_kernel(
         # The segment holding the last valid token leaves its factor rows (FACTORED), from row j_first on.
         last_seg = (n_valid > seg_start) & (n_valid <= seg_start + seg_len)
         j_first = (p0 + seg_start) % CHUNK
+        delta = 0.0
+        if BIAS == 2:
+            delta = tl.load(DELTA + g_off + tok * sg_t, mask=in_seg, other=1.0).to(tl.float32)[:, None]
         if MEMORY == 1:
-            out = _linear_segment(q, k, v, decay, coeff, last, last_decay, a_in, m_in, ck, DK, BLOCK_T == 1, DOT)
+            out, error = _linear_segment(q, k, v, decay, coeff, last, last_decay, a_in, m_in, ck, DK, BLOCK_T == 1,
+                                         DOT)
         else:
-            delta = 0.0
-            if BIAS == 2:
-                delta = tl.load(DELTA + g_off + tok * sg_t, mask=in_seg, other=1.0).to(tl.float32)[:, None]
-            out = _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_in, m_out, ln_w,
+            out, error = _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_in, m_out, ln_w,
                                ln_b, ck, cd, ln_eps, p_exp, abs_eps, sharpness, factor_rows + j_first * RW,
                                valid & last_seg, D, DK, BLOCK_D, BIAS, BLOCK_T == 1, DOT, FACTORED)
         tl.store(o_ptr + tok[:, None] * so_t + ck[None, :], out, mask=tile_mask)
+        if SURPRISE:
+            tl.store(S + g_off + tok[:, None] * sg_t, attentional_loss(error, delta, DK, p_exp, BIAS),
+                     mask=valid[:, None])
         if FACTORED:  # noqa: SIM102 (a compile-time branch around a runtime one)
             if last_seg:
                 # Old rows (the segment continues a chunk) decay with it; row j_first + t takes token t's
@@ -299,7 +308,7 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
                   BLOCK_C=_pow2(cfg.chunk_size), BLOCK_K=_pow2(d), BLOCK_D=min(_pow2(D), 128 if decode else 32),
                   MEMORY=MEMORY_CODES[cfg.memory],
                   BIAS=BIAS_CODES[cfg.attentional_bias], RETENTION=RETENTION_CODES[cfg.retention], VARLEN=varlen,
-                  DOT=dot, num_warps=8)
+                  DOT=dot, SURPRISE=False, num_warps=8)
     if not decode:
         config["num_stages"] = 1
     elif cfg.memory == "mlp":
@@ -329,7 +338,7 @@ class Factors(NamedTuple):
 def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots: Tensor, pos: Tensor, q: Tensor,
               k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
               ln_bias: Tensor | None, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
-              launch: dict | None = None) -> Tensor:
+              launch: dict | None = None, surprise: Tensor | None = None) -> Tensor:
     """Run the memory over every row, updating the state pool (anchor, memory) **in place**.
 
     Padded layout: q, k, v [N, H, T, d], eta, log_alpha, delta [N, H, T], ``lengths`` [N] valid
@@ -342,7 +351,8 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
     q, k, v may be stored in bf16/fp16 (they are up-cast on load). Returns the reads (fp32), shaped like q.
     Never synchronises with the host (CUDA-graph capturable). ``launch`` overrides entries of
     :func:`launch_config` (tile sizes, ``num_warps``, ``num_stages``); the GPU check uses it to compare
-    launch configurations side by side.
+    launch configurations side by side. ``surprise`` (shaped like eta, fp32, contiguous), if given, takes every
+    valid token's loss at its chunk's anchor (models.memory.memory_scan's ``surprise``; others untouched).
     """
     n_rows = slots.shape[0]
     H, T, d = q.shape[1], q.shape[2], q.shape[3]
@@ -358,6 +368,9 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     gates = [g.contiguous() for g in (eta, log_alpha)]
     gates.append(gates[0] if delta is None else delta.contiguous())
+    if surprise is not None and (surprise.shape != eta.shape or surprise.dtype != torch.float32
+                                 or not surprise.is_contiguous()):
+        raise ValueError("surprise must be fp32, contiguous and shaped like eta (the kernels index it as the gates)")
     if ln_weight is None:
         ln_weight = ln_bias = torch.zeros(H, d, device=q.device)
     ln_weight = ln_weight.reshape(H, d).float().contiguous()
@@ -370,11 +383,13 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
     if n_rows == 0:
         return out
     config, split_d, split_warps = split_launch({**launch_config(cfg, decode, varlen, dot_precision(q.device)),
-                                                 **(launch or {})})
+                                                 **(launch or {}), "SURPRISE": surprise is not None})
+    if surprise is None:
+        surprise = index  # never touched
     a_in, a_out = (anchor[0], anchor[0]) if linear else anchor
     if factored and decode:
         factored_decode(cfg, config, split_d, split_warps, q, k, v, out, gates, anchor, *memory, ln_weight, ln_bias,
-                        slots, pos, lengths, lq_inv_std)
+                        slots, pos, lengths, lq_inv_std, surprise)
         return out
     if factored:  # the running memory lives in per-row scratch while the prompt runs
         m_in, m_out = (torch.empty(n_rows, *w.shape[1:], device=q.device, dtype=torch.float32) for w in anchor)
@@ -383,7 +398,8 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
         m_in, m_out = (memory[0], memory[0]) if linear else memory
         rows = coef = decay = index
     miras_scan_kernel[(n_rows, H)](
-        q, k, v, out, *gates, a_in, a_out, m_in, m_out, rows, coef, decay, ln_weight, ln_bias, slots, pos, lengths,
+        q, k, v, out, *gates, a_in, a_out, m_in, m_out, rows, coef, decay, ln_weight, ln_bias, surprise, slots, pos,
+        lengths,
         cu_seqlens if varlen else index, T,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(),
         cfg.lq_radius, *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps, cfg.memory_ln_eps,
@@ -391,5 +407,5 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
     )
     if split_d > 0:
         split_decode(cfg, config, split_d, split_warps, q, k, v, out, gates, anchor, memory, ln_weight, ln_bias,
-                     slots, pos, lengths)
+                     slots, pos, lengths, surprise)
     return out

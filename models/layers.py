@@ -166,9 +166,10 @@ class MirasMixer(nn.Module):
         return eta, log_alpha, delta
 
     def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor, lengths: Tensor,
-                slots: Tensor | None = None) -> tuple[Tensor, LayerState]:
+                slots: Tensor | None = None, surprise: Tensor | None = None) -> tuple[Tensor, LayerState]:
         """With ``slots``, the memory entries of ``state`` are the whole pool, updated in place at rows
-        ``slots`` (the other entries are this batch's rows, as without)."""
+        ``slots`` (the other entries are this batch's rows, as without). ``surprise`` [B, T], if given, takes
+        each token's memory loss at its chunk's anchor, averaged over the heads (models/SPEC.md §4)."""
         cfg = self.cfg
         B, T, _ = x.shape
         qkv, conv = short_conv(self.qkv(x), self.conv_weight, state["conv"], lengths)
@@ -181,24 +182,28 @@ class MirasMixer(nn.Module):
         anchor = tuple(state[f"anchor_{n}"] for n in names)
         ln_weight, ln_bias = self.ln_params()
         gates = (q, k, v, eta, log_alpha, delta)
+        per_head = None if surprise is None else eta.new_empty(eta.shape)  # [B, H, T]
         new_state = {"conv": conv}
         if "rows" in state:  # the factored layout
             factored = FactoredMemory(anchor, *(state[n] for n in FACTOR_ENTRIES))
             if slots is None:
-                out, factored = factored_scan(cfg, factored, pos, *gates, valid, ln_weight, ln_bias)
+                out, factored = factored_scan(cfg, factored, pos, *gates, valid, ln_weight, ln_bias, per_head)
             else:
-                out = factored_scan_pool(cfg, factored, slots, pos, *gates, lengths, ln_weight, ln_bias)
+                out = factored_scan_pool(cfg, factored, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head)
             new_state.update(zip((f"anchor_{n}" for n in names), factored.anchor, strict=True))
             new_state.update(zip(FACTOR_ENTRIES, factored[1:], strict=True))
         else:
             memory = tuple(state[f"mem_{n}"] for n in names)
             if slots is None:
-                out, anchor, memory = memory_scan(cfg, anchor, memory, pos, *gates, valid, ln_weight, ln_bias)
+                out, anchor, memory = memory_scan(cfg, anchor, memory, pos, *gates, valid, ln_weight, ln_bias,
+                                                  per_head)
             else:
-                out = memory_scan_pool(cfg, anchor, memory, slots, pos, *gates, lengths, ln_weight, ln_bias)
+                out = memory_scan_pool(cfg, anchor, memory, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head)
             for n, a, m in zip(names, anchor, memory, strict=True):
                 new_state[f"anchor_{n}"] = a
                 new_state[f"mem_{n}"] = m
+        if surprise is not None:
+            surprise.copy_(per_head.mean(1))
         out = out.transpose(1, 2)  # [B, T, H, d]
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * self.out_norm_weight
         out = out.to(x.dtype).reshape(B, T, cfg.inner_dim) * F.silu(self.out_gate(x))

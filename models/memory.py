@@ -86,6 +86,22 @@ def output_grad(cfg: MirasConfig, error: Tensor, delta: Tensor | None) -> Tensor
     return torch.where(rms <= delta, error, delta * smooth_sign(error, cfg.sign_sharpness))
 
 
+def attentional_loss(cfg: MirasConfig, error: Tensor, delta: Tensor | None) -> Tensor:
+    """The attentional bias l(M(k), v) itself, per token ([..., n, d] -> [..., n]): the memory's surprise.
+
+    The unsmoothed loss of models/SPEC.md §4 (the smoothing only shapes the gradient):
+    l2: 1/2 ||e||^2;  lp: 1/p sum |e|^p;  huber: rms(e) <= delta ? 1/2 ||e||^2 : delta * sum |e|.
+    """
+    half_sq = 0.5 * error.pow(2).sum(-1)
+    if cfg.attentional_bias == "l2":
+        return half_sq
+    if cfg.attentional_bias == "lp":
+        return error.abs().pow(cfg.p).sum(-1) / cfg.p
+    assert delta is not None, "the huber bias needs delta"
+    rms = error.pow(2).mean(-1).sqrt()
+    return torch.where(rms <= delta, half_sq, delta * error.abs().sum(-1))
+
+
 def mlp_read(w_in: Tensor, w_out: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float) -> Tensor:
     """M(x) = x + LN(W_out gelu(W_in x)) with per-sequence weights."""
     u = gelu(x @ w_in.transpose(-1, -2)) @ w_out.transpose(-1, -2)
@@ -93,21 +109,26 @@ def mlp_read(w_in: Tensor, w_out: Tensor, x: Tensor, ln_weight: Tensor, ln_bias:
 
 
 def mlp_factors(cfg: MirasConfig, w_in: Tensor, w_out: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor,
-                ln_bias: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                ln_bias: Tensor, delta: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token gradients of l(M(k_i), v_i) at fixed weights, as outer-product factors.
 
     Returns (a, gz, gu) with grad W_out_i = gu_i a_i^T  ([d, D]) and grad W_in_i = gz_i k_i^T ([D, d]).
+    ``surprise`` [B, H, n], if given, takes the losses l(M(k_i), v_i) themselves (:func:`attentional_loss`).
     """
-    return mlp_factors_at(cfg, k @ w_in.transpose(-1, -2), w_out, k, v, ln_weight, ln_bias, delta)
+    return mlp_factors_at(cfg, k @ w_in.transpose(-1, -2), w_out, k, v, ln_weight, ln_bias, delta, surprise)
 
 
 def mlp_factors_at(cfg: MirasConfig, z: Tensor, w_out: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor,
-                   ln_bias: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                   ln_bias: Tensor, delta: Tensor | None,
+                   surprise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`mlp_factors` given the keys' pre-activations z = k W_in^T [B, H, n, D]."""
     a = gelu(z)
     u = a @ w_out.transpose(-1, -2)  # [B, H, n, d]
     y_ln, u_hat, inv_std = layer_norm(u, ln_weight, ln_bias, cfg.memory_ln_eps)
-    g = output_grad(cfg, k + y_ln - v, delta)
+    error = k + y_ln - v
+    if surprise is not None:
+        surprise.copy_(attentional_loss(cfg, error, delta))
+    g = output_grad(cfg, error, delta)
     gu = layer_norm_backward(g, u_hat, inv_std, ln_weight)
     gz = (gu @ w_out) * gelu_grad(z)
     return a, gz, gu
@@ -135,22 +156,26 @@ def decayed_update(w: Tensor, decay: Tensor, left: Tensor, right: Tensor) -> Ten
 
 def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, k: Tensor, v: Tensor,
                    eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
-                   ln_bias: Tensor | None) -> tuple[Tensor, Memory]:
+                   ln_bias: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Memory]:
     """Process tokens that all lie in one chunk: reads for every token and the memory after the last.
 
     ``anchor`` is the chunk's anchor (gradients are taken there), ``memory`` the running memory
     just before the first token. Reads see the post-update memory:
         W_t = decay_t * memory - sum_{i<=t} C[t, i] grad_i,   y_t = M(q_t; W_t).
+    ``surprise`` [B, H, n], if given, takes each token's loss at the anchor, l(M_anchor(k_t), v_t).
     """
     decay, coeff = chunk_coefficients(eta, log_alpha)
     last = coeff[..., -1, :].unsqueeze(-1)  # [B, H, n, 1]: C[n-1, i]
     decay_last = decay[..., -1, None, None]
     if cfg.memory == "linear":
         (w_anchor,), (w,) = anchor, memory
-        g = output_grad(cfg, k @ w_anchor.transpose(-1, -2) - v, delta)
+        error = k @ w_anchor.transpose(-1, -2) - v
+        if surprise is not None:
+            surprise.copy_(attentional_loss(cfg, error, delta))
+        g = output_grad(cfg, error, delta)
         out = decay.unsqueeze(-1) * (q @ w.transpose(-1, -2)) - (coeff * (q @ k.transpose(-1, -2))) @ g
         return out, (decayed_update(w, decay_last, g.transpose(-1, -2), last * k),)
-    a, gz, gu = mlp_factors(cfg, *anchor, k, v, ln_weight, ln_bias, delta)
+    a, gz, gu = mlp_factors(cfg, *anchor, k, v, ln_weight, ln_bias, delta, surprise)
     w_in, w_out = memory
     zq = decay.unsqueeze(-1) * (q @ w_in.transpose(-1, -2)) - (coeff * (q @ k.transpose(-1, -2))) @ gz
     aq = gelu(zq)
@@ -220,12 +245,14 @@ def _where_rows(mask: Tensor, new: Memory, old: Memory) -> Memory:
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor,
                 v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor,
-                ln_weight: Tensor | None, ln_bias: Tensor | None) -> tuple[Tensor, Memory, Memory]:
+                ln_weight: Tensor | None, ln_bias: Tensor | None,
+                surprise: Tensor | None = None) -> tuple[Tensor, Memory, Memory]:
     """Run the memory over ``T`` tokens per sequence, continuing from (anchor, memory) at ``pos``.
 
     q, k, v: [B, H, T, d]; eta, log_alpha, delta: [B, H, T]; pos: [B] absolute position of the
     first token; valid: [B, T] (padding at the end of a row updates nothing).
-    Returns the reads [B, H, T, d] and the new (anchor, memory).
+    Returns the reads [B, H, T, d] and the new (anchor, memory). ``surprise`` [B, H, T], if given, takes
+    every token's loss at its chunk's anchor (``memory_segment``; padding: unspecified).
     """
     b = cfg.chunk_size
     T = q.shape[2]
@@ -241,9 +268,12 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
             def pick(t: Tensor | None, rows: Tensor = rows) -> Tensor | None:
                 return None if t is None else t.index_select(0, rows)
 
+            part = None if surprise is None else surprise.new_empty(len(rows), *surprise.shape[1:])
             o, an, mem = memory_scan(cfg, tuple(pick(w) for w in anchor), tuple(pick(w) for w in memory),
                                      pick(pos), pick(q), pick(k), pick(v), pick(eta), pick(log_alpha),
-                                     pick(delta), pick(valid), ln_weight, ln_bias)
+                                     pick(delta), pick(valid), ln_weight, ln_bias, part)
+            if surprise is not None:
+                surprise.index_copy_(0, rows, part)
             out = out.index_copy(0, rows, o)
             new_anchor = [x.index_copy(0, rows, y) for x, y in zip(new_anchor, an, strict=True)]
             new_memory = [x.index_copy(0, rows, y) for x, y in zip(new_memory, mem, strict=True)]
@@ -273,7 +303,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
                 seg_eta = torch.cat([first.unsqueeze(-1), seg_eta[:, :, 1:]], dim=-1)
         o, memory = memory_segment(cfg, anchor, memory, q[:, :, seg], k[:, :, seg], v[:, :, seg], seg_eta,
                                    log_alpha[:, :, seg], None if delta is None else delta[:, :, seg],
-                                   ln_weight, ln_bias)
+                                   ln_weight, ln_bias, None if surprise is None else surprise[:, :, seg])
         outs.append(o)
         t += n
     return torch.cat(outs, dim=2), anchor, memory
@@ -352,14 +382,15 @@ def start_chunk(cfg: MirasConfig, state: FactoredMemory, k0: Tensor, v0: Tensor,
 
 def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor,
-                   ln_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One token per sequence (q, k, v: [B, H, 1, d]; gates [B, H, 1]) that becomes factor row ``row``
     [B] of its chunk, whose anchor ``state`` already holds (``start_chunk`` ran for a chunk's first token).
 
     Returns the read y = M(q; W_t) [B, H, 1, d] and the new (row [B, H, 2(D + d)], row_coef, row_decay):
     the old coefficients and the decay take the token's alpha, its row enters with eta, and the read sees
     the post-update memory W_t = decay_t * anchor - sum_{i<=t} C[t, i] grad_i, through the anchor once
-    and the rows' dot products (the dual form with n = 1).
+    and the rows' dot products (the dual form with n = 1). ``surprise`` [B, H, 1], if given, takes the
+    token's loss at the anchor (computed with its factors).
     """
     if cfg.retention == "kl":
         # Memora: no decay inside a chunk; the lag token's update is its boundary step (eta 0 here).
@@ -369,7 +400,7 @@ def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tens
         alpha = log_alpha.exp()
     w_in, w_out = state.anchor
     z, zq = (torch.cat([k, q], dim=2) @ w_in.transpose(-1, -2)).split(1, dim=2)  # one pass over W_in for both
-    a, gz, gu = mlp_factors_at(cfg, z, w_out, k, v, ln_weight, ln_bias, delta)  # [B, H, 1, *] at the anchor
+    a, gz, gu = mlp_factors_at(cfg, z, w_out, k, v, ln_weight, ln_bias, delta, surprise)  # [B, H, 1, *] at the anchor
     coef = state.row_coef * alpha  # the old rows (a new row's slot holds 0 until written)
     decay = state.row_decay * alpha.squeeze(-1)
     # Only the rows some sequence has filled are read (the others hold 0).
@@ -391,9 +422,10 @@ def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tens
 
 def factored_decode_step(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
                          eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
-                         ln_bias: Tensor) -> tuple[Tensor, FactoredMemory]:
+                         ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, FactoredMemory]:
     """One decode step on a factored state (the inputs untouched): token [B, H, 1, *] at ``pos`` [B];
-    rows with ``valid`` [B, 1] false change nothing. Returns the reads and the new state."""
+    rows with ``valid`` [B, 1] false change nothing. Returns the reads and the new state (``surprise``
+    [B, H, 1], if given, takes the token's loss at the anchor)."""
     b = cfg.chunk_size
     row = pos % b
     live = valid[:, 0]
@@ -403,7 +435,8 @@ def factored_decode_step(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q
         state = FactoredMemory(*(_where_rows(first, new, old) if isinstance(new, tuple) else
                                  torch.where(first.view(-1, *[1] * (new.dim() - 1)), new, old)
                                  for new, old in zip(started, state, strict=True)))
-    out, new_row, coef, decay = factored_token(cfg, state, row, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias)
+    out, new_row, coef, decay = factored_token(cfg, state, row, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
+                                               surprise)
     at_row = (torch.arange(b, device=pos.device) == row.view(-1, 1)) & live.view(-1, 1)  # [B, b]
     rows = torch.where(at_row[:, None, :, None], new_row.unsqueeze(2), state.rows)
     keep = ~live.view(-1, 1, 1)
@@ -413,13 +446,14 @@ def factored_decode_step(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q
 
 def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
                   log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
-                  ln_bias: Tensor) -> tuple[Tensor, FactoredMemory]:
+                  ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, FactoredMemory]:
     """``memory_scan`` from and to a factored state (any number of tokens, rows at any positions, a chunk
     possibly half consumed): the running memory is folded once, the tokens run through the chunked scan,
-    and the tokens of the last (possibly partial) chunk become its factor rows at the final anchor."""
+    and the tokens of the last (possibly partial) chunk become its factor rows at the final anchor
+    (``surprise`` [B, H, T]: as in ``memory_scan``)."""
     b, T = cfg.chunk_size, q.shape[2]
     out, anchor, _ = memory_scan(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta, valid,
-                                 ln_weight, ln_bias)
+                                 ln_weight, ln_bias, surprise)
     lengths = valid.sum(1)
     end = pos + lengths
     chunk_start = torch.div(end - 1, b, rounding_mode="floor") * b  # of the chunk of each row's last token

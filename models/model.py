@@ -107,10 +107,12 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
     def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor, lengths: Tensor,
-                slots: Tensor | None = None) -> tuple[Tensor, LayerState]:
-        # Only the Miras memory is updated in place in a pool (see MirasLM.forward).
-        pool = {"slots": slots} if slots is not None and self.kind == "M" else {}
-        h, state = self.mixer(self.mixer_norm(x), state, pos, valid, lengths, **pool)
+                slots: Tensor | None = None, surprise: Tensor | None = None) -> tuple[Tensor, LayerState]:
+        # Only the Miras memory is updated in place in a pool (see MirasLM.forward), and only it has a surprise.
+        extra = {"slots": slots} if slots is not None and self.kind == "M" else {}
+        if surprise is not None:
+            extra["surprise"] = surprise
+        h, state = self.mixer(self.mixer_norm(x), state, pos, valid, lengths, **extra)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -144,6 +146,11 @@ class MirasLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    @property
+    def miras_layers(self) -> list[int]:
+        """The indices of the Miras layers (those with a memory, hence a surprise), in order."""
+        return [i for i, kind in enumerate(self.config.layer_kinds) if kind == "M"]
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -166,7 +173,7 @@ class MirasLM(nn.Module):
         pool.assign(slots, self.init_state(int(slots.numel()), pool.pos.device, pool.layout))
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, lengths: Tensor | None = None,
-                slots: Tensor | None = None) -> tuple[Tensor, ModelState]:
+                slots: Tensor | None = None, surprise: Tensor | None = None) -> tuple[Tensor, ModelState]:
         """Process ``input_ids`` [B, T] continuing from ``state`` (None: fresh sequences).
 
         ``lengths[b]`` (default T) is the number of real tokens in row b; the rest of the row is
@@ -175,6 +182,10 @@ class MirasLM(nn.Module):
 
         With ``slots`` [B], ``state`` is a pool of sequences (``init_state(max_num_seqs)``): row b of
         the batch continues pool row ``slots[b]``, which is updated in place, and the pool is returned.
+
+        ``surprise`` [B, T, len(miras_layers)], if given, takes each token's surprise in each Miras layer: the
+        memory's attentional-bias loss on the token before its update, at its chunk's anchor, averaged over
+        the heads (models/SPEC.md §4; padding and skipped rows: unspecified). None: nothing is computed.
         """
         if slots is not None:
             if state is None:
@@ -182,13 +193,13 @@ class MirasLM(nn.Module):
             slots = slots.to(device=state.pos.device, dtype=torch.long)
             # The Miras memory (most of the state) is read and written in place by the memory scan;
             # the small entries (position, conv cache, attention ring) go through gather and scatter.
-            logits, new_state = self._forward(input_ids, state.select(slots, whole=POOLED), lengths, slots)
+            logits, new_state = self._forward(input_ids, state.select(slots, whole=POOLED), lengths, slots, surprise)
             state.assign(slots, new_state, skip=POOLED)
             return logits, state
-        return self._forward(input_ids, state, lengths, None)
+        return self._forward(input_ids, state, lengths, None, surprise)
 
     def _forward(self, input_ids: Tensor, state: ModelState | None, lengths: Tensor | None,
-                 slots: Tensor | None) -> tuple[Tensor, ModelState]:
+                 slots: Tensor | None, surprise: Tensor | None) -> tuple[Tensor, ModelState]:
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids must hold at least one token per row")
@@ -203,8 +214,10 @@ class MirasLM(nn.Module):
         valid = torch.arange(T, device=device).view(1, -1) < lengths.view(-1, 1)
         x = self.embed(input_ids)
         new_layers = []
+        columns = iter(range(len(self.miras_layers)))
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
-            x, layer_state = block(x, layer_state, state.pos, valid, lengths, slots)
+            mine = surprise[..., next(columns)] if surprise is not None and block.kind == "M" else None
+            x, layer_state = block(x, layer_state, state.pos, valid, lengths, slots, mine)
             new_layers.append(layer_state)
         logits = self.lm_head(self.norm(x)).float()
         return logits, ModelState(state.pos + lengths, new_layers)

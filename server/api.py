@@ -8,16 +8,18 @@ import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .async_engine import AsyncEngine
 from .errors import APIError, error_body, install_error_handlers
 from .limits import BodyLimitMiddleware, TextLimits, default_max_prompt_chars, default_max_request_bytes
-from .middleware import APIKeyMiddleware, RequestIdMiddleware
+from .middleware import PLAYGROUND_STATIC, APIKeyMiddleware, RequestIdMiddleware
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -43,6 +45,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     VERSION = "0.0.0"
 
+PLAYGROUND_DIR = Path(__file__).parent / "static"  # the playground page: plain files, no build step
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 503)}
 
 
@@ -70,6 +73,7 @@ class ServerSettings:
     max_prompt_chars: int | None = None  # None: derived from --max-prompt-tokens and the vocabulary
     request_read_timeout: float = 30.0  # seconds for a request's body after its headers
     tool_call_parser: str | None = None  # "auto" tool choice's parser (--enable-auto-tool-choice); None: refused
+    playground: bool = True  # the playground page at / (--disable-playground: / is 404)
 
 
 class ServerState:
@@ -200,6 +204,13 @@ def build_app(state: ServerState) -> FastAPI:
         return Response(generate_latest(state.engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     settings = state.settings
+    if settings.playground:
+        @app.get("/", include_in_schema=False)
+        async def playground() -> FileResponse:
+            return FileResponse(PLAYGROUND_DIR / "index.html")
+
+        app.mount(PLAYGROUND_STATIC, StaticFiles(directory=PLAYGROUND_DIR), name="playground")
+
     # innermost first: the body is read only for requests the key check let through
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_bytes, timeout=settings.request_read_timeout)
     if settings.api_keys:

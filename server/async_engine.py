@@ -75,6 +75,11 @@ class AsyncEngine:
             self._thread.join(timeout=30)
 
     @property
+    def miras_layers(self) -> list[int]:
+        """The model's Miras layers: those a surprise row lists, in order (fixed at load)."""
+        return self.engine.miras_layers
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.dead is None
 

@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
                    help="how tool calls are read from a model's output under \"auto\" (miras_json: the shipped chat "
                         "format's JSON array of {name, arguments}; docs/serving.md#tool-calls)")
+    p.add_argument("--disable-playground", action="store_true",
+                   help="do not serve the playground page at / (then / is 404)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_prompt_tokens", "max_queued_requests",
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         responses_ttl=args.responses_ttl, state_cache_scope=args.state_cache_scope,
         metrics_require_key=args.metrics_require_key, max_request_bytes=args.max_request_bytes,
         max_prompt_chars=args.max_prompt_chars, request_read_timeout=args.request_read_timeout,
-        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+        playground=not args.disable_playground)
     tier = engine.state_cache.tier if engine.state_cache is not None else None
     tiers = tier.tiers if isinstance(tier, StackedTiers) else [tier]
     # stored responses live beside the saved states, under the same model identity

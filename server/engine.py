@@ -93,6 +93,7 @@ class LLMEngine:
         self.metrics = metrics or EngineMetrics(model_name)
         self.metrics.state_slots_total.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
+        self.miras_layers = model.miras_layers  # the layers a surprise row lists, in order
 
     def _state_cache(self) -> StateCache | None:
         config = self.config
@@ -209,13 +210,15 @@ class LLMEngine:
             for seq in request.sequences:
                 if not seq.finished:
                     seq.finish_reason = "abort"
+                    self._last_token_unfed(request, seq)
                     self.sampler.remove(seq.slot)
                     seq.detokenizer.finish(matched_stop=False)
                     self.metrics.request_success["abort"].inc()
             outputs = self._deltas(request)
         self._finish_request(request, time.monotonic())
         self._update_gauges()
-        return RequestOutput(request_id, request.prompt_token_ids, outputs, True, request.prompt)
+        return RequestOutput(request_id, request.prompt_token_ids, outputs, True, request.prompt,
+                             prompt_surprise=self._take_prompt_surprise(request))
 
     def flush_saved_states(self) -> None:
         """Wait until the states saved so far are written to the tier below memory (shutdown, tests)."""
@@ -244,11 +247,17 @@ class LLMEngine:
         if plan.decodes:
             ids = torch.tensor([[s.token_ids[-1]] for s in plan.decodes], device=self.device)
             slots = torch.tensor([s.slot for s in plan.decodes], device=self.device)
-            if self.decode_graphs is not None:
-                logits = self.decode_graphs.run(ids, slots)
-            else:
-                logits, _ = self.model(ids, self.pool, None, slots=slots)
             owners = [self.requests[s.request_id] for s in plan.decodes]
+            surprise = self._surprise_buffer(owners, 1)
+            if self.decode_graphs is not None and surprise is None:
+                logits = self.decode_graphs.run(ids, slots)
+            else:  # surprise is an extra output of the eager step (the captured graphs have none)
+                logits, _ = self.model(ids, self.pool, None, slots=slots, surprise=surprise)
+            if surprise is not None:  # each fed token's surprise is known now: a step after it was sent
+                for seq, request, row in zip(plan.decodes, owners, surprise[:, 0].tolist(), strict=True):
+                    if request.params.return_surprise:
+                        seq.new_surprise.append(row)
+                        self._observe_surprise(request.num_prompt_tokens + len(seq.token_ids) - 1, [row])
             self._sample(plan.decodes, owners, logits[:, -1, : self.vocab_size])
             touched.update((r.request_id, r) for r in owners)
         if plan.prefills:
@@ -264,7 +273,8 @@ class LLMEngine:
             if deltas or done:
                 outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, deltas, done,
                                              request.prompt, request.prompt_logprobs if done else None,
-                                             request.num_cached_tokens if done else 0))
+                                             request.num_cached_tokens if done else 0,
+                                             self._take_prompt_surprise(request)))
         self.metrics.engine_step_duration.observe(now - start)
         self.metrics.engine_batch_size.observe(len(plan.decodes) + len(plan.prefills))
         self.metrics.iteration_tokens.observe(plan.num_tokens)
@@ -284,8 +294,8 @@ class LLMEngine:
             history = request.context.token_ids()
             request.prompt_token_ids = history + request.prompt_token_ids
             request.context_length = len(history)
-        if request.params.prompt_logprobs is not None:  # needs the logits of every prompt position
-            return 0
+        if request.params.prompt_logprobs is not None or request.params.return_surprise:
+            return 0  # needs the logits (or the surprise) of every prompt position
         request.restore = self.state_cache.lookup(request.prompt_token_ids, request.cache_namespace)
         request.num_cached_tokens = 0 if request.restore is None else request.restore.length
         return request.num_cached_tokens
@@ -325,10 +335,16 @@ class LLMEngine:
         for row, c in enumerate(chunks):
             ids[row, : lengths[row]] = torch.tensor(c.request.prompt_token_ids[c.start: c.end])
         slots = torch.tensor([c.request.slots[0] for c in chunks], device=self.device)
-        logits, _ = self.model(ids.to(self.device), self.pool, torch.tensor(lengths, device=self.device), slots=slots)
+        surprise = self._surprise_buffer([c.request for c in chunks], max(lengths))
+        logits, _ = self.model(ids.to(self.device), self.pool, torch.tensor(lengths, device=self.device), slots=slots,
+                               surprise=surprise)
         logits = logits[..., : self.vocab_size]
         for row, c in enumerate(chunks):
             request = c.request
+            if request.params.return_surprise:
+                rows = surprise[row, : lengths[row]].tolist()
+                request.prompt_surprise = (request.prompt_surprise or []) + rows
+                self._observe_surprise(c.start, rows)
             request.num_prefilled = c.end
             if request.params.prompt_logprobs is not None:
                 self._prompt_logprobs(c, logits[row, : lengths[row]])
@@ -337,6 +353,26 @@ class LLMEngine:
                 if self.state_cache is not None:
                     self._save(request, request.prompt_token_ids, [request.slots[0]], last_logits.clone())
                 self._start_decoding(request, last_logits)
+
+    def _surprise_buffer(self, requests: list[Request], length: int) -> Tensor | None:
+        """The model's surprise output for a batch [rows, length, Miras layers], if any of its rows asks."""
+        if not any(r.params.return_surprise for r in requests):
+            return None
+        return torch.empty(len(requests), length, len(self.miras_layers), device=self.device)
+
+    def _observe_surprise(self, start: int, rows: list[list[float]]) -> None:
+        """Sample the surprise of a sequence's tokens at positions start, start + 1, ... into the histogram."""
+        every = self.metrics.surprise_sample_every
+        for position in range(-start % every, len(rows), every):
+            for layer, value in zip(self.miras_layers, rows[position], strict=True):
+                self.metrics.token_surprise(layer).observe(value)
+
+    def _take_prompt_surprise(self, request: Request) -> list[list[float]] | None:
+        """The prompt's surprise, once: in the first output that carries generated tokens."""
+        if request.prompt_surprise is None or request.prompt_surprise_reported or not request.sequences:
+            return None
+        request.prompt_surprise_reported = True
+        return request.prompt_surprise
 
     def _prompt_logprobs(self, chunk: PrefillChunk, logits: Tensor) -> None:
         """Logprob of each prompt token under the model, given the tokens before it."""
@@ -407,6 +443,7 @@ class LLMEngine:
 
     def _finish_sequence(self, request: Request, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._last_token_unfed(request, seq)
         seq.detokenizer.finish(matched_stop=isinstance(stop_reason, str))
         self.sampler.remove(seq.slot)
         if self.state_cache is not None:
@@ -415,6 +452,12 @@ class LLMEngine:
             self._save(request, request.prompt_token_ids + seq.token_ids[:-1], [seq.slot], None)
         self.scheduler.free_sequence(seq)
         self.metrics.request_success[reason].inc()
+
+    @staticmethod
+    def _last_token_unfed(request: Request, seq: Sequence) -> None:
+        """A finished sequence's last token was sampled but never fed: its surprise is null."""
+        if request.params.return_surprise and seq.token_ids:
+            seq.new_surprise.append(None)
 
     def _save(self, request: Request, token_ids: list[int], slot: list[int], logits: Tensor | None) -> None:
         """Keep the state of ``slot`` (after ``token_ids``) in the state cache, under the request's key for it."""
@@ -426,12 +469,13 @@ class LLMEngine:
         deltas = []
         for seq in request.sequences:
             text = seq.detokenizer.take()
-            if not (text or seq.new_token_ids or (seq.finished and not seq.finish_reported)):
+            if not (text or seq.new_token_ids or seq.new_surprise or (seq.finished and not seq.finish_reported)):
                 continue
             logprobs = seq.new_logprobs if seq.logprobs is not None else None
+            surprise = seq.new_surprise if request.params.return_surprise else None
             deltas.append(CompletionOutput(seq.index, text, seq.new_token_ids, logprobs, seq.finish_reason,
-                                           seq.stop_reason))
-            seq.new_token_ids, seq.new_logprobs = [], []
+                                           seq.stop_reason, surprise))
+            seq.new_token_ids, seq.new_logprobs, seq.new_surprise = [], [], []
             seq.finish_reported = seq.finished
         return deltas
 

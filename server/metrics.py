@@ -23,6 +23,9 @@ REQUEST_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# A token's surprise (its memory loss, docs/surprise.md) spans decades: log-spaced buckets.
+SURPRISE_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+SURPRISE_SAMPLE_EVERY = 16  # the histogram takes one token position in 16 (of the requests that ask)
 
 
 class EngineMetrics:
@@ -96,5 +99,15 @@ class EngineMetrics:
         self.state_tier_rejected = per_tier(Counter(
             "miras:state_tier_rejected", "Saved states found unusable (corrupt, truncated, another model's or "
             "gone) and recomputed instead.", labels + ["reason"], registry=self.registry), STATE_REJECT_REASONS)
+        surprise = Histogram("miras:token_surprise", "Surprise of consumed tokens (the memory's attentional-bias "
+                             f"loss at the token, before its update) per Miras layer: sampled, one position in "
+                             f"{SURPRISE_SAMPLE_EVERY}, of requests with return_surprise.", labels + ["layer"],
+                             buckets=SURPRISE_BUCKETS, registry=self.registry)
+        self.surprise_sample_every = SURPRISE_SAMPLE_EVERY
+
+        def token_surprise(layer: int) -> Histogram:
+            return surprise.labels(model_name, str(layer))
+
+        self.token_surprise = token_surprise
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens processed in one engine step.",
                                           TOKEN_BUCKETS)

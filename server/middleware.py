@@ -12,7 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import error_body
 from .tenancy import CACHE_TENANT_STATE_KEY, TENANT_STATE_KEY, tenant_id
 
-OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json", "/docs", "/redoc")
+OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json", "/docs", "/redoc", "/")
+PLAYGROUND_STATIC = "/static"  # the playground's files: public like the page, which asks for the key itself
 
 
 class RequestIdMiddleware:
@@ -36,7 +37,8 @@ class RequestIdMiddleware:
 
 
 class APIKeyMiddleware:
-    """``Authorization: Bearer <key>`` on everything but health, version and the docs (and CORS preflights);
+    """``Authorization: Bearer <key>`` on everything but health, version, the docs, the playground page and its
+    files (and CORS preflights);
     on /metrics too with ``metrics_need_key``. Any of ``api_keys`` is accepted, each compared as a SHA-256
     digest in constant time. The request carries the key's tenant id, and its cache tenant: the same with
     ``cache_per_key``, "" (shared across keys) without (server/tenancy.py)."""
@@ -59,7 +61,9 @@ class APIKeyMiddleware:
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in self.open_paths:
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or scope["method"] == "OPTIONS" or path in self.open_paths
+                or path.startswith(PLAYGROUND_STATIC + "/")):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")

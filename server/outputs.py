@@ -24,6 +24,9 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that fired; None for EOS
+    # return_surprise: one row (a float per Miras layer) per generated token whose surprise is known, in order;
+    # a token's is known once it is fed (a step after it is sampled); the last token's, never fed, is None
+    surprise: list[list[float] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -34,6 +37,8 @@ class CompletionOutput:
         self.token_ids += delta.token_ids
         if delta.logprobs is not None:
             self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.surprise is not None:
+            self.surprise = (self.surprise or []) + delta.surprise
         if delta.finish_reason is not None:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
 
@@ -47,6 +52,8 @@ class RequestOutput:
     prompt: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first position: None (nothing precedes it)
     num_cached_tokens: int = 0  # tokens of the context restored from a saved state (final output only)
+    # return_surprise: a row per prompt token (a float per Miras layer), in the first output with generated tokens
+    prompt_surprise: list[list[float]] | None = None
 
     @property
     def num_generated_tokens(self) -> int:
@@ -66,5 +73,7 @@ class RequestOutput:
         self.outputs.sort(key=lambda o: o.index)
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
+        if delta.prompt_surprise is not None:
+            self.prompt_surprise = delta.prompt_surprise
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         self.finished = delta.finished

@@ -11,7 +11,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from .errors import APIError
 from .sampling_params import (
@@ -166,6 +166,9 @@ class SamplingFields(RequestBody):
                              f"{found[1].field}")
         return found[0] if found else None
 
+    # Miras extension: each consumed token's surprise per Miras layer (docs/surprise.md); a JSON boolean only
+    return_surprise: StrictBool | None = False
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
                         ) -> SamplingParams:
         def value(name: str) -> Any:  # explicit null means the default
@@ -181,7 +184,8 @@ class SamplingFields(RequestBody):
             stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
             include_stop_str_in_output=value("include_stop_str_in_output"), ignore_eos=value("ignore_eos"),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=value("skip_special_tokens"),
-            guided=self.guided_decoding())
+            guided=self.guided_decoding(),
+            return_surprise=value("return_surprise"))
 
     @field_validator("logit_bias")
     @classmethod

@@ -39,6 +39,7 @@ class Sequence:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     matcher: GrammarMatcher | None = None  # its grammar (structured outputs), advanced with each token
+    new_surprise: list[list[float] | None] = field(default_factory=list)  # return_surprise: rows not handed out
 
     @property
     def finished(self) -> bool:
@@ -68,6 +69,8 @@ class Request:
     slots: list[int] = field(default_factory=list)  # n slots; slots[0] carries the prefill
     sequences: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_surprise: list[list[float]] | None = None  # return_surprise: a row per prompt token prefilled so far
+    prompt_surprise_reported: bool = False
     scheduled_time: float | None = None
     first_token_time: float | None = None
     restore: CachedState | None = None  # the state cache entry chosen at admission, until it is restored

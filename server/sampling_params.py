@@ -52,6 +52,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     guided: GuidedDecoding | None = None
+    # each consumed token's surprise per Miras layer (docs/surprise.md): computed only for requests that ask
+    return_surprise: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

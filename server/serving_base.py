@@ -19,7 +19,7 @@ from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError, R
 from .detokenizer import token_text
 from .errors import APIError, error_body
 from .limits import TextLimits
-from .outputs import RequestOutput, TokenLogprob
+from .outputs import CompletionOutput, RequestOutput, TokenLogprob
 from .protocol import StreamOptions
 from .request import StateContext
 from .sampling_params import SamplingParams
@@ -96,6 +96,26 @@ class StreamUsage:
             if self.final else None
 
 
+class SurpriseStream:
+    """Streaming ``return_surprise``: per choice, the rows not sent yet, which go out with its next chunk (the
+    prompt's with its first). Rows wait while a chunk is held back (text that may be a stop string)."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = layers
+        self.pending: dict[int, dict[str, list]] = {}
+
+    def add(self, index: int, prompt: list[list[float]] | None, delta: CompletionOutput) -> None:
+        entry = self.pending.setdefault(index, {"completion": []})
+        if prompt is not None:
+            entry["prompt"] = prompt
+        entry["completion"] += delta.surprise or []
+
+    def take(self, index: int) -> dict[str, Any]:
+        """The ``surprise`` field of the choice's chunk now being sent."""
+        entry = self.pending.pop(index, {"completion": []})
+        return {"layers": self.layers, **entry}
+
+
 class ServingBase:
     id_prefix = "cmpl"
 
@@ -131,6 +151,15 @@ class ServingBase:
             raise APIError(429, str(exc), None, "queue_full", {"Retry-After": RETRY_AFTER_SECONDS}) from exc
         except EngineUnavailableError as exc:
             raise unavailable(exc) from exc
+
+    @property
+    def surprise_layers(self) -> list[int]:
+        """The layers a surprise row lists (the model's Miras layers), in order."""
+        return self.engine.miras_layers
+
+    def surprise(self, prompt: list[list[float]] | None, out: CompletionOutput) -> dict[str, Any]:
+        """A whole choice's ``surprise`` field (return_surprise, non-streaming)."""
+        return {"layers": self.surprise_layers, "prompt": prompt or [], "completion": out.surprise or []}
 
     def token_str(self, token_id: int) -> str:
         return token_text(self.tokenizer, token_id)

@@ -14,7 +14,7 @@ from .async_engine import RequestGroup
 from .errors import APIError
 from .outputs import CompletionOutput
 from .protocol import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest, ChatMessage, ToolDefinition
-from .serving_base import ServingBase, StreamUsage, clamp, collect, sse, top_entries, usage
+from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries, usage
 from .tool_calls import ToolMode, chat_turns, parse_tool_calls, tool_mode
 
 
@@ -65,9 +65,12 @@ class OpenAIServingChat(ServingBase):
         choices = []
         for out in final.outputs:
             message, finish_reason = tool_message(out.text, out.finish_reason, mode)
-            choices.append({"index": out.index, "message": message,
-                            "logprobs": self._logprobs(out) if request.logprobs else None,
-                            "finish_reason": finish_reason, "stop_reason": out.stop_reason})
+            choice = {"index": out.index, "message": message,
+                      "logprobs": self._logprobs(out) if request.logprobs else None,
+                      "finish_reason": finish_reason, "stop_reason": out.stop_reason}
+            if request.return_surprise:
+                choice["surprise"] = self.surprise(final.prompt_surprise, out)
+            choices.append(choice)
         return JSONResponse({**meta, "choices": choices,
                              "usage": usage(len(ids), final.num_generated_tokens)})
 
@@ -103,16 +106,21 @@ class OpenAIServingChat(ServingBase):
         for index in range(n):  # the role comes first, in a chunk of its own (as OpenAI and vLLM send it)
             yield sse(counts.stamp({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                           "logprobs": None, "finish_reason": None}]}))
+        surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
         async for _, out in group:
             for delta in out.outputs:
                 counts.completion_tokens += len(delta.token_ids)
                 logprobs = self._logprobs(delta) if request.logprobs and delta.token_ids else None
+                if surprise is not None:
+                    surprise.add(delta.index, out.prompt_surprise, delta)
                 body, finish_reason = {"content": delta.text} if delta.text else {}, delta.finish_reason
                 if mode is not None:
                     body, finish_reason = self._held_delta(held, delta, mode)
                 if not (body or finish_reason or logprobs):
                     continue
                 choice = {"index": delta.index, "delta": body, "logprobs": logprobs, "finish_reason": finish_reason}
+                if surprise is not None:
+                    choice["surprise"] = surprise.take(delta.index)
                 if delta.finish_reason:
                     choice["stop_reason"] = delta.stop_reason
                 yield sse(counts.stamp({**chunk, "choices": [choice]}))

@@ -13,7 +13,7 @@ from .async_engine import RequestGroup
 from .errors import APIError
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
 from .protocol import CompletionRequest
-from .serving_base import ServingBase, StreamUsage, clamp, collect, sse, top_entries, usage
+from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries, usage
 
 
 @dataclass
@@ -83,15 +83,20 @@ class OpenAIServingCompletion(ServingBase):
                       group: RequestGroup, meta: dict[str, Any]) -> AsyncIterator[str]:
         states: dict[int, _Choice] = {}
         counts = StreamUsage(request.stream_options, sum(len(ids) for ids, _ in prompts))
+        surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
         async for prompt_index, out in group:
             for delta in out.outputs:
                 counts.completion_tokens += len(delta.token_ids)
                 index = prompt_index * n + delta.index
                 state = states.setdefault(index, _Choice())
                 choice = self._choice(state, request, prompts[prompt_index], delta, None)
+                if surprise is not None:
+                    surprise.add(index, out.prompt_surprise, delta)
                 if not (choice["text"] or choice["finish_reason"] or delta.token_ids and choice["logprobs"]):
                     continue  # nothing to say (text held back for a possible stop string)
                 choice["index"] = index
+                if surprise is not None:
+                    choice["surprise"] = surprise.take(index)
                 yield sse(counts.stamp({**meta, "choices": [choice]}))
         if last := counts.last_event(meta):
             yield last
@@ -104,6 +109,8 @@ class OpenAIServingCompletion(ServingBase):
             for out in final.outputs:
                 choice = self._choice(_Choice(), request, prompts[prompt_index], out, final.prompt_logprobs)
                 choice["index"] = prompt_index * n + out.index
+                if request.return_surprise:
+                    choice["surprise"] = self.surprise(final.prompt_surprise, out)
                 choices.append(choice)
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         completion_tokens = sum(f.num_generated_tokens for f in finals)

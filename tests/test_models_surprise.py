@@ -1,0 +1,137 @@
+"""Surprise (models/SPEC.md §4): each token's attentional-bias loss at its chunk's anchor, computed in the
+pass the model makes anyway, equals the loss computed separately from the reference memory, for every
+rule, in the parallel scan, the factored prefill and decode, the slot pool and batches of any lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import small_model
+from torch import Tensor
+
+import models
+from kernels import factored_scan, factored_scan_pool, forced_backend, memory_scan
+from kernels.testing import RULES, random_inputs, rule_config
+from models.config import MirasConfig
+from models.memory import factored_fresh, read_memory
+from models.memory import memory_scan as reference_scan
+
+GATES = ("q", "k", "v", "eta", "log_alpha", "delta")
+TOL = 1e-5
+
+
+def loss_by_hand(cfg: MirasConfig, error: Tensor, delta: Tensor | None) -> Tensor:
+    """The loss table of models/SPEC.md §4, written out separately from models.memory."""
+    if cfg.attentional_bias == "l2":
+        return 0.5 * (error ** 2).sum(-1)
+    if cfg.attentional_bias == "lp":
+        return (error.abs() ** cfg.p).sum(-1) / cfg.p
+    rms = (error ** 2).mean(-1).sqrt()
+    return torch.where(rms <= delta, 0.5 * (error ** 2).sum(-1), delta * error.abs().sum(-1))
+
+
+def reference_surprise(cfg: MirasConfig, x: dict, memory: tuple, T: int) -> Tensor:
+    """Token t's loss at its chunk's anchor: the anchor that a scan of tokens 0..t ends with."""
+    out = []
+    for t in range(T):
+        prefix = {name: None if x[name] is None else x[name][:, :, :t + 1] for name in GATES}
+        B = prefix["q"].shape[0]
+        _, anchor, _ = reference_scan(cfg, memory, memory, torch.zeros(B, dtype=torch.long), *prefix.values(),
+                                      torch.ones(B, t + 1, dtype=torch.bool), x["ln_weight"], x["ln_bias"])
+        error = read_memory(cfg, anchor, x["k"][:, :, t:t + 1], x["ln_weight"], x["ln_bias"]) - x["v"][:, :, t:t + 1]
+        out.append(loss_by_hand(cfg, error, None if x["delta"] is None else x["delta"][:, :, t:t + 1]))
+    return torch.cat(out, dim=-1)
+
+
+def close(ref: Tensor, got: Tensor) -> bool:
+    return bool(torch.isfinite(got).all()) and ((ref - got).norm() / ref.norm()).item() < TOL
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@torch.inference_mode()
+def test_scan_surprise_is_the_loss_at_the_anchor(rule):
+    cfg = rule_config(rule)
+    gen = torch.Generator().manual_seed(17)
+    B, T = 2, 11  # crosses two chunk boundaries (chunk 4)
+    x = random_inputs(cfg, B, T, gen)
+    memory = x["memory"]
+    ref = reference_surprise(cfg, x, memory, T)
+    gates = [x[name] for name in GATES]
+    pos = torch.zeros(B, dtype=torch.long)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    got = torch.full((B, cfg.n_heads, T), float("nan"))
+    with forced_backend("torch"):
+        memory_scan(cfg, memory, memory, pos, *gates, valid, x["ln_weight"], x["ln_bias"], got)
+    assert close(ref, got), (ref, got)
+    if cfg.memory != "mlp":
+        return
+    # The factored layout: one prefill of 6 tokens, then decode steps, one token at a time.
+    def tokens(start: int, end: int) -> list[Tensor | None]:
+        return [None if g is None else g[:, :, start:end] for g in gates]
+
+    state = factored_fresh(cfg, memory)
+    parts = [torch.full((B, cfg.n_heads, 6), float("nan"))]
+    with forced_backend("torch"):
+        _, state = factored_scan(cfg, state, pos, *tokens(0, 6), valid[:, :6], x["ln_weight"], x["ln_bias"], parts[0])
+        for t in range(6, T):
+            parts.append(torch.full((B, cfg.n_heads, 1), float("nan")))
+            _, state = factored_scan(cfg, state, pos + t, *tokens(t, t + 1), valid[:, :1], x["ln_weight"],
+                                     x["ln_bias"], parts[-1])
+    assert close(ref, torch.cat(parts, dim=-1))
+
+
+@pytest.mark.parametrize("rule", ["moneta", "linear"])
+@torch.inference_mode()
+def test_pool_surprise_for_the_rows_it_runs(rule):
+    """In a slot pool, rows in any slot order and skipped rows (negative slot): each row gets its own."""
+    cfg = rule_config(rule)
+    gen = torch.Generator().manual_seed(3)
+    x = random_inputs(cfg, 3, 5, gen)
+    memory = x["memory"]
+    ref = reference_surprise(cfg, x, memory, 5)
+    gates = [x[name] for name in GATES]
+    slots = torch.tensor([2, -1, 0])
+    got = torch.full((3, cfg.n_heads, 5), float("nan"))
+    pool_memory = tuple(w[[2, 1, 0]].clone() for w in memory)  # slot s holds row 2 - s
+    lengths = torch.full((3,), 5)
+    pos = torch.zeros(3, dtype=torch.long)
+    with forced_backend("torch"):
+        if cfg.memory == "mlp":
+            factored_scan_pool(cfg, factored_fresh(cfg, pool_memory), slots, pos, *gates, lengths,
+                               x["ln_weight"], x["ln_bias"], got)
+        else:
+            from kernels import memory_scan_pool
+            memory_scan_pool(cfg, tuple(w.clone() for w in pool_memory), pool_memory, slots, pos, *gates, lengths,
+                             x["ln_weight"], x["ln_bias"], got)
+    assert close(ref[[0, 2]], got[[0, 2]])
+    assert not got[1].any()  # a skipped row: 0
+
+
+def model_surprise(model: models.MirasLM, ids: Tensor, state=None, **kw) -> tuple[Tensor, Tensor, object]:
+    out = torch.full((*ids.shape, len(model.miras_layers)), float("nan"))
+    logits, state = model(ids, state, surprise=out, **kw)
+    return out, logits, state
+
+
+@pytest.mark.parametrize("preset", sorted(p for p in models.PRESETS if "M" in models.preset_config(p).layer_kinds))
+@torch.inference_mode()
+def test_model_surprise_parallel_equals_prefill_decode_and_batched(preset):
+    model = small_model(preset, seed=5)
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=gen)
+    with forced_backend("torch"):
+        full, logits, _ = model_surprise(model, ids)
+        plain, _ = model(ids)
+        assert torch.equal(logits, plain)  # asking for surprise changes nothing else
+        first, _, state = model_surprise(model, ids[:, :5])
+        steps = [first]
+        for t in range(5, 10):
+            s, _, state = model_surprise(model, ids[:, t:t + 1], state)
+            steps.append(s)
+        assert close(full, torch.cat(steps, dim=1))
+        # a slot pool: row 1 runs a shorter prompt, in slot 0, beside row 0 in slot 3
+        pool = model.init_state(4)
+        got, _, _ = model_surprise(model, ids, pool, lengths=torch.tensor([10, 6]), slots=torch.tensor([3, 0]))
+        assert close(full[0], got[0]) and close(full[1, :6], got[1, :6])
+    assert len(model.miras_layers) == sum(kind == "M" for kind in model.config.layer_kinds)
+    assert full.shape[-1] == len(model.miras_layers) and bool((full >= 0).all())
