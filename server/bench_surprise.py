@@ -3,7 +3,7 @@
 For each batch size B, B requests (a 64-token random prompt, 48 greedy tokens, EOS ignored) run to the end on
 each of two engines over the same model: on "off" no request asks for surprise, so none is computed (the model
 gets no surprise buffer); on "on" every request asks, so every decode step also computes each token's memory
-loss and copies it to the host. The two engines take their steps in turn (same positions, same load); only
+loss and copies it to the host. The two engines take their steps in turn, first one then the other (same positions, same load); only
 decode steps are timed (after every request has its first token). ``--repeats`` runs; the report gives the
 medians and their ratio.
 
@@ -47,8 +47,11 @@ def decode_tokens_per_second(engines: dict[bool, LLMEngine], prompts: list[list[
                                 return_surprise=surprise)
         for prompt in prompts:
             engine.add_request(f"bench-{next(REQUEST_IDS)}", prompt, params)
+    order = list(engines)
     while any(engine.has_unfinished() for engine in engines.values()):
-        for surprise, engine in engines.items():
+        order.reverse()  # who steps first alternates: neither always follows the other's step
+        for surprise in order:
+            engine = engines[surprise]
             if not engine.has_unfinished():
                 continue
             decoding = len(started[surprise]) == len(prompts)
@@ -100,7 +103,8 @@ def write_report(args: argparse.Namespace, rows: list, n_miras: int) -> None:
         f"{torch.get_num_threads()} torch thread(s); date {now:%Y-%m-%d %H:%M} UTC; commit {commit}",
         f"- model: `{args.model}` ({n_miras} Miras layers), torch backend; command: `python -m server.bench_surprise`",
         f"- B requests of a {PROMPT_TOKENS}-token random prompt and {DECODE_TOKENS} greedy tokens on each of two "
-        "engines (off: no request asks for surprise; on: all do), which take their steps in turn; only the steps "
+        "engines (off: no request asks for surprise; on: all do), which take their steps in turn, alternating which "
+        "goes first; only the steps "
         f"where all B decode are timed. {args.repeats} runs; medians (all runs in the last column).", "",
         "| batch | off: tokens/s | on: tokens/s | on / off | runs off / on |",
         "|---|---|---|---|---|",
