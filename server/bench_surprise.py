@@ -3,9 +3,9 @@
 For each batch size B, B requests (a 64-token random prompt, 48 greedy tokens, EOS ignored) run to the end on
 each of two engines over the same model: on "off" no request asks for surprise, so none is computed (the model
 gets no surprise buffer); on "on" every request asks, so every decode step also computes each token's memory
-loss and copies it to the host. The two engines take their steps in turn, first one then the other (same positions, same load); only
-decode steps are timed (after every request has its first token). ``--repeats`` runs; the report gives the
-medians and their ratio.
+loss and copies it to the host. The two engines take their steps in turn, alternating which goes first (same
+positions, same load); only decode steps are timed (after every request has its first token). ``--repeats``
+runs; the report gives the medians and their ratio.
 
     python -m server.bench_surprise [--model moneta-tiny] [--batches 1 32] [--repeats 3]
 
