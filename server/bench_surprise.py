@@ -112,8 +112,8 @@ def write_report(args: argparse.Namespace, rows: list, n_miras: int) -> None:
     for batch, off, on, runs in rows:
         shown = " / ".join(", ".join(f"{x:.0f}" for x in runs[s]) for s in (False, True))
         lines.append(f"| {batch} | {off:,.1f} | {on:,.1f} | {on / off:.3f} | {shown} |")
-    lines += ["", "Off, the model gets no surprise buffer and computes nothing extra: its decode step is the same "
-              "code as before the feature (the captured CUDA graphs too). On, each Miras layer also reduces the "
+    lines += ["", "Off, the model gets no surprise buffer and computes nothing extra (a few `is None` checks; on a "
+              "GPU the same captured CUDA graphs as before). On, each Miras layer also reduces the "
               "error it already computes for the gradient to one loss per head and token, and the engine copies "
               "B x layers floats to the host after the step (which already waits for the sampled tokens).", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
