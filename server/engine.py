@@ -239,10 +239,14 @@ class LLMEngine:
             done = all(s.finished for s in request.sequences) and request.status is RequestStatus.DECODING
             if done:
                 self._finish_request(request, now)
-            if deltas or done:
+            # the prompt's logprobs go out with the first tokens, so a stream can echo them
+            prompt_logprobs = None
+            if request.prompt_logprobs is not None and not request.prompt_logprobs_sent \
+                    and request.status is RequestStatus.DECODING:
+                prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
+            if deltas or done or prompt_logprobs is not None:
                 outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, deltas, done,
-                                             request.prompt, request.prompt_logprobs if done else None,
-                                             request.num_cached_tokens if done else 0))
+                                             request.prompt, prompt_logprobs, request.num_cached_tokens if done else 0))
         self.metrics.engine_step_duration.observe(now - start)
         self.metrics.engine_batch_size.observe(len(plan.decodes) + len(plan.prefills))
         self.metrics.iteration_tokens.observe(plan.num_tokens)

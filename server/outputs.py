@@ -45,7 +45,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     prompt: str | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # first position: None (nothing precedes it)
+    # in the first delta of the request that has any (with its first tokens); first position: None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0  # tokens of the context restored from a saved state (final output only)
 
     @property

@@ -66,6 +66,7 @@ class Request:
     slots: list[int] = field(default_factory=list)  # n slots; slots[0] carries the prefill
     sequences: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False  # handed out (once, with the first generated tokens)
     scheduled_time: float | None = None
     first_token_time: float | None = None
     restore: CachedState | None = None  # the state cache entry chosen at admission, until it is restored

@@ -25,6 +25,7 @@ class OpenAIServingChat(ServingBase):
 
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_request(request.model, request.stream, request.stream_options)
+        request.check_fields()
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_CHAT_MAX_TOKENS
@@ -41,7 +42,7 @@ class OpenAIServingChat(ServingBase):
                     "logprobs": self._logprobs(out) if request.logprobs else None,
                     "finish_reason": out.finish_reason, "stop_reason": out.stop_reason} for out in final.outputs]
         return JSONResponse({**meta, "choices": choices,
-                             "usage": usage(len(ids), final.num_generated_tokens)})
+                             "usage": usage(len(ids), final.num_generated_tokens, final.num_cached_tokens)})
 
     def _logprobs(self, out: CompletionOutput) -> dict[str, Any]:
         def item(token: str, logprob: float) -> dict[str, Any]:
@@ -61,8 +62,8 @@ class OpenAIServingChat(ServingBase):
             yield sse(counts.stamp({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                           "logprobs": None, "finish_reason": None}]}))
         async for _, out in group:
+            counts.count(out)
             for delta in out.outputs:
-                counts.completion_tokens += len(delta.token_ids)
                 logprobs = self._logprobs(delta) if request.logprobs and delta.token_ids else None
                 if not (delta.text or delta.finish_reason or logprobs):
                     continue

@@ -1,0 +1,134 @@
+"""OpenAI/vLLM conformance against a real server: fields never silently ignored, usage's cached tokens,
+logprobs as vLLM returns them, the stop-string limit and the metrics endpoint."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from test_server_support import ServerProcess
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def url(tiny_checkpoint):
+    proc = ServerProcess(tiny_checkpoint, "--served-model-name", MODEL, "--max-num-seqs", "8")
+    yield proc.url
+    proc.stop()
+
+
+def post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=60)
+
+
+def greedy(**kw) -> dict:
+    return {"model": MODEL, "temperature": 0, "ignore_eos": True, "max_tokens": 3, **kw}
+
+
+CHAT = [{"role": "user", "content": "Shall I compare thee"}]
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", {"length_penalty": 0.5}, "length_penalty"),
+    ("/v1/completions", {"truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"allowed_token_ids": [5]}, "allowed_token_ids"),
+    ("/v1/completions", {"return_token_ids": True}, "return_token_ids"),
+    ("/v1/completions", {"max_completion_tokens": 3}, "max_completion_tokens"),
+    ("/v1/completions", {"no_such_field": 1}, "no_such_field"),
+    ("/v1/chat/completions", {"chat_template": "{{ messages }}"}, "chat_template"),
+    ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
+    ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+    ("/v1/chat/completions", {"best_of": 2}, "best_of"),
+    ("/v1/chat/completions", {"prompt_logprobs": 0}, "prompt_logprobs"),
+])
+def test_unimplemented_fields_are_a_400_naming_them(url, path, extra, param):
+    body = greedy(**({"prompt": "From fairest"} if "chat" not in path else {"messages": CHAT}), **extra)
+    response = post(url, path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["code"] == "unsupported_field" and param in error["message"]
+
+
+def test_the_same_through_the_openai_client(url):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="use_beam_search"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"use_beam_search": True})
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, best_of=2)
+    # what clients send routinely, and values that ask for what the server does anyway, keep working
+    ok = client.completions.create(model=MODEL, prompt="x", max_tokens=1, n=2, best_of=2, user="u",
+                                   extra_body={"use_beam_search": False, "length_penalty": 1.0, "priority": 0,
+                                               "request_id": "r1", "prompt_logprobs": None})
+    assert len(ok.choices) == 2
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1, metadata={"a": "b"},
+                                          store=False, extra_body={"continue_final_message": False, "echo": False})
+    assert chat.choices[0].finish_reason == "length"
+
+
+def test_more_than_16_stop_strings_is_a_clear_400(url):
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": CHAT})):
+        response = post(url, path, greedy(**body, stop=[f"s{i}" for i in range(17)]))
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "stop"
+        assert error["message"] == "stop: at most 16 stop strings are allowed, got 17"
+    ids = post(url, "/v1/completions", greedy(prompt="x", stop_token_ids=list(range(17))))
+    assert ids.status_code == 400 and "at most 16 stop token ids" in ids.json()["error"]["message"]
+
+
+def stream_events(url: str, path: str, body: dict) -> list[dict]:
+    response = post(url, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert response.status_code == 200, response.text
+    events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "Thou art more lovely and more"}),
+                                        ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                                "content": "his tender heir"}]})])
+def test_usage_reports_cached_tokens(url, path, body):
+    first = post(url, path, greedy(**body)).json()["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    again = post(url, path, greedy(**body)).json()["usage"]  # the prompt's state is in the state cache now
+    cached = again["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached <= again["prompt_tokens"]
+    final = stream_events(url, path, greedy(**body))[-1]
+    assert final["choices"] == [] and final["usage"] == again
+
+
+def test_completion_logprobs_always_list_the_chosen_token(url):
+    # sampled at temperature 2 with top_k 1 off: the chosen token is often outside the top 1
+    body = {"model": MODEL, "prompt": "From fairest", "max_tokens": 16, "temperature": 2.0, "seed": 7,
+            "ignore_eos": True}
+    for k in (0, 1):
+        lp = post(url, "/v1/completions", {**body, "logprobs": k}).json()["choices"][0]["logprobs"]
+        for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+            assert top[token] == logprob and len(top) <= k + 1
+        if k == 0:
+            assert all(len(top) == 1 for top in lp["top_logprobs"])
+        else:
+            assert any(len(top) == 2 for top in lp["top_logprobs"])  # some sampled token was not the top one
+
+
+def test_echo_with_logprobs_streams_what_the_full_response_holds(url):
+    body = greedy(prompt=["From fairest creatures", "Shall I"], n=2, echo=True, logprobs=2, max_tokens=4)
+    full = post(url, "/v1/completions", body).json()["choices"]
+    events = stream_events(url, "/v1/completions", body)
+    text: dict[int, str] = {}
+    logprobs: dict[int, dict[str, list]] = {}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            text[choice["index"]] = text.get(choice["index"], "") + choice["text"]
+            merged = logprobs.setdefault(choice["index"], {k: [] for k in choice["logprobs"]})
+            for key, values in choice["logprobs"].items():
+                merged[key] += values
+    assert [text[c["index"]] for c in full] == [c["text"] for c in full]
+    assert [logprobs[c["index"]] for c in full] == [c["logprobs"] for c in full]
+    assert full[0]["logprobs"]["token_logprobs"][0] is None  # the echoed prompt's first token
