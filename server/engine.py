@@ -80,8 +80,13 @@ class LLMEngine:
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.sampler = Sampler(self.pool.batch_size, self.vocab_size, self.eos_token_id, self.device, self.generator)
         self.metrics = metrics or EngineMetrics(model_name)
-        self.metrics.state_slots_total.set(self.config.max_num_seqs)
+        self.metrics.state_slots_capacity.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
+        self.metrics.set_cache_config(
+            model_name, num_gpu_blocks=self.config.max_num_seqs, enable_prefix_caching=self.state_cache is not None,
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            state_bytes_per_sequence=self.pool.nbytes_per_sequence(), state_cache_bytes=self.config.state_cache_bytes,
+            state_disk_bytes=self.config.state_disk_bytes if self.config.state_disk_dir is not None else 0)
 
     def _state_cache(self) -> StateCache | None:
         config = self.config
@@ -367,6 +372,7 @@ class LLMEngine:
             self.metrics.time_to_first_token.observe(now - request.arrival_time)
         if seq.last_token_time:
             self.metrics.inter_token_latency.observe(now - seq.last_token_time)
+            self.metrics.time_per_output_token.observe(now - seq.last_token_time)
         seq.last_token_time = now
         count = len(seq.token_ids)
         if token == self.eos_token_id and not params.ignore_eos:
@@ -424,11 +430,14 @@ class LLMEngine:
                 m.request_decode_time.observe(last - request.first_token_time)
         m.request_prompt_tokens.observe(request.num_prompt_tokens)
         m.request_generation_tokens.observe(request.num_generated_tokens)
+        m.request_params_n.observe(request.params.n)
+        m.request_params_max_tokens.observe(request.params.max_tokens)
 
     def _update_gauges(self) -> None:
         self.metrics.num_requests_running.set(self.scheduler.num_running)
         self.metrics.num_requests_waiting.set(self.scheduler.num_waiting)
         self.metrics.state_slots_used.set(self.scheduler.num_slots_used)
+        self.metrics.kv_cache_usage_perc.set(self.scheduler.num_slots_used / self.config.max_num_seqs)
         if self.state_cache is not None:
             self.metrics.state_tier_stored_bytes["memory"].set(self.state_cache.nbytes)
             if self.state_cache.tier is not None:

@@ -4,6 +4,8 @@ logprobs as vLLM returns them, the stop-string limit and the metrics endpoint.""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import httpx
 import openai
@@ -132,3 +134,62 @@ def test_echo_with_logprobs_streams_what_the_full_response_holds(url):
     assert [text[c["index"]] for c in full] == [c["text"] for c in full]
     assert [logprobs[c["index"]] for c in full] == [c["logprobs"] for c in full]
     assert full[0]["logprobs"]["token_logprobs"][0] is None  # the echoed prompt's first token
+
+
+def test_tokenizer_info_serves_what_lm_evals_remote_tokenizer_reads(url, tiny_checkpoint):
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    config = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
+    assert {k: v for k, v in info.items() if k not in ("model_max_length", "vocab_size")} == \
+        {k: v for k, v in config.items() if k != "model_max_length"}
+    # lm-eval reads each special token's id by tokenizing its text without special tokens
+    for name, token_id in (("eos_token", 2), ("bos_token", 1), ("pad_token", 0)):
+        tokens = post(url, "/tokenize", {"prompt": info[name], "add_special_tokens": False}).json()["tokens"]
+        assert tokens == [token_id]
+    # text prompts get exactly the BOS the tokenizer file's post-processor adds
+    from tokenizers import Tokenizer
+    raw = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    text = "Shall I compare thee"
+    assert post(url, "/tokenize", {"prompt": text}).json()["tokens"] == raw.encode(text).ids
+    assert post(url, "/v1/completions", greedy(prompt=text)).json()["usage"]["prompt_tokens"] == \
+        len(raw.encode(text).ids)
+
+
+# vLLM's names, kept so that its dashboards port with a rename of the prefix: the "miras:" prefix (promtool
+# reserves colons for recording rules) and a histogram whose vLLM name ends in "_total"
+VLLM_NAMING = ("metric names should not contain ':'", 'miras:iteration_tokens_total non-counter metrics should not '
+               'have "_total" suffix')
+
+
+def test_metrics_answer_head_and_follow_prometheus_naming(url):
+    post(url, "/v1/completions", greedy(prompt="x", n=2, max_tokens=5))
+    head = httpx.head(f"{url}/metrics")
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-type"].startswith("text/plain")
+    text = httpx.get(f"{url}/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, family in families.items():
+        assert family.documentation, name
+        if family.type == "counter":
+            assert all(s.name in (f"{name}_total", f"{name}_created") for s in family.samples), name
+        elif name != "miras:iteration_tokens_total":
+            assert not name.endswith("_total"), f"{family.type} {name} ends in _total"
+    assert families["miras:kv_cache_usage_perc"].type == "gauge"
+    assert families["miras:num_preemptions"].type == "counter"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    capacity = samples[("miras:state_slots_capacity", (("model_name", MODEL),))]
+    used = samples[("miras:state_slots_used", (("model_name", MODEL),))]
+    assert samples[("miras:kv_cache_usage_perc", (("model_name", MODEL),))] == used / capacity
+    n_sum = next(v for (name, _), v in samples.items() if name == "miras:request_params_n_sum")
+    max_tokens_sum = next(v for (name, _), v in samples.items() if name == "miras:request_params_max_tokens_sum")
+    assert n_sum >= 2 and max_tokens_sum >= 5
+    (info,) = [s for s in families["miras:cache_config_info"].samples]
+    assert info.value == 1 and info.labels["num_gpu_blocks"] == "8" and info.labels["enable_prefix_caching"] == "True"
+    assert any(s.value > 0 for s in families["miras:time_per_output_token_seconds"].samples
+               if s.name.endswith("_count"))
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus); the naming rules above ran")
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    problems = [line for line in (checked.stdout + checked.stderr).splitlines()
+                if line.strip() and not any(accepted in line for accepted in VLLM_NAMING)]
+    assert problems == []

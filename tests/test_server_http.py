@@ -208,7 +208,7 @@ def test_metrics_parse_and_counters_match_requests(url):
     assert delta("miras:e2e_request_latency_seconds_count") == 4
     assert delta("miras:time_to_first_token_seconds_count") == 4
     assert delta("miras:inter_token_latency_seconds_count") == sum(u["completion_tokens"] - 1 for u in usages)
-    assert metric(after, "miras:state_slots_total", model_name=MODEL) == 40
+    assert metric(after, "miras:state_slots_capacity", model_name=MODEL) == 40
     assert metric(after, "miras:state_bytes_per_sequence") > 0
     assert metric(after, "miras:num_requests_waiting") == 0
 
