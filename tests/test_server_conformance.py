@@ -4,8 +4,10 @@ logprobs as vLLM returns them, the stop-string limit and the metrics endpoint.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import openai
@@ -193,3 +195,28 @@ def test_metrics_answer_head_and_follow_prometheus_naming(url):
     problems = [line for line in (checked.stdout + checked.stderr).splitlines()
                 if line.strip() and not any(accepted in line for accepted in VLLM_NAMING)]
     assert problems == []
+
+
+def documented_fields(column: str) -> dict[str, list[str]]:
+    """docs/serving.md's table of request fields: for ``column`` ("completions" or "chat"), the fields of
+    each verdict ("rejected", "accepted", ...)."""
+    lines = (Path(__file__).parent.parent / "docs" / "serving.md").read_text().split("### Request fields")[1]
+    rows = [line for line in lines.splitlines() if line.startswith("| `")]
+    index = {"completions": 2, "chat": 3}[column]
+    verdicts: dict[str, list[str]] = {}
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")]
+        verdicts.setdefault(cells[index], []).extend(re.findall(r"`([a-z_]+)`", cells[1]))
+    return verdicts
+
+
+@pytest.mark.parametrize("column, path", [("completions", "/v1/completions"), ("chat", "/v1/chat/completions")])
+def test_the_documented_field_table_is_what_the_server_does(url, column, path):
+    base = greedy(**({"prompt": "x"} if column == "completions" else {"messages": CHAT}))
+    verdicts = documented_fields(column)
+    assert len(verdicts["rejected"]) >= 15 and "prompt_logprobs" in verdicts["rejected"]
+    for field in verdicts["rejected"]:
+        response = post(url, path, {**base, field: "x" if field == "suffix" else 1})
+        assert response.status_code == 400 and response.json()["error"]["param"] == field, (field, response.text)
+    for field in verdicts["accepted"]:
+        assert post(url, path, {**base, field: "r1" if field != "metadata" else {"k": "v"}}).status_code == 200, field
