@@ -89,7 +89,11 @@ class MirasTokenizer:
         # BOS comes from the post-processor (with_bos), as for every client of tokenizer.json.
         # encode_batch_fast releases the GIL (encode holds it throughout: seconds for a long text, during
         # which no other Python thread runs) and skips the offsets nobody here uses
-        return self.tokenizer.encode_batch_fast([text], add_special_tokens=add_bos)[0].ids
+        ids = self.tokenizer.encode_batch_fast([text], add_special_tokens=add_bos)[0].ids
+        if add_bos and ids[1:2] == [self.bos_token_id]:
+            # the text starts with BOS's own text (lm-eval decodes ids that hold BOS back to text): one BOS
+            return ids[1:]
+        return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         # decode_batch releases the GIL (decode does not), as encode_batch_fast above

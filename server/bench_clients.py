@@ -68,8 +68,8 @@ def write_tasks(directory: Path) -> list[str]:
 def lm_eval_command(tools: Path, url: str, name: str, model_dir: Path, tokenized: bool, tasks_dir: Path,
                     out: Path) -> list[str]:
     model_args = (f"model={name},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
-                  f"tokenizer={model_dir},tokenized_requests={tokenized},num_concurrent=1,max_retries=1,"
-                  "max_length=4096")
+                  f"tokenizer={model_dir},add_bos_token=True,tokenized_requests={tokenized},num_concurrent=1,"
+                  "max_retries=1,max_length=4096")
     return [str(tools / "bin" / "lm_eval"), "--model", "local-completions", "--model_args", model_args,
             "--tasks", "miras_choice,miras_generate", "--include_path", str(tasks_dir), "--batch_size", "1",
             "--log_samples", "--output_path", str(out)]
@@ -99,8 +99,8 @@ def check_lm_eval(out: Path, model: models.MirasLM, tokenizer: models.MirasToken
     """Largest |lm-eval's loglikelihood - the model's|, how many were compared, and the tasks' metrics."""
     worst, count = 0.0, 0
     for sample in logged_samples(out, "miras_choice"):
-        for (context, continuation), response in zip(sample["arguments"].values() if isinstance(
-                sample["arguments"], dict) else sample["arguments"], sample["resps"], strict=True):
+        for arguments, response in zip(sample["arguments"].values(), sample["resps"], strict=True):
+            context, continuation = arguments.values()  # {"arg_0": context, "arg_1": continuation}
             served = float(response[0][0])
             worst = max(worst, abs(served - model_loglikelihood(model, tokenizer, context, continuation)))
             count += 1

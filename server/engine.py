@@ -247,7 +247,7 @@ class LLMEngine:
             # the prompt's logprobs go out with the first tokens, so a stream can echo them
             prompt_logprobs = None
             if request.prompt_logprobs is not None and not request.prompt_logprobs_sent \
-                    and request.status is RequestStatus.DECODING:
+                    and (done or request.status is RequestStatus.DECODING):
                 prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
             if deltas or done or prompt_logprobs is not None:
                 outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, deltas, done,

@@ -40,6 +40,14 @@ def test_bos_comes_from_the_post_processor_as_the_server_adds_it(directories):
             assert raw.encode(text, add_special_tokens=False).ids == ours.encode(text) == with_bos[1:]
 
 
+def test_a_text_that_starts_with_bos_gets_no_second_one(tokenizer):
+    # what lm-eval sends with tokenized_requests=False and add_bos_token=True: its BOS-first ids decoded
+    ids = tokenizer.encode("Shall I compare thee", add_bos=True)
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith(BOS_TOKEN) and tokenizer.encode(text, add_bos=True) == ids
+    assert tokenizer.encode(text) == ids  # without add_bos, the text's own BOS stays
+
+
 def test_auto_tokenizer_loads_every_model_directory_and_agrees(directories):
     for directory in directories:
         ours = MirasTokenizer.load(directory)

@@ -121,9 +121,13 @@ def test_completion_logprobs_always_list_the_chosen_token(url):
             assert any(len(top) == 2 for top in lp["top_logprobs"])  # some sampled token was not the top one
 
 
-def test_echo_with_logprobs_streams_what_the_full_response_holds(url):
-    body = greedy(prompt=["From fairest creatures", "Shall I"], n=2, echo=True, logprobs=2, max_tokens=4)
+@pytest.mark.parametrize("max_tokens", [0, 1, 4])
+def test_echo_with_logprobs_streams_what_the_full_response_holds(url, max_tokens):
+    # max_tokens 1 is how lm-eval scores a loglikelihood: the request ends in the step that prefills it
+    body = greedy(prompt=["From fairest creatures", "Shall I"], n=2, echo=True, logprobs=2, max_tokens=max_tokens)
     full = post(url, "/v1/completions", body).json()["choices"]
+    prompt_tokens = post(url, "/tokenize", {"prompt": "From fairest creatures"}).json()["count"]
+    assert len(full[0]["logprobs"]["tokens"]) == prompt_tokens + max_tokens
     events = stream_events(url, "/v1/completions", body)
     text: dict[int, str] = {}
     logprobs: dict[int, dict[str, list]] = {}
