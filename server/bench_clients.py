@@ -109,14 +109,26 @@ def check_lm_eval(out: Path, model: models.MirasLM, tokenizer: models.MirasToken
     return worst, count, metrics
 
 
-def run_guidellm(tools: Path, url: str, model_dir: Path, out: Path, seconds: int) -> str:
-    command = [str(tools / "bin" / "guidellm"), "benchmark", "--target", url, "--processor", str(model_dir),
-               "--data", "prompt_tokens=64,output_tokens=16", "--rate-type", "concurrent", "--rate", "4",
-               "--max-seconds", str(seconds), "--output-path", str(out / "guidellm.json")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 600)
+def run_guidellm(tools: Path, url: str, name: str, model_dir: Path, out: Path, seconds: int
+                 ) -> tuple[str, str]:
+    """A short guidellm run, the model directory as its tokenizer; the command and its summary (requests
+    completed and failed, output tokens/s)."""
+    report = out / "guidellm.json"
+    command = [str(tools / "bin" / "guidellm"), "run", "--backend",
+               f"kind=openai_http,target={url},model={name},request_format=/v1/completions",
+               "--tokenizer", f"kind=huggingface_auto,model={model_dir}",
+               "--data", "kind=synthetic_text,prompt_tokens=64,output_tokens=16",
+               "--profile", "kind=concurrent,streams=4", "--constraint", f"kind=max_duration,seconds={seconds}",
+               "--output", f"kind=json,path={report}", "--disable-console-interactive"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"guidellm failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return " ".join(command)
+    (benchmark,) = json.loads(report.read_text())["benchmarks"]
+    totals = benchmark["metrics"]["request_totals"]
+    tokens_per_second = benchmark["metrics"]["output_tokens_per_second"]["successful"]["mean"]
+    return " ".join(command), (f"guidellm: {totals['successful']} requests completed, {totals['errored']} failed, "
+                               f"{tokens_per_second:.1f} output tokens/s at concurrency 4")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
                                  "exact_match,none"), time.monotonic() - start))
                 commands.append(" ".join(command))
                 print(rows[-1], flush=True)
-            guidellm = run_guidellm(args.tools_venv, url, model_dir, tasks_dir, args.guidellm_seconds) \
-                if args.guidellm_seconds else None
+            guidellm, summary = run_guidellm(args.tools_venv, url, args.model, model_dir, tasks_dir,
+                                             args.guidellm_seconds) if args.guidellm_seconds else (None, "")
+            print(summary, flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -171,9 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- script: `python -m server.bench_clients --tools-venv {args.tools_venv}`", "",
         "| client | log-likelihoods compared | max abs diff vs the model's own | acc (choice) | exact match "
         "(generate) | seconds |", "|---|---|---|---|---|---|",
-        *[f"| {name} | {count} | {worst:.2e} | {acc} | {em} | {secs:.0f} |" for name, count, worst, acc, em, secs
+        *[f"| {name} | {count} | {worst:.2e} | {acc:.3f} | {em:.3f} | {secs:.0f} |" for name, count, worst, acc, em, secs
           in rows], "",
-        f"Tolerance {args.tolerance:g}: {'all within' if not failed else 'EXCEEDED'}.", "",
+        f"Tolerance {args.tolerance:g}: {'all within' if not failed else 'EXCEEDED'}.", "", summary, "",
         "Commands (the port and paths of this run):", "", "```sh", *commands,
         *([guidellm] if guidellm else []), "```"]
     args.out.write_text("\n".join(lines) + "\n")
