@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         f"- script: `python -m server.bench_clients --tools-venv {args.tools_venv}`", "",
         "| client | log-likelihoods compared | max abs diff vs the model's own | acc (choice) | exact match "
         "(generate) | seconds |", "|---|---|---|---|---|---|",
-        *[f"| {name} | {count} | {worst:.2e} | {acc:.3f} | {em:.3f} | {secs:.0f} |" for name, count, worst, acc, em, secs
-          in rows], "",
+        *[f"| {name} | {count} | {worst:.2e} | {acc:.3f} | {em:.3f} | {secs:.0f} |"
+          for name, count, worst, acc, em, secs in rows], "",
         f"Tolerance {args.tolerance:g}: {'all within' if not failed else 'EXCEEDED'}.", "", summary, "",
         "Commands (the port and paths of this run):", "", "```sh", *commands,
         *([guidellm] if guidellm else []), "```"]

@@ -14,6 +14,10 @@ import openai
 import pytest
 from test_server_support import ServerProcess
 
+import models
+
+transformers = pytest.importorskip("transformers")
+
 MODEL = "tiny"
 
 
@@ -224,3 +228,23 @@ def test_the_documented_field_table_is_what_the_server_does(url, column, path):
         assert response.status_code == 400 and response.json()["error"]["param"] == field, (field, response.text)
     for field in verdicts["accepted"]:
         assert post(url, path, {**base, field: "r1" if field != "metadata" else {"k": "v"}}).status_code == 200, field
+
+
+@pytest.mark.parametrize("tokenized", [True, False])
+def test_lm_eval_style_loglikelihood_equals_the_models_own(url, tiny_checkpoint, tokenized):
+    """What lm-eval's local-completions sends with add_bos_token=True (server/bench_clients.py runs lm-eval
+    itself): BOS-first token ids, or those ids decoded back to text (BOS's text included); max_tokens 1, echo,
+    logprobs 1; the continuation's logprobs are token_logprobs[ctxlen:-1]."""
+    from server.bench_clients import model_loglikelihood
+    model, tokenizer = models.load_pretrained(tiny_checkpoint)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    for context, continuation in (("Shall I compare thee to a", " summer's day"), ("From fairest ", "creatures")):
+        spaces = len(context) - len(context.rstrip())
+        ctx, cont = (context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation)
+        context_ids = hf(ctx)["input_ids"]
+        whole = hf(ctx + cont)["input_ids"]
+        prompt = whole if tokenized else hf.decode(whole)
+        choice = post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1, "echo": True,
+                                               "logprobs": 1, "temperature": 0}).json()["choices"][0]
+        served = sum(choice["logprobs"]["token_logprobs"][len(context_ids):-1])
+        assert served == pytest.approx(model_loglikelihood(model, tokenizer, context, continuation), abs=1e-4)
