@@ -244,10 +244,10 @@ class LLMEngine:
             done = all(s.finished for s in request.sequences) and request.status is RequestStatus.DECODING
             if done:
                 self._finish_request(request, now)
-            # the prompt's logprobs go out with the first tokens, so a stream can echo them
+            # the prompt's logprobs go out with the first tokens (so a stream can echo them) and the final delta
             prompt_logprobs = None
-            if request.prompt_logprobs is not None and not request.prompt_logprobs_sent \
-                    and (done or request.status is RequestStatus.DECODING):
+            if request.prompt_logprobs is not None and (done or not request.prompt_logprobs_sent
+                                                        and request.status is RequestStatus.DECODING):
                 prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
             if deltas or done or prompt_logprobs is not None:
                 outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, deltas, done,

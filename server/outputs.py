@@ -45,7 +45,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     prompt: str | None = None
-    # in the first delta of the request that has any (with its first tokens); first position: None
+    # in the delta with the request's first tokens and in its final one; first position: None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0  # tokens of the context restored from a saved state (final output only)
 
