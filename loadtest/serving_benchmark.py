@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- model: `{Path(args.model).name if Path(args.model).is_dir() else args.model}` {args.model_note}".rstrip(),
         f"- server: `miras-serve` defaults{' + ' + args.server_flags if args.server_flags else ''} "
         f"(server version {sweep['meta']['server version']}), client and server on the same machine; "
-        f"{metrics.get('miras:state_slots_total', 0):g} state slots of "
+        f"{metrics.get('miras:state_slots_capacity', 0):g} state slots of "
         f"{metrics.get('miras:state_bytes_per_sequence', 0) / 1024:.0f} KiB each (constant in context length)",
         *([f"- conditions: {args.note}"] if args.note else []),
         f"- workload: `/v1/completions` streamed, prompts `{args.input_len}` tokens of synthetic text, "

@@ -187,6 +187,12 @@ def build_app(state: ServerState) -> FastAPI:
         strs = [state.completions.token_str(t) for t in ids] if request.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=max_prompt_tokens, tokens=ids, token_strs=strs)
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, object]:
+        """The tokenizer's configuration (tokenizer_config.json, as vLLM serves it): lm-eval's remote tokenizer
+        reads its special tokens and Jinja chat template here, then tokenizes through /tokenize."""
+        return {**tokenizer.hf_config(), "model_max_length": max_prompt_tokens, "vocab_size": tokenizer.vocab_size}
+
     @app.post("/detokenize", dependencies=json_body, response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
         model_check(request.model)
@@ -199,7 +205,7 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab})", "tokens", "invalid_value")
         return DetokenizeResponse(prompt=await state.text.decode(request.tokens))
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])  # HEAD: what uptime checks and promtool's probes send
     async def metrics() -> Response:
         return Response(generate_latest(state.engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

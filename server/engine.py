@@ -91,9 +91,14 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer.tokenizer.to_str(), self.vocab_size, self.eos_token_id) \
             if structured_available() else None
         self.metrics = metrics or EngineMetrics(model_name)
-        self.metrics.state_slots_total.set(self.config.max_num_seqs)
+        self.metrics.state_slots_capacity.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
         self.miras_layers = model.miras_layers  # the layers a surprise row lists, in order
+        self.metrics.set_cache_config(
+            model_name, num_gpu_blocks=self.config.max_num_seqs, enable_prefix_caching=self.state_cache is not None,
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            state_bytes_per_sequence=self.pool.nbytes_per_sequence(), state_cache_bytes=self.config.state_cache_bytes,
+            state_disk_bytes=self.config.state_disk_bytes if self.config.state_disk_dir is not None else 0)
 
     def _state_cache(self) -> StateCache | None:
         config = self.config
@@ -270,10 +275,14 @@ class LLMEngine:
             done = all(s.finished for s in request.sequences) and request.status is RequestStatus.DECODING
             if done:
                 self._finish_request(request, now)
-            if deltas or done:
+            # the prompt's logprobs go out with the first tokens (so a stream can echo them) and the final delta
+            prompt_logprobs = None
+            if request.prompt_logprobs is not None and (done or not request.prompt_logprobs_sent
+                                                        and request.status is RequestStatus.DECODING):
+                prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
+            if deltas or done or prompt_logprobs is not None:
                 outputs.append(RequestOutput(request.request_id, request.prompt_token_ids, deltas, done,
-                                             request.prompt, request.prompt_logprobs if done else None,
-                                             request.num_cached_tokens if done else 0,
+                                             request.prompt, prompt_logprobs, request.num_cached_tokens if done else 0,
                                              self._take_prompt_surprise(request)))
         self.metrics.engine_step_duration.observe(now - start)
         self.metrics.engine_batch_size.observe(len(plan.decodes) + len(plan.prefills))
@@ -422,6 +431,7 @@ class LLMEngine:
             self.metrics.time_to_first_token.observe(now - request.arrival_time)
         if seq.last_token_time:
             self.metrics.inter_token_latency.observe(now - seq.last_token_time)
+            self.metrics.time_per_output_token.observe(now - seq.last_token_time)
         seq.last_token_time = now
         count = len(seq.token_ids)
         if seq.matcher is not None and not seq.matcher.accept(token):  # cannot happen: the mask allowed it
@@ -493,11 +503,14 @@ class LLMEngine:
                 m.request_decode_time.observe(last - request.first_token_time)
         m.request_prompt_tokens.observe(request.num_prompt_tokens)
         m.request_generation_tokens.observe(request.num_generated_tokens)
+        m.request_params_n.observe(request.params.n)
+        m.request_params_max_tokens.observe(request.params.max_tokens)
 
     def _update_gauges(self) -> None:
         self.metrics.num_requests_running.set(self.scheduler.num_running)
         self.metrics.num_requests_waiting.set(self.scheduler.num_waiting)
         self.metrics.state_slots_used.set(self.scheduler.num_slots_used)
+        self.metrics.kv_cache_usage_perc.set(self.scheduler.num_slots_used / self.config.max_num_seqs)
         if self.state_cache is not None:
             self.metrics.state_tier_stored_bytes["memory"].set(self.state_cache.nbytes)
             tier = self.state_cache.tier

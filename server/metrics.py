@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .sampling_params import MAX_TOKENS_LIMIT
+
 FINISH_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = ("queue_full", "draining")
 STATE_TIERS = ("memory", "disk", "redis")  # where a restored state came from
@@ -26,6 +28,21 @@ TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # A token's surprise (its memory loss, docs/surprise.md) spans decades: log-spaced buckets.
 SURPRISE_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 SURPRISE_SAMPLE_EVERY = 16  # the histogram takes one token position in 16 (of the requests that ask)
+N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM's cache_config_info labels where they have a meaning here, and the state cache's own
+CACHE_CONFIG_LABELS = ("num_gpu_blocks", "enable_prefix_caching", "gpu_memory_utilization", "state_bytes_per_sequence",
+                       "state_cache_bytes", "state_disk_bytes")
+
+
+def one_two_five(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's buckets for per-request token counts)."""
+    buckets, scale = [], 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale > limit:
+                return tuple(buckets)
+            buckets.append(step * scale)
+        scale *= 10
 
 
 class EngineMetrics:
@@ -44,8 +61,13 @@ class EngineMetrics:
 
         self.num_requests_running = gauge("num_requests_running", "Number of requests holding state slots.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Number of requests waiting to be admitted.")
-        self.state_slots_total = gauge("state_slots_total", "State slots in the pool (--max-num-seqs).")
+        # never "..._total": that suffix is for counters (promtool check metrics)
+        self.state_slots_capacity = gauge("state_slots_capacity", "State slots in the pool (--max-num-seqs).")
         self.state_slots_used = gauge("state_slots_used", "State slots held by running sequences.")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of state slots in use, 0 to 1 (vLLM's "
+                                         "KV-cache usage: a recurrent model's whole cache is its state slots).")
+        self.num_preemptions = counter("num_preemptions", "Requests preempted (vLLM's counter; admission holds a "
+                                       "state slot until the request ends, so this server never preempts).")
         self.state_bytes_per_sequence = gauge(
             "state_bytes_per_sequence", "Bytes of recurrent state per sequence (constant in context length).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests (restored from the state "
@@ -65,6 +87,9 @@ class EngineMetrics:
                                              "in seconds (from arrival).", TTFT_BUCKETS)
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in "
                                              "seconds.", ITL_BUCKETS)
+        self.time_per_output_token = histogram("time_per_output_token_seconds", "Histogram of time per output "
+                                               "token in seconds (vLLM's name before 0.11 for "
+                                               "inter_token_latency_seconds: the same observations).", ITL_BUCKETS)
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Histogram of end-to-end request "
                                              "latency in seconds.", REQUEST_LATENCY_BUCKETS)
         self.request_queue_time = histogram("request_queue_time_seconds", "Histogram of time spent waiting for "
@@ -76,6 +101,10 @@ class EngineMetrics:
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
         self.request_generation_tokens = histogram("request_generation_tokens", "Generated tokens per request.",
                                                    TOKEN_BUCKETS)
+        self.request_params_n = histogram("request_params_n", "The n request parameter of finished requests.",
+                                          N_BUCKETS)
+        self.request_params_max_tokens = histogram("request_params_max_tokens", "The max_tokens request parameter "
+                                                   "of finished requests.", one_two_five(MAX_TOKENS_LIMIT))
         self.engine_step_duration = histogram("engine_step_duration_seconds", "Wall time of one engine step.",
                                               STEP_BUCKETS)
         self.engine_batch_size = histogram("engine_batch_size", "Sequences in one engine step (decodes + prefill "
@@ -109,5 +138,12 @@ class EngineMetrics:
             return surprise.labels(model_name, str(layer))
 
         self.token_surprise = token_surprise
+        self.cache_config_info = Gauge("miras:cache_config_info", "Information of the state cache and slot pool "
+                                       "(always 1; the configuration is in the labels).",
+                                       labels + list(CACHE_CONFIG_LABELS), registry=self.registry)
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens processed in one engine step.",
                                           TOKEN_BUCKETS)
+
+    def set_cache_config(self, model_name: str, **config: object) -> None:
+        """``cache_config_info``: one series, valued 1, whose labels are ``config`` (CACHE_CONFIG_LABELS)."""
+        self.cache_config_info.labels(model_name, *(str(config[name]) for name in CACHE_CONFIG_LABELS)).set(1)

@@ -50,7 +50,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     prompt: str | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # first position: None (nothing precedes it)
+    # in the delta with the request's first tokens and in its final one; first position: None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0  # tokens of the context restored from a saved state (final output only)
     # return_surprise: a row per prompt token (a float per Miras layer), in the first output with generated tokens
     prompt_surprise: list[list[float]] | None = None

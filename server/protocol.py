@@ -35,9 +35,30 @@ TokenId = Annotated[int, Field(ge=0)]
 
 
 class OpenAIModel(BaseModel):
-    # like vLLM: unknown request fields are accepted and ignored (clients send extras such as "user");
-    # numbers must be finite (Python's JSON decoder accepts Infinity, NaN and 1e999)
+    # unknown fields are kept (``model_extra``) so that request bodies can refuse them by name
+    # (``refuse_unsupported``) instead of failing on a pydantic message; numbers must be finite (Python's
+    # JSON decoder accepts Infinity, NaN and 1e999)
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+# Fields of OpenAI's and vLLM's APIs that this server accepts and leaves out of generation on purpose: they
+# never change what is generated (metadata and routing hints every client may send).
+IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "request_id"})
+
+
+def refuse_unsupported(extras: dict[str, Any] | None, allowed: dict[str, tuple[Any, ...]] | None = None,
+                       where: str = "") -> None:
+    """400 ``unsupported_field`` naming the first field this server does not implement. ``extras``: the
+    body's unknown fields; null counts as absent, and ``allowed`` maps a field to the values that ask for
+    what the server does anyway (``best_of`` equal to ``n``, ``use_beam_search`` false, ...)."""
+    for name, value in (extras or {}).items():
+        if value is None or name in IGNORED_FIELDS:
+            continue
+        if any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in (allowed or {}).get(name, ())):
+            continue
+        field = f"{where}.{name}" if where else name
+        shown = "" if allowed is None or name not in allowed else f" (only {' or '.join(map(repr, allowed[name]))})"
+        raise APIError(400, f"{field} is not supported by this server{shown}", field, "unsupported_field")
 
 
 def _has_lone_surrogate(text: str) -> bool:
@@ -124,8 +145,8 @@ class SamplingFields(RequestBody):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     n: int | None = Field(1, ge=1, le=MAX_N)
     seed: int | None = Field(None, **INT64)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(1.0, ge=0)
@@ -186,6 +207,24 @@ class SamplingFields(RequestBody):
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=value("skip_special_tokens"),
             guided=self.guided_decoding(),
             return_surprise=value("return_surprise"))
+
+    # vLLM's parameters that ask for what this server does anyway (any other value is refused by name)
+    def allowed_values(self) -> dict[str, tuple[Any, ...]]:
+        return {"best_of": (self.n or 1,), "use_beam_search": (False,), "length_penalty": (1.0,),
+                "priority": (0,), "spaces_between_special_tokens": (True,)}
+
+    def check_fields(self) -> None:
+        """400 naming the first field of the request this server does not implement."""
+        refuse_unsupported(self.model_extra, self.allowed_values())
+
+    @field_validator("stop", "stop_token_ids", mode="before")
+    @classmethod
+    def _few_stops(cls, stops: Any, info: Any) -> Any:
+        # one clear message (the union's per-member errors are not)
+        if isinstance(stops, list) and len(stops) > MAX_STOP_STRINGS:
+            kind = "strings" if info.field_name == "stop" else "token ids"
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop {kind} are allowed, got {len(stops)}")
+        return stops
 
     @field_validator("logit_bias")
     @classmethod
@@ -294,6 +333,9 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
     # ---- end of tool calls ----
+
+    def allowed_values(self) -> dict[str, tuple[Any, ...]]:
+        return {**super().allowed_values(), "echo": (False,), "continue_final_message": (False,)}
 
 
 class UsageInfo(BaseModel):

@@ -71,6 +71,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_surprise: list[list[float]] | None = None  # return_surprise: a row per prompt token prefilled so far
     prompt_surprise_reported: bool = False
+    prompt_logprobs_sent: bool = False  # handed out (once, with the first generated tokens)
     scheduled_time: float | None = None
     first_token_time: float | None = None
     restore: CachedState | None = None  # the state cache entry chosen at admission, until it is restored

@@ -71,9 +71,11 @@ def clamp(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """``cached_tokens``: prompt tokens restored from a saved state instead of prefilled (state cache)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class StreamUsage:
@@ -85,15 +87,21 @@ class StreamUsage:
         self.continuous = self.final and bool(options.continuous_usage_stats)
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.cached_tokens = 0  # known when each request's prompt is done: its final output carries it
+
+    def count(self, out: RequestOutput) -> None:
+        """Add a step's delta of one request."""
+        self.completion_tokens += out.num_generated_tokens
+        self.cached_tokens += out.num_cached_tokens
 
     def stamp(self, chunk: dict[str, Any]) -> dict[str, Any]:
         if self.continuous:
-            chunk["usage"] = usage(self.prompt_tokens, self.completion_tokens)
+            chunk["usage"] = usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
         return chunk
 
     def last_event(self, base: dict[str, Any]) -> str | None:
-        return sse({**base, "choices": [], "usage": usage(self.prompt_tokens, self.completion_tokens)}) \
-            if self.final else None
+        return sse({**base, "choices": [], "usage": usage(self.prompt_tokens, self.completion_tokens,
+                                                          self.cached_tokens)}) if self.final else None
 
 
 class SurpriseStream:

@@ -43,6 +43,7 @@ class OpenAIServingChat(ServingBase):
 
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_request(request.model, request.stream, request.stream_options)
+        request.check_fields()
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs", "invalid_value")
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_CHAT_MAX_TOKENS
@@ -72,7 +73,7 @@ class OpenAIServingChat(ServingBase):
                 choice["surprise"] = self.surprise(final.prompt_surprise, out)
             choices.append(choice)
         return JSONResponse({**meta, "choices": choices,
-                             "usage": usage(len(ids), final.num_generated_tokens)})
+                             "usage": usage(len(ids), final.num_generated_tokens, final.num_cached_tokens)})
 
     def _logprobs(self, out: CompletionOutput) -> dict[str, Any]:
         def item(token: str, logprob: float) -> dict[str, Any]:
@@ -108,8 +109,8 @@ class OpenAIServingChat(ServingBase):
                                                           "logprobs": None, "finish_reason": None}]}))
         surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
         async for _, out in group:
+            counts.count(out)
             for delta in out.outputs:
-                counts.completion_tokens += len(delta.token_ids)
                 logprobs = self._logprobs(delta) if request.logprobs and delta.token_ids else None
                 if surprise is not None:
                     surprise.add(delta.index, out.prompt_surprise, delta)

@@ -40,10 +40,9 @@ class OpenAIServingCompletion(ServingBase):
 
     async def create(self, request: CompletionRequest, raw: Request) -> Response:
         self.check_request(request.model, request.stream, request.stream_options)
+        request.check_fields()
         if request.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
-        if request.stream and request.echo and request.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported when streaming", "echo", "unsupported_parameter")
         max_tokens = 16 if request.max_tokens is None else request.max_tokens
         prompt_logprobs = request.logprobs if request.echo else None
         params = request.sampling_params(max_tokens, request.logprobs, prompt_logprobs)
@@ -76,20 +75,28 @@ class OpenAIServingCompletion(ServingBase):
             out["text_offset"].append(state.text_offset)
             state.text_offset += len(piece)
             out["token_logprobs"].append(None if entry is None else clamp(entry.logprob))
-            out["top_logprobs"].append(None if entry is None else dict(top_entries(entry, self.token_str)))
+            if entry is None:
+                out["top_logprobs"].append(None)
+                continue
+            top = dict(top_entries(entry, self.token_str))
+            top.setdefault(piece, clamp(entry.logprob))  # the chosen token is always listed (as vLLM does)
+            out["top_logprobs"].append(top)
         return out
 
     async def _stream(self, request: CompletionRequest, prompts: list[tuple[list[int], str | None]], n: int,
                       group: RequestGroup, meta: dict[str, Any]) -> AsyncIterator[str]:
         states: dict[int, _Choice] = {}
+        prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # by prompt, once its prefill is done
         counts = StreamUsage(request.stream_options, sum(len(ids) for ids, _ in prompts))
         surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
         async for prompt_index, out in group:
+            counts.count(out)
+            if out.prompt_logprobs is not None:
+                prompt_logprobs[prompt_index] = out.prompt_logprobs
             for delta in out.outputs:
-                counts.completion_tokens += len(delta.token_ids)
                 index = prompt_index * n + delta.index
                 state = states.setdefault(index, _Choice())
-                choice = self._choice(state, request, prompts[prompt_index], delta, None)
+                choice = self._choice(state, request, prompts[prompt_index], delta, prompt_logprobs.get(prompt_index))
                 if surprise is not None:
                     surprise.add(index, out.prompt_surprise, delta)
                 if not (choice["text"] or choice["finish_reason"] or delta.token_ids and choice["logprobs"]):
@@ -114,5 +121,5 @@ class OpenAIServingCompletion(ServingBase):
                 choices.append(choice)
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         completion_tokens = sum(f.num_generated_tokens for f in finals)
-        return {**meta, "choices": choices,
-                "usage": usage(prompt_tokens, completion_tokens)}
+        cached_tokens = sum(f.num_cached_tokens for f in finals)
+        return {**meta, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}

@@ -54,7 +54,7 @@ async function pollServer() {
     const text = await response.text();
     const show = (id, value) => { $(id).textContent = value === null ? "?" : String(value); };
     show("slots-used", metricValue(text, "state_slots_used"));
-    show("slots-total", metricValue(text, "state_slots_total"));
+    show("slots-total", metricValue(text, "state_slots_capacity"));
     show("requests-waiting", metricValue(text, "num_requests_waiting"));
     $("state-size").textContent = formatBytes(metricValue(text, "state_bytes_per_sequence"));
   } catch (err) {
