@@ -619,6 +619,7 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
 
     import models
     from loadtest.serving_benchmark import Server
+    from models.layers import state_layout
     from models.random_init import random_pretrained
     from server.pool_sizing import plan_pool
 
@@ -635,7 +636,8 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
         flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
         kernel_ms, engine_ms = {}, {}
         for batch in levels:
-            kernel_ms[batch] = decode_times(model, batch, device, flush, reps=5 if smoke else 20)[0] * 1e3
+            kernel_ms[batch] = decode_times(model, batch, state_layout(model.config, "triton"), device, flush,
+                                            reps=5 if smoke else 20)[0] * 1e3
             engine_ms[batch] = engine_alone_step(model, tokenizer, batch, prompt) * 1e3
         sized = "-"
         if device.type == "cuda":
