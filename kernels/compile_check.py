@@ -5,6 +5,7 @@ constexpr, illegal tl.dot shapes, layouts); this check runs Triton's whole pipel
 the ptxas that ships in the triton wheel.
 
     python -m kernels.compile_check            # sm_90 (H100/H200), the 340M shape, every rule
+    python -m kernels.compile_check --surprise # the same kernels storing each token's surprise
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="*", default=["moneta", "yaad", "memora", "linear"])
     parser.add_argument("--layouts", nargs="*", default=["running", "factored"], choices=["running", "factored"],
                         help="state layouts (the linear memory has the running one only)")
+    parser.add_argument("--surprise", action="store_true",
+                        help="the variants that also store every token's surprise (requests with return_surprise)")
     args = parser.parse_args(argv)
+    launch = {"SURPRISE": True} if args.surprise else None
     shape = dict(d_model=1024, n_heads=16, head_dim=64, memory_expansion=4, chunk_size=64)
     print(f"{'preset':8} {'layout':9} {'mode':8} {'kernel':17} {'registers':>9} {'spill stores':>12} "
           f"{'spill loads':>11}")
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             if layout == "factored" and cfg.memory == "linear":
                 continue
             for decode in (False, True):
-                kernels = compile_scan(cfg, decode, capability=args.capability, layout=layout)
+                kernels = compile_scan(cfg, decode, capability=args.capability, launch=launch, layout=layout)
                 for kernel, info in kernels.items():
                     print(f"{preset:8} {layout:9} {'decode' if decode else 'prefill':8} {kernel.replace(' ', '-'):17} "
                           f"{info['registers']:>9} {info['spill_stores']:>12} {info['spill_loads']:>11}", flush=True)
