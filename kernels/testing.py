@@ -201,6 +201,19 @@ def check_decode_slots(cfg: MirasConfig, gen: torch.Generator, device: str = "cp
     return errors
 
 
+def packed_inputs(cfg: MirasConfig, lengths: list[int], gen: torch.Generator,
+                  device: torch.device | str) -> tuple[list[dict], tuple, list, Tensor]:
+    """Random inputs of one sequence per length, and the same packed end to end along the token dim with
+    their cu_seqlens (the varlen layout): (per-sequence inputs, LayerNorm params, packed gates, cu_seqlens)."""
+    seqs = [random_inputs(cfg, 1, n, gen, device) for n in lengths]
+    ln = seqs[0]["ln_weight"], seqs[0]["ln_bias"]
+    packed = [None if seqs[0][n] is None else torch.cat([s[n] for s in seqs], dim=2) for n in GATE_NAMES]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return seqs, ln, packed, torch.tensor(cu, device=device)
+
+
 def check_varlen_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu",
                          lengths: tuple[int, ...] = (9, 1, 6), pool_size: int = 5) -> dict[str, float]:
     """cu_seqlens layout: prompts of different lengths and phases, each continuing its own pool slot."""
@@ -210,13 +223,7 @@ def check_varlen_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "
     pool_memory = to_device(random_memory(cfg, pool_size, gen), device)
     before = tuple(w.clone() for w in (*pool_anchor, *pool_memory))
     slots = torch.randperm(pool_size, generator=gen)[:n_seqs].to(device)
-    seqs = [random_inputs(cfg, 1, n, gen, device) for n in lengths]
-    ln = seqs[0]["ln_weight"], seqs[0]["ln_bias"]
-    packed = [None if seqs[0][n] is None else torch.cat([s[n] for s in seqs], dim=2) for n in GATE_NAMES]
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    cu_seqlens = torch.tensor(cu, device=device)
+    seqs, ln, packed, cu_seqlens = packed_inputs(cfg, lengths, gen, device)
     with nan_poisoned_empty():
         out = scan_pool(cfg, pool_anchor, pool_memory, slots, pos, *packed, *ln, cu_seqlens=cu_seqlens)
     errors = {}
@@ -225,7 +232,7 @@ def check_varlen_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "
         ref = ref_scan(cfg, tuple(w[slot] for w in before[:len(pool_anchor)]),
                        tuple(w[slot] for w in before[len(pool_anchor):]), pos[i:i + 1], *(s[m] for m in GATE_NAMES),
                        torch.ones(1, n, dtype=torch.bool, device=device), *ln)
-        errors[f"reads seq {i}"] = rel_err(ref[0], out[:, :, cu[i]:cu[i + 1]])
+        errors[f"reads seq {i}"] = rel_err(ref[0], out[:, :, cu_seqlens[i]:cu_seqlens[i + 1]])
         errors.update(_state_errors(f"seq {i} anchor", ref[1], tuple(w[slot] for w in pool_anchor)))
         errors.update(_state_errors(f"seq {i} memory", ref[2], tuple(w[slot] for w in pool_memory)))
     return errors
@@ -384,22 +391,16 @@ def check_factored_varlen(cfg: MirasConfig, gen: torch.Generator, device: str = 
     before_memory = factored_memory(cfg, pool_anchor, factors, pool_pos)
     slots = torch.randperm(pool_size, generator=gen)[:n_seqs].to(device)
     pos = pool_pos[slots]
-    seqs = [random_inputs(cfg, 1, n, gen, device) for n in lengths]
-    ln = seqs[0]["ln_weight"], seqs[0]["ln_bias"]
-    packed = [None if seqs[0][n] is None else torch.cat([s[n] for s in seqs], dim=2) for n in GATE_NAMES]
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
+    seqs, ln, packed, cu_seqlens = packed_inputs(cfg, lengths, gen, device)
     with nan_poisoned_empty():
-        out = scan_pool(cfg, pool_anchor, factors, slots, pos, *packed, *ln,
-                        cu_seqlens=torch.tensor(cu, device=device))
+        out = scan_pool(cfg, pool_anchor, factors, slots, pos, *packed, *ln, cu_seqlens=cu_seqlens)
     errors = {}
     for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
         slot = slots[i:i + 1]
         ref = ref_scan(cfg, tuple(w[slot] for w in before_anchor), tuple(w[slot] for w in before_memory),
                        pos[i:i + 1], *(s[m] for m in GATE_NAMES), torch.ones(1, n, dtype=torch.bool, device=device),
                        *ln)
-        errors[f"reads seq {i}"] = rel_err(ref[0], out[:, :, cu[i]:cu[i + 1]])
+        errors[f"reads seq {i}"] = rel_err(ref[0], out[:, :, cu_seqlens[i]:cu_seqlens[i + 1]])
         errors.update(_factored_errors(f"seq {i} ", cfg, ref[1:], tuple(w[slot] for w in pool_anchor),
                                        Factors(*(t[slot] for t in factors)), pos[i:i + 1] + n, pos[i:i + 1]))
     return errors
