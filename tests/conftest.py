@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,15 @@ def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny-moneta-h"
     models.save_pretrained(small_model("moneta-h", seed=1234), tokenizer, path)
     return path
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the log tails of the server processes alive during it."""
+    outcome = yield
+    report = outcome.get_result()
+    support = sys.modules.get("test_server_support")
+    if report.failed and support is not None:
+        for server in support.ServerProcess.STARTED:
+            if server.proc.poll() is None or (server.ended_at or 0.0) >= call.start:
+                report.sections.append((f"miras-serve log ({server.url})", server.output()[-20_000:]))

@@ -243,7 +243,7 @@ def test_a_replica_serves_when_the_store_goes_down(tiny_checkpoint):
     finally:
         proc.stop()
         redis.stop()
-    assert "unreachable" in proc.proc.stdout.read()
+    assert "unreachable" in proc.output()
 
 
 # ---- stored responses ------------------------------------------------------------------------------------

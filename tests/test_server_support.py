@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +22,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m server.cli`` in a subprocess; ``stop()`` sends SIGTERM (a drain) and waits."""
+    """``python -m server.cli`` in a subprocess; ``stop()`` sends SIGTERM (a drain) and waits.
+
+    Its output goes to a log file, never to an unread pipe: a server that fills a pipe's 64 KiB blocks on
+    its next log line (the engine thread included). ``RUNNING`` lists the live servers so that a failing
+    test's report carries the logs of the servers alive, or stopped, during it (tests/conftest.py)."""
+
+    STARTED: list[ServerProcess] = []
 
     def __init__(self, model: Path, *args: str):
         self.port = free_port()
@@ -31,15 +38,24 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "server.cli", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning", *args]
         # run outside the checkout so imports resolve like an installed package's
-        self.proc = subprocess.Popen(cmd, env=env, cwd=Path(model).parent, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        handle, name = tempfile.mkstemp(prefix="miras-serve-", suffix=".log")
+        self.log = Path(name)
+        with os.fdopen(handle, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, env=env, cwd=Path(model).parent, stdout=log,
+                                         stderr=subprocess.STDOUT, text=True)
+        self.ended_at: float | None = None  # time.time() of the stop, for the failure report
+        ServerProcess.STARTED.append(self)
         self.wait_ready()
+
+    def output(self) -> str:
+        """Everything the server has printed so far."""
+        return self.log.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
                     return
@@ -47,14 +63,16 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         self.kill()
-        raise RuntimeError("server did not become ready")
+        raise RuntimeError(f"server did not become ready: {self.output()[-4000:]}")
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float = 60.0) -> int:
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
+            self.ended_at = self.ended_at or time.time()
+            return code
         except subprocess.TimeoutExpired:
             self.kill()
             raise
@@ -63,14 +81,15 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.ended_at = self.ended_at or time.time()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.terminate()
-            try:
+        try:
+            if self.proc.poll() is None:
+                self.terminate()
                 self.proc.wait(30)
-            finally:
-                self.kill()
+        finally:
+            self.kill()
 
 
 def metric_values(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
