@@ -1,0 +1,284 @@
+"""Which operand precision can the memory's tensor-core products afford? Measured on the shipped models.
+
+    python -m models.precision_study [--models moneta-tiny ...] [--tokens 16384] [--decode-prefix 512]
+                                     [--decode-tail 64] [--out docs/benchmarks/precision-cpu.md]
+
+Every model reads one long held-out sequence (the validation split of models/corpus.py, the default
+corpus the models were trained on) in one parallel chunked pass, in fp64 (the truth) and in fp32 with the
+memory's chunk products emulating each kernel dot precision (models.memory.emulate_dots: exact fp32,
+tf32x3, tf32, bf16; fp32 accumulation and state in all). Per setting, against fp64: the perplexity's
+relative change, the mean KL(fp64 || setting) of the next-token distributions, top-1 agreement, and every
+layer's relative error (the mixer's output over the whole sequence; the worst layer is reported). The
+fp64 pass also records how close each memory's LayerNorm inputs sit to the LayerNorm's eps (a variance
+near eps amplifies any rounding of the products that feed it). Where it is cheap, on the first
+``--decode-prefix`` + ``--decode-tail`` tokens: the tail decoded one token at a time after a prefill of the
+prefix, against one parallel pass over both (the model invariant under each setting; decode runs its
+one-token products in exact fp32, as the kernels do, and only its chunk-start folds are rounded).
+
+A study, not part of serving: it runs on the CPU in a few minutes per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import memory
+from .bench import git_commit
+from .checkpoint import load_pretrained, shipped_models
+from .corpus import load_documents, split_documents
+from .model import MirasLM
+from .train import encode_stream
+
+SETTINGS = memory.DOT_EMULATIONS
+# The decision rule of issue 11: the cheapest setting that moves perplexity by less than this, relatively,
+# and agrees with fp64 on the top-1 token at least this often, on every model.
+MAX_PERPLEXITY_CHANGE = 1e-3
+MIN_TOP1_AGREEMENT = 0.999
+CHEAPEST_FIRST = ("bf16", "tf32", "tf32x3", "ieee")
+
+
+@dataclass
+class Pass:
+    """One parallel pass: log-probabilities [T, V] and every layer's mixer output [T, d_model]."""
+
+    log_probs: Tensor
+    layer_outputs: list[Tensor]
+    seconds: float
+
+
+@dataclass
+class LayerNormInputs:
+    """Per Miras layer, the per-token, per-head standard deviation of the memory's LayerNorm inputs."""
+
+    stds: dict[int, list[Tensor]] = field(default_factory=dict)
+    layer: int = -1
+
+    def record(self, u: Tensor) -> None:
+        std = (u - u.mean(-1, keepdim=True)).pow(2).mean(-1).sqrt()
+        self.stds.setdefault(self.layer, []).append(std.flatten().double())
+
+
+@contextlib.contextmanager
+def layer_outputs(model: MirasLM, sink: list[Tensor], norm_inputs: LayerNormInputs | None) -> Iterator[None]:
+    """Collect each block's mixer output into ``sink`` (in layer order); with ``norm_inputs``, also the
+    memory's LayerNorm inputs (the reads' and the keys'), by wrapping models.memory.layer_norm."""
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        def pre(module, args, i=i):
+            if norm_inputs is not None:
+                norm_inputs.layer = i
+
+        def post(module, args, output):
+            sink.append(output[0][0].detach())
+
+        hooks.append(block.mixer.register_forward_pre_hook(pre))
+        hooks.append(block.mixer.register_forward_hook(post))
+    original = memory.layer_norm
+    if norm_inputs is not None:
+        def recording(u: Tensor, weight: Tensor, bias: Tensor, eps: float):
+            norm_inputs.record(u)
+            return original(u, weight, bias, eps)
+
+        memory.layer_norm = recording
+    try:
+        yield
+    finally:
+        memory.layer_norm = original
+        for hook in hooks:
+            hook.remove()
+
+
+@torch.inference_mode()
+def parallel_pass(model: MirasLM, ids: Tensor, setting: str, norm_inputs: LayerNormInputs | None = None) -> Pass:
+    outputs: list[Tensor] = []
+    start = time.perf_counter()
+    with memory.emulate_dots(setting), layer_outputs(model, outputs, norm_inputs):
+        logits, _ = model(ids.unsqueeze(0))
+    return Pass(torch.log_softmax(logits[0], dim=-1), outputs, time.perf_counter() - start)
+
+
+def relative_error(got: Tensor, ref: Tensor) -> float:
+    return float((got.double() - ref.double()).norm() / ref.double().norm())
+
+
+def compare(truth: Pass, run: Pass, targets: Tensor, rows: int = 2048) -> dict:
+    """The run against the fp64 truth: perplexities, mean KL(truth || run), top-1 agreement, layer errors."""
+    nll_truth = -truth.log_probs.gather(1, targets[:, None]).sum().item()
+    nll_run = -run.log_probs.double().gather(1, targets[:, None]).sum().item()
+    kl = 0.0
+    for r in range(0, targets.numel(), rows):  # in blocks: [T, V] in fp64 is large
+        p_log = truth.log_probs[r:r + rows]
+        kl += float((p_log.exp() * (p_log - run.log_probs[r:r + rows].double())).sum())
+    n = targets.numel()
+    top1 = float((truth.log_probs.argmax(-1) == run.log_probs.argmax(-1)).double().mean())
+    layers = [relative_error(got, ref) for got, ref in zip(run.layer_outputs, truth.layer_outputs, strict=True)]
+    worst = max(range(len(layers)), key=layers.__getitem__)
+    ppl_truth, ppl_run = math.exp(nll_truth / n), math.exp(nll_run / n)
+    return {"perplexity": ppl_run, "perplexity_fp64": ppl_truth, "perplexity_change": ppl_run / ppl_truth - 1.0,
+            "kl": kl / n, "top1": top1, "layer_errors": layers, "worst_layer": worst, "seconds": run.seconds}
+
+
+@torch.inference_mode()
+def decode_consistency(model: MirasLM, ids: Tensor, setting: str, tail: int) -> dict:
+    """Prefill all but the last ``tail`` of ``ids``, decode those one at a time, against one parallel pass
+    over ``ids`` in the same setting: the worst relative error of a decoded token's log-probabilities, and
+    the top-1 agreement."""
+    parallel = parallel_pass(model, ids, setting).log_probs
+    with memory.emulate_dots(setting):
+        _, state = model(ids[None, :-tail])
+        steps = []
+        for t in range(ids.numel() - tail, ids.numel()):
+            logits, state = model(ids[None, t:t + 1], state)
+            steps.append(torch.log_softmax(logits[0, 0], dim=-1))
+    decoded = torch.stack(steps)
+    ref = parallel[-tail:]
+    worst = float(((decoded - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+    return {"decode_error": worst, "decode_top1": float((decoded.argmax(-1) == ref.argmax(-1)).double().mean())}
+
+
+def held_out_ids(tokenizer, tokens: int) -> Tensor:
+    """BOS and the first ``tokens`` tokens of the held-out split (its documents joined by EOS, as training
+    evaluates them): ``tokens + 1`` ids, inputs and next-token targets."""
+    _, held_out = split_documents(load_documents())
+    stream = encode_stream(tokenizer, held_out)
+    if stream.numel() < tokens:
+        raise ValueError(f"the held-out split has {stream.numel()} tokens, fewer than --tokens {tokens}")
+    return torch.cat([torch.tensor([tokenizer.bos_token_id]), stream[:tokens]])
+
+
+def layer_norm_summary(model: MirasLM, norm_inputs: LayerNormInputs) -> list[dict]:
+    eps = model.config.memory_ln_eps
+    rows = []
+    for layer, parts in sorted(norm_inputs.stds.items()):
+        std = torch.cat(parts)
+        rows.append({"layer": layer, "median_std": float(std.median()), "p01_std": float(std.quantile(0.01)),
+                     "below_eps": float((std.pow(2) < eps).double().mean()), "sqrt_eps": math.sqrt(eps)})
+    return rows
+
+
+def study_model(name: str, tokens: int, prefix: int, tail: int, settings: tuple[str, ...]) -> dict:
+    model, tokenizer = load_pretrained(name, dtype=torch.float64)
+    ids = held_out_ids(tokenizer, tokens)
+    inputs, targets = ids[:-1], ids[1:]
+    norm_inputs = LayerNormInputs()
+    truth = parallel_pass(model, inputs, "ieee", norm_inputs)
+    result = {"name": name, "config": model.config, "layer_kinds": model.config.layer_kinds,
+              "layer_norm": layer_norm_summary(model, norm_inputs), "fp64_seconds": truth.seconds, "settings": {}}
+    del norm_inputs
+    model.float()
+    for setting in settings:
+        run = parallel_pass(model, inputs, setting)
+        row = compare(truth, run, targets)
+        if tail:
+            row.update(decode_consistency(model, inputs[:prefix + tail], setting, tail))
+        result["settings"][setting] = row
+        print(f"{name} {setting}: ppl change {row['perplexity_change']:+.2e}, KL {row['kl']:.2e}, "
+              f"top-1 {row['top1']:.5f}, worst layer {row['worst_layer']} ({max(row['layer_errors']):.2e}), "
+              f"{row['seconds']:.0f} s", flush=True)
+    return result
+
+
+def passes(row: dict) -> bool:
+    return abs(row["perplexity_change"]) < MAX_PERPLEXITY_CHANGE and row["top1"] >= MIN_TOP1_AGREEMENT
+
+
+def decide(results: list[dict]) -> str | None:
+    """The cheapest setting that passes on every model (None: none measured passes)."""
+    for setting in CHEAPEST_FIRST:
+        if all(setting in r["settings"] and passes(r["settings"][setting]) for r in results):
+            return setting
+    return None
+
+
+def report(results: list[dict], args: argparse.Namespace, seconds: float) -> str:
+    decision = decide(results)
+    lines = [
+        "# Dot precision of the memory's chunk products, measured on the shipped models (CPU emulation)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared; load average {os.getloadavg()[0]:.1f} at "
+        f"the end), {torch.get_num_threads()} threads, torch {torch.__version__}; date {datetime.date.today()}; "
+        f"commit {git_commit()}; {seconds / 60:.1f} min in all. Command: `python -m models.precision_study "
+        f"--models {' '.join(args.models)} --tokens {args.tokens} --decode-prefix {args.decode_prefix} "
+        f"--decode-tail {args.decode_tail}`.",
+        "",
+        f"One sequence of {args.tokens:,} held-out tokens per model ({args.tokens // 64} chunks of 64), parallel "
+        "chunked pass. Truth: the whole model in fp64. Settings: fp32 model, the memory's chunk products "
+        "(the kernels' `tl.dot`s) with operands rounded as each input precision does (models.memory.emulate_dots), "
+        "fp32 accumulation and state. Perplexity change: relative to fp64's. KL: mean over tokens of "
+        "KL(fp64 || setting). Layer error: relative error of the layer's mixer output over the sequence. "
+        f"Decode: on the first {args.decode_prefix + args.decode_tail} tokens, the last {args.decode_tail} decoded "
+        f"one at a time after a prefill of the {args.decode_prefix} before, against one parallel pass over them in "
+        "the same setting (worst token's relative error of the log-probabilities; top-1 agreement).",
+        "",
+        "| model | setting | perplexity | change vs fp64 | mean KL | top-1 agreement | worst layer (rel. error) | "
+        "decode vs parallel | decode top-1 | passes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for setting, row in r["settings"].items():
+            decode = (f"{row['decode_error']:.1e} | {row['decode_top1']:.4f}" if "decode_error" in row else "- | -")
+            lines.append(
+                f"| {r['name']} | {setting} | {row['perplexity']:.4f} (fp64 {row['perplexity_fp64']:.4f}) | "
+                f"{row['perplexity_change']:+.2e} | {row['kl']:.2e} | {row['top1']:.5f} | "
+                f"{row['worst_layer']} {r['layer_kinds'][row['worst_layer']]} ({max(row['layer_errors']):.1e}) | "
+                f"{decode} | {'yes' if passes(row) else 'no'} |")
+    lines += ["", "Every layer's relative error (layers in order; M: Miras memory, A: sliding-window attention):", "",
+              "| model | setting | " + " | ".join(f"layer {i}" for i in range(max(len(r["layer_kinds"])
+                                                                             for r in results))) + " |",
+              "|---|---|" + "---|" * max(len(r["layer_kinds"]) for r in results)]
+    for r in results:
+        for setting, row in r["settings"].items():
+            cells = [f"{e:.1e} {k}" for e, k in zip(row["layer_errors"], r["layer_kinds"], strict=True)]
+            lines.append(f"| {r['name']} | {setting} | " + " | ".join(cells) + " |")
+    lines += ["", "The memory's LayerNorm inputs in the fp64 pass (per token and head, the reads' and the keys'): "
+              "their standard deviation against sqrt(eps), and the share whose variance is below eps:", "",
+              "| model | layer | median std | 1st percentile std | sqrt(eps) | variance below eps |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        for row in r["layer_norm"]:
+            lines.append(f"| {r['name']} | {row['layer']} | {row['median_std']:.2e} | {row['p01_std']:.2e} | "
+                         f"{row['sqrt_eps']:.2e} | {row['below_eps']:.2%} |")
+    lines += ["", f"Rule: the cheapest setting whose perplexity moves less than {MAX_PERPLEXITY_CHANGE:.1%} and whose "
+              f"top-1 agreement is at least {MIN_TOP1_AGREEMENT:.1%} on every model: "
+              f"**{decision or 'none of the settings measured'}**.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=shipped_models())
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--decode-prefix", type=int, default=512, help="tokens prefilled before the decode check")
+    p.add_argument("--decode-tail", type=int, default=64, help="tokens decoded one at a time (0: skip)")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="docs/benchmarks/precision-cpu.md")
+    args = p.parse_args(argv)
+    if args.decode_tail < 0 or args.decode_prefix < 1 or args.decode_prefix + args.decode_tail > args.tokens:
+        p.error("--decode-prefix (>= 1) and --decode-tail (>= 0) must add up to at most --tokens")
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    results = [study_model(name, args.tokens, args.decode_prefix, args.decode_tail, tuple(args.settings))
+               for name in args.models]
+    text = report(results, args, time.perf_counter() - start)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
