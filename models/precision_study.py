@@ -148,10 +148,10 @@ def decode_consistency(model: MirasLM, ids: Tensor, setting: str, tail: int) -> 
     return {"decode_error": worst, "decode_top1": float((decoded.argmax(-1) == ref.argmax(-1)).double().mean())}
 
 
-def held_out_ids(tokenizer, tokens: int) -> Tensor:
-    """BOS and the first ``tokens`` tokens of the held-out split (its documents joined by EOS, as training
-    evaluates them): ``tokens + 1`` ids, inputs and next-token targets."""
-    _, held_out = split_documents(load_documents())
+def held_out_ids(tokenizer, tokens: int, corpus: list[str] | None = None) -> Tensor:
+    """BOS and the first ``tokens`` tokens of the held-out split of ``corpus`` (default: the models' training
+    corpus), its documents joined by EOS as training evaluates them: ``tokens + 1`` ids, inputs and targets."""
+    _, held_out = split_documents(load_documents(corpus))
     stream = encode_stream(tokenizer, held_out)
     if stream.numel() < tokens:
         raise ValueError(f"the held-out split has {stream.numel()} tokens, fewer than --tokens {tokens}")
@@ -168,9 +168,10 @@ def layer_norm_summary(model: MirasLM, norm_inputs: LayerNormInputs) -> list[dic
     return rows
 
 
-def study_model(name: str, tokens: int, prefix: int, tail: int, settings: tuple[str, ...]) -> dict:
+def study_model(name: str, tokens: int, prefix: int, tail: int, settings: tuple[str, ...],
+                corpus: list[str] | None = None) -> dict:
     model, tokenizer = load_pretrained(name, dtype=torch.float64)
-    ids = held_out_ids(tokenizer, tokens)
+    ids = held_out_ids(tokenizer, tokens, corpus)
     inputs, targets = ids[:-1], ids[1:]
     norm_inputs = LayerNormInputs()
     truth = parallel_pass(model, inputs, "ieee", norm_inputs)
@@ -211,7 +212,7 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float) -> str
         f"the end), {torch.get_num_threads()} threads, torch {torch.__version__}; date {datetime.date.today()}; "
         f"commit {git_commit()}; {seconds / 60:.1f} min in all. Command: `python -m models.precision_study "
         f"--models {' '.join(args.models)} --tokens {args.tokens} --decode-prefix {args.decode_prefix} "
-        f"--decode-tail {args.decode_tail}`.",
+        f"--decode-tail {args.decode_tail}{' --corpus ' + ' '.join(args.corpus) if args.corpus else ''}`.",
         "",
         f"One sequence of {args.tokens:,} held-out tokens per model ({args.tokens // 64} chunks of 64), parallel "
         "chunked pass. Truth: the whole model in fp64. Settings: fp32 model, the memory's chunk products "
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-prefix", type=int, default=512, help="tokens prefilled before the decode check")
     p.add_argument("--decode-tail", type=int, default=64, help="tokens decoded one at a time (0: skip)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--corpus", nargs="+", help="text files or directories (default: the training corpus)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/benchmarks/precision-cpu.md")
     args = p.parse_args(argv)
@@ -270,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--decode-prefix (>= 1) and --decode-tail (>= 0) must add up to at most --tokens")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    results = [study_model(name, args.tokens, args.decode_prefix, args.decode_tail, tuple(args.settings))
-               for name in args.models]
+    results = [study_model(name, args.tokens, args.decode_prefix, args.decode_tail, tuple(args.settings),
+                           args.corpus) for name in args.models]
     text = report(results, args, time.perf_counter() - start)
     print(text)
     out = Path(args.out)
