@@ -236,11 +236,13 @@ class AttentionLayer(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def memory_flops_per_token(cfg) -> float:
-    """Useful FLOPs of the memory per token and head: forward, backward and read at the anchor
-    (14 d D) plus the dual form's intra-chunk terms (4 b (D + d)); recomputation not counted."""
-    d, D, b = cfg.head_dim, cfg.memory_hidden, cfg.chunk_size
-    return cfg.n_heads * (14 * d * D + 4 * b * (D + d))
+def memory_prefill_flops(cfg, batch: int, tokens: int) -> float:
+    """Useful FLOPs of the memory's matrix products in a prefill of ``batch`` x ``tokens`` tokens from
+    position 0 (kernels.cost.prefill_flops: what the dual form needs, recomputation not counted)."""
+    from kernels.cost import prefill_flops
+
+    return prefill_flops(cfg.memory, head_dim=cfg.head_dim, hidden=cfg.memory_hidden, chunk_size=cfg.chunk_size,
+                         tokens=tokens, n_heads=cfg.n_heads, batch=batch, retention=cfg.retention)
 
 
 def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
@@ -252,13 +254,13 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
     dtype = torch.float32 if smoke else torch.bfloat16
     layer = MirasMixer(cfg).to(device=device, dtype=dtype).eval()
     attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.head_dim).to(device=device, dtype=dtype).eval()
-    proj_flops = 2 * cfg.d_model * (5 * cfg.inner_dim) + 2 * cfg.d_model * cfg.gate_rank
-    mem_flops = memory_flops_per_token(cfg)
+    proj_flops = 2 * cfg.d_model * (5 * cfg.inner_dim) + 2 * cfg.d_model * cfg.gate_rank  # per token
     rows = []
     for T in [16] if smoke else PREFILL_LENGTHS:
         for B in [1, 2] if smoke else PREFILL_BATCHES:
             try:
-                rows.append(prefill_row(layer, attention, cfg, B, T, device, proj_flops + mem_flops))
+                rows.append(prefill_row(layer, attention, cfg, B, T, device,
+                                        B * T * proj_flops + memory_prefill_flops(cfg, B, T)))
             except Exception as exc:  # one shape failing (out of memory, say) must not lose the others
                 traceback.print_exc()
                 rows.append([str(T), str(B), f"{B * cfg.n_heads}", f"failed: {type(exc).__name__}"] + ["-"] * 7)
@@ -268,14 +270,17 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
          "Triton speed-up", "SDPA layer ms", "SDPA TFLOP/s", "Triton vs SDPA (>1: faster)"], rows,
         f"Layer = q/k/v/gate projections, short conv, memory scan, output gate and projection; weights "
         f"{str(dtype).removeprefix('torch.')}. Shape: d_model {cfg.d_model}, {cfg.n_heads} heads x "
-        f"{cfg.head_dim}, expansion {cfg.memory_expansion}, chunk {cfg.chunk_size}. TFLOP/s counts "
-        f"{memory_flops_per_token(cfg) / cfg.n_heads / 1e3:.0f} kFLOP/token/head of memory work plus the "
-        f"projections; the SDPA layer counts causal attention (2 T d per token per head) plus its projections.")
+        f"{cfg.head_dim}, expansion {cfg.memory_expansion}, chunk {cfg.chunk_size}. TFLOP/s counts the memory's "
+        f"matrix products from the prefill FLOP model (kernels/cost.py: "
+        f"{memory_prefill_flops(cfg, 1, cfg.chunk_size) / cfg.n_heads / cfg.chunk_size / 1e3:.0f} kFLOP/token/head "
+        f"per full chunk) plus the projections; the SDPA layer counts causal attention (2 T d per token per head) "
+        f"plus its projections.")
 
 
 def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, device: torch.device,
-                flops_per_token: float) -> list[str]:
-    """One row of the prefill table: the layer on the Triton and the PyTorch backend, and the SDPA layer."""
+                flops: float) -> list[str]:
+    """One row of the prefill table: the layer on the Triton and the PyTorch backend (``flops``: the layer's),
+    and the SDPA layer."""
     from kernels import forced_backend
     from models.layers import state_layout
 
@@ -296,7 +301,7 @@ def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, dev
     attn_flops = tokens * (2 * cfg.d_model * 4 * cfg.inner_dim + 2 * T * cfg.head_dim * cfg.n_heads)
     return [str(T), str(B), f"{B * cfg.n_heads}",
             f"{times['triton'] * 1e3:.2f}", f"{tokens / times['triton'] / 1e3:.1f}",
-            f"{tokens * flops_per_token / times['triton'] / 1e12:.1f}",
+            f"{flops / times['triton'] / 1e12:.1f}",
             f"{times['torch'] * 1e3:.2f}", f"{times['torch'] / times['triton']:.1f}x",
             f"{times['sdpa'] * 1e3:.2f}", f"{attn_flops / times['sdpa'] / 1e12:.1f}",
             f"{times['sdpa'] / times['triton']:.2f}x"]
@@ -547,7 +552,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                     rows.append([rule, mode, name, f"failed: {type(exc).__name__}", "-", "-"])
                     continue
                 if mode == "prefill":
-                    speed = f"{batch * T / t / 1e6:.2f} Mtok/s"
+                    flops = memory_prefill_flops(cfg, batch, T)
+                    speed = f"{batch * T / t / 1e6:.2f} Mtok/s, {flops / t / 1e12:.2f} TFLOP/s"
                 else:
                     rate = batch * state_bytes / t
                     speed = f"{rate / 1e9:,.0f} GB/s ({rate / copy_bandwidth(device):.0%} of copy)"
@@ -556,7 +562,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                  ["rule", "mode", "launch", "ms", "throughput", f"rel. error vs fp64 ({check_T} tokens)"], rows,
                  f"Kernel alone, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
                  f"stored bf16, from random states at random phases; prefill: batch {prefill_batch} x {prefill_T} "
-                 f"tokens; decode: batch {decode_batch}, one token, state bytes that must move (anchor read, memory "
+                 f"tokens (TFLOP/s: the prefill FLOP model of kernels/cost.py from position 0); decode: batch "
+                 f"{decode_batch}, one token, state bytes that must move (anchor read, memory "
                  "read + write) against the copy bandwidth, cold L2. The first row of each group is the shipped "
                  f"launch_config. Errors: the first {check_T} tokens (decode: the one step) against the fp64 "
                  "reference from the same state (random-input dynamics are chaotic over thousands of tokens, so "

@@ -34,3 +34,7 @@ def test_smoke_run_writes_report(tmp_path):
         assert layout in text
     assert "| eager (CPU) | 2 | 4 |" in text  # the serve section: every request of the last level completed
     assert "- commit: " in text and "- card: CPU" in text
+    # achieved TFLOP/s from the prefill FLOP model (kernels.cost), in the layer table and the kernel-alone one
+    prefill_rows = [line for line in text.splitlines() if line.startswith("| 16 | ")]
+    assert prefill_rows and all(float(line.split(" | ")[5]) >= 0 for line in prefill_rows)
+    assert "TFLOP/s |" in text and " Mtok/s, " in text and " TFLOP/s |" in text

@@ -147,7 +147,8 @@ def test_the_decision_rule():
     assert not passes({"perplexity_change": 0.0, "top1": 0.9985})
     good, drifts = (0, 1), (5e-3, 0.95)
     results = [{"settings": {"ieee": setting(good, good, drifts), "tf32x3": setting(good, good, drifts),
-                             "tf32": setting(good, (2e-4, 0.9995), drifts), "bf16": setting(good, (3e-3, 0.99), drifts)}},
+                             "tf32": setting(good, (2e-4, 0.9995), drifts),
+                             "bf16": setting(good, (3e-3, 0.99), drifts)}},
                {"settings": {"ieee": setting(good, drifts, drifts), "tf32x3": setting(good, good, good),
                              "tf32": setting(good, drifts, drifts), "bf16": setting((0, 0.99), good, good)}}]
     # As filed (the whole sequence against fp64) even exact fp32 fails the first model.
