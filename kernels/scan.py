@@ -39,6 +39,7 @@ from torch import Tensor
 from models.config import MirasConfig
 from models.memory import Memory, memory_init_std
 
+from . import DOT_PRECISIONS
 from .boundary import copy_boundary, fold_rows, kl_boundary, lq_boundary, square
 from .decode import split_decode
 from .factored import factored_decode, filled_rows
@@ -275,9 +276,6 @@ def miras_scan_kernel(
 
 def _pow2(x: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(x))
-
-
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def dot_precision(device: torch.device) -> str:
