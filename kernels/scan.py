@@ -279,10 +279,12 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 def dot_precision(device: torch.device) -> str:
-    """Input precision of the fp32 ``tl.dot``s: ``MIRAS_DOT_PRECISION=ieee|tf32x3|tf32``. Default on the
-    GPU: tf32x3 (three TF32 tensor-core products, fp32-level error); elsewhere ieee. Plain tf32 rounds
-    operands to 10 mantissa bits, and the memory's dynamics can amplify that across chunks (see
-    docs/kernels.md), so it is opt-in."""
+    """Input precision of the fp32 ``tl.dot``s: ``MIRAS_DOT_PRECISION=ieee|tf32x3|tf32`` (the server's
+    ``--dot-precision``). Default on the GPU: tf32x3 (three TF32 tensor-core products, fp32-level error);
+    elsewhere ieee. Chosen on the shipped trained models (docs/precision.md, ``python -m
+    models.precision_study``): over the held-out prefix on which exact fp32 stays on fp64's trajectory,
+    tf32x3 does too, while plain tf32 (10 mantissa bits) and bf16 (7) move moneta-tiny's perplexity and
+    top-1 tokens; so tf32 is opt-in and bf16 is not offered."""
     default = "tf32x3" if device.type == "cuda" else "ieee"
     choice = os.environ.get("MIRAS_DOT_PRECISION", "").strip().lower() or default
     if choice not in DOT_PRECISIONS:
