@@ -99,6 +99,17 @@ def test_prefill_rounds_and_decode_stays_exact(preset):
     assert 1e-6 < error < 1e-2
 
 
+def test_memora_lag_step_is_never_rounded():
+    """The lag step is one token through the anchor: GEMVs on the CUDA cores in the kernels (kl_boundary)."""
+    cfg = config("memora", chunk_size=4)
+    q, k, v, eta, log_alpha, delta, ln_w, ln_b = (t.float() for t in random_inputs(1, seed=7))
+    mem = tuple(w.float() for w in random_memory(cfg, seed=8))
+    exact = memory.memora_lag_step(cfg, mem, k, v, eta, log_alpha, ln_w, ln_b)
+    with emulate_dots("bf16"):
+        rounded = memory.memora_lag_step(cfg, mem, k, v, eta, log_alpha, ln_w, ln_b)
+    assert all(torch.equal(a, b) for a, b in zip(exact, rounded, strict=True))
+
+
 def test_factored_decode_rounds_only_the_chunk_fold():
     cfg = config("yaad", chunk_size=4)
     q, k, v, eta, log_alpha, delta, ln_w, ln_b = (t.float() for t in random_inputs(6, seed=4))
