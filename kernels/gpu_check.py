@@ -6,7 +6,9 @@ side in one run, written as a Markdown table into docs/benchmarks/.
 
 1. Correctness: every rule against the fp64 reference (padded prefill with phases and padding, decode
    through pool slots with a padding slot, varlen prefill), q/k/v stored in fp32 and bf16, TF32 tolerance;
-   the model-level invariant (parallel pass == prefill + decode) for two presets.
+   the model-level invariant (parallel pass == prefill + decode) for two presets. Then (``precision``)
+   the kernel's prefill at each dot precision against the reference's emulation of that rounding
+   (models.memory.emulate_dots, the basis of docs/precision.md).
 2. Prefill of one Miras layer at the 340M shape (d_model 1024, 16 heads x 64, expansion 4, chunk 64):
    Triton vs the PyTorch reference vs a causal SDPA (FlashAttention) layer of the same width, and fla's
    chunk_gated_delta_rule where fla is importable.
@@ -53,7 +55,8 @@ PREFILL_LENGTHS = [2048, 8192, 32768]
 PREFILL_BATCHES = [1, 8]
 DECODE_BATCHES = [1, 8, 64, 256]
 L2_FLUSH_BYTES = 512 << 20  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
-SECTIONS = ["correctness", "prefill", "decode", "decode-layouts", "launch-prefill", "launch-decode", "serve", "fla"]
+SECTIONS = ["correctness", "precision", "prefill", "decode", "decode-layouts", "launch-prefill", "launch-decode",
+            "serve", "fla"]
 
 
 class Report:
@@ -194,6 +197,47 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
                                                              "result"], rows,
                  f"fp32 dot precision: {precision}; fresh random inputs, outputs NaN-poisoned.")
     return ok
+
+
+@torch.inference_mode()
+def check_dot_emulation(report: Report, device: torch.device, smoke: bool) -> None:
+    """Does the kernel's prefill round its dots as models.memory.emulate_dots says (the emulation the precision
+    study of docs/precision.md rests on)? The same prefill, two chunks and a partial one from a random state,
+    by the kernel at each dot precision and by the fp32 reference with each precision emulated."""
+    from kernels import DOT_PRECISIONS, environment
+    from kernels.scan import scan_pool
+    from kernels.testing import GATE_NAMES, random_inputs, rel_err, rule_config
+    from models.memory import emulate_dots, memory_scan
+
+    cfg = rule_config("moneta") if smoke else rule_config("moneta", head_dim=64, chunk_size=64)
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    batch, T = 4, 2 * cfg.chunk_size + 5
+    x = random_inputs(cfg, batch, T, gen, device.type)
+    args = [x[n] for n in GATE_NAMES]
+    pos = torch.zeros(batch, dtype=torch.long, device=device)
+    valid = torch.ones(batch, T, dtype=torch.bool, device=device)
+    emulated = {}
+    for mode in DOT_PRECISIONS:
+        with emulate_dots(mode):
+            emulated[mode] = memory_scan(cfg, x["anchor"], x["memory"], pos, *args, valid, x["ln_weight"],
+                                         x["ln_bias"])[0]
+    rows = []
+    for precision in DOT_PRECISIONS:
+        anchor, memory = (tuple(w.clone() for w in x[name]) for name in ("anchor", "memory"))
+        with environment("MIRAS_DOT_PRECISION", precision):
+            out = scan_pool(cfg, anchor, memory, torch.arange(batch, device=device), pos, *args, x["ln_weight"],
+                            x["ln_bias"])
+        errors = [rel_err(emulated[mode], out) for mode in DOT_PRECISIONS]
+        closest = DOT_PRECISIONS[min(range(len(errors)), key=errors.__getitem__)]
+        rows.append([precision] + [f"{e:.1e}" for e in errors] + [closest])
+    report.table("Dot rounding: the kernel's prefill against the reference's emulation",
+                 ["kernel dots"] + [f"vs emulated {mode}" for mode in DOT_PRECISIONS] + ["closest"], rows,
+                 f"Moneta, {cfg.n_heads} heads x {cfg.head_dim}, chunk {cfg.chunk_size}, batch {batch} x {T} tokens "
+                 "from a random state; reads' relative RMS error. On a GPU the tf32 kernel should be closest to the "
+                 "tf32 emulation, by far (models.memory.emulate_dots rounds to nearest; a tensor core that drops the "
+                 "low bits instead lands farther from it), and the ieee and tf32x3 kernels at fp32 noise from both "
+                 "fp32-level emulations. The Triton interpreter computes every dot exactly: there every row is at "
+                 "fp32 noise from ieee and tf32x3.")
 
 
 @torch.inference_mode()
@@ -726,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     sections = {
         "correctness": ("Correctness", partial(check_correctness, report, device, args.smoke)),
+        "precision": ("Dot rounding against its emulation", partial(check_dot_emulation, report, device, args.smoke)),
         "prefill": ("Prefill", partial(bench_prefill, report, device, args.smoke)),
         "decode": ("Decode", partial(bench_decode, report, device, args.smoke)),
         "decode-layouts": ("Decode kernels by state layout", partial(bench_decode_layouts, report, device, args.smoke)),

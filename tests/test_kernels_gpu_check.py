@@ -23,7 +23,9 @@ def test_smoke_run_writes_report(tmp_path):
     assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
     (report,) = tmp_path.glob("gpu_check_smoke_*.md")
     text = report.read_text()
-    for heading in ("## Correctness against the fp64 reference", "## Prefill of one Miras layer",
+    for heading in ("## Correctness against the fp64 reference",
+                    "## Dot rounding: the kernel's prefill against the reference's emulation",
+                    "## Prefill of one Miras layer",
                     "## Decode: whole model", "## Decode kernels alone: running vs factored",
                     "## Serving over HTTP: miras-serve with the load generator",
                     "## Serving over HTTP: decode after a long vs a short prompt"):
