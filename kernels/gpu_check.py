@@ -345,7 +345,7 @@ def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, dev
     attn_flops = tokens * (2 * cfg.d_model * 4 * cfg.inner_dim + 2 * T * cfg.head_dim * cfg.n_heads)
     return [str(T), str(B), f"{B * cfg.n_heads}",
             f"{times['triton'] * 1e3:.2f}", f"{tokens / times['triton'] / 1e3:.1f}",
-            f"{flops / times['triton'] / 1e12:.1f}",
+            f"{flops / times['triton'] / 1e12:.3g}",
             f"{times['torch'] * 1e3:.2f}", f"{times['torch'] / times['triton']:.1f}x",
             f"{times['sdpa'] * 1e3:.2f}", f"{attn_flops / times['sdpa'] / 1e12:.1f}",
             f"{times['sdpa'] / times['triton']:.2f}x"]
@@ -597,7 +597,7 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                     continue
                 if mode == "prefill":
                     flops = memory_prefill_flops(cfg, batch, T)
-                    speed = f"{batch * T / t / 1e6:.2f} Mtok/s, {flops / t / 1e12:.2f} TFLOP/s"
+                    speed = f"{batch * T / t / 1e6:.2f} Mtok/s, {flops / t / 1e12:.3g} TFLOP/s"
                 else:
                     rate = batch * state_bytes / t
                     speed = f"{rate / 1e9:,.0f} GB/s ({rate / copy_bandwidth(device):.0%} of copy)"
