@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # models imports this package: import it lazily, whichever is
     from models.memory import FactoredMemory, Memory
 
 BACKENDS = ("torch", "triton")
+# Input precisions of the Triton kernels' fp32 tensor-core products (kernels.scan.dot_precision).
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 def backend_for(device_type: str) -> str:
@@ -50,6 +52,14 @@ def environment(name: str, value: str) -> Iterator[None]:
             del os.environ[name]
         else:
             os.environ[name] = previous
+
+
+def set_dot_precision(name: str) -> None:
+    """For the rest of the process, the Triton kernels' fp32 dots use input precision ``name`` (what
+    ``MIRAS_DOT_PRECISION`` sets; the server's ``--dot-precision``). The PyTorch backend is exact fp32 always."""
+    if name not in DOT_PRECISIONS:
+        raise ValueError(f"dot precision must be one of {DOT_PRECISIONS}, got {name!r}")
+    os.environ["MIRAS_DOT_PRECISION"] = name
 
 
 def forced_backend(name: str) -> contextlib.AbstractContextManager[None]:

@@ -1,5 +1,5 @@
-"""What one decode step must move and compute, per state layout: the yardstick every decode measurement
-is reported against (the GPU check, ``models.bench``).
+"""What one decode step must move and compute, per state layout, and what one prefill chunk must compute:
+the yardsticks every decode and prefill measurement is reported against (the GPU check, ``models.bench``).
 
 Pure arithmetic on the model's shape (it imports nothing of the project). All state is fp32. Per Miras
 layer and head, with head dim ``d``, memory hidden ``D`` and chunk size ``b``, the memory has ``M``
@@ -17,6 +17,10 @@ entries (``2 D d`` for the MLP memory, ``d d`` for the linear one) and the two l
 The FLOPs are the memory's only (the dense layers' ``2 x parameters x batch`` are the caller's to add):
 the gradient of the new token at the anchor, the read of its query, and the update (``running``: both
 matrices rewritten; ``factored``: the rows' dot products, and the fold once per chunk).
+
+A prefill chunk is counted by its matrix products (``prefill_chunk_flops``, 2 m k n FLOPs for an
+[m, k] x [k, n] product), as the dual form of models.memory.memory_segment writes them: the useful work,
+not what a kernel recomputes, and not the elementwise work (activations, LayerNorms, gates).
 """
 
 from __future__ import annotations
@@ -99,3 +103,40 @@ def decode_step_cost(layout: str, memory: str, *, head_dim: int, hidden: int, ch
     return StepCost(state_bytes_read=FP32 * read * heads * batch, state_bytes_written=FP32 * written * heads * batch,
                     weight_bytes=float(weight_bytes), flops=flops * heads * batch,
                     state_bytes_per_sequence=FP32 * held * heads)
+
+
+def prefill_chunk_flops(memory: str, *, head_dim: int, hidden: int, tokens: int, retention: str = "l2") -> float:
+    """FLOPs of the matrix products of one head over one prefill chunk of ``tokens`` tokens (the chunk size,
+    or fewer for a partial chunk), with head dim ``d``, MLP hidden width ``D`` (ignored for the linear
+    memory) and ``n = tokens``:
+
+    * MLP memory: at the anchor, the keys' forward ``z = k A_in^T`` and ``u = gelu(z) A_out^T`` and the
+      backward ``gz = gu A_out`` (3 x 2 n d D); the reads ``q W_in^T`` and ``gelu(.) W_out^T`` (2 x 2 n d D);
+      the intra-chunk terms ``q k^T`` [n, n] (2 n^2 d), ``(C o qk) gz`` (2 n^2 D), the scores
+      ``xq a^T`` (2 n^2 D) and ``(C o scores) gu`` (2 n^2 d); the update of both matrices (2 x 2 n d D):
+      ``14 n d D + 4 n^2 (D + d)``.
+    * Linear memory: the error ``k A^T``, the read ``q W^T`` and the update (3 x 2 n d^2), ``q k^T`` and
+      ``(C o qk) g`` (2 x 2 n^2 d): ``6 n d^2 + 4 n^2 d``.
+    * Memora (``retention="kl"``) adds its lag step at the chunk start, one token through the anchor:
+      ``z``, ``u``, ``gz`` and the two gradient outer products (5 x 2 d D).
+    """
+    if memory not in MEMORIES:
+        raise ValueError(f"memory must be one of {MEMORIES}, got {memory!r}")
+    n, d = tokens, head_dim
+    if memory == "linear":
+        return float(6 * n * d * d + 4 * n * n * d)
+    D = hidden
+    lag_step = 10 * d * D if retention == "kl" else 0
+    return float(14 * n * d * D + 4 * n * n * (D + d) + lag_step)
+
+
+def prefill_flops(memory: str, *, head_dim: int, hidden: int, chunk_size: int, tokens: int, n_heads: int,
+                  batch: int = 1, retention: str = "l2") -> float:
+    """FLOPs of the memory's matrix products in a prefill of ``tokens`` tokens from position 0, for ``batch``
+    sequences of ``n_heads`` heads: full chunks, then the partial last one (:func:`prefill_chunk_flops`)."""
+    full, rest = divmod(tokens, chunk_size)
+    shape = dict(head_dim=head_dim, hidden=hidden, retention=retention)
+    per_head = full * prefill_chunk_flops(memory, tokens=chunk_size, **shape)
+    if rest:
+        per_head += prefill_chunk_flops(memory, tokens=rest, **shape)
+    return batch * n_heads * per_head

@@ -6,7 +6,9 @@ side in one run, written as a Markdown table into docs/benchmarks/.
 
 1. Correctness: every rule against the fp64 reference (padded prefill with phases and padding, decode
    through pool slots with a padding slot, varlen prefill), q/k/v stored in fp32 and bf16, TF32 tolerance;
-   the model-level invariant (parallel pass == prefill + decode) for two presets.
+   the model-level invariant (parallel pass == prefill + decode) for two presets. Then (``precision``)
+   the kernel's prefill at each dot precision against the reference's emulation of that rounding
+   (models.memory.emulate_dots, the basis of docs/precision.md).
 2. Prefill of one Miras layer at the 340M shape (d_model 1024, 16 heads x 64, expansion 4, chunk 64):
    Triton vs the PyTorch reference vs a causal SDPA (FlashAttention) layer of the same width, and fla's
    chunk_gated_delta_rule where fla is importable.
@@ -53,7 +55,8 @@ PREFILL_LENGTHS = [2048, 8192, 32768]
 PREFILL_BATCHES = [1, 8]
 DECODE_BATCHES = [1, 8, 64, 256]
 L2_FLUSH_BYTES = 512 << 20  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
-SECTIONS = ["correctness", "prefill", "decode", "decode-layouts", "launch-prefill", "launch-decode", "serve", "fla"]
+SECTIONS = ["correctness", "precision", "prefill", "decode", "decode-layouts", "launch-prefill", "launch-decode",
+            "serve", "fla"]
 
 
 class Report:
@@ -197,6 +200,47 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
 
 
 @torch.inference_mode()
+def check_dot_emulation(report: Report, device: torch.device, smoke: bool) -> None:
+    """Does the kernel's prefill round its dots as models.memory.emulate_dots says (the emulation the precision
+    study of docs/precision.md rests on)? The same prefill, two chunks and a partial one from a random state,
+    by the kernel at each dot precision and by the fp32 reference with each precision emulated."""
+    from kernels import DOT_PRECISIONS, environment
+    from kernels.scan import scan_pool
+    from kernels.testing import GATE_NAMES, random_inputs, rel_err, rule_config
+    from models.memory import emulate_dots, memory_scan
+
+    cfg = rule_config("moneta") if smoke else rule_config("moneta", head_dim=64, chunk_size=64)
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    batch, T = 4, 2 * cfg.chunk_size + 5
+    x = random_inputs(cfg, batch, T, gen, device.type)
+    args = [x[n] for n in GATE_NAMES]
+    pos = torch.zeros(batch, dtype=torch.long, device=device)
+    valid = torch.ones(batch, T, dtype=torch.bool, device=device)
+    emulated = {}
+    for mode in DOT_PRECISIONS:
+        with emulate_dots(mode):
+            emulated[mode] = memory_scan(cfg, x["anchor"], x["memory"], pos, *args, valid, x["ln_weight"],
+                                         x["ln_bias"])[0]
+    rows = []
+    for precision in DOT_PRECISIONS:
+        anchor, memory = (tuple(w.clone() for w in x[name]) for name in ("anchor", "memory"))
+        with environment("MIRAS_DOT_PRECISION", precision):
+            out = scan_pool(cfg, anchor, memory, torch.arange(batch, device=device), pos, *args, x["ln_weight"],
+                            x["ln_bias"])
+        errors = [rel_err(emulated[mode], out) for mode in DOT_PRECISIONS]
+        closest = DOT_PRECISIONS[min(range(len(errors)), key=errors.__getitem__)]
+        rows.append([precision] + [f"{e:.1e}" for e in errors] + [closest])
+    report.table("Dot rounding: the kernel's prefill against the reference's emulation",
+                 ["kernel dots"] + [f"vs emulated {mode}" for mode in DOT_PRECISIONS] + ["closest"], rows,
+                 f"Moneta, {cfg.n_heads} heads x {cfg.head_dim}, chunk {cfg.chunk_size}, batch {batch} x {T} tokens "
+                 "from a random state; reads' relative RMS error. On a GPU the tf32 kernel should be closest to the "
+                 "tf32 emulation, by far (models.memory.emulate_dots rounds to nearest; a tensor core that drops the "
+                 "low bits instead lands farther from it), and the ieee and tf32x3 kernels at fp32 noise from both "
+                 "fp32-level emulations. The Triton interpreter computes every dot exactly: there every row is at "
+                 "fp32 noise from ieee and tf32x3.")
+
+
+@torch.inference_mode()
 def check_decode_graphs(device: torch.device, gen: torch.Generator) -> dict[str, float]:
     """The serving engine's decode runner (server.decode_graphs: CUDA graphs on a GPU, padded to captured
     batch sizes with a scratch pool row) against the eager model step on a copy of the same pool, for
@@ -236,11 +280,13 @@ class AttentionLayer(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def memory_flops_per_token(cfg) -> float:
-    """Useful FLOPs of the memory per token and head: forward, backward and read at the anchor
-    (14 d D) plus the dual form's intra-chunk terms (4 b (D + d)); recomputation not counted."""
-    d, D, b = cfg.head_dim, cfg.memory_hidden, cfg.chunk_size
-    return cfg.n_heads * (14 * d * D + 4 * b * (D + d))
+def memory_prefill_flops(cfg, batch: int, tokens: int) -> float:
+    """Useful FLOPs of the memory's matrix products in a prefill of ``batch`` x ``tokens`` tokens from
+    position 0 (kernels.cost.prefill_flops: what the dual form needs, recomputation not counted)."""
+    from kernels.cost import prefill_flops
+
+    return prefill_flops(cfg.memory, head_dim=cfg.head_dim, hidden=cfg.memory_hidden, chunk_size=cfg.chunk_size,
+                         tokens=tokens, n_heads=cfg.n_heads, batch=batch, retention=cfg.retention)
 
 
 def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
@@ -252,13 +298,13 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
     dtype = torch.float32 if smoke else torch.bfloat16
     layer = MirasMixer(cfg).to(device=device, dtype=dtype).eval()
     attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.head_dim).to(device=device, dtype=dtype).eval()
-    proj_flops = 2 * cfg.d_model * (5 * cfg.inner_dim) + 2 * cfg.d_model * cfg.gate_rank
-    mem_flops = memory_flops_per_token(cfg)
+    proj_flops = 2 * cfg.d_model * (5 * cfg.inner_dim) + 2 * cfg.d_model * cfg.gate_rank  # per token
     rows = []
     for T in [16] if smoke else PREFILL_LENGTHS:
         for B in [1, 2] if smoke else PREFILL_BATCHES:
             try:
-                rows.append(prefill_row(layer, attention, cfg, B, T, device, proj_flops + mem_flops))
+                rows.append(prefill_row(layer, attention, cfg, B, T, device,
+                                        B * T * proj_flops + memory_prefill_flops(cfg, B, T)))
             except Exception as exc:  # one shape failing (out of memory, say) must not lose the others
                 traceback.print_exc()
                 rows.append([str(T), str(B), f"{B * cfg.n_heads}", f"failed: {type(exc).__name__}"] + ["-"] * 7)
@@ -268,14 +314,17 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
          "Triton speed-up", "SDPA layer ms", "SDPA TFLOP/s", "Triton vs SDPA (>1: faster)"], rows,
         f"Layer = q/k/v/gate projections, short conv, memory scan, output gate and projection; weights "
         f"{str(dtype).removeprefix('torch.')}. Shape: d_model {cfg.d_model}, {cfg.n_heads} heads x "
-        f"{cfg.head_dim}, expansion {cfg.memory_expansion}, chunk {cfg.chunk_size}. TFLOP/s counts "
-        f"{memory_flops_per_token(cfg) / cfg.n_heads / 1e3:.0f} kFLOP/token/head of memory work plus the "
-        f"projections; the SDPA layer counts causal attention (2 T d per token per head) plus its projections.")
+        f"{cfg.head_dim}, expansion {cfg.memory_expansion}, chunk {cfg.chunk_size}. TFLOP/s counts the memory's "
+        f"matrix products from the prefill FLOP model (kernels/cost.py: "
+        f"{memory_prefill_flops(cfg, 1, cfg.chunk_size) / cfg.n_heads / cfg.chunk_size / 1e3:.0f} kFLOP/token/head "
+        f"per full chunk) plus the projections; the SDPA layer counts causal attention (2 T d per token per head) "
+        f"plus its projections.")
 
 
 def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, device: torch.device,
-                flops_per_token: float) -> list[str]:
-    """One row of the prefill table: the layer on the Triton and the PyTorch backend, and the SDPA layer."""
+                flops: float) -> list[str]:
+    """One row of the prefill table: the layer on the Triton and the PyTorch backend (``flops``: the layer's),
+    and the SDPA layer."""
     from kernels import forced_backend
     from models.layers import state_layout
 
@@ -296,7 +345,7 @@ def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, dev
     attn_flops = tokens * (2 * cfg.d_model * 4 * cfg.inner_dim + 2 * T * cfg.head_dim * cfg.n_heads)
     return [str(T), str(B), f"{B * cfg.n_heads}",
             f"{times['triton'] * 1e3:.2f}", f"{tokens / times['triton'] / 1e3:.1f}",
-            f"{tokens * flops_per_token / times['triton'] / 1e12:.1f}",
+            f"{flops / times['triton'] / 1e12:.3g}",
             f"{times['torch'] * 1e3:.2f}", f"{times['torch'] / times['triton']:.1f}x",
             f"{times['sdpa'] * 1e3:.2f}", f"{attn_flops / times['sdpa'] / 1e12:.1f}",
             f"{times['sdpa'] / times['triton']:.2f}x"]
@@ -547,7 +596,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                     rows.append([rule, mode, name, f"failed: {type(exc).__name__}", "-", "-"])
                     continue
                 if mode == "prefill":
-                    speed = f"{batch * T / t / 1e6:.2f} Mtok/s"
+                    flops = memory_prefill_flops(cfg, batch, T)
+                    speed = f"{batch * T / t / 1e6:.2f} Mtok/s, {flops / t / 1e12:.3g} TFLOP/s"
                 else:
                     rate = batch * state_bytes / t
                     speed = f"{rate / 1e9:,.0f} GB/s ({rate / copy_bandwidth(device):.0%} of copy)"
@@ -556,7 +606,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                  ["rule", "mode", "launch", "ms", "throughput", f"rel. error vs fp64 ({check_T} tokens)"], rows,
                  f"Kernel alone, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
                  f"stored bf16, from random states at random phases; prefill: batch {prefill_batch} x {prefill_T} "
-                 f"tokens; decode: batch {decode_batch}, one token, state bytes that must move (anchor read, memory "
+                 f"tokens (TFLOP/s: the prefill FLOP model of kernels/cost.py from position 0); decode: batch "
+                 f"{decode_batch}, one token, state bytes that must move (anchor read, memory "
                  "read + write) against the copy bandwidth, cold L2. The first row of each group is the shipped "
                  f"launch_config. Errors: the first {check_T} tokens (decode: the one step) against the fp64 "
                  "reference from the same state (random-input dynamics are chaotic over thousands of tokens, so "
@@ -719,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     sections = {
         "correctness": ("Correctness", partial(check_correctness, report, device, args.smoke)),
+        "precision": ("Dot rounding against its emulation", partial(check_dot_emulation, report, device, args.smoke)),
         "prefill": ("Prefill", partial(bench_prefill, report, device, args.smoke)),
         "decode": ("Decode", partial(bench_decode, report, device, args.smoke)),
         "decode-layouts": ("Decode kernels by state layout", partial(bench_decode_layouts, report, device, args.smoke)),

@@ -39,6 +39,7 @@ from torch import Tensor
 from models.config import MirasConfig
 from models.memory import Memory, memory_init_std
 
+from . import DOT_PRECISIONS
 from .boundary import copy_boundary, fold_rows, kl_boundary, lq_boundary, square
 from .decode import split_decode
 from .factored import factored_decode, filled_rows
@@ -277,14 +278,13 @@ def _pow2(x: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(x))
 
 
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
-
-
 def dot_precision(device: torch.device) -> str:
-    """Input precision of the fp32 ``tl.dot``s: ``MIRAS_DOT_PRECISION=ieee|tf32x3|tf32``. Default on the
-    GPU: tf32x3 (three TF32 tensor-core products, fp32-level error); elsewhere ieee. Plain tf32 rounds
-    operands to 10 mantissa bits, and the memory's dynamics can amplify that across chunks (see
-    docs/kernels.md), so it is opt-in."""
+    """Input precision of the fp32 ``tl.dot``s: ``MIRAS_DOT_PRECISION=ieee|tf32x3|tf32`` (the server's
+    ``--dot-precision``). Default on the GPU: tf32x3 (three TF32 tensor-core products, fp32-level error);
+    elsewhere ieee. Chosen on the shipped trained models (docs/precision.md, ``python -m
+    models.precision_study``): over the held-out prefix on which exact fp32 stays on fp64's trajectory,
+    tf32x3 does too, while plain tf32 (10 mantissa bits) and bf16 (7) move moneta-tiny's perplexity and
+    top-1 tokens; so tf32 is opt-in and bf16 is not offered."""
     default = "tf32x3" if device.type == "cuda" else "ieee"
     choice = os.environ.get("MIRAS_DOT_PRECISION", "").strip().lower() or default
     if choice not in DOT_PRECISIONS:

@@ -31,6 +31,12 @@ def state_layout(cfg: MirasConfig, backend: str) -> str:
     return "factored" if cfg.memory == "mlp" else "running"
 
 
+def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the memory, its state, the attention ring and the logits: fp32 whatever the weights'
+    dtype (bf16, fp16, fp32), and fp64 for fp64 weights (the truth that precision studies compare against)."""
+    return torch.promote_types(torch.float32, weight_dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -70,8 +76,9 @@ def short_conv(x: Tensor, weight: Tensor, cache: Tensor, lengths: Tensor) -> tup
 def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """Rotary embedding (rotate-half form). x: [B, H, T, d]; positions: [B, T]."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32).unsqueeze(-1) * freqs  # [B, T, half]
+    dtype = compute_dtype(x.dtype)
+    freqs = theta ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
+    angles = positions.to(dtype).unsqueeze(-1) * freqs  # [B, T, half]
     cos, sin = angles.cos().unsqueeze(1).to(x.dtype), angles.sin().unsqueeze(1).to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -136,7 +143,8 @@ class MirasMixer(nn.Module):
     def ln_params(self) -> tuple[Tensor | None, Tensor | None]:
         if self.cfg.memory == "linear":
             return None, None
-        return self.mem_ln_weight.float().unsqueeze(1), self.mem_ln_bias.float().unsqueeze(1)  # [H, 1, d]
+        dtype = compute_dtype(self.mem_ln_weight.dtype)
+        return self.mem_ln_weight.to(dtype).unsqueeze(1), self.mem_ln_bias.to(dtype).unsqueeze(1)  # [H, 1, d]
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype, layout: str) -> LayerState:
         """A fresh state (position 0) in ``layout`` (see :func:`state_layout`)."""
@@ -157,7 +165,7 @@ class MirasMixer(nn.Module):
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """eta, log alpha (and delta) per head: [B, H, T] each, from a low-rank projection of x."""
         cfg = self.cfg
-        raw = self.gate_up(self.gate_down(x.to(self.gate_down.weight.dtype))).float()
+        raw = self.gate_up(self.gate_down(x.to(self.gate_down.weight.dtype))).to(compute_dtype(x.dtype))
         raw = raw.view(*x.shape[:2], self.n_gates, cfg.n_heads)
         raw = raw.permute(2, 0, 3, 1)  # [gates, B, H, T]
         eta = cfg.eta_max * torch.sigmoid(raw[0])
@@ -174,10 +182,10 @@ class MirasMixer(nn.Module):
         B, T, _ = x.shape
         qkv, conv = short_conv(self.qkv(x), self.conv_weight, state["conv"], lengths)
         qkv = F.silu(qkv).view(B, T, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
-        # The memory runs in fp32 whatever the weights' dtype (its state is always fp32).
-        qkv = qkv.float()
+        # The memory runs in fp32 whatever the weights' dtype (its state is fp32; fp64 weights: fp64).
+        qkv = qkv.to(compute_dtype(x.dtype))
         q, k, v = l2_normalise(qkv[0]), l2_normalise(qkv[1]), qkv[2]  # [B, H, T, d]
-        eta, log_alpha, delta = self.gates(x.float())
+        eta, log_alpha, delta = self.gates(x.to(qkv.dtype))
         names = self.memory_names
         anchor = tuple(state[f"anchor_{n}"] for n in names)
         ln_weight, ln_bias = self.ln_params()

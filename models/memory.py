@@ -25,7 +25,10 @@ once and the rows (``factored_token``), and a chunk start folds the rows into th
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -38,6 +41,63 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 # A memory is a tuple of tensors: (W_in, W_out) for the MLP memory, (W,) for the linear one.
 Memory = tuple[Tensor, ...]
+
+
+# How the Triton kernels' tensor-core products (``tl.dot``, kernels/scan.py) round their fp32 operands, emulated
+# here so that the reference can measure what each precision does to a trained model (models/precision_study.py).
+# Accumulation and the state stay fp32 in every mode; the one-token decode products run on the CUDA cores in
+# exact fp32 in the kernels, so they are never rounded here either.
+DOT_EMULATIONS = ("ieee", "tf32x3", "tf32", "bf16")
+TF32_MANTISSA_BITS = 10
+BF16_MANTISSA_BITS = 7
+_dot_emulation: contextvars.ContextVar[str] = contextvars.ContextVar("dot_emulation", default="ieee")
+
+
+def round_mantissa(x: Tensor, bits: int) -> Tensor:
+    """fp32 ``x`` rounded to ``bits`` explicit mantissa bits, round to nearest, ties to even (the fp32
+    exponent range is kept: tf32 is 10 bits, bf16 7). Bit manipulation on the fp32 view; NaN stays NaN and a
+    value past the largest representable one rounds to infinity, as torch's own bf16 conversion does."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"round_mantissa takes fp32 tensors, got {x.dtype}")
+    dropped = 23 - bits
+    raw = torch.where(torch.isnan(x), 0.0, x).view(torch.int32)  # (a NaN's bits could overflow the addition)
+    lsb = (raw >> dropped) & 1  # the kept last bit: a tie rounds towards making it 0
+    rounded = (raw + ((1 << (dropped - 1)) - 1) + lsb) & ~((1 << dropped) - 1)
+    return torch.where(torch.isnan(x), x, rounded.view(torch.float32))
+
+
+def dot_emulation() -> str:
+    """The operand rounding that :func:`dot` applies now (``ieee``: none)."""
+    return _dot_emulation.get()
+
+
+@contextlib.contextmanager
+def emulate_dots(mode: str) -> Iterator[None]:
+    """Within the block, the memory's chunk products round their fp32 operands as the kernels' ``tl.dot``
+    with this input precision: ``ieee`` (exact fp32), ``tf32x3`` (each operand split into a tf32 high and
+    low part, hi*hi + hi*lo + lo*hi), ``tf32`` (10 mantissa bits) or ``bf16`` (7 mantissa bits)."""
+    if mode not in DOT_EMULATIONS:
+        raise ValueError(f"dot emulation must be one of {DOT_EMULATIONS}, got {mode!r}")
+    token = _dot_emulation.set(mode)
+    try:
+        yield
+    finally:
+        _dot_emulation.reset(token)
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` as a kernel's ``tl.dot`` computes it under :func:`emulate_dots` (fp32 accumulation; the
+    products of rounded operands are exact in fp32). Exactly ``a @ b`` by default, and for fp64 operands."""
+    mode = _dot_emulation.get()
+    if mode == "ieee" or a.dtype != torch.float32:
+        return a @ b
+    if mode == "bf16":
+        return round_mantissa(a, BF16_MANTISSA_BITS) @ round_mantissa(b, BF16_MANTISSA_BITS)
+    a_hi, b_hi = round_mantissa(a, TF32_MANTISSA_BITS), round_mantissa(b, TF32_MANTISSA_BITS)
+    if mode == "tf32":
+        return a_hi @ b_hi
+    a_lo, b_lo = round_mantissa(a - a_hi, TF32_MANTISSA_BITS), round_mantissa(b - b_hi, TF32_MANTISSA_BITS)
+    return (a_lo @ b_hi + a_hi @ b_lo) + a_hi @ b_hi  # the order kernels' tf32x3 accumulates in
 
 
 def gelu(z: Tensor) -> Tensor:
@@ -115,7 +175,7 @@ def mlp_factors(cfg: MirasConfig, w_in: Tensor, w_out: Tensor, k: Tensor, v: Ten
     Returns (a, gz, gu) with grad W_out_i = gu_i a_i^T  ([d, D]) and grad W_in_i = gz_i k_i^T ([D, d]).
     ``surprise`` [B, H, n], if given, takes the losses l(M(k_i), v_i) themselves (:func:`attentional_loss`).
     """
-    return mlp_factors_at(cfg, k @ w_in.transpose(-1, -2), w_out, k, v, ln_weight, ln_bias, delta, surprise)
+    return mlp_factors_at(cfg, dot(k, w_in.transpose(-1, -2)), w_out, k, v, ln_weight, ln_bias, delta, surprise)
 
 
 def mlp_factors_at(cfg: MirasConfig, z: Tensor, w_out: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor,
@@ -123,14 +183,14 @@ def mlp_factors_at(cfg: MirasConfig, z: Tensor, w_out: Tensor, k: Tensor, v: Ten
                    surprise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`mlp_factors` given the keys' pre-activations z = k W_in^T [B, H, n, D]."""
     a = gelu(z)
-    u = a @ w_out.transpose(-1, -2)  # [B, H, n, d]
+    u = dot(a, w_out.transpose(-1, -2))  # [B, H, n, d]
     y_ln, u_hat, inv_std = layer_norm(u, ln_weight, ln_bias, cfg.memory_ln_eps)
     error = k + y_ln - v
     if surprise is not None:
         surprise.copy_(attentional_loss(cfg, error, delta))
     g = output_grad(cfg, error, delta)
     gu = layer_norm_backward(g, u_hat, inv_std, ln_weight)
-    gz = (gu @ w_out) * gelu_grad(z)
+    gz = dot(gu, w_out) * gelu_grad(z)
     return a, gz, gu
 
 
@@ -151,7 +211,7 @@ def decayed_update(w: Tensor, decay: Tensor, left: Tensor, right: Tensor) -> Ten
     out = w * decay
     if left.shape[-1] == 1:
         return out.addcmul_(left, right, value=-1.0)
-    return out.sub_(left @ right)
+    return out.sub_(dot(left, right))
 
 
 def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, k: Tensor, v: Tensor,
@@ -169,17 +229,17 @@ def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, 
     decay_last = decay[..., -1, None, None]
     if cfg.memory == "linear":
         (w_anchor,), (w,) = anchor, memory
-        error = k @ w_anchor.transpose(-1, -2) - v
+        error = dot(k, w_anchor.transpose(-1, -2)) - v
         if surprise is not None:
             surprise.copy_(attentional_loss(cfg, error, delta))
         g = output_grad(cfg, error, delta)
-        out = decay.unsqueeze(-1) * (q @ w.transpose(-1, -2)) - (coeff * (q @ k.transpose(-1, -2))) @ g
+        out = decay.unsqueeze(-1) * dot(q, w.transpose(-1, -2)) - dot(coeff * dot(q, k.transpose(-1, -2)), g)
         return out, (decayed_update(w, decay_last, g.transpose(-1, -2), last * k),)
     a, gz, gu = mlp_factors(cfg, *anchor, k, v, ln_weight, ln_bias, delta, surprise)
     w_in, w_out = memory
-    zq = decay.unsqueeze(-1) * (q @ w_in.transpose(-1, -2)) - (coeff * (q @ k.transpose(-1, -2))) @ gz
+    zq = decay.unsqueeze(-1) * dot(q, w_in.transpose(-1, -2)) - dot(coeff * dot(q, k.transpose(-1, -2)), gz)
     aq = gelu(zq)
-    uq = decay.unsqueeze(-1) * (aq @ w_out.transpose(-1, -2)) - (coeff * (aq @ a.transpose(-1, -2))) @ gu
+    uq = decay.unsqueeze(-1) * dot(aq, w_out.transpose(-1, -2)) - dot(coeff * dot(aq, a.transpose(-1, -2)), gu)
     out = q + layer_norm(uq, ln_weight, ln_bias, cfg.memory_ln_eps)[0]
     new_in = decayed_update(w_in, decay_last, gz.transpose(-1, -2), last * k)
     new_out = decayed_update(w_out, decay_last, gu.transpose(-1, -2), last * a)
@@ -216,7 +276,8 @@ def memora_lag_step(cfg: MirasConfig, memory: Memory, k0: Tensor, v0: Tensor, et
     The clamp is the positivity handling: in-chunk linear updates can leave small negative entries.
     """
     w_in, w_out = memory
-    a, gz, gu = mlp_factors(cfg, w_in, w_out, k0, v0, ln_weight, ln_bias, None)
+    with emulate_dots("ieee"):  # a one-token step: the kernels run it on the CUDA cores
+        a, gz, gu = mlp_factors(cfg, w_in, w_out, k0, v0, ln_weight, ln_bias, None)
     grads = (gz.transpose(-1, -2) @ k0, gu.transpose(-1, -2) @ a)
     alpha = log_alpha0.exp().unsqueeze(-1)  # [B, H, 1, 1]
     eta = eta0.unsqueeze(-1)
@@ -256,6 +317,10 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
     """
     b = cfg.chunk_size
     T = q.shape[2]
+    if T == 1 and dot_emulation() != "ieee":  # one-token decode: the kernels run it on the CUDA cores, exact fp32
+        with emulate_dots("ieee"):
+            return memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
+                               surprise)
     phase = pos % b
     if T > 1 and bool((phase != phase[0]).any()):
         # Rows whose chunk boundaries fall at different offsets are processed in groups.
@@ -400,7 +465,8 @@ def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tens
         alpha = log_alpha.exp()
     w_in, w_out = state.anchor
     z, zq = (torch.cat([k, q], dim=2) @ w_in.transpose(-1, -2)).split(1, dim=2)  # one pass over W_in for both
-    a, gz, gu = mlp_factors_at(cfg, z, w_out, k, v, ln_weight, ln_bias, delta, surprise)  # [B, H, 1, *] at the anchor
+    with emulate_dots("ieee"):  # one token: the kernels' decode runs on the CUDA cores, in exact fp32
+        a, gz, gu = mlp_factors_at(cfg, z, w_out, k, v, ln_weight, ln_bias, delta, surprise)  # [B, H, 1, *]
     coef = state.row_coef * alpha  # the old rows (a new row's slot holds 0 until written)
     decay = state.row_decay * alpha.squeeze(-1)
     # Only the rows some sequence has filled are read (the others hold 0).

@@ -20,6 +20,7 @@ from .layers import (
     RMSNorm,
     SlidingWindowAttention,
     SwiGLU,
+    compute_dtype,
     state_layout,
 )
 
@@ -156,15 +157,16 @@ class MirasLM(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    layout: str | None = None) -> ModelState:
-        """A fresh state (position 0) for ``batch_size`` sequences; memory state is always fp32. ``layout``
-        (default: the one the device's backend runs, :func:`models.layers.state_layout`) is "factored" or
-        "running" (both backends run either, e.g. to compare the two)."""
+        """A fresh state (position 0) for ``batch_size`` sequences; memory state is fp32 (fp64 for fp64
+        weights). ``layout`` (default: the one the device's backend runs, :func:`models.layers.state_layout`)
+        is "factored" or "running" (both backends run either, e.g. to compare the two)."""
         device = torch.device(device) if device is not None else self.device
         if layout is None:
             layout = state_layout(self.config, backend_for(device.type))
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        layers = [block.mixer.init_state(batch_size, device, torch.float32, layout) for block in self.blocks]
+        dtype = compute_dtype(self.embed.weight.dtype)
+        layers = [block.mixer.init_state(batch_size, device, dtype, layout) for block in self.blocks]
         return ModelState(torch.zeros(batch_size, dtype=torch.long, device=device), layers)
 
     def reset_slots(self, pool: ModelState, slots: Tensor | Sequence[int]) -> None:
@@ -177,8 +179,8 @@ class MirasLM(nn.Module):
         """Process ``input_ids`` [B, T] continuing from ``state`` (None: fresh sequences).
 
         ``lengths[b]`` (default T) is the number of real tokens in row b; the rest of the row is
-        padding that changes nothing. Returns logits [B, T, vocab] (fp32) and the new state; the
-        input state is not modified.
+        padding that changes nothing. Returns logits [B, T, vocab] (fp32; fp64 for fp64 weights) and the new
+        state; the input state is not modified.
 
         With ``slots`` [B], ``state`` is a pool of sequences (``init_state(max_num_seqs)``): row b of
         the batch continues pool row ``slots[b]``, which is updated in place, and the pool is returned.
@@ -219,5 +221,5 @@ class MirasLM(nn.Module):
             mine = surprise[..., next(columns)] if surprise is not None and block.kind == "M" else None
             x, layer_state = block(x, layer_state, state.pos, valid, lengths, slots, mine)
             new_layers.append(layer_state)
-        logits = self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x)).to(compute_dtype(x.dtype))
         return logits, ModelState(state.pos + lengths, new_layers)

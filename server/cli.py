@@ -20,6 +20,7 @@ import torch
 import uvicorn
 
 import models
+from kernels import DOT_PRECISIONS
 
 from .api import ServerSettings, ServerState, build_app
 from .async_engine import AsyncEngine
@@ -62,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "activations): sizes the state pool, or refuses a --max-num-seqs that does not fit")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
     p.add_argument("--max-prompt-tokens", type=int, default=1_000_000, help="prompt length guard (400 beyond)")
+    p.add_argument("--dot-precision", default=None, choices=DOT_PRECISIONS,
+                   help="input precision of the GPU kernels' fp32 tensor-core products in prefill (default: "
+                        "MIRAS_DOT_PRECISION, else the evidence-based default of docs/precision.md; ieee is exact)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="decode without CUDA graphs (default on a GPU: replay the decode step from graphs)")
     p.add_argument("--state-cache-gb", type=float, default=1.0,
@@ -185,7 +189,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         state_cache_bytes=int(args.state_cache_gb * (1 << 30)), state_disk_dir=args.state_disk_dir,
                         state_disk_bytes=int(args.state_disk_gb * (1 << 30)), state_disk_ttl=args.state_disk_ttl,
                         gpu_memory_utilization=args.gpu_memory_utilization, state_redis_url=args.state_redis_url,
-                        state_redis_bytes=int(args.state_redis_gb * (1 << 30)), state_redis_ttl=args.state_redis_ttl)
+                        state_redis_bytes=int(args.state_redis_gb * (1 << 30)), state_redis_ttl=args.state_redis_ttl,
+                        dot_precision=args.dot_precision)
 
 
 def main(argv: list[str] | None = None) -> None:

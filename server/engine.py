@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from kernels import set_dot_precision
 from models import MirasLM, MirasTokenizer
 
 from .decode_graphs import DecodeGraphs
@@ -61,6 +62,9 @@ class EngineConfig:
     state_redis_url: str | None = None
     state_redis_bytes: int = 4 << 30
     state_redis_ttl: float = 0.0
+    # Input precision of the Triton kernels' fp32 tensor-core products (kernels.DOT_PRECISIONS), for the whole
+    # process; None: MIRAS_DOT_PRECISION or the kernels' default (docs/precision.md).
+    dot_precision: str | None = None
 
 
 class LLMEngine:
@@ -76,6 +80,8 @@ class LLMEngine:
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)  # ids the tokenizer can decode
         self.eos_token_id = tokenizer.eos_token_id
         config = config or EngineConfig()
+        if config.dot_precision is not None:
+            set_dot_precision(config.dot_precision)
         use_graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
         self.config = replace(config, max_num_seqs=self._size_pool(config, int(use_graphs), device_memory))
         self.state_cache = self._state_cache()

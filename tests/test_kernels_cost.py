@@ -1,10 +1,11 @@
-"""The byte / FLOP model of one decode step (kernels.cost), against counts written out by hand."""
+"""The byte / FLOP model of one decode step and the FLOP model of a prefill chunk (kernels.cost), against
+counts written out by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from kernels.cost import decode_step_cost
+from kernels.cost import decode_step_cost, prefill_chunk_flops, prefill_flops
 
 # The paper's 340M shape: 24 Miras layers, 16 heads x 64, expansion 4, chunk 64.
 SHAPE_340M = dict(head_dim=64, hidden=256, chunk_size=64, n_heads=16, n_miras_layers=24)
@@ -73,3 +74,40 @@ def test_bad_arguments_are_named(kwargs, match):
     layout, memory = args.pop("layout"), args.pop("memory")
     with pytest.raises(ValueError, match=match):
         decode_step_cost(layout, memory, **args)
+
+
+def matmul(m: int, k: int, n: int) -> int:
+    return 2 * m * k * n
+
+
+def test_prefill_chunk_flops_by_hand():
+    """One head, d = 2, D = 3, a chunk of n = 2 tokens: every product of memory_segment's dual form."""
+    d, D, n = 2, 3, 2
+    mlp = [matmul(n, d, D),  # z = k A_in^T
+           matmul(n, D, d),  # u = gelu(z) A_out^T
+           matmul(n, d, D),  # gz = gu A_out
+           matmul(n, d, D),  # q W_in^T
+           matmul(n, d, n),  # q k^T
+           matmul(n, n, D),  # (C o qk) gz
+           matmul(n, D, d),  # gelu(zq) W_out^T
+           matmul(n, D, n),  # scores gelu(zq) a^T
+           matmul(n, n, d),  # (C o scores) gu
+           matmul(D, n, d),  # W_in update gz^T (last o k)
+           matmul(d, n, D)]  # W_out update gu^T (last o a)
+    assert sum(mlp) == 248
+    assert prefill_chunk_flops("mlp", head_dim=d, hidden=D, tokens=n) == 248
+    lag_step = matmul(1, d, D) + matmul(1, D, d) + matmul(1, d, D) + matmul(D, 1, d) + matmul(d, 1, D)
+    assert prefill_chunk_flops("mlp", head_dim=d, hidden=D, tokens=n, retention="kl") == 248 + lag_step
+    linear = [matmul(n, d, d), matmul(n, d, d), matmul(n, d, n), matmul(n, n, d), matmul(d, n, d)]
+    assert prefill_chunk_flops("linear", head_dim=d, hidden=D, tokens=n) == sum(linear) == 80
+    with pytest.raises(ValueError, match="memory"):
+        prefill_chunk_flops("attention", head_dim=d, hidden=D, tokens=n)
+
+
+def test_prefill_flops_counts_full_chunks_and_the_partial_last_one():
+    shape = dict(head_dim=64, hidden=256, chunk_size=64)
+    chunk = prefill_chunk_flops("mlp", head_dim=64, hidden=256, tokens=64)
+    # 340M shape: 14 d D + 4 b (D + d) = 311,296 FLOPs per token and head (the H200 run's 0.31 MFLOP)
+    assert chunk / 64 == 14 * 64 * 256 + 4 * 64 * 320 == 311_296
+    total = prefill_flops("mlp", **shape, tokens=8192 + 5, n_heads=16, batch=8)
+    assert total == 8 * 16 * (128 * chunk + prefill_chunk_flops("mlp", head_dim=64, hidden=256, tokens=5))
