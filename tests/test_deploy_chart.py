@@ -151,7 +151,7 @@ def test_every_server_value_becomes_its_flag(helm, tmp_path):
         "allowedOrigins": ["https://a.example", "https://b.example"], "maxNumSeqs": 7, "gpuMemoryUtilization": 0.8,
         "maxNumBatchedTokens": 4096,
         "maxPromptTokens": 123456789, "maxQueuedRequests": 9, "stateCacheGb": 0.5, "ssePingInterval": 12.5,
-        "enforceEager": True, "shutdownTimeout": 45, "logLevel": "debug", "extraArgs": ["--some-future-flag", "x"],
+        "dotPrecision": "ieee", "enforceEager": True, "shutdownTimeout": 45, "logLevel": "debug", "extraArgs": ["--some-future-flag", "x"],
         "stateCacheScope": "shared", "metricsRequireKey": True, "maxRequestBytes": 5000000, "maxPromptChars": 70000,
         "requestReadTimeout": 12.5, "timeoutKeepAlive": 7, "limitConcurrency": 300,
     }
@@ -170,6 +170,7 @@ def test_optional_flags_are_left_to_server_defaults(helm):
     assert "--api-key" not in parsed
     assert "--max-request-bytes" not in parsed and "--max-prompt-chars" not in parsed  # derived by the server
     assert "--max-num-seqs" not in parsed  # sized by the server from the GPU's memory (64 on a CPU)
+    assert "--dot-precision" not in parsed  # the server's evidence-based default
 
 
 def test_drain_fits_inside_the_grace_period(helm):
@@ -343,6 +344,7 @@ def test_pod_runs_unprivileged(helm):
     ("server.gpuMemoryUtilization=1.5", "server.gpuMemoryUtilization"),
     ("server.stateCacheGb=-1", "server.stateCacheGb"),
     ("server.enforceEager=maybe", "server.enforceEager"),
+    ("server.dotPrecision=bf16", "server.dotPrecision"),
     ("server.bogusFlag=1", "bogusFlag"),
     ("server.stateCacheScope=everyone", "server.stateCacheScope"),
     ("server.requestReadTimeout=0", "server.requestReadTimeout"),

@@ -98,6 +98,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - {{ .Values.server.stateCacheGb | quote }}
 - --sse-ping-interval
 - {{ .Values.server.ssePingInterval | quote }}
+{{- if not (kindIs "invalid" .Values.server.dotPrecision) }}
+- --dot-precision
+- {{ .Values.server.dotPrecision | quote }}
+{{- end }}
 {{- if .Values.server.enforceEager }}
 - --enforce-eager
 {{- end }}
