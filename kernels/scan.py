@@ -70,7 +70,7 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
     flagged in ``row_store`` [BT] also write their factor rows (k, gz, a, gu at the anchor), token t at row t
     of ``seg_rows``."""
     col_mask = (ck < DK)[None, :]
-    K_OFF, GZ_OFF, A_OFF, GU_OFF, RW = row_offsets(D, DK)
+    K_OFF, _, _, GU_OFF, RW = row_offsets(D, DK)
     rt = tl.arange(0, q.shape[0])
     # Pass 1: the chunk's forward at the anchor, to the output gradient gu.
     u = mlp_forward(k, a_in, a_out, ck, cd, D, DK, BLOCK_D, VEC, DOT)
@@ -80,33 +80,56 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
         tl.store(seg_rows + rt[:, None] * RW + GU_OFF + ck[None, :], gu, mask=row_store[:, None] & col_mask)
     # Pass 2, slab by slab: gz, the reads' hidden layer, and the memory update.
     coeff_qk = coeff * mm(q, tl.trans(k), VEC, DOT)
-    k_last = tl.trans(k * last)
     uq = tl.zeros((q.shape[0], ck.shape[0]), dtype=tl.float32)
     scores = tl.zeros((q.shape[0], q.shape[0]), dtype=tl.float32)
     for s0 in range(0, D, BLOCK_D):
-        ptr, mask = in_slab(a_in, s0, ck, cd, D, DK)
-        z = mm(k, tl.load(ptr, mask=mask, other=0.0), VEC, DOT)
-        x = gelu(z)
-        ptr, mask = out_slab(a_out, s0, ck, cd, D, DK)
-        gz = mm(gu, tl.trans(tl.load(ptr, mask=mask, other=0.0)), VEC, DOT) * gelu_grad(z)
-        if FACTORED:
-            row_mask = row_store[:, None] & (s0 + cd < D)[None, :]
-            tl.store(seg_rows + rt[:, None] * RW + GZ_OFF + s0 + cd[None, :], gz, mask=row_mask)
-            tl.store(seg_rows + rt[:, None] * RW + A_OFF + s0 + cd[None, :], x, mask=row_mask)
-        ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
-        w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
-        ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
-        w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
-        xq = gelu(decay * mm(q, w_in_t, VEC, DOT) - mm(coeff_qk, gz, VEC, DOT))
-        uq += mm(xq, w_out_t, VEC, DOT)
-        scores += mm(xq, tl.trans(x), VEC, DOT)
-        w_in_t = last_decay * w_in_t - mm(k_last, gz, VEC, DOT)
-        w_out_t = last_decay * w_out_t - mm(tl.trans(x * last), gu, VEC, DOT)
-        tl.debug_barrier()
-        tl.store(ptr_in, w_in_t, mask=mask_in)
-        tl.store(ptr_out, w_out_t, mask=mask_out)
+        uq_part, scores_part = mlp_update_slab(q, k, gu, coeff_qk, decay, last, last_decay, a_in, a_out, m_in, m_out,
+                                               s0, ck, cd, seg_rows, row_store, D, DK, VEC, DOT, FACTORED)
+        uq += uq_part
+        scores += scores_part
+    return mlp_read(q, uq, scores, gu, decay, coeff, ln_w, ln_b, col_mask, ln_eps, DK, VEC, DOT), error
+
+
+@triton.jit
+def mlp_update_slab(q, k, gu, coeff_qk, decay, last, last_decay, a_in, a_out, m_in, m_out, s0, ck, cd, seg_rows,
+                    row_store, D: tl.constexpr, DK: tl.constexpr, VEC: tl.constexpr, DOT: tl.constexpr,
+                    FACTORED: tl.constexpr):
+    """Hidden slab ``s0`` of the MLP memory's dual form: gz and a at the anchor, the reads' hidden layer
+    xq at the running memory, whose slab it then updates in place. Returns the slab's shares of the reads'
+    W_out xq [BT, BK] and of the scores xq . a [BT, BT]. FACTORED: the flagged tokens' gz, a slabs go to
+    their factor rows (token t at row t of ``seg_rows``). ``coeff_qk`` = coeff * (q k^T)."""
+    _, GZ_OFF, A_OFF, _, RW = row_offsets(D, DK)
+    rt = tl.arange(0, q.shape[0])
+    ptr, mask = in_slab(a_in, s0, ck, cd, D, DK)
+    z = mm(k, tl.load(ptr, mask=mask, other=0.0), VEC, DOT)
+    x = gelu(z)
+    ptr, mask = out_slab(a_out, s0, ck, cd, D, DK)
+    gz = mm(gu, tl.trans(tl.load(ptr, mask=mask, other=0.0)), VEC, DOT) * gelu_grad(z)
+    if FACTORED:
+        row_mask = row_store[:, None] & (s0 + cd < D)[None, :]
+        tl.store(seg_rows + rt[:, None] * RW + GZ_OFF + s0 + cd[None, :], gz, mask=row_mask)
+        tl.store(seg_rows + rt[:, None] * RW + A_OFF + s0 + cd[None, :], x, mask=row_mask)
+    ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
+    w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
+    ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
+    w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
+    xq = gelu(decay * mm(q, w_in_t, VEC, DOT) - mm(coeff_qk, gz, VEC, DOT))
+    uq = mm(xq, w_out_t, VEC, DOT)
+    scores = mm(xq, tl.trans(x), VEC, DOT)
+    w_in_t = last_decay * w_in_t - mm(tl.trans(k * last), gz, VEC, DOT)
+    w_out_t = last_decay * w_out_t - mm(tl.trans(x * last), gu, VEC, DOT)
+    tl.debug_barrier()
+    tl.store(ptr_in, w_in_t, mask=mask_in)
+    tl.store(ptr_out, w_out_t, mask=mask_out)
+    return uq, scores
+
+
+@triton.jit
+def mlp_read(q, uq, scores, gu, decay, coeff, ln_w, ln_b, col_mask, ln_eps, DK: tl.constexpr, VEC: tl.constexpr,
+             DOT: tl.constexpr):
+    """The reads q + LN(decay W_out xq - (coeff * scores) gu) from the slabs' summed shares uq, scores."""
     uq = decay * uq - mm(coeff * scores, gu, VEC, DOT)
-    return q + layer_norm_rows(uq, ln_w, ln_b, col_mask, DK, ln_eps)[0], error
+    return q + layer_norm_rows(uq, ln_w, ln_b, col_mask, DK, ln_eps)[0]
 
 
 @triton.jit
@@ -122,6 +145,62 @@ def _linear_segment(q, k, v, decay, coeff, last, last_decay, a, m, ck, DK: tl.co
     tl.debug_barrier()
     tl.store(ptr, w_t, mask=mask)
     return out, g
+
+
+@triton.jit
+def row_span(n, SLOTS, POS, LENGTHS, CU_SEQLENS, T, VARLEN: tl.constexpr):
+    """Row n's (slot, start position p0, first token index, token count, valid tokens, batch row of its tensors)
+    in the padded layout (LENGTHS) or the varlen one (CU_SEQLENS, every token valid)."""
+    slot = tl.load(SLOTS + n).to(tl.int64)
+    p0 = tl.load(POS + n).to(tl.int64)
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + n).to(tl.int64)
+        rows = tl.load(CU_SEQLENS + n + 1).to(tl.int64) - start
+        n_valid = rows
+        row = 0
+    else:
+        start = 0
+        rows = T
+        n_valid = tl.load(LENGTHS + n).to(tl.int64)
+        row = n
+    return slot, p0, start, rows, n_valid, row
+
+
+@triton.jit
+def segment_span(c, p0, rows, n_valid, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The row's segment in absolute chunk c: (chunk_start, the token index of the chunk's first position,
+    negative when it lies before the row; seg_start, seg_len; at_boundary: the chunk starts at a valid
+    token; the segment's token indices [BT]; in_seg, valid [BT])."""
+    chunk_start = c * CHUNK - p0
+    seg_start = tl.maximum(chunk_start, 0)
+    seg_len = tl.minimum(chunk_start + CHUNK, rows) - seg_start
+    at_boundary = (chunk_start >= 0) & (chunk_start < n_valid)
+    rt = tl.arange(0, BLOCK_T)
+    tok = seg_start + rt
+    in_seg = rt < seg_len
+    return chunk_start, seg_start, seg_len, at_boundary, tok, in_seg, in_seg & (tok < n_valid)
+
+
+@triton.jit
+def segment_gates(ETA, LOG_ALPHA, g_off, sg_t, tok, valid, at_boundary, RETENTION: tl.constexpr):
+    """The segment's in-chunk gate products: decay [BT, 1], coeff [BT, BT], last [BT, 1] (coeff's last row),
+    last_decay, and the first token's raw eta and log alpha (Memora's lag step)."""
+    rt = tl.arange(0, tok.shape[0])
+    # Padding: eta = 0 and alpha = 1, so it changes nothing.
+    eta = tl.load(ETA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
+    log_alpha = tl.load(LOG_ALPHA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
+    eta0 = tl.sum(tl.where(rt == 0, eta, 0.0))
+    log_alpha0 = tl.sum(tl.where(rt == 0, log_alpha, 0.0))
+    if RETENTION == 2:
+        # Memora's retention lives in the lag step; the lag token's update is the step itself.
+        eta = tl.where((rt == 0) & at_boundary, 0.0, eta)
+        log_alpha = tl.zeros_like(log_alpha)
+    # decay[t] = prod_{j<=t} alpha_j; coeff[t, i] = eta_i prod_{i<j<=t} alpha_j (masked before exp).
+    causal = rt[:, None] >= rt[None, :]
+    cum = tl.cumsum(log_alpha, axis=0)
+    coeff = tl.where(causal, eta[None, :] * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
+    cum_last = tl.sum(tl.where(rt == tok.shape[0] - 1, cum, 0.0))  # padded rows add 0: the segment's last
+    return tl.exp(cum)[:, None], coeff, (eta * tl.exp(cum_last - cum))[:, None], tl.exp(cum_last), eta0, log_alpha0
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -152,21 +231,8 @@ def miras_scan_kernel(
     """
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    slot = tl.load(SLOTS + n).to(tl.int64)
-    if slot < 0:
-        return
-    p0 = tl.load(POS + n).to(tl.int64)
-    if VARLEN:
-        start = tl.load(CU_SEQLENS + n).to(tl.int64)
-        rows = tl.load(CU_SEQLENS + n + 1).to(tl.int64) - start
-        n_valid = rows
-        row = 0
-    else:
-        start = 0
-        rows = T
-        n_valid = tl.load(LENGTHS + n).to(tl.int64)
-        row = n
-    if rows <= 0:
+    slot, p0, start, rows, n_valid, row = row_span(n, SLOTS, POS, LENGTHS, CU_SEQLENS, T, VARLEN)
+    if (slot < 0) | (rows <= 0):
         return
     if BOUNDARY_ROWS_ONLY:  # noqa: SIM102 (a compile-time branch around a runtime one)
         if (p0 % CHUNK != 0) | (n_valid <= 0):
@@ -191,7 +257,6 @@ def miras_scan_kernel(
     col_mask = ck < DK
     ln_w = tl.load(LN_W + h * DK + ck, mask=col_mask, other=0.0)[None, :]
     ln_b = tl.load(LN_B + h * DK + ck, mask=col_mask, other=0.0)[None, :]
-    causal = rt[:, None] >= rt[None, :]
     if FACTORED:
         scratch = (n * H + h) * (D * DK)
         m_in = M_IN + scratch
@@ -203,22 +268,15 @@ def miras_scan_kernel(
         tl.debug_barrier()
 
     for c in range(p0 // CHUNK, (p0 + rows - 1) // CHUNK + 1):
-        chunk_start = c * CHUNK - p0  # token index of the chunk's first position (negative: before the row)
-        seg_start = tl.maximum(chunk_start, 0)
-        seg_len = tl.minimum(chunk_start + CHUNK, rows) - seg_start
-        at_boundary = (chunk_start >= 0) & (chunk_start < n_valid)
-        tok = seg_start + rt
-        in_seg = rt < seg_len
-        valid = in_seg & (tok < n_valid)
-        # Padding: eta = 0 and alpha = 1, so it changes nothing.
-        eta = tl.load(ETA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
-        log_alpha = tl.load(LOG_ALPHA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
+        chunk_start, seg_start, seg_len, at_boundary, tok, in_seg, valid = segment_span(c, p0, rows, n_valid, CHUNK,
+                                                                                        BLOCK_T)
+        decay, coeff, last, last_decay, eta0, log_alpha0 = segment_gates(ETA, LOG_ALPHA, g_off, sg_t, tok, valid,
+                                                                          at_boundary, RETENTION)
         if at_boundary:
             if RETENTION == 2:
                 k0 = tl.load(k_ptr + chunk_start * sk_t + ck[None, :] * sk_d, mask=col_mask[None, :], other=0.0)
                 v0 = tl.load(v_ptr + chunk_start * sv_t + ck[None, :] * sv_d, mask=col_mask[None, :], other=0.0)
-                kl_boundary(m_in, m_out, a_in, a_out, k0.to(tl.float32), v0.to(tl.float32),
-                             tl.sum(tl.where(rt == 0, eta, 0.0)), tl.sum(tl.where(rt == 0, log_alpha, 0.0)),
+                kl_boundary(m_in, m_out, a_in, a_out, k0.to(tl.float32), v0.to(tl.float32), eta0, log_alpha0,
                              ln_w, ln_b, ck, cd, ln_eps, memora_eps, D, DK, BLOCK_D)
             elif RETENTION == 1:
                 lq_boundary(m_in, m_out, a_in, a_out, ck, cd, q_exp, lq_radius, lq_inv_std_in, lq_inv_std_out, D, DK,
@@ -226,18 +284,6 @@ def miras_scan_kernel(
             else:
                 copy_boundary(m_in, m_out, a_in, a_out, ck, cd, D, DK, BLOCK_D, MEMORY)
         tl.debug_barrier()
-        if RETENTION == 2:
-            # Memora's retention lives in the lag step; the lag token's update is the step itself.
-            eta = tl.where((rt == 0) & at_boundary, 0.0, eta)
-            log_alpha = tl.zeros_like(log_alpha)
-        # decay[t] = prod_{j<=t} alpha_j; coeff[t, i] = eta_i prod_{i<j<=t} alpha_j (masked before exp).
-        cum = tl.cumsum(log_alpha, axis=0)
-        decay = tl.exp(cum)[:, None]
-        coeff = tl.where(causal, eta[None, :] * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
-        cum_last = tl.sum(tl.where(rt == BLOCK_T - 1, cum, 0.0))  # padded rows add 0: the segment's last
-        last = (eta * tl.exp(cum_last - cum))[:, None]
-        last_decay = tl.exp(cum_last)
-
         tile_mask = in_seg[:, None] & col_mask[None, :]
         q = tl.load(q_ptr + tok[:, None] * sq_t + ck[None, :] * sq_d, mask=tile_mask, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + tok[:, None] * sk_t + ck[None, :] * sk_d, mask=tile_mask, other=0.0).to(tl.float32)
