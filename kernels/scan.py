@@ -47,16 +47,20 @@ from .ops import (
     MEMORY_CODES,
     RETENTION_CODES,
     attentional_loss,
-    clear_rows,
-    gelu,
-    gelu_grad,
-    in_slab,
-    layer_norm_rows,
     mlp_error_grad,
     mlp_forward,
     mm,
-    out_slab,
     row_offsets,
+)
+from .prefill import slab_prefill
+from .segment import (
+    finish_factored,
+    mlp_read,
+    mlp_update_slab,
+    row_span,
+    segment_gates,
+    segment_span,
+    store_key_rows,
 )
 
 
@@ -70,14 +74,11 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
     flagged in ``row_store`` [BT] also write their factor rows (k, gz, a, gu at the anchor), token t at row t
     of ``seg_rows``."""
     col_mask = (ck < DK)[None, :]
-    K_OFF, _, _, GU_OFF, RW = row_offsets(D, DK)
-    rt = tl.arange(0, q.shape[0])
     # Pass 1: the chunk's forward at the anchor, to the output gradient gu.
     u = mlp_forward(k, a_in, a_out, ck, cd, D, DK, BLOCK_D, VEC, DOT)
     gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
     if FACTORED:
-        tl.store(seg_rows + rt[:, None] * RW + K_OFF + ck[None, :], k, mask=row_store[:, None] & col_mask)
-        tl.store(seg_rows + rt[:, None] * RW + GU_OFF + ck[None, :], gu, mask=row_store[:, None] & col_mask)
+        store_key_rows(seg_rows, row_store, k, gu, ck, D, DK)
     # Pass 2, slab by slab: gz, the reads' hidden layer, and the memory update.
     coeff_qk = coeff * mm(q, tl.trans(k), VEC, DOT)
     uq = tl.zeros((q.shape[0], ck.shape[0]), dtype=tl.float32)
@@ -88,48 +89,6 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
         uq += uq_part
         scores += scores_part
     return mlp_read(q, uq, scores, gu, decay, coeff, ln_w, ln_b, col_mask, ln_eps, DK, VEC, DOT), error
-
-
-@triton.jit
-def mlp_update_slab(q, k, gu, coeff_qk, decay, last, last_decay, a_in, a_out, m_in, m_out, s0, ck, cd, seg_rows,
-                    row_store, D: tl.constexpr, DK: tl.constexpr, VEC: tl.constexpr, DOT: tl.constexpr,
-                    FACTORED: tl.constexpr):
-    """Hidden slab ``s0`` of the MLP memory's dual form: gz and a at the anchor, the reads' hidden layer
-    xq at the running memory, whose slab it then updates in place. Returns the slab's shares of the reads'
-    W_out xq [BT, BK] and of the scores xq . a [BT, BT]. FACTORED: the flagged tokens' gz, a slabs go to
-    their factor rows (token t at row t of ``seg_rows``). ``coeff_qk`` = coeff * (q k^T)."""
-    _, GZ_OFF, A_OFF, _, RW = row_offsets(D, DK)
-    rt = tl.arange(0, q.shape[0])
-    ptr, mask = in_slab(a_in, s0, ck, cd, D, DK)
-    z = mm(k, tl.load(ptr, mask=mask, other=0.0), VEC, DOT)
-    x = gelu(z)
-    ptr, mask = out_slab(a_out, s0, ck, cd, D, DK)
-    gz = mm(gu, tl.trans(tl.load(ptr, mask=mask, other=0.0)), VEC, DOT) * gelu_grad(z)
-    if FACTORED:
-        row_mask = row_store[:, None] & (s0 + cd < D)[None, :]
-        tl.store(seg_rows + rt[:, None] * RW + GZ_OFF + s0 + cd[None, :], gz, mask=row_mask)
-        tl.store(seg_rows + rt[:, None] * RW + A_OFF + s0 + cd[None, :], x, mask=row_mask)
-    ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
-    w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
-    ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
-    w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
-    xq = gelu(decay * mm(q, w_in_t, VEC, DOT) - mm(coeff_qk, gz, VEC, DOT))
-    uq = mm(xq, w_out_t, VEC, DOT)
-    scores = mm(xq, tl.trans(x), VEC, DOT)
-    w_in_t = last_decay * w_in_t - mm(tl.trans(k * last), gz, VEC, DOT)
-    w_out_t = last_decay * w_out_t - mm(tl.trans(x * last), gu, VEC, DOT)
-    tl.debug_barrier()
-    tl.store(ptr_in, w_in_t, mask=mask_in)
-    tl.store(ptr_out, w_out_t, mask=mask_out)
-    return uq, scores
-
-
-@triton.jit
-def mlp_read(q, uq, scores, gu, decay, coeff, ln_w, ln_b, col_mask, ln_eps, DK: tl.constexpr, VEC: tl.constexpr,
-             DOT: tl.constexpr):
-    """The reads q + LN(decay W_out xq - (coeff * scores) gu) from the slabs' summed shares uq, scores."""
-    uq = decay * uq - mm(coeff * scores, gu, VEC, DOT)
-    return q + layer_norm_rows(uq, ln_w, ln_b, col_mask, DK, ln_eps)[0]
 
 
 @triton.jit
@@ -145,62 +104,6 @@ def _linear_segment(q, k, v, decay, coeff, last, last_decay, a, m, ck, DK: tl.co
     tl.debug_barrier()
     tl.store(ptr, w_t, mask=mask)
     return out, g
-
-
-@triton.jit
-def row_span(n, SLOTS, POS, LENGTHS, CU_SEQLENS, T, VARLEN: tl.constexpr):
-    """Row n's (slot, start position p0, first token index, token count, valid tokens, batch row of its tensors)
-    in the padded layout (LENGTHS) or the varlen one (CU_SEQLENS, every token valid)."""
-    slot = tl.load(SLOTS + n).to(tl.int64)
-    p0 = tl.load(POS + n).to(tl.int64)
-    if VARLEN:
-        start = tl.load(CU_SEQLENS + n).to(tl.int64)
-        rows = tl.load(CU_SEQLENS + n + 1).to(tl.int64) - start
-        n_valid = rows
-        row = 0
-    else:
-        start = 0
-        rows = T
-        n_valid = tl.load(LENGTHS + n).to(tl.int64)
-        row = n
-    return slot, p0, start, rows, n_valid, row
-
-
-@triton.jit
-def segment_span(c, p0, rows, n_valid, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The row's segment in absolute chunk c: (chunk_start, the token index of the chunk's first position,
-    negative when it lies before the row; seg_start, seg_len; at_boundary: the chunk starts at a valid
-    token; the segment's token indices [BT]; in_seg, valid [BT])."""
-    chunk_start = c * CHUNK - p0
-    seg_start = tl.maximum(chunk_start, 0)
-    seg_len = tl.minimum(chunk_start + CHUNK, rows) - seg_start
-    at_boundary = (chunk_start >= 0) & (chunk_start < n_valid)
-    rt = tl.arange(0, BLOCK_T)
-    tok = seg_start + rt
-    in_seg = rt < seg_len
-    return chunk_start, seg_start, seg_len, at_boundary, tok, in_seg, in_seg & (tok < n_valid)
-
-
-@triton.jit
-def segment_gates(ETA, LOG_ALPHA, g_off, sg_t, tok, valid, at_boundary, RETENTION: tl.constexpr):
-    """The segment's in-chunk gate products: decay [BT, 1], coeff [BT, BT], last [BT, 1] (coeff's last row),
-    last_decay, and the first token's raw eta and log alpha (Memora's lag step)."""
-    rt = tl.arange(0, tok.shape[0])
-    # Padding: eta = 0 and alpha = 1, so it changes nothing.
-    eta = tl.load(ETA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
-    log_alpha = tl.load(LOG_ALPHA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
-    eta0 = tl.sum(tl.where(rt == 0, eta, 0.0))
-    log_alpha0 = tl.sum(tl.where(rt == 0, log_alpha, 0.0))
-    if RETENTION == 2:
-        # Memora's retention lives in the lag step; the lag token's update is the step itself.
-        eta = tl.where((rt == 0) & at_boundary, 0.0, eta)
-        log_alpha = tl.zeros_like(log_alpha)
-    # decay[t] = prod_{j<=t} alpha_j; coeff[t, i] = eta_i prod_{i<j<=t} alpha_j (masked before exp).
-    causal = rt[:, None] >= rt[None, :]
-    cum = tl.cumsum(log_alpha, axis=0)
-    coeff = tl.where(causal, eta[None, :] * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
-    cum_last = tl.sum(tl.where(rt == tok.shape[0] - 1, cum, 0.0))  # padded rows add 0: the segment's last
-    return tl.exp(cum)[:, None], coeff, (eta * tl.exp(cum_last - cum))[:, None], tl.exp(cum_last), eta0, log_alpha0
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -250,8 +153,6 @@ def miras_scan_kernel(
     _, _, _, _, RW = row_offsets(D, DK)
     factor_rows = ROWS + (slot * H + h) * (CHUNK * RW)
     ci = tl.arange(0, BLOCK_C)
-
-    rt = tl.arange(0, BLOCK_T)
     ck = tl.arange(0, BLOCK_K)
     cd = tl.arange(0, BLOCK_D)
     col_mask = ck < DK
@@ -307,16 +208,13 @@ def miras_scan_kernel(
                      mask=valid[:, None])
         if FACTORED:  # noqa: SIM102 (a compile-time branch around a runtime one)
             if last_seg:
-                # Old rows (the segment continues a chunk) decay with it; row j_first + t takes token t's
-                # coefficient at the segment's end; rows past the last token (and their coefficients) hold 0.
-                continued = chunk_start < 0
-                kept = tl.where(continued & (ci < j_first), coef0 * last_decay, 0.0)
-                new = tl.sum(tl.where(ci[:, None] == j_first + rt[None, :], tl.reshape(last, (BLOCK_T,))[None, :],
-                                      0.0), axis=1)
-                tl.store(COEF + (slot * H + h) * CHUNK + ci, kept + new, mask=ci < CHUNK)
-                tl.store(DECAY + slot * H + h, tl.where(continued, decay0, 1.0) * last_decay)
-                clear_rows(factor_rows, j_first + n_valid - seg_start, ci, cd, CHUNK, RW)
+                finish_factored(COEF + (slot * H + h) * CHUNK, DECAY + slot * H + h, factor_rows, coef0, decay0,
+                                chunk_start, j_first, last, last_decay, n_valid - seg_start, ci, cd, CHUNK, RW)
         tl.debug_barrier()
+
+
+# The slab-parallel prefill's slab width and warps (launch_config).
+PREFILL_SLAB, PREFILL_WARPS = 32, 4
 
 
 def _pow2(x: int, low: int = 16) -> int:
@@ -324,6 +222,7 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+PREFILL_PATHS = ("slabs", "fused")
 
 
 def dot_precision(device: torch.device) -> str:
@@ -338,6 +237,16 @@ def dot_precision(device: torch.device) -> str:
     return choice
 
 
+def prefill_path() -> str:
+    """How an MLP memory's prompt runs on the triton backend: ``MIRAS_PREFILL=slabs|fused``. Default
+    ``slabs``: split over hidden slabs, one launch per chunk phase (kernels.prefill); ``fused``: one program
+    per (sequence, head) walking its chunks (the scan kernel), kept for the side-by-side comparison."""
+    choice = os.environ.get("MIRAS_PREFILL", "").strip().lower() or "slabs"
+    if choice not in PREFILL_PATHS:
+        raise ValueError(f"MIRAS_PREFILL must be one of {PREFILL_PATHS}, got {choice!r}")
+    return choice
+
+
 def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dict:
     """The kernel's constexprs and launch options. Hand-picked, never autotuned (the kernels write their
     state in place), from the side-by-side comparisons of kernels/gpu_check.py on an H200 (see
@@ -347,7 +256,10 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
     row through the fused kernel instead): 64-wide slabs at 8 warps were the fastest of five settings,
     1.5x (Moneta) and 1.9x (Memora) faster than the fused kernel alone at batch 64. The fused kernel
     keeps the rows that take a chunk-boundary step, at 128-wide slabs (whole-model decode 1.2-1.3x
-    faster than 32-wide)."""
+    faster than 32-wide). Prefill of the MLP memory (``MIRAS_PREFILL``, default slabs): the slab-parallel
+    kernels of kernels.prefill, ``SPLIT_D``-wide slabs at ``SPLIT_WARPS`` warps (``SPLIT_D=0``: the fused
+    scan kernel), picked as the widest spill-free configuration on sm_90 (kernels.compile_check; GPU timing
+    of the alternatives pending, kernels/gpu_check.py's launch-prefill section)."""
     d = cfg.head_dim
     D = d if cfg.memory == "linear" else cfg.memory_hidden
     config = dict(H=cfg.n_heads, DK=d, D=D, CHUNK=cfg.chunk_size, BLOCK_T=1 if decode else _pow2(cfg.chunk_size),
@@ -357,6 +269,8 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
                   DOT=dot, SURPRISE=False, num_warps=8)
     if not decode:
         config["num_stages"] = 1
+        if cfg.memory == "mlp" and prefill_path() == "slabs":
+            config.update(SPLIT_D=min(_pow2(D), PREFILL_SLAB), SPLIT_WARPS=PREFILL_WARPS)
     elif cfg.memory == "mlp":
         config.update(SPLIT_D=min(_pow2(D), 64), SPLIT_WARPS=8)
     return config
@@ -364,10 +278,11 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
 
 def split_launch(config: dict) -> tuple[dict, int, int]:
     """A launch config (possibly overridden) as the fused kernel's arguments (``BOUNDARY_ROWS_ONLY`` set
-    when the split decode takes the other rows), the split decode's slab width (0: none) and its warps."""
+    when the split decode takes the other rows), the split kernels' slab width (0: none; decode: kernels.decode
+    or kernels.factored, prefill: kernels.prefill) and their warps."""
     config = dict(config)
     split_d, split_warps = config.pop("SPLIT_D", 0), config.pop("SPLIT_WARPS", 4)
-    config["BOUNDARY_ROWS_ONLY"] = split_d > 0
+    config["BOUNDARY_ROWS_ONLY"] = split_d > 0 and config["BLOCK_T"] == 1
     return config, split_d, split_warps
 
 
@@ -443,6 +358,11 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
     else:
         m_in, m_out = (memory[0], memory[0]) if linear else memory
         rows = coef = decay = index
+    if split_d > 0 and not decode:
+        slab_prefill(cfg, config, split_d, split_warps, q, k, v, out, gates, (a_in, a_out), (m_in, m_out),
+                     (rows, coef, decay), ln_weight, ln_bias, surprise, slots, pos, lengths,
+                     cu_seqlens if varlen else index, lq_inv_std, factored)
+        return out
     miras_scan_kernel[(n_rows, H)](
         q, k, v, out, *gates, a_in, a_out, m_in, m_out, rows, coef, decay, ln_weight, ln_bias, surprise, slots, pos,
         lengths,
