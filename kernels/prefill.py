@@ -67,8 +67,8 @@ from .segment import (
     store_key_rows,
 )
 
-PHASES = ("fold", "lag", "softmax", "forward", "update", "output")  # the PHASE codes, in order
-FOLD, LAG, SOFTMAX, FORWARD, UPDATE, OUTPUT = (tl.constexpr(code) for code in range(len(PHASES)))
+PHASES = ("fold", "lag", "softmax", "forward", "grad", "update", "output")  # the PHASE codes, in order
+FOLD, LAG, SOFTMAX, FORWARD, GRAD, UPDATE, OUTPUT = (tl.constexpr(code) for code in range(len(PHASES)))
 STATS_WIDTH = tl.constexpr(3)  # rows per slab: the LAG phase's shares, then the SOFTMAX phase's max and sum
 
 
@@ -93,7 +93,7 @@ def _stats_sum(STATS, part, j, ck, N_SLABS: tl.constexpr, BLOCK_K: tl.constexpr)
 @triton.jit(do_not_specialize=["T", "SEG"])
 def slab_prefill_kernel(
     Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, M_IN, M_OUT, ROWS, COEF, DECAY, LN_W, LN_B, S, SLOTS, POS,
-    LENGTHS, CU_SEQLENS, U_PART, UQ_PART, SC_PART, STATS, T, SEG,
+    LENGTHS, CU_SEQLENS, U_PART, GU, CQK, UQ_PART, SC_PART, STATS, T, SEG,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, sg_b, sg_h, sg_t,
     lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, abs_eps, sharpness, memora_eps, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -154,6 +154,12 @@ def slab_prefill_kernel(
         k0 = tl.load(k_ptr + chunk_start * sk_t + ck[None, :] * sk_d, mask=col_mask[None, :] & at_boundary,
                      other=0.0).to(tl.float32)
         tile_mask = in_seg[:, None] & col_mask[None, :]
+        gu_ptr = GU + ((n * H + h) * BLOCK_T + rt[:, None]) * BLOCK_K + ck[None, :]
+        cqk_ptr = CQK + ((n * H + h) * BLOCK_T + rt[:, None]) * BLOCK_T + rt[None, :]
+        # The segment holding the last valid token leaves its factor rows (FACTORED), from row j_first on.
+        last_seg = (n_valid > seg_start) & (n_valid <= seg_start + seg_len)
+        j_first = (p0 + seg_start) % CHUNK
+        seg_rows = factor_rows + j_first * RW
         k = tl.load(k_ptr + tok[:, None] * sk_t + ck[None, :] * sk_d, mask=tile_mask, other=0.0).to(tl.float32)
         if PHASE == LAG:
             if at_boundary:
@@ -198,24 +204,31 @@ def slab_prefill_kernel(
             tl.debug_barrier()
             u_share = mlp_forward_slab(k, a_in, a_out, s0, ck, cd, D, DK, False, DOT)
             tl.store(U_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_K + ck[None, :], u_share)
-        else:
+        elif PHASE == GRAD:
             v = tl.load(v_ptr + tok[:, None] * sv_t + ck[None, :] * sv_d, mask=tile_mask, other=0.0).to(tl.float32)
-            q = tl.load(Q + row * sq_b + h * sq_h + (start + tok[:, None]) * sq_t + ck[None, :] * sq_d,
-                        mask=tile_mask, other=0.0).to(tl.float32)
             delta = 0.0
             if BIAS == 2:
                 delta = tl.load(DELTA + g_off + tok * sg_t, mask=in_seg, other=1.0).to(tl.float32)[:, None]
-            u = _summed(U_PART, part, rt, ck, N_SLABS, BLOCK_K)
-            gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask[None, :], ln_eps, p_exp, abs_eps,
-                                       sharpness, DK, BIAS)
-            # The segment holding the last valid token leaves its factor rows (FACTORED), from row j_first on.
-            last_seg = (n_valid > seg_start) & (n_valid <= seg_start + seg_len)
-            j_first = (p0 + seg_start) % CHUNK
-            seg_rows = factor_rows + j_first * RW
+            gu, error = mlp_error_grad(_summed(U_PART, part, rt, ck, N_SLABS, BLOCK_K), k, v, delta, ln_w, ln_b,
+                                       col_mask[None, :], ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+            tl.store(gu_ptr, gu)
+            # coeff * (q k^T), which every slab's update needs: once here rather than once per slab.
+            q = tl.load(Q + row * sq_b + h * sq_h + (start + tok[:, None]) * sq_t + ck[None, :] * sq_d,
+                        mask=tile_mask, other=0.0).to(tl.float32)
+            tl.store(cqk_ptr, coeff * mm(q, tl.trans(k), False, DOT))
+            if SURPRISE:
+                tl.store(S + g_off + tok[:, None] * sg_t, attentional_loss(error, delta, DK, p_exp, BIAS),
+                         mask=valid[:, None])
+            if FACTORED:
+                store_key_rows(seg_rows, valid & last_seg, k, gu, ck, D, DK)
+        else:
+            q = tl.load(Q + row * sq_b + h * sq_h + (start + tok[:, None]) * sq_t + ck[None, :] * sq_d,
+                        mask=tile_mask, other=0.0).to(tl.float32)
+            gu = tl.load(gu_ptr)
             if PHASE == UPDATE:
-                uq, scores = mlp_update_slab(q, k, gu, coeff * mm(q, tl.trans(k), False, DOT), decay, last,
-                                             last_decay, a_in, a_out, m_in, m_out, s0, ck, cd, seg_rows,
-                                             valid & last_seg, D, DK, False, DOT, FACTORED)
+                uq, scores = mlp_update_slab(q, k, gu, tl.load(cqk_ptr), decay, last, last_decay, a_in, a_out,
+                                             m_in, m_out, s0, ck, cd, seg_rows, valid & last_seg, D, DK, False, DOT,
+                                             FACTORED)
                 tl.store(UQ_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_K + ck[None, :], uq)
                 tl.store(SC_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_T + rt[None, :], scores)
             else:
@@ -223,11 +236,7 @@ def slab_prefill_kernel(
                                _summed(SC_PART, part, rt, rt, N_SLABS, BLOCK_T), gu, decay, coeff, ln_w, ln_b,
                                col_mask[None, :], ln_eps, DK, False, DOT)
                 tl.store(O + row * so_b + h * so_h + (start + tok[:, None]) * so_t + ck[None, :], out, mask=tile_mask)
-                if SURPRISE:
-                    tl.store(S + g_off + tok[:, None] * sg_t, attentional_loss(error, delta, DK, p_exp, BIAS),
-                             mask=valid[:, None])
-                if FACTORED:
-                    store_key_rows(seg_rows, valid & last_seg, k, gu, ck, D, DK)
+                if FACTORED:  # noqa: SIM102 (a compile-time branch around a runtime one)
                     if last_seg:
                         coef0 = tl.load(COEF + (slot * H + h) * CHUNK + ci, mask=ci < filled_rows(p0, CHUNK),
                                         other=0.0)
@@ -236,10 +245,13 @@ def slab_prefill_kernel(
                                         n_valid - seg_start, ci, cd, CHUNK, RW)
 
 
+SLAB_PHASES = ("fold", "lag", "softmax", "forward", "update")  # grid (slabs, H, N); the others (1, H, N)
+
+
 def chunk_phases(retention: int) -> list[str]:
     """The launches of one chunk for a rule's retention code (kernels.ops.RETENTION_CODES): the boundary
     step's statistics (lq: one phase; Memora's lag step: two), then forward, update, output."""
-    return ["lag"] * (retention in (1, 2)) + ["softmax"] * (retention == 2) + ["forward", "update", "output"]
+    return ["lag"] * (retention in (1, 2)) + ["softmax"] * (retention == 2) + ["forward", "grad", "update", "output"]
 
 
 def prefill_kernels(config: dict, slab: int, warps: int, factored: bool) -> dict[str, tuple]:
@@ -251,7 +263,7 @@ def prefill_kernels(config: dict, slab: int, warps: int, factored: bool) -> dict
     constexprs.update(BLOCK_D=slab, N_SLABS=triton.cdiv(config["D"], slab), FACTORED=factored)
     phases = ["fold"] * factored + chunk_phases(config["RETENTION"])
     return {phase: (slab_prefill_kernel, dict(constexprs, PHASE=PHASES.index(phase)),
-                    {"num_warps": 4 if phase == "output" else warps, "num_stages": 1}) for phase in phases}
+                    {"num_warps": warps if phase in SLAB_PHASES else 8, "num_stages": 1}) for phase in phases}
 
 
 def slab_prefill(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
@@ -266,16 +278,18 @@ def slab_prefill(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tenso
     n_slabs, block_t, block_k = triton.cdiv(config["D"], slab), config["BLOCK_T"], config["BLOCK_K"]
     u_part = torch.empty(n_rows, H, n_slabs, block_t, block_k, device=q.device, dtype=torch.float32)
     uq_part = torch.empty_like(u_part)
+    gu = torch.empty(n_rows, H, block_t, block_k, device=q.device, dtype=torch.float32)
+    cqk = torch.empty(n_rows, H, block_t, block_t, device=q.device, dtype=torch.float32)
     sc_part = torch.empty(n_rows, H, n_slabs, block_t, block_t, device=q.device, dtype=torch.float32)
     stats = torch.empty(n_rows, H, n_slabs, STATS_WIDTH.value, block_k, device=q.device, dtype=torch.float32)
     args = (q, k, v, out, *gates, *anchor, *memory, *factors, ln_weight, ln_bias, surprise, slots, pos, lengths,
-            cu_seqlens, u_part, uq_part, sc_part, stats, T)
+            cu_seqlens, u_part, gu, cqk, uq_part, sc_part, stats, T)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(), cfg.lq_radius,
                *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps, cfg.memory_ln_eps)
 
     def launch(name: str, segment: int) -> None:
         kernel, constexprs, options = kernels[name]
-        grid = (1 if name == "output" else n_slabs, H, n_rows)
+        grid = (n_slabs if name in SLAB_PHASES else 1, H, n_rows)
         kernel[grid](*args, segment, *strides, **constexprs, **options)
 
     if factored:

@@ -214,7 +214,7 @@ def miras_scan_kernel(
 
 
 # The slab-parallel prefill's slab width and warps (launch_config).
-PREFILL_SLAB, PREFILL_WARPS = 32, 4
+PREFILL_SLAB, PREFILL_WARPS = 16, 8
 
 
 def _pow2(x: int, low: int = 16) -> int:

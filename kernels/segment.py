@@ -87,19 +87,20 @@ def mlp_update_slab(q, k, gu, coeff_qk, decay, last, last_decay, a_in, a_out, m_
         row_mask = row_store[:, None] & (s0 + cd < D)[None, :]
         tl.store(seg_rows + rt[:, None] * RW + GZ_OFF + s0 + cd[None, :], gz, mask=row_mask)
         tl.store(seg_rows + rt[:, None] * RW + A_OFF + s0 + cd[None, :], x, mask=row_mask)
-    ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
-    w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
-    ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
-    w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
+    # Each matrix's slab is read, used and rewritten before the next is loaded (fewer tiles live at once).
+    ptr, mask = in_slab(m_in, s0, ck, cd, D, DK)
+    w_in_t = tl.load(ptr, mask=mask, other=0.0)
     xq = gelu(decay * mm(q, w_in_t, VEC, DOT) - mm(coeff_qk, gz, VEC, DOT))
-    uq = mm(xq, w_out_t, VEC, DOT)
-    scores = mm(xq, tl.trans(x), VEC, DOT)
     w_in_t = last_decay * w_in_t - mm(tl.trans(k * last), gz, VEC, DOT)
+    tl.debug_barrier()
+    tl.store(ptr, w_in_t, mask=mask)
+    ptr, mask = out_slab(m_out, s0, ck, cd, D, DK)
+    w_out_t = tl.load(ptr, mask=mask, other=0.0)
+    uq = mm(xq, w_out_t, VEC, DOT)
     w_out_t = last_decay * w_out_t - mm(tl.trans(x * last), gu, VEC, DOT)
     tl.debug_barrier()
-    tl.store(ptr_in, w_in_t, mask=mask_in)
-    tl.store(ptr_out, w_out_t, mask=mask_out)
-    return uq, scores
+    tl.store(ptr, w_out_t, mask=mask)
+    return uq, mm(xq, tl.trans(x), VEC, DOT)
 
 
 @triton.jit
