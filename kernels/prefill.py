@@ -146,13 +146,8 @@ def slab_prefill_kernel(
         g_off = row * sg_b + h * sg_h + start * sg_t
         k_ptr = K + row * sk_b + h * sk_h + start * sk_t
         v_ptr = V + row * sv_b + h * sv_h + start * sv_t
-        decay, coeff, last, last_decay, eta0, log_alpha0 = segment_gates(ETA, LOG_ALPHA, g_off, sg_t, tok, valid,
-                                                                          at_boundary, RETENTION)
         ln_w = tl.load(LN_W + h * DK + ck, mask=col_mask, other=0.0)[None, :]
         ln_b = tl.load(LN_B + h * DK + ck, mask=col_mask, other=0.0)[None, :]
-        # Memora's lag token (the chunk's first, when the chunk starts in the row).
-        k0 = tl.load(k_ptr + chunk_start * sk_t + ck[None, :] * sk_d, mask=col_mask[None, :] & at_boundary,
-                     other=0.0).to(tl.float32)
         tile_mask = in_seg[:, None] & col_mask[None, :]
         gu_ptr = GU + ((n * H + h) * BLOCK_T + rt[:, None]) * BLOCK_K + ck[None, :]
         cqk_ptr = CQK + ((n * H + h) * BLOCK_T + rt[:, None]) * BLOCK_T + rt[None, :]
@@ -160,31 +155,32 @@ def slab_prefill_kernel(
         last_seg = (n_valid > seg_start) & (n_valid <= seg_start + seg_len)
         j_first = (p0 + seg_start) % CHUNK
         seg_rows = factor_rows + j_first * RW
-        k = tl.load(k_ptr + tok[:, None] * sk_t + ck[None, :] * sk_d, mask=tile_mask, other=0.0).to(tl.float32)
-        if PHASE == LAG:
+        if PHASE < GRAD:  # the boundary step's phases, then the forward
             if at_boundary:
-                if RETENTION == 1:
-                    share_in, share_out = lq_norm_slab(m_in, m_out, s0, ck, cd, q_exp, D, DK)
-                    tl.store(stats + ck, tl.where(ck == 0, share_in, tl.where(ck == 1, share_out, 0.0)))
-                else:
-                    tl.store(stats + ck[None, :], mlp_forward_slab(k0, m_in, m_out, s0, ck, cd, D, DK, True, "ieee"))
-        elif PHASE == SOFTMAX:
-            if at_boundary:
+                # The chunk's first token (Memora's lag token) is the row's token chunk_start >= 0.
+                k0 = tl.load(k_ptr + chunk_start * sk_t + ck[None, :] * sk_d, mask=col_mask[None, :],
+                             other=0.0).to(tl.float32)
                 v0 = tl.load(v_ptr + chunk_start * sv_t + ck[None, :] * sv_d, mask=col_mask[None, :],
                              other=0.0).to(tl.float32)
-                u0 = _stats_sum(STATS, part, 0, ck, N_SLABS, BLOCK_K)
-                gu0 = kl_lag_grad(u0, k0, v0, ln_w, ln_b, ck, ln_eps, DK)
-                slab_max, slab_sum = kl_out_stats_slab(m_in, m_out, s0, k0, gu0, eta0, log_alpha0, ck, cd,
-                                                       memora_eps, D, DK)
-                tl.store(stats + BLOCK_K + ck[None, :], slab_max)
-                tl.store(stats + 2 * BLOCK_K + ck[None, :], slab_sum)
-        elif PHASE == FORWARD:
-            if at_boundary:
-                if RETENTION == 2:
-                    v0 = tl.load(v_ptr + chunk_start * sv_t + ck[None, :] * sv_d, mask=col_mask[None, :],
-                                 other=0.0).to(tl.float32)
-                    u0 = _stats_sum(STATS, part, 0, ck, N_SLABS, BLOCK_K)
-                    gu0 = kl_lag_grad(u0, k0, v0, ln_w, ln_b, ck, ln_eps, DK)
+                eta0 = tl.load(ETA + g_off + chunk_start * sg_t).to(tl.float32)
+                log_alpha0 = tl.load(LOG_ALPHA + g_off + chunk_start * sg_t).to(tl.float32)
+                if PHASE == LAG:
+                    if RETENTION == 1:
+                        share_in, share_out = lq_norm_slab(m_in, m_out, s0, ck, cd, q_exp, D, DK)
+                        tl.store(stats + ck, tl.where(ck == 0, share_in, tl.where(ck == 1, share_out, 0.0)))
+                    else:
+                        tl.store(stats + ck[None, :], mlp_forward_slab(k0, m_in, m_out, s0, ck, cd, D, DK, True,
+                                                                       "ieee"))
+                elif PHASE == SOFTMAX:
+                    gu0 = kl_lag_grad(_stats_sum(STATS, part, 0, ck, N_SLABS, BLOCK_K), k0, v0, ln_w, ln_b, ck,
+                                      ln_eps, DK)
+                    slab_max, slab_sum = kl_out_stats_slab(m_in, m_out, s0, k0, gu0, eta0, log_alpha0, ck, cd,
+                                                           memora_eps, D, DK)
+                    tl.store(stats + BLOCK_K + ck[None, :], slab_max)
+                    tl.store(stats + 2 * BLOCK_K + ck[None, :], slab_sum)
+                elif RETENTION == 2:
+                    gu0 = kl_lag_grad(_stats_sum(STATS, part, 0, ck, N_SLABS, BLOCK_K), k0, v0, ln_w, ln_b, ck,
+                                      ln_eps, DK)
                     row_max = tl.full((1, BLOCK_K), float("-inf"), dtype=tl.float32)
                     row_sum = tl.zeros((1, BLOCK_K), dtype=tl.float32)
                     for i in range(N_SLABS):
@@ -201,40 +197,21 @@ def slab_prefill_kernel(
                     lq_scale_slab(m_in, m_out, a_in, a_out, s0, ck, cd, scale_in, scale_out, D, DK)
                 else:
                     copy_slab(m_in, m_out, a_in, a_out, s0, ck, cd, D, DK)
-            tl.debug_barrier()
-            u_share = mlp_forward_slab(k, a_in, a_out, s0, ck, cd, D, DK, False, DOT)
-            tl.store(U_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_K + ck[None, :], u_share)
-        elif PHASE == GRAD:
-            v = tl.load(v_ptr + tok[:, None] * sv_t + ck[None, :] * sv_d, mask=tile_mask, other=0.0).to(tl.float32)
-            delta = 0.0
-            if BIAS == 2:
-                delta = tl.load(DELTA + g_off + tok * sg_t, mask=in_seg, other=1.0).to(tl.float32)[:, None]
-            gu, error = mlp_error_grad(_summed(U_PART, part, rt, ck, N_SLABS, BLOCK_K), k, v, delta, ln_w, ln_b,
-                                       col_mask[None, :], ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
-            tl.store(gu_ptr, gu)
-            # coeff * (q k^T), which every slab's update needs: once here rather than once per slab.
-            q = tl.load(Q + row * sq_b + h * sq_h + (start + tok[:, None]) * sq_t + ck[None, :] * sq_d,
-                        mask=tile_mask, other=0.0).to(tl.float32)
-            tl.store(cqk_ptr, coeff * mm(q, tl.trans(k), False, DOT))
-            if SURPRISE:
-                tl.store(S + g_off + tok[:, None] * sg_t, attentional_loss(error, delta, DK, p_exp, BIAS),
-                         mask=valid[:, None])
-            if FACTORED:
-                store_key_rows(seg_rows, valid & last_seg, k, gu, ck, D, DK)
+            if PHASE == FORWARD:
+                tl.debug_barrier()
+                k = tl.load(k_ptr + tok[:, None] * sk_t + ck[None, :] * sk_d, mask=tile_mask, other=0.0).to(
+                    tl.float32)
+                u_share = mlp_forward_slab(k, a_in, a_out, s0, ck, cd, D, DK, False, DOT)
+                tl.store(U_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_K + ck[None, :], u_share)
         else:
+            decay, coeff, last, last_decay, _, _ = segment_gates(ETA, LOG_ALPHA, g_off, sg_t, tok, valid,
+                                                                  at_boundary, RETENTION)
             q = tl.load(Q + row * sq_b + h * sq_h + (start + tok[:, None]) * sq_t + ck[None, :] * sq_d,
                         mask=tile_mask, other=0.0).to(tl.float32)
-            gu = tl.load(gu_ptr)
-            if PHASE == UPDATE:
-                uq, scores = mlp_update_slab(q, k, gu, tl.load(cqk_ptr), decay, last, last_decay, a_in, a_out,
-                                             m_in, m_out, s0, ck, cd, seg_rows, valid & last_seg, D, DK, False, DOT,
-                                             FACTORED)
-                tl.store(UQ_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_K + ck[None, :], uq)
-                tl.store(SC_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_T + rt[None, :], scores)
-            else:
+            if PHASE == OUTPUT:
                 out = mlp_read(q, _summed(UQ_PART, part, rt, ck, N_SLABS, BLOCK_K),
-                               _summed(SC_PART, part, rt, rt, N_SLABS, BLOCK_T), gu, decay, coeff, ln_w, ln_b,
-                               col_mask[None, :], ln_eps, DK, False, DOT)
+                               _summed(SC_PART, part, rt, rt, N_SLABS, BLOCK_T), tl.load(gu_ptr), decay, coeff,
+                               ln_w, ln_b, col_mask[None, :], ln_eps, DK, False, DOT)
                 tl.store(O + row * so_b + h * so_h + (start + tok[:, None]) * so_t + ck[None, :], out, mask=tile_mask)
                 if FACTORED:  # noqa: SIM102 (a compile-time branch around a runtime one)
                     if last_seg:
@@ -243,6 +220,31 @@ def slab_prefill_kernel(
                         finish_factored(COEF + (slot * H + h) * CHUNK, DECAY + slot * H + h, factor_rows, coef0,
                                         tl.load(DECAY + slot * H + h), chunk_start, j_first, last, last_decay,
                                         n_valid - seg_start, ci, cd, CHUNK, RW)
+            else:
+                k = tl.load(k_ptr + tok[:, None] * sk_t + ck[None, :] * sk_d, mask=tile_mask, other=0.0).to(
+                    tl.float32)
+                if PHASE == UPDATE:
+                    uq, scores = mlp_update_slab(q, k, tl.load(gu_ptr), tl.load(cqk_ptr), decay, last, last_decay,
+                                                 a_in, a_out, m_in, m_out, s0, ck, cd, seg_rows, valid & last_seg, D,
+                                                 DK, False, DOT, FACTORED)
+                    tl.store(UQ_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_K + ck[None, :], uq)
+                    tl.store(SC_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_T + rt[None, :], scores)
+                else:  # GRAD
+                    v = tl.load(v_ptr + tok[:, None] * sv_t + ck[None, :] * sv_d, mask=tile_mask, other=0.0).to(
+                        tl.float32)
+                    delta = 0.0
+                    if BIAS == 2:
+                        delta = tl.load(DELTA + g_off + tok * sg_t, mask=in_seg, other=1.0).to(tl.float32)[:, None]
+                    gu, error = mlp_error_grad(_summed(U_PART, part, rt, ck, N_SLABS, BLOCK_K), k, v, delta, ln_w,
+                                               ln_b, col_mask[None, :], ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+                    tl.store(gu_ptr, gu)
+                    # coeff * (q k^T), which every slab's update needs: once here rather than once per slab.
+                    tl.store(cqk_ptr, coeff * mm(q, tl.trans(k), False, DOT))
+                    if SURPRISE:
+                        tl.store(S + g_off + tok[:, None] * sg_t, attentional_loss(error, delta, DK, p_exp, BIAS),
+                                 mask=valid[:, None])
+                    if FACTORED:
+                        store_key_rows(seg_rows, valid & last_seg, k, gu, ck, D, DK)
 
 
 SLAB_PHASES = ("fold", "lag", "softmax", "forward", "update")  # grid (slabs, H, N); the others (1, H, N)
