@@ -230,6 +230,8 @@ def slab_prefill_kernel(
                     tl.store(UQ_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_K + ck[None, :], uq)
                     tl.store(SC_PART + ((part + s) * BLOCK_T + rt[:, None]) * BLOCK_T + rt[None, :], scores)
                 else:  # GRAD
+                    # coeff * (q k^T), which every slab's update needs: once here rather than once per slab.
+                    tl.store(cqk_ptr, coeff * mm(q, tl.trans(k), False, DOT))
                     v = tl.load(v_ptr + tok[:, None] * sv_t + ck[None, :] * sv_d, mask=tile_mask, other=0.0).to(
                         tl.float32)
                     delta = 0.0
@@ -238,8 +240,6 @@ def slab_prefill_kernel(
                     gu, error = mlp_error_grad(_summed(U_PART, part, rt, ck, N_SLABS, BLOCK_K), k, v, delta, ln_w,
                                                ln_b, col_mask[None, :], ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
                     tl.store(gu_ptr, gu)
-                    # coeff * (q k^T), which every slab's update needs: once here rather than once per slab.
-                    tl.store(cqk_ptr, coeff * mm(q, tl.trans(k), False, DOT))
                     if SURPRISE:
                         tl.store(S + g_off + tok[:, None] * sg_t, attentional_loss(error, delta, DK, p_exp, BIAS),
                                  mask=valid[:, None])
