@@ -6,8 +6,9 @@ The fused scan (kernels.scan) gives each (sequence, head) one program that walks
 per chunk through a tile set that spills. Here the hidden width D is cut into ``N_SLABS`` slabs of
 ``BLOCK_D`` units; slab s owns rows s of W_in and columns s of W_out (anchor and running memory) and every
 product of the dual form that touches them, with 64-row token tiles as ``tl.dot`` operands. What couples
-the slabs inside a chunk is three sums over the hidden width, so a chunk is a sequence of launches
-(phases), each program handing its share to the next phase through a small scratch buffer:
+the slabs inside a chunk is sums over the hidden width (the boundary step's statistics, the forward u,
+the reads), so a chunk is a sequence of launches (phases), each program handing its share to the next
+phase through a small scratch buffer:
 
 0. ``FOLD`` (factored state only, once): the slab of the running memory the factored state stands for,
    into per-row scratch (kernels.boundary.fold_slab).
@@ -17,11 +18,13 @@ the slabs inside a chunk is three sums over the hidden width, so a chunk is a se
    statistics of W_out's lag-step logits (its rows span every slab).
 3. ``FORWARD``: the boundary map on the slab (copy, lq scale, lag step), which becomes the new anchor;
    then the slab's share of the chunk's forward at the anchor, u = W_out gelu(W_in k).
-4. ``UPDATE``: the output gradient gu from the summed u (LayerNorm backward, attentional bias); the
-   slab's gz, a, the reads' hidden layer and the memory update in place (kernels.segment.mlp_update_slab);
-   its shares of the reads and of the scores xq . a.
-5. ``OUTPUT`` (one program per (sequence, head)): the reads from the summed shares, LayerNorm, residual;
-   the surprise; on the factored state, the last segment's k, gu rows, coefficients and decay.
+4. ``GRAD`` (one program per (sequence, head)): the output gradient gu from the summed u (LayerNorm
+   backward, attentional bias) and coeff * (q k^T), both to scratch (computed once, not once per slab:
+   this is what keeps the update spill-free); the surprise; on the factored state, the k, gu factor rows.
+5. ``UPDATE``: the slab's gz, a, the reads' hidden layer and the memory update in place
+   (kernels.segment.mlp_update_slab); its shares of the reads and of the scores xq . a.
+6. ``OUTPUT`` (one program per (sequence, head)): the reads from the summed shares, LayerNorm, residual;
+   on the factored state, after the row's last segment, the coefficients and the decay.
 
 Launch index ``SEG`` is the row's segment: chunk ``pos // CHUNK + SEG`` (every row has its own phase);
 rows with fewer segments return at once. The host loops over segments and phases without reading any
@@ -105,7 +108,8 @@ def slab_prefill_kernel(
 
     Layouts, pool, slots and positions as kernels.scan.miras_scan_kernel (MLP memory). Scratch, per
     (row, head, slab): U_PART, UQ_PART [BT, BK] (shares of the forward and of the reads), SC_PART [BT, BT]
-    (shares of the scores), STATS [3, BK] (the boundary step's shares). FACTORED: M_IN / M_OUT are per-row
+    (shares of the scores), STATS [3, BK] (the boundary step's shares); per (row, head): GU [BT, BK], CQK
+    [BT, BT] (the GRAD phase's gu and coeff * q k^T). FACTORED: M_IN / M_OUT are per-row
     scratch for the running memory, ROWS / COEF / DECAY the factored state, as in the fused scan.
     """
     s = tl.program_id(0)
@@ -258,8 +262,8 @@ def chunk_phases(retention: int) -> list[str]:
 
 def prefill_kernels(config: dict, slab: int, warps: int, factored: bool) -> dict[str, tuple]:
     """(kernel, compile-time arguments, launch options) of every phase the rule runs, from the scan's launch
-    config, ``slab``-wide hidden slabs and ``warps`` warps (OUTPUT: 4, its tiles are one [BT, BK] each);
-    shared by the launcher and kernels.compile_check."""
+    config, ``slab``-wide hidden slabs and ``warps`` warps (the per-(sequence, head) phases GRAD and OUTPUT:
+    8 warps); shared by the launcher and kernels.compile_check."""
     constexprs = {name: config[name] for name in ("H", "DK", "D", "CHUNK", "BLOCK_T", "BLOCK_K", "BLOCK_C", "BIAS",
                                                   "RETENTION", "VARLEN", "DOT", "SURPRISE")}
     constexprs.update(BLOCK_D=slab, N_SLABS=triton.cdiv(config["D"], slab), FACTORED=factored)

@@ -18,6 +18,11 @@ cores instead of ``tl.dot``, the same code and therefore the same chunk semantic
 memories it runs only the decode rows whose token starts a chunk (``BOUNDARY_ROWS_ONLY``); the
 other rows go through the slab-parallel kernels of ``kernels.decode``, which keep more loads in flight.
 
+The MLP memories' prompts run by default on the slab-parallel prefill of ``kernels.prefill`` (every
+(sequence, head) split over hidden slabs, one launch per chunk phase; ``MIRAS_PREFILL=fused`` or
+``SPLIT_D=0`` in a launch override keeps them on this kernel, for comparison); this kernel runs the linear
+memory's prefill and the decode steps.
+
 An MLP memory's pool may instead hold the factored state (anchor + the chunk's factor rows,
 :class:`Factors`): its prefill is this kernel with ``FACTORED`` (the running memory in per-row scratch,
 the state's rows written at the end), its decode the kernels of ``kernels.factored``.
