@@ -563,7 +563,12 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
             shipped = launch_config(cfg, mode == "decode", False, dot_precision(device))
             state_bytes = 3 * sum(w[0].numel() * 4 for w in x["memory"])  # anchor read, memory read + write
             for launch in launches:
-                name = ", ".join(f"{k}={v}" for k, v in {**shipped, **launch}.items() if k in SHOWN or k in launch)
+                merged = {**shipped, **launch}
+                # Show the knobs of the kernels that run: the slab prefill's or the fused kernel's.
+                hidden = (("BLOCK_D", "num_warps", "num_stages") if merged.get("SPLIT_D") and mode == "prefill" else
+                          () if merged.get("SPLIT_D") else ("SPLIT_WARPS",))
+                name = ", ".join(f"{k}={v}" for k, v in merged.items()
+                                 if (k in SHOWN or k in launch) and k not in hidden)
                 try:
                     error, eager, t = run_launch(cfg, x, tokens, slots, pos, launch, reference, checked, device,
                                                  reps=(1 if smoke else 5) if mode == "prefill" else 20,
