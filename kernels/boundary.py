@@ -45,14 +45,20 @@ def copy_boundary(src_a, src_b, dst_a, dst_b, ck, cd, D: tl.constexpr, DK: tl.co
         tl.store(ptr, w, mask=mask)
     else:
         for s0 in range(0, D, BLOCK_D):
-            ptr, mask = in_slab(src_a, s0, ck, cd, D, DK)
-            w = tl.load(ptr, mask=mask)
-            ptr, mask = in_slab(dst_a, s0, ck, cd, D, DK)
-            tl.store(ptr, w, mask=mask)
-            ptr, mask = out_slab(src_b, s0, ck, cd, D, DK)
-            w = tl.load(ptr, mask=mask)
-            ptr, mask = out_slab(dst_b, s0, ck, cd, D, DK)
-            tl.store(ptr, w, mask=mask)
+            copy_slab(src_a, src_b, dst_a, dst_b, s0, ck, cd, D, DK)
+
+
+@triton.jit
+def copy_slab(src_a, src_b, dst_a, dst_b, s0, ck, cd, D: tl.constexpr, DK: tl.constexpr):
+    """Hidden slab ``s0`` of the plain boundary step (MLP memory)."""
+    ptr, mask = in_slab(src_a, s0, ck, cd, D, DK)
+    w = tl.load(ptr, mask=mask)
+    ptr, mask = in_slab(dst_a, s0, ck, cd, D, DK)
+    tl.store(ptr, w, mask=mask)
+    ptr, mask = out_slab(src_b, s0, ck, cd, D, DK)
+    w = tl.load(ptr, mask=mask)
+    ptr, mask = out_slab(dst_b, s0, ck, cd, D, DK)
+    tl.store(ptr, w, mask=mask)
 
 
 @triton.jit
@@ -77,18 +83,39 @@ def lq_boundary(m_a, m_b, a_a, a_b, ck, cd, q_exp, radius, inv_std_a, inv_std_b,
         sum_in = 0.0
         sum_out = 0.0
         for s0 in range(0, D, BLOCK_D):
-            ptr, mask = in_slab(m_a, s0, ck, cd, D, DK)
-            sum_in += tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
-            ptr, mask = out_slab(m_b, s0, ck, cd, D, DK)
-            sum_out += tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
-        scale_in = _lq_scale(sum_in, D * DK, inv_std_a, q_exp, radius)
-        scale_out = _lq_scale(sum_out, D * DK, inv_std_b, q_exp, radius)
+            part_in, part_out = lq_norm_slab(m_a, m_b, s0, ck, cd, q_exp, D, DK)
+            sum_in += part_in
+            sum_out += part_out
+        scale_in, scale_out = lq_scales(sum_in, sum_out, q_exp, radius, inv_std_a, inv_std_b, D, DK)
         for s0 in range(0, D, BLOCK_D):
-            ptr, mask = in_slab(m_a, s0, ck, cd, D, DK)
-            w_in = tl.load(ptr, mask=mask) * scale_in
-            ptr_out, mask_out = out_slab(m_b, s0, ck, cd, D, DK)
-            w_out = tl.load(ptr_out, mask=mask_out) * scale_out
-            _store_boundary_slab(m_a, m_b, a_a, a_b, s0, ck, cd, w_in, w_out, D, DK)
+            lq_scale_slab(m_a, m_b, a_a, a_b, s0, ck, cd, scale_in, scale_out, D, DK)
+
+
+@triton.jit
+def lq_norm_slab(m_a, m_b, s0, ck, cd, q_exp, D: tl.constexpr, DK: tl.constexpr):
+    """Hidden slab ``s0``'s shares of sum |W|^q for W_in and W_out (MLP memory)."""
+    ptr, mask = in_slab(m_a, s0, ck, cd, D, DK)
+    part_in = tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
+    ptr, mask = out_slab(m_b, s0, ck, cd, D, DK)
+    part_out = tl.sum(pow_pos(tl.abs(tl.load(ptr, mask=mask, other=0.0)), q_exp))
+    return part_in, part_out
+
+
+@triton.jit
+def lq_scales(sum_in, sum_out, q_exp, radius, inv_std_a, inv_std_b, D: tl.constexpr, DK: tl.constexpr):
+    """The lq projection's scale of W_in and W_out from their sums of |W|^q (MLP memory)."""
+    return (_lq_scale(sum_in, D * DK, inv_std_a, q_exp, radius),
+            _lq_scale(sum_out, D * DK, inv_std_b, q_exp, radius))
+
+
+@triton.jit
+def lq_scale_slab(m_a, m_b, a_a, a_b, s0, ck, cd, scale_in, scale_out, D: tl.constexpr, DK: tl.constexpr):
+    """Hidden slab ``s0`` of Moneta's boundary step, its scales known: written as memory and anchor."""
+    ptr, mask = in_slab(m_a, s0, ck, cd, D, DK)
+    w_in = tl.load(ptr, mask=mask) * scale_in
+    ptr_out, mask_out = out_slab(m_b, s0, ck, cd, D, DK)
+    w_out = tl.load(ptr_out, mask=mask_out) * scale_out
+    _store_boundary_slab(m_a, m_b, a_a, a_b, s0, ck, cd, w_in, w_out, D, DK)
 
 
 @triton.jit
@@ -121,37 +148,64 @@ def kl_boundary(m_in, m_out, a_in, a_out, k0, v0, eta0, log_alpha0, ln_w, ln_b, 
     W_in's rows (over DK) lie inside one slab; W_out's rows (over D) span all slabs, so their
     softmax statistics are gathered online in a first pass and applied in a second.
     """
-    col_mask = (ck < DK)[None, :]
-    u = mlp_forward(k0, m_in, m_out, ck, cd, D, DK, BLOCK_D, True, "ieee")
-    gu, _ = mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, col_mask, ln_eps, 0.0, 0.0, 0.0, DK, 0)
-    alpha = tl.exp(log_alpha0)
+    gu = kl_lag_grad(mlp_forward(k0, m_in, m_out, ck, cd, D, DK, BLOCK_D, True, "ieee"), k0, v0, ln_w, ln_b, ck,
+                     ln_eps, DK)
     row_max = tl.full((1, ck.shape[0]), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((1, ck.shape[0]), dtype=tl.float32)
     for s0 in range(0, D, BLOCK_D):
-        ptr, mask = in_slab(m_in, s0, ck, cd, D, DK)
-        x = gelu(mm(k0, tl.load(ptr, mask=mask, other=0.0), True, "ieee"))
-        ptr, mask = out_slab(m_out, s0, ck, cd, D, DK)
-        logits = _kl_out_logits(tl.load(ptr, mask=mask, other=0.0), x, gu, alpha, eta0, memora_eps, D)
-        logits = tl.where((s0 + cd < D)[:, None], logits, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, axis=0, keep_dims=True))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max), axis=0, keep_dims=True)
-        row_max = new_max
+        slab_max, slab_sum = kl_out_stats_slab(m_in, m_out, s0, k0, gu, eta0, log_alpha0, ck, cd, memora_eps, D, DK)
+        row_max, row_sum = softmax_merge(row_max, row_sum, slab_max, slab_sum)
     for s0 in range(0, D, BLOCK_D):
-        ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
-        w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
-        ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
-        w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
-        z = mm(k0, w_in_t, True, "ieee")
-        x = gelu(z)
-        gz = mm(gu, tl.trans(w_out_t), True, "ieee") * gelu_grad(z)
-        # W_in^T logits [BK, BD]: its softmax runs over the head dim (axis 0), inside the slab.
-        logits = alpha * tl.log(tl.maximum(w_in_t / DK, memora_eps)) - eta0 * mm(tl.trans(k0), gz, True, "ieee")
-        logits = tl.where((ck < DK)[:, None], logits, float("-inf"))
-        e = tl.exp(logits - tl.max(logits, axis=0, keep_dims=True))
-        new_in = DK * (e / tl.sum(e, axis=0, keep_dims=True))
-        logits = _kl_out_logits(w_out_t, x, gu, alpha, eta0, memora_eps, D)
-        new_out = D * (tl.exp(logits - row_max) / row_sum)
-        _store_boundary_slab(m_in, m_out, a_in, a_out, s0, ck, cd, new_in, new_out, D, DK)
+        kl_slab(m_in, m_out, a_in, a_out, s0, k0, gu, eta0, log_alpha0, row_max, row_sum, ck, cd, memora_eps, D, DK)
+
+
+@triton.jit
+def kl_lag_grad(u, k0, v0, ln_w, ln_b, ck, ln_eps, DK: tl.constexpr):
+    """The lag token's output gradient gu (l2 bias) from its forward u = W_out gelu(W_in k0) at the old memory."""
+    return mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, (ck < DK)[None, :], ln_eps, 0.0, 0.0, 0.0, DK, 0)[0]
+
+
+@triton.jit
+def softmax_merge(row_max, row_sum, part_max, part_sum):
+    """Online softmax statistics (max, sum of exp(logit - max)) of two parts of the same rows, merged."""
+    new_max = tl.maximum(row_max, part_max)
+    return new_max, row_sum * tl.exp(row_max - new_max) + part_sum * tl.exp(part_max - new_max)
+
+
+@triton.jit
+def kl_out_stats_slab(m_in, m_out, s0, k0, gu, eta0, log_alpha0, ck, cd, memora_eps, D: tl.constexpr,
+                      DK: tl.constexpr):
+    """Softmax statistics [1, BK] (max, sum of exp(logit - max)) of hidden slab ``s0`` of W_out's lag-step
+    logits, whose rows span every slab."""
+    ptr, mask = in_slab(m_in, s0, ck, cd, D, DK)
+    x = gelu(mm(k0, tl.load(ptr, mask=mask, other=0.0), True, "ieee"))
+    ptr, mask = out_slab(m_out, s0, ck, cd, D, DK)
+    logits = _kl_out_logits(tl.load(ptr, mask=mask, other=0.0), x, gu, tl.exp(log_alpha0), eta0, memora_eps, D)
+    logits = tl.where((s0 + cd < D)[:, None], logits, float("-inf"))
+    slab_max = tl.max(logits, axis=0, keep_dims=True)
+    return slab_max, tl.sum(tl.exp(logits - slab_max), axis=0, keep_dims=True)
+
+
+@triton.jit
+def kl_slab(m_in, m_out, a_in, a_out, s0, k0, gu, eta0, log_alpha0, row_max, row_sum, ck, cd, memora_eps,
+            D: tl.constexpr, DK: tl.constexpr):
+    """Hidden slab ``s0`` of Memora's lag step, W_out's softmax statistics known: written as memory and anchor."""
+    alpha = tl.exp(log_alpha0)
+    ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
+    w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
+    ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
+    w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
+    z = mm(k0, w_in_t, True, "ieee")
+    x = gelu(z)
+    gz = mm(gu, tl.trans(w_out_t), True, "ieee") * gelu_grad(z)
+    # W_in^T logits [BK, BD]: its softmax runs over the head dim (axis 0), inside the slab.
+    logits = alpha * tl.log(tl.maximum(w_in_t / DK, memora_eps)) - eta0 * mm(tl.trans(k0), gz, True, "ieee")
+    logits = tl.where((ck < DK)[:, None], logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=0, keep_dims=True))
+    new_in = DK * (e / tl.sum(e, axis=0, keep_dims=True))
+    logits = _kl_out_logits(w_out_t, x, gu, alpha, eta0, memora_eps, D)
+    new_out = D * (tl.exp(logits - row_max) / row_sum)
+    _store_boundary_slab(m_in, m_out, a_in, a_out, s0, ck, cd, new_in, new_out, D, DK)
 
 
 @triton.jit
@@ -160,21 +214,37 @@ def fold_rows(a_in, a_out, dst_in, dst_out, rows, coef, decay, n_rows, ck, cd, D
     """The running memory of a factored state, written slab by slab to ``dst`` (which may be the anchor):
     W_in = decay A_in - sum_i coef_i gz_i k_i^T and W_out = decay A_out - sum_i coef_i gu_i a_i^T over the
     first ``n_rows`` factor rows (``coef`` [BLOCK_C], zero past them)."""
-    K_OFF, GZ_OFF, A_OFF, GU_OFF, RW = row_offsets(D, DK)
+    kc_t, guc = fold_factors(rows, coef, n_rows, ck, D, DK, BLOCK_C)
+    for s0 in range(0, D, BLOCK_D):
+        fold_slab(a_in, a_out, dst_in, dst_out, rows, kc_t, guc, decay, n_rows, s0, ck, cd, D, DK, BLOCK_C, DOT)
+
+
+@triton.jit
+def fold_factors(rows, coef, n_rows, ck, D: tl.constexpr, DK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The fold's slab-independent factors: (k_i C_i)^T [BK, BC] and C_i gu_i [BC, BK] of the filled rows."""
+    K_OFF, _, _, GU_OFF, RW = row_offsets(D, DK)
     ci = tl.arange(0, BLOCK_C)
     filled = ci < n_rows
     c = tl.where(filled, coef, 0.0)[:, None]
-    kc_t = tl.trans(load_rows(rows, ci, filled, K_OFF, ck, DK, RW) * c)  # [BK, BC]
-    guc = load_rows(rows, ci, filled, GU_OFF, ck, DK, RW) * c  # [BC, BK]
-    for s0 in range(0, D, BLOCK_D):
-        gz = load_rows(rows, ci, filled, GZ_OFF + s0, cd, D - s0, RW)  # [BC, BD]
-        a = load_rows(rows, ci, filled, A_OFF + s0, cd, D - s0, RW)
-        ptr_in, mask_in = in_slab(a_in, s0, ck, cd, D, DK)
-        w_in_t = decay * tl.load(ptr_in, mask=mask_in, other=0.0) - mm(kc_t, gz, False, DOT)
-        ptr_out, mask_out = out_slab(a_out, s0, ck, cd, D, DK)
-        w_out_t = decay * tl.load(ptr_out, mask=mask_out, other=0.0) - mm(tl.trans(a), guc, False, DOT)
-        tl.debug_barrier()
-        ptr_in, mask_in = in_slab(dst_in, s0, ck, cd, D, DK)
-        tl.store(ptr_in, w_in_t, mask=mask_in)
-        ptr_out, mask_out = out_slab(dst_out, s0, ck, cd, D, DK)
-        tl.store(ptr_out, w_out_t, mask=mask_out)
+    return tl.trans(load_rows(rows, ci, filled, K_OFF, ck, DK, RW) * c), load_rows(rows, ci, filled, GU_OFF, ck, DK,
+                                                                                  RW) * c
+
+
+@triton.jit
+def fold_slab(a_in, a_out, dst_in, dst_out, rows, kc_t, guc, decay, n_rows, s0, ck, cd, D: tl.constexpr,
+              DK: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+    """Hidden slab ``s0`` of :func:`fold_rows`, from :func:`fold_factors`."""
+    _, GZ_OFF, A_OFF, _, RW = row_offsets(D, DK)
+    ci = tl.arange(0, BLOCK_C)
+    filled = ci < n_rows
+    gz = load_rows(rows, ci, filled, GZ_OFF + s0, cd, D - s0, RW)  # [BC, BD]
+    a = load_rows(rows, ci, filled, A_OFF + s0, cd, D - s0, RW)
+    ptr_in, mask_in = in_slab(a_in, s0, ck, cd, D, DK)
+    w_in_t = decay * tl.load(ptr_in, mask=mask_in, other=0.0) - mm(kc_t, gz, False, DOT)
+    ptr_out, mask_out = out_slab(a_out, s0, ck, cd, D, DK)
+    w_out_t = decay * tl.load(ptr_out, mask=mask_out, other=0.0) - mm(tl.trans(a), guc, False, DOT)
+    tl.debug_barrier()
+    ptr_in, mask_in = in_slab(dst_in, s0, ck, cd, D, DK)
+    tl.store(ptr_in, w_in_t, mask=mask_in)
+    ptr_out, mask_out = out_slab(dst_out, s0, ck, cd, D, DK)
+    tl.store(ptr_out, w_out_t, mask=mask_out)

@@ -6,6 +6,7 @@ the ptxas that ships in the triton wheel.
 
     python -m kernels.compile_check            # sm_90 (H100/H200), the 340M shape, every rule
     python -m kernels.compile_check --surprise # the same kernels storing each token's surprise
+    python -m kernels.compile_check --modes prefill --dot tf32  # prefill kernels only, plain TF32 dots
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from models.config import MirasConfig, preset_config
 
 from .decode import split_kernels
 from .factored import factored_kernels
-from .scan import launch_config, miras_scan_kernel, split_launch
+from .prefill import prefill_kernels
+from .scan import DOT_PRECISIONS, launch_config, miras_scan_kernel, split_launch
 
 INDEX_ARGS = ("SLOTS", "POS", "LENGTHS", "CU_SEQLENS")
 TOKEN_ARGS = ("Q", "K", "V")
+SCALAR_ARGS = ("T", "SEG")  # token count, chunk segment
 FLOAT_ARGS = ("lq_radius", "lq_inv_std_in", "lq_inv_std_out", "q_exp", "p_exp", "abs_eps", "sharpness",
               "memora_eps", "ln_eps")
 
@@ -41,24 +44,26 @@ def _signature(kernel, constexprs: dict, token_dtype: str) -> dict[str, str]:
             sig[name] = "*i64"
         elif name in TOKEN_ARGS:
             sig[name] = f"*{token_dtype}"
-        elif name.isupper() and name != "T":
+        elif name.isupper() and name not in SCALAR_ARGS:
             sig[name] = "*fp32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
-        else:  # T and the strides
+        else:  # T, SEG and the strides
             sig[name] = "i32"
     return sig
 
 
 def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dtype: str = "fp32",
-                 capability: int = 90, launch: dict | None = None,
-                 layout: str = "running") -> dict[str, dict[str, int]]:
-    """Compile one variant for ``sm_<capability>`` (``launch`` overrides entries of launch_config) on the
-    state ``layout`` ("running": anchor + running memory; "factored": anchor + factor rows, MLP memory):
-    prefill, the scan kernel; decode, the kernels that run it (running: the scan kernel and the split
-    kernels of kernels.decode; factored: the kernels of kernels.factored). Returns
+                 capability: int = 90, launch: dict | None = None, layout: str = "running",
+                 dot: str = "tf32x3") -> dict[str, dict[str, int]]:
+    """Compile one variant for ``sm_<capability>`` (``launch`` overrides entries of launch_config, ``dot`` is
+    the tl.dot input precision) on the state ``layout`` ("running": anchor + running memory; "factored":
+    anchor + factor rows, MLP memory): prefill, the fused scan kernel (the launch config's ``BLOCK_D``,
+    ``num_warps``) and, where the config splits it (``SPLIT_D``), the phases of the slab-parallel prefill
+    (kernels.prefill); decode, the kernels that run it (running: the scan kernel and the split kernels of
+    kernels.decode; factored: the kernels of kernels.factored). Returns
     {kernel: {registers, spill_stores, spill_loads (bytes)}}."""
-    config, split_d, split_warps = split_launch({**launch_config(cfg, decode, varlen, dot="tf32x3"),
+    config, split_d, split_warps = split_launch({**launch_config(cfg, decode, varlen, dot),
                                                  **(launch or {})})
     options = {name: config.pop(name) for name in ("num_warps", "num_stages") if name in config}
     factored = layout == "factored"
@@ -67,7 +72,11 @@ def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dty
         return {f"factored {name}": _compile(kernel, constexprs, kernel_options, token_dtype, capability)
                 for name, (kernel, constexprs, kernel_options) in kernels.items()}
     report = {"scan": _compile(miras_scan_kernel, dict(config, FACTORED=factored), options, token_dtype, capability)}
-    if split_d > 0:
+    if split_d > 0 and not decode:
+        for name, (kernel, constexprs, kernel_options) in prefill_kernels(config, split_d, split_warps,
+                                                                          factored).items():
+            report[f"slabs {name}"] = _compile(kernel, constexprs, kernel_options, token_dtype, capability)
+    elif split_d > 0:
         for name, (kernel, constexprs, kernel_options) in split_kernels(config, split_d, split_warps).items():
             report[f"split {name}"] = _compile(kernel, constexprs, kernel_options, token_dtype, capability)
     return report
@@ -103,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="state layouts (the linear memory has the running one only)")
     parser.add_argument("--surprise", action="store_true",
                         help="the variants that also store every token's surprise (requests with return_surprise)")
+    parser.add_argument("--modes", nargs="*", default=["prefill", "decode"], choices=["prefill", "decode"])
+    parser.add_argument("--dot", default="tf32x3", choices=DOT_PRECISIONS,
+                        help="input precision of the fp32 tl.dots (the GPU default: tf32x3)")
     args = parser.parse_args(argv)
     launch = {"SURPRISE": True} if args.surprise else None
     shape = dict(d_model=1024, n_heads=16, head_dim=64, memory_expansion=4, chunk_size=64)
@@ -113,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         for layout in args.layouts:
             if layout == "factored" and cfg.memory == "linear":
                 continue
-            for decode in (False, True):
-                kernels = compile_scan(cfg, decode, capability=args.capability, launch=launch, layout=layout)
+            for decode in [mode == "decode" for mode in args.modes]:
+                kernels = compile_scan(cfg, decode, capability=args.capability, launch=launch, layout=layout,
+                                       dot=args.dot)
                 for kernel, info in kernels.items():
                     print(f"{preset:8} {layout:9} {'decode' if decode else 'prefill':8} {kernel.replace(' ', '-'):17} "
                           f"{info['registers']:>9} {info['spill_stores']:>12} {info['spill_loads']:>11}", flush=True)

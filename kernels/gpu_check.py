@@ -153,6 +153,10 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
             T = 150 if cfg.chunk_size > 16 else 11
             cases.append((f"{rule} {shape} prefill fp32", lambda c=cfg, t=T: check_padded_prefill(c, gen, dev, T=t),
                           tolerance(cfg, precision)))
+            if cfg.memory == "mlp":  # the default prefill is the slab-parallel one; the fused kernel beside it
+                cases.append((f"{rule} {shape} prefill fp32, fused kernel (SPLIT_D=0)",
+                              lambda c=cfg, t=T: check_padded_prefill(c, gen, dev, T=t, launch=dict(SPLIT_D=0)),
+                              tolerance(cfg, precision)))
             cases.append((f"{rule} {shape} decode slots", lambda c=cfg: check_decode_slots(c, gen, dev),
                           tolerance(cfg, "ieee")))
             if cfg.memory == "mlp":  # the factored state (the fold's dots run at the shipped precision)
@@ -291,6 +295,7 @@ def memory_prefill_flops(cfg, batch: int, tokens: int) -> float:
 
 def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
     import models
+    from kernels.scan import dot_precision
     from models.layers import MirasMixer
 
     shape = TINY if smoke else FULL
@@ -301,31 +306,39 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
     proj_flops = 2 * cfg.d_model * (5 * cfg.inner_dim) + 2 * cfg.d_model * cfg.gate_rank  # per token
     rows = []
     for T in [16] if smoke else PREFILL_LENGTHS:
-        for B in [1, 2] if smoke else PREFILL_BATCHES:
+        for B in [2] if smoke else PREFILL_BATCHES:
             try:
                 rows.append(prefill_row(layer, attention, cfg, B, T, device,
                                         B * T * proj_flops + memory_prefill_flops(cfg, B, T)))
             except Exception as exc:  # one shape failing (out of memory, say) must not lose the others
                 traceback.print_exc()
-                rows.append([str(T), str(B), f"{B * cfg.n_heads}", f"failed: {type(exc).__name__}"] + ["-"] * 7)
+                rows.append([str(T), str(B), f"{B * cfg.n_heads}", f"failed: {type(exc).__name__}"] + ["-"] * 11)
     report.table(
         "Prefill of one Miras layer (Moneta)",
-        ["T", "batch", "batch x heads", "Triton ms", "Triton ktok/s", "Triton TFLOP/s", "PyTorch ms",
-         "Triton speed-up", "SDPA layer ms", "SDPA TFLOP/s", "Triton vs SDPA (>1: faster)"], rows,
+        ["T", "batch", "batch x heads", "Triton slabs ms (graph)", "slabs eager ms", "fused kernel ms",
+         "slabs (graph) vs fused", "Triton ktok/s", "Triton TFLOP/s", "PyTorch ms", "Triton speed-up",
+         "SDPA layer ms", "SDPA TFLOP/s", "Triton vs SDPA (>1: faster)"], rows,
         f"Layer = q/k/v/gate projections, short conv, memory scan, output gate and projection; weights "
-        f"{str(dtype).removeprefix('torch.')}. Shape: d_model {cfg.d_model}, {cfg.n_heads} heads x "
-        f"{cfg.head_dim}, expansion {cfg.memory_expansion}, chunk {cfg.chunk_size}. TFLOP/s counts the memory's "
-        f"matrix products from the prefill FLOP model (kernels/cost.py: "
+        f"{str(dtype).removeprefix('torch.')}; dot precision {dot_precision(device)}. Shape: d_model {cfg.d_model}, "
+        f"{cfg.n_heads} heads x {cfg.head_dim}, expansion {cfg.memory_expansion}, chunk {cfg.chunk_size}. "
+        "Triton slabs = the default prefill (kernels.prefill: hidden slabs, one launch per chunk phase), the "
+        "whole layer replayed as a CUDA graph (kernels.graphs.capture) and eager; fused = the one-program-per-"
+        "(sequence, head) scan kernel (MIRAS_PREFILL=fused), eager (one launch). ktok/s, TFLOP/s, the speed-up "
+        f"over PyTorch and the ratio to SDPA use the graph time. TFLOP/s counts the memory's matrix products from "
+        f"the prefill FLOP model (kernels/cost.py: "
         f"{memory_prefill_flops(cfg, 1, cfg.chunk_size) / cfg.n_heads / cfg.chunk_size / 1e3:.0f} kFLOP/token/head "
         f"per full chunk) plus the projections; the SDPA layer counts causal attention (2 T d per token per head) "
-        f"plus its projections.")
+        f"plus its projections."
+        + ("" if device.type == "cuda" else " CPU interpreter: no graphs (the graph column repeats the eager time), "
+           "not a measurement."))
 
 
 def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, device: torch.device,
                 flops: float) -> list[str]:
-    """One row of the prefill table: the layer on the Triton and the PyTorch backend (``flops``: the layer's),
-    and the SDPA layer."""
-    from kernels import forced_backend
+    """One row of the prefill table (``flops``: the layer's): the layer on the Triton backend (slab prefill
+    under a CUDA graph and eager, the fused kernel), on the PyTorch backend, and the SDPA layer."""
+    from kernels import environment, forced_backend
+    from kernels.graphs import capture
     from models.layers import state_layout
 
     dtype = next(layer.parameters()).dtype
@@ -335,20 +348,28 @@ def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, dev
     valid = torch.ones(B, T, dtype=torch.bool, device=device)
     lengths = torch.full((B,), T, dtype=torch.long, device=device)
     times = {}
+    step = partial(layer, x, state, pos, valid, lengths)
+    reps = 3 if device.type == "cuda" else 1  # the CPU smoke run: the interpreter, not a measurement
     with torch.inference_mode():
-        for backend in ("triton", "torch"):
-            with forced_backend(backend):
-                times[backend] = timed(partial(layer, x, state, pos, valid, lengths), device,
-                                       reps=1 if backend == "torch" else 3)
-        times["sdpa"] = timed(partial(attention, x), device, reps=3)
+        with forced_backend("triton"):
+            times["eager"] = timed(step, device, reps=reps)
+            # (on a CPU there are no graphs: capture returns the step itself, timed above)
+            cuda = device.type == "cuda"
+            times["graph"] = timed(capture(step, device), device, reps=reps) if cuda else times["eager"]
+            with environment("MIRAS_PREFILL", "fused"):
+                times["fused"] = timed(step, device, reps=reps)
+        with forced_backend("torch"):
+            times["torch"] = timed(step, device, reps=1)
+        times["sdpa"] = timed(partial(attention, x), device, reps=reps)
     tokens = B * T
     attn_flops = tokens * (2 * cfg.d_model * 4 * cfg.inner_dim + 2 * T * cfg.head_dim * cfg.n_heads)
-    return [str(T), str(B), f"{B * cfg.n_heads}",
-            f"{times['triton'] * 1e3:.2f}", f"{tokens / times['triton'] / 1e3:.1f}",
-            f"{flops / times['triton'] / 1e12:.3g}",
-            f"{times['torch'] * 1e3:.2f}", f"{times['torch'] / times['triton']:.1f}x",
+    best = times["graph"]
+    return [str(T), str(B), f"{B * cfg.n_heads}", f"{best * 1e3:.2f}", f"{times['eager'] * 1e3:.2f}",
+            f"{times['fused'] * 1e3:.2f}", f"{times['fused'] / best:.2f}x", f"{tokens / best / 1e3:.1f}",
+            f"{flops / best / 1e12:.3g}",
+            f"{times['torch'] * 1e3:.2f}", f"{times['torch'] / best:.1f}x",
             f"{times['sdpa'] * 1e3:.2f}", f"{attn_flops / times['sdpa'] / 1e12:.1f}",
-            f"{times['sdpa'] / times['triton']:.2f}x"]
+            f"{times['sdpa'] / best:.2f}x"]
 
 
 def bench_fla(report: Report, device: torch.device) -> None:
@@ -527,7 +548,11 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
 
 # Launch configurations compared side by side; the first of each list is the shipped launch_config.
 SHOWN = ("BLOCK_D", "num_warps", "num_stages", "DOT", "SPLIT_D", "SPLIT_WARPS")
-PREFILL_LAUNCHES = [{}, dict(DOT="tf32"), dict(DOT="ieee"), dict(num_stages=3), dict(BLOCK_D=64)]
+# Prefill: the slab-parallel kernels (shipped), then the fused scan kernel (SPLIT_D=0); the smoke run takes
+# the first two (the interpreter runs every program of every launch in turn).
+PREFILL_LAUNCHES = [{}, dict(SPLIT_D=0), dict(DOT="tf32"), dict(DOT="ieee"), dict(SPLIT_D=32, SPLIT_WARPS=8),
+                    dict(SPLIT_D=32, SPLIT_WARPS=8, DOT="tf32"), dict(SPLIT_D=64, SPLIT_WARPS=8),
+                    dict(SPLIT_D=16, SPLIT_WARPS=4), dict(SPLIT_D=0, DOT="tf32"), dict(SPLIT_D=0, BLOCK_D=64)]
 DECODE_LAUNCHES = [{}, dict(SPLIT_D=0), dict(SPLIT_D=32, SPLIT_WARPS=4), dict(SPLIT_D=64, SPLIT_WARPS=4),
                    dict(SPLIT_D=16, SPLIT_WARPS=2)]
 FACTORED_DECODE_LAUNCHES = [dict(SPLIT_D=0), dict(SPLIT_D=0, BLOCK_D=64), dict(SPLIT_D=32, SPLIT_WARPS=4),
@@ -536,10 +561,11 @@ FACTORED_DECODE_LAUNCHES = [dict(SPLIT_D=0), dict(SPLIT_D=0, BLOCK_D=64), dict(S
 
 def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tensor, launch: dict,
                reference: tuple, check_tokens: int, device: torch.device, reps: int,
-               flush: torch.Tensor) -> tuple[float, float]:
+               flush: torch.Tensor) -> tuple[float, float, float]:
     """One launch configuration: its error against the fp64 ``reference`` of the first ``check_tokens``
-    tokens (from a copy of the state in ``x``), then its median time on the whole input (the copy keeps
-    advancing; the timing does not depend on the values)."""
+    tokens (from a copy of the state in ``x``), then its median time on the whole input, launched eagerly
+    and replayed as a CUDA graph (the copy keeps advancing; the timing does not depend on the values)."""
+    from kernels.graphs import capture
     from kernels.scan import scan_pool
     from kernels.testing import rel_err
 
@@ -551,7 +577,8 @@ def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tenso
     error = max(rel_err(r, g) for r, g in zip((ref_reads, *ref_anchor, *ref_memory), (reads, *anchor, *memory),
                                               strict=True))
     step = partial(scan_pool, cfg, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"], launch=launch)
-    return error, timed(step, device, reps=reps, flush=flush)
+    return error, timed(step, device, reps=reps, flush=flush), timed(capture(step, device), device, reps=reps,
+                                                                      flush=flush)
 
 
 def bench_launch_configs(report: Report, device: torch.device, smoke: bool, modes: tuple[str, ...]) -> None:
@@ -574,6 +601,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                                          ("decode", decode_batch, 1, DECODE_LAUNCHES)):
             if mode not in modes:
                 continue
+            if smoke and mode == "prefill":
+                launches = launches[:2]
             x = random_inputs(cfg, batch, T, gen, device.type)
             tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
             tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
@@ -587,13 +616,19 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
             shipped = launch_config(cfg, mode == "decode", False, dot_precision(device))
             state_bytes = 3 * sum(w[0].numel() * 4 for w in x["memory"])  # anchor read, memory read + write
             for launch in launches:
-                name = ", ".join(f"{k}={v}" for k, v in {**shipped, **launch}.items() if k in SHOWN or k in launch)
+                merged = {**shipped, **launch}
+                # Show the knobs of the kernels that run: the slab prefill's or the fused kernel's.
+                hidden = (("BLOCK_D", "num_warps", "num_stages") if merged.get("SPLIT_D") and mode == "prefill" else
+                          () if merged.get("SPLIT_D") else ("SPLIT_WARPS",))
+                name = ", ".join(f"{k}={v}" for k, v in merged.items()
+                                 if (k in SHOWN or k in launch) and k not in hidden)
                 try:
-                    error, t = run_launch(cfg, x, tokens, slots, pos, launch, reference, checked, device,
-                                          reps=5 if mode == "prefill" else 20, flush=flush)
+                    error, eager, t = run_launch(cfg, x, tokens, slots, pos, launch, reference, checked, device,
+                                                 reps=(1 if smoke else 5) if mode == "prefill" else 20,
+                                                 flush=flush)
                 except Exception as exc:  # a configuration that does not compile (shared memory, say)
                     traceback.print_exc()
-                    rows.append([rule, mode, name, f"failed: {type(exc).__name__}", "-", "-"])
+                    rows.append([rule, mode, name, f"failed: {type(exc).__name__}", "-", "-", "-"])
                     continue
                 if mode == "prefill":
                     flops = memory_prefill_flops(cfg, batch, T)
@@ -601,15 +636,19 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                 else:
                     rate = batch * state_bytes / t
                     speed = f"{rate / 1e9:,.0f} GB/s ({rate / copy_bandwidth(device):.0%} of copy)"
-                rows.append([rule, mode, name, f"{t * 1e3:.3f}", speed, f"{error:.1e}"])
+                rows.append([rule, mode, name, f"{t * 1e3:.3f}", f"{eager * 1e3:.3f}", speed, f"{error:.1e}"])
     report.table(f"Launch configurations of the scan kernel ({', '.join(modes)})",
-                 ["rule", "mode", "launch", "ms", "throughput", f"rel. error vs fp64 ({check_T} tokens)"], rows,
+                 ["rule", "mode", "launch", "ms (CUDA graph)", "ms (eager launches)", "throughput (graph)",
+                  f"rel. error vs fp64 ({check_T} tokens)"], rows,
                  f"Kernel alone, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
                  f"stored bf16, from random states at random phases; prefill: batch {prefill_batch} x {prefill_T} "
                  f"tokens (TFLOP/s: the prefill FLOP model of kernels/cost.py from position 0); decode: batch "
                  f"{decode_batch}, one token, state bytes that must move (anchor read, memory "
                  "read + write) against the copy bandwidth, cold L2. The first row of each group is the shipped "
-                 f"launch_config. Errors: the first {check_T} tokens (decode: the one step) against the fp64 "
+                 "launch_config (prefill: the slab-parallel kernels, SPLIT_D-wide slabs at SPLIT_WARPS warps; "
+                 "SPLIT_D=0: the fused scan kernel). Each is timed replayed as a CUDA graph and launched eagerly "
+                 "(the slab prefill launches chunks x phases kernels). Errors: the first "
+                 f"{check_T} tokens (decode: the one step) against the fp64 "
                  "reference from the same state (random-input dynamics are chaotic over thousands of tokens, so "
                  "the long run itself has no exact answer to compare with).")
 

@@ -131,12 +131,19 @@ def mlp_forward(x, w_in, w_out, ck, cd, D: tl.constexpr, DK: tl.constexpr, BLOCK
     """u = W_out gelu(W_in x) for the rows of x [R, BK]: [R, BK]."""
     u = tl.zeros((x.shape[0], ck.shape[0]), dtype=tl.float32)
     for s0 in range(0, D, BLOCK_D):
-        ptr, mask = in_slab(w_in, s0, ck, cd, D, DK)
-        w_in_t = tl.load(ptr, mask=mask, other=0.0)
-        ptr, mask = out_slab(w_out, s0, ck, cd, D, DK)
-        w_out_t = tl.load(ptr, mask=mask, other=0.0)
-        u += mm(gelu(mm(x, w_in_t, VEC, DOT)), w_out_t, VEC, DOT)
+        u += mlp_forward_slab(x, w_in, w_out, s0, ck, cd, D, DK, VEC, DOT)
     return u
+
+
+@triton.jit
+def mlp_forward_slab(x, w_in, w_out, s0, ck, cd, D: tl.constexpr, DK: tl.constexpr, VEC: tl.constexpr,
+                     DOT: tl.constexpr):
+    """Hidden slab ``s0``'s share of u = W_out gelu(W_in x) for the rows of x [R, BK]: [R, BK]."""
+    ptr, mask = in_slab(w_in, s0, ck, cd, D, DK)
+    w_in_t = tl.load(ptr, mask=mask, other=0.0)
+    ptr, mask = out_slab(w_out, s0, ck, cd, D, DK)
+    w_out_t = tl.load(ptr, mask=mask, other=0.0)
+    return mm(gelu(mm(x, w_in_t, VEC, DOT)), w_out_t, VEC, DOT)
 
 
 @triton.jit

@@ -18,6 +18,11 @@ cores instead of ``tl.dot``, the same code and therefore the same chunk semantic
 memories it runs only the decode rows whose token starts a chunk (``BOUNDARY_ROWS_ONLY``); the
 other rows go through the slab-parallel kernels of ``kernels.decode``, which keep more loads in flight.
 
+The MLP memories' prompts run by default on the slab-parallel prefill of ``kernels.prefill`` (every
+(sequence, head) split over hidden slabs, one launch per chunk phase; ``MIRAS_PREFILL=fused`` or
+``SPLIT_D=0`` in a launch override keeps them on this kernel, for comparison); this kernel runs the linear
+memory's prefill and the decode steps.
+
 An MLP memory's pool may instead hold the factored state (anchor + the chunk's factor rows,
 :class:`Factors`): its prefill is this kernel with ``FACTORED`` (the running memory in per-row scratch,
 the state's rows written at the end), its decode the kernels of ``kernels.factored``.
@@ -48,16 +53,20 @@ from .ops import (
     MEMORY_CODES,
     RETENTION_CODES,
     attentional_loss,
-    clear_rows,
-    gelu,
-    gelu_grad,
-    in_slab,
-    layer_norm_rows,
     mlp_error_grad,
     mlp_forward,
     mm,
-    out_slab,
     row_offsets,
+)
+from .prefill import slab_prefill
+from .segment import (
+    finish_factored,
+    mlp_read,
+    mlp_update_slab,
+    row_span,
+    segment_gates,
+    segment_span,
+    store_key_rows,
 )
 
 
@@ -71,43 +80,21 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
     flagged in ``row_store`` [BT] also write their factor rows (k, gz, a, gu at the anchor), token t at row t
     of ``seg_rows``."""
     col_mask = (ck < DK)[None, :]
-    K_OFF, GZ_OFF, A_OFF, GU_OFF, RW = row_offsets(D, DK)
-    rt = tl.arange(0, q.shape[0])
     # Pass 1: the chunk's forward at the anchor, to the output gradient gu.
     u = mlp_forward(k, a_in, a_out, ck, cd, D, DK, BLOCK_D, VEC, DOT)
     gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
     if FACTORED:
-        tl.store(seg_rows + rt[:, None] * RW + K_OFF + ck[None, :], k, mask=row_store[:, None] & col_mask)
-        tl.store(seg_rows + rt[:, None] * RW + GU_OFF + ck[None, :], gu, mask=row_store[:, None] & col_mask)
+        store_key_rows(seg_rows, row_store, k, gu, ck, D, DK)
     # Pass 2, slab by slab: gz, the reads' hidden layer, and the memory update.
     coeff_qk = coeff * mm(q, tl.trans(k), VEC, DOT)
-    k_last = tl.trans(k * last)
     uq = tl.zeros((q.shape[0], ck.shape[0]), dtype=tl.float32)
     scores = tl.zeros((q.shape[0], q.shape[0]), dtype=tl.float32)
     for s0 in range(0, D, BLOCK_D):
-        ptr, mask = in_slab(a_in, s0, ck, cd, D, DK)
-        z = mm(k, tl.load(ptr, mask=mask, other=0.0), VEC, DOT)
-        x = gelu(z)
-        ptr, mask = out_slab(a_out, s0, ck, cd, D, DK)
-        gz = mm(gu, tl.trans(tl.load(ptr, mask=mask, other=0.0)), VEC, DOT) * gelu_grad(z)
-        if FACTORED:
-            row_mask = row_store[:, None] & (s0 + cd < D)[None, :]
-            tl.store(seg_rows + rt[:, None] * RW + GZ_OFF + s0 + cd[None, :], gz, mask=row_mask)
-            tl.store(seg_rows + rt[:, None] * RW + A_OFF + s0 + cd[None, :], x, mask=row_mask)
-        ptr_in, mask_in = in_slab(m_in, s0, ck, cd, D, DK)
-        w_in_t = tl.load(ptr_in, mask=mask_in, other=0.0)
-        ptr_out, mask_out = out_slab(m_out, s0, ck, cd, D, DK)
-        w_out_t = tl.load(ptr_out, mask=mask_out, other=0.0)
-        xq = gelu(decay * mm(q, w_in_t, VEC, DOT) - mm(coeff_qk, gz, VEC, DOT))
-        uq += mm(xq, w_out_t, VEC, DOT)
-        scores += mm(xq, tl.trans(x), VEC, DOT)
-        w_in_t = last_decay * w_in_t - mm(k_last, gz, VEC, DOT)
-        w_out_t = last_decay * w_out_t - mm(tl.trans(x * last), gu, VEC, DOT)
-        tl.debug_barrier()
-        tl.store(ptr_in, w_in_t, mask=mask_in)
-        tl.store(ptr_out, w_out_t, mask=mask_out)
-    uq = decay * uq - mm(coeff * scores, gu, VEC, DOT)
-    return q + layer_norm_rows(uq, ln_w, ln_b, col_mask, DK, ln_eps)[0], error
+        uq_part, scores_part = mlp_update_slab(q, k, gu, coeff_qk, decay, last, last_decay, a_in, a_out, m_in, m_out,
+                                               s0, ck, cd, seg_rows, row_store, D, DK, VEC, DOT, FACTORED)
+        uq += uq_part
+        scores += scores_part
+    return mlp_read(q, uq, scores, gu, decay, coeff, ln_w, ln_b, col_mask, ln_eps, DK, VEC, DOT), error
 
 
 @triton.jit
@@ -153,21 +140,8 @@ def miras_scan_kernel(
     """
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    slot = tl.load(SLOTS + n).to(tl.int64)
-    if slot < 0:
-        return
-    p0 = tl.load(POS + n).to(tl.int64)
-    if VARLEN:
-        start = tl.load(CU_SEQLENS + n).to(tl.int64)
-        rows = tl.load(CU_SEQLENS + n + 1).to(tl.int64) - start
-        n_valid = rows
-        row = 0
-    else:
-        start = 0
-        rows = T
-        n_valid = tl.load(LENGTHS + n).to(tl.int64)
-        row = n
-    if rows <= 0:
+    slot, p0, start, rows, n_valid, row = row_span(n, SLOTS, POS, LENGTHS, CU_SEQLENS, T, VARLEN)
+    if (slot < 0) | (rows <= 0):
         return
     if BOUNDARY_ROWS_ONLY:  # noqa: SIM102 (a compile-time branch around a runtime one)
         if (p0 % CHUNK != 0) | (n_valid <= 0):
@@ -185,14 +159,11 @@ def miras_scan_kernel(
     _, _, _, _, RW = row_offsets(D, DK)
     factor_rows = ROWS + (slot * H + h) * (CHUNK * RW)
     ci = tl.arange(0, BLOCK_C)
-
-    rt = tl.arange(0, BLOCK_T)
     ck = tl.arange(0, BLOCK_K)
     cd = tl.arange(0, BLOCK_D)
     col_mask = ck < DK
     ln_w = tl.load(LN_W + h * DK + ck, mask=col_mask, other=0.0)[None, :]
     ln_b = tl.load(LN_B + h * DK + ck, mask=col_mask, other=0.0)[None, :]
-    causal = rt[:, None] >= rt[None, :]
     if FACTORED:
         scratch = (n * H + h) * (D * DK)
         m_in = M_IN + scratch
@@ -204,22 +175,15 @@ def miras_scan_kernel(
         tl.debug_barrier()
 
     for c in range(p0 // CHUNK, (p0 + rows - 1) // CHUNK + 1):
-        chunk_start = c * CHUNK - p0  # token index of the chunk's first position (negative: before the row)
-        seg_start = tl.maximum(chunk_start, 0)
-        seg_len = tl.minimum(chunk_start + CHUNK, rows) - seg_start
-        at_boundary = (chunk_start >= 0) & (chunk_start < n_valid)
-        tok = seg_start + rt
-        in_seg = rt < seg_len
-        valid = in_seg & (tok < n_valid)
-        # Padding: eta = 0 and alpha = 1, so it changes nothing.
-        eta = tl.load(ETA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
-        log_alpha = tl.load(LOG_ALPHA + g_off + tok * sg_t, mask=valid, other=0.0).to(tl.float32)
+        chunk_start, seg_start, seg_len, at_boundary, tok, in_seg, valid = segment_span(c, p0, rows, n_valid, CHUNK,
+                                                                                        BLOCK_T)
+        decay, coeff, last, last_decay, eta0, log_alpha0 = segment_gates(ETA, LOG_ALPHA, g_off, sg_t, tok, valid,
+                                                                          at_boundary, RETENTION)
         if at_boundary:
             if RETENTION == 2:
                 k0 = tl.load(k_ptr + chunk_start * sk_t + ck[None, :] * sk_d, mask=col_mask[None, :], other=0.0)
                 v0 = tl.load(v_ptr + chunk_start * sv_t + ck[None, :] * sv_d, mask=col_mask[None, :], other=0.0)
-                kl_boundary(m_in, m_out, a_in, a_out, k0.to(tl.float32), v0.to(tl.float32),
-                             tl.sum(tl.where(rt == 0, eta, 0.0)), tl.sum(tl.where(rt == 0, log_alpha, 0.0)),
+                kl_boundary(m_in, m_out, a_in, a_out, k0.to(tl.float32), v0.to(tl.float32), eta0, log_alpha0,
                              ln_w, ln_b, ck, cd, ln_eps, memora_eps, D, DK, BLOCK_D)
             elif RETENTION == 1:
                 lq_boundary(m_in, m_out, a_in, a_out, ck, cd, q_exp, lq_radius, lq_inv_std_in, lq_inv_std_out, D, DK,
@@ -227,18 +191,6 @@ def miras_scan_kernel(
             else:
                 copy_boundary(m_in, m_out, a_in, a_out, ck, cd, D, DK, BLOCK_D, MEMORY)
         tl.debug_barrier()
-        if RETENTION == 2:
-            # Memora's retention lives in the lag step; the lag token's update is the step itself.
-            eta = tl.where((rt == 0) & at_boundary, 0.0, eta)
-            log_alpha = tl.zeros_like(log_alpha)
-        # decay[t] = prod_{j<=t} alpha_j; coeff[t, i] = eta_i prod_{i<j<=t} alpha_j (masked before exp).
-        cum = tl.cumsum(log_alpha, axis=0)
-        decay = tl.exp(cum)[:, None]
-        coeff = tl.where(causal, eta[None, :] * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], 0.0)), 0.0)
-        cum_last = tl.sum(tl.where(rt == BLOCK_T - 1, cum, 0.0))  # padded rows add 0: the segment's last
-        last = (eta * tl.exp(cum_last - cum))[:, None]
-        last_decay = tl.exp(cum_last)
-
         tile_mask = in_seg[:, None] & col_mask[None, :]
         q = tl.load(q_ptr + tok[:, None] * sq_t + ck[None, :] * sq_d, mask=tile_mask, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + tok[:, None] * sk_t + ck[None, :] * sk_d, mask=tile_mask, other=0.0).to(tl.float32)
@@ -262,20 +214,20 @@ def miras_scan_kernel(
                      mask=valid[:, None])
         if FACTORED:  # noqa: SIM102 (a compile-time branch around a runtime one)
             if last_seg:
-                # Old rows (the segment continues a chunk) decay with it; row j_first + t takes token t's
-                # coefficient at the segment's end; rows past the last token (and their coefficients) hold 0.
-                continued = chunk_start < 0
-                kept = tl.where(continued & (ci < j_first), coef0 * last_decay, 0.0)
-                new = tl.sum(tl.where(ci[:, None] == j_first + rt[None, :], tl.reshape(last, (BLOCK_T,))[None, :],
-                                      0.0), axis=1)
-                tl.store(COEF + (slot * H + h) * CHUNK + ci, kept + new, mask=ci < CHUNK)
-                tl.store(DECAY + slot * H + h, tl.where(continued, decay0, 1.0) * last_decay)
-                clear_rows(factor_rows, j_first + n_valid - seg_start, ci, cd, CHUNK, RW)
+                finish_factored(COEF + (slot * H + h) * CHUNK, DECAY + slot * H + h, factor_rows, coef0, decay0,
+                                chunk_start, j_first, last, last_decay, n_valid - seg_start, ci, cd, CHUNK, RW)
         tl.debug_barrier()
+
+
+# The slab-parallel prefill's slab width and warps (launch_config).
+PREFILL_SLAB, PREFILL_WARPS = 16, 8
 
 
 def _pow2(x: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(x))
+
+
+PREFILL_PATHS = ("slabs", "fused")
 
 
 def dot_precision(device: torch.device) -> str:
@@ -292,6 +244,16 @@ def dot_precision(device: torch.device) -> str:
     return choice
 
 
+def prefill_path() -> str:
+    """How an MLP memory's prompt runs on the triton backend: ``MIRAS_PREFILL=slabs|fused``. Default
+    ``slabs``: split over hidden slabs, one launch per chunk phase (kernels.prefill); ``fused``: one program
+    per (sequence, head) walking its chunks (the scan kernel), kept for the side-by-side comparison."""
+    choice = os.environ.get("MIRAS_PREFILL", "").strip().lower() or "slabs"
+    if choice not in PREFILL_PATHS:
+        raise ValueError(f"MIRAS_PREFILL must be one of {PREFILL_PATHS}, got {choice!r}")
+    return choice
+
+
 def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dict:
     """The kernel's constexprs and launch options. Hand-picked, never autotuned (the kernels write their
     state in place), from the side-by-side comparisons of kernels/gpu_check.py on an H200 (see
@@ -301,7 +263,10 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
     row through the fused kernel instead): 64-wide slabs at 8 warps were the fastest of five settings,
     1.5x (Moneta) and 1.9x (Memora) faster than the fused kernel alone at batch 64. The fused kernel
     keeps the rows that take a chunk-boundary step, at 128-wide slabs (whole-model decode 1.2-1.3x
-    faster than 32-wide)."""
+    faster than 32-wide). Prefill of the MLP memory (``MIRAS_PREFILL``, default slabs): the slab-parallel
+    kernels of kernels.prefill, ``SPLIT_D``-wide slabs at ``SPLIT_WARPS`` warps (``SPLIT_D=0``: the fused
+    scan kernel), picked as the widest spill-free configuration on sm_90 (kernels.compile_check; GPU timing
+    of the alternatives pending, kernels/gpu_check.py's launch-prefill section)."""
     d = cfg.head_dim
     D = d if cfg.memory == "linear" else cfg.memory_hidden
     config = dict(H=cfg.n_heads, DK=d, D=D, CHUNK=cfg.chunk_size, BLOCK_T=1 if decode else _pow2(cfg.chunk_size),
@@ -311,6 +276,8 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
                   DOT=dot, SURPRISE=False, num_warps=8)
     if not decode:
         config["num_stages"] = 1
+        if cfg.memory == "mlp" and prefill_path() == "slabs":
+            config.update(SPLIT_D=min(_pow2(D), PREFILL_SLAB), SPLIT_WARPS=PREFILL_WARPS)
     elif cfg.memory == "mlp":
         config.update(SPLIT_D=min(_pow2(D), 64), SPLIT_WARPS=8)
     return config
@@ -318,10 +285,11 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
 
 def split_launch(config: dict) -> tuple[dict, int, int]:
     """A launch config (possibly overridden) as the fused kernel's arguments (``BOUNDARY_ROWS_ONLY`` set
-    when the split decode takes the other rows), the split decode's slab width (0: none) and its warps."""
+    when the split decode takes the other rows), the split kernels' slab width (0: none; decode: kernels.decode
+    or kernels.factored, prefill: kernels.prefill) and their warps."""
     config = dict(config)
     split_d, split_warps = config.pop("SPLIT_D", 0), config.pop("SPLIT_WARPS", 4)
-    config["BOUNDARY_ROWS_ONLY"] = split_d > 0
+    config["BOUNDARY_ROWS_ONLY"] = split_d > 0 and config["BLOCK_T"] == 1
     return config, split_d, split_warps
 
 
@@ -397,6 +365,11 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
     else:
         m_in, m_out = (memory[0], memory[0]) if linear else memory
         rows = coef = decay = index
+    if split_d > 0 and not decode:
+        slab_prefill(cfg, config, split_d, split_warps, q, k, v, out, gates, (a_in, a_out), (m_in, m_out),
+                     (rows, coef, decay), ln_weight, ln_bias, surprise, slots, pos, lengths,
+                     cu_seqlens if varlen else index, lq_inv_std, factored)
+        return out
     miras_scan_kernel[(n_rows, H)](
         q, k, v, out, *gates, a_in, a_out, m_in, m_out, rows, coef, decay, ln_weight, ln_bias, surprise, slots, pos,
         lengths,

@@ -137,9 +137,11 @@ def _identical(a: tuple, b: tuple, index: Tensor) -> bool:
 
 
 def check_padded_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu",
-                         dtype: torch.dtype = torch.float32, T: int = 11) -> dict[str, float]:
+                         dtype: torch.dtype = torch.float32, T: int = 11,
+                         launch: dict | None = None) -> dict[str, float]:
     """Rows at different phases, an odd length, partial chunks, right padding and an empty row;
-    q, k, v stored in ``dtype`` (the reference gets the same stored values, up-cast)."""
+    q, k, v stored in ``dtype`` (the reference gets the same stored values, up-cast). ``launch`` overrides
+    the scan's launch configuration (e.g. the prefill path: ``SPLIT_D``)."""
     x = random_inputs(cfg, 4, T, gen, device)
     for name in ("q", "k", "v"):
         x[name] = x[name].to(dtype)
@@ -152,7 +154,7 @@ def check_padded_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "
     memory = tuple(w.clone() for w in x["memory"])
     with nan_poisoned_empty():
         out = scan_pool(cfg, anchor, memory, torch.arange(4, device=device), pos, *args, x["ln_weight"],
-                        x["ln_bias"], lengths=lengths)
+                        x["ln_bias"], lengths=lengths, launch=launch)
     errors = {"reads": rel_err(ref[0], out)}
     errors.update(_state_errors("anchor", ref[1], anchor))
     errors.update(_state_errors("memory", ref[2], memory))
@@ -215,7 +217,8 @@ def packed_inputs(cfg: MirasConfig, lengths: list[int], gen: torch.Generator,
 
 
 def check_varlen_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu",
-                         lengths: tuple[int, ...] = (9, 1, 6), pool_size: int = 5) -> dict[str, float]:
+                         lengths: tuple[int, ...] = (9, 1, 6), pool_size: int = 5,
+                         launch: dict | None = None) -> dict[str, float]:
     """cu_seqlens layout: prompts of different lengths and phases, each continuing its own pool slot."""
     n_seqs = len(lengths)
     pos = torch.randint(0, 3 * cfg.chunk_size, (n_seqs,), generator=gen).to(device)
@@ -225,7 +228,7 @@ def check_varlen_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "
     slots = torch.randperm(pool_size, generator=gen)[:n_seqs].to(device)
     seqs, ln, packed, cu_seqlens = packed_inputs(cfg, lengths, gen, device)
     with nan_poisoned_empty():
-        out = scan_pool(cfg, pool_anchor, pool_memory, slots, pos, *packed, *ln, cu_seqlens=cu_seqlens)
+        out = scan_pool(cfg, pool_anchor, pool_memory, slots, pos, *packed, *ln, cu_seqlens=cu_seqlens, launch=launch)
     errors = {}
     for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
         slot = slots[i:i + 1]
@@ -341,7 +344,7 @@ def check_factored_decode(cfg: MirasConfig, gen: torch.Generator, device: str = 
 
 
 def check_factored_prefill(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu", T: int = 11,
-                           decode_steps: int = 2) -> dict[str, float]:
+                           decode_steps: int = 2, launch: dict | None = None) -> dict[str, float]:
     """A padded prefill on a factored pool: rows continuing mid-chunk, from a completed chunk, fresh, a
     prompt ending exactly at a chunk end, right padding and an empty row (left untouched); then
     ``decode_steps`` one-token steps from the state it leaves. Reads and states against the fp64 reference."""
@@ -359,7 +362,8 @@ def check_factored_prefill(cfg: MirasConfig, gen: torch.Generator, device: str =
     ref_out, *ref_state = ref_scan(cfg, *ref_state, pos, *args, valid, x["ln_weight"], x["ln_bias"])
     slots = torch.arange(batch, device=device)
     with nan_poisoned_empty():
-        out = scan_pool(cfg, anchor, factors, slots, pos, *args, x["ln_weight"], x["ln_bias"], lengths=lengths)
+        out = scan_pool(cfg, anchor, factors, slots, pos, *args, x["ln_weight"], x["ln_bias"], lengths=lengths,
+                        launch=launch)
     errors = {"reads": rel_err(ref_out, out)}
     start, pos = pos, pos + lengths
     errors.update(_factored_errors("prefill ", cfg, ref_state, anchor, factors, pos, start))
@@ -379,7 +383,8 @@ def check_factored_prefill(cfg: MirasConfig, gen: torch.Generator, device: str =
 
 
 def check_factored_varlen(cfg: MirasConfig, gen: torch.Generator, device: str = "cpu",
-                          lengths: tuple[int, ...] = (9, 1, 6), pool_size: int = 5) -> dict[str, float]:
+                          lengths: tuple[int, ...] = (9, 1, 6), pool_size: int = 5,
+                          launch: dict | None = None) -> dict[str, float]:
     """cu_seqlens prefill on a factored pool: prompts of different lengths, each continuing its own slot
     from its own factored state and phase."""
     n_seqs = len(lengths)
@@ -393,7 +398,7 @@ def check_factored_varlen(cfg: MirasConfig, gen: torch.Generator, device: str = 
     pos = pool_pos[slots]
     seqs, ln, packed, cu_seqlens = packed_inputs(cfg, lengths, gen, device)
     with nan_poisoned_empty():
-        out = scan_pool(cfg, pool_anchor, factors, slots, pos, *packed, *ln, cu_seqlens=cu_seqlens)
+        out = scan_pool(cfg, pool_anchor, factors, slots, pos, *packed, *ln, cu_seqlens=cu_seqlens, launch=launch)
     errors = {}
     for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
         slot = slots[i:i + 1]

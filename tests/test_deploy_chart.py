@@ -151,7 +151,8 @@ def test_every_server_value_becomes_its_flag(helm, tmp_path):
         "allowedOrigins": ["https://a.example", "https://b.example"], "maxNumSeqs": 7, "gpuMemoryUtilization": 0.8,
         "maxNumBatchedTokens": 4096,
         "maxPromptTokens": 123456789, "maxQueuedRequests": 9, "stateCacheGb": 0.5, "ssePingInterval": 12.5,
-        "dotPrecision": "ieee", "enforceEager": True, "shutdownTimeout": 45, "logLevel": "debug", "extraArgs": ["--some-future-flag", "x"],
+        "dotPrecision": "ieee", "enforceEager": True,
+        "shutdownTimeout": 45, "logLevel": "debug", "extraArgs": ["--some-future-flag", "x"],
         "stateCacheScope": "shared", "metricsRequireKey": True, "maxRequestBytes": 5000000, "maxPromptChars": 70000,
         "requestReadTimeout": 12.5, "timeoutKeepAlive": 7, "limitConcurrency": 300,
     }

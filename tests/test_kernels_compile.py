@@ -21,18 +21,26 @@ def _compile_check(*args: str) -> list[list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "kernels.compile_check", *args],
                             cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
-                            timeout=400)
+                            timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     return [line.split() for line in result.stdout.splitlines()[1:]]
 
 
 def test_compiles_for_sm90_within_the_register_file():
-    """Moneta on both state layouts, Memora (its lag-token boundary map in the factored fold) factored."""
-    lines = _compile_check("--presets", "moneta") + _compile_check("--presets", "memora", "--layouts", "factored")
+    """Moneta on both state layouts, Memora (its lag-token boundary map in the slab prefill's softmax phase and
+    in the factored fold) factored; the slab-parallel prefill's phases without spills."""
+    lines = (_compile_check("--presets", "moneta", "--layouts", "running")
+             + _compile_check("--presets", "moneta", "--layouts", "factored", "--modes", "decode")
+             + _compile_check("--presets", "memora", "--layouts", "factored"))
     running = ["scan", "split-forward", "split-update", "split-output"]
     factored = ["factored-fused", "factored-forward", "factored-update", "factored-output"]
+    slabs = ["slabs-forward", "slabs-grad", "slabs-update", "slabs-output"]
     assert [tuple(line[:4]) for line in lines] == [
-        ("moneta", "running", "prefill", "scan"), *[("moneta", "running", "decode", k) for k in running],
-        ("moneta", "factored", "prefill", "scan"), *[("moneta", "factored", "decode", k) for k in factored],
-        ("memora", "factored", "prefill", "scan"), *[("memora", "factored", "decode", k) for k in factored]]
+        *[("moneta", "running", "prefill", k) for k in ["scan", "slabs-lag", *slabs]],
+        *[("moneta", "running", "decode", k) for k in running],
+        *[("moneta", "factored", "decode", k) for k in factored],
+        *[("memora", "factored", "prefill", k) for k in ["scan", "slabs-fold", "slabs-lag", "slabs-softmax", *slabs]],
+        *[("memora", "factored", "decode", k) for k in factored]]
     assert all(0 < int(line[4]) <= 255 for line in lines)
+    spilling = [line for line in lines if line[3].startswith("slabs-") and (int(line[5]) or int(line[6]))]
+    assert not spilling, f"the slab-parallel prefill spills registers: {spilling}"

@@ -129,3 +129,15 @@ def test_pool_decode_step_has_no_host_syncs(preset, no_host_syncs):
             model(ids, pool, slots=slots)
     with forced_backend("torch"), pytest.raises(AssertionError, match="host sync"):
         model(ids, pool, slots=slots)
+
+
+@pytest.mark.parametrize("preset", ["moneta", "memora"])
+@torch.inference_mode()
+def test_pool_prefill_has_no_host_syncs(preset, no_host_syncs):
+    """A prompt through the pool on the Triton backend: the slab-parallel prefill's launches (chunk segments
+    x phases, counted from the shapes) read nothing on the host, so a prefill can be captured in a CUDA graph."""
+    model = small_model(preset, seed=0).to(DEVICE)
+    pool = model.init_state(4, layout=state_layout(model.config, "triton"))
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with forced_backend("triton"):
+        model(ids, pool, slots=torch.tensor([2, 0], device=DEVICE))
