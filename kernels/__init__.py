@@ -22,7 +22,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:  # models imports this package: import it lazily, whichever is imported first
     from models.config import MirasConfig
-    from models.memory import FactoredMemory, Memory
+    from models.memory import FactoredMemory, KnownStep, Memory
 
 BACKENDS = ("torch", "triton")
 
@@ -91,19 +91,34 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
 
 def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor,
                      k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
-                     ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None) -> Tensor:
+                     ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None,
+                     known: KnownStep | None = None) -> Tensor:
     """In place on a state pool: row b of q/k/v ([B, H, T, d], right-padded to ``lengths``) continues
     pool slot ``slots[b]`` from position ``pos[b]``; a negative slot is skipped. Returns the reads.
     ``surprise`` [B, H, T] (fp32, contiguous), if given, takes every token's loss at its chunk's anchor (skipped
     rows and padding: unspecified).
 
     The triton backend is one in-place launch without host syncs (CUDA-graph capturable); the torch
-    backend gathers the rows, runs the reference and scatters them back.
+    backend gathers the rows, runs the reference and scatters them back. ``known`` (a one-token step, every
+    slot live, :class:`models.memory.KnownStep`): the torch backend then reads no device value on the host,
+    so that the step compiles into one graph (a slot may repeat only where nothing reads it: the engine's
+    padding slot).
     """
     if backend_for(q.device.type) == "triton":
         return _scan_pool(q.device.type)(cfg, anchor, memory, slots, pos, q, k, v, eta, log_alpha, delta,
                                          ln_weight, ln_bias, lengths=lengths, surprise=surprise)
     from models.memory import memory_scan as torch_memory_scan
+
+    if known is not None:
+        valid = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device)
+        o, new_anchor, new_memory = torch_memory_scan(
+            cfg, tuple(w.index_select(0, slots) for w in anchor), tuple(w.index_select(0, slots) for w in memory),
+            pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise, known)
+        written = zip((*anchor, *memory), (*new_anchor, *new_memory), strict=True) if known.starts_chunk \
+            else zip(memory, new_memory, strict=True)
+        for pool, new in written:
+            pool.index_copy_(0, slots, new)
+        return o
 
     access = _slot_access(slots, slots >= 0)
     if access is None:
@@ -224,7 +239,8 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
 
 def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
                        v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
-                       ln_weight: Tensor, ln_bias: Tensor, surprise: Tensor | None = None) -> Tensor:
+                       ln_weight: Tensor, ln_bias: Tensor, surprise: Tensor | None = None,
+                       known: KnownStep | None = None) -> Tensor:
     """:func:`memory_scan_pool` on a factored state pool: in place, row b of q/k/v continues pool slot
     ``slots[b]``; a negative slot or an empty row is skipped. Returns the reads.
 
@@ -232,13 +248,30 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     one row, the coefficients and the decay; a token that starts a chunk first folds its rows into the
     new anchor (once per chunk). The triton backend is in-place kernels without host syncs (CUDA-graph
     capturable, kernels/factored.py); the torch backend gathers a prompt's rows, runs the factored scan
-    and writes them back.
+    and writes them back. ``known``: as in :func:`memory_scan_pool` (a step that starts no chunk writes the
+    new row, its coefficients and decay only).
     """
     if backend_for(q.device.type) == "triton":
         launch, factors = _triton_factors(q.device.type, pool)
         return launch(cfg, pool.anchor, factors, slots, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
                       lengths=lengths, surprise=surprise)
     from models import memory
+
+    if known is not None:
+        valid = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device)
+        state = memory.FactoredMemory(tuple(w.index_select(0, slots) for w in pool.anchor),
+                                      *(t.index_select(0, slots) for t in pool[1:]))
+        o, new = memory.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight,
+                                             ln_bias, surprise, known)
+        if known.starts_chunk:  # some rows folded a chunk: their anchor and all their rows are new
+            written = zip((*pool.anchor, *pool[1:]), (*new.anchor, *new[1:]), strict=True)
+        else:
+            row = pos % cfg.chunk_size
+            pool.rows[slots, :, row] = new.rows[torch.arange(q.shape[0], device=q.device), :, row]
+            written = zip(pool[2:], new[2:], strict=True)
+        for mine, value in written:
+            mine.index_copy_(0, slots, value)
+        return o
 
     access = _slot_access(slots, (slots >= 0) & (lengths > 0))
     if access is None:

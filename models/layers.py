@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from kernels import factored_scan, factored_scan_pool, memory_scan, memory_scan_pool
 
 from .config import MirasConfig
-from .memory import FactoredMemory, factored_fresh, initial_memory, l2_normalise, memory_init_std
+from .memory import FactoredMemory, KnownStep, factored_fresh, initial_memory, l2_normalise, memory_init_std
 
 LayerState = dict[str, Tensor]
 LAYOUTS = ("running", "factored")
@@ -166,10 +166,12 @@ class MirasMixer(nn.Module):
         return eta, log_alpha, delta
 
     def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor, lengths: Tensor,
-                slots: Tensor | None = None, surprise: Tensor | None = None) -> tuple[Tensor, LayerState]:
+                slots: Tensor | None = None, surprise: Tensor | None = None,
+                known: KnownStep | None = None) -> tuple[Tensor, LayerState]:
         """With ``slots``, the memory entries of ``state`` are the whole pool, updated in place at rows
         ``slots`` (the other entries are this batch's rows, as without). ``surprise`` [B, T], if given, takes
-        each token's memory loss at its chunk's anchor, averaged over the heads (models/SPEC.md §4)."""
+        each token's memory loss at its chunk's anchor, averaged over the heads (models/SPEC.md §4).
+        ``known``: a pool decode step's shape from the host (:func:`kernels.memory_scan_pool`)."""
         cfg = self.cfg
         B, T, _ = x.shape
         qkv, conv = short_conv(self.qkv(x), self.conv_weight, state["conv"], lengths)
@@ -189,7 +191,8 @@ class MirasMixer(nn.Module):
             if slots is None:
                 out, factored = factored_scan(cfg, factored, pos, *gates, valid, ln_weight, ln_bias, per_head)
             else:
-                out = factored_scan_pool(cfg, factored, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head)
+                out = factored_scan_pool(cfg, factored, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head,
+                                         known)
             new_state.update(zip((f"anchor_{n}" for n in names), factored.anchor, strict=True))
             new_state.update(zip(FACTOR_ENTRIES, factored[1:], strict=True))
         else:
@@ -198,7 +201,8 @@ class MirasMixer(nn.Module):
                 out, anchor, memory = memory_scan(cfg, anchor, memory, pos, *gates, valid, ln_weight, ln_bias,
                                                   per_head)
             else:
-                out = memory_scan_pool(cfg, anchor, memory, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head)
+                out = memory_scan_pool(cfg, anchor, memory, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head,
+                                       known)
             for n, a, m in zip(names, anchor, memory, strict=True):
                 new_state[f"anchor_{n}"] = a
                 new_state[f"mem_{n}"] = m

@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
     p.add_argument("--max-prompt-tokens", type=int, default=1_000_000, help="prompt length guard (400 beyond)")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="decode without CUDA graphs (default on a GPU: replay the decode step from graphs)")
+                   help="decode eagerly: without CUDA graphs on a GPU (default: replay the decode step from "
+                        "graphs), without compiled steps on a CPU (default: torch.compile the decode step)")
     p.add_argument("--state-cache-gb", type=float, default=1.0,
                    help="memory for recurrent states of earlier prompts and replies, restored when a prompt repeats "
                         "or extends one (the next turn of a chat): prefix caching; 0 disables")
@@ -181,7 +182,7 @@ class DrainingServer(uvicorn.Server):
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens,
-                        cuda_graphs=False if args.enforce_eager else None,
+                        cuda_graphs=False if args.enforce_eager else None, compiled_steps=not args.enforce_eager,
                         state_cache_bytes=int(args.state_cache_gb * (1 << 30)), state_disk_dir=args.state_disk_dir,
                         state_disk_bytes=int(args.state_disk_gb * (1 << 30)), state_disk_ttl=args.state_disk_ttl,
                         gpu_memory_utilization=args.gpu_memory_utilization, state_redis_url=args.state_redis_url,
