@@ -114,7 +114,7 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
         o, new_anchor, new_memory = torch_memory_scan(
             cfg, tuple(w.index_select(0, slots) for w in anchor), tuple(w.index_select(0, slots) for w in memory),
             pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise, known)
-        written = zip((*anchor, *memory), (*new_anchor, *new_memory), strict=True) if known.starts_chunk \
+        written = zip((*anchor, *memory), (*new_anchor, *new_memory), strict=True) if known.first is not None \
             else zip(memory, new_memory, strict=True)
         for pool, new in written:
             pool.index_copy_(0, slots, new)
@@ -248,8 +248,7 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     one row, the coefficients and the decay; a token that starts a chunk first folds its rows into the
     new anchor (once per chunk). The triton backend is in-place kernels without host syncs (CUDA-graph
     capturable, kernels/factored.py); the torch backend gathers a prompt's rows, runs the factored scan
-    and writes them back. ``known``: as in :func:`memory_scan_pool` (a step that starts no chunk writes the
-    new row, its coefficients and decay only).
+    and writes them back. ``known``: as in :func:`memory_scan_pool`.
     """
     if backend_for(q.device.type) == "triton":
         launch, factors = _triton_factors(q.device.type, pool)
@@ -257,29 +256,17 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
                       lengths=lengths, surprise=surprise)
     from models import memory
 
-    if known is not None:
-        valid = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device)
-        state = memory.FactoredMemory(tuple(w.index_select(0, slots) for w in pool.anchor),
-                                      *(t.index_select(0, slots) for t in pool[1:]))
-        o, new = memory.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight,
-                                             ln_bias, surprise, known)
-        if known.starts_chunk:  # some rows folded a chunk: their anchor and all their rows are new
-            written = zip((*pool.anchor, *pool[1:]), (*new.anchor, *new[1:]), strict=True)
-        else:
-            row = pos % cfg.chunk_size
-            pool.rows[slots, :, row] = new.rows[torch.arange(q.shape[0], device=q.device), :, row]
-            written = zip(pool[2:], new[2:], strict=True)
-        for mine, value in written:
-            mine.index_copy_(0, slots, value)
-        return o
-
-    access = _slot_access(slots, (slots >= 0) & (lengths > 0))
-    if access is None:
-        return _zero_reads(q, surprise)
-    rows, picked, read, write, pick = access
-    token = [pick(t) for t in (q, k, v, eta, log_alpha, delta)]
-    pos = pick(pos)
-    part = _surprise_part(surprise, rows)
+    if known is not None:  # every row live, none read on the host
+        read, write = (lambda w: w.index_select(0, slots)), (lambda pool, new: pool.index_copy_(0, slots, new))
+        token, picked, part = [q, k, v, eta, log_alpha, delta], slots, surprise
+    else:
+        access = _slot_access(slots, (slots >= 0) & (lengths > 0))
+        if access is None:
+            return _zero_reads(q, surprise)
+        rows, picked, read, write, pick = access
+        token = [pick(t) for t in (q, k, v, eta, log_alpha, delta)]
+        pos = pick(pos)
+        part = _surprise_part(surprise, rows)
     if q.shape[2] > 1:
         valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < pick(lengths).view(-1, 1)
         state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
@@ -288,8 +275,8 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
             write(mine, new)
         return _scatter_reads(q, rows, o, surprise, part)
     row = pos % cfg.chunk_size
-    first = (row == 0).nonzero().squeeze(1)
-    if first.numel():  # once per chunk per sequence: fold into the new anchor, start the rows over
+    first = (row == 0).nonzero().squeeze(1) if known is None else known.first
+    if first is not None and first.numel():  # once per chunk per sequence: fold into the new anchor, start over
         at = picked.index_select(0, first)
         gathered = memory.FactoredMemory(tuple(w.index_select(0, at) for w in pool.anchor),
                                          *(t.index_select(0, at) for t in pool[1:]))
@@ -298,8 +285,9 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
         for mine, new in zip((*pool.anchor, *pool[1:]), (*started.anchor, *started[1:]), strict=True):
             mine.index_copy_(0, at, new)
     state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
-    o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias, part)
+    o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias, part,
+                                                    None if known is None else known.filled)
     pool.rows[picked, :, row] = new_row
     write(pool.row_coef, coef)
     write(pool.row_decay, decay)
-    return _scatter_reads(q, rows, o, surprise, part)
+    return o if known is not None else _scatter_reads(q, rows, o, surprise, part)

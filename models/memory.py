@@ -44,11 +44,11 @@ class KnownStep(NamedTuple):
     """What the host knows of a one-token step in which every row is live (the server's decode step), so
     that the step reads no device value on the host and compiles into one graph (server/decode_graphs.py).
 
-    ``starts_chunk``: whether some row's token starts a chunk (its boundary step runs, or its factor rows
-    fold into a new anchor). ``filled``: how many factor rows to read, at least as many as any row has
-    filled (unwritten rows hold 0, so a larger count gives the same result)."""
+    ``first``: the batch rows whose token starts a chunk (their boundary step runs, or their factor rows
+    fold into a new anchor), None if none does. ``filled``: how many factor rows to read, at least as many
+    as any row has filled (unwritten rows hold 0, so a larger count gives the same result)."""
 
-    starts_chunk: bool
+    first: Tensor | None
     filled: int
 
 
@@ -265,7 +265,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
     first token; valid: [B, T] (padding at the end of a row updates nothing).
     Returns the reads [B, H, T, d] and the new (anchor, memory). ``surprise`` [B, H, T], if given, takes
     every token's loss at its chunk's anchor (``memory_segment``; padding: unspecified). ``known`` (T = 1):
-    whether a row starts a chunk, from the host (:class:`KnownStep`); None: looked up on the device.
+    which rows start a chunk, from the host (:class:`KnownStep`); None: looked up on the device.
     """
     b = cfg.chunk_size
     T = q.shape[2]
@@ -305,7 +305,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
         seg = slice(t, t + n)
         seg_eta = eta[:, :, seg]
         at_boundary = ((pos + t) % b == 0) & valid[:, t]
-        if known.starts_chunk if known is not None else bool(at_boundary.any()):
+        if known.first is not None if known is not None else bool(at_boundary.any()):
             stepped = boundary_step(cfg, memory, k[:, :, t:t + 1], v[:, :, t:t + 1], eta[:, :, t:t + 1],
                                     lag_log_alpha[:, :, t:t + 1], ln_weight, ln_bias)
             anchor = _where_rows(at_boundary, stepped, anchor)
@@ -438,23 +438,21 @@ def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tens
 
 def factored_decode_step(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
                          eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
-                         ln_bias: Tensor, surprise: Tensor | None = None,
-                         known: KnownStep | None = None) -> tuple[Tensor, FactoredMemory]:
+                         ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, FactoredMemory]:
     """One decode step on a factored state (the inputs untouched): token [B, H, 1, *] at ``pos`` [B];
     rows with ``valid`` [B, 1] false change nothing. Returns the reads and the new state (``surprise``
-    [B, H, 1], if given, takes the token's loss at the anchor). ``known``: the step's shape from the host
-    (:class:`KnownStep`), so that it reads no device value; None: looked up on the device."""
+    [B, H, 1], if given, takes the token's loss at the anchor)."""
     b = cfg.chunk_size
     row = pos % b
     live = valid[:, 0]
     first = (row == 0) & live
-    if known.starts_chunk if known is not None else bool(first.any()):
+    if bool(first.any()):
         started = start_chunk(cfg, state, k, v, eta, log_alpha, ln_weight, ln_bias)
         state = FactoredMemory(*(_where_rows(first, new, old) if isinstance(new, tuple) else
                                  torch.where(first.view(-1, *[1] * (new.dim() - 1)), new, old)
                                  for new, old in zip(started, state, strict=True)))
     out, new_row, coef, decay = factored_token(cfg, state, row, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
-                                               surprise, None if known is None else known.filled)
+                                               surprise)
     at_row = (torch.arange(b, device=pos.device) == row.view(-1, 1)) & live.view(-1, 1)  # [B, b]
     rows = torch.where(at_row[:, None, :, None], new_row.unsqueeze(2), state.rows)
     keep = ~live.view(-1, 1, 1)

@@ -10,12 +10,11 @@ compute garbage there (several padding rows share it and race), and nothing read
 
 On a CPU the step is compiled instead (torch.compile, inductor's C++ code generation): an eager decode
 step of moneta-tiny is ~1,000 operator dispatches, which cost more than the bytes it reads. The compiled
-step makes no host synchronisation: what depends on the batch's positions (whether some row starts a
-chunk, how many factor rows to read: :class:`models.memory.KnownStep`) is read here from the pool's
-positions, which live on the host, and passed in as plain values. Dynamo specialises on the first value
-of each and, when it changes, recompiles once with it symbolic (as it does for the batch size), so one
-decode graph serves every batch size above 1 and every count of factor rows: a handful of compiles in
-all, each on first use or in :meth:`DecodeGraphs.warm_up`, logged with its time. Inductor's caches
+step makes no host synchronisation: what depends on the batch's positions (which rows start a chunk, how
+many factor rows to read: :class:`models.memory.KnownStep`) is read here from the pool's positions, which
+live on the host, and passed in. Dynamo specialises on the first value of each size and, when it changes,
+recompiles once with it symbolic, so one decode graph serves every batch size above 1, every count of
+factor rows and of chunk starts: a handful of compiles in all, each logged with its time. Inductor's caches
 live under the project's cache dir, so a restart recompiles from them in seconds. A step that fails to
 compile makes the engine decode eagerly, with a warning. Compiled batches run unpadded.
 """
@@ -80,7 +79,7 @@ class DecodeGraphs:
                 self.logits[size] = model(self.ids[:size], pool, slots=self.slots[:size])[0]
 
             self.steps[size] = capture(step, device, memory_pool) if use_graphs else step
-        self.compiled: Callable[[Tensor, Tensor, bool, int], Tensor] | None = None
+        self.compiled: Callable[[Tensor, Tensor, Tensor | None, int], Tensor] | None = None
         self.compile_max_batch = max_batch if compile_max_batch is None else compile_max_batch
         self.compile_threads = compile_threads
         self.compiles: list[tuple[int, KnownStep, float]] = []  # (batch size, step, seconds) of each compile
@@ -93,8 +92,8 @@ class DecodeGraphs:
             self.compiled = torch.compile(self._pool_step, backend=compile_backend, dynamic=None,
                                           fullgraph=True)  # a graph break is a host sync: fall back instead
 
-    def _pool_step(self, ids: Tensor, slots: Tensor, starts_chunk: bool, filled: int) -> Tensor:
-        return self.model(ids, self.pool, slots=slots, known=KnownStep(starts_chunk, filled))[0]
+    def _pool_step(self, ids: Tensor, slots: Tensor, first: Tensor | None, filled: int) -> Tensor:
+        return self.model(ids, self.pool, slots=slots, known=KnownStep(first, filled))[0]
 
     def run(self, ids: Tensor, slots: Tensor) -> Tensor:
         """Logits [B, 1, vocab] for ``ids`` [B, 1], row b continuing pool slot ``slots[b]``. The result
@@ -113,7 +112,8 @@ class DecodeGraphs:
         """The shape of the next step of the sequences in ``slots``, from the pool's positions: on a CPU
         the pool lives on the host, so reading them costs no device sync."""
         row = self.pool.pos.index_select(0, slots) % self.model.config.chunk_size
-        return KnownStep(starts_chunk=bool((row == 0).any()), filled=int(row.max()))
+        first = (row == 0).nonzero().squeeze(1)
+        return KnownStep(first if first.numel() else None, int(row.max()))
 
     def _run_compiled(self, ids: Tensor, slots: Tensor) -> Tensor:
         threads = torch.get_num_threads()
@@ -129,8 +129,9 @@ class DecodeGraphs:
                 return self.run(ids, slots)
             if counters["stats"]["unique_graphs"] != graphs:  # this step compiled a graph
                 self.compiles.append((ids.shape[0], known, time.monotonic() - start))
-                logger.info("decode step compiled for batch %d, %d factor rows%s in %.1f s", ids.shape[0],
-                            known.filled, ", chunk start" if known.starts_chunk else "", self.compiles[-1][2])
+                starts = 0 if known.first is None else known.first.numel()
+                logger.info("decode step compiled for batch %d (%d factor rows, %d chunk starts) in %.1f s",
+                            ids.shape[0], known.filled, starts, self.compiles[-1][2])
             return logits
         finally:
             torch.set_num_threads(threads)

@@ -38,7 +38,7 @@ def check_compiled_equals_eager(preset: str, backend: str, batches: list[list[in
             expected, _ = model(ids, eager, slots=slots)
             torch.testing.assert_close(graphs.run(ids, slots), expected, rtol=1e-5, atol=1e-5)
     assert graphs.compiled is not None, "fell back to eager"
-    assert {known.starts_chunk for _, known, _ in graphs.compiles} == {False, True}  # chunk starts crossed
+    assert {known.first is None for _, known, _ in graphs.compiles} == {False, True}  # chunk starts crossed
     for name, mine, theirs, old in zip(["pos"] + [k for layer in pool.layers for k in layer], pool.tensors(),
                                        eager.tensors(), before.tensors(), strict=True):
         torch.testing.assert_close(mine[:4], theirs[:4], rtol=1e-5, atol=1e-5, msg=name)
@@ -64,9 +64,9 @@ def test_known_step_from_the_pool_positions():
     pool = model.init_state(4)
     pool.pos.copy_(torch.tensor([4, 5, 7, 0]))
     graphs = DecodeGraphs(model, pool, scratch_slot=3, max_batch=2, use_graphs=False)
-    assert graphs.known_step(torch.tensor([1, 2])) == KnownStep(starts_chunk=False, filled=3)
-    assert graphs.known_step(torch.tensor([0, 1])) == KnownStep(starts_chunk=True, filled=1)
-    assert graphs.known_step(torch.tensor([3])) == KnownStep(starts_chunk=True, filled=0)  # position 0
+    assert graphs.known_step(torch.tensor([1, 2])) == KnownStep(None, 3)
+    first, filled = graphs.known_step(torch.tensor([1, 0, 3]))  # positions 5, 4, 0
+    assert first.tolist() == [1, 2] and filled == 1
 
 
 def test_engine_compiles_only_when_asked(tokenizer):
