@@ -61,7 +61,14 @@ def short_conv(x: Tensor, weight: Tensor, cache: Tensor, lengths: Tensor) -> tup
     width = weight.shape[1]
     # Computed in the cache's dtype (fp32 state), whatever the weights' dtype.
     full = torch.cat([cache, x.transpose(1, 2).to(cache.dtype)], dim=-1)  # [B, C, width-1+T]
-    out = F.conv1d(full, weight.to(cache.dtype).unsqueeze(1), groups=weight.shape[0])
+    weight = weight.to(cache.dtype)
+    if x.shape[1] == 1:
+        # One token (a decode step): the products with the width taps, summed. On a CPU oneDNN's depthwise
+        # convolution costs ~0.7 ms a call at this shape (20x these few products), and a compiled step fuses
+        # them; over a prompt the convolution is the faster one (docs/benchmarks/compiled-cpu.md).
+        out = (full * weight).sum(-1, keepdim=True)
+    else:
+        out = F.conv1d(full, weight.unsqueeze(1), groups=weight.shape[0])
     index = (lengths.view(-1, 1) + torch.arange(width - 1, device=x.device)).unsqueeze(1)
     new_cache = full.gather(2, index.expand(-1, full.shape[1], -1))
     return out.transpose(1, 2).to(x.dtype), new_cache
