@@ -286,8 +286,8 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
             mine.index_copy_(0, at, new)
     # a known step gathers only the rows it reads (the compiled step copies what it gathers: the rows it
     # reads are overwritten in place later in the same graph)
-    rows = pool.rows if known is None else pool.rows[:, :, :known.filled]
-    state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), read(rows), read(pool.row_coef),
+    factors = pool.rows if known is None else pool.rows[:, :, :known.filled]
+    state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), read(factors), read(pool.row_coef),
                                   read(pool.row_decay))
     o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias, part,
                                                     None if known is None else known.filled)
