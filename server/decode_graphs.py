@@ -38,6 +38,12 @@ from models.model import ModelState
 
 logger = logging.getLogger("miras.engine")
 
+# The engine's policy, by measurement (docs/benchmarks/compiled-cpu.md, moneta-tiny on a shared 2-core CPU):
+# compiled, batch 1 ran 1.84x faster than eager, batch 32 0.85x (its gathered anchors and factor rows are
+# copied before the products), so only batch 1 is compiled; on 2 threads it ran 10x slower than on 1.
+ENGINE_COMPILE_MAX_BATCH = 1
+COMPILED_STEP_THREADS = 1
+
 
 def capture_sizes(max_batch: int) -> list[int]:
     """Powers of two up to ``max_batch``, and ``max_batch`` itself."""

@@ -9,6 +9,7 @@ touched request produced in this step (deltas).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from models import MirasLM, MirasTokenizer
 
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -160,9 +161,11 @@ class LLMEngine:
         try:
             return DecodeGraphs(self.model, self.pool, scratch_slot=self.config.max_num_seqs,
                                 max_batch=self.config.max_num_seqs, use_graphs=self.device.type == "cuda",
-                                compile_backend="inductor" if compiled else None)
+                                compile_backend="inductor" if compiled else None,
+                                compile_max_batch=ENGINE_COMPILE_MAX_BATCH,
+                                compile_threads=min(COMPILED_STEP_THREADS, os.cpu_count() or 1))
         except Exception:  # e.g. a model whose step cannot be captured: serve eagerly rather than not at all
-            logger.warning("CUDA-graph capture of the decode step failed; decoding eagerly", exc_info=True)
+            logger.warning("preparing the decode steps failed; decoding eagerly", exc_info=True)
             return None
 
     # ---- requests -------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ generation is slow to compile, so it runs for one preset; the others trace the s
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import small_model
@@ -13,7 +15,7 @@ from conftest import small_model
 from models.memory import KnownStep
 from server import EngineConfig, LLMEngine
 from server.cli import engine_config, parse_args
-from server.decode_graphs import DecodeGraphs
+from server.decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -81,3 +83,19 @@ def test_engine_compiles_only_when_asked(tokenizer):
                                                                           state_cache_bytes=0))
         assert (engine.decode_graphs is not None and engine.decode_graphs.compiled is not None) == compiled
         assert engine.pool.batch_size == 3 + compiled  # the scratch slot of the padded batches
+    # the policy by measurement (docs/benchmarks/compiled-cpu.md)
+    assert engine.decode_graphs.compile_max_batch == ENGINE_COMPILE_MAX_BATCH
+    assert engine.decode_graphs.compile_threads == min(COMPILED_STEP_THREADS, os.cpu_count() or 1)
+
+
+@torch.inference_mode()
+def test_batches_above_compile_max_batch_run_eagerly():
+    model = small_model("moneta", chunk_size=CHUNK, n_layers=1)
+    pool = model.init_state(3)
+    graphs = DecodeGraphs(model, pool, scratch_slot=2, max_batch=2, use_graphs=False, compile_backend="aot_eager",
+                          compile_max_batch=1, compile_threads=1)
+    eager = pool.clone()
+    for _ in range(2):
+        ids, slots = torch.tensor([[5], [6]]), torch.tensor([0, 1])
+        torch.testing.assert_close(graphs.run(ids, slots), model(ids, eager, slots=slots)[0])
+    assert graphs.compiles == [] and graphs.compiled is not None
