@@ -15,7 +15,7 @@ many factor rows to read: :class:`models.memory.KnownStep`) is read here from th
 live on the host, and passed in. Dynamo specialises on the first value of each size and, when it changes,
 recompiles once with it symbolic, so one decode graph serves every batch size above 1, every count of
 factor rows and of chunk starts: a handful of compiles in all, each logged with its time. Inductor's caches
-live under the project's cache dir, so a restart recompiles from them in seconds. A step that fails to
+live under the project's cache dir, so a restart recompiles faster (tracing still runs). A step that fails to
 compile makes the engine decode eagerly, with a warning. Compiled batches run unpadded.
 """
 
