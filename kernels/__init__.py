@@ -22,7 +22,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:  # models imports this package: import it lazily, whichever is imported first
     from models.config import MirasConfig
-    from models.memory import FactoredMemory, Memory
+    from models.memory import FactoredMemory, KnownStep, Memory
 
 BACKENDS = ("torch", "triton")
 # Input precisions of the Triton kernels' fp32 tensor-core products (kernels.scan.dot_precision).
@@ -101,19 +101,34 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
 
 def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor,
                      k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
-                     ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None) -> Tensor:
+                     ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None,
+                     known: KnownStep | None = None) -> Tensor:
     """In place on a state pool: row b of q/k/v ([B, H, T, d], right-padded to ``lengths``) continues
     pool slot ``slots[b]`` from position ``pos[b]``; a negative slot is skipped. Returns the reads.
     ``surprise`` [B, H, T] (fp32, contiguous), if given, takes every token's loss at its chunk's anchor (skipped
     rows and padding: unspecified).
 
     The triton backend is one in-place launch without host syncs (CUDA-graph capturable); the torch
-    backend gathers the rows, runs the reference and scatters them back.
+    backend gathers the rows, runs the reference and scatters them back. ``known`` (a one-token step, every
+    slot live, :class:`models.memory.KnownStep`): the torch backend then reads no device value on the host,
+    so that the step compiles into one graph (a slot may repeat only where nothing reads it: the engine's
+    padding slot).
     """
     if backend_for(q.device.type) == "triton":
         return _scan_pool(q.device.type)(cfg, anchor, memory, slots, pos, q, k, v, eta, log_alpha, delta,
                                          ln_weight, ln_bias, lengths=lengths, surprise=surprise)
     from models.memory import memory_scan as torch_memory_scan
+
+    if known is not None:
+        valid = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device)
+        o, new_anchor, new_memory = torch_memory_scan(
+            cfg, tuple(w.index_select(0, slots) for w in anchor), tuple(w.index_select(0, slots) for w in memory),
+            pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise, known)
+        written = zip((*anchor, *memory), (*new_anchor, *new_memory), strict=True) if known.first is not None \
+            else zip(memory, new_memory, strict=True)
+        for pool, new in written:
+            pool.index_copy_(0, slots, new)
+        return o
 
     access = _slot_access(slots, slots >= 0)
     if access is None:
@@ -234,7 +249,8 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
 
 def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
                        v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
-                       ln_weight: Tensor, ln_bias: Tensor, surprise: Tensor | None = None) -> Tensor:
+                       ln_weight: Tensor, ln_bias: Tensor, surprise: Tensor | None = None,
+                       known: KnownStep | None = None) -> Tensor:
     """:func:`memory_scan_pool` on a factored state pool: in place, row b of q/k/v continues pool slot
     ``slots[b]``; a negative slot or an empty row is skipped. Returns the reads.
 
@@ -242,7 +258,7 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     one row, the coefficients and the decay; a token that starts a chunk first folds its rows into the
     new anchor (once per chunk). The triton backend is in-place kernels without host syncs (CUDA-graph
     capturable, kernels/factored.py); the torch backend gathers a prompt's rows, runs the factored scan
-    and writes them back.
+    and writes them back. ``known``: as in :func:`memory_scan_pool`.
     """
     if backend_for(q.device.type) == "triton":
         launch, factors = _triton_factors(q.device.type, pool)
@@ -250,13 +266,17 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
                       lengths=lengths, surprise=surprise)
     from models import memory
 
-    access = _slot_access(slots, (slots >= 0) & (lengths > 0))
-    if access is None:
-        return _zero_reads(q, surprise)
-    rows, picked, read, write, pick = access
-    token = [pick(t) for t in (q, k, v, eta, log_alpha, delta)]
-    pos = pick(pos)
-    part = _surprise_part(surprise, rows)
+    if known is not None:  # every row live, none read on the host
+        read, write = (lambda w: w.index_select(0, slots)), (lambda pool, new: pool.index_copy_(0, slots, new))
+        token, picked, part = [q, k, v, eta, log_alpha, delta], slots, surprise
+    else:
+        access = _slot_access(slots, (slots >= 0) & (lengths > 0))
+        if access is None:
+            return _zero_reads(q, surprise)
+        rows, picked, read, write, pick = access
+        token = [pick(t) for t in (q, k, v, eta, log_alpha, delta)]
+        pos = pick(pos)
+        part = _surprise_part(surprise, rows)
     if q.shape[2] > 1:
         valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < pick(lengths).view(-1, 1)
         state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
@@ -265,8 +285,8 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
             write(mine, new)
         return _scatter_reads(q, rows, o, surprise, part)
     row = pos % cfg.chunk_size
-    first = (row == 0).nonzero().squeeze(1)
-    if first.numel():  # once per chunk per sequence: fold into the new anchor, start the rows over
+    first = (row == 0).nonzero().squeeze(1) if known is None else known.first
+    if first is not None and first.numel():  # once per chunk per sequence: fold into the new anchor, start over
         at = picked.index_select(0, first)
         gathered = memory.FactoredMemory(tuple(w.index_select(0, at) for w in pool.anchor),
                                          *(t.index_select(0, at) for t in pool[1:]))
@@ -274,9 +294,14 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
                                      ln_weight, ln_bias)
         for mine, new in zip((*pool.anchor, *pool[1:]), (*started.anchor, *started[1:]), strict=True):
             mine.index_copy_(0, at, new)
-    state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
-    o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias, part)
+    # a known step gathers only the rows it reads (the compiled step copies what it gathers: the rows it
+    # reads are overwritten in place later in the same graph)
+    factors = pool.rows if known is None else pool.rows[:, :, :known.filled]
+    state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), read(factors), read(pool.row_coef),
+                                  read(pool.row_decay))
+    o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias, part,
+                                                    None if known is None else known.filled)
     pool.rows[picked, :, row] = new_row
     write(pool.row_coef, coef)
     write(pool.row_decay, decay)
-    return _scatter_reads(q, rows, o, surprise, part)
+    return o if known is not None else _scatter_reads(q, rows, o, surprise, part)

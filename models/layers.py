@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from kernels import factored_scan, factored_scan_pool, memory_scan, memory_scan_pool
 
 from .config import MirasConfig
-from .memory import FactoredMemory, factored_fresh, initial_memory, l2_normalise, memory_init_std
+from .memory import FactoredMemory, KnownStep, factored_fresh, initial_memory, l2_normalise, memory_init_std
 
 LayerState = dict[str, Tensor]
 LAYOUTS = ("running", "factored")
@@ -67,7 +67,14 @@ def short_conv(x: Tensor, weight: Tensor, cache: Tensor, lengths: Tensor) -> tup
     width = weight.shape[1]
     # Computed in the cache's dtype (fp32 state), whatever the weights' dtype.
     full = torch.cat([cache, x.transpose(1, 2).to(cache.dtype)], dim=-1)  # [B, C, width-1+T]
-    out = F.conv1d(full, weight.to(cache.dtype).unsqueeze(1), groups=weight.shape[0])
+    weight = weight.to(cache.dtype)
+    if x.shape[1] == 1:
+        # One token (a decode step): the products with the width taps, summed. On a CPU oneDNN's depthwise
+        # convolution costs ~0.7 ms a call at this shape (20x these few products), and a compiled step fuses
+        # them; over a prompt the convolution is the faster one (docs/benchmarks/compiled-cpu.md).
+        out = (full * weight).sum(-1, keepdim=True)
+    else:
+        out = F.conv1d(full, weight.unsqueeze(1), groups=weight.shape[0])
     index = (lengths.view(-1, 1) + torch.arange(width - 1, device=x.device)).unsqueeze(1)
     new_cache = full.gather(2, index.expand(-1, full.shape[1], -1))
     return out.transpose(1, 2).to(x.dtype), new_cache
@@ -174,10 +181,12 @@ class MirasMixer(nn.Module):
         return eta, log_alpha, delta
 
     def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor, lengths: Tensor,
-                slots: Tensor | None = None, surprise: Tensor | None = None) -> tuple[Tensor, LayerState]:
+                slots: Tensor | None = None, surprise: Tensor | None = None,
+                known: KnownStep | None = None) -> tuple[Tensor, LayerState]:
         """With ``slots``, the memory entries of ``state`` are the whole pool, updated in place at rows
         ``slots`` (the other entries are this batch's rows, as without). ``surprise`` [B, T], if given, takes
-        each token's memory loss at its chunk's anchor, averaged over the heads (models/SPEC.md §4)."""
+        each token's memory loss at its chunk's anchor, averaged over the heads (models/SPEC.md §4).
+        ``known``: a pool decode step's shape from the host (:func:`kernels.memory_scan_pool`)."""
         cfg = self.cfg
         B, T, _ = x.shape
         qkv, conv = short_conv(self.qkv(x), self.conv_weight, state["conv"], lengths)
@@ -197,7 +206,8 @@ class MirasMixer(nn.Module):
             if slots is None:
                 out, factored = factored_scan(cfg, factored, pos, *gates, valid, ln_weight, ln_bias, per_head)
             else:
-                out = factored_scan_pool(cfg, factored, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head)
+                out = factored_scan_pool(cfg, factored, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head,
+                                         known)
             new_state.update(zip((f"anchor_{n}" for n in names), factored.anchor, strict=True))
             new_state.update(zip(FACTOR_ENTRIES, factored[1:], strict=True))
         else:
@@ -206,7 +216,8 @@ class MirasMixer(nn.Module):
                 out, anchor, memory = memory_scan(cfg, anchor, memory, pos, *gates, valid, ln_weight, ln_bias,
                                                   per_head)
             else:
-                out = memory_scan_pool(cfg, anchor, memory, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head)
+                out = memory_scan_pool(cfg, anchor, memory, slots, pos, *gates, lengths, ln_weight, ln_bias, per_head,
+                                       known)
             for n, a, m in zip(names, anchor, memory, strict=True):
                 new_state[f"anchor_{n}"] = a
                 new_state[f"mem_{n}"] = m

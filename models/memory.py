@@ -100,6 +100,18 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
     return (a_lo @ b_hi + a_hi @ b_lo) + a_hi @ b_hi  # the order kernels' tf32x3 accumulates in
 
 
+class KnownStep(NamedTuple):
+    """What the host knows of a one-token step in which every row is live (the server's decode step), so
+    that the step reads no device value on the host and compiles into one graph (server/decode_graphs.py).
+
+    ``first``: the batch rows whose token starts a chunk (their boundary step runs, or their factor rows
+    fold into a new anchor), None if none does. ``filled``: how many factor rows to read, at least as many
+    as any row has filled (unwritten rows hold 0, so a larger count gives the same result)."""
+
+    first: Tensor | None
+    filled: int
+
+
 def gelu(z: Tensor) -> Tensor:
     """Exact (erf) GELU: z * Phi(z)."""
     return 0.5 * z * (1.0 + torch.erf(z * _SQRT_HALF))
@@ -306,14 +318,15 @@ def _where_rows(mask: Tensor, new: Memory, old: Memory) -> Memory:
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor,
                 v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor,
-                ln_weight: Tensor | None, ln_bias: Tensor | None,
-                surprise: Tensor | None = None) -> tuple[Tensor, Memory, Memory]:
+                ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None,
+                known: KnownStep | None = None) -> tuple[Tensor, Memory, Memory]:
     """Run the memory over ``T`` tokens per sequence, continuing from (anchor, memory) at ``pos``.
 
     q, k, v: [B, H, T, d]; eta, log_alpha, delta: [B, H, T]; pos: [B] absolute position of the
     first token; valid: [B, T] (padding at the end of a row updates nothing).
     Returns the reads [B, H, T, d] and the new (anchor, memory). ``surprise`` [B, H, T], if given, takes
-    every token's loss at its chunk's anchor (``memory_segment``; padding: unspecified).
+    every token's loss at its chunk's anchor (``memory_segment``; padding: unspecified). ``known`` (T = 1):
+    which rows start a chunk, from the host (:class:`KnownStep`); None: looked up on the device.
     """
     b = cfg.chunk_size
     T = q.shape[2]
@@ -349,7 +362,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
     lag_log_alpha = log_alpha * mask
     # Memora's retention lives in the lag step only; inside a chunk its updates are not decayed.
     log_alpha = torch.zeros_like(log_alpha) if cfg.retention == "kl" else lag_log_alpha
-    start_phase = int(phase[0])
+    start_phase = int(phase[0]) if T > 1 else 0  # one token is one segment, whatever its phase
     outs = []
     t = 0
     while t < T:
@@ -357,7 +370,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
         seg = slice(t, t + n)
         seg_eta = eta[:, :, seg]
         at_boundary = ((pos + t) % b == 0) & valid[:, t]
-        if bool(at_boundary.any()):
+        if known.first is not None if known is not None else bool(at_boundary.any()):
             stepped = boundary_step(cfg, memory, k[:, :, t:t + 1], v[:, :, t:t + 1], eta[:, :, t:t + 1],
                                     lag_log_alpha[:, :, t:t + 1], ln_weight, ln_bias)
             anchor = _where_rows(at_boundary, stepped, anchor)
@@ -447,7 +460,8 @@ def start_chunk(cfg: MirasConfig, state: FactoredMemory, k0: Tensor, v0: Tensor,
 
 def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor,
-                   ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   ln_bias: Tensor, surprise: Tensor | None = None,
+                   filled: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One token per sequence (q, k, v: [B, H, 1, d]; gates [B, H, 1]) that becomes factor row ``row``
     [B] of its chunk, whose anchor ``state`` already holds (``start_chunk`` ran for a chunk's first token).
 
@@ -455,7 +469,8 @@ def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tens
     the old coefficients and the decay take the token's alpha, its row enters with eta, and the read sees
     the post-update memory W_t = decay_t * anchor - sum_{i<=t} C[t, i] grad_i, through the anchor once
     and the rows' dot products (the dual form with n = 1). ``surprise`` [B, H, 1], if given, takes the
-    token's loss at the anchor (computed with its factors).
+    token's loss at the anchor (computed with its factors). ``filled``: how many rows to read (None: as
+    many as some sequence has filled, a device value read on the host).
     """
     if cfg.retention == "kl":
         # Memora: no decay inside a chunk; the lag token's update is its boundary step (eta 0 here).
@@ -470,7 +485,8 @@ def factored_token(cfg: MirasConfig, state: FactoredMemory, row: Tensor, q: Tens
     coef = state.row_coef * alpha  # the old rows (a new row's slot holds 0 until written)
     decay = state.row_decay * alpha.squeeze(-1)
     # Only the rows some sequence has filled are read (the others hold 0).
-    filled = int(row.max())
+    if filled is None:
+        filled = int(row.max())
     old_k, old_gz, old_a, old_gu = split_rows(state.rows[:, :, :filled], cfg.head_dim)
     old_coef = coef[..., None, :filled]
     eta = eta.unsqueeze(-1)  # [B, H, 1, 1]

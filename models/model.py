@@ -23,6 +23,7 @@ from .layers import (
     compute_dtype,
     state_layout,
 )
+from .memory import KnownStep
 
 
 @dataclass
@@ -108,9 +109,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
     def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor, lengths: Tensor,
-                slots: Tensor | None = None, surprise: Tensor | None = None) -> tuple[Tensor, LayerState]:
+                slots: Tensor | None = None, surprise: Tensor | None = None,
+                known: KnownStep | None = None) -> tuple[Tensor, LayerState]:
         # Only the Miras memory is updated in place in a pool (see MirasLM.forward), and only it has a surprise.
-        extra = {"slots": slots} if slots is not None and self.kind == "M" else {}
+        extra = {"slots": slots, "known": known} if slots is not None and self.kind == "M" else {}
         if surprise is not None:
             extra["surprise"] = surprise
         h, state = self.mixer(self.mixer_norm(x), state, pos, valid, lengths, **extra)
@@ -175,7 +177,8 @@ class MirasLM(nn.Module):
         pool.assign(slots, self.init_state(int(slots.numel()), pool.pos.device, pool.layout))
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, lengths: Tensor | None = None,
-                slots: Tensor | None = None, surprise: Tensor | None = None) -> tuple[Tensor, ModelState]:
+                slots: Tensor | None = None, surprise: Tensor | None = None,
+                known: KnownStep | None = None) -> tuple[Tensor, ModelState]:
         """Process ``input_ids`` [B, T] continuing from ``state`` (None: fresh sequences).
 
         ``lengths[b]`` (default T) is the number of real tokens in row b; the rest of the row is
@@ -188,20 +191,28 @@ class MirasLM(nn.Module):
         ``surprise`` [B, T, len(miras_layers)], if given, takes each token's surprise in each Miras layer: the
         memory's attentional-bias loss on the token before its update, at its chunk's anchor, averaged over
         the heads (models/SPEC.md §4; padding and skipped rows: unspecified). None: nothing is computed.
+
+        ``known`` (a pool decode step: one token per row, every slot live): whether a row starts a chunk and
+        how many factor rows to read, from the host (:class:`models.memory.KnownStep`); the step then reads no
+        device value on the host, so that it compiles into one graph (server/decode_graphs.py).
         """
+        if known is not None and (slots is None or input_ids.shape[1] != 1):
+            raise ValueError("known is for one-token steps through a state pool (slots)")
         if slots is not None:
             if state is None:
                 raise ValueError("slots need a state pool")
             slots = slots.to(device=state.pos.device, dtype=torch.long)
             # The Miras memory (most of the state) is read and written in place by the memory scan;
             # the small entries (position, conv cache, attention ring) go through gather and scatter.
-            logits, new_state = self._forward(input_ids, state.select(slots, whole=POOLED), lengths, slots, surprise)
+            logits, new_state = self._forward(input_ids, state.select(slots, whole=POOLED), lengths, slots, surprise,
+                                              known)
             state.assign(slots, new_state, skip=POOLED)
             return logits, state
         return self._forward(input_ids, state, lengths, None, surprise)
 
     def _forward(self, input_ids: Tensor, state: ModelState | None, lengths: Tensor | None,
-                 slots: Tensor | None, surprise: Tensor | None) -> tuple[Tensor, ModelState]:
+                 slots: Tensor | None, surprise: Tensor | None,
+                 known: KnownStep | None = None) -> tuple[Tensor, ModelState]:
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids must hold at least one token per row")
@@ -219,7 +230,7 @@ class MirasLM(nn.Module):
         columns = iter(range(len(self.miras_layers)))
         for block, layer_state in zip(self.blocks, state.layers, strict=True):
             mine = surprise[..., next(columns)] if surprise is not None and block.kind == "M" else None
-            x, layer_state = block(x, layer_state, state.pos, valid, lengths, slots, mine)
+            x, layer_state = block(x, layer_state, state.pos, valid, lengths, slots, mine, known)
             new_layers.append(layer_state)
         logits = self.lm_head(self.norm(x)).to(compute_dtype(x.dtype))
         return logits, ModelState(state.pos + lengths, new_layers)

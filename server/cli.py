@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="input precision of the GPU kernels' fp32 tensor-core products in prefill (default: "
                         "MIRAS_DOT_PRECISION, else the evidence-based default of docs/precision.md; ieee is exact)")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="decode without CUDA graphs (default on a GPU: replay the decode step from graphs)")
+                   help="decode eagerly: without CUDA graphs on a GPU (default: replay the decode step from "
+                        "graphs), without compiled steps on a CPU (default: torch.compile the decode step)")
     p.add_argument("--state-cache-gb", type=float, default=1.0,
                    help="memory for recurrent states of earlier prompts and replies, restored when a prompt repeats "
                         "or extends one (the next turn of a chat): prefix caching; 0 disables")
@@ -185,7 +186,7 @@ class DrainingServer(uvicorn.Server):
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens,
-                        cuda_graphs=False if args.enforce_eager else None,
+                        cuda_graphs=False if args.enforce_eager else None, compiled_steps=not args.enforce_eager,
                         state_cache_bytes=int(args.state_cache_gb * (1 << 30)), state_disk_dir=args.state_disk_dir,
                         state_disk_bytes=int(args.state_disk_gb * (1 << 30)), state_disk_ttl=args.state_disk_ttl,
                         gpu_memory_utilization=args.gpu_memory_utilization, state_redis_url=args.state_redis_url,

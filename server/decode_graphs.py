@@ -1,4 +1,5 @@
-"""The engine's decode step, replayed from CUDA graphs captured once per batch size.
+"""The engine's decode step: replayed from CUDA graphs captured once per batch size on a GPU, compiled
+with torch.compile on a CPU.
 
 A decode step of a recurrent model is many small kernels per layer (projections, conv, gates, the
 memory scan) on fixed-size tensors, so on a GPU its cost at small batches is launch overhead: on an
@@ -6,18 +7,42 @@ H200 the 24-layer 340M-shape step took 34 ms eager and 3.8 ms replayed at batch 
 address, so the step reads its inputs from persistent buffers and a batch is padded up to the next
 captured size. Padding rows point at a scratch row of the state pool that no request owns: they
 compute garbage there (several padding rows share it and race), and nothing reads it.
+
+On a CPU the step is compiled instead (torch.compile, inductor's C++ code generation): an eager decode
+step of moneta-tiny is ~1,000 operator dispatches, which cost more than the bytes it reads. The compiled
+step makes no host synchronisation: what depends on the batch's positions (which rows start a chunk, how
+many factor rows to read: :class:`models.memory.KnownStep`) is read here from the pool's positions, which
+live on the host, and passed in. Dynamo specialises on the first value of each size and, when it changes,
+recompiles once with it symbolic, so one decode graph serves every batch size above 1, every count of
+factor rows and of chunk starts: a handful of compiles in all, each logged with its time. Inductor's caches
+live under the project's cache dir, so a restart recompiles faster (tracing still runs). A step that fails to
+compile makes the engine decode eagerly, with a warning. Compiled batches run unpadded.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch._dynamo.utils import counters
 
 from kernels.graphs import capture
 from models import MirasLM
+from models.corpus import cache_dir
+from models.memory import KnownStep
 from models.model import ModelState
+
+logger = logging.getLogger("miras.engine")
+
+# The engine's policy, by measurement (docs/benchmarks/compiled-cpu.md, moneta-tiny on a shared 2-core CPU):
+# compiled, batch 1 ran 1.84x faster than eager, batch 32 0.85x (its gathered anchors and factor rows are
+# copied before the products), so only batch 1 is compiled; on 2 threads it ran 10x slower than on 1.
+ENGINE_COMPILE_MAX_BATCH = 1
+COMPILED_STEP_THREADS = 1
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -26,15 +51,28 @@ def capture_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+def use_project_compile_cache() -> None:
+    """Inductor's caches (FX graphs, generated C++) under the project's cache dir unless the environment
+    names one: compiled steps survive a restart."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
 class DecodeGraphs:
     """Decode steps (one token for each of up to ``max_batch`` sequences) through ``pool`` for every
-    size of :func:`capture_sizes`. With ``use_graphs`` false (CPU) the same padded steps run eagerly,
-    which is how the padding is tested without a GPU."""
+    size of :func:`capture_sizes`: replayed from CUDA graphs (``use_graphs``), compiled with torch.compile's
+    ``compile_backend`` (on a CPU: "inductor"; tests also use "aot_eager", which traces the same graph
+    without generating code) for sizes up to ``compile_max_batch``, or eager, which is how the padding is
+    tested without a GPU. Compiled steps run on ``compile_threads`` torch threads (None: the caller's)."""
 
-    def __init__(self, model: MirasLM, pool: ModelState, scratch_slot: int, max_batch: int, use_graphs: bool):
+    def __init__(self, model: MirasLM, pool: ModelState, scratch_slot: int, max_batch: int, use_graphs: bool,
+                 compile_backend: str | None = None, compile_max_batch: int | None = None,
+                 compile_threads: int | None = None):
         if not 0 <= scratch_slot < pool.batch_size:
             raise ValueError(f"scratch slot {scratch_slot} is outside the pool of {pool.batch_size}")
+        if use_graphs and compile_backend is not None:
+            raise ValueError("decode steps are either replayed from CUDA graphs or compiled, not both")
         device = pool.pos.device
+        self.model, self.pool = model, pool
         self.sizes = capture_sizes(max_batch)
         self.scratch_slot = scratch_slot
         self.ids = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
@@ -47,14 +85,63 @@ class DecodeGraphs:
                 self.logits[size] = model(self.ids[:size], pool, slots=self.slots[:size])[0]
 
             self.steps[size] = capture(step, device, memory_pool) if use_graphs else step
+        self.compiled: Callable[[Tensor, Tensor, Tensor | None, int], Tensor] | None = None
+        self.compile_max_batch = max_batch if compile_max_batch is None else compile_max_batch
+        self.compile_threads = compile_threads
+        self.compiles: list[tuple[int, KnownStep, float]] = []  # (batch size, step, seconds) of each compile
+        if compile_backend is not None:
+            use_project_compile_cache()
+            # a few graphs per instance (batch 1 and the rest, chunk start or not, specialised then
+            # symbolic), all on the code of _pool_step: let dynamo keep those of every instance
+            torch._dynamo.config.recompile_limit += 8
+            torch._dynamo.config.accumulated_recompile_limit += 8
+            # freezing: the weights become constants of the compiled code, the dense products oneDNN's
+            # prepacked ones (the weights never change while serving); cpp_wrapper: the code that calls the
+            # kernels is C++ too, not Python. Each measured faster (docs/benchmarks/compiled-cpu.md).
+            options = {"freezing": True, "cpp_wrapper": True} if compile_backend == "inductor" else None
+            self.compiled = torch.compile(self._pool_step, backend=compile_backend, dynamic=None, options=options,
+                                          fullgraph=True)  # a graph break is a host sync: fall back instead
+
+    def _pool_step(self, ids: Tensor, slots: Tensor, first: Tensor | None, filled: int) -> Tensor:
+        return self.model(ids, self.pool, slots=slots, known=KnownStep(first, filled))[0]
 
     def run(self, ids: Tensor, slots: Tensor) -> Tensor:
         """Logits [B, 1, vocab] for ``ids`` [B, 1], row b continuing pool slot ``slots[b]``. The result
         is a view of a graph's output buffer: it is overwritten by the next step."""
         batch = ids.shape[0]
+        if self.compiled is not None and batch <= self.compile_max_batch:
+            return self._run_compiled(ids, slots)
         size = next(s for s in self.sizes if s >= batch)
         self.ids[:batch].copy_(ids)
         self.slots[:batch].copy_(slots)
         self.slots[batch:size].fill_(self.scratch_slot)
         self.steps[size]()
         return self.logits[size][:batch]
+
+    def known_step(self, slots: Tensor) -> KnownStep:
+        """The shape of the next step of the sequences in ``slots``, from the pool's positions: on a CPU
+        the pool lives on the host, so reading them costs no device sync."""
+        row = self.pool.pos.index_select(0, slots) % self.model.config.chunk_size
+        first = (row == 0).nonzero().squeeze(1)
+        return KnownStep(first if first.numel() else None, int(row.max()))
+
+    def _run_compiled(self, ids: Tensor, slots: Tensor) -> Tensor:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.compile_threads or threads)
+        try:
+            known = self.known_step(slots)
+            graphs, start = counters["stats"]["unique_graphs"], time.monotonic()
+            try:
+                logits = self.compiled(ids, slots, *known)
+            except Exception:  # a model the compiler cannot handle: serve eagerly rather than not at all
+                logger.warning("compiling the decode step failed; decoding eagerly", exc_info=True)
+                self.compiled = None
+                return self.run(ids, slots)
+            if counters["stats"]["unique_graphs"] != graphs:  # this step compiled a graph
+                self.compiles.append((ids.shape[0], known, time.monotonic() - start))
+                starts = 0 if known.first is None else known.first.numel()
+                logger.info("decode step compiled for batch %d (%d factor rows, %d chunk starts) in %.1f s",
+                            ids.shape[0], known.filled, starts, self.compiles[-1][2])
+            return logits
+        finally:
+            torch.set_num_threads(threads)

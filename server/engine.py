@@ -9,6 +9,7 @@ touched request produced in this step (deltas).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -18,7 +19,7 @@ from torch import Tensor
 from kernels import set_dot_precision
 from models import MirasLM, MirasTokenizer
 
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -47,6 +48,9 @@ class EngineConfig:
     # Replay decode steps from CUDA graphs (None: on CUDA devices). True on a CPU runs the same padded
     # steps eagerly (tests the padding without a GPU); False is vLLM's --enforce-eager.
     cuda_graphs: bool | None = None
+    # Compile the decode step with torch.compile on a CPU (server/decode_graphs.py); the CLI turns it on
+    # unless --enforce-eager. Off here: an embedded engine (and the tests) stays eager.
+    compiled_steps: bool = False
     # Bytes of recurrent states kept for prompts that repeat or extend earlier ones (server/state_cache.py);
     # 0 turns the cache off.
     state_cache_bytes: int = 1 << 30
@@ -83,13 +87,15 @@ class LLMEngine:
         if config.dot_precision is not None:
             set_dot_precision(config.dot_precision)
         use_graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
-        self.config = replace(config, max_num_seqs=self._size_pool(config, int(use_graphs), device_memory))
+        compiled = config.compiled_steps and self.device.type == "cpu" and not use_graphs
+        padded = use_graphs or compiled
+        self.config = replace(config, max_num_seqs=self._size_pool(config, int(padded), device_memory))
         self.state_cache = self._state_cache()
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    model.config.chunk_size, self._cached_prefix if self.state_cache else None)
-        # With graphs, one more pool row that no request owns takes the padding rows of a batch.
-        self.pool = model.init_state(self.config.max_num_seqs + (1 if use_graphs else 0))
-        self.decode_graphs = self._capture_decode_graphs() if use_graphs else None
+        # With graphs or compiled steps, one more pool row that no request owns takes the padding rows of a batch.
+        self.pool = model.init_state(self.config.max_num_seqs + (1 if padded else 0))
+        self.decode_graphs = self._capture_decode_graphs(compiled) if padded else None
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.sampler = Sampler(self.pool.batch_size, self.vocab_size, self.eos_token_id, self.device, self.generator)
@@ -157,12 +163,15 @@ class LLMEngine:
         return peak
 
     @torch.inference_mode()
-    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+    def _capture_decode_graphs(self, compiled: bool) -> DecodeGraphs | None:
         try:
             return DecodeGraphs(self.model, self.pool, scratch_slot=self.config.max_num_seqs,
-                                max_batch=self.config.max_num_seqs, use_graphs=self.device.type == "cuda")
+                                max_batch=self.config.max_num_seqs, use_graphs=self.device.type == "cuda",
+                                compile_backend="inductor" if compiled else None,
+                                compile_max_batch=ENGINE_COMPILE_MAX_BATCH,
+                                compile_threads=min(COMPILED_STEP_THREADS, os.cpu_count() or 1))
         except Exception:  # e.g. a model whose step cannot be captured: serve eagerly rather than not at all
-            logger.warning("CUDA-graph capture of the decode step failed; decoding eagerly", exc_info=True)
+            logger.warning("preparing the decode steps failed; decoding eagerly", exc_info=True)
             return None
 
     # ---- requests -------------------------------------------------------------------------------------

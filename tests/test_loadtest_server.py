@@ -21,7 +21,7 @@ from loadtest.cli import run_cli
 
 # Small on purpose: 4 state slots and 4 queue places, so 16 closed-loop clients overload it.
 SERVER_FLAGS = ["--max-num-seqs", "4", "--max-queued-requests", "4", "--max-num-batched-tokens", "256",
-                "--log-level", "warning"]
+                "--log-level", "warning", "--enforce-eager"]  # compiling the decode step would take minutes
 
 
 def free_port() -> int:

@@ -35,8 +35,10 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: spin-waiting threads only slow it down
         env.pop("MIRAS_API_KEY", None)
+        # --enforce-eager: compiling the decode step takes minutes on a fresh 2-core machine (it has its own
+        # tests, tests/test_server_compiled_steps.py)
         cmd = [sys.executable, "-m", "server.cli", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", *args]
+               "--port", str(self.port), "--log-level", "warning", "--enforce-eager", *args]
         # run outside the checkout so imports resolve like an installed package's
         handle, name = tempfile.mkstemp(prefix="miras-serve-", suffix=".log")
         self.log = Path(name)

@@ -1,0 +1,177 @@
+"""The CPU decode step, eager vs compiled, against the time to copy the bytes it must read.
+
+    python -m server.bench_compiled [--model moneta-tiny] [--batches 1 32] [--threads 1 2]
+
+One engine decode step (server/decode_graphs.py: the step the engine runs) of each variant, eager and
+compiled with each torch thread count, at each batch size, and the memory update alone (one Miras layer's
+``kernels.factored_scan_pool``, eager and compiled, on the first thread count), each interleaved
+round-robin with a copy of its bytes (weights + state read and written for the step, the state of one
+layer for the memory update, from ``kernels/cost.py``; single-threaded), so load on a shared machine hits
+every column alike. The sequences' phases are spread over the chunk and the measured steps cover one whole
+chunk (every count of factor rows, one fold per sequence). A first chunk of steps compiles and warms up;
+its time is reported. Writes docs/benchmarks/compiled-cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import kernels
+import models
+from models.bench import git_commit, step_cost
+from models.memory import FactoredMemory
+
+from .decode_graphs import DecodeGraphs, use_project_compile_cache
+
+REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "compiled-cpu.md"
+
+
+def spread_pool(model: models.MirasLM, batch: int) -> tuple[models.ModelState, torch.Tensor]:
+    """A pool of ``batch`` sequences after prompts of 2 chunks + 1 to 3 chunks, phases spread over the chunk."""
+    b = model.config.chunk_size
+    lengths = 2 * b + 1 + (torch.arange(batch) * b) // batch
+    pool, slots = model.init_state(batch + 1), torch.arange(batch)  # + the scratch slot of padded batches
+    model(torch.randint(3, model.config.vocab_size, (batch, int(lengths.max()))), pool, lengths, slots=slots)
+    return pool, slots
+
+
+def memory_update(model: models.MirasLM, pool: models.ModelState, graphs: DecodeGraphs) -> Callable:
+    """One step of the first Miras layer's memory update on ``pool`` (its inputs drawn once)."""
+    cfg, mixer = model.config, model.blocks[model.miras_layers[0]].mixer
+    layer = pool.layers[model.miras_layers[0]]
+    state = FactoredMemory((layer["anchor_w_in"], layer["anchor_w_out"]), layer["rows"], layer["row_coef"],
+                           layer["row_decay"])
+    ln_weight, ln_bias = mixer.ln_params()
+
+    def update(slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+               log_alpha: torch.Tensor, first: torch.Tensor | None, filled: int | None) -> torch.Tensor:
+        known = None if filled is None else models.memory.KnownStep(first, filled)
+        out = kernels.factored_scan_pool(cfg, state, slots, pool.pos.index_select(0, slots), q, k, v, eta,
+                                         log_alpha, None, torch.ones_like(slots), ln_weight, ln_bias, None, known)
+        pool.pos.index_add_(0, slots, torch.ones_like(slots))
+        return out
+
+    return update
+
+
+@torch.inference_mode()
+def measure(model: models.MirasLM, batches: list[int], threads: list[int]) -> list[dict]:
+    b, cfg = model.config.chunk_size, model.config
+    runs = []
+    for batch in batches:
+        cost = step_cost(model, "factored", batch)
+        layer_bytes = (cost.state_bytes_read + cost.state_bytes_written) / len(model.miras_layers)
+        for what, nbytes in (("step", cost.total_bytes), ("memory update", layer_bytes)):
+            copy = (torch.empty(int(nbytes) // 4), torch.ones(int(nbytes) // 4))
+            # the memory update on the first thread count only (each variant costs compiles)
+            variants = [("eager", threads[0])] + [("compiled", t) for t in (threads if what == "step" else threads[:1])]
+            for mode, n in variants:
+                pool, slots = spread_pool(model, batch)
+                graphs = DecodeGraphs(model, pool, scratch_slot=batch, max_batch=batch, use_graphs=False,
+                                      compile_backend="inductor" if mode == "compiled" else None)
+                if what == "step":
+                    def call(ids: torch.Tensor, graphs: DecodeGraphs = graphs, slots: torch.Tensor = slots) -> None:
+                        graphs.run(ids, slots)
+                else:
+                    update = memory_update(model, pool, graphs)
+                    if mode == "compiled":
+                        update = torch.compile(update, dynamic=None, fullgraph=True)
+                    shape = (batch, cfg.n_heads, 1, cfg.head_dim)
+                    inputs = [models.memory.l2_normalise(torch.randn(shape)) for _ in range(2)] + [
+                        torch.randn(shape), torch.full(shape[:3], 0.01), torch.full(shape[:3], -0.01)]
+
+                    def call(ids: torch.Tensor, graphs: DecodeGraphs = graphs, slots: torch.Tensor = slots,
+                             update: Callable = update, inputs: list = inputs, mode: str = mode) -> None:
+                        known = graphs.known_step(slots) if mode == "compiled" else (None, None)
+                        update(slots, *inputs, *known)
+                runs.append(dict(batch=batch, what=what, mode=mode, threads=n, call=call, copy=copy, graphs=graphs,
+                                 steps=[],
+                                 copies=[], compile_s=0.0))
+    for step in range(2 * b):
+        for run in runs:
+            torch.set_num_threads(run["threads"])
+            ids = torch.randint(3, model.config.vocab_size, (run["batch"], 1))
+            t0 = time.perf_counter()
+            run["call"](ids)
+            elapsed = time.perf_counter() - t0
+            dst, src = run["copy"]
+            torch.set_num_threads(1)
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            copied = time.perf_counter() - t0
+            if run["mode"] == "compiled" and getattr(run.get("graphs"), "compiled", True) is None:
+                raise RuntimeError("the compiled step fell back to eager")
+            if step >= b:  # the first chunk compiles and warms up
+                run["copies"].append(copied)
+                run["steps"].append(elapsed)
+            else:
+                run["compile_s"] += elapsed
+        if step == 0:
+            print("first round done", flush=True)
+    rows = []
+    for run in runs:
+        rows.append(dict(batch=run["batch"], what=run["what"], mode=run["mode"], threads=run["threads"],
+                         step=statistics.median(run["steps"]), copy=statistics.median(run["copies"]),
+                         compile_s=run["compile_s"]))
+        r = rows[-1]
+        print(f"batch {r['batch']} {r['what']} {r['mode']} {r['threads']}t: {r['step'] * 1e3:.2f} ms, copy "
+              f"{r['copy'] * 1e3:.2f} ms ({r['step'] / r['copy']:.2f}x), warm-up chunk {r['compile_s']:.1f} s",
+              flush=True)
+    return rows
+
+
+def report(model_name: str, model: models.MirasLM, rows: list[dict]) -> str:
+    b = model.config.chunk_size
+    lines = [
+        f"# The CPU decode step, eager vs compiled: `{model_name}` ({model.num_parameters():,} parameters)", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared: load average {os.getloadavg()[0]:.1f} at "
+        f"the end), torch {torch.__version__}; date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
+        f"UTC; commit {git_commit()}. Command: `python -m server.bench_compiled`.", "",
+        f"Median over one chunk of {b} steps (every count of factor rows, one fold per sequence; phases spread over "
+        "the chunk) after a chunk of warm-up, which includes the compiles. Every round runs every variant once and, "
+        "after each, a single-threaded copy of the bytes the byte model (`kernels/cost.py`, factored layout) says "
+        "it must move: weights + state read and written for the *step* (one engine decode step of the whole "
+        "model), the state of one Miras layer for the *memory update* (`kernels.factored_scan_pool`).", "",
+        "| batch | what | variant | threads | ms | tok/s | copy ms | ms / copy | vs eager | warm-up chunk s |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        eager = next(r for r in rows if r["batch"] == row["batch"] and r["what"] == row["what"]
+                     and r["mode"] == "eager")
+        rate = f"{row['batch'] / row['step']:,.0f}" if row["what"] == "step" else ""
+        lines.append(f"| {row['batch']} | {row['what']} | {row['mode']} | {row['threads']} | "
+                     f"{row['step'] * 1e3:.2f} | {rate} | {row['copy'] * 1e3:.2f} | {row['step'] / row['copy']:.2f}x | "
+                     f"{eager['step'] / row['step']:.2f}x | {row['compile_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="moneta-tiny")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--out", default=str(REPORT))
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    use_project_compile_cache()
+    model, _ = models.load_pretrained(args.model)
+    if model.config.memory != "mlp":
+        raise SystemExit("the memory update is timed on the factored layout of an mlp memory")
+    rows = measure(model.eval(), args.batches, args.threads)
+    text = report(args.model, model, rows)
+    print(text)
+    Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Compiled decode steps on a CPU (server/decode_graphs.py): the pool step under torch.compile equals the
+eager step, logits and state, for every preset, at several batch sizes, across chunk starts and factor row
+counts (one graph, specialised then symbolic), and leaves slots outside the batch untouched. Inductor's code
+generation is slow to compile, so it runs for one preset; the others trace the same whole-step graph with
+"aot_eager" (fullgraph: no host sync inside)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import small_model
+
+from models.memory import KnownStep
+from server import EngineConfig, LLMEngine
+from server.cli import engine_config, parse_args
+from server.decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+CHUNK = 4
+
+
+@torch.inference_mode()
+def check_compiled_equals_eager(preset: str, backend: str, batches: list[list[int]], steps: int) -> DecodeGraphs:
+    model = small_model(preset, seed=1, chunk_size=CHUNK, n_layers=2 if preset.endswith("-h") else 1)
+    pool = model.init_state(5)  # slots 0-3 for sequences, 4 the scratch slot
+    # staggered positions (3, 4, 6, 7), so rows of one batch start chunks at different steps
+    model(torch.randint(3, 200, (4, 7)), pool, lengths=torch.tensor([3, 4, 6, 7]), slots=torch.arange(4))
+    eager = pool.clone()
+    graphs = DecodeGraphs(model, pool, scratch_slot=4, max_batch=max(map(len, batches)), use_graphs=False,
+                          compile_backend=backend)
+    untouched = set(range(4)) - {s for b in batches for s in b}
+    before = pool.clone()
+    for _ in range(steps):
+        for batch in batches:
+            slots = torch.tensor(batch)
+            ids = torch.randint(3, 200, (len(batch), 1))
+            expected, _ = model(ids, eager, slots=slots)
+            torch.testing.assert_close(graphs.run(ids, slots), expected, rtol=1e-5, atol=1e-5)
+    assert graphs.compiled is not None, "fell back to eager"
+    assert {known.first is None for _, known, _ in graphs.compiles} == {False, True}  # chunk starts crossed
+    for name, mine, theirs, old in zip(["pos"] + [k for layer in pool.layers for k in layer], pool.tensors(),
+                                       eager.tensors(), before.tensors(), strict=True):
+        torch.testing.assert_close(mine[:4], theirs[:4], rtol=1e-5, atol=1e-5, msg=name)
+        for s in untouched:
+            assert torch.equal(mine[s], old[s]), f"slot {s} of {name} changed"
+    return graphs
+
+
+@pytest.mark.parametrize("preset", ["moneta", "yaad", "memora", "linear", "moneta-h", "transformer"])
+def test_traced_step_equals_eager(preset):
+    """Batch sizes 2 and 1 (slot 1 starts a chunk at the first step, slot 2 at the third), slot 3 never in a batch."""
+    check_compiled_equals_eager(preset, "aot_eager", [[2, 0], [1]], steps=3)
+
+
+def test_inductor_step_equals_eager():
+    """The generated C++ code itself, batch size 1 from position 6: 2 then 3 factor rows (the count turns
+    symbolic), then a chunk start (each graph costs a compile: tens of seconds)."""
+    graphs = check_compiled_equals_eager("moneta", "inductor", [[2]], steps=3)
+    # at most: 2 rows (specialised), 3 rows (symbolic: serves any count from now on), a chunk start; fewer
+    # when dynamo already made the row count symbolic for this code in an earlier test
+    assert len(graphs.compiles) <= 3
+
+
+def test_known_step_from_the_pool_positions():
+    model = small_model("moneta", chunk_size=CHUNK, n_layers=1)
+    pool = model.init_state(4)
+    pool.pos.copy_(torch.tensor([4, 5, 7, 0]))
+    graphs = DecodeGraphs(model, pool, scratch_slot=3, max_batch=2, use_graphs=False)
+    assert graphs.known_step(torch.tensor([1, 2])) == KnownStep(None, 3)
+    first, filled = graphs.known_step(torch.tensor([1, 0, 3]))  # positions 5, 4, 0
+    assert first.tolist() == [1, 2] and filled == 1
+
+
+def test_engine_compiles_only_when_asked(tokenizer):
+    """The CLI compiles the CPU decode step unless --enforce-eager; an engine built without it stays eager."""
+    assert engine_config(parse_args([])).compiled_steps is True
+    assert engine_config(parse_args(["--enforce-eager"])).compiled_steps is False
+    for compiled in (False, True):
+        engine = LLMEngine(small_model("moneta"), tokenizer, EngineConfig(max_num_seqs=3, compiled_steps=compiled,
+                                                                          state_cache_bytes=0))
+        assert (engine.decode_graphs is not None and engine.decode_graphs.compiled is not None) == compiled
+        assert engine.pool.batch_size == 3 + compiled  # the scratch slot of the padded batches
+    # the policy by measurement (docs/benchmarks/compiled-cpu.md)
+    assert engine.decode_graphs.compile_max_batch == ENGINE_COMPILE_MAX_BATCH
+    assert engine.decode_graphs.compile_threads == min(COMPILED_STEP_THREADS, os.cpu_count() or 1)
+
+
+@torch.inference_mode()
+def test_batches_above_compile_max_batch_run_eagerly():
+    model = small_model("moneta", chunk_size=CHUNK, n_layers=1)
+    pool = model.init_state(3)
+    graphs = DecodeGraphs(model, pool, scratch_slot=2, max_batch=2, use_graphs=False, compile_backend="aot_eager",
+                          compile_max_batch=1, compile_threads=1)
+    eager = pool.clone()
+    for _ in range(2):
+        ids, slots = torch.tensor([[5], [6]]), torch.tensor([0, 1])
+        torch.testing.assert_close(graphs.run(ids, slots), model(ids, eager, slots=slots)[0])
+    assert graphs.compiles == [] and graphs.compiled is not None
