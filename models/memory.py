@@ -26,7 +26,6 @@ once and the rows (``factored_token``), and a chunk start folds the rows into th
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -50,7 +49,9 @@ Memory = tuple[Tensor, ...]
 DOT_EMULATIONS = ("ieee", "tf32x3", "tf32", "bf16")
 TF32_MANTISSA_BITS = 10
 BF16_MANTISSA_BITS = 7
-_dot_emulation: contextvars.ContextVar[str] = contextvars.ContextVar("dot_emulation", default="ieee")
+# A plain module global, not a ContextVar: torch.compile traces a global's read (and guards on it), while a
+# ContextVar's get() breaks the graph, and the compiled decode steps allow no break (server/decode_graphs.py).
+_dot_emulation = "ieee"
 
 
 def round_mantissa(x: Tensor, bits: int) -> Tensor:
@@ -68,7 +69,7 @@ def round_mantissa(x: Tensor, bits: int) -> Tensor:
 
 def dot_emulation() -> str:
     """The operand rounding that :func:`dot` applies now (``ieee``: none)."""
-    return _dot_emulation.get()
+    return _dot_emulation
 
 
 @contextlib.contextmanager
@@ -78,17 +79,18 @@ def emulate_dots(mode: str) -> Iterator[None]:
     low part, hi*hi + hi*lo + lo*hi), ``tf32`` (10 mantissa bits) or ``bf16`` (7 mantissa bits)."""
     if mode not in DOT_EMULATIONS:
         raise ValueError(f"dot emulation must be one of {DOT_EMULATIONS}, got {mode!r}")
-    token = _dot_emulation.set(mode)
+    global _dot_emulation
+    outer, _dot_emulation = _dot_emulation, mode
     try:
         yield
     finally:
-        _dot_emulation.reset(token)
+        _dot_emulation = outer
 
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` as a kernel's ``tl.dot`` computes it under :func:`emulate_dots` (fp32 accumulation; the
     products of rounded operands are exact in fp32). Exactly ``a @ b`` by default, and for fp64 operands."""
-    mode = _dot_emulation.get()
+    mode = _dot_emulation
     if mode == "ieee" or a.dtype != torch.float32:
         return a @ b
     if mode == "bf16":
