@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,16 @@ def build_llama_server(cache: Path) -> Path:
     return binary
 
 
+def llama_cpp_chat_template(tokenizer: models.MirasTokenizer) -> str:
+    """Our chat format as a Jinja template llama.cpp renders: its Jinja has no ``{% raw %}`` (which
+    ``jinja_chat_template`` quotes literal text with), so the literal text goes in as it is."""
+    template = jinja_chat_template(tokenizer.chat_template, tokenizer.generation_prompt)
+    literals = re.findall(r"{% raw %}(.*?){% endraw %}", template, flags=re.S)
+    if any(marker in text for text in literals for marker in ("{{", "{%", "{#")):
+        raise ValueError(f"chat template {tokenizer.chat_template!r}: its text holds Jinja syntax")
+    return re.sub(r"{% raw %}(.*?){% endraw %}", r"\1", template, flags=re.S)
+
+
 def write_gguf(path: Path, tokenizer: models.MirasTokenizer, *, hidden: int, layers: int, heads: int,
                ffn: int, vocab: int, context: int, seed: int = 0) -> int:
     """A Llama in GGUF with random weights (fp32) and ``tokenizer``'s byte-level BPE and chat template;
@@ -98,7 +109,7 @@ def write_gguf(path: Path, tokenizer: models.MirasTokenizer, *, hidden: int, lay
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(True)
-    writer.add_chat_template(jinja_chat_template(tokenizer.chat_template, tokenizer.generation_prompt))
+    writer.add_chat_template(llama_cpp_chat_template(tokenizer))
     rng = np.random.default_rng(seed)
     shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden)}
     for i in range(layers):

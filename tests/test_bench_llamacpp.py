@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gguf
+import jinja2
 import numpy as np
 
-from server.bench_llamacpp import prefilled, write_gguf
+from models.tokenizer import MirasTokenizer
+from server.bench_llamacpp import llama_cpp_chat_template, prefilled, write_gguf
 
 
 def test_gguf_llama_has_our_tokenizer_and_every_tensor(tmp_path, tokenizer):
@@ -39,3 +41,13 @@ def test_prefilled_tokens_from_either_servers_last_events():
     assert prefilled(ours) == 266
     assert prefilled({"usage": {"prompt_tokens": 900}, "timings": {"prompt_n": 270, "cache_n": 630}}) == 270
     assert prefilled({"usage": {"prompt_tokens": 900}}) is None  # a server that does not say
+
+
+def test_llama_cpp_template_renders_as_ours_without_raw_blocks(tokenizer):
+    tokenizer = MirasTokenizer(tokenizer.tokenizer, "{role}:{content}\n")  # the fixture is shared: a copy
+    template = llama_cpp_chat_template(tokenizer)
+    assert "raw" not in template
+    messages = [{"role": "user", "content": "Hi {{ there }}"}, {"role": "assistant", "content": "Hello."}]
+    for prompt in (True, False):
+        rendered = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=prompt)
+        assert rendered == tokenizer.apply_chat_template(messages, add_generation_prompt=prompt)
