@@ -230,32 +230,36 @@ def measure(url: str, model: str, tokenizer_dir: str, work: Path, chat_messages:
     result[f"chat turns 2-{CHAT_TURNS} TTFT (ms, median)"] = statistics.median(t for t, _ in turns) * 1e3
     if all(n is not None for _, n in turns):
         result[f"chat turns 2-{CHAT_TURNS} tokens prefilled (median)"] = statistics.median(n for _, n in turns)
+    result[LOAD] = os.getloadavg()[0]  # the machine may be shared: how busy it was
     return result
 
 
 HIGHER_IS_BETTER = "tokens/s"
+LOAD = "load average (1 min) when the server's run ended"
 
 
-def report_lines(title: str, rows: dict[str, dict[str, float]], args: argparse.Namespace, params: dict[str, int],
-                 model: str, commands: dict[str, list[str]]) -> list[str]:
+def report_lines(run: dict, args: argparse.Namespace, reused: dict | None) -> list[str]:
+    """The run's section of the report; ``reused``: the earlier run whose llama.cpp row it shows."""
+    rows, params, model = run["rows"], run["params"], args.model
     ours, theirs = rows["miras-serve"], rows["llama.cpp"]
-    now = datetime.datetime.now(datetime.timezone.utc)
     command = " ".join(["python -m server.bench_llamacpp", *args.argv])
-    lines = [title, "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the "
-             f"end; date {now:%Y-%m-%d %H:%M} UTC; commit {git_commit()}. Command: `{command}`. One server at a "
-             "time, the same client (the project's load generator; one chat loop). "
+    peer = (f" llama.cpp's column is not re-measured: it is the run of {reused['date']} (commit {reused['commit']})."
+            if reused else "")
+    lines = [run["title"], "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared); date {run['date']}; commit "
+             f"{run['commit']}. Command: `{command}`. One server at a time, the same client (the project's load "
+             f"generator; one chat loop).{peer} "
              f"`{model}`: {params['miras-serve']:,} parameters; the Llama: {params['llama.cpp']:,} (random "
              f"weights, `{model}`'s tokenizer and chat template). Load generator rows: 2 measured requests after 1 "
              f"warm-up (throughput: 2 per concurrent request); chat: {CHAT_TURNS} turns of +{CHAT_USER_TOKENS} user "
              "tokens, greedy 32-token replies, the history resent each turn.", "",
-             *[f"- {name}: `{' '.join(command)}`" for name, command in commands.items()], "",
+             *[f"- {name}: `{' '.join(command)}`" for name, command in run["commands"].items()], "",
              "| measure | llama.cpp | miras-serve | miras-serve vs llama.cpp |", "|---|---:|---:|---:|"]
     for key in theirs:
         a, b = ours.get(key), theirs[key]
         if a is None:
             continue
-        if "prefilled" in key:
+        if "prefilled" in key or key == LOAD:
             verdict = ""
         elif HIGHER_IS_BETTER in key:
             verdict = f"{a / b:.2f}x the throughput"
@@ -274,10 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="an extra miras-serve argument (repeat; e.g. --serve-arg=--enforce-eager)")
     p.add_argument("--section", help="append the run to --out under this heading instead of replacing the file")
+    p.add_argument("--reuse-llama", action="store_true",
+                   help="measure miras-serve only; llama.cpp's row is the last one measured (--out's .json)")
     p.add_argument("--out", default=str(REPORT))
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    binary = Path(args.llama_server) if args.llama_server else build_llama_server(cache_dir() / "llama.cpp")
+    out = Path(args.out)
+    runs_path = out.with_suffix(".json")  # every run's rows, for --reuse-llama and for tools
+    runs = json.loads(runs_path.read_text()) if args.section and runs_path.exists() else []
+    reused = next((r for r in reversed(runs) if not r.get("llama_reused")), None) if args.reuse_llama else None
+    if args.reuse_llama and reused is None:
+        raise SystemExit(f"--reuse-llama: {runs_path} holds no measured llama.cpp row (and needs --section)")
+    binary = None if reused else (
+        Path(args.llama_server) if args.llama_server else build_llama_server(cache_dir() / "llama.cpp"))
     net, tokenizer = models.load_pretrained(args.model)
     cfg = net.config
     tokenizer_dir = args.model  # the load generator cuts prompts with it (a directory or a shipped name)
@@ -292,25 +305,30 @@ def main(argv: list[str] | None = None) -> int:
                                   heads=cfg.n_heads, ffn=cfg.mlp_hidden, vocab=cfg.vocab_size, context=32768)
         port = 8091
         # 32 slots of 17K tokens each: the longest prompt plus its output, or a whole chat
-        commands["llama.cpp"] = [str(binary), "-m", str(gguf_path), "-t", str(args.threads), "--host", "127.0.0.1",
+        commands["llama.cpp"] = [str(binary), "-m", "llama.gguf", "-t", str(args.threads), "--host", "127.0.0.1",
                                  "--port", str(port), "-c", str(32 * 17408), "-np", "32", "--jinja"]
-        with Process(commands["llama.cpp"], f"http://127.0.0.1:{port}", work / "llama.log") as server:
-            rows["llama.cpp"] = measure(server.url, "llama", tokenizer_dir, work / "llama", chat_messages)
+        if reused:
+            rows["llama.cpp"], commands["llama.cpp"] = reused["rows"]["llama.cpp"], reused["commands"]["llama.cpp"]
+        else:
+            command = [str(gguf_path) if a == "llama.gguf" else a for a in commands["llama.cpp"]]
+            with Process(command, f"http://127.0.0.1:{port}", work / "llama.log") as server:
+                rows["llama.cpp"] = measure(server.url, "llama", tokenizer_dir, work / "llama", chat_messages)
         commands["miras-serve"] = [sys.executable, "-m", "server.cli", "--model", args.model, "--host", "127.0.0.1",
                                    "--port", str(port + 1), "--log-level", "warning", *args.serve_arg]
         with Process(commands["miras-serve"], f"http://127.0.0.1:{port + 1}", work / "miras.log") as server:
             rows["miras-serve"] = measure(server.url, args.model, tokenizer_dir, work / "miras", chat_messages)
-    commands["llama.cpp"][commands["llama.cpp"].index(str(gguf_path))] = "llama.gguf"
     commands["miras-serve"][0] = "python"
     title = f"## {args.section}" if args.section else (
         f"# Side by side with llama.cpp on CPU: `{args.model}` vs a Llama of the same size")
-    text = "\n".join(report_lines(title, rows, args, {"miras-serve": net.num_parameters(), "llama.cpp": llama_params},
-                                  args.model, commands)) + "\n"
+    run = {"title": title, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+           "commit": git_commit(), "commands": commands, "rows": rows, "llama_reused": reused is not None,
+           "params": {"miras-serve": net.num_parameters(), "llama.cpp": llama_params}}
+    text = "\n".join(report_lines(run, args, reused)) + "\n"
     print(text)
-    out = Path(args.out)
     if args.section and out.exists():
         text = out.read_text().rstrip("\n") + "\n\n" + text
     out.write_text(text)
+    runs_path.write_text(json.dumps([*runs, run], indent=1) + "\n")
     return 0
 
 
