@@ -217,6 +217,10 @@ CHAT_TURNS, CHAT_USER_TOKENS = 8, 256
 
 def measure(url: str, model: str, tokenizer_dir: str, work: Path, chat_messages: list[str]) -> dict[str, float]:
     """One server's row of the table (load generator runs of 2 measured requests after 1 warm-up each)."""
+    # first a load at concurrency 1 then 8, unmeasured: steps compiled on first use (one graph for batch 1, one
+    # for the rest) are compiled before anything is timed
+    for concurrency in (1, 8):
+        load(url, tokenizer_dir, work / f"warm-up-{concurrency}", concurrency, 128, 128, concurrency)
     result: dict[str, float] = {}
     for context in ITL_CONTEXTS:
         summary = load(url, tokenizer_dir, work / f"itl-{context}", 1, context, 128, 2)
