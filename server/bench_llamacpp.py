@@ -80,9 +80,9 @@ def llama_cpp_chat_template(tokenizer: models.MirasTokenizer) -> str:
 
 
 def write_gguf(path: Path, tokenizer: models.MirasTokenizer, *, hidden: int, layers: int, heads: int,
-               ffn: int, vocab: int, context: int, seed: int = 0) -> int:
+               ffn: int, vocab: int, context: int, tied: bool = True, seed: int = 0) -> int:
     """A Llama in GGUF with random weights (fp32) and ``tokenizer``'s byte-level BPE and chat template;
-    returns its parameter count."""
+    returns its parameter count. ``tied``: no ``output.weight`` (llama.cpp then projects with the embedding)."""
     import gguf  # the bench extra
 
     hf = json.loads(tokenizer.tokenizer.to_str())
@@ -111,7 +111,9 @@ def write_gguf(path: Path, tokenizer: models.MirasTokenizer, *, hidden: int, lay
     writer.add_add_bos_token(True)
     writer.add_chat_template(llama_cpp_chat_template(tokenizer))
     rng = np.random.default_rng(seed)
-    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden)}
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    if not tied:
+        shapes["output.weight"] = (vocab, hidden)
     for i in range(layers):
         shapes |= {f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
                    **{f"blk.{i}.attn_{n}.weight": (hidden, hidden) for n in ("q", "k", "v", "output")},
@@ -306,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         gguf_path = work / "llama.gguf"
         llama_params = write_gguf(gguf_path, tokenizer, hidden=cfg.d_model, layers=args.llama_layers,
-                                  heads=cfg.n_heads, ffn=cfg.mlp_hidden, vocab=cfg.vocab_size, context=32768)
+                                  heads=cfg.n_heads, ffn=cfg.mlp_hidden, vocab=cfg.vocab_size, context=32768,
+                                  tied=cfg.tie_embeddings)
         port = 8091
         # 32 slots of 17K tokens each: the longest prompt plus its output, or a whole chat
         commands["llama.cpp"] = [str(binary), "-m", "llama.gguf", "-t", str(args.threads), "--host", "127.0.0.1",

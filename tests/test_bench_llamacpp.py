@@ -13,7 +13,7 @@ from server.bench_llamacpp import llama_cpp_chat_template, prefilled, write_gguf
 def test_gguf_llama_has_our_tokenizer_and_every_tensor(tmp_path, tokenizer):
     path = tmp_path / "llama.gguf"
     vocab = tokenizer.vocab_size + 3  # padded like a model whose vocabulary is larger than the tokenizer's
-    params = write_gguf(path, tokenizer, hidden=32, layers=2, heads=2, ffn=48, vocab=vocab, context=256)
+    params = write_gguf(path, tokenizer, hidden=32, layers=2, heads=2, ffn=48, vocab=vocab, context=256, tied=False)
     reader = gguf.GGUFReader(str(path))
     fields = reader.fields
 
