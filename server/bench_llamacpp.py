@@ -217,8 +217,10 @@ CONCURRENCIES = (1, 8, 32)
 CHAT_TURNS, CHAT_USER_TOKENS = 8, 256
 
 
-def measure(url: str, model: str, tokenizer_dir: str, work: Path, chat_messages: list[str]) -> dict[str, float]:
-    """One server's row of the table (load generator runs of 2 measured requests after 1 warm-up each)."""
+def measure(url: str, model: str, tokenizer_dir: str, work: Path, chat_messages: list[str] | None
+            ) -> dict[str, float]:
+    """One server's row of the table (load generator runs of 2 measured requests after 1 warm-up each);
+    the chat rows unless ``chat_messages`` is None."""
     # first a load at concurrency 1 then 8, unmeasured: steps compiled on first use (one graph for batch 1, one
     # for the rest) are compiled before anything is timed
     for concurrency in (1, 8):
@@ -232,11 +234,18 @@ def measure(url: str, model: str, tokenizer_dir: str, work: Path, chat_messages:
     for concurrency in CONCURRENCIES:
         summary = load(url, tokenizer_dir, work / f"c{concurrency}", concurrency, 128, 128, 2 * concurrency)
         result[f"output tokens/s at concurrency {concurrency} (128 in, 128 out)"] = summary["output_throughput"]
+    if chat_messages is not None:
+        result |= measure_chat(url, model, chat_messages)
+    result[LOAD] = os.getloadavg()[0]  # the machine may be shared: how busy it was
+    return result
+
+
+def measure_chat(url: str, model: str, chat_messages: list[str]) -> dict[str, float]:
+    result: dict[str, float] = {}
     turns = asyncio.run(chat_turns(url, model, chat_messages))[1:]
     result[f"chat turns 2-{CHAT_TURNS} TTFT (ms, median)"] = statistics.median(t for t, _ in turns) * 1e3
     if all(n is not None for _, n in turns):
         result[f"chat turns 2-{CHAT_TURNS} tokens prefilled (median)"] = statistics.median(n for _, n in turns)
-    result[LOAD] = os.getloadavg()[0]  # the machine may be shared: how busy it was
     return result
 
 
@@ -312,14 +321,23 @@ def main(argv: list[str] | None = None) -> int:
                                   tied=cfg.tie_embeddings)
         port = 8091
         # 32 slots of 17K tokens each: the longest prompt plus its output, or a whole chat
-        commands["llama.cpp"] = [str(binary), "-m", "llama.gguf", "-t", str(args.threads), "--host", "127.0.0.1",
-                                 "--port", str(port), "-c", str(32 * 17408), "-np", "32", "--jinja"]
+        llama = [str(binary), "-m", "llama.gguf", "-t", str(args.threads), "--host", "127.0.0.1", "--port", str(port),
+                 "--jinja"]
+        commands["llama.cpp"] = [*llama, "-c", str(32 * 17408), "-np", "32"]
+        # the chat on a server of one slot: with 32, this llama-server exits mid-conversation (no error logged)
+        commands["llama.cpp, chat"] = [*llama, "-c", "65536", "-np", "1"]
         if reused:
-            rows["llama.cpp"], commands["llama.cpp"] = reused["rows"]["llama.cpp"], reused["commands"]["llama.cpp"]
+            rows["llama.cpp"] = reused["rows"]["llama.cpp"]
+            commands = {k: v for k, v in reused["commands"].items() if k.startswith("llama.cpp")}
         else:
-            command = [str(gguf_path) if a == "llama.gguf" else a for a in commands["llama.cpp"]]
-            with Process(command, f"http://127.0.0.1:{port}", work / "llama.log") as server:
-                rows["llama.cpp"] = measure(server.url, "llama", tokenizer_dir, work / "llama", chat_messages)
+            def run(command: list[str]) -> Process:
+                return Process([str(gguf_path) if a == "llama.gguf" else a for a in command],
+                               f"http://127.0.0.1:{port}", work / "llama.log")
+
+            with run(commands["llama.cpp"]) as server:
+                rows["llama.cpp"] = measure(server.url, "llama", tokenizer_dir, work / "llama", None)
+            with run(commands["llama.cpp, chat"]) as server:
+                rows["llama.cpp"] |= measure_chat(server.url, "llama", chat_messages)
         commands["miras-serve"] = [sys.executable, "-m", "server.cli", "--model", args.model, "--host", "127.0.0.1",
                                    "--port", str(port + 1), "--log-level", "warning", *args.serve_arg]
         with Process(commands["miras-serve"], f"http://127.0.0.1:{port + 1}", work / "miras.log") as server:
