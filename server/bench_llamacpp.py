@@ -270,7 +270,7 @@ def report_lines(run: dict, args: argparse.Namespace, reused: dict | None) -> li
              "tokens, greedy 32-token replies, the history resent each turn.", "",
              *[f"- {name}: `{' '.join(command)}`" for name, command in run["commands"].items()], "",
              "| measure | llama.cpp | miras-serve | miras-serve vs llama.cpp |", "|---|---:|---:|---:|"]
-    for key in theirs:
+    for key in sorted(theirs, key=lambda k: k == LOAD):  # the load average last
         a, b = ours.get(key), theirs[key]
         if a is None:
             continue
