@@ -93,8 +93,8 @@ def write_report(args: argparse.Namespace, rows: list, chunk_size: int, state_by
         f"- model: `{args.model}` (chunk {chunk_size}, state {state_bytes / 2**20:.1f} MiB per sequence); engine "
         "with max_num_batched_tokens 4096; command: `python -m server.bench_state_cache`",
         "- turn 1: H random tokens + a 16-token greedy reply; turn 2: the whole conversation as token ids + 24 new "
-        "tokens (over a chat template the reply is re-rendered from text, and the shipped template makes it "
-        "prefilled again: see docs/serving.md). "
+        "tokens (over a chat template the reply is re-rendered from text; with the shipped models' template it "
+        "re-renders as generated and is not prefilled again: see docs/serving.md). "
         "Both engines (state cache on / off) run side by side in one process and produce the same tokens.", "",
         "| history H | turn-2 prompt | next turn: no cache | with cache | speed-up | regenerate: no cache "
         "| with cache | speed-up |",

@@ -233,8 +233,9 @@ def test_another_tenant_sees_no_response(tiny_checkpoint):
                                                     ("{role}:{content}\n", "finish")])
 def test_a_turn_is_the_whole_history_rendered_whichever_state_it_restores(tiny_checkpoint, template, restores):
     """The restored state's tokens and the prefilled ones make up the chat rendering of the whole history.
-    The shipped template re-renders a reply with a space the generated tokens lack, so the turn continues
-    the state after the previous prompt; where the reply re-renders as generated, the state after it."""
+    A template that re-renders a reply with a space the generated tokens lack (the default) continues the
+    state after the previous prompt; where the reply re-renders as generated (the shipped models'), the
+    state after it."""
     model, tokenizer = load_model(tiny_checkpoint)
     tokenizer.chat_template = template
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, max_num_batched_tokens=64), MODEL)

@@ -158,3 +158,24 @@ def test_chat_turns_restore_the_previous_turns_prompt(tiny_checkpoint):
         hits = counter(llm.engine, "prefix_cache_hits")
         llm.chat(messages, params)
         assert counter(llm.engine, "prefix_cache_hits") - hits >= previous_prompt
+
+
+def test_shipped_chat_template_turns_prefill_only_the_new_message():
+    """The shipped models' template renders a reply exactly after the generation prompt ("assistant:" +
+    reply), so the next turn's prompt holds the generated tokens and restores the state after them: it
+    prefills the reply's last token (sampled, never fed), the template's newline and the new message."""
+    llm = LLM("moneta-tiny", max_num_seqs=2, max_num_batched_tokens=256)
+    tok = llm.tokenizer
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    messages = [{"role": "user", "content": "Shall I compare thee to a summer's day?"}]
+    for question in ("Thou art more lovely and more temperate.", "Rough winds do shake the darling buds."):
+        (reply,) = llm.chat(messages, params)
+        generated = reply.outputs[0].token_ids
+        history = tok.encode(tok.apply_chat_template(messages), add_bos=True) + generated
+        messages += [{"role": "assistant", "content": reply.outputs[0].text}, {"role": "user", "content": question}]
+        whole = tok.encode(tok.apply_chat_template(messages), add_bos=True)
+        assert whole[:len(history)] == history  # the rendered history reproduces the generated tokens
+        (turn,) = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=1))
+        new_message = tok.encode(tok.apply_chat_template(messages[-1:]))
+        assert turn.num_cached_tokens == len(history) - 1
+        assert len(whole) - turn.num_cached_tokens == 1 + len(tok.encode("\n")) + len(new_message)

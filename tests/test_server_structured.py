@@ -293,8 +293,8 @@ def test_tool_messages_render_and_auto_answers(client, server):
                 {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
     rendered = httpx.post(f"{server.url}/tokenize", json={"messages": messages, "tools": [ADD]}).json()
     text = models.load_pretrained(MODEL_DIR)[1].decode(rendered["tokens"])
-    assert text.startswith("tools: [{\"name\": \"add\"")
-    assert 'assistant: [{"name": "add", "arguments": {"a": 2, "b": 3}}]\ntool: 5\nassistant:' in text
+    assert text.startswith("tools:[{\"name\": \"add\"")
+    assert 'assistant:[{"name": "add", "arguments": {"a": 2, "b": 3}}]\ntool:5\nassistant:' in text
     out = client.chat.completions.create(model=MODEL, messages=messages, tools=[ADD], max_tokens=30, seed=1)
     choice = out.choices[0]
     assert choice.finish_reason in ("stop", "length")  # the tiny model answers in prose: plain content

@@ -1,0 +1,53 @@
+"""The llama.cpp side-by-side's GGUF writer (server/bench_llamacpp.py; the run itself is not in CI)."""
+
+from __future__ import annotations
+
+import gguf
+import jinja2
+import numpy as np
+
+from models.tokenizer import MirasTokenizer
+from server.bench_llamacpp import llama_cpp_chat_template, prefilled, write_gguf
+
+
+def test_gguf_llama_has_our_tokenizer_and_every_tensor(tmp_path, tokenizer):
+    path = tmp_path / "llama.gguf"
+    vocab = tokenizer.vocab_size + 3  # padded like a model whose vocabulary is larger than the tokenizer's
+    params = write_gguf(path, tokenizer, hidden=32, layers=2, heads=2, ffn=48, vocab=vocab, context=256, tied=False)
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
+
+    def scalar(name: str):
+        field = fields[name]
+        return field.parts[field.data[0]][0]
+
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert scalar("llama.block_count") == 2 and scalar("llama.embedding_length") == 32
+    assert scalar("llama.attention.head_count") == 2 and scalar("llama.feed_forward_length") == 48
+    assert len(fields["tokenizer.ggml.tokens"].data) == vocab
+    tokens = [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data]
+    assert tokens[tokenizer.eos_token_id] == "<|endoftext|>" and tokens[tokenizer.bos_token_id] == "<|bos|>"
+    assert scalar("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    template = bytes(fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert "message['content']" in template and tokenizer.generation_prompt in template
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}  # GGUF lists ne reversed
+    assert shapes["token_embd.weight"] == (vocab, 32) and shapes["blk.1.ffn_down.weight"] == (32, 48)
+    assert len(shapes) == 3 + 2 * 9
+    assert sum(int(np.prod(s)) for s in shapes.values()) == params
+
+
+def test_prefilled_tokens_from_either_servers_last_events():
+    ours = {"usage": {"prompt_tokens": 900, "completion_tokens": 32, "prompt_tokens_details": {"cached_tokens": 634}}}
+    assert prefilled(ours) == 266
+    assert prefilled({"usage": {"prompt_tokens": 900}, "timings": {"prompt_n": 270, "cache_n": 630}}) == 270
+    assert prefilled({"usage": {"prompt_tokens": 900}}) is None  # a server that does not say
+
+
+def test_llama_cpp_template_renders_as_ours_without_raw_blocks(tokenizer):
+    tokenizer = MirasTokenizer(tokenizer.tokenizer, "{role}:{content}\n")  # the fixture is shared: a copy
+    template = llama_cpp_chat_template(tokenizer)
+    assert "raw" not in template
+    messages = [{"role": "user", "content": "Hi {{ there }}"}, {"role": "assistant", "content": "Hello."}]
+    for prompt in (True, False):
+        rendered = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=prompt)
+        assert rendered == tokenizer.apply_chat_template(messages, add_generation_prompt=prompt)
