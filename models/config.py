@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kernels.rule import MemoryRule
+
 MODEL_TYPE = "miras"
 
 MEMORY_ARCHITECTURES = ("mlp", "linear")
@@ -83,6 +85,14 @@ class MirasConfig:
     @property
     def memory_hidden(self) -> int:
         return self.memory_expansion * self.head_dim
+
+    def memory_rule(self) -> MemoryRule:
+        """The memory rule's fields, as the kernels take them."""
+        return MemoryRule(memory=self.memory, attentional_bias=self.attentional_bias, retention=self.retention,
+                          n_heads=self.n_heads, head_dim=self.head_dim, memory_hidden=self.memory_hidden,
+                          chunk_size=self.chunk_size, p=self.p, q=self.q, lq_radius=self.lq_radius,
+                          abs_eps=self.abs_eps, sign_sharpness=self.sign_sharpness, memora_eps=self.memora_eps,
+                          memory_ln_eps=self.memory_ln_eps)
 
     @property
     def inner_dim(self) -> int:
