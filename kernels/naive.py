@@ -112,13 +112,14 @@ def memory_gradient(rule: MemoryRule, memory: Memory, k: Tensor, v: Tensor, delt
     return torch.outer(g_z, k), torch.outer(g_u, a)
 
 
-def lq_project(rule: MemoryRule, w: Tensor, init_std: float) -> Tensor:
-    """Moneta's lq retention at a boundary (SPEC §5): W onto the lq ball of radius R (in units of W's init std).
+def lq_size(rule: MemoryRule, w: Tensor, init_std: float) -> Tensor:
+    """nu(W) = (mean |W_ij|^q)^(1/q) / std_0: W's lq size in units of its init std (SPEC §5)."""
+    return w.abs().pow(rule.q).mean().pow(1.0 / rule.q) / init_std
 
-    nu(W) = (mean |W_ij|^q)^(1/q) / std_0,   W <- W min(1, R / nu(W)).
-    """
-    nu = w.abs().pow(rule.q).mean().pow(1.0 / rule.q) / init_std
-    return w * torch.clamp(rule.lq_radius / nu, max=1.0)
+
+def lq_project(rule: MemoryRule, w: Tensor, init_std: float) -> Tensor:
+    """Moneta's lq retention at a boundary (SPEC §5): W onto the lq ball of radius R, W <- W min(1, R / nu(W))."""
+    return w * torch.clamp(rule.lq_radius / lq_size(rule, w, init_std), max=1.0)
 
 
 def memora_lag_step(rule: MemoryRule, memory: Memory, k: Tensor, v: Tensor, eta: Tensor, alpha: Tensor,

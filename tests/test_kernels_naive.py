@@ -52,20 +52,21 @@ def fp64_inputs(cfg: MirasConfig, batch: int, T: int, seed: int) -> dict:
     return {name: fp64(x) for name, x in random_inputs(cfg, batch, T, torch.Generator().manual_seed(seed)).items()}
 
 
-def assert_both_branches_taken(rule: MemoryRule, x: dict, valid: torch.Tensor) -> None:
-    """The inputs exercise both sides of the rule's switches: Moneta's lq projection (some memories outside
-    the ball, some inside) and Yaad's Huber switch (some errors at the anchor above delta, some below)."""
-    if rule.retention == "lq":
-        inside = [naive.lq_project(rule, w[b, h], std).equal(w[b, h])
-                  for w, std in zip(x["memory"], rule.init_std, strict=True)
-                  for b in range(w.shape[0]) for h in range(w.shape[1])]
-        assert any(inside) and not all(inside), "the memories should straddle the lq ball"
-    if rule.attentional_bias == "huber":
-        ln = zip(x["ln_weight"].reshape(rule.n_heads, -1), x["ln_bias"].reshape(rule.n_heads, -1), strict=True)
-        quadratic = [naive.huber_is_quadratic(naive.read(rule, tuple(w[b, h] for w in x["anchor"]), x["k"][b, h, t],
-                                                         gamma_beta) - x["v"][b, h, t], x["delta"][b, h, t])
-                     for h, gamma_beta in enumerate(ln) for b, t in valid.nonzero().tolist()]
-        assert any(quadratic) and not all(quadratic), "the errors should take both branches of the Huber switch"
+def lq_radius_between(rule: MemoryRule, memory: naive.Memory) -> float:
+    """A radius through the middle of the memories' lq sizes: half of them lie outside the ball (a boundary
+    projects them), half inside (a boundary leaves them)."""
+    sizes = sorted(naive.lq_size(rule, w[b, h], std).item() for w, std in zip(memory, rule.init_std, strict=True)
+                   for b in range(w.shape[0]) for h in range(w.shape[1]))
+    return (sizes[len(sizes) // 2 - 1] + sizes[len(sizes) // 2]) / 2
+
+
+def assert_huber_takes_both_branches(rule: MemoryRule, x: dict, valid: torch.Tensor) -> None:
+    """Some errors at the anchor are above delta and some below: the inputs exercise both sides of Yaad's switch."""
+    ln = zip(x["ln_weight"].reshape(rule.n_heads, -1), x["ln_bias"].reshape(rule.n_heads, -1), strict=True)
+    quadratic = [naive.huber_is_quadratic(naive.read(rule, tuple(w[b, h] for w in x["anchor"]), x["k"][b, h, t],
+                                                     gamma_beta) - x["v"][b, h, t], x["delta"][b, h, t])
+                 for h, gamma_beta in enumerate(ln) for b, t in valid.nonzero().tolist()]
+    assert any(quadratic) and not all(quadratic), "the errors should take both branches of the Huber switch"
 
 
 @pytest.mark.parametrize("with_surprise", [False, True], ids=["reads", "surprise"])
@@ -76,14 +77,12 @@ def test_naive_equals_the_chunked_spec(combination, scenario, with_surprise):
     pos, lengths = (torch.tensor(SCENARIOS[scenario][key]) for key in ("pos", "lengths"))
     T = int(lengths.max())
     x = fp64_inputs(cfg, len(pos), T, seed=zlib.crc32(f"{combination} {scenario}".encode()))
-    if cfg.retention == "lq":  # the ball's radius through the middle of the drawn memories: some lie outside
-        nu = torch.cat([w.abs().pow(cfg.q).mean((-2, -1)).pow(1 / cfg.q).flatten() / std
-                        for w, std in zip(x["memory"], cfg.memory_rule().init_std, strict=True)])
-        middle = nu.sort().values[len(nu) // 2 - 1:len(nu) // 2 + 1]
-        cfg = dataclasses.replace(cfg, lq_radius=middle.mean().item())
+    if cfg.retention == "lq":
+        cfg = dataclasses.replace(cfg, lq_radius=lq_radius_between(cfg.memory_rule(), x["memory"]))
     rule = cfg.memory_rule()
     valid = torch.arange(T).view(1, -1) < lengths.view(-1, 1)
-    assert_both_branches_taken(rule, x, valid)
+    if rule.attentional_bias == "huber":
+        assert_huber_takes_both_branches(rule, x, valid)
     args = [x["anchor"], x["memory"], pos, *(x[name] for name in GATE_NAMES), valid, x["ln_weight"], x["ln_bias"]]
     before = [t.clone() for t in (*x["anchor"], *x["memory"])]
     surprise = {}
