@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .async_engine import AsyncEngine
+from .engine_args import DEFAULTS, EngineArgs, MiB
 from .errors import APIError, error_body, install_error_handlers
 from .limits import BodyLimitMiddleware, TextLimits, default_max_prompt_chars, default_max_request_bytes
 from .middleware import PLAYGROUND_STATIC, APIKeyMiddleware, RequestIdMiddleware
@@ -57,23 +58,36 @@ class ServerStatus(enum.Enum):
 
 @dataclass
 class ServerSettings:
+    """What the HTTP layer runs with; defaults and meanings are EngineArgs' (server/engine_args.py)."""
+
     served_model_name: str
     model_root: str
     api_keys: list[str] = field(default_factory=list)  # each one a tenant; none: no auth
     allowed_origins: list[str] = field(default_factory=list)
-    shutdown_timeout: float = 30.0
-    sse_ping_interval: float = 30.0  # seconds without an event before a stream gets an SSE comment; 0: never
+    shutdown_timeout: float = DEFAULTS.shutdown_timeout
+    sse_ping_interval: float = DEFAULTS.sse_ping_interval
     # stored responses of the Responses API, per tenant (server/response_store.py)
-    responses_max_count: int = 10_000
-    responses_max_bytes: int = 256 << 20
-    responses_ttl: float = 30 * 24 * 3600.0  # seconds after creation; 0: never
-    state_cache_scope: str = "api-key"  # "api-key": cached states per key (tenant); "shared": across keys
-    metrics_require_key: bool = False
-    max_request_bytes: int | None = None  # None: derived from --max-prompt-tokens
-    max_prompt_chars: int | None = None  # None: derived from --max-prompt-tokens and the vocabulary
-    request_read_timeout: float = 30.0  # seconds for a request's body after its headers
+    responses_max_count: int = DEFAULTS.responses_max_count
+    responses_max_bytes: int = int(DEFAULTS.responses_max_mb * MiB)
+    responses_ttl: float = DEFAULTS.responses_ttl
+    state_cache_scope: str = DEFAULTS.state_cache_scope
+    metrics_require_key: bool = DEFAULTS.metrics_require_key
+    max_request_bytes: int | None = DEFAULTS.max_request_bytes  # None: derived from --max-prompt-tokens
+    max_prompt_chars: int | None = DEFAULTS.max_prompt_chars  # None: from --max-prompt-tokens and the vocabulary
+    request_read_timeout: float = DEFAULTS.request_read_timeout
     tool_call_parser: str | None = None  # "auto" tool choice's parser (--enable-auto-tool-choice); None: refused
-    playground: bool = True  # the playground page at / (--disable-playground: / is 404)
+    playground: bool = not DEFAULTS.disable_playground
+
+    @classmethod
+    def from_args(cls, args: EngineArgs, served_model_name: str) -> ServerSettings:
+        return cls(served_model_name, str(args.model), args.api_keys, args.allowed_origins, args.shutdown_timeout,
+                   args.sse_ping_interval, responses_max_count=args.responses_max_count,
+                   responses_max_bytes=int(args.responses_max_mb * MiB), responses_ttl=args.responses_ttl,
+                   state_cache_scope=args.state_cache_scope, metrics_require_key=args.metrics_require_key,
+                   max_request_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars,
+                   request_read_timeout=args.request_read_timeout,
+                   tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                   playground=not args.disable_playground)
 
 
 class ServerState:

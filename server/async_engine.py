@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .engine import LLMEngine
+from .engine_args import DEFAULTS
 from .outputs import RequestOutput
 from .request import StateContext
 from .sampling_params import ParamError, SamplingParams
@@ -46,7 +47,7 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int = 256):
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = DEFAULTS.max_queued_requests):
         self.engine = engine
         self.max_queued_requests = max_queued_requests
         self.draining = False

@@ -19,7 +19,6 @@ from .errors import APIError
 from .protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, ToolDefinition
 from .sampling_params import GuidedDecoding
 
-TOOL_CALL_PARSERS = ("miras_json",)
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
