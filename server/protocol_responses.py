@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 
 from .errors import APIError
-from .protocol import RequestBody
+from .protocol import RequestBody, sampling_field
 from .sampling_params import MAX_TOKENS_LIMIT
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
@@ -31,7 +31,7 @@ class ResponsesRequest(RequestBody):
     stream: bool | None = False
     max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = sampling_field("top_p", None)
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=MAX_METADATA_KEYS)] \
         | None = None
     cache_salt: str | None = None  # states are shared only between requests of one tenant and salt

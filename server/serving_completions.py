@@ -43,7 +43,7 @@ class OpenAIServingCompletion(ServingBase):
         request.check_fields()
         if request.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
-        max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        max_tokens = request.or_default("max_tokens")
         prompt_logprobs = request.logprobs if request.echo else None
         params = request.sampling_params(max_tokens, request.logprobs, prompt_logprobs)
         prompts = await self.prompts(request)

@@ -86,8 +86,8 @@ class OpenAIServingResponses(ServingBase):
                 raise APIError(400, "cache_salt must be the one the previous response was made with",
                                "cache_salt", "invalid_value")
         turn = await self._turn(request.messages(), previous, namespace)
-        params = SamplingParams(temperature=1.0 if request.temperature is None else request.temperature,
-                                top_p=1.0 if request.top_p is None else request.top_p,
+        chosen = {"temperature": request.temperature, "top_p": request.top_p}  # null: SamplingParams' default
+        params = SamplingParams(**{k: v for k, v in chosen.items() if v is not None},
                                 max_tokens=request.max_output_tokens or DEFAULT_CHAT_MAX_TOKENS)
         try:
             group = self.submit([(turn.prompt, None)], params, raw, request.cache_salt, context=turn.context)

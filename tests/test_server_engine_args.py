@@ -4,6 +4,7 @@ ServerSettings."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -56,3 +57,20 @@ def test_llm_takes_engine_arguments_only_and_checks_them():
 def test_auto_tool_choice_needs_a_parser():
     with pytest.raises(ValueError, match="--enable-auto-tool-choice needs --tool-call-parser"):
         EngineArgs(enable_auto_tool_choice=True)
+
+
+def test_sampling_ranges_are_stated_once():
+    from server.protocol import ChatCompletionRequest, CompletionRequest
+    from server.sampling_params import RANGES, ParamError, SamplingParams
+
+    schema = CompletionRequest.model_json_schema()["properties"]
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                 "max_tokens", "logprobs"):
+        (number,) = [s for s in schema[name]["anyOf"] if s["type"] != "null"]
+        limits = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum"}
+        assert {limits[k]: v for k, v in RANGES[name].field_limits().items()} == \
+            {k: number[k] for k in limits.values() if k in number}, name
+        assert schema[name]["default"] == getattr(SamplingParams(), name), name
+        with pytest.raises(ParamError, match=re.escape(f"{name} must be {RANGES[name].describe()}")):
+            SamplingParams(**{name: RANGES[name].low - 1})
+    assert ChatCompletionRequest.model_json_schema()["properties"]["presence_penalty"] == schema["presence_penalty"]
