@@ -28,7 +28,7 @@ from .pool_sizing import CPU_MAX_NUM_SEQS, MAX_AUTO_SEQS, plan_pool
 from .request import Request, RequestStatus, Sequence, StateContext
 from .sampler import Sampler, token_logprob
 from .sampling_params import ParamError, SamplingParams
-from .scheduler import PrefillChunk, Scheduler
+from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 from .state_cache import CachedState, StateCache
 from .state_tier_redis import RedisStateTier, redis_client
 from .state_tiers import DiskStateTier, StackedTiers, StateTier, model_identity
@@ -278,7 +278,7 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         if plan.admitted:
             # requests whose whole prompt was cached have their first tokens already
-            touched.update((r.request_id, r) for r in self._admit(plan.admitted))
+            touched.update((r.request_id, r) for r in self._admit(plan))
         if plan.decodes:
             ids = torch.tensor([[s.token_ids[-1]] for s in plan.decodes], device=self.device)
             slots = torch.tensor([s.slot for s in plan.decodes], device=self.device)
@@ -320,37 +320,37 @@ class LLMEngine:
         self._update_gauges()
         return outputs
 
-    def _cached_prefix(self, request: Request) -> int:
-        """The scheduler's question before admitting a request: how many prompt tokens can be restored from
-        the state cache (the entry is kept on the request until it is restored)."""
-        request.restore, request.num_cached_tokens = None, 0
+    def _cached_prefix(self, request: Request) -> tuple[CachedState | None, int]:
+        """The scheduler's question before admitting a request: the saved state it can start from, and how
+        many of its prompt tokens that state consumed (0 for a continued context: the prompt follows it)."""
+        request.num_cached_tokens = 0
         if request.context is not None and not request.context_length:
-            request.restore = self.state_cache.get(request.context.key)
-            if request.restore is not None:
+            entry = self.state_cache.get(request.context.key)
+            if entry is not None:
                 request.num_cached_tokens = request.context.length
-                return 0
+                return entry, 0
             # the saved state is gone: rebuild it from its tokens (slower, same result)
             history = request.context.token_ids()
             request.prompt_token_ids = history + request.prompt_token_ids
             request.context_length = len(history)
         if request.params.prompt_logprobs is not None or request.params.return_surprise:
-            return 0  # needs the logits (or the surprise) of every prompt position
-        request.restore = self.state_cache.lookup(request.prompt_token_ids, request.cache_namespace)
-        request.num_cached_tokens = 0 if request.restore is None else request.restore.length
-        return request.num_cached_tokens
+            return None, 0  # needs the logits (or the surprise) of every prompt position
+        entry = self.state_cache.lookup(request.prompt_token_ids, request.cache_namespace)
+        request.num_cached_tokens = 0 if entry is None else entry.length
+        return entry, request.num_cached_tokens
 
-    def _admit(self, requests: list[Request]) -> list[Request]:
-        """Give admitted requests their starting state: fresh, or restored from the state cache. Returns
-        those whose whole prompt was restored, which sample their first tokens now."""
-        fresh = [r.slots[0] for r in requests if r.restore is None]
+    def _admit(self, plan: SchedulerOutput) -> list[Request]:
+        """Give admitted requests their starting state: fresh, or the saved state the scheduler chose.
+        Returns those whose whole prompt was restored, which sample their first tokens now."""
+        fresh = [r.slots[0] for r in plan.admitted if r.request_id not in plan.restored]
         if fresh:
             self.model.reset_slots(self.pool, fresh)
         started = []
-        for request in requests:
+        for request in plan.admitted:
             self.metrics.prompt_tokens.inc(request.num_prompt_tokens)
             if self.state_cache is not None:
                 self.metrics.prefix_cache_queries.inc(request.num_prompt_tokens)
-            entry, request.restore = request.restore, None
+            entry = plan.restored.get(request.request_id)
             if entry is None:
                 continue
             self._restore(request.slots[0], entry)
