@@ -16,8 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .async_engine import AsyncEngine
 from .engine_args import DEFAULTS, EngineArgs, MiB
+from .engine_client import EngineClient
 from .errors import APIError, error_body, install_error_handlers
 from .limits import BodyLimitMiddleware, TextLimits, default_max_prompt_chars, default_max_request_bytes
 from .middleware import PLAYGROUND_STATIC, APIKeyMiddleware, RequestIdMiddleware
@@ -91,27 +91,27 @@ class ServerSettings:
 
 
 class ServerState:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings, responses_dir: str | None = None,
+    def __init__(self, engine: EngineClient, settings: ServerSettings, responses_dir: str | None = None,
                  shared_responses: RedisResponses | None = None):
         """``responses_dir``: where stored responses persist across restarts (None: in memory only);
         ``shared_responses``: the store every replica shares (None: this replica's only)."""
         self.engine = engine
         self.settings = settings
         self.status = ServerStatus.STARTING
-        tokenizer = engine.engine.tokenizer
-        max_prompt_tokens = engine.engine.config.max_prompt_tokens
+        tokenizer = engine.tokenizer
+        max_prompt_tokens = engine.model_info.max_prompt_tokens
         self.max_request_bytes = settings.max_request_bytes or default_max_request_bytes(max_prompt_tokens)
         self.text = TextLimits(tokenizer, settings.max_prompt_chars or default_max_prompt_chars(tokenizer,
                                                                                                 max_prompt_tokens))
-        self.completions = OpenAIServingCompletion(engine, tokenizer, settings.served_model_name,
-                                                   settings.sse_ping_interval, self.text)
-        self.chat = OpenAIServingChat(engine, tokenizer, settings.served_model_name, settings.sse_ping_interval,
-                                      self.text, tool_call_parser=settings.tool_call_parser)
+        self.completions = OpenAIServingCompletion(engine, settings.served_model_name, settings.sse_ping_interval,
+                                                   self.text)
+        self.chat = OpenAIServingChat(engine, settings.served_model_name, settings.sse_ping_interval, self.text,
+                                      tool_call_parser=settings.tool_call_parser)
         store = ResponseStore(settings.responses_max_count, settings.responses_max_bytes, settings.responses_ttl,
                               responses_dir, on_forget=lambda r: engine.forget_states([r.prompt_key, r.finish_key]),
                               shared=shared_responses)
-        self.responses = OpenAIServingResponses(engine, tokenizer, settings.served_model_name,
-                                                settings.sse_ping_interval, self.text, store=store)
+        self.responses = OpenAIServingResponses(engine, settings.served_model_name, settings.sse_ping_interval,
+                                                self.text, store=store)
 
     async def drain(self) -> None:
         """SIGTERM: /health goes 503, new requests get 503, in-flight ones get --shutdown-timeout to
@@ -137,15 +137,15 @@ def build_app(state: ServerState) -> FastAPI:
             yield
         finally:
             state.engine.stop()
-            state.engine.engine.flush_saved_states()
+            state.engine.flush_saved_states()
             state.responses.store.flush()
 
     app = FastAPI(title="Miras Serve", version=VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of recurrent Miras language models.")
     app.state.server = state
     install_error_handlers(app)
-    tokenizer = state.engine.engine.tokenizer
-    max_prompt_tokens = state.engine.engine.config.max_prompt_tokens
+    tokenizer = state.engine.tokenizer
+    max_prompt_tokens = state.engine.model_info.max_prompt_tokens
     json_body = [Depends(require_json)]
 
     def model_check(model: str | None) -> None:
@@ -213,7 +213,7 @@ def build_app(state: ServerState) -> FastAPI:
         if len(request.tokens) > max_prompt_tokens:
             raise APIError(400, f"{len(request.tokens)} tokens is more than the server's limit of {max_prompt_tokens} "
                            "(--max-prompt-tokens)", "tokens", "invalid_value")
-        vocab = state.engine.engine.vocab_size
+        vocab = state.engine.model_info.vocab_size
         bad = next((t for t in request.tokens if t >= vocab), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab})", "tokens", "invalid_value")
@@ -221,7 +221,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])  # HEAD: what uptime checks and promtool's probes send
     async def metrics() -> Response:
-        return Response(generate_latest(state.engine.engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(state.engine.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     settings = state.settings
     if settings.playground:

@@ -13,10 +13,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from models import MirasTokenizer
-
-from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError, RequestGroup
 from .detokenizer import token_text
+from .engine_client import EngineClient, EngineUnavailableError, QueueFullError, RequestGroup
 from .errors import APIError, error_body
 from .limits import TextLimits
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -127,10 +125,9 @@ class SurpriseStream:
 class ServingBase:
     id_prefix = "cmpl"
 
-    def __init__(self, engine: AsyncEngine, tokenizer: MirasTokenizer, served_model_name: str,
-                 sse_ping_interval: float, text: TextLimits):
+    def __init__(self, engine: EngineClient, served_model_name: str, sse_ping_interval: float, text: TextLimits):
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.tokenizer = engine.tokenizer
         self.text = text
         self.served_model_name = served_model_name
         self.sse_ping_interval = sse_ping_interval
@@ -163,7 +160,7 @@ class ServingBase:
     @property
     def surprise_layers(self) -> list[int]:
         """The layers a surprise row lists (the model's Miras layers), in order."""
-        return self.engine.miras_layers
+        return list(self.engine.model_info.miras_layers)
 
     def surprise(self, prompt: list[list[float]] | None, out: CompletionOutput) -> dict[str, Any]:
         """A whole choice's ``surprise`` field (return_surprise, non-streaming)."""

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from .async_engine import RequestGroup
+from .engine_client import RequestGroup
 from .errors import APIError
 from .outputs import CompletionOutput
 from .protocol import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest, ChatMessage, ToolDefinition

@@ -27,7 +27,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .async_engine import EngineUnavailableError, RequestGroup
+from .engine_client import EngineUnavailableError, RequestGroup
 from .errors import APIError
 from .outputs import RequestOutput
 from .protocol import DEFAULT_CHAT_MAX_TOKENS
@@ -125,7 +125,7 @@ class OpenAIServingResponses(ServingBase):
         ids = await self.text.encode(continuation_text(tokenizer, previous.output_text, messages), False, "input")
         conversation = Segment(array("i", ids), previous.segment)
         length = previous.length + len(ids)
-        if self.engine.engine.state_cache is None:  # no saved states at all: prefill the whole conversation
+        if not self.engine.model_info.saves_states:  # no saved states at all: prefill the whole conversation
             return Turn(conversation, length, namespace, None, conversation.token_ids())
         fed = previous.output_ids[:-1]  # the last generated token was sampled, never fed
         segment = previous.segment
