@@ -9,32 +9,38 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from .engine_args import DEFAULTS, EngineArgs, MiB
 from .engine_client import EngineClient
-from .errors import APIError, error_body, install_error_handlers
+from .errors import APIError, ErrorResponse, error_body, install_error_handlers, json_response
 from .limits import BodyLimitMiddleware, TextLimits, default_max_prompt_chars, default_max_request_bytes
 from .middleware import PLAYGROUND_STATIC, APIKeyMiddleware, RequestIdMiddleware
 from .protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorResponse,
+    HealthResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    VersionResponse,
 )
-from .protocol_responses import ResponsesRequest
+from .protocol_responses import ResponseDeleted, ResponseObject, ResponsesRequest, ResponseStreamEvent
 from .response_store import ResponseStore
 from .response_store_redis import RedisResponses
 from .serving_chat import OpenAIServingChat, render_chat
@@ -48,6 +54,28 @@ except PackageNotFoundError:  # running from a source tree
 
 PLAYGROUND_DIR = Path(__file__).parent / "static"  # the playground page: plain files, no build step
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 503)}
+STREAM_EVENTS = (CompletionResponse, ChatCompletionChunk, ResponseStreamEvent)  # the data of each SSE event
+
+
+def streams(event: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The responses of a route that streams when asked: its JSON body, or server-sent events whose data are
+    ``event``s (and the errors)."""
+    schema = {"$ref": f"#/components/schemas/{event.__name__}"}
+    return {200: {"content": {"text/event-stream": {"schema": schema}}}, **ERRORS}
+
+
+def openapi_with_stream_events(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document, with the models of the stream events among its components (FastAPI adds
+    only the models of JSON bodies)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        _, defs = models_json_schema([(m, "serialization") for m in STREAM_EVENTS],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in defs["$defs"].items():
+            components.setdefault(name, definition)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class ServerStatus(enum.Enum):
@@ -143,6 +171,7 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Miras Serve", version=VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of recurrent Miras language models.")
     app.state.server = state
+    app.openapi = lambda: openapi_with_stream_events(app)
     install_error_handlers(app)
     tokenizer = state.engine.tokenizer
     max_prompt_tokens = state.engine.model_info.max_prompt_tokens
@@ -151,16 +180,16 @@ def build_app(state: ServerState) -> FastAPI:
     def model_check(model: str | None) -> None:
         state.completions.check_request(model, stream=None, stream_options=None)
 
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": ErrorResponse}})
     async def health() -> Response:
         if state.status is ServerStatus.READY and state.engine.running:
-            return JSONResponse({"status": "ok"})
+            return json_response(HealthResponse(status="ok"))
         status = state.status.value if state.engine.dead is None else "dead"
-        return JSONResponse(error_body(503, f"server is {status}", None, status), 503)
+        return json_response(error_body(503, f"server is {status}", None, status), 503)
 
     @app.get("/version")
-    async def show_version() -> dict[str, str]:
-        return {"version": VERSION}
+    async def show_version() -> VersionResponse:
+        return VersionResponse(version=VERSION)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
@@ -168,24 +197,26 @@ def build_app(state: ServerState) -> FastAPI:
                          max_model_len=max_prompt_tokens)
         return ModelList(data=[card])
 
-    @app.post("/v1/completions", dependencies=json_body, response_model=CompletionResponse, responses=ERRORS)
+    @app.post("/v1/completions", dependencies=json_body, response_model=CompletionResponse,
+              responses=streams(CompletionResponse))
     async def create_completion(request: CompletionRequest, raw: Request) -> Response:
         return await state.completions.create(request, raw)
 
     @app.post("/v1/chat/completions", dependencies=json_body, response_model=ChatCompletionResponse,
-              responses=ERRORS)
+              responses=streams(ChatCompletionChunk))
     async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
         return await state.chat.create(request, raw)
 
-    @app.post("/v1/responses", dependencies=json_body, responses=ERRORS)
+    @app.post("/v1/responses", dependencies=json_body, response_model=ResponseObject,
+              responses=streams(ResponseStreamEvent))
     async def create_response(request: ResponsesRequest, raw: Request) -> Response:
         return await state.responses.create(request, raw)
 
-    @app.get("/v1/responses/{response_id}", responses=ERRORS)
+    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=ERRORS)
     async def retrieve_response(response_id: str, raw: Request) -> Response:
         return state.responses.retrieve(raw, response_id)
 
-    @app.delete("/v1/responses/{response_id}", responses=ERRORS)
+    @app.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, responses=ERRORS)
     async def delete_response(response_id: str, raw: Request) -> Response:
         return state.responses.delete(raw, response_id)
 

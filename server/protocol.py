@@ -348,10 +348,33 @@ class ChatCompletionRequest(SamplingFields):
         return {**super().allowed_values(), "echo": (False,), "continue_final_message": (False,)}
 
 
+# ---- responses: the wire format, built by the serving classes and sent with ``wire_json`` (server/errors.py):
+# only the fields a handler sets go out (a stream chunk says stop_reason once its choice finishes, surprise only
+# when asked for, ...)
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens restored from a saved state instead of prefilled (state cache)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+    return UsageInfo.model_construct(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                     total_tokens=prompt_tokens + completion_tokens,
+                                     prompt_tokens_details=PromptTokensDetails.model_construct(
+                                         cached_tokens=cached_tokens))
+
+
+class Surprise(BaseModel):
+    """Miras extension (return_surprise, docs/surprise.md): each consumed token's surprise per Miras layer."""
+
+    layers: list[int]
+    prompt: list[list[float]] | None = None  # a stream sends the prompt's rows once, with its first chunk
+    completion: list[list[float] | None] = Field(default_factory=list)  # null: the last token, never fed
 
 
 class CompletionLogprobs(BaseModel):
@@ -367,9 +390,12 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    surprise: Surprise | None = None
 
 
 class CompletionResponse(BaseModel):
+    """A completion, and (with the same object name, as OpenAI sends them) each chunk of its stream."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -392,9 +418,16 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -403,6 +436,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    surprise: Surprise | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -411,6 +445,34 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+class DeltaToolCall(ToolCallOut):
+    index: int  # the call's place in the choice's tool_calls
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # sent with the finish_reason
+    surprise: Surprise | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
 
 
@@ -455,12 +517,9 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
 
 
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
+class VersionResponse(BaseModel):
+    version: str
