@@ -96,7 +96,7 @@ class StreamUsage:
 
     def last_event(self, chunk_type: type[BaseModel], meta: dict[str, Any]) -> str | None:
         """The final usage chunk (no choices), if the stream asked for one."""
-        return sse(chunk_type.model_construct(**meta, choices=[], usage=self.usage())) if self.final else None
+        return sse(chunk_type(**meta, choices=[], usage=self.usage())) if self.final else None
 
 
 class SurpriseStream:
@@ -115,7 +115,7 @@ class SurpriseStream:
 
     def take(self, index: int) -> Surprise:
         """The ``surprise`` field of the choice's chunk now being sent."""
-        return Surprise.model_construct(layers=self.layers, **self.pending.pop(index, {"completion": []}))
+        return Surprise(layers=self.layers, **self.pending.pop(index, {"completion": []}))
 
 
 class ServingBase:

@@ -23,11 +23,9 @@ from .protocol import (
     ChatLogprobs,
     ChatMessage,
     ChatStreamChoice,
-    ChatTokenLogprob,
     DeltaMessage,
     DeltaToolCall,
     ToolDefinition,
-    TopLogprob,
     usage_info,
 )
 from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries
@@ -92,14 +90,14 @@ class OpenAIServingChat(ServingBase):
             **meta, choices=choices, usage=usage_info(len(ids), final.num_generated_tokens, final.num_cached_tokens)))
 
     def _logprobs(self, out: CompletionOutput) -> ChatLogprobs:
-        def item(kind: type[TopLogprob], token: str, logprob: float, **more: Any) -> TopLogprob:
-            return kind.model_construct(token=token, logprob=clamp(logprob), bytes=list(token.encode()), **more)
+        def item(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": clamp(logprob), "bytes": list(token.encode())}
 
-        content = []
+        content = []  # plain entries, validated once by ChatLogprobs (a model per entry costs twice the time)
         for token_id, entry in zip(out.token_ids, out.logprobs or [], strict=False):
-            top = [item(TopLogprob, t, lp) for t, lp in top_entries(entry, self.token_str)]
-            content.append(item(ChatTokenLogprob, self.token_str(token_id), entry.logprob, top_logprobs=top))
-        return ChatLogprobs.model_construct(content=content)
+            top = [item(t, lp) for t, lp in top_entries(entry, self.token_str)]
+            content.append({**item(self.token_str(token_id), entry.logprob), "top_logprobs": top})
+        return ChatLogprobs(content=content)
 
     @staticmethod
     def _held_delta(held: dict[int, str], delta: CompletionOutput, mode: ToolMode) -> tuple[DeltaMessage, str | None]:
@@ -107,14 +105,14 @@ class OpenAIServingChat(ServingBase):
         (each whole, with its index) or its text."""
         held[delta.index] = held.get(delta.index, "") + delta.text
         if not delta.finish_reason:
-            return DeltaMessage.model_construct(), None
+            return DeltaMessage(), None
         message, finish_reason = tool_message(held.pop(delta.index), delta.finish_reason, mode)
         if message.tool_calls is not None:
-            calls = [DeltaToolCall.model_construct(index=i, id=c.id, type=c.type, function=c.function)
+            calls = [DeltaToolCall(index=i, id=c.id, type=c.type, function=c.function)
                      for i, c in enumerate(message.tool_calls)]
-            return DeltaMessage.model_construct(tool_calls=calls), finish_reason
+            return DeltaMessage(tool_calls=calls), finish_reason
         body = {"content": message.content} if message.content else {}
-        return DeltaMessage.model_construct(**body), finish_reason
+        return DeltaMessage(**body), finish_reason
 
     async def _stream(self, request: ChatCompletionRequest, prompt_tokens: int, n: int, group: RequestGroup,
                       meta: dict[str, Any], mode: ToolMode | None) -> AsyncIterator[str]:
@@ -124,9 +122,9 @@ class OpenAIServingChat(ServingBase):
         held: dict[int, str] = {}
         counts = StreamUsage(request.stream_options, prompt_tokens)
         for index in range(n):  # the role comes first, in a chunk of its own (as OpenAI and vLLM send it)
-            role = ChatStreamChoice.model_construct(index=index, delta=DeltaMessage.model_construct(
+            role = ChatStreamChoice(index=index, delta=DeltaMessage(
                 role="assistant", content=""), logprobs=None, finish_reason=None)
-            yield sse(counts.stamp(ChatCompletionChunk.model_construct(**meta, choices=[role])))
+            yield sse(counts.stamp(ChatCompletionChunk(**meta, choices=[role])))
         surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
         async for _, out in group:
             counts.count(out)
@@ -137,16 +135,16 @@ class OpenAIServingChat(ServingBase):
                 if mode is not None:
                     body, finish_reason = self._held_delta(held, delta, mode)
                 else:
-                    body = DeltaMessage.model_construct(**({"content": delta.text} if delta.text else {}))
+                    body = DeltaMessage(**({"content": delta.text} if delta.text else {}))
                     finish_reason = delta.finish_reason
                 if not (body.model_fields_set or finish_reason or logprobs):
                     continue
-                choice = ChatStreamChoice.model_construct(index=delta.index, delta=body, logprobs=logprobs,
+                choice = ChatStreamChoice(index=delta.index, delta=body, logprobs=logprobs,
                                                           finish_reason=finish_reason)
                 if surprise is not None:
                     choice.surprise = surprise.take(delta.index)
                 if delta.finish_reason:
                     choice.stop_reason = delta.stop_reason
-                yield sse(counts.stamp(ChatCompletionChunk.model_construct(**meta, choices=[choice])))
+                yield sse(counts.stamp(ChatCompletionChunk(**meta, choices=[choice])))
         if last := counts.last_event(ChatCompletionChunk, meta):
             yield last

@@ -64,12 +64,11 @@ class OpenAIServingCompletion(ServingBase):
             if prompt_logprobs is not None:  # its first entry is None: nothing precedes the first token
                 tokens, entries = ids + tokens, prompt_logprobs + entries
         logprobs = self._logprobs(state, tokens, entries) if request.logprobs is not None else None
-        # built without validation: every value comes from the engine, already of its field's type
-        return CompletionChoice.model_construct(index=0, text=text, logprobs=logprobs,
+        return CompletionChoice(index=0, text=text, logprobs=logprobs,
                                                 finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
 
     def _logprobs(self, state: _Choice, tokens: list[int], entries: list[TokenLogprob | None]) -> CompletionLogprobs:
-        out = CompletionLogprobs.model_construct(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
+        out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
         for token, entry in zip(tokens, entries, strict=False):
             piece = self.token_str(token)
             out.tokens.append(piece)
@@ -105,7 +104,7 @@ class OpenAIServingCompletion(ServingBase):
                 choice.index = index
                 if surprise is not None:
                     choice.surprise = surprise.take(index)
-                yield sse(counts.stamp(CompletionResponse.model_construct(**meta, choices=[choice])))
+                yield sse(counts.stamp(CompletionResponse(**meta, choices=[choice])))
         if last := counts.last_event(CompletionResponse, meta):
             yield last
 

@@ -223,7 +223,7 @@ class OpenAIServingResponses(ServingBase):
         async def numbered() -> AsyncIterator[str]:
             number = 0
             async for kind, data in events:
-                event = ResponseStreamEvent.model_construct(type=kind, sequence_number=number, **data)
+                event = ResponseStreamEvent(type=kind, sequence_number=number, **data)
                 yield f"event: {kind}\n" + sse(event)
                 number += 1
 
