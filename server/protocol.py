@@ -364,9 +364,8 @@ class UsageInfo(BaseModel):
 
 def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                     total_tokens=prompt_tokens + completion_tokens,
-                                     prompt_tokens_details=PromptTokensDetails(
-                                         cached_tokens=cached_tokens))
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 class Surprise(BaseModel):

@@ -47,6 +47,11 @@ def tool_message(out_text: str, finish_reason: str | None, mode: ToolMode | None
         "stop" if mode.choice == "named" else "tool_calls"
 
 
+def text_delta(text: str) -> DeltaMessage:
+    """A streamed choice's new text (no content field at all when there is none)."""
+    return DeltaMessage(content=text) if text else DeltaMessage()
+
+
 class OpenAIServingChat(ServingBase):
     id_prefix = "chatcmpl"
 
@@ -111,8 +116,7 @@ class OpenAIServingChat(ServingBase):
             calls = [DeltaToolCall(index=i, id=c.id, type=c.type, function=c.function)
                      for i, c in enumerate(message.tool_calls)]
             return DeltaMessage(tool_calls=calls), finish_reason
-        body = {"content": message.content} if message.content else {}
-        return DeltaMessage(**body), finish_reason
+        return text_delta(message.content), finish_reason
 
     async def _stream(self, request: ChatCompletionRequest, prompt_tokens: int, n: int, group: RequestGroup,
                       meta: dict[str, Any], mode: ToolMode | None) -> AsyncIterator[str]:
@@ -122,8 +126,8 @@ class OpenAIServingChat(ServingBase):
         held: dict[int, str] = {}
         counts = StreamUsage(request.stream_options, prompt_tokens)
         for index in range(n):  # the role comes first, in a chunk of its own (as OpenAI and vLLM send it)
-            role = ChatStreamChoice(index=index, delta=DeltaMessage(
-                role="assistant", content=""), logprobs=None, finish_reason=None)
+            role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""), logprobs=None,
+                                    finish_reason=None)
             yield sse(counts.stamp(ChatCompletionChunk(**meta, choices=[role])))
         surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
         async for _, out in group:
@@ -135,12 +139,10 @@ class OpenAIServingChat(ServingBase):
                 if mode is not None:
                     body, finish_reason = self._held_delta(held, delta, mode)
                 else:
-                    body = DeltaMessage(**({"content": delta.text} if delta.text else {}))
-                    finish_reason = delta.finish_reason
+                    body, finish_reason = text_delta(delta.text), delta.finish_reason
                 if not (body.model_fields_set or finish_reason or logprobs):
                     continue
-                choice = ChatStreamChoice(index=delta.index, delta=body, logprobs=logprobs,
-                                                          finish_reason=finish_reason)
+                choice = ChatStreamChoice(index=delta.index, delta=body, logprobs=logprobs, finish_reason=finish_reason)
                 if surprise is not None:
                     choice.surprise = surprise.take(delta.index)
                 if delta.finish_reason:

@@ -64,8 +64,8 @@ class OpenAIServingCompletion(ServingBase):
             if prompt_logprobs is not None:  # its first entry is None: nothing precedes the first token
                 tokens, entries = ids + tokens, prompt_logprobs + entries
         logprobs = self._logprobs(state, tokens, entries) if request.logprobs is not None else None
-        return CompletionChoice(index=0, text=text, logprobs=logprobs,
-                                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        return CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                                stop_reason=delta.stop_reason)
 
     def _logprobs(self, state: _Choice, tokens: list[int], entries: list[TokenLogprob | None]) -> CompletionLogprobs:
         out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
