@@ -24,6 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from models import MirasTokenizer
 
+from .engine_args import DEFAULTS
 from .errors import APIError, error_body, wire_json
 
 logger = logging.getLogger("miras.api")
@@ -122,7 +123,7 @@ class GuardedH11Protocol(H11Protocol):
     bytes that trickle in; past it the connection is closed, with a 408 if part of a request's headers had
     arrived. Use :func:`h11_protocol` to set it."""
 
-    read_timeout: float = 30.0
+    read_timeout: float = DEFAULTS.request_read_timeout
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
