@@ -3,7 +3,8 @@
 Torch releases the GIL inside its kernels, so the event loop keeps streaming while a step runs. Callers
 add and abort requests through an inbox the engine thread drains between steps; outputs travel back
 through one asyncio queue per request. The waiting queue is bounded: beyond ``max_queued_requests``
-not-yet-admitted requests, ``generate`` raises QueueFullError (HTTP 429) instead of growing a backlog.
+not-yet-admitted requests, ``submit`` raises QueueFullError (HTTP 429) instead of growing a backlog.
+It is the HTTP layer's :class:`~server.engine_client.EngineClient`.
 """
 
 from __future__ import annotations
@@ -13,23 +14,20 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
+from models import MirasTokenizer
+
 from .engine import LLMEngine
+from .engine_args import DEFAULTS
+from .engine_client import EngineUnavailableError, ModelInfo, QueueFullError, RequestGroup
 from .outputs import RequestOutput
 from .request import StateContext
 from .sampling_params import ParamError, SamplingParams
 
 logger = logging.getLogger("miras.engine")
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is full; retry later."""
-
-
-class EngineUnavailableError(RuntimeError):
-    """The engine is draining for shutdown, or dead."""
 
 
 @dataclass
@@ -46,8 +44,10 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int = 256):
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = DEFAULTS.max_queued_requests):
         self.engine = engine
+        self.model_info = ModelInfo(engine.config.max_prompt_tokens, engine.vocab_size, tuple(engine.miras_layers),
+                                    engine.state_cache is not None)
         self.max_queued_requests = max_queued_requests
         self.draining = False
         self.dead: BaseException | None = None
@@ -74,10 +74,18 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    # ---- what the HTTP layer may know of the engine (EngineClient) ---------------------------------------
+
     @property
-    def miras_layers(self) -> list[int]:
-        """The model's Miras layers: those a surprise row lists, in order (fixed at load)."""
-        return self.engine.miras_layers
+    def tokenizer(self) -> MirasTokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.engine.metrics.registry
+
+    def flush_saved_states(self) -> None:
+        self.engine.flush_saved_states()
 
     @property
     def running(self) -> bool:
@@ -211,37 +219,6 @@ class AsyncEngine:
             self._inbox, self._streams = [], {}
         for p in streams:
             p.loop.call_soon_threadsafe(p.queue.put_nowait, error)
-
-
-class RequestGroup:
-    """The requests of one API call (one per prompt). Iterating yields (prompt index, delta) until all
-    finish; leaving early, or ``abort()``, aborts whatever is unfinished (a client that went away)."""
-
-    def __init__(self, engine: AsyncEngine, request_ids: list[str], queue: asyncio.Queue):
-        self.engine = engine
-        self.index = {rid: i for i, rid in enumerate(request_ids)}
-        self.unfinished = set(request_ids)
-        self.queue = queue
-
-    def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        try:
-            while self.unfinished:
-                item = await self.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    self.unfinished.discard(item.request_id)
-                yield self.index[item.request_id], item
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        for request_id in self.unfinished:
-            self.engine.abort(request_id)
-        self.unfinished = set()
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

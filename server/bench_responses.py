@@ -147,7 +147,7 @@ def bookkeeping(model: str, marks: list[int]) -> dict[int, float]:
     of ``max(marks)`` turns; mean of the 100 turns ending at each mark."""
     net, tokenizer = load_model(model)
     serving = OpenAIServingResponses(AsyncEngine(LLMEngine(net, tokenizer, EngineConfig(max_num_seqs=1))),
-                                     tokenizer, "m", 30.0, TextLimits(tokenizer, 1 << 30),
+                                     "m", 30.0, TextLimits(tokenizer, 1 << 30),
                                      store=ResponseStore(max(marks) + 1, 1 << 40, 0))
     reply = "I know not, my lord, but I shall learn it of the sea."
     generated = tokenizer.encode(" " + reply)

@@ -21,13 +21,14 @@ from models import MirasLM, MirasTokenizer
 
 from .decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
+from .engine_args import DEFAULTS, EngineArgs, GiB
 from .metrics import EngineMetrics
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
 from .pool_sizing import CPU_MAX_NUM_SEQS, MAX_AUTO_SEQS, plan_pool
 from .request import Request, RequestStatus, Sequence, StateContext
 from .sampler import Sampler, token_logprob
 from .sampling_params import ParamError, SamplingParams
-from .scheduler import PrefillChunk, Scheduler
+from .scheduler import PrefillChunk, Scheduler, SchedulerOutput
 from .state_cache import CachedState, StateCache
 from .state_tier_redis import RedisStateTier, redis_client
 from .state_tiers import DiskStateTier, StackedTiers, StateTier, model_identity
@@ -39,12 +40,15 @@ logger = logging.getLogger("miras.engine")
 
 @dataclass
 class EngineConfig:
+    """What the engine runs with, in its own units (bytes, not GB); defaults and meanings are EngineArgs'
+    (server/engine_args.py), which ``from_args`` converts."""
+
     # State slots (sequences decoding at once). None: sized from device memory on a GPU (see
     # server/pool_sizing.py), 64 on a CPU.
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int = 2048
-    max_prompt_tokens: int = 1_000_000  # a guard only: state memory does not grow with the prompt
-    seed: int = 0  # for requests without their own seed
+    max_num_seqs: int | None = DEFAULTS.max_num_seqs
+    max_num_batched_tokens: int = DEFAULTS.max_num_batched_tokens
+    max_prompt_tokens: int = DEFAULTS.max_prompt_tokens
+    seed: int = DEFAULTS.seed  # for requests without their own seed
     # Replay decode steps from CUDA graphs (None: on CUDA devices). True on a CPU runs the same padded
     # steps eagerly (tests the padding without a GPU); False is vLLM's --enforce-eager.
     cuda_graphs: bool | None = None
@@ -53,22 +57,33 @@ class EngineConfig:
     compiled_steps: bool = False
     # Bytes of recurrent states kept for prompts that repeat or extend earlier ones (server/state_cache.py);
     # 0 turns the cache off.
-    state_cache_bytes: int = 1 << 30
+    state_cache_bytes: int = int(DEFAULTS.state_cache_gb * GiB)
     # A directory for saved states on local disk (server/state_tiers.py), behind the in-memory cache; None: off.
-    state_disk_dir: str | None = None
-    state_disk_bytes: int = 10 << 30
-    state_disk_ttl: float = 0.0  # seconds after its last use that a state on disk expires; 0: never
+    state_disk_dir: str | None = DEFAULTS.state_disk_dir
+    state_disk_bytes: int = int(DEFAULTS.state_disk_gb * GiB)
+    state_disk_ttl: float = DEFAULTS.state_disk_ttl
     # Fraction of the GPU's total memory this process may use (weights, state pool, state cache,
     # activations); sizes or checks the state pool on a GPU (vLLM's --gpu-memory-utilization).
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = DEFAULTS.gpu_memory_utilization
     # A shared store every replica reads and writes (redis://host:port/db, server/state_tier_redis.py),
     # below the local tiers; None: off.
-    state_redis_url: str | None = None
-    state_redis_bytes: int = 4 << 30
-    state_redis_ttl: float = 0.0
+    state_redis_url: str | None = DEFAULTS.state_redis_url
+    state_redis_bytes: int = int(DEFAULTS.state_redis_gb * GiB)
+    state_redis_ttl: float = DEFAULTS.state_redis_ttl
     # Input precision of the Triton kernels' fp32 tensor-core products (kernels.DOT_PRECISIONS), for the whole
     # process; None: MIRAS_DOT_PRECISION or the kernels' default (docs/precision.md).
-    dot_precision: str | None = None
+    dot_precision: str | None = DEFAULTS.dot_precision
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> EngineConfig:
+        """The server's engine: --enforce-eager turns off both CUDA graphs and the CPU's compiled steps."""
+        return cls(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens, args.seed,
+                   cuda_graphs=False if args.enforce_eager else None, compiled_steps=not args.enforce_eager,
+                   state_cache_bytes=int(args.state_cache_gb * GiB), state_disk_dir=args.state_disk_dir,
+                   state_disk_bytes=int(args.state_disk_gb * GiB), state_disk_ttl=args.state_disk_ttl,
+                   gpu_memory_utilization=args.gpu_memory_utilization, state_redis_url=args.state_redis_url,
+                   state_redis_bytes=int(args.state_redis_gb * GiB), state_redis_ttl=args.state_redis_ttl,
+                   dot_precision=args.dot_precision)
 
 
 class LLMEngine:
@@ -263,7 +278,7 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         if plan.admitted:
             # requests whose whole prompt was cached have their first tokens already
-            touched.update((r.request_id, r) for r in self._admit(plan.admitted))
+            touched.update((r.request_id, r) for r in self._admit(plan))
         if plan.decodes:
             ids = torch.tensor([[s.token_ids[-1]] for s in plan.decodes], device=self.device)
             slots = torch.tensor([s.slot for s in plan.decodes], device=self.device)
@@ -305,37 +320,37 @@ class LLMEngine:
         self._update_gauges()
         return outputs
 
-    def _cached_prefix(self, request: Request) -> int:
-        """The scheduler's question before admitting a request: how many prompt tokens can be restored from
-        the state cache (the entry is kept on the request until it is restored)."""
-        request.restore, request.num_cached_tokens = None, 0
+    def _cached_prefix(self, request: Request) -> tuple[CachedState | None, int]:
+        """The scheduler's question before admitting a request: the saved state it can start from, and how
+        many of its prompt tokens that state consumed (0 for a continued context: the prompt follows it)."""
+        request.num_cached_tokens = 0
         if request.context is not None and not request.context_length:
-            request.restore = self.state_cache.get(request.context.key)
-            if request.restore is not None:
+            entry = self.state_cache.get(request.context.key)
+            if entry is not None:
                 request.num_cached_tokens = request.context.length
-                return 0
+                return entry, 0
             # the saved state is gone: rebuild it from its tokens (slower, same result)
             history = request.context.token_ids()
             request.prompt_token_ids = history + request.prompt_token_ids
             request.context_length = len(history)
         if request.params.prompt_logprobs is not None or request.params.return_surprise:
-            return 0  # needs the logits (or the surprise) of every prompt position
-        request.restore = self.state_cache.lookup(request.prompt_token_ids, request.cache_namespace)
-        request.num_cached_tokens = 0 if request.restore is None else request.restore.length
-        return request.num_cached_tokens
+            return None, 0  # needs the logits (or the surprise) of every prompt position
+        entry = self.state_cache.lookup(request.prompt_token_ids, request.cache_namespace)
+        request.num_cached_tokens = 0 if entry is None else entry.length
+        return entry, request.num_cached_tokens
 
-    def _admit(self, requests: list[Request]) -> list[Request]:
-        """Give admitted requests their starting state: fresh, or restored from the state cache. Returns
-        those whose whole prompt was restored, which sample their first tokens now."""
-        fresh = [r.slots[0] for r in requests if r.restore is None]
+    def _admit(self, plan: SchedulerOutput) -> list[Request]:
+        """Give admitted requests their starting state: fresh, or the saved state the scheduler chose.
+        Returns those whose whole prompt was restored, which sample their first tokens now."""
+        fresh = [r.slots[0] for r in plan.admitted if r.request_id not in plan.restored]
         if fresh:
             self.model.reset_slots(self.pool, fresh)
         started = []
-        for request in requests:
+        for request in plan.admitted:
             self.metrics.prompt_tokens.inc(request.num_prompt_tokens)
             if self.state_cache is not None:
                 self.metrics.prefix_cache_queries.inc(request.num_prompt_tokens)
-            entry, request.restore = request.restore, None
+            entry = plan.restored.get(request.request_id)
             if entry is None:
                 continue
             self._restore(request.slots[0], entry)

@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status; and
+``wire_json``, how every response model goes on the wire.
 
 FastAPI's 422 for invalid bodies becomes a 400 naming the field (as vLLM and SGLang do), so OpenAI
 clients raise BadRequestError with a useful message.
@@ -11,7 +12,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from .sampling_params import ParamError
@@ -32,13 +34,35 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
 
-def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, headers=exc.headers)
+class ErrorResponse(BaseModel):
+    """Every error the server sends, as a body or as an in-band stream event."""
+
+    error: ErrorInfo
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorInfo(message=message, type=ERROR_TYPES.get(status, "server_error"), param=param,
+                                         code=code))
+
+
+def wire_json(body: BaseModel) -> str:
+    """A response model (server/protocol.py) as JSON: the fields its handler set, and only those."""
+    return body.model_dump_json(exclude_unset=True)
+
+
+def json_response(body: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(wire_json(body), status, headers, media_type="application/json")
+
+
+def error_response(exc: APIError) -> Response:
+    return json_response(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, exc.headers)
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -83,24 +107,24 @@ def undecodable_body(cause: BaseException | None) -> APIError:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(_: Request, exc: APIError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(ParamError)
-    async def _param_error(_: Request, exc: ParamError) -> JSONResponse:
+    async def _param_error(_: Request, exc: ParamError) -> Response:
         return error_response(APIError(400, str(exc), exc.param, "invalid_value"))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
         return error_response(validation_error(exc))
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(_: Request, exc: HTTPException) -> Response:
         if exc.status_code == 400:  # FastAPI's only 400: a body it could not decode
             return error_response(undecodable_body(exc.__cause__))
         return error_response(APIError(exc.status_code, str(exc.detail), None, None, exc.headers))
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    async def _internal(_: Request, exc: Exception) -> Response:
         logger.exception("unhandled error")
         return error_response(APIError(500, f"internal server error: {type(exc).__name__}", None, "internal_error"))

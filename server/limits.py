@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 
@@ -25,7 +24,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from models import MirasTokenizer
 
-from .errors import APIError, error_body
+from .engine_args import DEFAULTS
+from .errors import APIError, error_body, wire_json
 
 logger = logging.getLogger("miras.api")
 
@@ -51,7 +51,7 @@ def default_max_prompt_chars(tokenizer: MirasTokenizer, max_prompt_tokens: int) 
 def _reject(status: int, message: str, code: str, close: bool) -> list[Message]:
     """A complete error response; ``close``: the connection closes after it. Otherwise whatever of the body
     is still to come is dropped as it arrives (GuardedH11Protocol bounds for how long)."""
-    body = json.dumps(error_body(status, message, None, code)).encode()
+    body = wire_json(error_body(status, message, None, code)).encode()
     headers = [(b"content-type", b"application/json")] + ([(b"connection", b"close")] if close else [])
     return [{"type": "http.response.start", "status": status, "headers": headers},
             {"type": "http.response.body", "body": body}]
@@ -123,7 +123,7 @@ class GuardedH11Protocol(H11Protocol):
     bytes that trickle in; past it the connection is closed, with a 408 if part of a request's headers had
     arrived. Use :func:`h11_protocol` to set it."""
 
-    read_timeout: float = 30.0
+    read_timeout: float = DEFAULTS.request_read_timeout
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
@@ -162,7 +162,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:  # part of the headers came
             message = f"request headers not received within {self.read_timeout:g} s (--request-read-timeout)"
-            body = json.dumps(error_body(408, message, None, "request_timeout")).encode()
+            body = wire_json(error_body(408, message, None, "request_timeout")).encode()
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
         self.transport.close()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .engine import EngineConfig, LLMEngine
+from .engine_args import EngineArgs
 from .loader import DEFAULT_MODEL, default_served_name, load_model
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -17,15 +20,17 @@ PromptInput = str | list[int]
 class LLM:
     """Loads a model and runs every given prompt to completion through the continuous-batching engine."""
 
-    def __init__(self, model: str | Path = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
-                 max_num_seqs: int | None = None, max_num_batched_tokens: int = 2048,
-                 max_prompt_tokens: int = 1_000_000, seed: int = 0, enforce_eager: bool = False,
-                 state_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.9):
-        net, tokenizer = load_model(model, device, dtype)
-        config = EngineConfig(max_num_seqs, max_num_batched_tokens, max_prompt_tokens, seed,
-                              cuda_graphs=False if enforce_eager else None,
-                              state_cache_bytes=int(state_cache_gb * (1 << 30)),
-                              gpu_memory_utilization=gpu_memory_utilization)
+    def __init__(self, model: str | Path = DEFAULT_MODEL, **engine_args: Any):
+        """``engine_args``: the engine's arguments of EngineArgs (server/engine_args.py: ``device``, ``dtype``,
+        ``max_num_seqs``, ``state_cache_gb``, ``seed``, ...), with the server's defaults and checks (ValueError
+        naming the flag for a bad value; TypeError for a name that is not an engine argument)."""
+        unknown = sorted(set(engine_args) - EngineArgs.names("model", "engine"))
+        if unknown:
+            raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}")
+        args = EngineArgs(model=model, **engine_args)
+        net, tokenizer = load_model(args.model, args.device, args.dtype)
+        # an embedded engine does not compile the CPU decode step (tens of seconds at start-up) as the server does
+        config = replace(EngineConfig.from_args(args), compiled_steps=False)
         self.engine = LLMEngine(net, tokenizer, config, default_served_name(model))
         self.tokenizer = tokenizer
         self._ids = itertools.count()

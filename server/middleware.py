@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_body
+from .errors import error_body, wire_json
 from .tenancy import CACHE_TENANT_STATE_KEY, TENANT_STATE_KEY, tenant_id
 
 OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json", "/docs", "/redoc", "/")
@@ -74,7 +73,7 @@ class APIKeyMiddleware:
             state[CACHE_TENANT_STATE_KEY] = tenant if self.cache_per_key else ""
             return await self.app(scope, receive, send)
         message = "Incorrect API key provided." if header else "Missing API key: send 'Authorization: Bearer <key>'."
-        body = json.dumps(error_body(401, message, None, "invalid_api_key")).encode()
+        body = wire_json(error_body(401, message, None, "invalid_api_key")).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from .errors import APIError
 from .sampling_params import (
-    MAX_LOGPROBS,
     MAX_STOP_STRINGS,
     MAX_TOKENS_LIMIT,
+    RANGES,
     GuidedDecoding,
     ParamError,
     SamplingParams,
@@ -32,6 +32,14 @@ MAX_CACHE_SALT_CHARS = 1024
 TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also accepts "²"
 
 TokenId = Annotated[int, Field(ge=0)]
+_SAMPLING_DEFAULTS = SamplingParams()
+
+
+def sampling_field(name: str, default: Any = ...) -> Any:
+    """A request field that is SamplingParams' ``name``: its default (unless given) and its range are
+    SamplingParams' (server/sampling_params.py), stated once."""
+    limits = RANGES[name].field_limits() if name in RANGES else {}
+    return Field(getattr(_SAMPLING_DEFAULTS, name) if default is ... else default, **limits)
 
 
 class OpenAIModel(BaseModel):
@@ -139,24 +147,24 @@ class SamplingFields(RequestBody):
     """Fields shared by completions and chat."""
 
     model: str | None = None
-    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(1.0, ge=0.01, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    n: int | None = Field(1, ge=1, le=MAX_N)
+    frequency_penalty: float | None = sampling_field("frequency_penalty")
+    presence_penalty: float | None = sampling_field("presence_penalty")
+    repetition_penalty: float | None = sampling_field("repetition_penalty")
+    logit_bias: dict[str, Annotated[float, Field(**RANGES["logit_bias"].field_limits())]] | None = None
+    n: int | None = Field(_SAMPLING_DEFAULTS.n, ge=1, le=MAX_N)
     seed: int | None = Field(None, **INT64)
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(1.0, ge=0)
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(0, ge=-1)
-    min_p: float | None = Field(0.0, ge=0, le=1)
-    min_tokens: int | None = Field(0, ge=0)
-    ignore_eos: bool | None = False
-    include_stop_str_in_output: bool | None = False
-    skip_special_tokens: bool | None = True
+    temperature: float | None = sampling_field("temperature")
+    top_p: float | None = sampling_field("top_p")
+    top_k: int | None = Field(_SAMPLING_DEFAULTS.top_k, ge=-1)  # -1 is off, as 0 is
+    min_p: float | None = sampling_field("min_p")
+    min_tokens: int | None = Field(_SAMPLING_DEFAULTS.min_tokens, ge=0)
+    ignore_eos: bool | None = _SAMPLING_DEFAULTS.ignore_eos
+    include_stop_str_in_output: bool | None = _SAMPLING_DEFAULTS.include_stop_str_in_output
+    skip_special_tokens: bool | None = _SAMPLING_DEFAULTS.skip_special_tokens
     user: str | None = None
     # vLLM's field: mixed into the state-cache key, so only requests with the same salt share cached states
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
@@ -188,14 +196,16 @@ class SamplingFields(RequestBody):
         return found[0] if found else None
 
     # Miras extension: each consumed token's surprise per Miras layer (docs/surprise.md); a JSON boolean only
-    return_surprise: StrictBool | None = False
+    return_surprise: StrictBool | None = _SAMPLING_DEFAULTS.return_surprise
+
+    def or_default(self, name: str) -> Any:
+        """The field's value; an explicit null means its default."""
+        value = getattr(self, name)
+        return type(self).model_fields[name].default if value is None else value
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
                         ) -> SamplingParams:
-        def value(name: str) -> Any:  # explicit null means the default
-            v = getattr(self, name)
-            return type(self).model_fields[name].default if v is None else v
-
+        value = self.or_default
         return SamplingParams(
             n=value("n"), temperature=value("temperature"), top_p=value("top_p"), top_k=value("top_k"),
             min_p=value("min_p"), presence_penalty=value("presence_penalty"),
@@ -242,8 +252,8 @@ PromptInput = str | list[str] | list[TokenId] | list[list[TokenId]]
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS_LIMIT)
+    logprobs: int | None = sampling_field("logprobs")
+    max_tokens: int | None = sampling_field("max_tokens")
     suffix: str | None = None
     add_special_tokens: bool | None = True  # prepend BOS to text prompts
 
@@ -323,7 +333,7 @@ class ChatMessage(OpenAIModel):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = sampling_field("logprobs")
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     add_generation_prompt: bool | None = True
@@ -338,10 +348,32 @@ class ChatCompletionRequest(SamplingFields):
         return {**super().allowed_values(), "echo": (False,), "continue_final_message": (False,)}
 
 
+# ---- responses: the wire format, built by the serving classes and sent with ``wire_json`` (server/errors.py):
+# only the fields a handler sets go out (a stream chunk says stop_reason once its choice finishes, surprise only
+# when asked for, ...)
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens restored from a saved state instead of prefilled (state cache)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+class Surprise(BaseModel):
+    """Miras extension (return_surprise, docs/surprise.md): each consumed token's surprise per Miras layer."""
+
+    layers: list[int]
+    prompt: list[list[float]] | None = None  # a stream sends the prompt's rows once, with its first chunk
+    completion: list[list[float] | None] = Field(default_factory=list)  # null: the last token, never fed
 
 
 class CompletionLogprobs(BaseModel):
@@ -357,9 +389,12 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    surprise: Surprise | None = None
 
 
 class CompletionResponse(BaseModel):
+    """A completion, and (with the same object name, as OpenAI sends them) each chunk of its stream."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -382,9 +417,16 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -393,6 +435,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    surprise: Surprise | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -401,6 +444,34 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+class DeltaToolCall(ToolCallOut):
+    index: int  # the call's place in the choice's tool_calls
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # sent with the finish_reason
+    surprise: Surprise | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
 
 
@@ -445,12 +516,9 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
 
 
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
+class VersionResponse(BaseModel):
+    version: str

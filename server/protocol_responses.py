@@ -1,4 +1,4 @@
-"""Request model of ``POST /v1/responses`` (OpenAI's Responses API, text in and text out).
+"""Request and response models of ``/v1/responses`` (OpenAI's Responses API, text in and text out).
 
 Every field of the API that is not implemented is refused with a 400 naming it (``unsupported_field``),
 never accepted and ignored: tools, reasoning, structured output, background mode and the rest.
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import APIError
-from .protocol import RequestBody
+from .protocol import RequestBody, sampling_field
 from .sampling_params import MAX_TOKENS_LIMIT
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
@@ -31,7 +31,7 @@ class ResponsesRequest(RequestBody):
     stream: bool | None = False
     max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = sampling_field("top_p", None)
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=MAX_METADATA_KEYS)] \
         | None = None
     cache_salt: str | None = None  # states are shared only between requests of one tenant and salt
@@ -61,6 +61,99 @@ class ResponsesRequest(RequestBody):
         if not self.input:
             raise APIError(400, "input must not be empty", "input", "invalid_value")
         return messages + [_message(item, f"input[{i}]") for i, item in enumerate(self.input)]
+
+
+# ---- responses: the wire format (sent with ``wire_json``, server/errors.py) ----
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int  # input tokens restored from a saved state instead of prefilled
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class ResponseObject(BaseModel):
+    """The response object: returned by POST (and GET) /v1/responses, stored, and carried by stream events."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    model: str
+    output: list[OutputMessage] = Field(default_factory=list)
+    parallel_tool_calls: bool = False
+    previous_response_id: str | None = None
+    reasoning: dict[str, Any] | None = None
+    store: bool = True
+    temperature: float
+    text: dict[str, Any]
+    tool_choice: Literal["none"] = "none"
+    tools: list[Any] = Field(default_factory=list)
+    top_p: float
+    truncation: Literal["disabled"] = "disabled"
+    usage: ResponseUsage | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool
+
+
+class ResponseStreamEvent(BaseModel):
+    """One server-sent event of a streamed response; ``type`` says which of the other fields it has."""
+
+    type: str
+    sequence_number: int
+    response: ResponseObject | None = None
+    output_index: int | None = None
+    item: OutputMessage | None = None
+    item_id: str | None = None
+    content_index: int | None = None
+    part: OutputText | None = None
+    delta: str | None = None
+    text: str | None = None
+    logprobs: list[Any] | None = None
+    code: str | None = None  # an "error" event
+    message: str | None = None
+    param: str | None = None
 
 
 def _message(item: dict[str, Any], where: str) -> dict[str, str]:

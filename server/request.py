@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .detokenizer import IncrementalDetokenizer
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
-from .state_cache import CachedState, state_key
+from .state_cache import state_key
 from .structured import GrammarMatcher
 
 
@@ -74,7 +74,6 @@ class Request:
     prompt_logprobs_sent: bool = False  # handed out (once, with the first generated tokens)
     scheduled_time: float | None = None
     first_token_time: float | None = None
-    restore: CachedState | None = None  # the state cache entry chosen at admission, until it is restored
     context: StateContext | None = None
     context_length: int = 0  # prompt tokens that rebuild a lost context (they come first in the prompt)
     num_cached_tokens: int = 0  # tokens restored from a saved state instead of prefilled (context included)

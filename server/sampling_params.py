@@ -4,11 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .bounds import Bound
+
 GREEDY_EPSILON = 1e-5  # temperatures below this decode greedily (as in vLLM)
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_TOKENS_LIMIT = 1 << 20  # a guard against absurd requests; a recurrent state has no context wall
+
+# The ranges of the sampling parameters (vLLM's), checked here and stated in the API's request models
+# (server/protocol.py: ``Field(**RANGES[name].field_limits())``) and so in its OpenAPI schema.
+RANGES = {
+    "temperature": Bound(0),
+    "top_p": Bound(0, inclusive=False, high=1),
+    "min_p": Bound(0, high=1),
+    "presence_penalty": Bound(-2, high=2),
+    "frequency_penalty": Bound(-2, high=2),
+    "repetition_penalty": Bound(0.01, high=2),
+    "logit_bias": Bound(-100, high=100),  # each value
+    "max_tokens": Bound(0, high=MAX_TOKENS_LIMIT),
+    "logprobs": Bound(0, high=MAX_LOGPROBS),
+    "prompt_logprobs": Bound(0, high=MAX_LOGPROBS),
+}
 
 
 class ParamError(ValueError):
@@ -74,18 +91,13 @@ class SamplingParams:
                 raise ParamError(name, f"{name} {message}")
 
         need(isinstance(self.n, int) and self.n >= 1, "n", f"must be >= 1, got {self.n!r}")
-        need(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         need(self.top_k >= 0, "top_k", f"must be 0 or -1 (off) or a positive integer, got {self.top_k}")
-        need(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
-        need(-2 <= self.presence_penalty <= 2, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
-        need(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
-             f"must be in [-2, 2], got {self.frequency_penalty}")
-        need(0.01 <= self.repetition_penalty <= 2, "repetition_penalty",
-             f"must be in [0.01, 2], got {self.repetition_penalty}")
-        need(all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]")
-        need(0 <= self.max_tokens <= MAX_TOKENS_LIMIT, "max_tokens",
-             f"must be in [0, {MAX_TOKENS_LIMIT}], got {self.max_tokens}")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                     "max_tokens"):
+            value = getattr(self, name)
+            need(RANGES[name].holds(value), name, f"must be {RANGES[name].describe()}, got {value}")
+        bias = RANGES["logit_bias"]
+        need(all(bias.holds(b) for b in self.logit_bias.values()), "logit_bias", f"values must be {bias.describe()}")
         need(0 <= self.min_tokens <= self.max_tokens, "min_tokens",
              f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         need(len(self.stop) <= MAX_STOP_STRINGS, "stop",
@@ -96,7 +108,7 @@ class SamplingParams:
              f"allows at most {MAX_STOP_STRINGS} ids, got {len(self.stop_token_ids)}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            need(value is None or 0 <= value <= MAX_LOGPROBS, name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
+            need(value is None or RANGES[name].holds(value), name, f"must be {RANGES[name].describe()}, got {value}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids named by the request must exist (called by the engine, which knows the vocabulary)."""

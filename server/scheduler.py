@@ -6,8 +6,10 @@ enough slots are free (n slots for a request with n samples). A recurrent state 
 slot is all a request needs: admission never depends on prompt length and nothing is ever preempted.
 
 Prefill pieces are multiples of the model's chunk size (except a prompt's last piece). A request can
-start past the beginning of its prompt when ``cached_prefix`` says that many tokens can be restored from
-the state cache; if that is all of them, it is admitted without a prefill piece.
+start from a saved state when ``cached_prefix`` finds one in the state cache, past as many prompt tokens as
+that state consumed; if that is all of them, it is admitted without a prefill piece. ``schedule()`` returns
+what it decided: the decodes, the prefill pieces, the requests admitted, and the saved state each restored
+request starts from.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .request import Request, RequestStatus, Sequence
+from .state_cache import CachedState
+
+# A request about to be admitted -> the saved state it can start from (None: none) and how many of its
+# prompt tokens that state has consumed (the prefill starts there).
+CachedPrefix = Callable[[Request], tuple[CachedState | None, int]]
 
 
 @dataclass
@@ -37,6 +44,8 @@ class SchedulerOutput:
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     admitted: list[Request] = field(default_factory=list)
+    # admitted requests that start from a saved state instead of a fresh one: request id -> that state
+    restored: dict[str, CachedState] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -49,7 +58,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, chunk_size: int,
-                 cached_prefix: Callable[[Request], int] | None = None):
+                 cached_prefix: CachedPrefix | None = None):
         if max_num_batched_tokens < max_num_seqs + chunk_size:
             # otherwise a full decode batch could leave no room for any prefill chunk
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
@@ -57,7 +66,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk_size = chunk_size
-        self.cached_prefix = cached_prefix  # prompt tokens a request about to be admitted need not prefill
+        self.cached_prefix = cached_prefix  # the state cache's answer for a request about to be admitted
         # A min-heap: the lowest free slot is handed out first, which keeps the running sequences in few
         # runs of consecutive slots (the PyTorch decode path reads and writes one run through views).
         self.free_slots: list[int] = list(range(max_num_seqs))
@@ -108,7 +117,7 @@ class Scheduler:
             budget -= size
         while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
             request = self.waiting[0]
-            start = self.cached_prefix(request) if self.cached_prefix else 0
+            entry, start = self.cached_prefix(request) if self.cached_prefix else (None, 0)
             size = self._prefill_size(request, budget, start)
             if size == 0 and start < request.num_prompt_tokens:
                 break
@@ -119,6 +128,8 @@ class Scheduler:
             request.scheduled_time = time.monotonic()
             self.running[request.request_id] = request
             out.admitted.append(request)
+            if entry is not None:
+                out.restored[request.request_id] = entry
             if size:
                 out.prefills.append(PrefillChunk(request, start, start + size))
             budget -= size

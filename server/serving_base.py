@@ -4,7 +4,6 @@ logprob formatting and racing a non-streaming request against the client going a
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,20 +11,20 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
-from models import MirasTokenizer
-
-from .async_engine import AsyncEngine, EngineUnavailableError, QueueFullError, RequestGroup
 from .detokenizer import token_text
-from .errors import APIError, error_body
+from .engine_client import EngineClient, EngineUnavailableError, QueueFullError, RequestGroup
+from .errors import APIError, error_body, wire_json
 from .limits import TextLimits
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
-from .protocol import StreamOptions
+from .protocol import StreamOptions, Surprise, UsageInfo, usage_info
 from .request import StateContext
 from .sampling_params import SamplingParams
 from .tenancy import request_namespace
 
 T = TypeVar("T")
+Chunk = TypeVar("Chunk", bound=BaseModel)
 RETRY_AFTER_SECONDS = "1"
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf (vLLM clamps the same way)
 
@@ -35,8 +34,8 @@ LOGPROB_FLOOR = -9999.0  # JSON has no -inf (vLLM clamps the same way)
 _LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
 
 
-def sse(data: dict[str, Any] | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+def sse(data: BaseModel | str) -> str:
+    payload = data if isinstance(data, str) else wire_json(data)
     return f"data: {payload.translate(_LINE_BREAKS)}\n\n"
 
 
@@ -71,13 +70,6 @@ def clamp(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    """``cached_tokens``: prompt tokens restored from a saved state instead of prefilled (state cache)."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
 class StreamUsage:
     """Token counts of a stream: the final usage chunk (``include_usage``) and, with
     ``continuous_usage_stats`` as well, the running usage on every chunk (as vLLM does)."""
@@ -94,14 +86,17 @@ class StreamUsage:
         self.completion_tokens += out.num_generated_tokens
         self.cached_tokens += out.num_cached_tokens
 
-    def stamp(self, chunk: dict[str, Any]) -> dict[str, Any]:
+    def usage(self) -> UsageInfo:
+        return usage_info(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+    def stamp(self, chunk: Chunk) -> Chunk:
         if self.continuous:
-            chunk["usage"] = usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+            chunk.usage = self.usage()
         return chunk
 
-    def last_event(self, base: dict[str, Any]) -> str | None:
-        return sse({**base, "choices": [], "usage": usage(self.prompt_tokens, self.completion_tokens,
-                                                          self.cached_tokens)}) if self.final else None
+    def last_event(self, chunk_type: type[BaseModel], meta: dict[str, Any]) -> str | None:
+        """The final usage chunk (no choices), if the stream asked for one."""
+        return sse(chunk_type(**meta, choices=[], usage=self.usage())) if self.final else None
 
 
 class SurpriseStream:
@@ -118,19 +113,17 @@ class SurpriseStream:
             entry["prompt"] = prompt
         entry["completion"] += delta.surprise or []
 
-    def take(self, index: int) -> dict[str, Any]:
+    def take(self, index: int) -> Surprise:
         """The ``surprise`` field of the choice's chunk now being sent."""
-        entry = self.pending.pop(index, {"completion": []})
-        return {"layers": self.layers, **entry}
+        return Surprise(layers=self.layers, **self.pending.pop(index, {"completion": []}))
 
 
 class ServingBase:
     id_prefix = "cmpl"
 
-    def __init__(self, engine: AsyncEngine, tokenizer: MirasTokenizer, served_model_name: str,
-                 sse_ping_interval: float, text: TextLimits):
+    def __init__(self, engine: EngineClient, served_model_name: str, sse_ping_interval: float, text: TextLimits):
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.tokenizer = engine.tokenizer
         self.text = text
         self.served_model_name = served_model_name
         self.sse_ping_interval = sse_ping_interval
@@ -163,11 +156,11 @@ class ServingBase:
     @property
     def surprise_layers(self) -> list[int]:
         """The layers a surprise row lists (the model's Miras layers), in order."""
-        return self.engine.miras_layers
+        return list(self.engine.model_info.miras_layers)
 
-    def surprise(self, prompt: list[list[float]] | None, out: CompletionOutput) -> dict[str, Any]:
+    def surprise(self, prompt: list[list[float]] | None, out: CompletionOutput) -> Surprise:
         """A whole choice's ``surprise`` field (return_surprise, non-streaming)."""
-        return {"layers": self.surprise_layers, "prompt": prompt or [], "completion": out.surprise or []}
+        return Surprise(layers=self.surprise_layers, prompt=prompt or [], completion=out.surprise or [])
 
     def token_str(self, token_id: int) -> str:
         return token_text(self.tokenizer, token_id)

@@ -8,13 +8,27 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from .async_engine import RequestGroup
-from .errors import APIError
+from .engine_client import RequestGroup
+from .errors import APIError, json_response
 from .outputs import CompletionOutput
-from .protocol import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest, ChatMessage, ToolDefinition
-from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries, usage
+from .protocol import (
+    DEFAULT_CHAT_MAX_TOKENS,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    DeltaToolCall,
+    ToolDefinition,
+    usage_info,
+)
+from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries
 from .tool_calls import ToolMode, chat_turns, parse_tool_calls, tool_mode
 
 
@@ -24,13 +38,18 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
 
 
 def tool_message(out_text: str, finish_reason: str | None, mode: ToolMode | None
-                 ) -> tuple[dict[str, Any], str | None]:
+                 ) -> tuple[AssistantMessage, str | None]:
     """A finished choice's message and finish reason: its tool calls when it made some, else its text."""
     calls = parse_tool_calls(out_text, mode) if mode is not None and finish_reason == "stop" else None
     if calls is None:
-        return {"role": "assistant", "content": out_text}, finish_reason
-    return {"role": "assistant", "content": None, "tool_calls": calls}, \
+        return AssistantMessage(role="assistant", content=out_text), finish_reason
+    return AssistantMessage(role="assistant", content=None, tool_calls=calls), \
         "stop" if mode.choice == "named" else "tool_calls"
+
+
+def text_delta(text: str) -> DeltaMessage:
+    """A streamed choice's new text (no content field at all when there is none)."""
+    return DeltaMessage(content=text) if text else DeltaMessage()
 
 
 class OpenAIServingChat(ServingBase):
@@ -66,47 +85,50 @@ class OpenAIServingChat(ServingBase):
         choices = []
         for out in final.outputs:
             message, finish_reason = tool_message(out.text, out.finish_reason, mode)
-            choice = {"index": out.index, "message": message,
-                      "logprobs": self._logprobs(out) if request.logprobs else None,
-                      "finish_reason": finish_reason, "stop_reason": out.stop_reason}
+            choice = ChatChoice(index=out.index, message=message,
+                                logprobs=self._logprobs(out) if request.logprobs else None,
+                                finish_reason=finish_reason, stop_reason=out.stop_reason)
             if request.return_surprise:
-                choice["surprise"] = self.surprise(final.prompt_surprise, out)
+                choice.surprise = self.surprise(final.prompt_surprise, out)
             choices.append(choice)
-        return JSONResponse({**meta, "choices": choices,
-                             "usage": usage(len(ids), final.num_generated_tokens, final.num_cached_tokens)})
+        return json_response(ChatCompletionResponse(
+            **meta, choices=choices, usage=usage_info(len(ids), final.num_generated_tokens, final.num_cached_tokens)))
 
-    def _logprobs(self, out: CompletionOutput) -> dict[str, Any]:
+    def _logprobs(self, out: CompletionOutput) -> ChatLogprobs:
         def item(token: str, logprob: float) -> dict[str, Any]:
             return {"token": token, "logprob": clamp(logprob), "bytes": list(token.encode())}
 
-        content = []
+        content = []  # plain entries, validated once by ChatLogprobs (a model per entry costs twice the time)
         for token_id, entry in zip(out.token_ids, out.logprobs or [], strict=False):
             top = [item(t, lp) for t, lp in top_entries(entry, self.token_str)]
             content.append({**item(self.token_str(token_id), entry.logprob), "top_logprobs": top})
-        return {"content": content}
+        return ChatLogprobs(content=content)
 
     @staticmethod
-    def _held_delta(held: dict[int, str], delta: CompletionOutput, mode: ToolMode) -> tuple[dict[str, Any], str | None]:
+    def _held_delta(held: dict[int, str], delta: CompletionOutput, mode: ToolMode) -> tuple[DeltaMessage, str | None]:
         """A streamed delta of a request with tools: nothing until the choice finishes, then its tool calls
         (each whole, with its index) or its text."""
         held[delta.index] = held.get(delta.index, "") + delta.text
         if not delta.finish_reason:
-            return {}, None
+            return DeltaMessage(), None
         message, finish_reason = tool_message(held.pop(delta.index), delta.finish_reason, mode)
-        if message["content"] is None:
-            return {"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}, finish_reason
-        return ({"content": message["content"]} if message["content"] else {}), finish_reason
+        if message.tool_calls is not None:
+            calls = [DeltaToolCall(index=i, id=c.id, type=c.type, function=c.function)
+                     for i, c in enumerate(message.tool_calls)]
+            return DeltaMessage(tool_calls=calls), finish_reason
+        return text_delta(message.content), finish_reason
 
     async def _stream(self, request: ChatCompletionRequest, prompt_tokens: int, n: int, group: RequestGroup,
                       meta: dict[str, Any], mode: ToolMode | None) -> AsyncIterator[str]:
         """With tools, a choice's text is held back until it finishes, then sent as tool calls (one delta
         each, whole) or, if it made none, as content."""
-        chunk = {**meta, "object": "chat.completion.chunk"}
+        meta = {**meta, "object": "chat.completion.chunk"}
         held: dict[int, str] = {}
         counts = StreamUsage(request.stream_options, prompt_tokens)
         for index in range(n):  # the role comes first, in a chunk of its own (as OpenAI and vLLM send it)
-            yield sse(counts.stamp({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}]}))
+            role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""), logprobs=None,
+                                    finish_reason=None)
+            yield sse(counts.stamp(ChatCompletionChunk(**meta, choices=[role])))
         surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
         async for _, out in group:
             counts.count(out)
@@ -114,16 +136,17 @@ class OpenAIServingChat(ServingBase):
                 logprobs = self._logprobs(delta) if request.logprobs and delta.token_ids else None
                 if surprise is not None:
                     surprise.add(delta.index, out.prompt_surprise, delta)
-                body, finish_reason = {"content": delta.text} if delta.text else {}, delta.finish_reason
                 if mode is not None:
                     body, finish_reason = self._held_delta(held, delta, mode)
-                if not (body or finish_reason or logprobs):
+                else:
+                    body, finish_reason = text_delta(delta.text), delta.finish_reason
+                if not (body.model_fields_set or finish_reason or logprobs):
                     continue
-                choice = {"index": delta.index, "delta": body, "logprobs": logprobs, "finish_reason": finish_reason}
+                choice = ChatStreamChoice(index=delta.index, delta=body, logprobs=logprobs, finish_reason=finish_reason)
                 if surprise is not None:
-                    choice["surprise"] = surprise.take(delta.index)
+                    choice.surprise = surprise.take(delta.index)
                 if delta.finish_reason:
-                    choice["stop_reason"] = delta.stop_reason
-                yield sse(counts.stamp({**chunk, "choices": [choice]}))
-        if last := counts.last_event(chunk):
+                    choice.stop_reason = delta.stop_reason
+                yield sse(counts.stamp(ChatCompletionChunk(**meta, choices=[choice])))
+        if last := counts.last_event(ChatCompletionChunk, meta):
             yield last

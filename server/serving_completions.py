@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from .async_engine import RequestGroup
-from .errors import APIError
+from .engine_client import RequestGroup
+from .errors import APIError, json_response
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
-from .protocol import CompletionRequest
-from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries, usage
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, usage_info
+from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries
 
 
 @dataclass
@@ -43,7 +43,7 @@ class OpenAIServingCompletion(ServingBase):
         request.check_fields()
         if request.suffix:
             raise APIError(400, "suffix is not supported", "suffix", "unsupported_parameter")
-        max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        max_tokens = request.or_default("max_tokens")
         prompt_logprobs = request.logprobs if request.echo else None
         params = request.sampling_params(max_tokens, request.logprobs, prompt_logprobs)
         prompts = await self.prompts(request)
@@ -52,10 +52,10 @@ class OpenAIServingCompletion(ServingBase):
         if request.stream:
             return self.stream_response(self._stream(request, prompts, params.n, group, meta), group)
         finals = await self.unless_disconnected(raw, collect(group, len(prompts)), group)
-        return JSONResponse(self._response(request, prompts, finals, meta))
+        return json_response(self._response(request, prompts, finals, meta))
 
     def _choice(self, state: _Choice, request: CompletionRequest, prompt: tuple[list[int], str | None],
-                delta: CompletionOutput, prompt_logprobs: list[TokenLogprob | None] | None) -> dict[str, Any]:
+                delta: CompletionOutput, prompt_logprobs: list[TokenLogprob | None] | None) -> CompletionChoice:
         text, tokens, entries = delta.text, list(delta.token_ids), list(delta.logprobs or [])
         if request.echo and not state.echoed:
             state.echoed = True
@@ -64,23 +64,23 @@ class OpenAIServingCompletion(ServingBase):
             if prompt_logprobs is not None:  # its first entry is None: nothing precedes the first token
                 tokens, entries = ids + tokens, prompt_logprobs + entries
         logprobs = self._logprobs(state, tokens, entries) if request.logprobs is not None else None
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason,
-                "stop_reason": delta.stop_reason}
+        return CompletionChoice(index=0, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                                stop_reason=delta.stop_reason)
 
-    def _logprobs(self, state: _Choice, tokens: list[int], entries: list[TokenLogprob | None]) -> dict[str, list]:
-        out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+    def _logprobs(self, state: _Choice, tokens: list[int], entries: list[TokenLogprob | None]) -> CompletionLogprobs:
+        out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
         for token, entry in zip(tokens, entries, strict=False):
             piece = self.token_str(token)
-            out["tokens"].append(piece)
-            out["text_offset"].append(state.text_offset)
+            out.tokens.append(piece)
+            out.text_offset.append(state.text_offset)
             state.text_offset += len(piece)
-            out["token_logprobs"].append(None if entry is None else clamp(entry.logprob))
+            out.token_logprobs.append(None if entry is None else clamp(entry.logprob))
             if entry is None:
-                out["top_logprobs"].append(None)
+                out.top_logprobs.append(None)
                 continue
             top = dict(top_entries(entry, self.token_str))
             top.setdefault(piece, clamp(entry.logprob))  # the chosen token is always listed (as vLLM does)
-            out["top_logprobs"].append(top)
+            out.top_logprobs.append(top)
         return out
 
     async def _stream(self, request: CompletionRequest, prompts: list[tuple[list[int], str | None]], n: int,
@@ -99,27 +99,28 @@ class OpenAIServingCompletion(ServingBase):
                 choice = self._choice(state, request, prompts[prompt_index], delta, prompt_logprobs.get(prompt_index))
                 if surprise is not None:
                     surprise.add(index, out.prompt_surprise, delta)
-                if not (choice["text"] or choice["finish_reason"] or delta.token_ids and choice["logprobs"]):
+                if not (choice.text or choice.finish_reason or delta.token_ids and choice.logprobs):
                     continue  # nothing to say (text held back for a possible stop string)
-                choice["index"] = index
+                choice.index = index
                 if surprise is not None:
-                    choice["surprise"] = surprise.take(index)
-                yield sse(counts.stamp({**meta, "choices": [choice]}))
-        if last := counts.last_event(meta):
+                    choice.surprise = surprise.take(index)
+                yield sse(counts.stamp(CompletionResponse(**meta, choices=[choice])))
+        if last := counts.last_event(CompletionResponse, meta):
             yield last
 
     def _response(self, request: CompletionRequest, prompts: list[tuple[list[int], str | None]],
-                  finals: list[RequestOutput], meta: dict[str, Any]) -> dict[str, Any]:
+                  finals: list[RequestOutput], meta: dict[str, Any]) -> CompletionResponse:
         choices = []
         n = len(finals[0].outputs)
         for prompt_index, final in enumerate(finals):
             for out in final.outputs:
                 choice = self._choice(_Choice(), request, prompts[prompt_index], out, final.prompt_logprobs)
-                choice["index"] = prompt_index * n + out.index
+                choice.index = prompt_index * n + out.index
                 if request.return_surprise:
-                    choice["surprise"] = self.surprise(final.prompt_surprise, out)
+                    choice.surprise = self.surprise(final.prompt_surprise, out)
                 choices.append(choice)
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         completion_tokens = sum(f.num_generated_tokens for f in finals)
         cached_tokens = sum(f.num_cached_tokens for f in finals)
-        return {**meta, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+        return CompletionResponse(**meta, choices=choices, usage=usage_info(prompt_tokens, completion_tokens,
+                                                                            cached_tokens))

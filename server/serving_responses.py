@@ -25,13 +25,25 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
-from .async_engine import EngineUnavailableError, RequestGroup
-from .errors import APIError
+from .engine_client import EngineUnavailableError, RequestGroup
+from .errors import APIError, json_response
 from .outputs import RequestOutput
 from .protocol import DEFAULT_CHAT_MAX_TOKENS
-from .protocol_responses import ResponsesRequest
+from .protocol_responses import (
+    IncompleteDetails,
+    InputTokensDetails,
+    OutputMessage,
+    OutputText,
+    OutputTokensDetails,
+    ResponseDeleted,
+    ResponseError,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseStreamEvent,
+    ResponseUsage,
+)
 from .request import StateContext
 from .response_store import ResponseStore, Segment, StoredResponse
 from .sampling_params import ParamError, SamplingParams
@@ -86,8 +98,8 @@ class OpenAIServingResponses(ServingBase):
                 raise APIError(400, "cache_salt must be the one the previous response was made with",
                                "cache_salt", "invalid_value")
         turn = await self._turn(request.messages(), previous, namespace)
-        params = SamplingParams(temperature=1.0 if request.temperature is None else request.temperature,
-                                top_p=1.0 if request.top_p is None else request.top_p,
+        chosen = {"temperature": request.temperature, "top_p": request.top_p}  # null: SamplingParams' default
+        params = SamplingParams(**{k: v for k, v in chosen.items() if v is not None},
                                 max_tokens=request.max_output_tokens or DEFAULT_CHAT_MAX_TOKENS)
         try:
             group = self.submit([(turn.prompt, None)], params, raw, request.cache_salt, context=turn.context)
@@ -97,16 +109,16 @@ class OpenAIServingResponses(ServingBase):
         if request.stream:
             return self._stream_response(self._events(request, turn, tenant, body, group), group)
         (final,) = await self.unless_disconnected(raw, collect(group, 1), group)
-        body = self._finish(request, turn, tenant, body, final)
-        return JSONResponse(body)
+        return json_response(self._finish(request, turn, tenant, body, final))
 
-    def retrieve(self, raw: Request, response_id: str) -> JSONResponse:
-        return JSONResponse(self._stored(tenant_of(raw), response_id, "response_id").body)
+    def retrieve(self, raw: Request, response_id: str) -> Response:
+        body = self._stored(tenant_of(raw), response_id, "response_id").body
+        return json_response(ResponseObject.model_validate(body))
 
-    def delete(self, raw: Request, response_id: str) -> JSONResponse:
+    def delete(self, raw: Request, response_id: str) -> Response:
         if not self.store.delete(tenant_of(raw), response_id):
             raise _not_found(response_id, "response_id")
-        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        return json_response(ResponseDeleted(id=response_id, object="response.deleted", deleted=True))
 
     # ---- the prompt -----------------------------------------------------------------------------------
 
@@ -125,7 +137,7 @@ class OpenAIServingResponses(ServingBase):
         ids = await self.text.encode(continuation_text(tokenizer, previous.output_text, messages), False, "input")
         conversation = Segment(array("i", ids), previous.segment)
         length = previous.length + len(ids)
-        if self.engine.engine.state_cache is None:  # no saved states at all: prefill the whole conversation
+        if not self.engine.model_info.saves_states:  # no saved states at all: prefill the whole conversation
             return Turn(conversation, length, namespace, None, conversation.token_ids())
         fed = previous.output_ids[:-1]  # the last generated token was sampled, never fed
         segment = previous.segment
@@ -139,44 +151,46 @@ class OpenAIServingResponses(ServingBase):
     # ---- the response ---------------------------------------------------------------------------------
 
     def _body(self, request: ResponsesRequest, previous: StoredResponse | None, params: SamplingParams
-              ) -> dict[str, Any]:
+              ) -> ResponseObject:
         """The response object as it starts (status in_progress, no output yet)."""
-        return {"id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
-                "status": "in_progress", "error": None, "incomplete_details": None,
-                "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
-                "model": self.served_model_name, "output": [], "parallel_tool_calls": False,
-                "previous_response_id": previous.id if previous else None, "reasoning": None,
-                "store": request.store is not False, "temperature": params.temperature, "text":
-                {"format": {"type": "text"}}, "tool_choice": "none", "tools": [], "top_p": params.top_p,
-                "truncation": "disabled", "usage": None, "metadata": request.metadata or {}}
+        return ResponseObject(
+            id=f"resp_{uuid.uuid4().hex}", object="response", created_at=int(time.time()), status="in_progress",
+            error=None, incomplete_details=None, instructions=request.instructions,
+            max_output_tokens=request.max_output_tokens, model=self.served_model_name, output=[],
+            parallel_tool_calls=False, previous_response_id=previous.id if previous else None, reasoning=None,
+            store=request.store is not False, temperature=params.temperature, text={"format": {"type": "text"}},
+            tool_choice="none", tools=[], top_p=params.top_p, truncation="disabled", usage=None,
+            metadata=request.metadata or {})
 
-    def _finish(self, request: ResponsesRequest, turn: Turn, tenant: str, body: dict[str, Any],
-                final: RequestOutput) -> dict[str, Any]:
+    def _finish(self, request: ResponsesRequest, turn: Turn, tenant: str, body: ResponseObject,
+                final: RequestOutput) -> ResponseObject:
         """The completed response object; stored (with what a continuation needs) unless ``store`` is false."""
         (out,) = final.outputs
         incomplete = out.finish_reason == "length"
-        body = {**body, "status": "incomplete" if incomplete else "completed",
-                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-                "output": [_message(body["id"], out.text, "incomplete" if incomplete else "completed")],
-                "usage": {"input_tokens": turn.length,
-                          "input_tokens_details": {"cached_tokens": final.num_cached_tokens},
-                          "output_tokens": len(out.token_ids), "output_tokens_details": {"reasoning_tokens": 0},
-                          "total_tokens": turn.length + len(out.token_ids)}}
+        usage = ResponseUsage(input_tokens=turn.length,
+                              input_tokens_details=InputTokensDetails(cached_tokens=final.num_cached_tokens),
+                              output_tokens=len(out.token_ids),
+                              output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+                              total_tokens=turn.length + len(out.token_ids))
+        body = body.model_copy(update={
+            "status": "incomplete" if incomplete else "completed",
+            "incomplete_details": IncompleteDetails(reason="max_output_tokens") if incomplete else None,
+            "output": [_message(body.id, out.text, "incomplete" if incomplete else "completed")], "usage": usage})
         if request.store is not False:
             generated = turn.prompt + out.token_ids[:-1]
             self.store.put(StoredResponse(
-                body["id"], tenant, turn.namespace, body, turn.conversation, turn.length, out.token_ids, out.text,
-                turn.key(turn.prompt), turn.key(generated)))
+                body.id, tenant, turn.namespace, body.model_dump(mode="json", exclude_unset=True), turn.conversation,
+                turn.length, out.token_ids, out.text, turn.key(turn.prompt), turn.key(generated)))
         return body
 
-    async def _events(self, request: ResponsesRequest, turn: Turn, tenant: str, body: dict[str, Any],
+    async def _events(self, request: ResponsesRequest, turn: Turn, tenant: str, body: ResponseObject,
                       group: RequestGroup) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """The Responses event sequence (each event is framed with its sequence number by the caller)."""
-        item = _message(body["id"], "", "in_progress")
+        """The Responses event sequence: each event's type and fields (numbered by the caller)."""
+        item = _message(body.id, "", "in_progress")
         yield "response.created", {"response": body}
         yield "response.in_progress", {"response": body}
-        yield "response.output_item.added", {"output_index": 0, "item": {**item, "content": []}}
-        where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        yield "response.output_item.added", {"output_index": 0, "item": item.model_copy(update={"content": []})}
+        where = {"item_id": item.id, "output_index": 0, "content_index": 0}
         yield "response.content_part.added", {**where, "part": _text_part("")}
         final = RequestOutput("", [], [])
         try:
@@ -189,16 +203,17 @@ class OpenAIServingResponses(ServingBase):
             code, message = ("unavailable", str(exc)) if isinstance(exc, EngineUnavailableError) else \
                 ("internal_error", f"internal server error: {type(exc).__name__}")
             yield "error", {"code": code, "message": message, "param": None}
-            yield "response.failed", {"response": {**body, "status": "failed",
-                                                    "error": {"code": "server_error", "message": message}}}
+            failed = body.model_copy(update={"status": "failed",
+                                             "error": ResponseError(code="server_error", message=message)})
+            yield "response.failed", {"response": failed}
             return
         body = self._finish(request, turn, tenant, body, final)
-        message = body["output"][0]
-        text = message["content"][0]["text"]
+        message = body.output[0]
+        text = message.content[0].text
         yield "response.output_text.done", {**where, "text": text, "logprobs": []}
         yield "response.content_part.done", {**where, "part": _text_part(text)}
         yield "response.output_item.done", {"output_index": 0, "item": message}
-        yield f"response.{body['status']}", {"response": body}
+        yield f"response.{body.status}", {"response": body}
 
     def _stream_response(self, events: AsyncIterator[tuple[str, dict[str, Any]]], group: RequestGroup
                          ) -> StreamingResponse:
@@ -208,7 +223,8 @@ class OpenAIServingResponses(ServingBase):
         async def numbered() -> AsyncIterator[str]:
             number = 0
             async for kind, data in events:
-                yield f"event: {kind}\n" + sse({"type": kind, "sequence_number": number, **data})
+                event = ResponseStreamEvent(type=kind, sequence_number=number, **data)
+                yield f"event: {kind}\n" + sse(event)
                 number += 1
 
         async def framed() -> AsyncIterator[str]:
@@ -222,13 +238,13 @@ class OpenAIServingResponses(ServingBase):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _message(response_id: str, text: str, status: str) -> dict[str, Any]:
-    return {"id": f"msg_{response_id.removeprefix('resp_')}", "type": "message", "role": "assistant",
-            "status": status, "content": [_text_part(text)]}
+def _message(response_id: str, text: str, status: str) -> OutputMessage:
+    return OutputMessage(id=f"msg_{response_id.removeprefix('resp_')}", type="message", role="assistant",
+                         status=status, content=[_text_part(text)])
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str) -> OutputText:
+    return OutputText(type="output_text", text=text, annotations=[], logprobs=[])
 
 
 def _not_found(response_id: str, param: str) -> APIError:

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import APIError
-from .protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, ToolDefinition
+from .protocol import ChatCompletionRequest, ChatMessage, FunctionCall, NamedToolChoice, ToolCallOut, ToolDefinition
 from .sampling_params import GuidedDecoding
 
-TOOL_CALL_PARSERS = ("miras_json",)
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
@@ -76,7 +75,7 @@ def _guide(schema: dict[str, Any]) -> GuidedDecoding:
     return GuidedDecoding("json", json.dumps(schema), "tools")
 
 
-def parse_tool_calls(text: str, mode: ToolMode) -> list[dict[str, Any]] | None:
+def parse_tool_calls(text: str, mode: ToolMode) -> list[ToolCallOut] | None:
     """The OpenAI ``tool_calls`` in a finished output, or None when it holds none (plain content)."""
     if mode.choice == "named":
         try:
@@ -95,9 +94,9 @@ def parse_tool_calls(text: str, mode: ToolMode) -> list[dict[str, Any]] | None:
     return [_tool_call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in calls]
 
 
-def _tool_call(name: str, arguments: str) -> dict[str, Any]:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+def _tool_call(name: str, arguments: str) -> ToolCallOut:
+    return ToolCallOut(id=f"call_{uuid.uuid4().hex[:24]}", type="function",
+                       function=FunctionCall(name=name, arguments=arguments))
 
 
 def chat_turns(messages: list[ChatMessage], tools: list[ToolDefinition] | None) -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ supports.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import shutil
@@ -382,6 +383,33 @@ def test_readme_documents_every_value_with_its_default():
         for part in key.split("."):
             value = value[part]
         assert json.loads(default) == value, key
+
+
+# server.* values the chart sets differently from the server on purpose; the chart's README says so, naming
+# the server's default
+CHART_OWN_DEFAULTS = {"host": "a pod listens on every interface, so that its Service reaches it"}
+EMPTY_IS_SERVER_DEFAULT = {"servedModelName"}  # "" leaves the flag out: the server's default (null) applies
+
+
+def test_server_values_are_engine_args_with_the_server_defaults():
+    from server.engine_args import DEFAULTS, EngineArgs, flag
+
+    readme = (CHART / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `server\.([^`]+)` \| `[^`]*` \| (.*) \|$", readme, flags=re.MULTILINE))
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    for key, value in default_values()["server"].items():
+        if key == "extraArgs":
+            continue
+        name = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
+        assert name in names, f"server.{key} is no flag of miras-serve"
+        assert rows[key].startswith(f"`{flag(name)}`"), f"server.{key}'s row does not name its flag"
+        default = getattr(DEFAULTS, name)
+        if key in CHART_OWN_DEFAULTS:
+            assert value != default and f"`{default}`" in rows[key], f"server.{key}: say why it differs"
+        elif key in EMPTY_IS_SERVER_DEFAULT:
+            assert value == "" and default is None, key
+        else:
+            assert value == default, f"server.{key} defaults to {value!r}, the server to {default!r}"
 
 
 def test_notes_render_with_working_commands(helm, tmp_path):

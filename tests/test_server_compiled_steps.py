@@ -14,7 +14,7 @@ from conftest import small_model
 
 from models.memory import KnownStep
 from server import EngineConfig, LLMEngine
-from server.cli import engine_config, parse_args
+from server.cli import parse_args
 from server.decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -76,8 +76,8 @@ def test_known_step_from_the_pool_positions():
 
 def test_engine_compiles_only_when_asked(tokenizer):
     """The CLI compiles the CPU decode step unless --enforce-eager; an engine built without it stays eager."""
-    assert engine_config(parse_args([])).compiled_steps is True
-    assert engine_config(parse_args(["--enforce-eager"])).compiled_steps is False
+    assert EngineConfig.from_args(parse_args([])).compiled_steps is True
+    assert EngineConfig.from_args(parse_args(["--enforce-eager"])).compiled_steps is False
     for compiled in (False, True):
         engine = LLMEngine(small_model("moneta"), tokenizer, EngineConfig(max_num_seqs=3, compiled_steps=compiled,
                                                                           state_cache_bytes=0))

@@ -16,7 +16,7 @@ from conftest import small_model
 import models
 from kernels import forced_backend
 from server import EngineConfig, LLMEngine, SamplingParams
-from server.cli import engine_config, parse_args
+from server.cli import parse_args
 from server.decode_graphs import DecodeGraphs, capture_sizes
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
@@ -86,5 +86,5 @@ def test_scratch_slot_must_be_in_the_pool():
 
 
 def test_enforce_eager_flag():
-    assert engine_config(parse_args(["--max-num-seqs", "8"])).cuda_graphs is None  # graphs wherever CUDA is
-    assert engine_config(parse_args(["--enforce-eager"])).cuda_graphs is False
+    assert EngineConfig.from_args(parse_args(["--max-num-seqs", "8"])).cuda_graphs is None  # graphs wherever CUDA is
+    assert EngineConfig.from_args(parse_args(["--enforce-eager"])).cuda_graphs is False

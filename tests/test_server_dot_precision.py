@@ -7,13 +7,13 @@ import torch
 from conftest import small_model
 
 import kernels
-from server.cli import engine_config, parse_args
+from server.cli import parse_args
 from server.engine import EngineConfig, LLMEngine
 
 
 def test_flag_reaches_the_engine_config():
-    assert engine_config(parse_args([])).dot_precision is None
-    assert engine_config(parse_args(["--dot-precision", "ieee"])).dot_precision == "ieee"
+    assert EngineConfig.from_args(parse_args([])).dot_precision is None
+    assert EngineConfig.from_args(parse_args(["--dot-precision", "ieee"])).dot_precision == "ieee"
     with pytest.raises(SystemExit):
         parse_args(["--dot-precision", "fp8"])
 

@@ -10,6 +10,7 @@ from server import LLM, ParamError, SamplingParams
 from server.detokenizer import IncrementalDetokenizer
 from server.request import Request
 from server.scheduler import Scheduler
+from server.state_cache import CachedState
 
 PROMPTS = ["Shall I compare thee to a summer's day?", "From fairest", "Thou art more lovely and more temperate. " * 3,
            "x", "But as the riper should by time decease, his tender heir", "beauty's rose"]
@@ -198,6 +199,22 @@ def test_scheduler_admits_only_with_enough_free_slots():
     plan = sched.schedule()
     assert [r.request_id for r in plan.admitted] == ["a"] and sched.num_waiting == 1
     assert sched.num_slots_used == 2
+
+
+def test_scheduler_returns_the_saved_states_it_restores():
+    """A state-cache hit is part of the scheduler's decision: the admitted request, the state it starts from,
+    and a prefill from where that state ends (or none when it covers the whole prompt)."""
+    saved = {"part": CachedState(8, None, None), "whole": CachedState(6, None, torch.zeros(3))}
+    sched = Scheduler(max_num_seqs=3, max_num_batched_tokens=64, chunk_size=4,
+                      cached_prefix=lambda r: (saved.get(r.request_id), saved[r.request_id].length
+                                               if r.request_id in saved else 0))
+    for request_id, length in (("part", 10), ("whole", 6), ("fresh", 5)):
+        sched.add(Request(request_id, [5] * length, SamplingParams()))
+    plan = sched.schedule()
+    assert [r.request_id for r in plan.admitted] == ["part", "whole", "fresh"]
+    assert plan.restored == {"part": saved["part"], "whole": saved["whole"]}
+    assert [(c.request.request_id, c.start, c.end) for c in plan.prefills] == [("part", 8, 10), ("fresh", 0, 5)]
+    assert sched.schedule().restored == {}  # decided once, at admission
 
 
 def test_abort_frees_slots_and_reports_abort(llm):

@@ -321,13 +321,13 @@ def test_the_router_keeps_conversations_on_one_replica_and_survives_a_crash(tiny
 
 
 def test_shared_store_flags():
-    from server.cli import engine_config, parse_args
+    from server.cli import parse_args
 
-    config = engine_config(parse_args(["--state-redis-url", "redis://127.0.0.1:7000/1", "--state-redis-gb", "0.5",
-                                       "--state-redis-ttl", "60"]))
+    config = EngineConfig.from_args(parse_args(["--state-redis-url", "redis://127.0.0.1:7000/1",
+                                                "--state-redis-gb", "0.5", "--state-redis-ttl", "60"]))
     assert (config.state_redis_url, config.state_redis_bytes, config.state_redis_ttl) == \
         ("redis://127.0.0.1:7000/1", 1 << 29, 60.0)
-    assert engine_config(parse_args([])).state_redis_url is None
+    assert EngineConfig.from_args(parse_args([])).state_redis_url is None
     for bad in (["--state-redis-gb", "-1"], ["--state-redis-ttl", "nan"]):
         with pytest.raises(SystemExit):
             parse_args(bad)

@@ -239,7 +239,7 @@ def test_a_turn_is_the_whole_history_rendered_whichever_state_it_restores(tiny_c
     model, tokenizer = load_model(tiny_checkpoint)
     tokenizer.chat_template = template
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, max_num_batched_tokens=64), MODEL)
-    serving = OpenAIServingResponses(AsyncEngine(engine), tokenizer, MODEL, 30.0, TextLimits(tokenizer, 1 << 20),
+    serving = OpenAIServingResponses(AsyncEngine(engine), MODEL, 30.0, TextLimits(tokenizer, 1 << 20),
                                      store=ResponseStore(10, 1 << 20, 0))
     hello = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     first = asyncio.run(serving._turn(hello, None, "ns"))

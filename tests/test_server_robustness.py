@@ -11,11 +11,12 @@ import models
 from server import EngineConfig, LLMEngine, ParamError, SamplingParams
 from server.async_engine import AsyncEngine, EngineUnavailableError
 from server.detokenizer import IncrementalDetokenizer
+from server.protocol import CompletionChoice
 from server.serving_base import sse
 
 
 def test_sse_events_are_single_lines():
-    event = sse({"text": "a\u2028b\u2029c\x85d\ne"})
+    event = sse(CompletionChoice(index=0, text="a\u2028b\u2029c\x85d\ne"))
     body = event.removeprefix("data: ").removesuffix("\n\n")
     assert event.endswith("\n\n") and len(body.splitlines()) == 1  # str.splitlines splits on all of them
     assert json.loads(body)["text"] == "a\u2028b\u2029c\x85d\ne"

@@ -11,7 +11,7 @@ from conftest import small_model
 
 import models
 from server import LLM, EngineConfig, LLMEngine, SamplingParams
-from server.cli import engine_config, parse_args
+from server.cli import parse_args
 from server.state_cache import StateCache
 
 
@@ -138,9 +138,9 @@ def test_prompt_logprobs_bypass_the_cache(tiny_checkpoint):
 
 
 def test_state_cache_flag():
-    assert engine_config(parse_args([])).state_cache_bytes == 1 << 30
-    assert engine_config(parse_args(["--state-cache-gb", "0.5"])).state_cache_bytes == 1 << 29
-    assert engine_config(parse_args(["--state-cache-gb", "0"])).state_cache_bytes == 0
+    assert EngineConfig.from_args(parse_args([])).state_cache_bytes == 1 << 30
+    assert EngineConfig.from_args(parse_args(["--state-cache-gb", "0.5"])).state_cache_bytes == 1 << 29
+    assert EngineConfig.from_args(parse_args(["--state-cache-gb", "0"])).state_cache_bytes == 0
     with pytest.raises(SystemExit):
         parse_args(["--state-cache-gb", "-1"])
 

@@ -241,12 +241,12 @@ def test_a_long_conversation_loads_without_recursion(tmp_path):
 
 
 def test_disk_and_response_store_flags():
-    from server.cli import engine_config, parse_args
+    from server.cli import parse_args
 
-    config = engine_config(parse_args(["--state-disk-dir", "/tmp/x", "--state-disk-gb", "0.5", "--state-disk-ttl",
-                                       "60"]))
+    config = EngineConfig.from_args(parse_args(["--state-disk-dir", "/tmp/x", "--state-disk-gb", "0.5",
+                                                "--state-disk-ttl", "60"]))
     assert (config.state_disk_dir, config.state_disk_bytes, config.state_disk_ttl) == ("/tmp/x", 1 << 29, 60.0)
-    assert engine_config(parse_args([])).state_disk_dir is None
+    assert EngineConfig.from_args(parse_args([])).state_disk_dir is None
     for bad in (["--state-disk-gb", "-1"], ["--responses-max-count", "0"], ["--responses-ttl", "nan"]):
         with pytest.raises(SystemExit):
             parse_args(bad)

@@ -114,7 +114,7 @@ def test_tool_choice_errors_name_the_field():
 def test_miras_json_parser():
     mode = tool_mode(chat_request(tools=[WEATHER, ADD]), "miras_json")
     calls = parse_tool_calls('[{"name":"add","arguments":{"a":1,"b":2}}]', mode)
-    parsed = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    parsed = [(c.function.name, json.loads(c.function.arguments)) for c in calls]
     assert parsed == [("add", {"a": 1, "b": 2})]
     for text in ("hello", '[{"name":"nope","arguments":{}}]', "[]", '{"name":"add","arguments":{}}', '[{"name":"add"'):
         assert parse_tool_calls(text, mode) is None

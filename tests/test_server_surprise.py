@@ -138,7 +138,7 @@ def test_api_surprise_fields_streamed_and_not(state):
         ("POST", "/v1/chat/completions", {**chat, "return_surprise": 1}),
         ("GET", "/metrics", None),
     ])
-    layers = state.engine.miras_layers
+    layers = list(state.engine.model_info.miras_layers)
     assert "surprise" not in json.dumps(plain.json()) and "surprise" not in json.dumps(chat_plain.json())
     prompt_tokens = asked.json()["usage"]["prompt_tokens"]
     for choice in asked.json()["choices"]:
