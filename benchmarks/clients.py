@@ -8,7 +8,7 @@ lm-eval's log-likelihoods are checked against the model's own, computed here in 
 The tools are heavy and pin their own dependencies, so they live in a separate virtual environment
 (``--tools-venv``; see docs/serving.md, "Third-party clients"); this script only runs their CLIs.
 
-    python -m server.bench_clients --tools-venv /tmp/evalenv [--model moneta-tiny]
+    python -m benchmarks.clients --tools-venv /tmp/evalenv [--model moneta-tiny]
 
 Writes docs/benchmarks/clients-cpu.md.
 """
@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 
 import models
+from benchmarks.serving_engine import start_server
 from models.checkpoint import resolve
-
-from .bench import start_server
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "clients-cpu.md"
 # (context, choices, index of the right one): multiple choice, scored by loglikelihood
@@ -132,7 +131,7 @@ def run_guidellm(tools: Path, url: str, name: str, model_dir: Path, out: Path, s
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser("python -m server.bench_clients", description=__doc__,
+    p = argparse.ArgumentParser("python -m benchmarks.clients", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tools-venv", type=Path, required=True, help="virtual environment with lm-eval and guidellm")
     p.add_argument("--model", default="moneta-tiny", help="shipped model name or model directory")
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared with other work while this ran), "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; model {args.model} "
         "(float32)",
-        f"- script: `python -m server.bench_clients --tools-venv {args.tools_venv}`", "",
+        f"- script: `python -m benchmarks.clients --tools-venv {args.tools_venv}`", "",
         "| client | log-likelihoods compared | max abs diff vs the model's own | acc (choice) | exact match "
         "(generate) | seconds |", "|---|---|---|---|---|---|",
         *[f"| {name} | {count} | {worst:.2e} | {acc:.3f} | {em:.3f} | {secs:.0f} |"

@@ -1,12 +1,12 @@
 """The CPU decode step, eager vs compiled, against the time to copy the bytes it must read.
 
-    python -m server.bench_compiled [--model moneta-tiny] [--batches 1 32] [--threads 1 2]
+    python -m benchmarks.compiled [--model moneta-tiny] [--batches 1 32] [--threads 1 2]
 
 One engine decode step (server/decode_graphs.py: the step the engine runs) of each variant, eager and
 compiled with each torch thread count, at each batch size, and the memory update alone (one Miras layer's
 ``kernels.factored_scan_pool``, eager and compiled, on the first thread count), each interleaved
 round-robin with a copy of its bytes (weights + state read and written for the step, the state of one
-layer for the memory update, from ``kernels/cost.py``; single-threaded), so load on a shared machine hits
+layer for the memory update, from ``benchmarks/cost.py``; single-threaded), so load on a shared machine hits
 every column alike. The sequences' phases are spread over the chunk and the measured steps cover one whole
 chunk (every count of factor rows, one fold per sequence). A first chunk of steps compiles and warms up;
 its time is reported. Writes docs/benchmarks/compiled-cpu.md.
@@ -27,10 +27,9 @@ import torch
 
 import kernels
 import models
-from models.bench import git_commit, step_cost
+from benchmarks.runtime import git_commit, step_cost
 from models.memory import FactoredMemory
-
-from .decode_graphs import DecodeGraphs, use_project_compile_cache
+from server.decode_graphs import DecodeGraphs, use_project_compile_cache
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "compiled-cpu.md"
 
@@ -135,10 +134,10 @@ def report(model_name: str, model: models.MirasLM, rows: list[dict]) -> str:
         f"# The CPU decode step, eager vs compiled: `{model_name}` ({model.num_parameters():,} parameters)", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared: load average {os.getloadavg()[0]:.1f} at "
         f"the end), torch {torch.__version__}; date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-        f"UTC; commit {git_commit()}. Command: `python -m server.bench_compiled`.", "",
+        f"UTC; commit {git_commit()}. Command: `python -m benchmarks.compiled`.", "",
         f"Median over one chunk of {b} steps (every count of factor rows, one fold per sequence; phases spread over "
         "the chunk) after a chunk of warm-up, which includes the compiles. Every round runs every variant once and, "
-        "after each, a single-threaded copy of the bytes the byte model (`kernels/cost.py`, factored layout) says "
+        "after each, a single-threaded copy of the bytes the byte model (`benchmarks/cost.py`, factored layout) says "
         "it must move: weights + state read and written for the *step* (one engine decode step of the whole "
         "model), the state of one Miras layer for the *memory update* (`kernels.factored_scan_pool`).", "",
         "| batch | what | variant | threads | ms | tok/s | copy ms | ms / copy | vs eager | warm-up chunk s |",

@@ -2,9 +2,9 @@
 sampling, detokenizing, output assembly), at batch 1 / 64 / 256, for this tree and a baseline revision
 side by side in one run, and the engine's decode tokens/s. Writes docs/benchmarks/engine-host-cpu.md.
 
-    python -m server.bench_host [--baseline REV] [--steps 30] [--preset linear --size tiny]
+    python -m benchmarks.engine_host [--baseline REV] [--steps 30] [--preset linear --size tiny]
 
-The baseline is exported with ``git archive`` and this file is copied into it, so both trees are measured
+The baseline is exported with ``git archive`` and this benchmarks/ package is copied into it, so both trees are measured
 by the same code (it only uses the engine API both have). Each measurement is its own process, with one
 torch thread; baseline and current runs alternate, and each is repeated (``--repeats``), keeping the run
 with the least host time: other load on a shared machine only ever adds time.
@@ -117,17 +117,17 @@ def host_time(run: dict[str, float]) -> float:
 
 def run_worker(tree: Path, model_dir: str, batch: int, kind: str, steps: int) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "server.bench_host", "--worker", model_dir, str(batch), kind,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.engine_host", "--worker", model_dir, str(batch), kind,
                           str(steps)], env=env, cwd=tree, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def export(rev: str, into: Path) -> Path:
-    """The tree of ``rev`` with this benchmark file copied in."""
+    """The tree of ``rev`` with this checkout's benchmarks/ package copied in."""
     archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True).stdout
     into.mkdir(parents=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    shutil.copy(__file__, into / "server" / "bench_host.py")
+    shutil.copytree(Path(__file__).resolve().parent, into / "benchmarks", dirs_exist_ok=True)
     return into
 
 
@@ -150,7 +150,7 @@ def report(args: argparse.Namespace, results: dict, model_dir: str) -> str:
         "steps) with every sequence decoding",
         "- workloads: `greedy` (every row greedy) and `mixed` (rows cycle through top-p + seed, top-k, greedy, "
         "penalties, min-p + logprobs 5, logit bias + min_tokens + a stop string)",
-        f"- reproduce: `python -m server.bench_host --baseline {args.baseline} --steps {args.steps} --repeats "
+        f"- reproduce: `python -m benchmarks.engine_host --baseline {args.baseline} --steps {args.steps} --repeats "
         f"{args.repeats}`; each row is the run with the least host time of {args.repeats} (other load on the "
         "machine only adds time; forward times stay noisy)", "",
         "Every time is the median over the timed steps. Host = step time minus model forward. Its parts: "
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         model_dir, batch, kind, steps = argv[1:]
         print(json.dumps(measure(model_dir, int(batch), kind, int(steps))))
         return
-    p = argparse.ArgumentParser("python -m server.bench_host", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser("python -m benchmarks.engine_host", description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", default="415010d", help="git revision to compare with (default: before the "
                    "batched sampler)")
     p.add_argument("--steps", type=int, default=30)

@@ -1,8 +1,8 @@
 """GPU check of the Triton kernels: correctness on the device, then prefill and decode timings, side by
 side in one run, written as a Markdown table into docs/benchmarks/.
 
-    python -m kernels.gpu_check              # on an H100/H200: a few minutes, no network
-    python -m kernels.gpu_check --smoke      # CPU, Triton interpreter: tiny shapes, proves it runs end to end
+    python -m benchmarks.gpu_check              # on an H100/H200: a few minutes, no network
+    python -m benchmarks.gpu_check --smoke      # CPU, Triton interpreter: tiny shapes, proves it runs end to end
 
 1. Correctness: every rule against the fp64 reference (padded prefill with phases and padding, decode
    through pool slots with a padding slot, varlen prefill), q/k/v stored in fp32 and bf16, TF32 tolerance;
@@ -286,8 +286,8 @@ class AttentionLayer(nn.Module):
 
 def memory_prefill_flops(cfg, batch: int, tokens: int) -> float:
     """Useful FLOPs of the memory's matrix products in a prefill of ``batch`` x ``tokens`` tokens from
-    position 0 (kernels.cost.prefill_flops: what the dual form needs, recomputation not counted)."""
-    from kernels.cost import prefill_flops
+    position 0 (benchmarks.cost.prefill_flops: what the dual form needs, recomputation not counted)."""
+    from benchmarks.cost import prefill_flops
 
     return prefill_flops(cfg.memory, head_dim=cfg.head_dim, hidden=cfg.memory_hidden, chunk_size=cfg.chunk_size,
                          tokens=tokens, n_heads=cfg.n_heads, batch=batch, retention=cfg.retention)
@@ -325,7 +325,7 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
         "whole layer replayed as a CUDA graph (kernels.graphs.capture) and eager; fused = the one-program-per-"
         "(sequence, head) scan kernel (MIRAS_PREFILL=fused), eager (one launch). ktok/s, TFLOP/s, the speed-up "
         f"over PyTorch and the ratio to SDPA use the graph time. TFLOP/s counts the memory's matrix products from "
-        f"the prefill FLOP model (kernels/cost.py: "
+        f"the prefill FLOP model (benchmarks/cost.py: "
         f"{memory_prefill_flops(cfg, 1, cfg.chunk_size) / cfg.n_heads / cfg.chunk_size / 1e3:.0f} kFLOP/token/head "
         f"per full chunk) plus the projections; the SDPA layer counts causal attention (2 T d per token per head) "
         f"plus its projections."
@@ -409,8 +409,8 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def step_cost(cfg, layout: str, batch: int, weight_bytes: float, n_miras_layers: int):
-    """The byte model's cost of one decode step (kernels.cost), averaged over the positions of a chunk."""
-    from kernels.cost import decode_step_cost
+    """The byte model's cost of one decode step (benchmarks.cost), averaged over the positions of a chunk."""
+    from benchmarks.cost import decode_step_cost
 
     return decode_step_cost(layout, cfg.memory, head_dim=cfg.head_dim, hidden=cfg.memory_hidden,
                             chunk_size=cfg.chunk_size, n_heads=cfg.n_heads, n_miras_layers=n_miras_layers,
@@ -455,7 +455,7 @@ def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
         f"{cfg.chunk_size}; weights {weight_bytes / 1e9:.2f} GB; sequences at random positions (a mix of chunk "
         f"phases, as in serving); both state layouts of the same model side by side (the triton backend runs "
         f"the factored one). Bytes that must move = weights + batch x the byte model's state bytes per "
-        f"sequence and step (kernels/cost.py, averaged over a chunk): running layout (anchor + running memory, "
+        f"sequence and step (benchmarks/cost.py, averaged over a chunk): running layout (anchor + running memory, "
         f"{per_seq['running'].state_bytes_per_sequence / 1e6:.4g} MB held) "
         f"{per_seq['running'].total_bytes / 1e6:.4g} MB, factored layout (anchor + factor rows, "
         f"{per_seq['factored'].state_bytes_per_sequence / 1e6:.4g} MB held) "
@@ -541,7 +541,7 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
         f"One Miras layer, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
         f"stored bf16, sequences at random positions over four chunks (some fold: the fused kernel takes those "
         f"rows), shipped launch_config and (batch >= 64) factored variants: SPLIT_D=0 runs every row through the "
-        f"fused kernel. L2 flushed before each step. Bytes that must move: kernels/cost.py "
+        f"fused kernel. L2 flushed before each step. Bytes that must move: benchmarks/cost.py "
         f"for this layer at this batch, averaged over a chunk. Errors: the first step against the fp64 "
         f"reference from the same state.")
 
@@ -642,7 +642,7 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                   f"rel. error vs fp64 ({check_T} tokens)"], rows,
                  f"Kernel alone, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
                  f"stored bf16, from random states at random phases; prefill: batch {prefill_batch} x {prefill_T} "
-                 f"tokens (TFLOP/s: the prefill FLOP model of kernels/cost.py from position 0); decode: batch "
+                 f"tokens (TFLOP/s: the prefill FLOP model of benchmarks/cost.py from position 0); decode: batch "
                  f"{decode_batch}, one token, state bytes that must move (anchor read, memory "
                  "read + write) against the copy bandwidth, cold L2. The first row of each group is the shipped "
                  "launch_config (prefill: the slab-parallel kernels, SPLIT_D-wide slabs at SPLIT_WARPS warps; "
@@ -664,7 +664,7 @@ def serve_level(url: str, scratch: Path, name: str, model_dir: Path, concurrency
     server's mean engine step time during the level (from /metrics)."""
     import asyncio
 
-    from loadtest.serving_benchmark import run_phase, server_metrics
+    from benchmarks.serving import run_phase, server_metrics
 
     before = asyncio.run(server_metrics(url))
     _, result = run_phase(url, scratch / name, [
@@ -708,7 +708,7 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
     import tempfile
 
     import models
-    from loadtest.serving_benchmark import Server
+    from benchmarks.serving import Server
     from models.layers import state_layout
     from models.random_init import random_pretrained
     from server.pool_sizing import plan_pool

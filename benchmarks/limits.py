@@ -3,7 +3,7 @@ meanwhile, the same while a 3.6 MB text is tokenized off the event loop, and whe
 headers a byte at a time is cut off. The raw-socket clients here are also what tests/test_server_limits.py
 drives.
 
-    python -m server.bench_limits [--model moneta-tiny]
+    python -m benchmarks.limits [--model moneta-tiny]
 
 Writes docs/benchmarks/limits-cpu.md.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from .bench import start_server
+from benchmarks.serving_engine import start_server
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "limits-cpu.md"
 LONG_TEXT = "Shall I compare thee to a summer's day? " * 90_000  # 3.6 MB
@@ -179,7 +179,7 @@ def write_report(args: argparse.Namespace, rows: list) -> None:
         f"- `miras-serve --model {args.model} --request-read-timeout {args.read_timeout:g}` (other flags default: "
         "body limit 17.05 MB, 16 bytes per token of `--max-prompt-tokens 1000000` + 1 MiB), raw-socket clients "
         "on loopback that read while they send; `/health` polled from another connection every 5 ms throughout; "
-        "command: `python -m server.bench_limits`", "",
+        "command: `python -m benchmarks.limits`", "",
         "| request | answer | /health answers during it | slowest /health |",
         "|---|---|---|---|",
     ]

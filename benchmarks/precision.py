@@ -1,6 +1,6 @@
 """Which operand precision can the memory's tensor-core products afford? Measured on the shipped models.
 
-    python -m models.precision_study [--models moneta-tiny ...] [--tokens 16384] [--decode-prefix 512]
+    python -m benchmarks.precision [--models moneta-tiny ...] [--tokens 16384] [--decode-prefix 512]
                                      [--decode-tail 64] [--out docs/benchmarks/precision-cpu.md]
 
 Every model reads one long held-out sequence (the validation split of models/corpus.py, the default
@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import memory
-from .bench import git_commit
-from .checkpoint import load_pretrained, shipped_models
-from .corpus import load_documents, split_documents
-from .model import MirasLM
-from .train import encode_stream
+from benchmarks.runtime import git_commit
+from models import memory
+from models.checkpoint import load_pretrained, shipped_models
+from models.corpus import load_documents, split_documents
+from models.model import MirasLM
+from models.train import encode_stream
 
 SETTINGS = memory.DOT_EMULATIONS
 # The decision rule of issue 11: the cheapest setting that moves perplexity by less than this, relatively,
@@ -238,7 +238,7 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float) -> str
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared; load average {os.getloadavg()[0]:.1f} at "
         f"the end), {torch.get_num_threads()} threads, torch {torch.__version__}; date {datetime.date.today()}; "
-        f"commit {git_commit()}; {seconds / 60:.1f} min in all. Command: `python -m models.precision_study "
+        f"commit {git_commit()}; {seconds / 60:.1f} min in all. Command: `python -m benchmarks.precision "
         f"--models {' '.join(args.models)} --tokens {args.tokens} --decode-prefix {args.decode_prefix} "
         f"--decode-tail {args.decode_tail}{' --corpus ' + ' '.join(args.corpus) if args.corpus else ''}`.",
         "",

@@ -2,7 +2,7 @@
 with conversation-affine routing vs round-robin (and vllm-router, when installed), then with one replica
 killed mid-run (SIGKILL): its conversations continue on the others from the shared store.
 
-    python -m deploy.local.bench_replicas                  # make bench-replicas; writes docs/benchmarks/replicas-cpu.md
+    python -m benchmarks.replicas                  # make bench-replicas; writes docs/benchmarks/replicas-cpu.md
 
 Every phase starts a fresh stack (Redis, ``--replicas`` replicas, the router) and runs ``--conversations``
 conversations of ``--turns`` turns through the Responses API (each turn continues the previous one by
@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .replicas import Stack
+from deploy.local.replicas import Stack
 
 WORDS = ["king", "queen", "sword", "crown", "night", "love", "death", "honour", "storm", "sea", "ghost", "letter",
          "ring", "father", "daughter", "war", "peace", "castle", "forest", "feast", "wine", "blood", "moon", "star"]
@@ -182,7 +182,7 @@ def write_report(args: argparse.Namespace, results: list[dict]) -> None:
     lines = [
         "# Many replicas: conversation-affine routing and the shared store (CPU)",
         "",
-        f"`python -m deploy.local.bench_replicas` on {platform.node()} ({platform.processor() or platform.machine()}, "
+        f"`python -m benchmarks.replicas` on {platform.node()} ({platform.processor() or platform.machine()}, "
         f"2 cores shared with other work), {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"commit {commit}. {args.replicas} replicas of {args.model} on CPU (one thread each), Redis, a router; "
         f"{args.conversations} conversations x {args.turns} turns through the Responses API "

@@ -13,7 +13,7 @@ again). Measured: time to the first streamed text (median). Then the server is r
 Last, the server's own work for a turn (render, tokenize, keys, store; no model) is timed in process over
 a synthetic conversation of 10,000 turns.
 
-    python -m server.bench_responses [--model moneta-tiny] [--marks 1 10 50] [--repeats 5]
+    python -m benchmarks.responses [--model moneta-tiny] [--marks 1 10 50] [--repeats 5]
 
 Writes docs/benchmarks/responses-cpu.md.
 """
@@ -36,13 +36,13 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .async_engine import AsyncEngine
-from .bench import start_server
-from .engine import EngineConfig, LLMEngine
-from .limits import TextLimits
-from .loader import load_model
-from .response_store import ResponseStore, StoredResponse
-from .serving_responses import OpenAIServingResponses
+from benchmarks.serving_engine import start_server
+from server.async_engine import AsyncEngine
+from server.engine import EngineConfig, LLMEngine
+from server.limits import TextLimits
+from server.loader import load_model
+from server.response_store import ResponseStore, StoredResponse
+from server.serving_responses import OpenAIServingResponses
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "responses-cpu.md"
 TOPICS = ["the king", "the sea", "a rose", "the night", "a letter", "the war", "a song", "the moon", "a friend",
@@ -216,7 +216,7 @@ def write_report(args: argparse.Namespace, ttft: dict, history: dict, agree: dic
         f"ways, interleaved, {args.repeats} times each: by reference (`previous_response_id`, `store: false`), "
         "as a chat completion resending the history to that server (state cache on), and to a server with "
         "`--state-cache-gb 0`. Last column: the first continuation after a restart on the same "
-        "`--state-disk-dir` (one sample; the state comes from disk). Command: `python -m server.bench_responses`",
+        "`--state-disk-dir` (one sample; the state comes from disk). Command: `python -m benchmarks.responses`",
         "- TTFT: request sent -> first streamed text, median; client and servers share the cores.", "",
         "| after k turns | conversation (tokens) | Responses, `previous_response_id` | chat, history resent, "
         "state cache on | chat, history resent, no state cache | Responses after a restart (from disk) |",

@@ -1,7 +1,7 @@
 """CPU benchmark of the PyTorch runtime: chunked prefill vs a token loop, decode cost vs context, and
 batched decode through a state pool in both state layouts against the bytes a step must move.
 
-    python -m models.bench [--preset moneta] [--contexts 128 1024 8192 32768] [--batches 1 8 32 64]
+    python -m benchmarks.runtime [--preset moneta] [--contexts 128 1024 8192 32768] [--batches 1 8 32 64]
                            [--out docs/benchmarks/...]
 
 Decode steps are interleaved round-robin (across the context lengths; across the layouts and a copy of
@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from kernels.cost import decode_step_cost
-
-from .config import preset_config
-from .model import MirasLM
-from .train import SIZES
+from benchmarks.cost import decode_step_cost
+from models.config import preset_config
+from models.model import MirasLM
+from models.train import SIZES
 
 LAYOUTS = ("running", "factored")  # today's layout first: the "before" column
 
@@ -78,7 +77,7 @@ def decode_vs_context(model: MirasLM, contexts: list[int], steps: int) -> list[d
 
 
 def step_cost(model: MirasLM, layout: str, batch: int):
-    """The byte / FLOP model of one decode step of ``model`` (kernels.cost), averaged over a chunk."""
+    """The byte / FLOP model of one decode step of ``model`` (benchmarks.cost), averaged over a chunk."""
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return decode_step_cost(layout, cfg.memory, head_dim=cfg.head_dim, hidden=cfg.memory_hidden,
@@ -139,7 +138,7 @@ def decode_batch_lines(rows: list[dict], threads: int, prompt: int) -> list[str]
         f"call), over a whole chunk after prompts of {prompt} to {prompt} + chunk tokens (phases spread over the "
         "chunk, so every step mixes sequences that read few and many factor rows, and each sequence folds once); "
         "median step. *Copy* is the time, in the same run, to copy a buffer of the bytes the byte model "
-        "(`kernels/cost.py`, averaged over a chunk) says the step must move: the weights once, plus every "
+        "(`benchmarks/cost.py`, averaged over a chunk) says the step must move: the weights once, plus every "
         "sequence's state bytes read and written. Each round runs one step of every batch size and layout "
         "(and its copy), so machine load hits them alike.",
         "",
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--batch-threads", type=int, default=1, help="torch threads of the batched decode section "
-                   "(1: as the served engine in server.bench)")
+                   "(1: as the served engine in benchmarks.serving_engine)")
     p.add_argument("--batch-prompt", type=int, default=128)
     p.add_argument("--out", default="docs/benchmarks/models-cpu.md")
     args = p.parse_args(argv)
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared; load average {os.getloadavg()[0]:.1f} at "
         f"the end), {args.threads} threads, torch {torch.__version__}; "
-        f"date {datetime.date.today()}; commit {git_commit()}. Command: `python -m models.bench "
+        f"date {datetime.date.today()}; commit {git_commit()}. Command: `python -m benchmarks.runtime "
         f"--preset {args.preset} --size {args.size}`.",
         "",
         f"## Prefill, {args.prefill_tokens}-token prompt (median of 3, alternating)",

@@ -1,6 +1,6 @@
 """Serving benchmark: start miras-serve on loopback, sweep concurrency, then overload it at twice its capacity.
 
-    python -m loadtest.serving_benchmark --model moneta-tiny --out docs/benchmarks
+    python -m benchmarks.serving --model moneta-tiny --out docs/benchmarks
 
 writes ``serving-cpu.md`` and its plots (``serving-cpu/``) with the machine, date and commit. Capacity is the
 best request throughput of the sweep; the overload run sends Poisson arrivals at twice that rate in
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         *([f"- conditions: {args.note}"] if args.note else []),
         f"- workload: `/v1/completions` streamed, prompts `{args.input_len}` tokens of synthetic text, "
         f"`{args.output_len}` output tokens with `ignore_eos`, greedy",
-        f"- reproduce: `python -m loadtest.serving_benchmark {shlex.join(sys.argv[1:] if argv is None else argv)}` "
+        f"- reproduce: `python -m benchmarks.serving {shlex.join(sys.argv[1:] if argv is None else argv)}` "
         f"({elapsed / 60:.1f} min)",
         "",
         f"## Concurrency sweep ({args.duration:g} s per level, closed loop)",

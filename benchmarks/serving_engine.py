@@ -4,7 +4,7 @@ Measures aggregate output tokens/s at concurrency 1, 8 and 32 (continuous batchi
 percentiles, and the decode ITL after a short vs a long prompt (a recurrent state does not grow with
 context, so it should be flat). Writes docs/benchmarks/serving-engine-cpu.md.
 
-    python -m server.bench [--model DIR_OR_NAME] [--threads 1] [--long-prompt 8192]
+    python -m benchmarks.serving_engine [--model DIR_OR_NAME] [--threads 1] [--long-prompt 8192]
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ import torch
 
 import models
 from loadtest.stats import percentile
-
-from .engine import EngineConfig, LLMEngine
-from .request import RequestStatus
-from .sampling_params import SamplingParams
+from server.engine import EngineConfig, LLMEngine
+from server.request import RequestStatus
+from server.sampling_params import SamplingParams
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "serving-engine-cpu.md"
 SAMPLE_TEXT = ("From fairest creatures we desire increase, that thereby beauty's rose might never die. "
@@ -229,7 +228,7 @@ def write_report(args: argparse.Namespace, sections: list[ModelReport]) -> None:
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared by the server and this load generator "
         f"(absolute times are a CPU's; compare ratios), torch {torch.__version__}, server threads {args.threads}",
         f"- Workload: random token-id prompts of {args.prompt_len} tokens, {args.max_tokens} output tokens "
-        "(ignore_eos, greedy), streamed over HTTP from a real `miras-serve` by `python -m server.bench`; "
+        "(ignore_eos, greedy), streamed over HTTP from a real `miras-serve` by `python -m benchmarks.serving_engine`; "
         "requests = max(8, 2 x concurrency), all submitted at once behind a concurrency limit.", ""]
     for section in sections:
         model, config, rows, long_rows, engine_rates = (section.model, section.config, section.rows,

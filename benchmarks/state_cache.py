@@ -8,7 +8,7 @@ the cache (the state after turn 1 is restored, only the new tokens are prefilled
 (everything is prefilled again). Both engines run side by side in one process; the report gives their
 ratio.
 
-    python -m server.bench_state_cache [--model moneta-tiny] [--histories 256 1024 4096 16384]
+    python -m benchmarks.state_cache [--model moneta-tiny] [--histories 256 1024 4096 16384]
 
 Writes docs/benchmarks/state-cache-cpu.md.
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .engine import EngineConfig, LLMEngine
-from .loader import load_model
-from .sampling_params import SamplingParams
+from server.engine import EngineConfig, LLMEngine
+from server.loader import load_model
+from server.sampling_params import SamplingParams
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "state-cache-cpu.md"
 REPLY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -91,7 +91,7 @@ def write_report(args: argparse.Namespace, rows: list, chunk_size: int, state_by
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
         f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
         f"- model: `{args.model}` (chunk {chunk_size}, state {state_bytes / 2**20:.1f} MiB per sequence); engine "
-        "with max_num_batched_tokens 4096; command: `python -m server.bench_state_cache`",
+        "with max_num_batched_tokens 4096; command: `python -m benchmarks.state_cache`",
         "- turn 1: H random tokens + a 16-token greedy reply; turn 2: the whole conversation as token ids + 24 new "
         "tokens (over a chat template the reply is re-rendered from text; with the shipped models' template it "
         "re-renders as generated and is not prefilled again: see docs/serving.md). "

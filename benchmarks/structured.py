@@ -9,7 +9,7 @@ schema, and whether a special token (<|pad|>, <|bos|>) was ever allowed. (2) The
 1 and 32, 48 sampled tokens per sequence: tokens/s unconstrained vs under a JSON schema, run alternately in one
 process (best of --repeats).
 
-    python -m server.bench_structured [--walks 20] [--repeats 3]
+    python -m benchmarks.structured [--walks 20] [--repeats 3]
 
 Writes docs/benchmarks/structured-cpu.md. Needs the `structured` extra; xgrammar and outlines-core are measured
 when installed (pip install xgrammar outlines-core).
@@ -36,12 +36,11 @@ import numpy as np
 import torch
 
 from models import MirasTokenizer
-
-from .engine import EngineConfig, LLMEngine
-from .loader import load_model
-from .sampler import Sampler
-from .sampling_params import GuidedDecoding, SamplingParams
-from .structured import GrammarCompiler, allowed_mask
+from server.engine import EngineConfig, LLMEngine
+from server.loader import load_model
+from server.sampler import Sampler
+from server.sampling_params import GuidedDecoding, SamplingParams
+from server.structured import GrammarCompiler, allowed_mask
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "structured-cpu.md"
 SCHEMA = {"type": "object", "properties": {
@@ -290,7 +289,7 @@ def write_report(args: argparse.Namespace, vocab: int, engines: list[tuple], sam
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared), {torch.get_num_threads()} torch "
         f"thread(s); date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; "
         f"{', '.join(versions)}",
-        f"- command: `python -m server.bench_structured --walks {args.walks} --repeats {args.repeats}`", "",
+        f"- command: `python -m benchmarks.structured --walks {args.walks} --repeats {args.repeats}`", "",
         f"## Engines on the `{args.model}` tokenizer (byte-level BPE, vocabulary {vocab:,})", "",
         f"One JSON schema (nested object, bounded integers, an enum array, bounded strings); {args.walks} random "
         "walks each (a random allowed token per step, EOS taken half the time it is allowed). Mask time: computing "

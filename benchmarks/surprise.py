@@ -7,7 +7,7 @@ loss and copies it to the host. The two engines take their steps in turn, altern
 positions, same load); only decode steps are timed (after every request has its first token). ``--repeats``
 runs; the report gives the medians and their ratio.
 
-    python -m server.bench_surprise [--model moneta-tiny] [--batches 1 32] [--repeats 3]
+    python -m benchmarks.surprise [--model moneta-tiny] [--batches 1 32] [--repeats 3]
 
 Writes docs/benchmarks/surprise-cpu.md.
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .engine import EngineConfig, LLMEngine
-from .loader import load_model
-from .sampling_params import SamplingParams
+from server.engine import EngineConfig, LLMEngine
+from server.loader import load_model
+from server.sampling_params import SamplingParams
 
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "surprise-cpu.md"
 PROMPT_TOKENS, DECODE_TOKENS = 64, 48
@@ -101,7 +101,7 @@ def write_report(args: argparse.Namespace, rows: list, n_miras: int) -> None:
         "# return_surprise: decode tokens/s with surprise on vs off (CPU, engine in process)", "",
         f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared with other work), "
         f"{torch.get_num_threads()} torch thread(s); date {now:%Y-%m-%d %H:%M} UTC; commit {commit}",
-        f"- model: `{args.model}` ({n_miras} Miras layers), torch backend; command: `python -m server.bench_surprise`",
+        f"- model: `{args.model}` ({n_miras} Miras layers), torch backend; command: `python -m benchmarks.surprise`",
         f"- B requests of a {PROMPT_TOKENS}-token random prompt and {DECODE_TOKENS} greedy tokens on each of two "
         "engines (off: no request asks for surprise; on: all do), which take their steps in turn, alternating which "
         "goes first; only the steps "

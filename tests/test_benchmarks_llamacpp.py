@@ -1,4 +1,4 @@
-"""The llama.cpp side-by-side's GGUF writer (server/bench_llamacpp.py; the run itself is not in CI)."""
+"""The llama.cpp side-by-side's GGUF writer (benchmarks/llamacpp.py; the run itself is not in CI)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import gguf
 import jinja2
 import numpy as np
 
+from benchmarks.llamacpp import llama_cpp_chat_template, prefilled, write_gguf
 from models.tokenizer import MirasTokenizer
-from server.bench_llamacpp import llama_cpp_chat_template, prefilled, write_gguf
 
 
 def test_gguf_llama_has_our_tokenizer_and_every_tensor(tmp_path, tokenizer):

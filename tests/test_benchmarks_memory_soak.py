@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.soak_memory import main
+from benchmarks.memory_soak import main
 
 
 def test_memory_soak_reports_rss_against_the_budget(tiny_checkpoint, tmp_path):

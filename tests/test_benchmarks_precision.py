@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import TOKENIZER_TEXT, small_model
 from test_models_memory import B, config, random_inputs, random_memory
 
+from benchmarks.precision import decide, main, passes
 from models import memory
 from models.memory import (
     FactoredMemory,
@@ -20,7 +21,6 @@ from models.memory import (
     memory_scan,
     round_mantissa,
 )
-from models.precision_study import decide, main, passes
 
 TF32, BF16 = memory.TF32_MANTISSA_BITS, memory.BF16_MANTISSA_BITS
 

@@ -292,7 +292,7 @@ def test_the_router_keeps_conversations_on_one_replica_and_survives_a_crash(tiny
     the next turn of each conversation is served by the other one, from the shared store."""
     import asyncio
 
-    from deploy.local.bench_replicas import tier_hits, turn
+    from benchmarks.replicas import tier_hits, turn
     from deploy.local.replicas import Stack
 
     def hits(stack: Stack, port: int) -> dict:

@@ -1,5 +1,5 @@
 """Several ``miras-serve`` replicas on one machine behind a router, sharing a Redis store: the local
-counterpart of the Helm chart's router + replicas + Redis, used by deploy/local/bench_replicas.py.
+counterpart of the Helm chart's router + replicas + Redis, used by benchmarks/replicas.py.
 
     python -m deploy.local.replicas --replicas 3 --port 8080          # make replicas
     curl localhost:8080/v1/responses -H 'x-session-id: conv-1' -H 'content-type: application/json' \\
