@@ -110,7 +110,7 @@ async def router_overhead(stack: Stack, n: int = 200) -> float:
     """Median extra latency (s) of a request through the router over one sent to a replica directly
     (GET /v1/models, alternating, sequential)."""
     direct, routed = [], []
-    live = [port for port, proc in zip(stack.replica_ports, stack.replicas, strict=True) if proc.poll() is None]
+    live = [port for port, proc in zip(stack.replica_ports, stack.replicas, strict=True) if proc.alive()]
     async with httpx.AsyncClient(timeout=30) as http:
         for i in range(n):
             for url, into in ((f"http://127.0.0.1:{live[i % len(live)]}", direct),
@@ -125,7 +125,7 @@ def tier_hits(stack: Stack, only: int | None = None) -> dict[str, float]:
     """State restores by tier, summed over the replicas still up (or of replica ``only``)."""
     total: dict[str, float] = {}
     for i, (port, proc) in enumerate(zip(stack.replica_ports, stack.replicas, strict=True)):
-        if proc is None or proc.poll() is not None or only not in (None, i):
+        if not proc.alive() or only not in (None, i):
             continue
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         for family in text_string_to_metric_families(text):

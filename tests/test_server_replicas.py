@@ -16,7 +16,8 @@ from conftest import small_model
 from openai import OpenAI
 from test_server_support import ServerProcess, metric, metric_values
 
-from deploy.local.redis_process import RedisProcess, free_port
+from deploy.local.redis_process import RedisProcess
+from loadtest.process import free_port
 from server import EngineConfig, LLMEngine, SamplingParams
 from server.loader import load_model
 from server.response_store import ResponseStore, Segment, StoredResponse
