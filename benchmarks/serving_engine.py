@@ -2,7 +2,7 @@
 
 Measures aggregate output tokens/s at concurrency 1, 8 and 32 (continuous batching), TTFT and ITL
 percentiles, and the decode ITL after a short vs a long prompt (a recurrent state does not grow with
-context, so it should be flat). Writes docs/benchmarks/serving-engine-cpu.md.
+context, so it should be flat). Writes serving-engine-cpu.md into ``--out`` (default docs/benchmarks/).
 
     python -m benchmarks.serving_engine [--model DIR_OR_NAME] [--threads 1] [--long-prompt 8192]
 """
@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import math
-import os
-import platform
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,12 +24,13 @@ import httpx
 import torch
 
 import models
+from benchmarks import report
+from benchmarks.launch import miras_serve
 from loadtest.stats import percentile
 from server.engine import EngineConfig, LLMEngine
 from server.request import RequestStatus
 from server.sampling_params import SamplingParams
 
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "serving-engine-cpu.md"
 SAMPLE_TEXT = ("From fairest creatures we desire increase, that thereby beauty's rose might never die. "
                "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. ") * 50
 
@@ -139,24 +135,9 @@ def engine_decode_rates(model: str, threads: int, prompt_len: int, vocab: int,
         torch.set_num_threads(before)
 
 
-def start_server(model: str, port: int, threads: int, max_num_seqs: int, *flags: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "server.cli", "--model", model, "--port", str(port), "--log-level", "warning",
-           "--max-num-seqs", str(max_num_seqs), *flags]
-    proc = subprocess.Popen(cmd, env=env, cwd=tempfile.gettempdir())  # imports as installed, not from cwd
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser("miras-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser("python -m benchmarks.serving_engine", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", nargs="+", default=None, help="model directories or shipped names (default: "
                    "moneta-tiny if shipped, else random models of --preset at the default size)")
     p.add_argument("--preset", nargs="+", default=["linear", "moneta"], help="presets of the random models")
@@ -164,15 +145,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--long-prompt", type=int, default=8192)
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--out", type=Path, default=REPORT)
+    p.add_argument("--port", type=int, default=None, help="the server's port (default: a free one)")
+    report.add_out_argument(p)
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         names = args.model or (["moneta-tiny"] if "moneta-tiny" in models.shipped_models() else
                                [str(random_model(Path(tmp), preset)) for preset in args.preset])
         sections = [bench_model(args, name) for name in names]
-    write_report(args, sections)
+    write_report(args, argv, sections)
 
 
 def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
@@ -185,8 +166,8 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
     del net
     engine_rates = engine_decode_rates(model, args.threads, args.prompt_len, vocab)
     print(f"{Path(model).name} engine decode tok/s: {engine_rates}", flush=True)
-    url = f"http://127.0.0.1:{args.port}"
-    server = start_server(model, args.port, args.threads, 64)
+    server = miras_serve(model, "--max-num-seqs", "64", port=args.port, threads=args.threads)
+    url = server.url
     try:
         rows = []
         for concurrency in (1, 8, 32):
@@ -211,25 +192,18 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
             long_rows.append((prompt_len, statistics.median(itls), percentile(itls, 99),
                               statistics.median(r.ttft for r in results)))
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop(60)
     return ModelReport(model, config, state_bytes, rows, long_rows, engine_rates)
 
 
-def write_report(args: argparse.Namespace, sections: list[ModelReport]) -> None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPORT.parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    lines = [
-        "# Serving engine on CPU: continuous batching and context-independent decode", "",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit `{commit}`",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared by the server and this load generator "
-        f"(absolute times are a CPU's; compare ratios), torch {torch.__version__}, server threads {args.threads}",
-        f"- Workload: random token-id prompts of {args.prompt_len} tokens, {args.max_tokens} output tokens "
-        "(ignore_eos, greedy), streamed over HTTP from a real `miras-serve` by `python -m benchmarks.serving_engine`; "
-        "requests = max(8, 2 x concurrency), all submitted at once behind a concurrency limit.", ""]
+def write_report(args: argparse.Namespace, argv: list[str] | None, sections: list[ModelReport]) -> None:
+    lines = report.header(
+        "Serving engine on CPU: continuous batching and context-independent decode", __spec__.name, argv,
+        f"the machine is shared by the server and this load generator (absolute times are a CPU's; compare ratios); "
+        f"server threads {args.threads}",
+        f"workload: random token-id prompts of {args.prompt_len} tokens, {args.max_tokens} output tokens "
+        "(ignore_eos, greedy), streamed over HTTP from a real `miras-serve`; requests = max(8, 2 x concurrency), "
+        "all submitted at once behind a concurrency limit.")
     for section in sections:
         model, config, rows, long_rows, engine_rates = (section.model, section.config, section.rows,
                                                         section.long_rows, section.engine_rates)
@@ -267,10 +241,9 @@ def write_report(args: argparse.Namespace, sections: list[ModelReport]) -> None:
               "plus one factor row per token of the chunk, models/SPEC.md §7): a step reads the anchor and the "
               "rows and writes one row, instead of reading and writing the whole running memory, so per-sequence "
               "state work grows with the batch about half as fast as before (docs/benchmarks/models-cpu.md "
-              "compares the two layouts in one run).", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+              "compares the two layouts in one run)."]
     print("\n".join(lines))
+    report.write(args.out, "serving-engine-cpu.md", lines)
 
 
 if __name__ == "__main__":

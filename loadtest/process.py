@@ -50,18 +50,23 @@ class ServerProcess:
         self.command = [str(part) for part in command]
         self.url = url
         self._ready = ready or (lambda: healthy(url))
+        self._env, self._cwd, self._timeout = None if env is None else dict(env), cwd, timeout
         if log is None:
             handle, name = tempfile.mkstemp(prefix=f"{Path(self.command[0]).name}-", suffix=".log")
             os.close(handle)
             log = Path(name)
         self.log = Path(log)
-        with self.log.open("w") as sink:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(self.command, env=None if env is None else dict(env), cwd=cwd,
-                                         stdout=sink, stderr=subprocess.STDOUT)
-        self.ended_at: float | None = None  # time.time() of the stop, for a failing test's report
+        self.log.write_text("")
         ServerProcess.STARTED.append(self)
+        self._start()
         if wait:
             self.wait_ready(timeout)
+
+    def _start(self) -> None:
+        with self.log.open("a") as sink:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.command, env=self._env, cwd=self._cwd, stdout=sink,
+                                         stderr=subprocess.STDOUT)
+        self.ended_at: float | None = None  # time.time() of the stop, for a failing test's report
 
     @property
     def name(self) -> str:
@@ -118,6 +123,13 @@ class ServerProcess:
             pass
         finally:
             self.kill()
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """``stop(timeout)`` if running, then the same command again (its output appended to the same log),
+        ready on return."""
+        self.stop(timeout)
+        self._start()
+        self.wait_ready(self._timeout)
 
     def _ended(self) -> None:
         self.ended_at = self.ended_at or time.time()

@@ -1,0 +1,88 @@
+"""The one report writer of the benchmarks: every report opens with the same header (machine, date, commit,
+command line), its tables are Markdown, and it is written under ``--out`` (default: ``docs/benchmarks/`` of
+the checkout this benchmarks/ folder is in, never a path inside an installed package)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = CHECKOUT / "docs" / "benchmarks"
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """``--out DIR``: where the report goes."""
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                        help="directory to write the report into (default: docs/benchmarks/ of this checkout)")
+
+
+def git(*args: str) -> str:
+    """``git args`` in this checkout, stripped; empty when git or the repository is missing."""
+    try:
+        return subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_commit() -> str:
+    """The checkout's short commit, marked when tracked files differ from it."""
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + (" (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """The host in one line: CPU, cores, how busy (the machine may be shared), OS, Python and torch."""
+    torch = sys.modules.get("torch")
+    versions = f"Python {platform.python_version()}" + (f", torch {torch.__version__}" if torch else "")
+    return (f"{cpu_model()}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), "
+            f"{platform.system()} {platform.release()}, {versions}")
+
+
+def command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line that reproduces a run of ``python -m module``."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", module, *args])
+
+
+def header(title: str, module: str, argv: Sequence[str] | None, *facts: str) -> list[str]:
+    """A report's first lines: its title, then machine, date, commit, command, and the script's own ``facts``."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return [f"# {title}", "", f"- machine: {machine()}", f"- date: {now:%Y-%m-%d %H:%M} UTC",
+            f"- commit: `{git_commit()}`", f"- command: `{command(module, argv)}`", *(f"- {fact}" for fact in facts),
+            ""]
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> list[str]:
+    """A Markdown table; ``align``: one letter per column, ``l`` left or ``r`` right (default: the first left,
+    the others right)."""
+    align = align or "l" + "r" * (len(columns) - 1)
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    return ["| " + " | ".join(columns) + " |", rule, *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
+def write(out: Path, name: str, lines: Sequence[str] | str) -> Path:
+    """``out/name`` with ``lines`` (a newline at the end); the path is printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    text = lines if isinstance(lines, str) else "\n".join(lines)
+    path.write_text(text.rstrip("\n") + "\n")
+    print(f"wrote {path}")
+    return path
