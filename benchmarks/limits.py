@@ -5,7 +5,7 @@ drives.
 
     python -m benchmarks.limits [--model moneta-tiny]
 
-Writes docs/benchmarks/limits-cpu.md.
+Writes limits-cpu.md into ``--out`` (default docs/benchmarks/).
 """
 
 from __future__ import annotations
