@@ -1,5 +1,5 @@
 """GPU check of the Triton kernels: correctness on the device, then prefill and decode timings, side by
-side in one run, written as a Markdown table into docs/benchmarks/.
+side in one run, written as a Markdown report into ``--out`` (default docs/benchmarks/).
 
     python -m benchmarks.gpu_check              # on an H100/H200: a few minutes, no network
     python -m benchmarks.gpu_check --smoke      # CPU, Triton interpreter: tiny shapes, proves it runs end to end
@@ -33,7 +33,6 @@ import functools
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -44,6 +43,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from benchmarks.report import SectionedReport as Report
+from benchmarks.report import add_out_argument, header
 
 # The paper's 340M shape.
 FULL = dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, head_dim=64, memory_expansion=4,
@@ -57,52 +59,6 @@ DECODE_BATCHES = [1, 8, 64, 256]
 L2_FLUSH_BYTES = 512 << 20  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
 SECTIONS = ["correctness", "precision", "prefill", "decode", "decode-layouts", "launch-prefill", "launch-decode",
             "serve", "fla"]
-
-
-class Report:
-    def __init__(self, header: str, path: Path) -> None:
-        self.header, self.path = header, path
-        self.sections: list[str] = []
-
-    def write(self, footer: str = "") -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("\n\n".join([self.header, *self.sections, *([footer] if footer else [])]) + "\n")
-
-    def run_section(self, title: str, section: Callable[[], bool | None]) -> bool:
-        """Run one section; an exception becomes a failed section in the report, not a lost run."""
-        started = time.perf_counter()
-        print(f"\n[{datetime.datetime.now():%H:%M:%S}] {title} ...", flush=True)
-        try:
-            ok = section() is not False
-        except Exception:  # report it and go on to the next section
-            error = traceback.format_exc()
-            print(error, flush=True)
-            self.sections.append(f"## {title}: **FAILED**\n\n```\n{error[-3000:]}```")
-            ok = False
-        print(f"[{datetime.datetime.now():%H:%M:%S}] {title}: {time.perf_counter() - started:.0f} s", flush=True)
-        self.write()
-        return ok
-
-    def table(self, title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
-        lines = [f"## {title}", ""]
-        if note:
-            lines += [note, ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        self.sections.append("\n".join(lines))
-        print("\n" + self.sections[-1], flush=True)
-
-
-def commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int, flush: torch.Tensor | None = None) -> float:
@@ -377,8 +333,7 @@ def bench_fla(report: Report, device: torch.device) -> None:
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception as exc:  # fla is optional: a yardstick only
-        report.sections.append(f"## fla yardstick\n\nfla not importable here ({type(exc).__name__}: {exc}); "
-                               "skipped.")
+        report.text("fla yardstick", f"fla not importable here ({type(exc).__name__}: {exc}); skipped.")
         return
     rows = []
     H, d = FULL["n_heads"], FULL["head_dim"]
@@ -708,7 +663,7 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
     import tempfile
 
     import models
-    from benchmarks.serving import Server
+    from benchmarks.launch import miras_serve
     from models.layers import state_layout
     from models.random_init import random_pretrained
     from server.pool_sizing import plan_pool
@@ -742,7 +697,8 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
         # (on a CPU both modes are the same eager steps: the smoke run starts one server)
         modes = [("eager (CPU)", [])] if smoke else [("CUDA graphs", []), ("--enforce-eager", ["--enforce-eager"])]
         for mode, extra in modes:
-            with Server(str(model_dir), flags + extra, scratch / f"server-{len(extra)}.log") as server:
+            with miras_serve(str(model_dir), *flags, *extra, threads=None,
+                             log=scratch / f"server-{len(extra)}.log") as server:
                 for c in levels:
                     s = serve_level(server.url, scratch, f"{mode}-{c}", model_dir, c, prompt, output,
                                     max(2, 2 * c) if smoke else max(4, 2 * c))
@@ -783,8 +739,7 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU run under the Triton interpreter, tiny shapes")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks",
-                        help="directory for the Markdown report")
+    add_out_argument(parser)
     parser.add_argument("--commit", default=None, help="commit to name in the report (default: git's HEAD; "
                         "pass it where the tree is a copy without .git)")
     parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
@@ -801,11 +756,12 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     slug = "smoke" if args.smoke else "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
-    header = (f"# Miras kernels GPU check{' (smoke)' if args.smoke else ''}\n\n- card: {card}\n"
-              f"- date: {now:%Y-%m-%d %H:%M} UTC\n- commit: {args.commit or commit()}\n"
-              f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
-    report = Report(header, args.out / f"gpu_check_{slug}_{now:%Y%m%d-%H%M}.md")
-    print(header, flush=True)
+    lines = header(f"Miras kernels GPU check{' (smoke)' if args.smoke else ''}", __spec__.name, argv,
+                   f"card: {card}",
+                   f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}",
+                   commit=args.commit)
+    report = Report(lines, args.out / f"gpu_check_{slug}_{now:%Y%m%d-%H%M}.md")
+    print("\n".join(lines), flush=True)
     started = time.perf_counter()
     sections = {
         "correctness": ("Correctness", partial(check_correctness, report, device, args.smoke)),
@@ -828,8 +784,8 @@ def main(argv: list[str] | None = None) -> int:
         if key not in args.skip:
             ok &= report.run_section(title, section)
     footer = f"Total wall time: {time.perf_counter() - started:.0f} s."
+    print(f"\n{footer}", flush=True)
     report.write(footer)
-    print(f"\n{footer}\nwrote {report.path}", flush=True)
     return 0 if ok else 1
 
 

@@ -46,6 +46,7 @@ from benchmarks import report
 from benchmarks.launch import miras_serve
 from loadtest.process import ServerProcess
 from loadtest.workload import LengthDist, Workload, load_tokenizer, synthetic_corpus
+from models.checkpoint import resolve
 from models.corpus import cache_dir
 from models.tokenizer import jinja_chat_template
 
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.llama_server) if args.llama_server else build_llama_server(cache_dir() / "llama.cpp"))
     net, tokenizer = models.load_pretrained(args.model)
     cfg = net.config
-    tokenizer_dir = args.model  # the load generator cuts prompts with it (a directory or a shipped name)
+    tokenizer_dir = str(resolve(args.model))  # the load generator cuts prompts with its tokenizer.json
     chat = Workload(synthetic_corpus(), load_tokenizer(tokenizer_dir), LengthDist.parse(f"fixed:{CHAT_USER_TOKENS}"),
                     LengthDist.parse("fixed:32"), seed=19)
     chat_messages = [chat.request(i).prompt for i in range(CHAT_TURNS)]

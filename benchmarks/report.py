@@ -11,7 +11,9 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -62,12 +64,14 @@ def command(module: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "-m", module, *args])
 
 
-def header(title: str, module: str, argv: Sequence[str] | None, *facts: str) -> list[str]:
-    """A report's first lines: its title, then machine, date, commit, command, and the script's own ``facts``."""
+def header(title: str, module: str, argv: Sequence[str] | None, *facts: str, commit: str | None = None
+           ) -> list[str]:
+    """A report's first lines: its title, then machine, date, commit (default: this checkout's), command, and
+    the script's own ``facts``."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return [f"# {title}", "", f"- machine: {machine()}", f"- date: {now:%Y-%m-%d %H:%M} UTC",
-            f"- commit: `{git_commit()}`", f"- command: `{command(module, argv)}`", *(f"- {fact}" for fact in facts),
-            ""]
+            f"- commit: `{commit or git_commit()}`", f"- command: `{command(module, argv)}`",
+            *(f"- {fact}" for fact in facts), ""]
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> list[str]:
@@ -86,3 +90,43 @@ def write(out: Path, name: str, lines: Sequence[str] | str) -> Path:
     path.write_text(text.rstrip("\n") + "\n")
     print(f"wrote {path}")
     return path
+
+
+class SectionedReport:
+    """A report built section by section and rewritten at ``path`` after each one, so that a run cut short
+    still leaves what it measured; a section that raises is recorded as failed and the next one runs."""
+
+    def __init__(self, header_lines: list[str], path: Path) -> None:
+        self.header, self.path = header_lines, path
+        self.sections: list[list[str]] = []
+
+    def write(self, footer: str = "") -> None:
+        lines = list(self.header)
+        for section in self.sections:
+            lines += [*section, ""]
+        write(self.path.parent, self.path.name, lines + ([footer] if footer else []))
+
+    def run_section(self, title: str, section: Callable[[], bool | None]) -> bool:
+        """Run one section: false when it returned False or raised."""
+        started = time.perf_counter()
+        print(f"\n[{datetime.datetime.now():%H:%M:%S}] {title} ...", flush=True)
+        try:
+            ok = section() is not False
+        except Exception:  # report it and go on to the next section
+            error = traceback.format_exc()
+            print(error, flush=True)
+            self.sections.append([f"## {title}: **FAILED**", "", "```", error[-3000:].rstrip("\n"), "```"])
+            ok = False
+        print(f"[{datetime.datetime.now():%H:%M:%S}] {title}: {time.perf_counter() - started:.0f} s", flush=True)
+        self.write()
+        return ok
+
+    def table(self, title: str, columns: list[str], rows: list[list[str]], note: str = "") -> None:
+        """A section of one table under ``## title``, with ``note`` above it."""
+        self.sections.append([f"## {title}", "", *([note, ""] if note else []),
+                              *table(columns, rows, "l" * len(columns))])
+        print("\n" + "\n".join(self.sections[-1]), flush=True)
+
+    def text(self, title: str, body: str) -> None:
+        """A section of text under ``## title``."""
+        self.sections.append([f"## {title}", "", body])

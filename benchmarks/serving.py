@@ -27,6 +27,7 @@ from benchmarks import report
 from benchmarks.launch import miras_serve
 from loadtest.cli import run_cli
 from loadtest.correctness import scrape
+from models.checkpoint import resolve
 
 
 def load_average() -> str:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Runs write to a scratch directory; only the kept files reach the docs, and only after a complete run.
     scratch = Path(tempfile.mkdtemp(prefix="miras-serving-benchmark-"))
-    common = ["--tokenizer", args.model, "--input-len", args.input_len, "--output-len", args.output_len,
+    common = ["--tokenizer", str(resolve(args.model)), "--input-len", args.input_len, "--output-len", args.output_len,
               "--ignore-eos", "--no-progress", "--num-warmups", "4"]
     started = time.monotonic()
     loads = {"before": load_average()}
