@@ -62,8 +62,10 @@ SECTIONS = ["correctness", "precision", "prefill", "decode", "decode-layouts", "
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int, flush: torch.Tensor | None = None) -> float:
-    """Median seconds per call after one warm-up call; ``flush`` is rewritten before each call (cold L2)."""
-    fn()
+    """Median seconds per call after one warm-up call (on a GPU: the CPU runs only the smoke run, whose times
+    are not measurements); ``flush`` is rewritten before each call (cold L2)."""
+    if device.type == "cuda":
+        fn()
     times = []
     for _ in range(reps):
         if flush is not None:
@@ -101,12 +103,13 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     dev = device.type
     cases: list[tuple[str, Callable[[], dict[str, float]], float]] = []
-    rules = ["moneta", "memora"] if smoke else ["moneta", "yaad", "memora", "linear"]
+    # the smoke run: one rule, prompts across one chunk boundary (every case's code path, in the interpreter)
+    rules = ["moneta"] if smoke else ["moneta", "yaad", "memora", "linear"]
     shapes = {"d8 c4": {}} if smoke else {"d8 c4": {}, "d64 c64": dict(head_dim=64, chunk_size=64)}
     for rule in rules:
         for shape, overrides in shapes.items():
             cfg = rule_config(rule, **overrides)
-            T = 150 if cfg.chunk_size > 16 else 11
+            T = 150 if cfg.chunk_size > 16 else 6 if smoke else 11
             cases.append((f"{rule} {shape} prefill fp32", lambda c=cfg, t=T: check_padded_prefill(c, gen, dev, T=t),
                           tolerance(cfg, precision)))
             if cfg.memory == "mlp":  # the default prefill is the slab-parallel one; the fused kernel beside it
@@ -132,10 +135,10 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
     for preset in ["moneta-h"] if smoke else ["moneta", "memora-h"]:
         torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
         model = models.from_preset(preset, **TINY).to(device).eval()
-        ids = torch.randint(3, TINY["vocab_size"], (2, 10), generator=gen).to(device)
+        ids = torch.randint(3, TINY["vocab_size"], (2, 7 if smoke else 10), generator=gen).to(device)
         tol = tolerance(model.config, precision) * (1 if precision == "ieee" else 4)
-        cases.append((f"model {preset}: parallel == prefill + decode",
-                      lambda m=model, i=ids: check_model_invariant(m, i, prompt=5), tol))
+        cases.append((f"model {preset}: parallel == prefill + decode",  # decode crosses the chunk boundary at 4
+                      lambda m=model, i=ids: check_model_invariant(m, i, prompt=3 if smoke else 5), tol))
     cases.append(("engine decode: graph replay == eager, padded batches", partial(check_decode_graphs, device, gen),
                   tolerance(rule_config("moneta"), precision) * 4))
     rows, ok = [], True
@@ -171,7 +174,7 @@ def check_dot_emulation(report: Report, device: torch.device, smoke: bool) -> No
 
     cfg = rule_config("moneta") if smoke else rule_config("moneta", head_dim=64, chunk_size=64)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    batch, T = 4, 2 * cfg.chunk_size + 5
+    batch, T = (2, cfg.chunk_size + 2) if smoke else (4, 2 * cfg.chunk_size + 5)
     x = random_inputs(cfg, batch, T, gen, device.type)
     args = [x[n] for n in GATE_NAMES]
     pos = torch.zeros(batch, dtype=torch.long, device=device)
@@ -261,7 +264,7 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
     attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.head_dim).to(device=device, dtype=dtype).eval()
     proj_flops = 2 * cfg.d_model * (5 * cfg.inner_dim) + 2 * cfg.d_model * cfg.gate_rank  # per token
     rows = []
-    for T in [16] if smoke else PREFILL_LENGTHS:
+    for T in [6] if smoke else PREFILL_LENGTHS:  # smoke: across one chunk boundary
         for B in [2] if smoke else PREFILL_BATCHES:
             try:
                 rows.append(prefill_row(layer, attention, cfg, B, T, device,
@@ -384,11 +387,11 @@ def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
     bandwidth = copy_bandwidth(device)
     flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
     rows = []
-    for B in [1, 2] if smoke else DECODE_BATCHES:
+    for B in [2] if smoke else DECODE_BATCHES:
         times = {}
         for layout in ("factored", "running"):  # the layout the triton backend runs first
             try:
-                t, eager = decode_times(model, B, layout, device, flush, reps=5 if smoke else 20)
+                t, eager = decode_times(model, B, layout, device, flush, reps=1 if smoke else 20)
             except Exception as exc:  # out of memory at the largest batch, say: keep the other rows
                 traceback.print_exc()
                 rows.append([str(B), layout, f"failed: {type(exc).__name__}"] + ["-"] * 7)
@@ -437,7 +440,7 @@ def decode_times(model: nn.Module, batch: int, layout: str, device: torch.device
         if batch <= 8:
             for backend in ("triton", "torch"):
                 with forced_backend(backend):
-                    eager[backend] = timed(partial(model, ids, pool, slots=slots), device, reps=3)
+                    eager[backend] = timed(partial(model, ids, pool, slots=slots), device, reps=min(reps, 3))
     return t, eager
 
 
@@ -457,7 +460,7 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
     rows = []
     for rule in ["moneta"] if smoke else ["moneta", "memora"]:
         cfg = preset_config(rule, **shape)
-        for batch in [1, 3] if smoke else DECODE_BATCHES:
+        for batch in [3] if smoke else DECODE_BATCHES:
             x = random_inputs(cfg, batch, 1, gen, device.type)
             tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
             tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
@@ -471,7 +474,9 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
                                  torch.ones(batch, 1, dtype=torch.bool, device=device), x["ln_weight"], x["ln_bias"])
             times = {}
             variants = [("running", {}), ("factored", {})]
-            if smoke or batch >= 64:
+            if smoke:  # the fused kernel and the slabs
+                variants += [("factored", FACTORED_DECODE_LAUNCHES[i]) for i in (0, 2)]
+            elif batch >= 64:
                 variants += [("factored", launch) for launch in FACTORED_DECODE_LAUNCHES]
             for layout, launch in variants:
                 anchor, memory = states[layout]
@@ -482,7 +487,7 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
                                launch=launch)
                 error = rel_err(reference[0], step())
                 # Positions stay put, so every timed step reads the same number of rows (the state advances).
-                t = timed(step, device, reps=5 if smoke else 20, flush=flush)
+                t = timed(step, device, reps=1 if smoke else 20, flush=flush)
                 times.setdefault(layout, t)
                 cost = step_cost(cfg, layout, batch, 0, 1)
                 name = ", ".join(f"{k}={v}" for k, v in launch.items()) or "shipped"
@@ -532,8 +537,10 @@ def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tenso
     error = max(rel_err(r, g) for r, g in zip((ref_reads, *ref_anchor, *ref_memory), (reads, *anchor, *memory),
                                               strict=True))
     step = partial(scan_pool, cfg, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"], launch=launch)
-    return error, timed(step, device, reps=reps, flush=flush), timed(capture(step, device), device, reps=reps,
-                                                                      flush=flush)
+    eager = timed(step, device, reps=reps, flush=flush)
+    # (on a CPU there are no graphs: capture would return the step itself, timed above)
+    graph = timed(capture(step, device), device, reps=reps, flush=flush) if device.type == "cuda" else eager
+    return error, eager, graph
 
 
 def bench_launch_configs(report: Report, device: torch.device, smoke: bool, modes: tuple[str, ...]) -> None:
@@ -547,7 +554,7 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
         n_heads=FULL["n_heads"], head_dim=FULL["head_dim"], memory_expansion=4, chunk_size=FULL["chunk_size"])
     flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    prefill_batch, prefill_T, decode_batch = (2, 10, 3) if smoke else (8, 8192, 64)
+    prefill_batch, prefill_T, decode_batch = (2, 6, 3) if smoke else (8, 8192, 64)
     check_T = 2 * shape["chunk_size"] + 5  # crosses two chunk boundaries; long runs of random inputs are chaotic
     rows = []
     for rule in ["moneta"] if smoke else ["moneta", "memora"]:
@@ -556,8 +563,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                                          ("decode", decode_batch, 1, DECODE_LAUNCHES)):
             if mode not in modes:
                 continue
-            if smoke and mode == "prefill":
-                launches = launches[:2]
+            if smoke:  # prefill: the slabs and the fused kernel; decode: fused, split, and the shipped one
+                launches = launches[:2] if mode == "prefill" else launches[:3]
             x = random_inputs(cfg, batch, T, gen, device.type)
             tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
             tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
@@ -579,7 +586,7 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                                  if (k in SHOWN or k in launch) and k not in hidden)
                 try:
                     error, eager, t = run_launch(cfg, x, tokens, slots, pos, launch, reference, checked, device,
-                                                 reps=(1 if smoke else 5) if mode == "prefill" else 20,
+                                                 reps=1 if smoke else 5 if mode == "prefill" else 20,
                                                  flush=flush)
                 except Exception as exc:  # a configuration that does not compile (shared memory, say)
                     traceback.print_exc()
@@ -635,7 +642,7 @@ def serve_level(url: str, scratch: Path, name: str, model_dir: Path, concurrency
 
 
 @torch.inference_mode()
-def engine_alone_step(model: nn.Module, tokenizer, batch: int, prompt_len: int) -> float:
+def engine_alone_step(model: nn.Module, tokenizer, batch: int, prompt_len: int, reps: int) -> float:
     """Seconds per decode step of the serving engine in process (no HTTP; CUDA graphs on a GPU), every
     one of ``batch`` sequences decoding, greedy."""
     from server.engine import EngineConfig, LLMEngine
@@ -651,7 +658,7 @@ def engine_alone_step(model: nn.Module, tokenizer, batch: int, prompt_len: int) 
         engine.add_request(str(i), torch.randint(3, engine.vocab_size, (prompt_len,), generator=gen).tolist(), params)
     while any(r.status is not RequestStatus.DECODING for r in engine.requests.values()):
         engine.step()
-    return timed(engine.step, model.device, reps=10)
+    return timed(engine.step, model.device, reps=reps)
 
 
 def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
@@ -668,9 +675,9 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
     from models.random_init import random_pretrained
     from server.pool_sizing import plan_pool
 
-    levels = [1, 2] if smoke else SERVE_CONCURRENCY
+    levels = [2] if smoke else SERVE_CONCURRENCY
     prompt, output = (32, 8) if smoke else (SERVE_PROMPT, SERVE_OUTPUT)
-    long_prompt, short_prompt = (256, 16) if smoke else (SERVE_LONG_PROMPT, SERVE_SHORT_PROMPT)
+    long_prompt, short_prompt = (64, 16) if smoke else (SERVE_LONG_PROMPT, SERVE_SHORT_PROMPT)
     scratch = Path(tempfile.mkdtemp(prefix="miras-gpu-check-serve-"))
     try:
         model_dir = random_pretrained("moneta", scratch / "moneta-340m", "micro" if smoke else "340m",
@@ -682,8 +689,8 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
         kernel_ms, engine_ms = {}, {}
         for batch in levels:
             kernel_ms[batch] = decode_times(model, batch, state_layout(model.config, "triton"), device, flush,
-                                            reps=5 if smoke else 20)[0] * 1e3
-            engine_ms[batch] = engine_alone_step(model, tokenizer, batch, prompt) * 1e3
+                                            reps=1 if smoke else 20)[0] * 1e3
+            engine_ms[batch] = engine_alone_step(model, tokenizer, batch, prompt, reps=1 if smoke else 10) * 1e3
         sized = "-"
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
