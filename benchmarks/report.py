@@ -1,6 +1,7 @@
 """The one report writer of the benchmarks: every report opens with the same header (machine, date, commit,
 command line), its tables are Markdown, and it is written under ``--out`` (default: ``docs/benchmarks/`` of
-the checkout this benchmarks/ folder is in, never a path inside an installed package)."""
+the checkout this benchmarks/ folder is in, never a path inside an installed package). A section-by-section
+report (``SectionedReport``) is rewritten after each section."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+from models.train import cpu_name
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = CHECKOUT / "docs" / "benchmarks"
@@ -40,21 +43,11 @@ def git_commit() -> str:
     return sha + (" (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
     """The host in one line: CPU, cores, how busy (the machine may be shared), OS, Python and torch."""
     torch = sys.modules.get("torch")
     versions = f"Python {platform.python_version()}" + (f", torch {torch.__version__}" if torch else "")
-    return (f"{cpu_model()}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), "
+    return (f"{cpu_name()}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), "
             f"{platform.system()} {platform.release()}, {versions}")
 
 
