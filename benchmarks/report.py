@@ -67,12 +67,10 @@ def header(title: str, module: str, argv: Sequence[str] | None, *facts: str, com
             *(f"- {fact}" for fact in facts), ""]
 
 
-def table(columns: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None) -> list[str]:
-    """A Markdown table; ``align``: one letter per column, ``l`` left or ``r`` right (default: the first left,
-    the others right)."""
-    align = align or "l" + "r" * (len(columns) - 1)
-    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
-    return ["| " + " | ".join(columns) + " |", rule, *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+def table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """The lines of a Markdown table."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
 def write(out: Path, name: str, lines: Sequence[str] | str) -> Path:
@@ -117,7 +115,7 @@ class SectionedReport:
     def table(self, title: str, columns: list[str], rows: list[list[str]], note: str = "") -> None:
         """A section of one table under ``## title``, with ``note`` above it."""
         self.sections.append([f"## {title}", "", *([note, ""] if note else []),
-                              *table(columns, rows, "l" * len(columns))])
+                              *table(columns, rows)])
         print("\n" + "\n".join(self.sections[-1]), flush=True)
 
     def text(self, title: str, body: str) -> None:
