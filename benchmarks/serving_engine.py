@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import random
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,11 +25,14 @@ import torch
 import models
 from benchmarks import report
 from benchmarks.launch import miras_serve
-from loadtest.stats import percentile
+from loadtest.client import ApiConfig, send_request
+from loadtest.stats import RequestResult, percentile
+from loadtest.workload import RequestSpec
 from server.engine import EngineConfig, LLMEngine
 from server.request import RequestStatus
 from server.sampling_params import SamplingParams
 
+SERVED_NAME = "bench"
 SAMPLE_TEXT = ("From fairest creatures we desire increase, that thereby beauty's rose might never die. "
                "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. ") * 50
 
@@ -45,13 +47,6 @@ class ModelReport:
     engine_rates: dict[int, float]  # batch -> decode tok/s, in process
 
 
-@dataclass
-class Result:
-    ttft: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    tokens: int = 0
-
-
 def random_model(directory: Path, preset: str) -> Path:
     """A randomly initialised model of the preset's default size, with a small trained tokenizer."""
     torch.manual_seed(0)
@@ -60,31 +55,17 @@ def random_model(directory: Path, preset: str) -> Path:
     return models.save_pretrained(model, tokenizer, directory / f"{preset}-random")
 
 
-async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> Result:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    result, start, last = Result(), time.perf_counter(), None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                result.tokens = chunk["usage"]["completion_tokens"]
-            if not chunk["choices"]:
-                continue
-            now = time.perf_counter()
-            if last is None:
-                result.ttft = now - start
-            else:
-                result.itls.append(now - last)
-            last = now
+async def request(client: httpx.AsyncClient, api: ApiConfig, index: int, prompt: list[int], max_tokens: int,
+                  t0: float) -> RequestResult:
+    """One request streamed and timed by the load generator's client; a failed one stops the benchmark."""
+    result = await send_request(client, api, RequestSpec(index, prompt, len(prompt), max_tokens), 0.0, t0)
+    if not result.ok:
+        raise RuntimeError(f"request {index} failed: {result.error} {result.error_detail}")
     return result
 
 
 async def run_load(url: str, concurrency: int, num_requests: int, prompt_len: int, max_tokens: int,
-                   vocab: int, text: list[int] | None = None) -> tuple[float, list[Result]]:
+                   vocab: int, text: list[int] | None = None) -> tuple[float, list[RequestResult]]:
     """Random token-id prompts, or windows of ``text`` (cycled) when it is given."""
     rng = random.Random(concurrency)
     if text:
@@ -93,16 +74,18 @@ async def run_load(url: str, concurrency: int, num_requests: int, prompt_len: in
     else:
         prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(num_requests)]
     gate = asyncio.Semaphore(concurrency)
+    api = ApiConfig(url, SERVED_NAME, ignore_eos=True)  # greedy
 
-    async def limited(client: httpx.AsyncClient, prompt: list[int]) -> Result:
+    async def limited(client: httpx.AsyncClient, index: int, prompt: list[int]) -> RequestResult:
         async with gate:
-            return await one_request(client, prompt, max_tokens)
+            return await request(client, api, index, prompt, max_tokens, start)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one_request(client, prompts[0][:8], 2)  # warm-up
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*[limited(client, p) for p in prompts])
+        await request(client, api, -1, prompts[0][:8], 2, start)  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*[limited(client, i, p) for i, p in enumerate(prompts)])
         return time.perf_counter() - start, results
 
 
@@ -166,20 +149,21 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
     del net
     engine_rates = engine_decode_rates(model, args.threads, args.prompt_len, vocab)
     print(f"{Path(model).name} engine decode tok/s: {engine_rates}", flush=True)
-    server = miras_serve(model, "--max-num-seqs", "64", port=args.port, threads=args.threads)
+    server = miras_serve(model, "--max-num-seqs", "64", "--served-model-name", SERVED_NAME, port=args.port,
+                         threads=args.threads)
     url = server.url
     try:
         rows = []
         for concurrency in (1, 8, 32):
             wall, results = asyncio.run(run_load(url, concurrency, max(8, 2 * concurrency), args.prompt_len,
                                                  args.max_tokens, vocab))
-            itls = [x for r in results for x in r.itls]
-            ttfts = [r.ttft for r in results]
-            rows.append((concurrency, len(results), sum(r.tokens for r in results) / wall, percentile(ttfts, 50),
+            itls = [x for r in results for x in r.itl]
+            ttfts = [r.ttft for r in results if r.ttft is not None]
+            rows.append((concurrency, len(results), sum(r.output_tokens for r in results) / wall, percentile(ttfts, 50),
                          percentile(ttfts, 99), percentile(itls, 50), percentile(itls, 99)))
             print(f"{Path(model).name} concurrency {concurrency}: {rows[-1][2]:.1f} tok/s", flush=True)
         # short and long prompts alternate, so background load hits both alike
-        by_len: dict[int, list[Result]] = {args.prompt_len: [], args.long_prompt: []}
+        by_len: dict[int, list[RequestResult]] = {args.prompt_len: [], args.long_prompt: []}
         for _ in range(3):
             for prompt_len in by_len:
                 by_len[prompt_len] += asyncio.run(run_load(url, 1, 1, prompt_len, args.max_tokens, vocab,
@@ -188,9 +172,9 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
         for prompt_len, results in by_len.items():
             # Random prompts can make a model emit byte fragments that the server (rightly) holds back
             # until they form UTF-8, so a stream may carry too few chunks to time: then ITL is NaN.
-            itls = [x for r in results for x in r.itls] or [math.nan]
+            itls = [x for r in results for x in r.itl] or [math.nan]
             long_rows.append((prompt_len, statistics.median(itls), percentile(itls, 99),
-                              statistics.median(r.ttft for r in results)))
+                              percentile([r.ttft for r in results if r.ttft is not None], 50)))
     finally:
         server.stop(60)
     return ModelReport(model, config, state_bytes, rows, long_rows, engine_rates)

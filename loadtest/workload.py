@@ -94,7 +94,7 @@ class LengthDist:
 @dataclass(frozen=True)
 class RequestSpec:
     index: int
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (the completions endpoint takes either)
     prompt_len: int
     max_tokens: int
 
