@@ -52,7 +52,7 @@ replicas: setup system-deps
 
 # a few minutes: 32 conversations x 8 turns per routing, and a replica killed mid-run (docs/benchmarks/replicas-cpu.md)
 bench-replicas: setup system-deps
-	$(PY) -m deploy.local.bench_replicas --model $(MODEL)
+	$(PY) -m benchmarks.replicas --model $(MODEL)
 
 lint: setup
 	$(VENV)/bin/ruff check .

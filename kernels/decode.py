@@ -156,7 +156,7 @@ def decode_output_kernel(Q, O, UQ_PART, LN_W, LN_B, SLOTS, POS, LENGTHS, sq_b, s
 
 def split_kernels(config: dict, slab: int, warps: int) -> dict[str, tuple]:
     """(kernel, compile-time arguments, launch options) of the three split-decode kernels, from the scan's
-    launch config, a slab width and the slab kernels' warps: what runs and what kernels.compile_check
+    launch config, a slab width and the slab kernels' warps: what runs and what benchmarks.compile_check
     compiles come from here."""
     shape = dict(H=config["H"], DK=config["DK"], CHUNK=config["CHUNK"], BLOCK_K=config["BLOCK_K"])
     slabs = dict(shape, D=config["D"], BLOCK_D=slab)

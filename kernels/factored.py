@@ -317,7 +317,7 @@ def factored_output_kernel(
 def factored_kernels(config: dict, slab: int, warps: int) -> dict[str, tuple]:
     """(kernel, compile-time arguments, launch options) of the factored decode: the fused kernel (every row,
     or with ``slab`` > 0 only the rows that start a chunk) and the three split kernels; from the scan's
-    launch config, shared by the launcher and kernels.compile_check."""
+    launch config, shared by the launcher and benchmarks.compile_check."""
     shape = dict(H=config["H"], DK=config["DK"], CHUNK=config["CHUNK"], BLOCK_K=config["BLOCK_K"])
     rule = dict(BIAS=config["BIAS"], RETENTION=config["RETENTION"])
     block_c = config["BLOCK_C"]

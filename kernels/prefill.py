@@ -263,7 +263,7 @@ def chunk_phases(retention: int) -> list[str]:
 def prefill_kernels(config: dict, slab: int, warps: int, factored: bool) -> dict[str, tuple]:
     """(kernel, compile-time arguments, launch options) of every phase the rule runs, from the scan's launch
     config, ``slab``-wide hidden slabs and ``warps`` warps (the per-(sequence, head) phases GRAD and OUTPUT:
-    8 warps); shared by the launcher and kernels.compile_check."""
+    8 warps); shared by the launcher and benchmarks.compile_check."""
     constexprs = {name: config[name] for name in ("H", "DK", "D", "CHUNK", "BLOCK_T", "BLOCK_K", "BLOCK_C", "BIAS",
                                                   "RETENTION", "VARLEN", "DOT", "SURPRISE")}
     constexprs.update(BLOCK_D=slab, N_SLABS=triton.cdiv(config["D"], slab), FACTORED=factored)

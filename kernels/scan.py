@@ -234,7 +234,7 @@ def dot_precision(device: torch.device) -> str:
     """Input precision of the fp32 ``tl.dot``s: ``MIRAS_DOT_PRECISION=ieee|tf32x3|tf32`` (the server's
     ``--dot-precision``). Default on the GPU: tf32x3 (three TF32 tensor-core products, fp32-level error);
     elsewhere ieee. Chosen on the shipped trained models (docs/precision.md, ``python -m
-    models.precision_study``): over the held-out prefix on which exact fp32 stays on fp64's trajectory,
+    benchmarks.precision``): over the held-out prefix on which exact fp32 stays on fp64's trajectory,
     tf32x3 does too, while plain tf32 (10 mantissa bits) and bf16 (7) move moneta-tiny's perplexity and
     top-1 tokens; so tf32 is opt-in and bf16 is not offered."""
     default = "tf32x3" if device.type == "cuda" else "ieee"
@@ -256,7 +256,7 @@ def prefill_path() -> str:
 
 def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dict:
     """The kernel's constexprs and launch options. Hand-picked, never autotuned (the kernels write their
-    state in place), from the side-by-side comparisons of kernels/gpu_check.py on an H200 (see
+    state in place), from the side-by-side comparisons of benchmarks/gpu_check.py on an H200 (see
     docs/kernels.md). Prefill: 32-wide hidden slabs, 8 warps, no software pipelining (num_stages=1: 13%
     faster, the pipelined buffers only added register pressure). Decode of the MLP memory: the split
     kernels of kernels.decode (``SPLIT_D``-wide slabs, ``SPLIT_WARPS`` warps; ``SPLIT_D=0`` runs every
@@ -265,8 +265,8 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
     keeps the rows that take a chunk-boundary step, at 128-wide slabs (whole-model decode 1.2-1.3x
     faster than 32-wide). Prefill of the MLP memory (``MIRAS_PREFILL``, default slabs): the slab-parallel
     kernels of kernels.prefill, ``SPLIT_D``-wide slabs at ``SPLIT_WARPS`` warps (``SPLIT_D=0``: the fused
-    scan kernel), picked as the widest spill-free configuration on sm_90 (kernels.compile_check; GPU timing
-    of the alternatives pending, kernels/gpu_check.py's launch-prefill section)."""
+    scan kernel), picked as the widest spill-free configuration on sm_90 (benchmarks.compile_check; GPU timing
+    of the alternatives pending, benchmarks/gpu_check.py's launch-prefill section)."""
     d = cfg.head_dim
     D = d if cfg.memory == "linear" else cfg.memory_hidden
     config = dict(H=cfg.n_heads, DK=d, D=D, CHUNK=cfg.chunk_size, BLOCK_T=1 if decode else _pow2(cfg.chunk_size),

@@ -1,5 +1,5 @@
 """Correctness checks of the Triton scan against the fp64 PyTorch reference, shared by the CPU tests
-(tests/test_kernels_*.py, under the Triton interpreter) and the GPU check (kernels/gpu_check.py).
+(tests/test_kernels_*.py, under the Triton interpreter) and the GPU check (benchmarks/gpu_check.py).
 
 Each ``check_*`` function draws fresh random inputs, runs the kernel with its outputs poisoned with
 NaN, and returns ``{name: relative RMS error}``; a broken invariant (an untouched slot that changed,

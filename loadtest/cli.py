@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--output-len", default="fixed:64", help="max_tokens, same forms (default %(default)s)")
     work.add_argument("--corpus", help="text file (paragraphs) or JSON list of strings to take prompts from "
                       "(default: synthetic plain-word text)")
-    work.add_argument("--tokenizer", help="tokenizer.json, checkpoint directory or shipped model name, to cut "
+    work.add_argument("--tokenizer", help="tokenizer.json or a model directory holding one, to cut "
                       "prompts to exact token counts (default: whitespace words)")
     work.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens (vLLM extension)")
     work.add_argument("--temperature", type=float, default=0.0)

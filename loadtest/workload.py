@@ -51,19 +51,17 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | None) -> Tokenizer:
-    """``None`` -> words; a tokenizer.json file; a checkpoint directory; or a shipped model's name."""
+    """``None`` -> words; else a tokenizer.json file or a model directory holding one. By path only: the load
+    generator is an HTTP client and knows nothing of the server's model names (a shipped model's directory is
+    models/pretrained/NAME in a checkout)."""
     if spec is None:
         return WordTokenizer()
     path = Path(spec)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        import models  # a shipped model name: only then pay for importing torch
-
-        if spec not in models.shipped_models():
-            raise ValueError(f"--tokenizer: {spec!r} is neither a tokenizer.json, a checkpoint directory nor a "
-                             f"shipped model ({', '.join(models.shipped_models()) or 'none shipped'})")
-        path = models.checkpoint.PRETRAINED_DIR / spec / "tokenizer.json"
+        raise ValueError(f"--tokenizer: {spec!r} is neither a tokenizer.json nor a model directory holding one "
+                         "(a shipped model's is models/pretrained/NAME)")
     return HFTokenizer(path)
 
 
@@ -96,7 +94,7 @@ class LengthDist:
 @dataclass(frozen=True)
 class RequestSpec:
     index: int
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (the completions endpoint takes either)
     prompt_len: int
     max_tokens: int
 

@@ -43,7 +43,7 @@ Memory = tuple[Tensor, ...]
 
 
 # How the Triton kernels' tensor-core products (``tl.dot``, kernels/scan.py) round their fp32 operands, emulated
-# here so that the reference can measure what each precision does to a trained model (models/precision_study.py).
+# here so that the reference can measure what each precision does to a trained model (benchmarks/precision.py).
 # Accumulation and the state stay fp32 in every mode; the one-token decode products run on the CUDA cores in
 # exact fp32 in the kernels, so they are never rounded here either.
 DOT_EMULATIONS = ("ieee", "tf32x3", "tf32", "bf16")

@@ -50,11 +50,12 @@ def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A failing test's report carries the log tails of the server processes alive during it."""
+    """A failing test's report carries the log tails of the server processes alive during it (every process
+    started with loadtest/process.py: miras-serve, redis-server, nginx)."""
     outcome = yield
     report = outcome.get_result()
-    support = sys.modules.get("test_server_support")
-    if report.failed and support is not None:
-        for server in support.ServerProcess.STARTED:
-            if server.proc.poll() is None or (server.ended_at or 0.0) >= call.start:
-                report.sections.append((f"miras-serve log ({server.url})", server.output()[-20_000:]))
+    process = sys.modules.get("loadtest.process")
+    if report.failed and process is not None:
+        for server in process.ServerProcess.STARTED:
+            if server.alive() or (server.ended_at or 0.0) >= call.start:
+                report.sections.append((f"{server.name} log", server.output()[-20_000:]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections import Counter
@@ -21,16 +20,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from loadtest.cli import run_cli
 from loadtest.client import ApiConfig, check_tokens, send_request
+from loadtest.process import free_port
 from loadtest.runner import Load, run_load
 from loadtest.workload import LengthDist, RequestSpec, WordTokenizer, Workload, synthetic_corpus
 
 ROTATION = ("ok", "429", "ok", "cut", "error-event", "503-text", "ok")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sse(event) -> str:
@@ -202,9 +196,7 @@ def test_stall_is_a_timeout(reset):
 
 
 def test_refused_connection_is_counted():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    url = f"http://127.0.0.1:{free_port()}"  # a port nobody listens on
     assert send(None, "ok", url=url).error == "connect_error"
 
 
@@ -288,9 +280,7 @@ def test_cli_check_passes_and_catches_lying_metrics(reset, tmp_path, capsys):
 
 
 def test_cli_reports_an_unreachable_server(capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    url = f"http://127.0.0.1:{free_port()}"  # a port nobody listens on
     assert run_cli(["--base-url", url, "--num-requests", "1", "--no-progress"]) == 2
     assert "cannot run against" in capsys.readouterr().err
 

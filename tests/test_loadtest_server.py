@@ -7,58 +7,20 @@ end in completions and clean 429s only, with the server's /metrics agreeing with
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
+from test_server_support import ServerProcess
 
 from loadtest.cli import run_cli
 
 # Small on purpose: 4 state slots and 4 queue places, so 16 closed-loop clients overload it.
-SERVER_FLAGS = ["--max-num-seqs", "4", "--max-queued-requests", "4", "--max-num-batched-tokens", "256",
-                "--log-level", "warning", "--enforce-eager"]  # compiling the decode step would take minutes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVER_FLAGS = ["--max-num-seqs", "4", "--max-queued-requests", "4", "--max-num-batched-tokens", "256"]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "server.cli", "--model", str(tiny_checkpoint),
-                                    "--host", "127.0.0.1", "--port", str(port), *SERVER_FLAGS],
-                                   stdout=sink, stderr=subprocess.STDOUT,
-                                   env={k: v for k, v in os.environ.items() if k != "MIRAS_API_KEY"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"miras-serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"miras-serve not healthy in 90 s:\n{log.read_text()}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def server(tiny_checkpoint):
+    with ServerProcess(tiny_checkpoint, *SERVER_FLAGS) as process:
+        yield process.url
 
 
 def loadtest(server, tiny_checkpoint, tmp_path, *extra: str) -> tuple[int, dict]:

@@ -232,10 +232,10 @@ def test_the_documented_field_table_is_what_the_server_does(url, column, path):
 
 @pytest.mark.parametrize("tokenized", [True, False])
 def test_lm_eval_style_loglikelihood_equals_the_models_own(url, tiny_checkpoint, tokenized):
-    """What lm-eval's local-completions sends with add_bos_token=True (server/bench_clients.py runs lm-eval
+    """What lm-eval's local-completions sends with add_bos_token=True (benchmarks/clients.py runs lm-eval
     itself): BOS-first token ids, or those ids decoded back to text (BOS's text included); max_tokens 1, echo,
     logprobs 1; the continuation's logprobs are token_logprobs[ctxlen:-1]."""
-    from server.bench_clients import model_loglikelihood
+    from benchmarks.clients import model_loglikelihood
     model, tokenizer = models.load_pretrained(tiny_checkpoint)
     hf = transformers.AutoTokenizer.from_pretrained(str(tiny_checkpoint))
     for context, continuation in (("Shall I compare thee to a", " summer's day"), ("From fairest ", "creatures")):

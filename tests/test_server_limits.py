@@ -1,7 +1,7 @@
 """Limits that act before work is done, against a real uvicorn server: huge bodies are refused before
 they are sent, long texts are tokenized off the event loop, slow clients are cut off, and the server
 keeps answering everyone else meanwhile. Tests assert on behaviour; the times are printed, never asserted
-(python -m server.bench_limits measures them: docs/benchmarks/limits-cpu.md)."""
+(python -m benchmarks.limits measures them: docs/benchmarks/limits-cpu.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import httpx
 import pytest
 from test_server_support import ServerProcess
 
-from server.bench_limits import LONG_TEXT, HealthPoller, error_of, read_all, slow_headers, upload
+from benchmarks.limits import LONG_TEXT, HealthPoller, error_of, read_all, slow_headers, upload
 from server.cli import parse_args
 from server.limits import default_max_prompt_chars, default_max_request_bytes
 

@@ -16,7 +16,8 @@ from conftest import small_model
 from openai import OpenAI
 from test_server_support import ServerProcess, metric, metric_values
 
-from deploy.local.redis_process import RedisProcess, free_port
+from deploy.local.redis_process import RedisProcess
+from loadtest.process import free_port
 from server import EngineConfig, LLMEngine, SamplingParams
 from server.loader import load_model
 from server.response_store import ResponseStore, Segment, StoredResponse
@@ -292,7 +293,7 @@ def test_the_router_keeps_conversations_on_one_replica_and_survives_a_crash(tiny
     the next turn of each conversation is served by the other one, from the shared store."""
     import asyncio
 
-    from deploy.local.bench_replicas import tier_hits, turn
+    from benchmarks.replicas import tier_hits, turn
     from deploy.local.replicas import Stack
 
     def hits(stack: Stack, port: int) -> dict:

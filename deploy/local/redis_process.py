@@ -5,46 +5,33 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import time
+
+from loadtest.process import ServerProcess, free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def answers_ping(port: int) -> bool:
+    """The Redis server on ``port`` answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
-class RedisProcess:
+class RedisProcess(ServerProcess):
     def __init__(self, port: int | None = None, maxmemory_mb: int = 0):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server; make test does it)")
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--protected-mode", "yes", "--loglevel", "warning"]
         if maxmemory_mb:
             cmd += ["--maxmemory", f"{maxmemory_mb}mb"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._wait_ready()
+        super().__init__(cmd, ready=lambda: answers_ping(self.port), timeout=10.0)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
 
-    def _wait_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def stop(self, timeout: float = 0.0) -> None:
+        """SIGKILL: nothing of a throwaway store is worth a shutdown."""
+        self.kill()

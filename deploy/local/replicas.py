@@ -1,5 +1,5 @@
 """Several ``miras-serve`` replicas on one machine behind a router, sharing a Redis store: the local
-counterpart of the Helm chart's router + replicas + Redis, used by deploy/local/bench_replicas.py.
+counterpart of the Helm chart's router + replicas + Redis, used by benchmarks/replicas.py.
 
     python -m deploy.local.replicas --replicas 3 --port 8080          # make replicas
     curl localhost:8080/v1/responses -H 'x-session-id: conv-1' -H 'content-type: application/json' \\
@@ -23,15 +23,13 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from loadtest.process import ServerProcess, free_port
 
-from .redis_process import RedisProcess, free_port
+from .redis_process import RedisProcess
 
 NGINX_CONF = """worker_processes 1;
 daemon off;
@@ -87,64 +85,56 @@ class Stack:
         self.log_dir = Path(log_dir or self.tmp)
         self.redis = RedisProcess()
         self.replica_ports = [free_port() for _ in range(n)]
-        self.replicas: list[subprocess.Popen | None] = []
-        self.router: subprocess.Popen | None = None
+        self.replicas: list[ServerProcess] = []
+        self.router: ServerProcess | None = None
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         try:
-            for i, p in enumerate(self.replica_ports):
+            for i, p in enumerate(self.replica_ports):  # all loading at once, then each waited for
                 self.replicas.append(self._serve(model, i, p, serve_args))
-            for p in self.replica_ports:
-                wait_healthy(f"http://127.0.0.1:{p}", 300)
+            for replica in self.replicas:
+                replica.wait_ready(300)
             self.router = self._route(router, policy)
-            wait_healthy(self.url, 60)
         except BaseException:
             self.stop()
             raise
 
-    def _serve(self, model: str, i: int, port: int, serve_args: tuple[str, ...]) -> subprocess.Popen:
+    def _serve(self, model: str, i: int, port: int, serve_args: tuple[str, ...]) -> ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port),
                "--state-redis-url", self.redis.url, "--log-level", "warning", *serve_args]
-        log = open(self.log_dir / f"replica-{i}.log", "w")  # noqa: SIM115 - lives as long as the process
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return ServerProcess(cmd, url=f"http://127.0.0.1:{port}", env=env, log=self.log_dir / f"replica-{i}.log",
+                             wait=False)
 
-    def _route(self, router: str, policy: str) -> subprocess.Popen:
-        log = open(self.log_dir / "router.log", "w")  # noqa: SIM115 - lives as long as the process
+    def _route(self, router: str, policy: str) -> ServerProcess:
+        """The router, ready once a replica answers ``/health`` through it."""
+        log = self.log_dir / "router.log"
         if router == "nginx":
             nginx = shutil.which("nginx") or "/usr/sbin/nginx"
             conf = Path(self.tmp) / "nginx.conf"
             conf.write_text(nginx_conf(self.port, self.replica_ports, policy, self.tmp))
-            return subprocess.Popen([nginx, "-c", str(conf), "-e", str(Path(self.tmp) / "error.log")],
-                                    stdout=log, stderr=subprocess.STDOUT)
+            return ServerProcess([nginx, "-c", str(conf), "-e", str(Path(self.tmp) / "error.log")], url=self.url,
+                                 log=log, timeout=60)
         if router == "vllm-router":
             binary = shutil.which("vllm-router")
             if binary is None:
                 raise RuntimeError("vllm-router is not installed (pip install vllm-router)")
-            return subprocess.Popen(
+            return ServerProcess(
                 [binary, "--host", "127.0.0.1", "--port", str(self.port), "--worker-urls",
                  *(f"http://127.0.0.1:{p}" for p in self.replica_ports),
                  "--policy", "consistent_hash" if policy == "session" else "round_robin",
                  "--prometheus-port", str(free_port()), "--prometheus-host", "127.0.0.1",
-                 "--health-check-endpoint", "/health", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+                 "--health-check-endpoint", "/health", "--log-level", "warning"], url=self.url, log=log, timeout=60)
         raise ValueError(f"unknown router {router!r}")
 
     def kill_replica(self, i: int) -> None:
         """A crash: SIGKILL, no drain."""
-        proc = self.replicas[i]
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        self.replicas[i].kill()
 
     def stop(self) -> None:
         for proc in [self.router, *reversed(self.replicas)]:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                proc.stop()
         self.redis.stop()
 
     def __enter__(self) -> Stack:
@@ -152,18 +142,6 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def wait_healthy(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,9 +4,9 @@ The interpreter runs kernels as Python, so it misses what only the compiler sees
 constexpr, illegal tl.dot shapes, layouts); this check runs Triton's whole pipeline down to SASS with
 the ptxas that ships in the triton wheel.
 
-    python -m kernels.compile_check            # sm_90 (H100/H200), the 340M shape, every rule
-    python -m kernels.compile_check --surprise # the same kernels storing each token's surprise
-    python -m kernels.compile_check --modes prefill --dot tf32  # prefill kernels only, plain TF32 dots
+    python -m benchmarks.compile_check            # sm_90 (H100/H200), the 340M shape, every rule
+    python -m benchmarks.compile_check --surprise # the same kernels storing each token's surprise
+    python -m benchmarks.compile_check --modes prefill --dot tf32  # prefill kernels only, plain TF32 dots
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.decode import split_kernels
+from kernels.factored import factored_kernels
+from kernels.prefill import prefill_kernels
+from kernels.scan import DOT_PRECISIONS, launch_config, miras_scan_kernel, split_launch
 from models.config import MirasConfig, preset_config
-
-from .decode import split_kernels
-from .factored import factored_kernels
-from .prefill import prefill_kernels
-from .scan import DOT_PRECISIONS, launch_config, miras_scan_kernel, split_launch
 
 INDEX_ARGS = ("SLOTS", "POS", "LENGTHS", "CU_SEQLENS")
 TOKEN_ARGS = ("Q", "K", "V")
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print registers and spills of every kernel of every variant (the shipped launch_config). Spills
     are reported, not refused: on an H200 the fused kernel's 128-wide decode slabs spill and still made
     the whole-model decode step 1.2-1.3x faster than the spill-free 32-wide ones (they compile to 128
-    registers, so two programs fit on an SM instead of one; kernels/gpu_check.py measures it)."""
+    registers, so two programs fit on an SM instead of one; benchmarks/gpu_check.py measures it)."""
     parser = argparse.ArgumentParser(description="Compile the Miras scan kernels for an NVIDIA GPU without one.")
     parser.add_argument("--capability", type=int, default=90, help="compute capability (90: H100/H200)")
     parser.add_argument("--presets", nargs="*", default=["moneta", "yaad", "memora", "linear"])

@@ -1,8 +1,8 @@
 """GPU check of the Triton kernels: correctness on the device, then prefill and decode timings, side by
-side in one run, written as a Markdown table into docs/benchmarks/.
+side in one run, written as a Markdown report into ``--out`` (default docs/benchmarks/).
 
-    python -m kernels.gpu_check              # on an H100/H200: a few minutes, no network
-    python -m kernels.gpu_check --smoke      # CPU, Triton interpreter: tiny shapes, proves it runs end to end
+    python -m benchmarks.gpu_check              # on an H100/H200: a few minutes, no network
+    python -m benchmarks.gpu_check --smoke      # CPU, Triton interpreter: tiny shapes, proves it runs end to end
 
 1. Correctness: every rule against the fp64 reference (padded prefill with phases and padding, decode
    through pool slots with a padding slot, varlen prefill), q/k/v stored in fp32 and bf16, TF32 tolerance;
@@ -33,7 +33,6 @@ import functools
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -44,6 +43,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from benchmarks.report import SectionedReport as Report
+from benchmarks.report import add_out_argument, header
 
 # The paper's 340M shape.
 FULL = dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, head_dim=64, memory_expansion=4,
@@ -59,55 +61,11 @@ SECTIONS = ["correctness", "precision", "prefill", "decode", "decode-layouts", "
             "serve", "fla"]
 
 
-class Report:
-    def __init__(self, header: str, path: Path) -> None:
-        self.header, self.path = header, path
-        self.sections: list[str] = []
-
-    def write(self, footer: str = "") -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("\n\n".join([self.header, *self.sections, *([footer] if footer else [])]) + "\n")
-
-    def run_section(self, title: str, section: Callable[[], bool | None]) -> bool:
-        """Run one section; an exception becomes a failed section in the report, not a lost run."""
-        started = time.perf_counter()
-        print(f"\n[{datetime.datetime.now():%H:%M:%S}] {title} ...", flush=True)
-        try:
-            ok = section() is not False
-        except Exception:  # report it and go on to the next section
-            error = traceback.format_exc()
-            print(error, flush=True)
-            self.sections.append(f"## {title}: **FAILED**\n\n```\n{error[-3000:]}```")
-            ok = False
-        print(f"[{datetime.datetime.now():%H:%M:%S}] {title}: {time.perf_counter() - started:.0f} s", flush=True)
-        self.write()
-        return ok
-
-    def table(self, title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
-        lines = [f"## {title}", ""]
-        if note:
-            lines += [note, ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        self.sections.append("\n".join(lines))
-        print("\n" + self.sections[-1], flush=True)
-
-
-def commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def timed(fn: Callable[[], object], device: torch.device, reps: int, flush: torch.Tensor | None = None) -> float:
-    """Median seconds per call after one warm-up call; ``flush`` is rewritten before each call (cold L2)."""
-    fn()
+    """Median seconds per call after one warm-up call (on a GPU: the CPU runs only the smoke run, whose times
+    are not measurements); ``flush`` is rewritten before each call (cold L2)."""
+    if device.type == "cuda":
+        fn()
     times = []
     for _ in range(reps):
         if flush is not None:
@@ -145,12 +103,13 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     dev = device.type
     cases: list[tuple[str, Callable[[], dict[str, float]], float]] = []
-    rules = ["moneta", "memora"] if smoke else ["moneta", "yaad", "memora", "linear"]
+    # the smoke run: one rule, prompts across one chunk boundary (every case's code path, in the interpreter)
+    rules = ["moneta"] if smoke else ["moneta", "yaad", "memora", "linear"]
     shapes = {"d8 c4": {}} if smoke else {"d8 c4": {}, "d64 c64": dict(head_dim=64, chunk_size=64)}
     for rule in rules:
         for shape, overrides in shapes.items():
             cfg = rule_config(rule, **overrides)
-            T = 150 if cfg.chunk_size > 16 else 11
+            T = 150 if cfg.chunk_size > 16 else 6 if smoke else 11
             cases.append((f"{rule} {shape} prefill fp32", lambda c=cfg, t=T: check_padded_prefill(c, gen, dev, T=t),
                           tolerance(cfg, precision)))
             if cfg.memory == "mlp":  # the default prefill is the slab-parallel one; the fused kernel beside it
@@ -176,10 +135,10 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
     for preset in ["moneta-h"] if smoke else ["moneta", "memora-h"]:
         torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
         model = models.from_preset(preset, **TINY).to(device).eval()
-        ids = torch.randint(3, TINY["vocab_size"], (2, 10), generator=gen).to(device)
+        ids = torch.randint(3, TINY["vocab_size"], (2, 7 if smoke else 10), generator=gen).to(device)
         tol = tolerance(model.config, precision) * (1 if precision == "ieee" else 4)
-        cases.append((f"model {preset}: parallel == prefill + decode",
-                      lambda m=model, i=ids: check_model_invariant(m, i, prompt=5), tol))
+        cases.append((f"model {preset}: parallel == prefill + decode",  # decode crosses the chunk boundary at 4
+                      lambda m=model, i=ids: check_model_invariant(m, i, prompt=3 if smoke else 5), tol))
     cases.append(("engine decode: graph replay == eager, padded batches", partial(check_decode_graphs, device, gen),
                   tolerance(rule_config("moneta"), precision) * 4))
     rows, ok = [], True
@@ -215,7 +174,7 @@ def check_dot_emulation(report: Report, device: torch.device, smoke: bool) -> No
 
     cfg = rule_config("moneta") if smoke else rule_config("moneta", head_dim=64, chunk_size=64)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    batch, T = 4, 2 * cfg.chunk_size + 5
+    batch, T = (2, cfg.chunk_size + 2) if smoke else (4, 2 * cfg.chunk_size + 5)
     x = random_inputs(cfg, batch, T, gen, device.type)
     args = [x[n] for n in GATE_NAMES]
     pos = torch.zeros(batch, dtype=torch.long, device=device)
@@ -286,8 +245,8 @@ class AttentionLayer(nn.Module):
 
 def memory_prefill_flops(cfg, batch: int, tokens: int) -> float:
     """Useful FLOPs of the memory's matrix products in a prefill of ``batch`` x ``tokens`` tokens from
-    position 0 (kernels.cost.prefill_flops: what the dual form needs, recomputation not counted)."""
-    from kernels.cost import prefill_flops
+    position 0 (benchmarks.cost.prefill_flops: what the dual form needs, recomputation not counted)."""
+    from benchmarks.cost import prefill_flops
 
     return prefill_flops(cfg.memory, head_dim=cfg.head_dim, hidden=cfg.memory_hidden, chunk_size=cfg.chunk_size,
                          tokens=tokens, n_heads=cfg.n_heads, batch=batch, retention=cfg.retention)
@@ -305,7 +264,7 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
     attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.head_dim).to(device=device, dtype=dtype).eval()
     proj_flops = 2 * cfg.d_model * (5 * cfg.inner_dim) + 2 * cfg.d_model * cfg.gate_rank  # per token
     rows = []
-    for T in [16] if smoke else PREFILL_LENGTHS:
+    for T in [6] if smoke else PREFILL_LENGTHS:  # smoke: across one chunk boundary
         for B in [2] if smoke else PREFILL_BATCHES:
             try:
                 rows.append(prefill_row(layer, attention, cfg, B, T, device,
@@ -325,7 +284,7 @@ def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
         "whole layer replayed as a CUDA graph (kernels.graphs.capture) and eager; fused = the one-program-per-"
         "(sequence, head) scan kernel (MIRAS_PREFILL=fused), eager (one launch). ktok/s, TFLOP/s, the speed-up "
         f"over PyTorch and the ratio to SDPA use the graph time. TFLOP/s counts the memory's matrix products from "
-        f"the prefill FLOP model (kernels/cost.py: "
+        f"the prefill FLOP model (benchmarks/cost.py: "
         f"{memory_prefill_flops(cfg, 1, cfg.chunk_size) / cfg.n_heads / cfg.chunk_size / 1e3:.0f} kFLOP/token/head "
         f"per full chunk) plus the projections; the SDPA layer counts causal attention (2 T d per token per head) "
         f"plus its projections."
@@ -377,8 +336,7 @@ def bench_fla(report: Report, device: torch.device) -> None:
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception as exc:  # fla is optional: a yardstick only
-        report.sections.append(f"## fla yardstick\n\nfla not importable here ({type(exc).__name__}: {exc}); "
-                               "skipped.")
+        report.text("fla yardstick", f"fla not importable here ({type(exc).__name__}: {exc}); skipped.")
         return
     rows = []
     H, d = FULL["n_heads"], FULL["head_dim"]
@@ -409,8 +367,8 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def step_cost(cfg, layout: str, batch: int, weight_bytes: float, n_miras_layers: int):
-    """The byte model's cost of one decode step (kernels.cost), averaged over the positions of a chunk."""
-    from kernels.cost import decode_step_cost
+    """The byte model's cost of one decode step (benchmarks.cost), averaged over the positions of a chunk."""
+    from benchmarks.cost import decode_step_cost
 
     return decode_step_cost(layout, cfg.memory, head_dim=cfg.head_dim, hidden=cfg.memory_hidden,
                             chunk_size=cfg.chunk_size, n_heads=cfg.n_heads, n_miras_layers=n_miras_layers,
@@ -429,11 +387,11 @@ def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
     bandwidth = copy_bandwidth(device)
     flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
     rows = []
-    for B in [1, 2] if smoke else DECODE_BATCHES:
+    for B in [2] if smoke else DECODE_BATCHES:
         times = {}
         for layout in ("factored", "running"):  # the layout the triton backend runs first
             try:
-                t, eager = decode_times(model, B, layout, device, flush, reps=5 if smoke else 20)
+                t, eager = decode_times(model, B, layout, device, flush, reps=1 if smoke else 20)
             except Exception as exc:  # out of memory at the largest batch, say: keep the other rows
                 traceback.print_exc()
                 rows.append([str(B), layout, f"failed: {type(exc).__name__}"] + ["-"] * 7)
@@ -455,7 +413,7 @@ def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
         f"{cfg.chunk_size}; weights {weight_bytes / 1e9:.2f} GB; sequences at random positions (a mix of chunk "
         f"phases, as in serving); both state layouts of the same model side by side (the triton backend runs "
         f"the factored one). Bytes that must move = weights + batch x the byte model's state bytes per "
-        f"sequence and step (kernels/cost.py, averaged over a chunk): running layout (anchor + running memory, "
+        f"sequence and step (benchmarks/cost.py, averaged over a chunk): running layout (anchor + running memory, "
         f"{per_seq['running'].state_bytes_per_sequence / 1e6:.4g} MB held) "
         f"{per_seq['running'].total_bytes / 1e6:.4g} MB, factored layout (anchor + factor rows, "
         f"{per_seq['factored'].state_bytes_per_sequence / 1e6:.4g} MB held) "
@@ -482,7 +440,7 @@ def decode_times(model: nn.Module, batch: int, layout: str, device: torch.device
         if batch <= 8:
             for backend in ("triton", "torch"):
                 with forced_backend(backend):
-                    eager[backend] = timed(partial(model, ids, pool, slots=slots), device, reps=3)
+                    eager[backend] = timed(partial(model, ids, pool, slots=slots), device, reps=min(reps, 3))
     return t, eager
 
 
@@ -502,7 +460,7 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
     rows = []
     for rule in ["moneta"] if smoke else ["moneta", "memora"]:
         cfg = preset_config(rule, **shape)
-        for batch in [1, 3] if smoke else DECODE_BATCHES:
+        for batch in [3] if smoke else DECODE_BATCHES:
             x = random_inputs(cfg, batch, 1, gen, device.type)
             tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
             tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
@@ -516,7 +474,9 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
                                  torch.ones(batch, 1, dtype=torch.bool, device=device), x["ln_weight"], x["ln_bias"])
             times = {}
             variants = [("running", {}), ("factored", {})]
-            if smoke or batch >= 64:
+            if smoke:  # the fused kernel and the slabs
+                variants += [("factored", FACTORED_DECODE_LAUNCHES[i]) for i in (0, 2)]
+            elif batch >= 64:
                 variants += [("factored", launch) for launch in FACTORED_DECODE_LAUNCHES]
             for layout, launch in variants:
                 anchor, memory = states[layout]
@@ -527,7 +487,7 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
                                launch=launch)
                 error = rel_err(reference[0], step())
                 # Positions stay put, so every timed step reads the same number of rows (the state advances).
-                t = timed(step, device, reps=5 if smoke else 20, flush=flush)
+                t = timed(step, device, reps=1 if smoke else 20, flush=flush)
                 times.setdefault(layout, t)
                 cost = step_cost(cfg, layout, batch, 0, 1)
                 name = ", ".join(f"{k}={v}" for k, v in launch.items()) or "shipped"
@@ -541,7 +501,7 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
         f"One Miras layer, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
         f"stored bf16, sequences at random positions over four chunks (some fold: the fused kernel takes those "
         f"rows), shipped launch_config and (batch >= 64) factored variants: SPLIT_D=0 runs every row through the "
-        f"fused kernel. L2 flushed before each step. Bytes that must move: kernels/cost.py "
+        f"fused kernel. L2 flushed before each step. Bytes that must move: benchmarks/cost.py "
         f"for this layer at this batch, averaged over a chunk. Errors: the first step against the fp64 "
         f"reference from the same state.")
 
@@ -577,8 +537,10 @@ def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tenso
     error = max(rel_err(r, g) for r, g in zip((ref_reads, *ref_anchor, *ref_memory), (reads, *anchor, *memory),
                                               strict=True))
     step = partial(scan_pool, cfg, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"], launch=launch)
-    return error, timed(step, device, reps=reps, flush=flush), timed(capture(step, device), device, reps=reps,
-                                                                      flush=flush)
+    eager = timed(step, device, reps=reps, flush=flush)
+    # (on a CPU there are no graphs: capture would return the step itself, timed above)
+    graph = timed(capture(step, device), device, reps=reps, flush=flush) if device.type == "cuda" else eager
+    return error, eager, graph
 
 
 def bench_launch_configs(report: Report, device: torch.device, smoke: bool, modes: tuple[str, ...]) -> None:
@@ -592,7 +554,7 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
         n_heads=FULL["n_heads"], head_dim=FULL["head_dim"], memory_expansion=4, chunk_size=FULL["chunk_size"])
     flush = torch.empty(L2_FLUSH_BYTES // 4 if device.type == "cuda" else 1, device=device)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    prefill_batch, prefill_T, decode_batch = (2, 10, 3) if smoke else (8, 8192, 64)
+    prefill_batch, prefill_T, decode_batch = (2, 6, 3) if smoke else (8, 8192, 64)
     check_T = 2 * shape["chunk_size"] + 5  # crosses two chunk boundaries; long runs of random inputs are chaotic
     rows = []
     for rule in ["moneta"] if smoke else ["moneta", "memora"]:
@@ -601,8 +563,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                                          ("decode", decode_batch, 1, DECODE_LAUNCHES)):
             if mode not in modes:
                 continue
-            if smoke and mode == "prefill":
-                launches = launches[:2]
+            if smoke:  # prefill: the slabs and the fused kernel; decode: fused, split, and the shipped one
+                launches = launches[:2] if mode == "prefill" else launches[:3]
             x = random_inputs(cfg, batch, T, gen, device.type)
             tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
             tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
@@ -624,7 +586,7 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                                  if (k in SHOWN or k in launch) and k not in hidden)
                 try:
                     error, eager, t = run_launch(cfg, x, tokens, slots, pos, launch, reference, checked, device,
-                                                 reps=(1 if smoke else 5) if mode == "prefill" else 20,
+                                                 reps=1 if smoke else 5 if mode == "prefill" else 20,
                                                  flush=flush)
                 except Exception as exc:  # a configuration that does not compile (shared memory, say)
                     traceback.print_exc()
@@ -642,7 +604,7 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                   f"rel. error vs fp64 ({check_T} tokens)"], rows,
                  f"Kernel alone, {shape['n_heads']} heads x {shape['head_dim']}, chunk {shape['chunk_size']}, q/k/v "
                  f"stored bf16, from random states at random phases; prefill: batch {prefill_batch} x {prefill_T} "
-                 f"tokens (TFLOP/s: the prefill FLOP model of kernels/cost.py from position 0); decode: batch "
+                 f"tokens (TFLOP/s: the prefill FLOP model of benchmarks/cost.py from position 0); decode: batch "
                  f"{decode_batch}, one token, state bytes that must move (anchor read, memory "
                  "read + write) against the copy bandwidth, cold L2. The first row of each group is the shipped "
                  "launch_config (prefill: the slab-parallel kernels, SPLIT_D-wide slabs at SPLIT_WARPS warps; "
@@ -664,7 +626,7 @@ def serve_level(url: str, scratch: Path, name: str, model_dir: Path, concurrency
     server's mean engine step time during the level (from /metrics)."""
     import asyncio
 
-    from loadtest.serving_benchmark import run_phase, server_metrics
+    from benchmarks.serving import run_phase, server_metrics
 
     before = asyncio.run(server_metrics(url))
     _, result = run_phase(url, scratch / name, [
@@ -680,7 +642,7 @@ def serve_level(url: str, scratch: Path, name: str, model_dir: Path, concurrency
 
 
 @torch.inference_mode()
-def engine_alone_step(model: nn.Module, tokenizer, batch: int, prompt_len: int) -> float:
+def engine_alone_step(model: nn.Module, tokenizer, batch: int, prompt_len: int, reps: int) -> float:
     """Seconds per decode step of the serving engine in process (no HTTP; CUDA graphs on a GPU), every
     one of ``batch`` sequences decoding, greedy."""
     from server.engine import EngineConfig, LLMEngine
@@ -696,7 +658,7 @@ def engine_alone_step(model: nn.Module, tokenizer, batch: int, prompt_len: int) 
         engine.add_request(str(i), torch.randint(3, engine.vocab_size, (prompt_len,), generator=gen).tolist(), params)
     while any(r.status is not RequestStatus.DECODING for r in engine.requests.values()):
         engine.step()
-    return timed(engine.step, model.device, reps=10)
+    return timed(engine.step, model.device, reps=reps)
 
 
 def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
@@ -708,14 +670,14 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
     import tempfile
 
     import models
-    from loadtest.serving_benchmark import Server
+    from benchmarks.launch import miras_serve
     from models.layers import state_layout
     from models.random_init import random_pretrained
     from server.pool_sizing import plan_pool
 
-    levels = [1, 2] if smoke else SERVE_CONCURRENCY
+    levels = [2] if smoke else SERVE_CONCURRENCY
     prompt, output = (32, 8) if smoke else (SERVE_PROMPT, SERVE_OUTPUT)
-    long_prompt, short_prompt = (256, 16) if smoke else (SERVE_LONG_PROMPT, SERVE_SHORT_PROMPT)
+    long_prompt, short_prompt = (64, 16) if smoke else (SERVE_LONG_PROMPT, SERVE_SHORT_PROMPT)
     scratch = Path(tempfile.mkdtemp(prefix="miras-gpu-check-serve-"))
     try:
         model_dir = random_pretrained("moneta", scratch / "moneta-340m", "micro" if smoke else "340m",
@@ -727,8 +689,8 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
         kernel_ms, engine_ms = {}, {}
         for batch in levels:
             kernel_ms[batch] = decode_times(model, batch, state_layout(model.config, "triton"), device, flush,
-                                            reps=5 if smoke else 20)[0] * 1e3
-            engine_ms[batch] = engine_alone_step(model, tokenizer, batch, prompt) * 1e3
+                                            reps=1 if smoke else 20)[0] * 1e3
+            engine_ms[batch] = engine_alone_step(model, tokenizer, batch, prompt, reps=1 if smoke else 10) * 1e3
         sized = "-"
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
@@ -742,7 +704,8 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
         # (on a CPU both modes are the same eager steps: the smoke run starts one server)
         modes = [("eager (CPU)", [])] if smoke else [("CUDA graphs", []), ("--enforce-eager", ["--enforce-eager"])]
         for mode, extra in modes:
-            with Server(str(model_dir), flags + extra, scratch / f"server-{len(extra)}.log") as server:
+            with miras_serve(str(model_dir), *flags, *extra, threads=None,
+                             log=scratch / f"server-{len(extra)}.log") as server:
                 for c in levels:
                     s = serve_level(server.url, scratch, f"{mode}-{c}", model_dir, c, prompt, output,
                                     max(2, 2 * c) if smoke else max(4, 2 * c))
@@ -783,8 +746,7 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU run under the Triton interpreter, tiny shapes")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "benchmarks",
-                        help="directory for the Markdown report")
+    add_out_argument(parser)
     parser.add_argument("--commit", default=None, help="commit to name in the report (default: git's HEAD; "
                         "pass it where the tree is a copy without .git)")
     parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
@@ -801,11 +763,12 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     slug = "smoke" if args.smoke else "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
-    header = (f"# Miras kernels GPU check{' (smoke)' if args.smoke else ''}\n\n- card: {card}\n"
-              f"- date: {now:%Y-%m-%d %H:%M} UTC\n- commit: {args.commit or commit()}\n"
-              f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
-    report = Report(header, args.out / f"gpu_check_{slug}_{now:%Y%m%d-%H%M}.md")
-    print(header, flush=True)
+    lines = header(f"Miras kernels GPU check{' (smoke)' if args.smoke else ''}", __spec__.name, argv,
+                   f"card: {card}",
+                   f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}",
+                   commit=args.commit)
+    report = Report(lines, args.out / f"gpu_check_{slug}_{now:%Y%m%d-%H%M}.md")
+    print("\n".join(lines), flush=True)
     started = time.perf_counter()
     sections = {
         "correctness": ("Correctness", partial(check_correctness, report, device, args.smoke)),
@@ -828,8 +791,8 @@ def main(argv: list[str] | None = None) -> int:
         if key not in args.skip:
             ok &= report.run_section(title, section)
     footer = f"Total wall time: {time.perf_counter() - started:.0f} s."
+    print(f"\n{footer}", flush=True)
     report.write(footer)
-    print(f"\n{footer}\nwrote {report.path}", flush=True)
     return 0 if ok else 1
 
 

@@ -1,8 +1,10 @@
 """CPU benchmark of the PyTorch runtime: chunked prefill vs a token loop, decode cost vs context, and
 batched decode through a state pool in both state layouts against the bytes a step must move.
 
-    python -m models.bench [--preset moneta] [--contexts 128 1024 8192 32768] [--batches 1 8 32 64]
-                           [--out docs/benchmarks/...]
+    python -m benchmarks.runtime [--preset moneta] [--contexts 128 1024 8192 32768] [--batches 1 8 32 64]
+                                 [--out DIR]
+
+Writes models-cpu.md into ``--out`` (default docs/benchmarks/).
 
 Decode steps are interleaved round-robin (across the context lengths; across the layouts and a copy of
 the step's bytes), so machine noise hits every column alike and the ratios stay meaningful on a shared
@@ -12,31 +14,18 @@ machine.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
-from kernels.cost import decode_step_cost
-
-from .config import preset_config
-from .model import MirasLM
-from .train import SIZES
+from benchmarks import report
+from benchmarks.cost import decode_step_cost
+from models.config import preset_config
+from models.model import MirasLM
+from models.train import SIZES
 
 LAYOUTS = ("running", "factored")  # today's layout first: the "before" column
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 @torch.inference_mode()
@@ -78,7 +67,7 @@ def decode_vs_context(model: MirasLM, contexts: list[int], steps: int) -> list[d
 
 
 def step_cost(model: MirasLM, layout: str, batch: int):
-    """The byte / FLOP model of one decode step of ``model`` (kernels.cost), averaged over a chunk."""
+    """The byte / FLOP model of one decode step of ``model`` (benchmarks.cost), averaged over a chunk."""
     cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return decode_step_cost(layout, cfg.memory, head_dim=cfg.head_dim, hidden=cfg.memory_hidden,
@@ -139,7 +128,7 @@ def decode_batch_lines(rows: list[dict], threads: int, prompt: int) -> list[str]
         f"call), over a whole chunk after prompts of {prompt} to {prompt} + chunk tokens (phases spread over the "
         "chunk, so every step mixes sequences that read few and many factor rows, and each sequence folds once); "
         "median step. *Copy* is the time, in the same run, to copy a buffer of the bytes the byte model "
-        "(`kernels/cost.py`, averaged over a chunk) says the step must move: the weights once, plus every "
+        "(`benchmarks/cost.py`, averaged over a chunk) says the step must move: the weights once, plus every "
         "sequence's state bytes read and written. Each round runs one step of every batch size and layout "
         "(and its copy), so machine load hits them alike.",
         "",
@@ -179,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--batch-threads", type=int, default=1, help="torch threads of the batched decode section "
-                   "(1: as the served engine in server.bench)")
+                   "(1: as the served engine in benchmarks.serving_engine)")
     p.add_argument("--batch-prompt", type=int, default=128)
-    p.add_argument("--out", default="docs/benchmarks/models-cpu.md")
+    report.add_out_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -192,14 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     batch_rows = decode_batches(model, args.batches, args.batch_prompt)
     base = rows[0]["ms_per_token"]
     lines = [
-        f"# PyTorch runtime on CPU: `{args.preset}` ({args.size}, {model.num_parameters():,} parameters, "
-        f"chunk {model.config.chunk_size})",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared; load average {os.getloadavg()[0]:.1f} at "
-        f"the end), {args.threads} threads, torch {torch.__version__}; "
-        f"date {datetime.date.today()}; commit {git_commit()}. Command: `python -m models.bench "
-        f"--preset {args.preset} --size {args.size}`.",
-        "",
+        *report.header(f"PyTorch runtime on CPU: `{args.preset}` ({args.size}, {model.num_parameters():,} "
+                       f"parameters, chunk {model.config.chunk_size})", __spec__.name, argv,
+                       f"{args.threads} torch threads"),
         f"## Prefill, {args.prefill_tokens}-token prompt (median of 3, alternating)",
         "",
         "| path | tokens/s |",
@@ -221,11 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Decode cost {rows[-1]['context']:,} vs {rows[0]['context']:,}: {ratio:.2f}x "
                   f"(target within 1.1x); state size constant: {'yes' if same_size else 'NO'}.", ""]
     lines += decode_batch_lines(batch_rows, args.batch_threads, args.batch_prompt)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    print("\n".join(lines))
+    report.write(args.out, "models-cpu.md", lines)
     return 0
 
 

@@ -8,18 +8,16 @@ lm-eval's log-likelihoods are checked against the model's own, computed here in 
 The tools are heavy and pin their own dependencies, so they live in a separate virtual environment
 (``--tools-venv``; see docs/serving.md, "Third-party clients"); this script only runs their CLIs.
 
-    python -m server.bench_clients --tools-venv /tmp/evalenv [--model moneta-tiny]
+    python -m benchmarks.clients --tools-venv /tmp/evalenv [--model moneta-tiny]
 
-Writes docs/benchmarks/clients-cpu.md.
+Writes clients-cpu.md into ``--out`` (default docs/benchmarks/).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,11 +27,10 @@ from pathlib import Path
 import torch
 
 import models
+from benchmarks import report
+from benchmarks.launch import miras_serve
 from models.checkpoint import resolve
 
-from .bench import start_server
-
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "clients-cpu.md"
 # (context, choices, index of the right one): multiple choice, scored by loglikelihood
 CHOICE_DOCS = [
     ("ROMEO.\nBut soft, what light through yonder window", [" breaks", " sings", " falls"], 0),
@@ -132,22 +129,23 @@ def run_guidellm(tools: Path, url: str, name: str, model_dir: Path, out: Path, s
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser("python -m server.bench_clients", description=__doc__,
+    p = argparse.ArgumentParser("python -m benchmarks.clients", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tools-venv", type=Path, required=True, help="virtual environment with lm-eval and guidellm")
     p.add_argument("--model", default="moneta-tiny", help="shipped model name or model directory")
-    p.add_argument("--port", type=int, default=8791)
+    p.add_argument("--port", type=int, default=None, help="the server's port (default: a free one)")
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.add_argument("--guidellm-seconds", type=int, default=20, help="0: skip guidellm")
-    p.add_argument("--out", type=Path, default=REPORT)
+    report.add_out_argument(p)
     args = p.parse_args(argv)
 
     model, tokenizer = models.load_pretrained(args.model)
     model = model.float().eval()
     model_dir = resolve(args.model)
-    url = f"http://127.0.0.1:{args.port}"
     rows, commands = [], []
-    server = start_server(args.model, args.port, 1, 8, "--served-model-name", args.model, "--dtype", "float32")
+    server = miras_serve(args.model, "--max-num-seqs", "8", "--served-model-name", args.model, "--dtype", "float32",
+                         port=args.port)
+    url = server.url
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tasks_dir = Path(tmp)
@@ -170,18 +168,12 @@ def main(argv: list[str] | None = None) -> None:
                                              args.guidellm_seconds) if args.guidellm_seconds else (None, "")
             print(summary, flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.stop(60)
 
     failed = [r for r in rows if not r[2] <= args.tolerance]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     lines = [
-        "# Third-party clients against miras-serve (CPU)", "",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared with other work while this ran), "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; model {args.model} "
-        "(float32)",
-        f"- script: `python -m server.bench_clients --tools-venv {args.tools_venv}`", "",
+        *report.header("Third-party clients against miras-serve (CPU)", __spec__.name, argv,
+                       f"model {args.model} (float32)"),
         "| client | log-likelihoods compared | max abs diff vs the model's own | acc (choice) | exact match "
         "(generate) | seconds |", "|---|---|---|---|---|---|",
         *[f"| {name} | {count} | {worst:.2e} | {acc:.3f} | {em:.3f} | {secs:.0f} |"
@@ -189,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Tolerance {args.tolerance:g}: {'all within' if not failed else 'EXCEEDED'}.", "", summary, "",
         "Commands (the port and paths of this run):", "", "```sh", *commands,
         *([guidellm] if guidellm else []), "```"]
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    report.write(args.out, "clients-cpu.md", lines)
     if failed:
         sys.exit(1)
 

@@ -1,7 +1,7 @@
 """Which operand precision can the memory's tensor-core products afford? Measured on the shipped models.
 
-    python -m models.precision_study [--models moneta-tiny ...] [--tokens 16384] [--decode-prefix 512]
-                                     [--decode-tail 64] [--out docs/benchmarks/precision-cpu.md]
+    python -m benchmarks.precision [--models moneta-tiny ...] [--tokens 16384] [--decode-prefix 512]
+                                   [--decode-tail 64] [--out DIR] [--name precision-cpu.md]
 
 Every model reads one long held-out sequence (the validation split of models/corpus.py, the default
 corpus the models were trained on) in one parallel chunked pass, in fp64 (the truth) and in fp32 with the
@@ -24,24 +24,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import math
-import os
-import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from . import memory
-from .bench import git_commit
-from .checkpoint import load_pretrained, shipped_models
-from .corpus import load_documents, split_documents
-from .model import MirasLM
-from .train import encode_stream
+from benchmarks import report
+from models import memory
+from models.checkpoint import load_pretrained, shipped_models
+from models.corpus import load_documents, split_documents
+from models.model import MirasLM
+from models.train import encode_stream
 
 SETTINGS = memory.DOT_EMULATIONS
 # The decision rule of issue 11: the cheapest setting that moves perplexity by less than this, relatively,
@@ -229,19 +225,13 @@ def judged_horizons(result: dict, whole: bool = False) -> list[int]:
     return [end for end in ends if exact is not None and passes(exact["horizons"][end])]
 
 
-def report(results: list[dict], args: argparse.Namespace, seconds: float) -> str:
+def report_lines(results: list[dict], args: argparse.Namespace, argv: list[str] | None, seconds: float) -> list[str]:
     literal, decision = decide(results, whole=True), decide(results)
     ends = horizons(args.tokens)
     n_layers = max(len(r["layer_kinds"]) for r in results)
     lines = [
-        "# Dot precision of the memory's chunk products, measured on the shipped models (CPU emulation)",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared; load average {os.getloadavg()[0]:.1f} at "
-        f"the end), {torch.get_num_threads()} threads, torch {torch.__version__}; date {datetime.date.today()}; "
-        f"commit {git_commit()}; {seconds / 60:.1f} min in all. Command: `python -m models.precision_study "
-        f"--models {' '.join(args.models)} --tokens {args.tokens} --decode-prefix {args.decode_prefix} "
-        f"--decode-tail {args.decode_tail}{' --corpus ' + ' '.join(args.corpus) if args.corpus else ''}`.",
-        "",
+        *report.header("Dot precision of the memory's chunk products, measured on the shipped models (CPU emulation)",
+                       __spec__.name, argv, f"{torch.get_num_threads()} torch threads; {seconds / 60:.1f} min in all"),
         f"One sequence of {args.tokens:,} held-out tokens per model, parallel chunked pass. Truth: the whole model "
         "in fp64. Settings: fp32 model, the memory's chunk products (the kernels' `tl.dot`s) with operands rounded "
         "as each input precision does (models.memory.emulate_dots), fp32 accumulation and state. Perplexity "
@@ -307,8 +297,8 @@ def report(results: list[dict], args: argparse.Namespace, seconds: float) -> str
               f"**{literal or 'no setting passes, exact fp32 included'}**.",
               "- Judged on the prefixes where exact fp32 itself passes (per model: "
               + "; ".join(f"{r['name']} {', '.join(f'{e:,}' for e in judged_horizons(r)) or 'none'}" for r in results)
-              + f"): **{decision or 'no setting passes'}**.", ""]
-    return "\n".join(lines)
+              + f"): **{decision or 'no setting passes'}**."]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     p.add_argument("--corpus", nargs="+", help="text files or directories (default: the training corpus)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="docs/benchmarks/precision-cpu.md")
+    report.add_out_argument(p)
+    p.add_argument("--name", default="precision-cpu.md", help="the report's file name in --out")
     args = p.parse_args(argv)
     if args.decode_tail < 0 or args.decode_prefix < 1 or args.decode_prefix + args.decode_tail > args.tokens:
         p.error("--decode-prefix (>= 1) and --decode-tail (>= 0) must add up to at most --tokens")
@@ -328,11 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = [study_model(name, args.tokens, args.decode_prefix, args.decode_tail, tuple(args.settings),
                            args.corpus) for name in args.models]
-    text = report(results, args, time.perf_counter() - start)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    lines = report_lines(results, args, argv, time.perf_counter() - start)
+    print("\n".join(lines))
+    report.write(args.out, args.name, lines)
     return 0
 
 

@@ -8,29 +8,24 @@ the cache (the state after turn 1 is restored, only the new tokens are prefilled
 (everything is prefilled again). Both engines run side by side in one process; the report gives their
 ratio.
 
-    python -m server.bench_state_cache [--model moneta-tiny] [--histories 256 1024 4096 16384]
+    python -m benchmarks.state_cache [--model moneta-tiny] [--histories 256 1024 4096 16384]
 
-Writes docs/benchmarks/state-cache-cpu.md.
+Writes state-cache-cpu.md into ``--out`` (default docs/benchmarks/).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import os
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
-from .engine import EngineConfig, LLMEngine
-from .loader import load_model
-from .sampling_params import SamplingParams
+from benchmarks import report
+from server.engine import EngineConfig, LLMEngine
+from server.loader import load_model
+from server.sampling_params import SamplingParams
 
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "state-cache-cpu.md"
 REPLY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 FIRST_TOKEN = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 REQUEST_IDS = itertools.count()
@@ -55,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="moneta-tiny")
     p.add_argument("--histories", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=REPORT)
+    report.add_out_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
@@ -80,22 +75,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"history {history:>6}: next turn {times['plain next turn'] * 1e3:8.1f} ms -> "
               f"{times['cached next turn'] * 1e3:7.1f} ms; regenerate {times['plain regenerate'] * 1e3:8.1f} ms -> "
               f"{times['cached regenerate'] * 1e3:7.1f} ms", flush=True)
-    write_report(args, rows, model.config.chunk_size, cached.pool.nbytes_per_sequence())
+    write_report(args, argv, rows, model.config.chunk_size, cached.pool.nbytes_per_sequence())
 
 
-def write_report(args: argparse.Namespace, rows: list, chunk_size: int, state_bytes: int) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+def write_report(args: argparse.Namespace, argv: list[str] | None, rows: list, chunk_size: int,
+                 state_bytes: int) -> None:
     lines = [
-        "# State cache: time to first token of a follow-up turn (CPU, in process)", "",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s); "
-        f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
-        f"- model: `{args.model}` (chunk {chunk_size}, state {state_bytes / 2**20:.1f} MiB per sequence); engine "
-        "with max_num_batched_tokens 4096; command: `python -m server.bench_state_cache`",
-        "- turn 1: H random tokens + a 16-token greedy reply; turn 2: the whole conversation as token ids + 24 new "
-        "tokens (over a chat template the reply is re-rendered from text; with the shipped models' template it "
-        "re-renders as generated and is not prefilled again: see docs/serving.md). "
-        "Both engines (state cache on / off) run side by side in one process and produce the same tokens.", "",
+        *report.header(
+            "State cache: time to first token of a follow-up turn (CPU, in process)", __spec__.name, argv,
+            f"{torch.get_num_threads()} torch thread(s)",
+            f"model: `{args.model}` (chunk {chunk_size}, state {state_bytes / 2**20:.1f} MiB per sequence); engine "
+            "with max_num_batched_tokens 4096",
+            "turn 1: H random tokens + a 16-token greedy reply; turn 2: the whole conversation as token ids + 24 new "
+            "tokens (over a chat template the reply is re-rendered from text; with the shipped models' template it "
+            "re-renders as generated and is not prefilled again: see docs/serving.md). "
+            "Both engines (state cache on / off) run side by side in one process and produce the same tokens."),
         "| history H | turn-2 prompt | next turn: no cache | with cache | speed-up | regenerate: no cache "
         "| with cache | speed-up |",
         "|---|---|---|---|---|---|---|---|",
@@ -109,9 +103,7 @@ def write_report(args: argparse.Namespace, rows: list, chunk_size: int, state_by
     lines += ["", "With the cache the next turn prefills only what is new (the last reply token and the question), "
               "so its time to first token stays flat as the history grows; a regenerated request prefills nothing. "
               "Without it, the whole conversation is prefilled again at every turn.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    report.write(args.out, "state-cache-cpu.md", lines)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What one decode step must move and compute, per state layout, and what one prefill chunk must compute:
-the yardsticks every decode and prefill measurement is reported against (the GPU check, ``models.bench``).
+the yardsticks every decode and prefill measurement is reported against (the GPU check, ``benchmarks.runtime``).
 
 Pure arithmetic on the model's shape (it imports nothing of the project). All state is fp32. Per Miras
 layer and head, with head dim ``d``, memory hidden ``D`` and chunk size ``b``, the memory has ``M``

@@ -1,11 +1,11 @@
-"""The byte / FLOP model of one decode step and the FLOP model of a prefill chunk (kernels.cost), against
+"""The byte / FLOP model of one decode step and the FLOP model of a prefill chunk (benchmarks.cost), against
 counts written out by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from kernels.cost import decode_step_cost, prefill_chunk_flops, prefill_flops
+from benchmarks.cost import decode_step_cost, prefill_chunk_flops, prefill_flops
 
 # The paper's 340M shape: 24 Miras layers, 16 heads x 64, expansion 4, chunk 64.
 SHAPE_340M = dict(head_dim=64, hidden=256, chunk_size=64, n_heads=16, n_miras_layers=24)

@@ -2,7 +2,7 @@
 with conversation-affine routing vs round-robin (and vllm-router, when installed), then with one replica
 killed mid-run (SIGKILL): its conversations continue on the others from the shared store.
 
-    python -m deploy.local.bench_replicas                  # make bench-replicas; writes docs/benchmarks/replicas-cpu.md
+    python -m benchmarks.replicas                  # make bench-replicas; writes replicas-cpu.md into --out
 
 Every phase starts a fresh stack (Redis, ``--replicas`` replicas, the router) and runs ``--conversations``
 conversations of ``--turns`` turns through the Responses API (each turn continues the previous one by
@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import platform
 import random
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .replicas import Stack
+from benchmarks import report
+from deploy.local.replicas import Stack
 
 WORDS = ["king", "queen", "sword", "crown", "night", "love", "death", "honour", "storm", "sea", "ghost", "letter",
          "ring", "father", "daughter", "war", "peace", "castle", "forest", "feast", "wine", "blood", "moon", "star"]
@@ -110,7 +107,7 @@ async def router_overhead(stack: Stack, n: int = 200) -> float:
     """Median extra latency (s) of a request through the router over one sent to a replica directly
     (GET /v1/models, alternating, sequential)."""
     direct, routed = [], []
-    live = [port for port, proc in zip(stack.replica_ports, stack.replicas, strict=True) if proc.poll() is None]
+    live = [port for port, proc in zip(stack.replica_ports, stack.replicas, strict=True) if proc.alive()]
     async with httpx.AsyncClient(timeout=30) as http:
         for i in range(n):
             for url, into in ((f"http://127.0.0.1:{live[i % len(live)]}", direct),
@@ -125,7 +122,7 @@ def tier_hits(stack: Stack, only: int | None = None) -> dict[str, float]:
     """State restores by tier, summed over the replicas still up (or of replica ``only``)."""
     total: dict[str, float] = {}
     for i, (port, proc) in enumerate(zip(stack.replica_ports, stack.replicas, strict=True)):
-        if proc is None or proc.poll() is not None or only not in (None, i):
+        if not proc.alive() or only not in (None, i):
             continue
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         for family in text_string_to_metric_families(text):
@@ -140,7 +137,7 @@ def ms(xs: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser("bench_replicas", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser("python -m benchmarks.replicas", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="moneta-tiny")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--conversations", type=int, default=32)
@@ -149,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-output-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--routers", nargs="+", default=["nginx", "vllm-router"])
-    p.add_argument("--out", default="docs/benchmarks/replicas-cpu.md")
+    report.add_out_argument(p)
     args = p.parse_args(argv)
     if not (1 <= args.conversations <= 256 and 1 <= args.turns <= 64 and 1 <= args.concurrency <= 64):
         p.error("conversations 1-256, turns 1-64, concurrency 1-64")
@@ -172,19 +169,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label}: {result['turns']} turns in {result['wall']:.0f} s, per-turn TTFT ms "
               f"{[ms(x) for x in result['ttft']]}, hits {result['hits']}, retried {result['retried']}, "
               f"lost {result['lost']}, router overhead {1000 * result['overhead']:.2f} ms")
-    write_report(args, results)
+    write_report(args, argv, results)
 
 
-def write_report(args: argparse.Namespace, results: list[dict]) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+def write_report(args: argparse.Namespace, argv: list[str] | None, results: list[dict]) -> None:
     header = "| routing | " + " | ".join(f"turn {t + 1}" for t in range(args.turns)) + \
         " | restored from memory / shared store / recomputed (turns 2+) | retried | lost | wall s | router ms |"
     lines = [
-        "# Many replicas: conversation-affine routing and the shared store (CPU)",
-        "",
-        f"`python -m deploy.local.bench_replicas` on {platform.node()} ({platform.processor() or platform.machine()}, "
-        f"2 cores shared with other work), {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"commit {commit}. {args.replicas} replicas of {args.model} on CPU (one thread each), Redis, a router; "
+        *report.header("Many replicas: conversation-affine routing and the shared store (CPU)", __spec__.name, argv),
+        f"{args.replicas} replicas of {args.model} on CPU (one thread each), Redis, a router; "
         f"{args.conversations} conversations x {args.turns} turns through the Responses API "
         f"(`previous_response_id`, streamed, greedy, {args.max_output_tokens} output tokens), "
         f"{args.concurrency} requests at a time, turn by turn (every conversation's turn t, then turn t + 1). Median "
@@ -201,9 +194,8 @@ def write_report(args: argparse.Namespace, results: list[dict]) -> None:
                      f" | {mem / restores:.0%} / {shared / restores:.0%} / "
                      f"{max(0, restores - mem - shared) / restores:.0%} | {r['retried']} | {r['lost']} | "
                      f"{r['wall']:.0f} | {1000 * r['overhead']:.2f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    report.write(args.out, "replicas-cpu.md", lines)
 
 
 if __name__ == "__main__":

@@ -13,38 +13,32 @@ again). Measured: time to the first streamed text (median). Then the server is r
 Last, the server's own work for a turn (render, tokenize, keys, store; no model) is timed in process over
 a synthetic conversation of 10,000 turns.
 
-    python -m server.bench_responses [--model moneta-tiny] [--marks 1 10 50] [--repeats 5]
+    python -m benchmarks.responses [--model moneta-tiny] [--marks 1 10 50] [--repeats 5]
 
-Writes docs/benchmarks/responses-cpu.md.
+Writes responses-cpu.md into ``--out`` (default docs/benchmarks/).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import os
-import platform
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .async_engine import AsyncEngine
-from .bench import start_server
-from .engine import EngineConfig, LLMEngine
-from .limits import TextLimits
-from .loader import load_model
-from .response_store import ResponseStore, StoredResponse
-from .serving_responses import OpenAIServingResponses
+from benchmarks import report
+from benchmarks.launch import miras_serve
+from server.async_engine import AsyncEngine
+from server.engine import EngineConfig, LLMEngine
+from server.limits import TextLimits
+from server.loader import load_model
+from server.response_store import ResponseStore, StoredResponse
+from server.serving_responses import OpenAIServingResponses
 
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "responses-cpu.md"
 TOPICS = ["the king", "the sea", "a rose", "the night", "a letter", "the war", "a song", "the moon", "a friend",
           "the storm", "a crown", "the garden"]
 
@@ -71,12 +65,6 @@ def stream(client: httpx.Client, path: str, body: dict) -> tuple[float, str, dic
     return first if first is not None else time.perf_counter() - start, text, last
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def restore_seconds(url: str) -> dict[str, tuple[float, int]]:
     """Per tier: mean restore latency and count, from the server's histogram."""
     totals: dict[tuple[str, str], float] = {}
@@ -96,15 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reply-tokens", type=int, default=16)
     p.add_argument("--bookkeeping-marks", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (OMP_NUM_THREADS)")
-    p.add_argument("--out", type=Path, default=REPORT)
+    report.add_out_argument(p)
     args = p.parse_args(argv)
     disk = tempfile.mkdtemp(prefix="miras-bench-states-")
     cached_flags = ("--served-model-name", "m", "--state-disk-dir", disk)
-    ports = {"cached": free_port(), "plain": free_port()}
-    servers = {"cached": start_server(args.model, ports["cached"], args.threads, 4, *cached_flags),
-               "plain": start_server(args.model, ports["plain"], args.threads, 4, "--served-model-name", "m",
+    servers = {"cached": miras_serve(args.model, "--max-num-seqs", "4", *cached_flags, threads=args.threads),
+               "plain": miras_serve(args.model, "--max-num-seqs", "4", "--served-model-name", "m",
                                      "--state-cache-gb", "0")}
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    urls = {name: server.url for name, server in servers.items()}
     cached, plain = (httpx.Client(base_url=urls[name], timeout=600) for name in ("cached", "plain"))
     ttft: dict[tuple[str, int], list[float]] = {}
     agree = {"chat, state cache on": 0, "chat, no state cache": 0}
@@ -124,21 +111,18 @@ def main(argv: list[str] | None = None) -> None:
                     agree[way] += texts[way] == texts["Responses"]
             print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
         memory = restore_seconds(urls["cached"])
-        servers["cached"].terminate()  # SIGTERM: drain, flush the disk tier
-        servers["cached"].wait(60)
-        servers["cached"] = start_server(args.model, ports["cached"], args.threads, 4, *cached_flags)
+        servers["cached"].restart(60)  # SIGTERM first: drain, flush the disk tier
         stream(cached, "/v1/responses", {"model": "m", "input": "warm up", "max_output_tokens": 1, "store": False})
         for k in args.marks:  # the restarted server's memory is empty: each state comes from disk
             ttft[("restarted", k)] = [respond(cached, ids[k], question(k + 1))[0]]
         restored = restore_seconds(urls["cached"])
     finally:
-        for proc in servers.values():
-            proc.kill()
-            proc.wait()
+        for server in servers.values():
+            server.kill()
     total = args.repeats * len(args.marks)
     per_turn = bookkeeping(args.model, args.bookkeeping_marks)
-    write_report(args, ttft, history_tokens, {way: f"{n}/{total}" for way, n in agree.items()}, memory, restored,
-                 per_turn)
+    write_report(args, argv, ttft, history_tokens, {way: f"{n}/{total}" for way, n in agree.items()}, memory,
+                 restored, per_turn)
 
 
 def bookkeeping(model: str, marks: list[int]) -> dict[int, float]:
@@ -197,27 +181,24 @@ def chat(client: httpx.Client, history: list[dict[str, str]], text: str) -> tupl
     return seconds, reply
 
 
-def write_report(args: argparse.Namespace, ttft: dict, history: dict, agree: dict, memory: dict, restored: dict,
-                 per_turn: dict[int, float]) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+def write_report(args: argparse.Namespace, argv: list[str] | None, ttft: dict, history: dict, agree: dict,
+                 memory: dict, restored: dict, per_turn: dict[int, float]) -> None:
 
     def ms(values: list[float] | None) -> str:
         return "-" if not values else f"{statistics.median(values) * 1e3:,.1f} ms"
 
     lines = [
-        "# Responses API: time to first token of a turn after 1, 10, 50 turns (CPU, over HTTP)", "",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared with other work while this ran), "
-        f"{args.threads} torch thread(s) per server; date "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
-        f"- model `{args.model}`; a greedy conversation of {max(args.marks)} turns (a ~25-token question, a "
-        f"{args.reply_tokens}-token reply) is built through the Responses API and, on the same server, as chat "
-        "completions (same text every turn). Then the next turn after k turns (a new question) is sent three "
-        f"ways, interleaved, {args.repeats} times each: by reference (`previous_response_id`, `store: false`), "
-        "as a chat completion resending the history to that server (state cache on), and to a server with "
-        "`--state-cache-gb 0`. Last column: the first continuation after a restart on the same "
-        "`--state-disk-dir` (one sample; the state comes from disk). Command: `python -m server.bench_responses`",
-        "- TTFT: request sent -> first streamed text, median; client and servers share the cores.", "",
+        *report.header(
+            "Responses API: time to first token of a turn after 1, 10, 50 turns (CPU, over HTTP)", __spec__.name, argv,
+            f"{args.threads} torch thread(s) per server",
+            f"model `{args.model}`; a greedy conversation of {max(args.marks)} turns (a ~25-token question, a "
+            f"{args.reply_tokens}-token reply) is built through the Responses API and, on the same server, as chat "
+            "completions (same text every turn). Then the next turn after k turns (a new question) is sent three "
+            f"ways, interleaved, {args.repeats} times each: by reference (`previous_response_id`, `store: false`), "
+            "as a chat completion resending the history to that server (state cache on), and to a server with "
+            "`--state-cache-gb 0`. Last column: the first continuation after a restart on the same "
+            "`--state-disk-dir` (one sample; the state comes from disk).",
+            "TTFT: request sent -> first streamed text, median; client and servers share the cores."),
         "| after k turns | conversation (tokens) | Responses, `previous_response_id` | chat, history resent, "
         "state cache on | chat, history resent, no state cache | Responses after a restart (from disk) |",
         "|---|---|---|---|---|---|",
@@ -245,10 +226,8 @@ def write_report(args: argparse.Namespace, ttft: dict, history: dict, agree: dic
               "depends on the history either.", "",
               "| after k turns | " + " | ".join(f"{k:,}" for k in per_turn) + " |",
               "|---|" + "---|" * len(per_turn),
-              "| per turn | " + " | ".join(f"{t * 1e3:.3f} ms" for t in per_turn.values()) + " |", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+              "| per turn | " + " | ".join(f"{t * 1e3:.3f} ms" for t in per_turn.values()) + " |"]
+    report.write(args.out, "responses-cpu.md", lines)
 
 
 if __name__ == "__main__":

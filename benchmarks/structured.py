@@ -9,9 +9,9 @@ schema, and whether a special token (<|pad|>, <|bos|>) was ever allowed. (2) The
 1 and 32, 48 sampled tokens per sequence: tokens/s unconstrained vs under a JSON schema, run alternately in one
 process (best of --repeats).
 
-    python -m server.bench_structured [--walks 20] [--repeats 3]
+    python -m benchmarks.structured [--walks 20] [--repeats 3]
 
-Writes docs/benchmarks/structured-cpu.md. Needs the `structured` extra; xgrammar and outlines-core are measured
+Writes structured-cpu.md into ``--out``. Needs the `structured` extra; xgrammar and outlines-core are measured
 when installed (pip install xgrammar outlines-core).
 """
 
@@ -19,31 +19,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import itertools
 import json
-import os
-import platform
 import random
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jsonschema
 import numpy as np
 import torch
 
+from benchmarks import report
 from models import MirasTokenizer
+from server.engine import EngineConfig, LLMEngine
+from server.loader import load_model
+from server.sampler import Sampler
+from server.sampling_params import GuidedDecoding, SamplingParams
+from server.structured import GrammarCompiler, allowed_mask
 
-from .engine import EngineConfig, LLMEngine
-from .loader import load_model
-from .sampler import Sampler
-from .sampling_params import GuidedDecoding, SamplingParams
-from .structured import GrammarCompiler, allowed_mask
-
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "structured-cpu.md"
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 16},
     "age": {"type": "integer", "minimum": 18, "maximum": 99},
@@ -266,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=REPORT)
+    report.add_out_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     _, tokenizer = load_model(args.model)
@@ -274,23 +268,18 @@ def main(argv: list[str] | None = None) -> None:
     engines = compare_engines(tokenizer, vocab, eos, args.walks)
     sampling = sampler_overhead(tokenizer, args.batches)
     overhead = engine_overhead(args.model, args.batches, args.repeats)
-    write_report(args, vocab, engines, sampling, overhead)
+    write_report(args, argv, vocab, engines, sampling, overhead)
 
 
-def write_report(args: argparse.Namespace, vocab: int, engines: list[tuple], sampling: list[tuple],
-                 overhead: list[tuple]) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+def write_report(args: argparse.Namespace, argv: list[str] | None, vocab: int, engines: list[tuple],
+                 sampling: list[tuple], overhead: list[tuple]) -> None:
     versions = []
     for package in ("llguidance", "xgrammar", "outlines_core"):
         with contextlib.suppress(ImportError, AttributeError):
             versions.append(f"{package} {__import__(package).__version__}")
     lines = [
-        "# Structured outputs: grammar engines and the mask's cost per decode step (CPU)", "",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared), {torch.get_num_threads()} torch "
-        f"thread(s); date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; "
-        f"{', '.join(versions)}",
-        f"- command: `python -m server.bench_structured --walks {args.walks} --repeats {args.repeats}`", "",
+        *report.header("Structured outputs: grammar engines and the mask's cost per decode step (CPU)",
+                       __spec__.name, argv, f"{torch.get_num_threads()} torch thread(s); {', '.join(versions)}"),
         f"## Engines on the `{args.model}` tokenizer (byte-level BPE, vocabulary {vocab:,})", "",
         f"One JSON schema (nested object, bounded integers, an enum array, bounded strings); {args.walks} random "
         "walks each (a random allowed token per step, EOS taken half the time it is allowed). Mask time: computing "
@@ -315,10 +304,7 @@ def write_report(args: argparse.Namespace, vocab: int, engines: list[tuple], sam
               "| batch | unconstrained tokens/s | constrained tokens/s | ratio |", "|---|---|---|---|"]
     for batch, plain, guided in overhead:
         lines.append(f"| {batch} | {plain:,.0f} | {guided:,.0f} | {guided / plain:.2f}x |")
-    lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    report.write(args.out, "structured-cpu.md", lines)
 
 
 if __name__ == "__main__":

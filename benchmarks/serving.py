@@ -1,8 +1,9 @@
 """Serving benchmark: start miras-serve on loopback, sweep concurrency, then overload it at twice its capacity.
 
-    python -m loadtest.serving_benchmark --model moneta-tiny --out docs/benchmarks
+    python -m benchmarks.serving --model moneta-tiny [--out DIR]
 
-writes ``serving-cpu.md`` and its plots (``serving-cpu/``) with the machine, date and commit. Capacity is the
+writes ``serving-cpu.md`` and its plots (``serving-cpu/``) into ``--out`` (default docs/benchmarks/) with the
+machine, date and commit. Capacity is the
 best request throughput of the sweep; the overload run sends Poisson arrivals at twice that rate in
 correctness mode, so every request must complete with its tokens or get a clean 429, and the server's
 metrics must agree with the client.
@@ -12,15 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
-import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,68 +23,11 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import report
+from benchmarks.launch import miras_serve
 from loadtest.cli import run_cli
 from loadtest.correctness import scrape
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """miras-serve in a subprocess, healthy on entry and drained (SIGTERM) on exit."""
-
-    def __init__(self, model: str, flags: list[str], log: Path):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.command = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1",
-                        "--port", self.url.rsplit(":", 1)[1], "--log-level", "warning", *flags]
-        self.log = log
-
-    def __enter__(self) -> Server:
-        with self.log.open("w") as sink:
-            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"miras-serve exited:\n{self.log.read_text()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("miras-serve not healthy after 300 s")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-
-    def __exit__(self, *exc) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    system = f"{platform.system()} {platform.release()}"
-    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
+from models.checkpoint import resolve
 
 
 def load_average() -> str:
@@ -143,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="shipped model name or checkpoint directory")
     p.add_argument("--model-note", default="", help="what the model is, for the report")
     p.add_argument("--note", default="", help="conditions worth knowing (other load on the machine, ...)")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    report.add_out_argument(p)
     p.add_argument("--name", default="serving-cpu")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per sweep level")
@@ -156,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Runs write to a scratch directory; only the kept files reach the docs, and only after a complete run.
     scratch = Path(tempfile.mkdtemp(prefix="miras-serving-benchmark-"))
-    common = ["--tokenizer", args.model, "--input-len", args.input_len, "--output-len", args.output_len,
+    common = ["--tokenizer", str(resolve(args.model)), "--input-len", args.input_len, "--output-len", args.output_len,
               "--ignore-eos", "--no-progress", "--num-warmups", "4"]
     started = time.monotonic()
     loads = {"before": load_average()}
-    with Server(args.model, args.server_flags.split(), scratch / "server.log") as server:
+    with miras_serve(args.model, *args.server_flags.split(), threads=None, log=scratch / "server.log") as server:
         sweep_status, sweep = run_phase(server.url, scratch / "sweep", common,
                                         ["--sweep", f"concurrency:{args.concurrency}", "--duration",
                                          str(args.duration), "--title", "Concurrency sweep"])
@@ -189,21 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     check = level["check"]
     s = level["summary"]
     lines = [
-        "# Serving benchmark on CPU",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; commit {git_commit()}",
-        f"- machine: {machine()}; load average (1/5/15 min) before {loads['before']}, after {loads['after']}",
-        f"- model: `{Path(args.model).name if Path(args.model).is_dir() else args.model}` {args.model_note}".rstrip(),
-        f"- server: `miras-serve` defaults{' + ' + args.server_flags if args.server_flags else ''} "
-        f"(server version {sweep['meta']['server version']}), client and server on the same machine; "
-        f"{metrics.get('miras:state_slots_capacity', 0):g} state slots of "
-        f"{metrics.get('miras:state_bytes_per_sequence', 0) / 1024:.0f} KiB each (constant in context length)",
-        *([f"- conditions: {args.note}"] if args.note else []),
-        f"- workload: `/v1/completions` streamed, prompts `{args.input_len}` tokens of synthetic text, "
-        f"`{args.output_len}` output tokens with `ignore_eos`, greedy",
-        f"- reproduce: `python -m loadtest.serving_benchmark {shlex.join(sys.argv[1:] if argv is None else argv)}` "
-        f"({elapsed / 60:.1f} min)",
-        "",
+        *report.header(
+            "Serving benchmark on CPU", __spec__.name, argv,
+            f"load average (1/5/15 min) before {loads['before']}, after {loads['after']}; {elapsed / 60:.1f} min",
+            f"model: `{Path(args.model).name if Path(args.model).is_dir() else args.model}` {args.model_note}".rstrip(),
+            f"server: `miras-serve` defaults{' + ' + args.server_flags if args.server_flags else ''} "
+            f"(server version {sweep['meta']['server version']}), client and server on the same machine; "
+            f"{metrics.get('miras:state_slots_capacity', 0):g} state slots of "
+            f"{metrics.get('miras:state_bytes_per_sequence', 0) / 1024:.0f} KiB each (constant in context length)",
+            *([f"conditions: {args.note}"] if args.note else []),
+            f"workload: `/v1/completions` streamed, prompts `{args.input_len}` tokens of synthetic text, "
+            f"`{args.output_len}` output tokens with `ignore_eos`, greedy"),
         f"## Concurrency sweep ({args.duration:g} s per level, closed loop)",
         "",
         *table(sweep["levels"]),
@@ -237,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Full `miras-loadtest` summaries (p50/p90/p99, errors): `{args.name}/sweep-summary.md`, "
         f"`{args.name}/overload-summary.md`, and as JSON `{args.name}/*-summary.json`.",
     ]
-    report = "\n".join(lines) + "\n"
-    (args.out / f"{args.name}.md").write_text(report)
-    print(report)
+    print("\n".join(lines))
+    report.write(args.out, f"{args.name}.md", lines)
     return 0 if sweep_status == 0 and check_status == 0 else 1
 
 

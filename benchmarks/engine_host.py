@@ -1,10 +1,10 @@
 """Host work per engine step: the time of a decode step spent outside the model forward (scheduling,
 sampling, detokenizing, output assembly), at batch 1 / 64 / 256, for this tree and a baseline revision
-side by side in one run, and the engine's decode tokens/s. Writes docs/benchmarks/engine-host-cpu.md.
+side by side in one run, and the engine's decode tokens/s. Writes engine-host-cpu.md into ``--out``.
 
-    python -m server.bench_host [--baseline REV] [--steps 30] [--preset linear --size tiny]
+    python -m benchmarks.engine_host [--baseline REV] [--steps 30] [--preset linear --size tiny]
 
-The baseline is exported with ``git archive`` and this file is copied into it, so both trees are measured
+The baseline is exported with ``git archive`` and this benchmarks/ package is copied into it, so both trees are measured
 by the same code (it only uses the engine API both have). Each measurement is its own process, with one
 torch thread; baseline and current runs alternate, and each is repeated (``--repeats``), keeping the run
 with the least host time: other load on a shared machine only ever adds time.
@@ -13,11 +13,9 @@ with the least host time: other load on a shared machine only ever adds time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -30,12 +28,11 @@ import torch
 
 import models
 import server.engine as engine_module
+from benchmarks import report
 from server.engine import EngineConfig, LLMEngine
 from server.request import RequestStatus
 from server.sampling_params import SamplingParams
 
-ROOT = Path(__file__).resolve().parent.parent
-REPORT = ROOT / "docs" / "benchmarks" / "engine-host-cpu.md"
 BATCHES = (1, 64, 256)
 
 
@@ -117,42 +114,33 @@ def host_time(run: dict[str, float]) -> float:
 
 def run_worker(tree: Path, model_dir: str, batch: int, kind: str, steps: int) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "server.bench_host", "--worker", model_dir, str(batch), kind,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.engine_host", "--worker", model_dir, str(batch), kind,
                           str(steps)], env=env, cwd=tree, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def export(rev: str, into: Path) -> Path:
-    """The tree of ``rev`` with this benchmark file copied in."""
-    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True).stdout
+    """The tree of ``rev`` with this checkout's benchmarks/ package copied in."""
+    archive = subprocess.run(["git", "archive", rev], cwd=report.CHECKOUT, capture_output=True, check=True).stdout
     into.mkdir(parents=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    shutil.copy(__file__, into / "server" / "bench_host.py")
+    shutil.copytree(Path(__file__).resolve().parent, into / "benchmarks", dirs_exist_ok=True)
     return into
 
 
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
-def report(args: argparse.Namespace, results: dict, model_dir: str) -> str:
+def report_lines(args: argparse.Namespace, argv: list[str] | None, results: dict, model_dir: str) -> list[str]:
     config = models.load_pretrained(model_dir)[0].config
-    dirty = " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    now = datetime.datetime.now(datetime.timezone.utc)
     lines = [
-        "# Engine host work per decode step on CPU", "",
-        f"- date: {now:%Y-%m-%d %H:%M} UTC; commit `{git('rev-parse', '--short', 'HEAD')}`{dirty}; baseline "
-        f"`{args.baseline}` (`{git('rev-parse', '--short', args.baseline)}`)",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other work), one torch thread, "
-        f"torch {torch.__version__}",
-        f"- model: random `{args.preset}` at size `{args.size}` (d_model {config.d_model}, {config.n_layers} layers, "
-        f"vocab {config.vocab_size}), fp32; 16-token prompts, then {args.steps} timed decode steps (after 3 warm-up "
-        "steps) with every sequence decoding",
-        "- workloads: `greedy` (every row greedy) and `mixed` (rows cycle through top-p + seed, top-k, greedy, "
-        "penalties, min-p + logprobs 5, logit bias + min_tokens + a stop string)",
-        f"- reproduce: `python -m server.bench_host --baseline {args.baseline} --steps {args.steps} --repeats "
-        f"{args.repeats}`; each row is the run with the least host time of {args.repeats} (other load on the "
-        "machine only adds time; forward times stay noisy)", "",
+        *report.header(
+            "Engine host work per decode step on CPU", __spec__.name, argv,
+            f"baseline `{args.baseline}` (`{report.git('rev-parse', '--short', args.baseline)}`); one torch thread",
+            f"model: random `{args.preset}` at size `{args.size}` (d_model {config.d_model}, {config.n_layers} layers, "
+            f"vocab {config.vocab_size}), fp32; 16-token prompts, then {args.steps} timed decode steps (after 3 "
+            "warm-up steps) with every sequence decoding",
+            "workloads: `greedy` (every row greedy) and `mixed` (rows cycle through top-p + seed, top-k, greedy, "
+            "penalties, min-p + logprobs 5, logit bias + min_tokens + a stop string)",
+            f"each row is the run with the least host time of {args.repeats} (other load on the machine only adds "
+            "time; forward times stay noisy)"),
         "Every time is the median over the timed steps. Host = step time minus model forward. Its parts: "
         "schedule = the scheduler's plan; sampler = the sampling "
         "call; append = appending each row's token (detokenizing, stop checks, metrics); outputs = assembling the "
@@ -174,7 +162,7 @@ def report(args: argparse.Namespace, results: dict, model_dir: str) -> str:
         host = host_time(base) / host_time(cur)
         lines.append(f"| {kind} | {batch} | {host:.1f}x | {base['sampler'] / cur['sampler']:.1f}x | "
                      f"{base['total'] / cur['total']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,20 +171,20 @@ def main(argv: list[str] | None = None) -> None:
         model_dir, batch, kind, steps = argv[1:]
         print(json.dumps(measure(model_dir, int(batch), kind, int(steps))))
         return
-    p = argparse.ArgumentParser("python -m server.bench_host", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser("python -m benchmarks.engine_host", description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", default="415010d", help="git revision to compare with (default: before the "
                    "batched sampler)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the least host time is kept")
     p.add_argument("--preset", default="linear")
     p.add_argument("--size", default="tiny")
-    p.add_argument("--out", type=Path, default=REPORT)
+    report.add_out_argument(p)
     args = p.parse_args(argv)
     from models.random_init import random_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(random_pretrained(args.preset, Path(tmp) / "model", args.size, dtype=torch.float32))
-        trees = {"baseline": export(args.baseline, Path(tmp) / "baseline"), "current": ROOT}
+        trees = {"baseline": export(args.baseline, Path(tmp) / "baseline"), "current": report.CHECKOUT}
         results: dict[tuple[str, int], dict[str, dict]] = {}
         for _ in range(args.repeats):
             for kind in ("greedy", "mixed"):
@@ -207,10 +195,9 @@ def main(argv: list[str] | None = None) -> None:
                         print(kind, batch, name, run, flush=True)
                         if name not in best or host_time(run) < host_time(best[name]):
                             best[name] = run
-        text = report(args, results, model_dir)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+        lines = report_lines(args, argv, results, model_dir)
+    print("\n".join(lines))
+    report.write(args.out, "engine-host-cpu.md", lines)
 
 
 if __name__ == "__main__":

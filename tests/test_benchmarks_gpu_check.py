@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels import gpu_check  # noqa: E402
+from benchmarks import gpu_check  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
 
@@ -36,7 +36,7 @@ def test_smoke_run_writes_report(tmp_path):
         assert layout in text
     assert "| eager (CPU) | 2 | 4 |" in text  # the serve section: every request of the last level completed
     assert "- commit: " in text and "- card: CPU" in text
-    # achieved TFLOP/s from the prefill FLOP model (kernels.cost), in the layer table and the kernel-alone one
+    # achieved TFLOP/s from the prefill FLOP model (benchmarks.cost), in the layer table and the kernel-alone one
     layer_table = text.split("## Prefill of one Miras layer")[1].split("\n## ")[0]
     rows = [line.strip("|").split(" | ") for line in layer_table.splitlines() if line.startswith("| ")]
     column = rows[0].index("Triton TFLOP/s")

@@ -7,30 +7,25 @@ loss and copies it to the host. The two engines take their steps in turn, altern
 positions, same load); only decode steps are timed (after every request has its first token). ``--repeats``
 runs; the report gives the medians and their ratio.
 
-    python -m server.bench_surprise [--model moneta-tiny] [--batches 1 32] [--repeats 3]
+    python -m benchmarks.surprise [--model moneta-tiny] [--batches 1 32] [--repeats 3]
 
-Writes docs/benchmarks/surprise-cpu.md.
+Writes surprise-cpu.md into ``--out`` (default docs/benchmarks/).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import os
-import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
-from .engine import EngineConfig, LLMEngine
-from .loader import load_model
-from .sampling_params import SamplingParams
+from benchmarks import report
+from server.engine import EngineConfig, LLMEngine
+from server.loader import load_model
+from server.sampling_params import SamplingParams
 
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "surprise-cpu.md"
 PROMPT_TOKENS, DECODE_TOKENS = 64, 48
 REQUEST_IDS = itertools.count()
 
@@ -71,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=REPORT)
+    report.add_out_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
@@ -90,22 +85,19 @@ def main(argv: list[str] | None = None) -> None:
         off, on = statistics.median(runs[False]), statistics.median(runs[True])
         rows.append((batch, off, on, runs))
         print(f"batch {batch:>3}: off {off:8.1f} tok/s, on {on:8.1f} tok/s, on/off {on / off:.3f}", flush=True)
-    write_report(args, rows, len(model.miras_layers))
+    write_report(args, argv, rows, len(model.miras_layers))
 
 
-def write_report(args: argparse.Namespace, rows: list, n_miras: int) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    now = datetime.datetime.now(datetime.timezone.utc)
+def write_report(args: argparse.Namespace, argv: list[str] | None, rows: list, n_miras: int) -> None:
     lines = [
-        "# return_surprise: decode tokens/s with surprise on vs off (CPU, engine in process)", "",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared with other work), "
-        f"{torch.get_num_threads()} torch thread(s); date {now:%Y-%m-%d %H:%M} UTC; commit {commit}",
-        f"- model: `{args.model}` ({n_miras} Miras layers), torch backend; command: `python -m server.bench_surprise`",
-        f"- B requests of a {PROMPT_TOKENS}-token random prompt and {DECODE_TOKENS} greedy tokens on each of two "
-        "engines (off: no request asks for surprise; on: all do), which take their steps in turn, alternating which "
-        "goes first; only the steps "
-        f"where all B decode are timed. {args.repeats} runs; medians (all runs in the last column).", "",
+        *report.header(
+            "return_surprise: decode tokens/s with surprise on vs off (CPU, engine in process)", __spec__.name, argv,
+            f"{torch.get_num_threads()} torch thread(s)",
+            f"model: `{args.model}` ({n_miras} Miras layers), torch backend",
+            f"B requests of a {PROMPT_TOKENS}-token random prompt and {DECODE_TOKENS} greedy tokens on each of two "
+            "engines (off: no request asks for surprise; on: all do), which take their steps in turn, alternating "
+            f"which goes first; only the steps where all B decode are timed. {args.repeats} runs; medians (all runs "
+            "in the last column)."),
         "| batch | off: tokens/s | on: tokens/s | on / off | runs off / on |",
         "|---|---|---|---|---|",
     ]
@@ -116,9 +108,7 @@ def write_report(args: argparse.Namespace, rows: list, n_miras: int) -> None:
               "GPU the same captured CUDA graphs as before). On, each Miras layer also reduces the "
               "error it already computes for the gradient to one loss per head and token, and the engine copies "
               "B x layers floats to the host after the step (which already waits for the sampled tokens).", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    report.write(args.out, "surprise-cpu.md", lines)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import TOKENIZER_TEXT, small_model
 from test_models_memory import B, config, random_inputs, random_memory
 
+from benchmarks.precision import decide, main, passes
 from models import memory
 from models.memory import (
     FactoredMemory,
@@ -20,7 +21,6 @@ from models.memory import (
     memory_scan,
     round_mantissa,
 )
-from models.precision_study import decide, main, passes
 
 TF32, BF16 = memory.TF32_MANTISSA_BITS, memory.BF16_MANTISSA_BITS
 
@@ -174,10 +174,9 @@ def test_the_decision_rule():
 def test_study_runs_a_shipped_model_and_writes_its_table(tmp_path):
     corpus = tmp_path / "held.txt"
     corpus.write_text(TOKENIZER_TEXT * 4)
-    out = tmp_path / "precision.md"
     assert main(["--models", "moneta-tiny", "--tokens", "70", "--decode-prefix", "64", "--decode-tail", "4",
-                 "--settings", "ieee", "bf16", "--threads", "1", "--corpus", str(corpus), "--out", str(out)]) == 0
-    text = out.read_text()
+                 "--settings", "ieee", "bf16", "--threads", "1", "--corpus", str(corpus), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "precision-cpu.md").read_text()
     assert "| moneta-tiny | ieee |" in text and "| moneta-tiny | bf16 |" in text
     assert "median std" in text and "## Decision" in text and "first 70" in text
     with pytest.raises(SystemExit):

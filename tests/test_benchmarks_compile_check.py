@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 def _compile_check(*args: str) -> list[list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", *args],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", *args],
                             cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -2,40 +2,37 @@
 
 Measures aggregate output tokens/s at concurrency 1, 8 and 32 (continuous batching), TTFT and ITL
 percentiles, and the decode ITL after a short vs a long prompt (a recurrent state does not grow with
-context, so it should be flat). Writes docs/benchmarks/serving-engine-cpu.md.
+context, so it should be flat). Writes serving-engine-cpu.md into ``--out`` (default docs/benchmarks/).
 
-    python -m server.bench [--model DIR_OR_NAME] [--threads 1] [--long-prompt 8192]
+    python -m benchmarks.serving_engine [--model DIR_OR_NAME] [--threads 1] [--long-prompt 8192]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import math
-import os
-import platform
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import torch
 
 import models
-from loadtest.stats import percentile
+from benchmarks import report
+from benchmarks.launch import miras_serve
+from loadtest.client import ApiConfig, send_request
+from loadtest.stats import RequestResult, percentile
+from loadtest.workload import RequestSpec
+from server.engine import EngineConfig, LLMEngine
+from server.request import RequestStatus
+from server.sampling_params import SamplingParams
 
-from .engine import EngineConfig, LLMEngine
-from .request import RequestStatus
-from .sampling_params import SamplingParams
-
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "serving-engine-cpu.md"
+SERVED_NAME = "bench"
 SAMPLE_TEXT = ("From fairest creatures we desire increase, that thereby beauty's rose might never die. "
                "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. ") * 50
 
@@ -50,13 +47,6 @@ class ModelReport:
     engine_rates: dict[int, float]  # batch -> decode tok/s, in process
 
 
-@dataclass
-class Result:
-    ttft: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    tokens: int = 0
-
-
 def random_model(directory: Path, preset: str) -> Path:
     """A randomly initialised model of the preset's default size, with a small trained tokenizer."""
     torch.manual_seed(0)
@@ -65,31 +55,17 @@ def random_model(directory: Path, preset: str) -> Path:
     return models.save_pretrained(model, tokenizer, directory / f"{preset}-random")
 
 
-async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> Result:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    result, start, last = Result(), time.perf_counter(), None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                result.tokens = chunk["usage"]["completion_tokens"]
-            if not chunk["choices"]:
-                continue
-            now = time.perf_counter()
-            if last is None:
-                result.ttft = now - start
-            else:
-                result.itls.append(now - last)
-            last = now
+async def request(client: httpx.AsyncClient, api: ApiConfig, index: int, prompt: list[int], max_tokens: int,
+                  t0: float) -> RequestResult:
+    """One request streamed and timed by the load generator's client; a failed one stops the benchmark."""
+    result = await send_request(client, api, RequestSpec(index, prompt, len(prompt), max_tokens), 0.0, t0)
+    if not result.ok:
+        raise RuntimeError(f"request {index} failed: {result.error} {result.error_detail}")
     return result
 
 
 async def run_load(url: str, concurrency: int, num_requests: int, prompt_len: int, max_tokens: int,
-                   vocab: int, text: list[int] | None = None) -> tuple[float, list[Result]]:
+                   vocab: int, text: list[int] | None = None) -> tuple[float, list[RequestResult]]:
     """Random token-id prompts, or windows of ``text`` (cycled) when it is given."""
     rng = random.Random(concurrency)
     if text:
@@ -98,16 +74,18 @@ async def run_load(url: str, concurrency: int, num_requests: int, prompt_len: in
     else:
         prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(num_requests)]
     gate = asyncio.Semaphore(concurrency)
+    api = ApiConfig(url, SERVED_NAME, ignore_eos=True)  # greedy
 
-    async def limited(client: httpx.AsyncClient, prompt: list[int]) -> Result:
+    async def limited(client: httpx.AsyncClient, index: int, prompt: list[int]) -> RequestResult:
         async with gate:
-            return await one_request(client, prompt, max_tokens)
+            return await request(client, api, index, prompt, max_tokens, start)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one_request(client, prompts[0][:8], 2)  # warm-up
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*[limited(client, p) for p in prompts])
+        await request(client, api, -1, prompts[0][:8], 2, start)  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*[limited(client, i, p) for i, p in enumerate(prompts)])
         return time.perf_counter() - start, results
 
 
@@ -140,24 +118,9 @@ def engine_decode_rates(model: str, threads: int, prompt_len: int, vocab: int,
         torch.set_num_threads(before)
 
 
-def start_server(model: str, port: int, threads: int, max_num_seqs: int, *flags: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "server.cli", "--model", model, "--port", str(port), "--log-level", "warning",
-           "--max-num-seqs", str(max_num_seqs), *flags]
-    proc = subprocess.Popen(cmd, env=env, cwd=tempfile.gettempdir())  # imports as installed, not from cwd
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser("miras-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser("python -m benchmarks.serving_engine", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", nargs="+", default=None, help="model directories or shipped names (default: "
                    "moneta-tiny if shipped, else random models of --preset at the default size)")
     p.add_argument("--preset", nargs="+", default=["linear", "moneta"], help="presets of the random models")
@@ -165,15 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--long-prompt", type=int, default=8192)
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--out", type=Path, default=REPORT)
+    p.add_argument("--port", type=int, default=None, help="the server's port (default: a free one)")
+    report.add_out_argument(p)
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         names = args.model or (["moneta-tiny"] if "moneta-tiny" in models.shipped_models() else
                                [str(random_model(Path(tmp), preset)) for preset in args.preset])
         sections = [bench_model(args, name) for name in names]
-    write_report(args, sections)
+    write_report(args, argv, sections)
 
 
 def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
@@ -186,20 +149,21 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
     del net
     engine_rates = engine_decode_rates(model, args.threads, args.prompt_len, vocab)
     print(f"{Path(model).name} engine decode tok/s: {engine_rates}", flush=True)
-    url = f"http://127.0.0.1:{args.port}"
-    server = start_server(model, args.port, args.threads, 64)
+    server = miras_serve(model, "--max-num-seqs", "64", "--served-model-name", SERVED_NAME, port=args.port,
+                         threads=args.threads)
+    url = server.url
     try:
         rows = []
         for concurrency in (1, 8, 32):
             wall, results = asyncio.run(run_load(url, concurrency, max(8, 2 * concurrency), args.prompt_len,
                                                  args.max_tokens, vocab))
-            itls = [x for r in results for x in r.itls]
-            ttfts = [r.ttft for r in results]
-            rows.append((concurrency, len(results), sum(r.tokens for r in results) / wall, percentile(ttfts, 50),
+            itls = [x for r in results for x in r.itl]
+            ttfts = [r.ttft for r in results if r.ttft is not None]
+            rows.append((concurrency, len(results), sum(r.output_tokens for r in results) / wall, percentile(ttfts, 50),
                          percentile(ttfts, 99), percentile(itls, 50), percentile(itls, 99)))
             print(f"{Path(model).name} concurrency {concurrency}: {rows[-1][2]:.1f} tok/s", flush=True)
         # short and long prompts alternate, so background load hits both alike
-        by_len: dict[int, list[Result]] = {args.prompt_len: [], args.long_prompt: []}
+        by_len: dict[int, list[RequestResult]] = {args.prompt_len: [], args.long_prompt: []}
         for _ in range(3):
             for prompt_len in by_len:
                 by_len[prompt_len] += asyncio.run(run_load(url, 1, 1, prompt_len, args.max_tokens, vocab,
@@ -208,29 +172,22 @@ def bench_model(args: argparse.Namespace, model: str) -> ModelReport:
         for prompt_len, results in by_len.items():
             # Random prompts can make a model emit byte fragments that the server (rightly) holds back
             # until they form UTF-8, so a stream may carry too few chunks to time: then ITL is NaN.
-            itls = [x for r in results for x in r.itls] or [math.nan]
+            itls = [x for r in results for x in r.itl] or [math.nan]
             long_rows.append((prompt_len, statistics.median(itls), percentile(itls, 99),
-                              statistics.median(r.ttft for r in results)))
+                              percentile([r.ttft for r in results if r.ttft is not None], 50)))
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop(60)
     return ModelReport(model, config, state_bytes, rows, long_rows, engine_rates)
 
 
-def write_report(args: argparse.Namespace, sections: list[ModelReport]) -> None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPORT.parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    lines = [
-        "# Serving engine on CPU: continuous batching and context-independent decode", "",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit `{commit}`",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared by the server and this load generator "
-        f"(absolute times are a CPU's; compare ratios), torch {torch.__version__}, server threads {args.threads}",
-        f"- Workload: random token-id prompts of {args.prompt_len} tokens, {args.max_tokens} output tokens "
-        "(ignore_eos, greedy), streamed over HTTP from a real `miras-serve` by `python -m server.bench`; "
-        "requests = max(8, 2 x concurrency), all submitted at once behind a concurrency limit.", ""]
+def write_report(args: argparse.Namespace, argv: list[str] | None, sections: list[ModelReport]) -> None:
+    lines = report.header(
+        "Serving engine on CPU: continuous batching and context-independent decode", __spec__.name, argv,
+        f"the machine is shared by the server and this load generator (absolute times are a CPU's; compare ratios); "
+        f"server threads {args.threads}",
+        f"workload: random token-id prompts of {args.prompt_len} tokens, {args.max_tokens} output tokens "
+        "(ignore_eos, greedy), streamed over HTTP from a real `miras-serve`; requests = max(8, 2 x concurrency), "
+        "all submitted at once behind a concurrency limit.")
     for section in sections:
         model, config, rows, long_rows, engine_rates = (section.model, section.config, section.rows,
                                                         section.long_rows, section.engine_rates)
@@ -268,10 +225,9 @@ def write_report(args: argparse.Namespace, sections: list[ModelReport]) -> None:
               "plus one factor row per token of the chunk, models/SPEC.md §7): a step reads the anchor and the "
               "rows and writes one row, instead of reading and writing the whole running memory, so per-sequence "
               "state work grows with the batch about half as fast as before (docs/benchmarks/models-cpu.md "
-              "compares the two layouts in one run).", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+              "compares the two layouts in one run)."]
     print("\n".join(lines))
+    report.write(args.out, "serving-engine-cpu.md", lines)
 
 
 if __name__ == "__main__":

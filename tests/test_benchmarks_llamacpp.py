@@ -1,13 +1,17 @@
-"""The llama.cpp side-by-side's GGUF writer (server/bench_llamacpp.py; the run itself is not in CI)."""
+"""The llama.cpp side-by-side's GGUF writer and its restart of a server that died during a row
+(benchmarks/llamacpp.py; the run itself is not in CI)."""
 
 from __future__ import annotations
 
 import gguf
+import httpx
 import jinja2
 import numpy as np
+import pytest
+from test_loadtest_process import tiny_server
 
+from benchmarks.llamacpp import llama_cpp_chat_template, on_live_server, prefilled, write_gguf
 from models.tokenizer import MirasTokenizer
-from server.bench_llamacpp import llama_cpp_chat_template, prefilled, write_gguf
 
 
 def test_gguf_llama_has_our_tokenizer_and_every_tensor(tmp_path, tokenizer):
@@ -51,3 +55,32 @@ def test_llama_cpp_template_renders_as_ours_without_raw_blocks(tokenizer):
     for prompt in (True, False):
         rendered = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=prompt)
         assert rendered == tokenizer.apply_chat_template(messages, add_generation_prompt=prompt)
+
+
+def test_a_server_dead_before_or_during_a_row_is_restarted_once():
+    server = tiny_server()
+    restarts: list[str] = []
+    try:
+        server.kill()  # died since the last row: restarted before this one
+        assert on_live_server(server, "row 1", lambda: httpx.get(server.url).text, restarts) == "ok"
+        assert restarts == ["row 1"]
+        tries = []
+
+        def dies_once() -> str:  # the row kills its server the first time, as llama-server did mid-run
+            tries.append(1)
+            if len(tries) == 1:
+                server.kill()
+                raise RuntimeError("load generator failed")
+            return httpx.get(server.url).text
+
+        assert on_live_server(server, "row 2", dies_once, restarts) == "ok"
+        assert restarts == ["row 1", "row 2"] and len(tries) == 2
+
+        def fails_on_a_live_server() -> str:
+            raise RuntimeError("a real error")
+
+        with pytest.raises(RuntimeError, match="a real error"):  # not the server's death: no retry
+            on_live_server(server, "row 3", fails_on_a_live_server, restarts)
+        assert restarts == ["row 1", "row 2"]
+    finally:
+        server.stop()

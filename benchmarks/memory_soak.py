@@ -8,15 +8,15 @@ leaves two entries: after its prompt and after its reply) fill the cache and kee
 report gives RSS above the no-cache level against the budget (over-budget: the allocator's share), and
 the requests per second, side by side.
 
-    python -m server.soak_memory [--budget-gb 1] [--requests 320] [--prompt-tokens 128] [--allocators ...]
+    python -m benchmarks.memory_soak [--budget-gb 1] [--requests 320] [--prompt-tokens 128] [--allocators ...]
 
-Writes docs/benchmarks/memory-soak-cpu.md. Bounded: about a minute per allocator on 2 CPU cores, four by default.
+Writes memory-soak-cpu.md into ``--out`` (default docs/benchmarks/). Bounded:
+about a minute per allocator on 2 CPU cores, four by default.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -27,7 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "memory-soak-cpu.md"
+from benchmarks import report
+
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's libjemalloc2
 # name -> (environment of the worker process, what it is)
 ALLOCATORS = {
@@ -58,9 +59,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One allocator's soak, in this process; returns its measurements."""
     import torch
 
-    from .engine import EngineConfig, LLMEngine
-    from .loader import load_model
-    from .sampling_params import SamplingParams
+    from server.engine import EngineConfig, LLMEngine
+    from server.loader import load_model
+    from server.sampling_params import SamplingParams
 
     torch.set_num_threads(1)
     budget = int(args.budget_gb * (1 << 30))
@@ -108,11 +109,11 @@ def run_allocator(name: str, args: argparse.Namespace) -> dict | None:
         print(f"{name}: {env_extra['LD_PRELOAD']} not installed, skipped (apt-get install libjemalloc2)")
         return None
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
-    cmd = [sys.executable, "-m", "server.soak_memory", "--worker", "--model", args.model, "--budget-gb",
+    cmd = [sys.executable, "-m", "benchmarks.memory_soak", "--worker", "--model", args.model, "--budget-gb",
            str(args.budget_gb), "--requests", str(args.requests), "--prompt-tokens", str(args.prompt_tokens),
            "--concurrency", str(args.concurrency), "--warmup", str(args.warmup)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
-                         cwd=Path(__file__).resolve().parent.parent)
+                         cwd=report.CHECKOUT)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed: {out.stderr[-2000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -135,35 +136,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--allocators", nargs="+", default=["glibc", "glibc-mmap-128k", "glibc-trim", "jemalloc"],
                    choices=list(ALLOCATORS))
-    p.add_argument("--out", type=Path, default=REPORT)
+    report.add_out_argument(p)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return
     results = {name: r for name in args.allocators if (r := run_allocator(name, args)) is not None}
-    write_report(args, results)
+    write_report(args, argv, results)
 
 
-def write_report(args: argparse.Namespace, results: dict[str, dict]) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+def write_report(args: argparse.Namespace, argv: list[str] | None, results: dict[str, dict]) -> None:
     any_result = next(iter(results.values()))
     cpu_ms = {name: r["cpu_seconds"] / r["requests"] * 1e3 for name, r in results.items()}
     lines = [
-        "# Memory soak: resident memory against the state-cache budget (CPU, in process)", "",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread; date "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; "
-        f"glibc {platform.libc_ver()[1]}",
-        f"- model `{args.model}`; budget {args.budget_gb:g} GiB (`--state-cache-gb {args.budget_gb:g}`); "
-        f"{args.requests} distinct random {args.prompt_tokens}-token prompts, {args.concurrency} at a time, 8 tokens "
-        f"each; an entry is {any_result['entry_bytes'] / 2**20:.2f} MiB, so the cache fills and is evicted "
-        f"{2 * args.requests * any_result['entry_bytes'] / any_result['budget']:.1f} times over; command: "
-        f"`python -m server.soak_memory`",
-        "- RSS above no-cache: RSS at the end minus RSS after a warm-up with the cache off; over budget: that "
-        "against the budget (the cache's own accounting holds at most the budget). Each allocator in a fresh "
-        "process, one after the other. Speed: CPU time per request of the soak process (all threads), which "
-        "other processes on a shared machine move far less than wall time (given too).", "",
+        *report.header(
+            "Memory soak: resident memory against the state-cache budget (CPU, in process)", __spec__.name, argv,
+            f"1 torch thread; glibc {platform.libc_ver()[1]}",
+            f"model `{args.model}`; budget {args.budget_gb:g} GiB (`--state-cache-gb {args.budget_gb:g}`); "
+            f"{args.requests} distinct random {args.prompt_tokens}-token prompts, {args.concurrency} at a time, 8 "
+            f"tokens each; an entry is {any_result['entry_bytes'] / 2**20:.2f} MiB, so the cache fills and is evicted "
+            f"{2 * args.requests * any_result['entry_bytes'] / any_result['budget']:.1f} times over",
+            "RSS above no-cache: RSS at the end minus RSS after a warm-up with the cache off; over budget: that "
+            "against the budget (the cache's own accounting holds at most the budget). Each allocator in a fresh "
+            "process, one after the other. Speed: CPU time per request of the soak process (all threads), which "
+            "other processes on a shared machine move far less than wall time (given too)."),
         "| allocator | RSS above no-cache (end) | peak | cache holds | over budget | CPU ms / request "
         "| CPU vs glibc | requests/s (wall) |",
         "|---|---|---|---|---|---|---|---|",
@@ -182,10 +179,7 @@ def write_report(args: argparse.Namespace, results: dict[str, dict]) -> None:
                   f"**{best}** ({cpu_ms[best]:.0f} ms)."]
     else:
         lines += ["", "No allocator kept RSS within 5% of the budget."]
-    lines.append("")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    report.write(args.out, "memory-soak-cpu.md", lines)
 
 
 if __name__ == "__main__":

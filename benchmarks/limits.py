@@ -3,30 +3,25 @@ meanwhile, the same while a 3.6 MB text is tokenized off the event loop, and whe
 headers a byte at a time is cut off. The raw-socket clients here are also what tests/test_server_limits.py
 drives.
 
-    python -m server.bench_limits [--model moneta-tiny]
+    python -m benchmarks.limits [--model moneta-tiny]
 
-Writes docs/benchmarks/limits-cpu.md.
+Writes limits-cpu.md into ``--out`` (default docs/benchmarks/).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import os
-import platform
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-from .bench import start_server
+from benchmarks import report
+from benchmarks.launch import miras_serve
 
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "limits-cpu.md"
 LONG_TEXT = "Shall I compare thee to a summer's day? " * 90_000  # 3.6 MB
 
 
@@ -137,17 +132,18 @@ def slow_headers(port: int, interval: float, during=None) -> tuple[bytes, int, f
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="moneta-tiny")
-    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--port", type=int, default=None, help="the server's port (default: a free one)")
     p.add_argument("--read-timeout", type=float, default=2.0)
-    p.add_argument("--out", type=Path, default=REPORT)
+    report.add_out_argument(p)
     args = p.parse_args(argv)
-    proc = start_server(args.model, args.port, 1, 8, "--request-read-timeout", str(args.read_timeout))
-    url = f"http://127.0.0.1:{args.port}"
+    server = miras_serve(args.model, "--max-num-seqs", "8", "--request-read-timeout", str(args.read_timeout),
+                         port=args.port)
+    url, port = server.url, int(server.url.rsplit(":", 1)[1])
     rows = []
     try:
         for chunked in (False, True):
             with HealthPoller(url) as health:
-                response, sent, elapsed = upload(args.port, "/v1/completions", 50 << 20, chunked)
+                response, sent, elapsed = upload(port, "/v1/completions", 50 << 20, chunked)
             status, _ = error_of(response)
             rows.append((f"50 MB prompt, {'chunked' if chunked else 'Content-Length'}", f"{status} after "
                          f"{elapsed * 1e3:.1f} ms, {sent / 2**20:.1f} MB sent", health))
@@ -157,29 +153,24 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(("3.6 MB text to /tokenize (accepted)", f"200 after {time.perf_counter() - start:.2f} s, "
                          f"{count:,} tokens", health))
         with HealthPoller(url) as health:
-            answer, sent, elapsed, _ = slow_headers(args.port, 0.05)
+            answer, sent, elapsed, _ = slow_headers(port, 0.05)
             status = error_of(answer)[0] if answer else "closed"
             rows.append((f"headers at 20 bytes/s (--request-read-timeout {args.read_timeout:g})",
                          f"{status} after {elapsed:.2f} s, {sent} bytes sent", health))
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop(60)
     for what, result, health in rows:
         print(f"{what}: {result}; /health slowest {health.slowest * 1e3:.1f} ms of {health.answers}")
-    write_report(args, rows)
+    write_report(args, argv, rows)
 
 
-def write_report(args: argparse.Namespace, rows: list) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+def write_report(args: argparse.Namespace, argv: list[str] | None, rows: list) -> None:
     lines = [
-        "# Limits against a real server: refusals before work, /health meanwhile (CPU)", "",
-        f"- machine: {platform.machine()} CPU, {os.cpu_count()} cores; date "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
-        f"- `miras-serve --model {args.model} --request-read-timeout {args.read_timeout:g}` (other flags default: "
-        "body limit 17.05 MB, 16 bytes per token of `--max-prompt-tokens 1000000` + 1 MiB), raw-socket clients "
-        "on loopback that read while they send; `/health` polled from another connection every 5 ms throughout; "
-        "command: `python -m server.bench_limits`", "",
+        *report.header(
+            "Limits against a real server: refusals before work, /health meanwhile (CPU)", __spec__.name, argv,
+            f"`miras-serve --model {args.model} --request-read-timeout {args.read_timeout:g}` (other flags default: "
+            "body limit 17.05 MB, 16 bytes per token of `--max-prompt-tokens 1000000` + 1 MiB), raw-socket clients "
+            "on loopback that read while they send; `/health` polled from another connection every 5 ms throughout"),
         "| request | answer | /health answers during it | slowest /health |",
         "|---|---|---|---|",
     ]
@@ -189,10 +180,8 @@ def write_report(args: argparse.Namespace, rows: list) -> None:
     lines += ["", "Before the limits (issue 18) the 50 MB prompt was tokenized in the request handler: nothing, "
               "`/health` included, was answered for 51 s. The tokenizer now runs on a worker thread and releases "
               "the GIL; what remains of the slowest `/health` in the /tokenize row is building the list of a "
-              "million ids and its JSON on the event loop.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+              "million ids and its JSON on the event loop."]
+    report.write(args.out, "limits-cpu.md", lines)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,32 @@
 """The CPU decode step, eager vs compiled, against the time to copy the bytes it must read.
 
-    python -m server.bench_compiled [--model moneta-tiny] [--batches 1 32] [--threads 1 2]
+    python -m benchmarks.compiled [--model moneta-tiny] [--batches 1 32] [--threads 1 2]
 
 One engine decode step (server/decode_graphs.py: the step the engine runs) of each variant, eager and
 compiled with each torch thread count, at each batch size, and the memory update alone (one Miras layer's
 ``kernels.factored_scan_pool``, eager and compiled, on the first thread count), each interleaved
 round-robin with a copy of its bytes (weights + state read and written for the step, the state of one
-layer for the memory update, from ``kernels/cost.py``; single-threaded), so load on a shared machine hits
+layer for the memory update, from ``benchmarks/cost.py``; single-threaded), so load on a shared machine hits
 every column alike. The sequences' phases are spread over the chunk and the measured steps cover one whole
 chunk (every count of factor rows, one fold per sequence). A first chunk of steps compiles and warms up;
-its time is reported. Writes docs/benchmarks/compiled-cpu.md.
+its time is reported. Writes compiled-cpu.md into ``--out`` (default docs/benchmarks/).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 import kernels
 import models
-from models.bench import git_commit, step_cost
+from benchmarks import report
+from benchmarks.runtime import step_cost
 from models.memory import FactoredMemory
-
-from .decode_graphs import DecodeGraphs, use_project_compile_cache
-
-REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "compiled-cpu.md"
+from server.decode_graphs import DecodeGraphs, use_project_compile_cache
 
 
 def spread_pool(model: models.MirasLM, batch: int) -> tuple[models.ModelState, torch.Tensor]:
@@ -129,16 +123,14 @@ def measure(model: models.MirasLM, batches: list[int], threads: list[int]) -> li
     return rows
 
 
-def report(model_name: str, model: models.MirasLM, rows: list[dict]) -> str:
+def report_lines(model_name: str, model: models.MirasLM, rows: list[dict], argv: list[str] | None) -> list[str]:
     b = model.config.chunk_size
     lines = [
-        f"# The CPU decode step, eager vs compiled: `{model_name}` ({model.num_parameters():,} parameters)", "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared: load average {os.getloadavg()[0]:.1f} at "
-        f"the end), torch {torch.__version__}; date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
-        f"UTC; commit {git_commit()}. Command: `python -m server.bench_compiled`.", "",
+        *report.header(f"The CPU decode step, eager vs compiled: `{model_name}` ({model.num_parameters():,} "
+                       "parameters)", __spec__.name, argv),
         f"Median over one chunk of {b} steps (every count of factor rows, one fold per sequence; phases spread over "
         "the chunk) after a chunk of warm-up, which includes the compiles. Every round runs every variant once and, "
-        "after each, a single-threaded copy of the bytes the byte model (`kernels/cost.py`, factored layout) says "
+        "after each, a single-threaded copy of the bytes the byte model (`benchmarks/cost.py`, factored layout) says "
         "it must move: weights + state read and written for the *step* (one engine decode step of the whole "
         "model), the state of one Miras layer for the *memory update* (`kernels.factored_scan_pool`).", "",
         "| batch | what | variant | threads | ms | tok/s | copy ms | ms / copy | vs eager | warm-up chunk s |",
@@ -151,7 +143,7 @@ def report(model_name: str, model: models.MirasLM, rows: list[dict]) -> str:
         lines.append(f"| {row['batch']} | {row['what']} | {row['mode']} | {row['threads']} | "
                      f"{row['step'] * 1e3:.2f} | {rate} | {row['copy'] * 1e3:.2f} | {row['step'] / row['copy']:.2f}x | "
                      f"{eager['step'] / row['step']:.2f}x | {row['compile_s']:.1f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="moneta-tiny")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--out", default=str(REPORT))
+    report.add_out_argument(p)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     use_project_compile_cache()
@@ -167,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if model.config.memory != "mlp":
         raise SystemExit("the memory update is timed on the factored layout of an mlp memory")
     rows = measure(model.eval(), args.batches, args.threads)
-    text = report(args.model, model, rows)
-    print(text)
-    Path(args.out).write_text(text)
+    lines = report_lines(args.model, model, rows, argv)
+    print("\n".join(lines))
+    report.write(args.out, "compiled-cpu.md", lines)
     return 0
 
 
