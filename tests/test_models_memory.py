@@ -18,7 +18,6 @@ from models.memory import (
     gelu,
     layer_norm,
     lq_normalise,
-    memory_init_std,
     memory_scan,
     mlp_factors,
     output_grad,
@@ -50,7 +49,7 @@ def random_memory(cfg, seed: int, dtype=torch.float64):
     if cfg.retention == "kl":
         return tuple(w.shape[-1] * torch.softmax(torch.randn(*w.shape, generator=g, dtype=dtype), -1)
                      for w in (torch.empty(B, H, D, d), torch.empty(B, H, d, D)))
-    std_in, std_out = memory_init_std(cfg)
+    std_in, std_out = cfg.memory_rule().init_std
     return (std_in * torch.randn(B, H, D, d, generator=g, dtype=dtype),
             std_out * torch.randn(B, H, d, D, generator=g, dtype=dtype))
 
@@ -109,7 +108,7 @@ def test_moneta_smoothing_matches_the_paper_form():
 
 def test_moneta_normalisation_takes_both_branches():
     cfg = config("moneta")
-    std = memory_init_std(cfg)[0]
+    std = cfg.memory_rule().init_std[0]
     small = 0.5 * std * torch.randn(1, 1, D, d, dtype=torch.float64)  # inside the ball: unchanged
     torch.testing.assert_close(lq_normalise(cfg, small, std), small)
     large = 10 * std * torch.randn(1, 1, D, d, dtype=torch.float64)  # outside: projected onto the sphere
@@ -126,7 +125,7 @@ def token_loop(cfg, memory, q, k, v, eta, log_alpha, delta, ln_w, ln_b):
         alpha = log_alpha[:, :, t].exp()[..., None, None]
         lr = eta[:, :, t][..., None, None]
         if cfg.retention == "lq":
-            memory = tuple(lq_normalise(cfg, w, s) for w, s in zip(memory, memory_init_std(cfg), strict=True))
+            memory = tuple(lq_normalise(cfg, w, s) for w, s in zip(memory, cfg.memory_rule().init_std, strict=True))
         params = [w.detach().clone().requires_grad_() for w in memory]
         y = read_memory(cfg, tuple(params), k[:, :, t:t + 1], ln_w, ln_b)
         if cfg.attentional_bias == "lp":  # the smoothed lp gradient has no closed-form potential
