@@ -134,7 +134,7 @@ def _identical(a: tuple, b: tuple, index: Tensor) -> bool:
 
 
 def check_padded_prefill(case: RuleCase, gen: torch.Generator, device: str = "cpu",
-                         dtype: torch.dtype = torch.float32, T: int = 11,
+                         dtype: torch.dtype = torch.float32, T: int = 9,
                          launch: dict | None = None) -> dict[str, float]:
     """Rows at different phases, an odd length, partial chunks, right padding and an empty row;
     q, k, v stored in ``dtype`` (the reference gets the same stored values, up-cast). ``launch`` overrides
@@ -161,7 +161,7 @@ def check_padded_prefill(case: RuleCase, gen: torch.Generator, device: str = "cp
     return errors
 
 
-def check_decode_slots(case: RuleCase, gen: torch.Generator, device: str = "cpu", steps: int = 6,
+def check_decode_slots(case: RuleCase, gen: torch.Generator, device: str = "cpu", steps: int = 5,
                        pool_size: int = 7, launch: dict | None = None) -> dict[str, float]:
     """Token-by-token decode on a pool through random slots, one of them a padding slot (-1), across
     chunk boundaries: reads and touched slots against the reference, the rest bit-identical.
@@ -214,7 +214,7 @@ def packed_inputs(case: RuleCase, lengths: list[int], gen: torch.Generator,
 
 
 def check_varlen_prefill(case: RuleCase, gen: torch.Generator, device: str = "cpu",
-                         lengths: tuple[int, ...] = (9, 1, 6), pool_size: int = 5,
+                         lengths: tuple[int, ...] = (7, 1, 5), pool_size: int = 5,
                          launch: dict | None = None) -> dict[str, float]:
     """cu_seqlens layout: prompts of different lengths and phases, each continuing its own pool slot."""
     n_seqs = len(lengths)
@@ -294,7 +294,7 @@ def _factored_errors(prefix: str, rule: MemoryRule, ref: tuple, anchor: tuple, f
     return errors
 
 
-def check_factored_decode(case: RuleCase, gen: torch.Generator, device: str = "cpu", steps: int = 6,
+def check_factored_decode(case: RuleCase, gen: torch.Generator, device: str = "cpu", steps: int = 5,
                           pool_size: int = 7, launch: dict | None = None) -> dict[str, float]:
     """Token-by-token decode on a factored pool through random slots and a padding slot (-1), from every
     kind of start (mid-chunk, a completed chunk that folds first, a fresh state) across chunk boundaries:
@@ -342,11 +342,13 @@ def check_factored_decode(case: RuleCase, gen: torch.Generator, device: str = "c
     return errors
 
 
-def check_factored_prefill(case: RuleCase, gen: torch.Generator, device: str = "cpu", T: int = 11,
-                           decode_steps: int = 2, launch: dict | None = None) -> dict[str, float]:
+def check_factored_prefill(case: RuleCase, gen: torch.Generator, device: str = "cpu", T: int = 9,
+                           decode_steps: int = 1, launch: dict | None = None) -> dict[str, float]:
     """A padded prefill on a factored pool: rows continuing mid-chunk, from a completed chunk, fresh, a
     prompt ending exactly at a chunk end, right padding and an empty row (left untouched); then
-    ``decode_steps`` one-token steps from the state it leaves. Reads and states against the fp64 reference."""
+    ``decode_steps`` one-token steps from the state it leaves (the first already takes both kinds: a fold
+    where the prompt ended at a chunk end, a continued chunk elsewhere). Reads and states against the fp64
+    reference."""
     b = case.rule.chunk_size
     batch = 5
     x = random_inputs(case, batch, T, gen, device)
@@ -382,7 +384,7 @@ def check_factored_prefill(case: RuleCase, gen: torch.Generator, device: str = "
 
 
 def check_factored_varlen(case: RuleCase, gen: torch.Generator, device: str = "cpu",
-                          lengths: tuple[int, ...] = (9, 1, 6), pool_size: int = 5,
+                          lengths: tuple[int, ...] = (7, 1, 5), pool_size: int = 5,
                           launch: dict | None = None) -> dict[str, float]:
     """cu_seqlens prefill on a factored pool: prompts of different lengths, each continuing its own slot
     from its own factored state and phase."""

@@ -27,6 +27,11 @@ RULES = {
     "linear-lq": dict(preset="linear", retention="lq", lq_radius=0.5),
 }
 
+# The padded prompt checks of every rule run one head: the interpreter runs the slab-parallel prefill a program per
+# (slab, head, row) and phase. Two heads run the same kernels in the decode and varlen checks and in every preset's
+# model test (tests/test_kernels_model.py).
+PROMPT_HEADS = 1
+
 
 def rule_config(name: str, **overrides) -> MirasConfig:
     """Rule ``name`` of :data:`RULES` at the interpreter's shapes (head dim 8, 2 heads, chunk 4)."""

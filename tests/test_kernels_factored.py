@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernel_support import rule_case, rule_config  # noqa: E402
+from kernel_support import PROMPT_HEADS, rule_case, rule_config  # noqa: E402
 
 from kernels.scan import Factors, dot_precision, scan_pool  # noqa: E402
 from kernels.testing import (  # noqa: E402
@@ -61,7 +61,7 @@ def test_decode_on_factored_pool(rule, split_d):
 def test_prefill_leaves_decode_ready_factored_state(rule):
     """Prompts continuing mid-chunk or a completed chunk, fresh, ending mid-chunk or exactly at a chunk
     end, right padding and an empty row; then decode steps from the state the prefill wrote."""
-    case = rule_case(rule_config(rule))
+    case = rule_case(rule_config(rule, n_heads=PROMPT_HEADS))
     gen, seed = fresh_generator()
     errors = check_factored_prefill(case, gen, DEVICE)
     assert_all_close(errors, tolerance(case.rule, dot_precision(torch.device(DEVICE))), seed)

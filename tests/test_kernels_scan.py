@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernel_support import RULES, rule_case, rule_config  # noqa: E402
+from kernel_support import PROMPT_HEADS, RULES, rule_case, rule_config  # noqa: E402
 
 from kernels.scan import dot_precision  # noqa: E402
 from kernels.testing import (  # noqa: E402
@@ -50,7 +50,7 @@ def assert_all_close(errors: dict[str, float], tol: float, seed: int) -> None:
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_padded_batch_matches_reference(rule):
     """Rows at different phases, odd length, partial chunks, right padding, an empty row left untouched."""
-    case = rule_case(rule_config(rule))
+    case = rule_case(rule_config(rule, n_heads=PROMPT_HEADS))
     gen, seed = fresh_generator()
     assert_all_close(check_padded_prefill(case, gen, DEVICE), tolerance(case.rule, dot_precision(torch.device(DEVICE))),
                      seed)
@@ -86,7 +86,7 @@ def test_varlen_prefill_with_initial_states(rule):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_are_up_cast(dtype):
     """q, k, v stored in bf16/fp16 are loaded and up-cast: the result is the fp32 scan of the stored values."""
-    case = rule_case(rule_config("moneta"))
+    case = rule_case(rule_config("moneta", n_heads=PROMPT_HEADS))
     gen, seed = fresh_generator()
     assert_all_close(check_padded_prefill(case, gen, DEVICE, dtype),
                      tolerance(case.rule, dot_precision(torch.device(DEVICE))), seed)

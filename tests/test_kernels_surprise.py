@@ -27,7 +27,7 @@ from models.backend import factored_scan, forced_backend, memory_scan  # noqa: E
 from models.memory import factored_fresh  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
-B, T, PROMPT = 2, 7, 3  # chunk 4: the prompt ends mid-chunk, decode crosses a boundary
+B, T, PROMPT = 2, 6, 3  # chunk 4: the prompt ends mid-chunk, decode crosses a boundary
 
 
 def nan(*shape: int) -> torch.Tensor:
