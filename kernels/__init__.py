@@ -1,57 +1,23 @@
-"""Backends for the Miras memory scan: the PyTorch reference (models.memory) or the Triton kernel
-(kernels.scan). ``MIRAS_KERNELS=torch|triton`` forces one; the default is triton on CUDA tensors
-(when triton is installed) and the reference elsewhere. Forcing triton on CPU tensors runs the
-kernel under the Triton interpreter (``TRITON_INTERPRET=1`` is set if triton is not loaded yet).
+"""The Miras memory in Triton: ops on plain tensors and a :class:`MemoryRule` (kernels.rule), nothing of the
+model; models/backend.py decides when they run.
 
-Two state layouts (models/SPEC.md §7; ``models.layers.state_layout`` picks one per backend):
-``memory_scan`` / ``memory_scan_pool`` take the anchor and the running memory, ``factored_scan`` /
-``factored_scan_pool`` the anchor and the chunk's factor rows (on triton: kernels.factored, and the
-scan kernel's FACTORED prefill)."""
+Entry points (kernels.scan, imported on first use: triton is an optional dependency): ``scan_pool`` (prefill
+and decode on a state pool, in place; the running layout or the factored one, :class:`kernels.scan.Factors`),
+``launch_config`` and ``dot_precision``. :func:`load_scan` imports them for tensors on a device type: on CPU
+tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` is set if triton is not loaded
+yet). Kernel-level knobs: the fp32 dot precision (``MIRAS_DOT_PRECISION``, :func:`set_dot_precision`) and
+the prefill path (``MIRAS_PREFILL``, kernels.scan.prefill_path)."""
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import os
 import sys
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from types import ModuleType
 
-import torch
-from torch import Tensor
+from .rule import MemoryRule
 
-if TYPE_CHECKING:  # models imports this package: import it lazily, whichever is imported first
-    from models.config import MirasConfig
-    from models.memory import FactoredMemory, KnownStep, Memory
-
-BACKENDS = ("torch", "triton")
 # Input precisions of the Triton kernels' fp32 tensor-core products (kernels.scan.dot_precision).
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
-
-
-def backend_for(device_type: str) -> str:
-    forced = os.environ.get("MIRAS_KERNELS", "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"MIRAS_KERNELS must be one of {BACKENDS}, got {forced!r}")
-        return forced
-    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return "triton"
-    return "torch"
-
-
-@contextlib.contextmanager
-def environment(name: str, value: str) -> Iterator[None]:
-    """Run a block with environment variable ``name`` set to ``value``, restored afterwards."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
 
 
 def set_dot_precision(name: str) -> None:
@@ -62,15 +28,9 @@ def set_dot_precision(name: str) -> None:
     os.environ["MIRAS_DOT_PRECISION"] = name
 
 
-def forced_backend(name: str) -> contextlib.AbstractContextManager[None]:
-    """Run a block with ``MIRAS_KERNELS=name`` (e.g. to compare backends on the same model)."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return environment("MIRAS_KERNELS", name)
-
-
-def _scan_pool(device_type: str):
-    """The Triton launcher, imported on first use (triton is an optional dependency)."""
+def load_scan(device_type: str) -> ModuleType:
+    """kernels.scan, imported on first use, for tensors on ``device_type``: anything but CUDA runs under the
+    Triton interpreter, which must be chosen before triton is first imported."""
     if device_type != "cuda" and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from . import scan
@@ -78,230 +38,7 @@ def _scan_pool(device_type: str):
     if device_type != "cuda" and type(scan.miras_scan_kernel).__name__ != "InterpretedFunction":
         raise RuntimeError("the triton backend on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                            "before triton is first imported (or use MIRAS_KERNELS=torch)")
-    return scan.scan_pool
+    return scan
 
 
-def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor | None,
-                ln_bias: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Memory, Memory]:
-    """Same contract as :func:`models.memory.memory_scan`, on the selected backend (inputs untouched)."""
-    from models.memory import memory_scan as torch_memory_scan
-
-    if backend_for(q.device.type) == "torch":
-        return torch_memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid,
-                                 ln_weight, ln_bias, surprise)
-    anchor = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in anchor)
-    memory = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in memory)
-    rows = torch.arange(q.shape[0], device=q.device)
-    # valid is a prefix mask (right padding), so the row lengths say everything.
-    out = _scan_pool(q.device.type)(cfg, anchor, memory, rows, pos, q, k, v, eta, log_alpha, delta, ln_weight,
-                                    ln_bias, lengths=valid.sum(1), surprise=surprise)
-    return out.to(q.dtype), anchor, memory
-
-
-def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Tensor, pos: Tensor, q: Tensor,
-                     k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
-                     ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None,
-                     known: KnownStep | None = None) -> Tensor:
-    """In place on a state pool: row b of q/k/v ([B, H, T, d], right-padded to ``lengths``) continues
-    pool slot ``slots[b]`` from position ``pos[b]``; a negative slot is skipped. Returns the reads.
-    ``surprise`` [B, H, T] (fp32, contiguous), if given, takes every token's loss at its chunk's anchor (skipped
-    rows and padding: unspecified).
-
-    The triton backend is one in-place launch without host syncs (CUDA-graph capturable); the torch
-    backend gathers the rows, runs the reference and scatters them back. ``known`` (a one-token step, every
-    slot live, :class:`models.memory.KnownStep`): the torch backend then reads no device value on the host,
-    so that the step compiles into one graph (a slot may repeat only where nothing reads it: the engine's
-    padding slot).
-    """
-    if backend_for(q.device.type) == "triton":
-        return _scan_pool(q.device.type)(cfg, anchor, memory, slots, pos, q, k, v, eta, log_alpha, delta,
-                                         ln_weight, ln_bias, lengths=lengths, surprise=surprise)
-    from models.memory import memory_scan as torch_memory_scan
-
-    if known is not None:
-        valid = torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device)
-        o, new_anchor, new_memory = torch_memory_scan(
-            cfg, tuple(w.index_select(0, slots) for w in anchor), tuple(w.index_select(0, slots) for w in memory),
-            pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise, known)
-        written = zip((*anchor, *memory), (*new_anchor, *new_memory), strict=True) if known.first is not None \
-            else zip(memory, new_memory, strict=True)
-        for pool, new in written:
-            pool.index_copy_(0, slots, new)
-        return o
-
-    access = _slot_access(slots, slots >= 0)
-    if access is None:
-        return _zero_reads(q, surprise)
-    rows, picked, read, write, pick = access
-    valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < lengths.view(-1, 1)
-    part = _surprise_part(surprise, rows)
-    o, new_anchor, new_memory = torch_memory_scan(
-        cfg, tuple(read(w) for w in anchor), tuple(read(w) for w in memory), pick(pos), pick(q), pick(k), pick(v),
-        pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias, part)
-    # The anchor changes only where a chunk starts inside the processed tokens; most decode steps
-    # cross no boundary, so skip that copy (half the state traffic of the write-back).
-    first_boundary = torch.remainder(-pick(pos), cfg.chunk_size)
-    written = (*anchor, *memory) if bool((first_boundary < pick(lengths)).any()) else memory
-    for pool, new in zip(written, (*new_anchor, *new_memory)[-len(written):], strict=True):
-        write(pool, new)
-    return _scatter_reads(q, rows, o, surprise, part)
-
-
-def _all_rows(rows: Tensor, batch: int) -> bool:
-    return rows.numel() == batch and torch.equal(rows, torch.arange(batch, device=rows.device))
-
-
-def _zero_reads(q: Tensor, surprise: Tensor | None) -> Tensor:
-    """The reads of a batch whose rows are all skipped (and its surprise: 0)."""
-    if surprise is not None:
-        surprise.zero_()
-    return torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-
-
-def _surprise_part(surprise: Tensor | None, rows: Tensor) -> Tensor | None:
-    """A buffer for the surprise of batch rows ``rows`` (the whole buffer when they are all the rows, in order)."""
-    if surprise is None or _all_rows(rows, surprise.shape[0]):
-        return surprise
-    return surprise.new_empty(rows.numel(), *surprise.shape[1:])
-
-
-def _scatter_reads(q: Tensor, rows: Tensor, o: Tensor, surprise: Tensor | None = None,
-                   part: Tensor | None = None) -> Tensor:
-    """The reads of the batch ([B, H, T, d], fp32, zero for skipped rows) from those of ``rows``; the surprise
-    of ``rows`` (``part``) goes to its rows of ``surprise`` likewise."""
-    if _all_rows(rows, q.shape[0]):
-        if surprise is not None and part is not surprise:
-            surprise.copy_(part)
-        return o.float()
-    if surprise is not None:
-        surprise.zero_().index_copy_(0, rows, part)
-    return torch.zeros(q.shape, dtype=torch.float32, device=q.device).index_copy_(0, rows, o.float())
-
-
-def _slot_access(slots: Tensor, live: Tensor) -> tuple[Tensor, Tensor, Callable, Callable, Callable] | None:
-    """For the batch rows where ``live`` holds, in slot order: (batch rows, their pool slots, read, write,
-    pick) with ``read(pool)`` their pool rows, ``write(pool, new)`` storing them back and ``pick(t)`` their
-    rows of a batch tensor (or None); None if no row is live.
-
-    A batch whose slots form one run reads and writes the pool through views rather than gathered and
-    scattered copies: half the state traffic of a decode step (the scheduler hands out the lowest free
-    slots, so this is the common case).
-    """
-    rows = live.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return None
-    picked = slots.index_select(0, rows)
-    order = torch.argsort(picked)
-    rows, picked = rows.index_select(0, order), picked.index_select(0, order)
-    first, count = int(picked[0]), picked.numel()
-    if torch.equal(picked, torch.arange(first, first + count, device=picked.device)):
-        def read(w: Tensor) -> Tensor:
-            return w.narrow(0, first, count)
-
-        def write(pool: Tensor, new: Tensor) -> None:
-            pool.narrow(0, first, count).copy_(new)
-    else:
-        def read(w: Tensor) -> Tensor:
-            return w.index_select(0, picked)
-
-        def write(pool: Tensor, new: Tensor) -> None:
-            pool.index_copy_(0, picked, new)
-    everything = count == live.numel() and torch.equal(rows, torch.arange(count, device=rows.device))
-
-    def pick(t: Tensor | None) -> Tensor | None:
-        return t if t is None or everything else t.index_select(0, rows)
-
-    return rows, picked, read, write, pick
-
-
-def _triton_factors(device_type: str, state: FactoredMemory):
-    """The Triton launcher and the factor tensors of a factored state as it takes them."""
-    launch = _scan_pool(device_type)
-    from .scan import Factors
-
-    return launch, Factors(state.rows, state.row_coef, state.row_decay)
-
-
-def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
-                  log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
-                  ln_bias: Tensor, surprise: Tensor | None = None) -> tuple[Tensor, FactoredMemory]:
-    """Same contract as :func:`models.memory.factored_scan` (inputs untouched), on the selected backend;
-    one-token batches take the dual-form decode step."""
-    from models import memory
-
-    if backend_for(q.device.type) == "triton":
-        def owned(t: Tensor) -> Tensor:  # the kernels write in place: fp32, contiguous copies
-            return t.to(torch.float32).clone(memory_format=torch.contiguous_format)
-
-        state = memory.FactoredMemory(tuple(owned(w) for w in state.anchor), *(owned(t) for t in state[1:]))
-        launch, factors = _triton_factors(q.device.type, state)
-        rows = torch.arange(q.shape[0], device=q.device)
-        # valid is a prefix mask (right padding), so the row lengths say everything.
-        out = launch(cfg, state.anchor, factors, rows, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
-                     lengths=valid.sum(1), surprise=surprise)
-        return out.to(q.dtype), state
-    if q.shape[2] == 1:
-        return memory.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
-                                           surprise)
-    return memory.factored_scan(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise)
-
-
-def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
-                       v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, lengths: Tensor,
-                       ln_weight: Tensor, ln_bias: Tensor, surprise: Tensor | None = None,
-                       known: KnownStep | None = None) -> Tensor:
-    """:func:`memory_scan_pool` on a factored state pool: in place, row b of q/k/v continues pool slot
-    ``slots[b]``; a negative slot or an empty row is skipped. Returns the reads.
-
-    A decode step (one token per row) reads the anchor and the factor rows where they lie and writes
-    one row, the coefficients and the decay; a token that starts a chunk first folds its rows into the
-    new anchor (once per chunk). The triton backend is in-place kernels without host syncs (CUDA-graph
-    capturable, kernels/factored.py); the torch backend gathers a prompt's rows, runs the factored scan
-    and writes them back. ``known``: as in :func:`memory_scan_pool`.
-    """
-    if backend_for(q.device.type) == "triton":
-        launch, factors = _triton_factors(q.device.type, pool)
-        return launch(cfg, pool.anchor, factors, slots, pos, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias,
-                      lengths=lengths, surprise=surprise)
-    from models import memory
-
-    if known is not None:  # every row live, none read on the host
-        read, write = (lambda w: w.index_select(0, slots)), (lambda pool, new: pool.index_copy_(0, slots, new))
-        token, picked, part = [q, k, v, eta, log_alpha, delta], slots, surprise
-    else:
-        access = _slot_access(slots, (slots >= 0) & (lengths > 0))
-        if access is None:
-            return _zero_reads(q, surprise)
-        rows, picked, read, write, pick = access
-        token = [pick(t) for t in (q, k, v, eta, log_alpha, delta)]
-        pos = pick(pos)
-        part = _surprise_part(surprise, rows)
-    if q.shape[2] > 1:
-        valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < pick(lengths).view(-1, 1)
-        state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
-        o, state = memory.factored_scan(cfg, state, pos, *token, valid, ln_weight, ln_bias, part)
-        for mine, new in zip((*pool.anchor, *pool[1:]), (*state.anchor, *state[1:]), strict=True):
-            write(mine, new)
-        return _scatter_reads(q, rows, o, surprise, part)
-    row = pos % cfg.chunk_size
-    first = (row == 0).nonzero().squeeze(1) if known is None else known.first
-    if first is not None and first.numel():  # once per chunk per sequence: fold into the new anchor, start over
-        at = picked.index_select(0, first)
-        gathered = memory.FactoredMemory(tuple(w.index_select(0, at) for w in pool.anchor),
-                                         *(t.index_select(0, at) for t in pool[1:]))
-        started = memory.start_chunk(cfg, gathered, *(t.index_select(0, first) for t in token[1:5]),
-                                     ln_weight, ln_bias)
-        for mine, new in zip((*pool.anchor, *pool[1:]), (*started.anchor, *started[1:]), strict=True):
-            mine.index_copy_(0, at, new)
-    # a known step gathers only the rows it reads (the compiled step copies what it gathers: the rows it
-    # reads are overwritten in place later in the same graph)
-    factors = pool.rows if known is None else pool.rows[:, :, :known.filled]
-    state = memory.FactoredMemory(tuple(read(w) for w in pool.anchor), read(factors), read(pool.row_coef),
-                                  read(pool.row_decay))
-    o, new_row, coef, decay = memory.factored_token(cfg, state, row, *token, ln_weight, ln_bias, part,
-                                                    None if known is None else known.filled)
-    pool.rows[picked, :, row] = new_row
-    write(pool.row_coef, coef)
-    write(pool.row_decay, decay)
-    return o if known is not None else _scatter_reads(q, rows, o, surprise, part)
+__all__ = ["DOT_PRECISIONS", "MemoryRule", "load_scan", "set_dot_precision"]

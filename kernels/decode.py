@@ -27,9 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from models.config import MirasConfig
-
 from .ops import attentional_loss, gelu, gelu_grad, in_slab, layer_norm_rows, mlp_error_grad, mm, out_slab
+from .rule import MemoryRule
 
 
 @triton.jit
@@ -166,7 +165,7 @@ def split_kernels(config: dict, slab: int, warps: int) -> dict[str, tuple]:
             "output": (decode_output_kernel, dict(shape, N_SLABS=triton.cdiv(config["D"], slab)), {"num_warps": 1})}
 
 
-def split_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+def split_decode(rule: MemoryRule, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                  gates: list[Tensor], anchor: tuple[Tensor, Tensor], memory: tuple[Tensor, Tensor], ln_weight: Tensor,
                  ln_bias: Tensor, slots: Tensor, pos: Tensor, lengths: Tensor, surprise: Tensor) -> None:
     """The three launches for the rows that take no boundary step (q, k, v [N, H, 1, d]; gates
@@ -187,8 +186,8 @@ def split_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tenso
     kernel, constexprs, options = kernels["update"]
     kernel[grid](q, k, v, *gates, anchor[1], memory[0], memory[1], ln_weight, ln_bias, z, u_part, uq_part, surprise,
                  slots, pos,
-                 lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0], sg[1], cfg.p,
-                 cfg.abs_eps, cfg.sign_sharpness, cfg.memory_ln_eps, **constexprs, **options)
+                 lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0], sg[1], rule.p,
+                 rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps, **constexprs, **options)
     kernel, constexprs, options = kernels["output"]
     kernel[(n_rows, H)](q, out, uq_part, ln_weight, ln_bias, slots, pos, lengths, sq[0], sq[1], sq[3], so[0], so[1],
-                        cfg.memory_ln_eps, **constexprs, **options)
+                        rule.memory_ln_eps, **constexprs, **options)

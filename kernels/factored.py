@@ -28,8 +28,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from models.config import MirasConfig
-
 from .boundary import fold_rows, kl_boundary, lq_boundary
 from .decode import decode_forward_kernel, program_row
 from .ops import (
@@ -46,6 +44,7 @@ from .ops import (
     row_offsets,
     store_row,
 )
+from .rule import MemoryRule
 
 
 @triton.jit
@@ -337,7 +336,7 @@ def factored_kernels(config: dict, slab: int, warps: int) -> dict[str, tuple]:
     return kernels
 
 
-def factored_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor,
+def factored_decode(rule: MemoryRule, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor,
                     out: Tensor, gates: list[Tensor], anchor: tuple[Tensor, Tensor], rows: Tensor, coef: Tensor,
                     decay: Tensor, ln_weight: Tensor, ln_bias: Tensor, slots: Tensor, pos: Tensor, lengths: Tensor,
                     lq_inv_std: list[float], surprise: Tensor) -> None:
@@ -355,8 +354,8 @@ def factored_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Te
     kernel[(n_rows, H)](q, k, v, out, *gates, *anchor, rows, coef, decay, ln_weight, ln_bias, z, surprise, slots, pos,
                         lengths,
                         sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], so[0], so[1], sg[0], sg[1],
-                        cfg.lq_radius, *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps,
-                        cfg.memory_ln_eps, **constexprs, **options)
+                        rule.lq_radius, *lq_inv_std, rule.q, rule.p, rule.abs_eps, rule.sign_sharpness, rule.memora_eps,
+                        rule.memory_ln_eps, **constexprs, **options)
     if slab == 0:
         return
     n_slabs = kernels["output"][1]["N_SLABS"]
@@ -370,8 +369,8 @@ def factored_decode(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Te
     kernel, constexprs, options = kernels["update"]
     kernel[grid](q, k, v, *gates, anchor[1], rows, coef, decay, ln_weight, ln_bias, z, u_part, uq_part, score_part,
                  surprise, slots, pos, lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0],
-                 sg[1], cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memory_ln_eps, **constexprs, **options)
+                 sg[1], rule.p, rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps, **constexprs, **options)
     kernel, constexprs, options = kernels["output"]
     kernel[(n_rows, H)](q, out, gates[0], gates[1], rows, coef, decay, ln_weight, ln_bias, uq_part, score_part, slots,
-                        pos, lengths, sq[0], sq[1], sq[3], so[0], so[1], sg[0], sg[1], cfg.memory_ln_eps, **constexprs,
+                        pos, lengths, sq[0], sq[1], sq[3], so[0], so[1], sg[0], sg[1], rule.memory_ln_eps, **constexprs,
                         **options)

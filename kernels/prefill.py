@@ -44,8 +44,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from models.config import MirasConfig
-
 from .boundary import (
     copy_slab,
     fold_factors,
@@ -60,6 +58,7 @@ from .boundary import (
 )
 from .factored import filled_rows
 from .ops import attentional_loss, mlp_error_grad, mlp_forward_slab, mm, row_offsets
+from .rule import MemoryRule
 from .segment import (
     finish_factored,
     mlp_read,
@@ -272,7 +271,7 @@ def prefill_kernels(config: dict, slab: int, warps: int, factored: bool) -> dict
                     {"num_warps": warps if phase in SLAB_PHASES else 8, "num_stages": 1}) for phase in phases}
 
 
-def slab_prefill(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+def slab_prefill(rule: MemoryRule, config: dict, slab: int, warps: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                  gates: list[Tensor], anchor: tuple[Tensor, Tensor], memory: tuple[Tensor, Tensor], factors: tuple,
                  ln_weight: Tensor, ln_bias: Tensor, surprise: Tensor, slots: Tensor, pos: Tensor, lengths: Tensor,
                  cu_seqlens: Tensor, lq_inv_std: list[float], factored: bool) -> None:
@@ -290,8 +289,8 @@ def slab_prefill(cfg: MirasConfig, config: dict, slab: int, warps: int, q: Tenso
     stats = torch.empty(n_rows, H, n_slabs, STATS_WIDTH.value, block_k, device=q.device, dtype=torch.float32)
     args = (q, k, v, out, *gates, *anchor, *memory, *factors, ln_weight, ln_bias, surprise, slots, pos, lengths,
             cu_seqlens, u_part, gu, cqk, uq_part, sc_part, stats, T)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(), cfg.lq_radius,
-               *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps, cfg.memory_ln_eps)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(), rule.lq_radius,
+               *lq_inv_std, rule.q, rule.p, rule.abs_eps, rule.sign_sharpness, rule.memora_eps, rule.memory_ln_eps)
 
     def launch(name: str, segment: int) -> None:
         kernel, constexprs, options = kernels[name]

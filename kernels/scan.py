@@ -41,9 +41,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from models.config import MirasConfig
-from models.memory import Memory, memory_init_std
-
 from . import DOT_PRECISIONS
 from .boundary import copy_boundary, fold_rows, kl_boundary, lq_boundary, square
 from .decode import split_decode
@@ -59,6 +56,7 @@ from .ops import (
     row_offsets,
 )
 from .prefill import slab_prefill
+from .rule import MemoryRule
 from .segment import (
     finish_factored,
     mlp_read,
@@ -254,7 +252,7 @@ def prefill_path() -> str:
     return choice
 
 
-def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dict:
+def launch_config(rule: MemoryRule, decode: bool, varlen: bool, dot: str) -> dict:
     """The kernel's constexprs and launch options. Hand-picked, never autotuned (the kernels write their
     state in place), from the side-by-side comparisons of benchmarks/gpu_check.py on an H200 (see
     docs/kernels.md). Prefill: 32-wide hidden slabs, 8 warps, no software pipelining (num_stages=1: 13%
@@ -267,18 +265,18 @@ def launch_config(cfg: MirasConfig, decode: bool, varlen: bool, dot: str) -> dic
     kernels of kernels.prefill, ``SPLIT_D``-wide slabs at ``SPLIT_WARPS`` warps (``SPLIT_D=0``: the fused
     scan kernel), picked as the widest spill-free configuration on sm_90 (benchmarks.compile_check; GPU timing
     of the alternatives pending, benchmarks/gpu_check.py's launch-prefill section)."""
-    d = cfg.head_dim
-    D = d if cfg.memory == "linear" else cfg.memory_hidden
-    config = dict(H=cfg.n_heads, DK=d, D=D, CHUNK=cfg.chunk_size, BLOCK_T=1 if decode else _pow2(cfg.chunk_size),
-                  BLOCK_C=_pow2(cfg.chunk_size), BLOCK_K=_pow2(d), BLOCK_D=min(_pow2(D), 128 if decode else 32),
-                  MEMORY=MEMORY_CODES[cfg.memory],
-                  BIAS=BIAS_CODES[cfg.attentional_bias], RETENTION=RETENTION_CODES[cfg.retention], VARLEN=varlen,
+    d = rule.head_dim
+    D = d if rule.memory == "linear" else rule.memory_hidden
+    config = dict(H=rule.n_heads, DK=d, D=D, CHUNK=rule.chunk_size, BLOCK_T=1 if decode else _pow2(rule.chunk_size),
+                  BLOCK_C=_pow2(rule.chunk_size), BLOCK_K=_pow2(d), BLOCK_D=min(_pow2(D), 128 if decode else 32),
+                  MEMORY=MEMORY_CODES[rule.memory],
+                  BIAS=BIAS_CODES[rule.attentional_bias], RETENTION=RETENTION_CODES[rule.retention], VARLEN=varlen,
                   DOT=dot, SURPRISE=False, num_warps=8)
     if not decode:
         config["num_stages"] = 1
-        if cfg.memory == "mlp" and prefill_path() == "slabs":
+        if rule.memory == "mlp" and prefill_path() == "slabs":
             config.update(SPLIT_D=min(_pow2(D), PREFILL_SLAB), SPLIT_WARPS=PREFILL_WARPS)
-    elif cfg.memory == "mlp":
+    elif rule.memory == "mlp":
         config.update(SPLIT_D=min(_pow2(D), 64), SPLIT_WARPS=8)
     return config
 
@@ -303,10 +301,10 @@ class Factors(NamedTuple):
     decay: Tensor
 
 
-def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots: Tensor, pos: Tensor, q: Tensor,
-              k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
-              ln_bias: Tensor | None, lengths: Tensor | None = None, cu_seqlens: Tensor | None = None,
-              launch: dict | None = None, surprise: Tensor | None = None) -> Tensor:
+def scan_pool(rule: MemoryRule, anchor: tuple[Tensor, ...], memory: tuple[Tensor, ...] | Factors, slots: Tensor,
+              pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None,
+              ln_weight: Tensor | None, ln_bias: Tensor | None, lengths: Tensor | None = None,
+              cu_seqlens: Tensor | None = None, launch: dict | None = None, surprise: Tensor | None = None) -> Tensor:
     """Run the memory over every row, updating the state pool (anchor, memory) **in place**.
 
     Padded layout: q, k, v [N, H, T, d], eta, log_alpha, delta [N, H, T], ``lengths`` [N] valid
@@ -328,7 +326,7 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
     for w in (*anchor, *memory):
         if w.dtype != torch.float32 or not w.is_contiguous():
             raise ValueError("the state pool must be fp32 and contiguous")
-    linear = cfg.memory == "linear"
+    linear = rule.memory == "linear"
     if factored and linear:
         raise ValueError("the linear memory keeps the running layout (anchor, memory)")
     varlen = cu_seqlens is not None
@@ -347,16 +345,16 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
     if lengths is None:
         lengths = torch.full((n_rows,), T, dtype=torch.long, device=q.device) if not varlen else index
     # Moneta's lq radius is in units of each matrix's initial entry std.
-    lq_inv_std = [1.0 / std for std in memory_init_std(cfg)] * (2 if linear else 1)
+    lq_inv_std = [1.0 / std for std in rule.init_std] * (2 if linear else 1)
     if n_rows == 0:
         return out
-    config, split_d, split_warps = split_launch({**launch_config(cfg, decode, varlen, dot_precision(q.device)),
+    config, split_d, split_warps = split_launch({**launch_config(rule, decode, varlen, dot_precision(q.device)),
                                                  **(launch or {}), "SURPRISE": surprise is not None})
     if surprise is None:
         surprise = index  # never touched
     a_in, a_out = (anchor[0], anchor[0]) if linear else anchor
     if factored and decode:
-        factored_decode(cfg, config, split_d, split_warps, q, k, v, out, gates, anchor, *memory, ln_weight, ln_bias,
+        factored_decode(rule, config, split_d, split_warps, q, k, v, out, gates, anchor, *memory, ln_weight, ln_bias,
                         slots, pos, lengths, lq_inv_std, surprise)
         return out
     if factored:  # the running memory lives in per-row scratch while the prompt runs
@@ -366,7 +364,7 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
         m_in, m_out = (memory[0], memory[0]) if linear else memory
         rows = coef = decay = index
     if split_d > 0 and not decode:
-        slab_prefill(cfg, config, split_d, split_warps, q, k, v, out, gates, (a_in, a_out), (m_in, m_out),
+        slab_prefill(rule, config, split_d, split_warps, q, k, v, out, gates, (a_in, a_out), (m_in, m_out),
                      (rows, coef, decay), ln_weight, ln_bias, surprise, slots, pos, lengths,
                      cu_seqlens if varlen else index, lq_inv_std, factored)
         return out
@@ -375,10 +373,11 @@ def scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory | Factors, slots:
         lengths,
         cu_seqlens if varlen else index, T,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(),
-        cfg.lq_radius, *lq_inv_std, cfg.q, cfg.p, cfg.abs_eps, cfg.sign_sharpness, cfg.memora_eps, cfg.memory_ln_eps,
+        rule.lq_radius, *lq_inv_std, rule.q, rule.p, rule.abs_eps, rule.sign_sharpness, rule.memora_eps,
+        rule.memory_ln_eps,
         FACTORED=factored, **config,
     )
     if split_d > 0:
-        split_decode(cfg, config, split_d, split_warps, q, k, v, out, gates, anchor, memory, ln_weight, ln_bias,
+        split_decode(rule, config, split_d, split_warps, q, k, v, out, gates, anchor, memory, ln_weight, ln_bias,
                      slots, pos, lengths, surprise)
     return out

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import factored_scan, factored_scan_pool, memory_scan, memory_scan_pool
-
+from .backend import factored_scan, factored_scan_pool, memory_scan, memory_scan_pool
 from .config import MirasConfig
-from .memory import FactoredMemory, KnownStep, factored_fresh, initial_memory, l2_normalise, memory_init_std
+from .memory import FactoredMemory, KnownStep, factored_fresh, initial_memory, l2_normalise
 
 LayerState = dict[str, Tensor]
 LAYOUTS = ("running", "factored")
@@ -135,7 +134,7 @@ class MirasMixer(nn.Module):
                 nn.init.normal_(self.mem_logits_in, std=0.5)
                 nn.init.normal_(self.mem_logits_out, std=0.5)
             else:
-                std_in, std_out = memory_init_std(cfg)
+                std_in, std_out = cfg.memory_rule().init_std
                 nn.init.normal_(self.mem_init_in, std=std_in)
                 nn.init.normal_(self.mem_init_out, std=std_out)
 
@@ -186,7 +185,7 @@ class MirasMixer(nn.Module):
         """With ``slots``, the memory entries of ``state`` are the whole pool, updated in place at rows
         ``slots`` (the other entries are this batch's rows, as without). ``surprise`` [B, T], if given, takes
         each token's memory loss at its chunk's anchor, averaged over the heads (models/SPEC.md §4).
-        ``known``: a pool decode step's shape from the host (:func:`kernels.memory_scan_pool`)."""
+        ``known``: a pool decode step's shape from the host (:func:`models.backend.memory_scan_pool`)."""
         cfg = self.cfg
         B, T, _ = x.shape
         qkv, conv = short_conv(self.qkv(x), self.conv_weight, state["conv"], lengths)

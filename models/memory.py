@@ -260,14 +260,6 @@ def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, 
     return out, (new_in, new_out)
 
 
-def memory_init_std(cfg: MirasConfig) -> tuple[float, ...]:
-    """Entry scale of each memory matrix at initialisation: W_in (and the linear W) read unit-norm keys,
-    so std 1 gives O(1) pre-activations; W_out reads D hidden units, so std 1/sqrt(D)."""
-    if cfg.memory == "linear":
-        return (1.0,)
-    return (1.0, 1.0 / math.sqrt(cfg.memory_hidden))
-
-
 def lq_normalise(cfg: MirasConfig, w: Tensor, init_std: float) -> Tensor:
     """Moneta's boundary step: project each head's matrix onto the lq ball.
 
@@ -307,7 +299,7 @@ def boundary_step(cfg: MirasConfig, memory: Memory, k0: Tensor, v0: Tensor, eta0
                   log_alpha0: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None) -> Memory:
     """The memory at a chunk start becomes the new anchor, after the rule's boundary map."""
     if cfg.retention == "lq":
-        return tuple(lq_normalise(cfg, w, std) for w, std in zip(memory, memory_init_std(cfg), strict=True))
+        return tuple(lq_normalise(cfg, w, std) for w, std in zip(memory, cfg.memory_rule().init_std, strict=True))
     if cfg.retention == "kl":
         return memora_lag_step(cfg, memory, k0, v0, eta0, log_alpha0, ln_weight, ln_bias)
     return memory

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kernels import backend_for
-
+from .backend import backend_for
 from .config import MirasConfig
 from .layers import (
     FACTOR_ENTRIES,

@@ -18,13 +18,14 @@ import pytest
 
 pytest.importorskip("triton")
 
+from kernel_support import PROMPT_HEADS, rule_case, rule_config  # noqa: E402
+
 from kernels.scan import Factors, dot_precision, scan_pool  # noqa: E402
 from kernels.testing import (  # noqa: E402
     check_factored_decode,
     check_factored_prefill,
     check_factored_varlen,
     random_inputs,
-    rule_config,
     tolerance,
 )
 
@@ -50,34 +51,34 @@ def test_decode_on_factored_pool(rule, split_d):
     and fresh states, across chunk boundaries: every row through the fused kernel (SPLIT_D=0), or the
     split kernels over four 8-wide hidden slabs with the boundary rows fused. The anchor is not written
     inside a chunk; slots outside the batch stay bit-identical."""
-    cfg = rule_config(rule)
+    case = rule_case(rule_config(rule))
     gen, seed = fresh_generator()
-    errors = check_factored_decode(cfg, gen, DEVICE, launch=dict(SPLIT_D=split_d, SPLIT_WARPS=1))
-    assert_all_close(errors, tolerance(cfg, "ieee"), seed)
+    errors = check_factored_decode(case, gen, DEVICE, launch=dict(SPLIT_D=split_d, SPLIT_WARPS=1))
+    assert_all_close(errors, tolerance(case.rule, "ieee"), seed)
 
 
 @pytest.mark.parametrize("rule", MLP_RULES)
 def test_prefill_leaves_decode_ready_factored_state(rule):
     """Prompts continuing mid-chunk or a completed chunk, fresh, ending mid-chunk or exactly at a chunk
     end, right padding and an empty row; then decode steps from the state the prefill wrote."""
-    cfg = rule_config(rule)
+    case = rule_case(rule_config(rule, n_heads=PROMPT_HEADS))
     gen, seed = fresh_generator()
-    errors = check_factored_prefill(cfg, gen, DEVICE)
-    assert_all_close(errors, tolerance(cfg, dot_precision(torch.device(DEVICE))), seed)
+    errors = check_factored_prefill(case, gen, DEVICE)
+    assert_all_close(errors, tolerance(case.rule, dot_precision(torch.device(DEVICE))), seed)
 
 
 @pytest.mark.parametrize("rule", ["moneta", "yaad", "memora"])
 def test_varlen_prefill_on_factored_pool(rule):
-    cfg = rule_config(rule)
+    case = rule_case(rule_config(rule))
     gen, seed = fresh_generator()
-    errors = check_factored_varlen(cfg, gen, DEVICE)
-    assert_all_close(errors, tolerance(cfg, dot_precision(torch.device(DEVICE))), seed)
+    errors = check_factored_varlen(case, gen, DEVICE)
+    assert_all_close(errors, tolerance(case.rule, dot_precision(torch.device(DEVICE))), seed)
 
 
 def test_linear_memory_refuses_the_factored_layout():
-    cfg = rule_config("linear")
-    x = random_inputs(cfg, 1, 1, torch.Generator().manual_seed(0), DEVICE)
+    case = rule_case(rule_config("linear"))
+    x = random_inputs(case, 1, 1, torch.Generator().manual_seed(0), DEVICE)
     factors = Factors(torch.zeros(1, 2, 4, 32), torch.zeros(1, 2, 4), torch.ones(1, 2))
     with pytest.raises(ValueError, match="linear memory"):
-        scan_pool(cfg, x["anchor"], factors, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+        scan_pool(case.rule, x["anchor"], factors, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                   x["q"], x["k"], x["v"], x["eta"], x["log_alpha"], None, None, None)

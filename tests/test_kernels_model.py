@@ -19,10 +19,11 @@ import pytest
 pytest.importorskip("triton")
 
 from conftest import small_model  # noqa: E402
+from kernel_support import check_model_invariant  # noqa: E402
 
 import models  # noqa: E402
-from kernels import forced_backend  # noqa: E402
-from kernels.testing import check_model_invariant, rel_err  # noqa: E402
+from kernels.testing import rel_err  # noqa: E402
+from models.backend import forced_backend  # noqa: E402
 from models.layers import state_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,14 +20,16 @@ import pytest
 
 pytest.importorskip("triton")
 
+from kernel_support import rule_case, rule_config  # noqa: E402
+
 from kernels.prefill import chunk_phases, prefill_kernels  # noqa: E402
 from kernels.scan import dot_precision, launch_config, prefill_path, split_launch  # noqa: E402
 from kernels.testing import (  # noqa: E402
+    RuleCase,
     check_factored_prefill,
     check_factored_varlen,
     check_padded_prefill,
     check_varlen_prefill,
-    rule_config,
     tolerance,
 )
 
@@ -39,17 +41,17 @@ THREE_SLABS = dict(SPLIT_D=8, SPLIT_WARPS=1)
 FUSED = dict(SPLIT_D=0)
 
 
-def slab_config(rule: str):
-    cfg = rule_config(rule, memory_expansion=3, n_heads=1)
-    assert cfg.memory_hidden == 24
-    return cfg
+def slab_case(rule: str) -> RuleCase:
+    case = rule_case(rule_config(rule, memory_expansion=3, n_heads=1))
+    assert case.rule.memory_hidden == 24
+    return case
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
 
 
-def assert_close(check, cfg, launch: dict, **kwargs) -> None:
+def assert_close(check, case: RuleCase, launch: dict, **kwargs) -> None:
     seed = random.SystemRandom().randrange(2**31)
-    errors = check(cfg, torch.Generator().manual_seed(seed), DEVICE, launch=launch, **kwargs)
-    tol = tolerance(cfg, PRECISION)
+    errors = check(case, torch.Generator().manual_seed(seed), DEVICE, launch=launch, **kwargs)
+    tol = tolerance(case.rule, PRECISION)
     bad = {name: err for name, err in errors.items() if not err < tol}
     assert not bad, f"relative RMS errors above {tol:.1g}: {bad} (seed {seed})"
 
@@ -58,40 +60,40 @@ def assert_close(check, cfg, launch: dict, **kwargs) -> None:
 def test_three_slabs_padded_batch(rule):
     """Rows at different phases (prompts starting mid-chunk), an odd length, partial chunks, right padding
     and an empty row left untouched; the chunk's sums run over three slab programs."""
-    assert_close(check_padded_prefill, slab_config(rule), THREE_SLABS)
+    assert_close(check_padded_prefill, slab_case(rule), THREE_SLABS)
 
 
 def test_hidden_width_not_a_multiple_of_the_slab():
     """Hidden width 24 in 16-wide slabs: the second slab is half masked."""
-    assert_close(check_padded_prefill, slab_config("yaad"), dict(SPLIT_D=16, SPLIT_WARPS=1))
+    assert_close(check_padded_prefill, slab_case("yaad"), dict(SPLIT_D=16, SPLIT_WARPS=1))
 
 
 def test_three_slabs_factored_prefill_then_decode():
     """On the factored state: the fold into scratch, prompts continuing mid-chunk, from a completed chunk,
     fresh, ending exactly at a chunk end, an empty row; then decode steps from the state it wrote."""
-    assert_close(check_factored_prefill, slab_config("memora"), THREE_SLABS)
+    assert_close(check_factored_prefill, slab_case("memora"), THREE_SLABS)
 
 
 @pytest.mark.parametrize("check", [check_varlen_prefill, check_factored_varlen])
 def test_three_slabs_varlen_with_initial_states(check):
     """cu_seqlens packing, each sequence continuing its own pool slot from its own phase."""
-    assert_close(check, slab_config("moneta"), THREE_SLABS)
+    assert_close(check, slab_case("moneta"), THREE_SLABS)
 
 
 @pytest.mark.parametrize("rule", ["moneta", "yaad", "memora", "mlp-lp-l2"])
 def test_fused_prefill_still_matches_reference(rule):
     """The fused scan kernel (one program per sequence and head), kept for the side-by-side comparison."""
-    assert_close(check_padded_prefill, rule_config(rule), FUSED)
+    assert_close(check_padded_prefill, rule_case(rule_config(rule)), FUSED)
 
 
 def test_fused_prefill_on_the_factored_state():
-    assert_close(check_factored_prefill, rule_config("moneta"), FUSED)
+    assert_close(check_factored_prefill, rule_case(rule_config("moneta")), FUSED)
 
 
 def test_prefill_path_choice(monkeypatch):
     """MIRAS_PREFILL picks the MLP memories' prefill path; the linear memory and decode never take the slab
     prefill; any other value is an error."""
-    mlp, linear = rule_config("moneta"), rule_config("linear")
+    mlp, linear = rule_config("moneta").memory_rule(), rule_config("linear").memory_rule()
     monkeypatch.delenv("MIRAS_PREFILL", raising=False)
     assert prefill_path() == "slabs"
     assert launch_config(mlp, False, False, "ieee")["SPLIT_D"] > 0
@@ -111,6 +113,6 @@ def test_phases_per_rule():
     assert chunk_phases(0) == ["forward", "grad", "update", "output"]
     assert chunk_phases(1) == ["lag", "forward", "grad", "update", "output"]
     assert chunk_phases(2) == ["lag", "softmax", "forward", "grad", "update", "output"]
-    config, split_d, warps = split_launch(launch_config(rule_config("memora"), False, False, "ieee"))
+    config, split_d, warps = split_launch(launch_config(rule_config("memora").memory_rule(), False, False, "ieee"))
     assert list(prefill_kernels(config, split_d, warps, factored=True)) == [
         "fold", "lag", "softmax", "forward", "grad", "update", "output"]

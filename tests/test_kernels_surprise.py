@@ -18,15 +18,16 @@ import pytest
 pytest.importorskip("triton")
 
 from conftest import small_model  # noqa: E402
+from kernel_support import RULES, rule_case, rule_config  # noqa: E402
 from test_models_surprise import GATES, close, reference_surprise  # noqa: E402
 
-from kernels import factored_scan, forced_backend, memory_scan  # noqa: E402
 from kernels.scan import Factors, scan_pool  # noqa: E402
-from kernels.testing import RULES, random_inputs, rule_config  # noqa: E402
+from kernels.testing import random_inputs  # noqa: E402
+from models.backend import factored_scan, forced_backend, memory_scan  # noqa: E402
 from models.memory import factored_fresh  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
-B, T, PROMPT = 2, 7, 3  # chunk 4: the prompt ends mid-chunk, decode crosses a boundary
+B, T, PROMPT = 2, 6, 3  # chunk 4: the prompt ends mid-chunk, decode crosses a boundary
 
 
 def nan(*shape: int) -> torch.Tensor:
@@ -37,7 +38,7 @@ def nan(*shape: int) -> torch.Tensor:
 @torch.inference_mode()
 def test_triton_surprise_prefill_then_decode(rule):
     cfg = rule_config(rule)
-    x = random_inputs(cfg, B, T, torch.Generator().manual_seed(5))
+    x = random_inputs(rule_case(cfg), B, T, torch.Generator().manual_seed(5))
     memory = x["memory"]
     ref = reference_surprise(cfg, x, memory, T)
     gates = [x[name] for name in GATES]
@@ -78,8 +79,8 @@ def test_triton_surprise_prefill_then_decode(rule):
         slots, ones = torch.arange(B), torch.ones(B, dtype=torch.long)
         for t in range(PROMPT, T):
             got = nan(B, cfg.n_heads, 1)
-            scan_pool(cfg, anchor, factors, slots, pos + t, *tokens(t, t + 1), *ln, lengths=ones, launch={"SPLIT_D": 0},
-                      surprise=got)
+            scan_pool(cfg.memory_rule(), anchor, factors, slots, pos + t, *tokens(t, t + 1), *ln, lengths=ones,
+                      launch={"SPLIT_D": 0}, surprise=got)
             assert close(ref[..., t:t + 1], got), f"fused factored decode, token {t}"
 
 

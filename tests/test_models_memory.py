@@ -18,7 +18,6 @@ from models.memory import (
     factored_scan,
     fold_rows,
     lq_normalise,
-    memory_init_std,
     memory_scan,
     output_grad,
 )
@@ -48,7 +47,7 @@ def random_memory(cfg, seed: int, dtype=torch.float64):
     if cfg.retention == "kl":
         return tuple(w.shape[-1] * torch.softmax(torch.randn(*w.shape, generator=g, dtype=dtype), -1)
                      for w in (torch.empty(B, H, D, d), torch.empty(B, H, d, D)))
-    std_in, std_out = memory_init_std(cfg)
+    std_in, std_out = cfg.memory_rule().init_std
     return (std_in * torch.randn(B, H, D, d, generator=g, dtype=dtype),
             std_out * torch.randn(B, H, d, D, generator=g, dtype=dtype))
 
@@ -75,7 +74,7 @@ def test_moneta_smoothing_matches_the_paper_form():
 
 def test_moneta_normalisation_takes_both_branches():
     cfg = config("moneta")
-    std = memory_init_std(cfg)[0]
+    std = cfg.memory_rule().init_std[0]
     small = 0.5 * std * torch.randn(1, 1, D, d, dtype=torch.float64)  # inside the ball: unchanged
     torch.testing.assert_close(lq_normalise(cfg, small, std), small)
     large = 10 * std * torch.randn(1, 1, D, d, dtype=torch.float64)  # outside: projected onto the sphere

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import small_model
+from kernel_support import RULES, rule_case, rule_config
 from torch import Tensor
 
 import models
-from kernels import factored_scan, factored_scan_pool, forced_backend, memory_scan
-from kernels.testing import RULES, random_inputs, rule_config
+from kernels.testing import random_inputs
+from models.backend import factored_scan, factored_scan_pool, forced_backend, memory_scan, memory_scan_pool
 from models.config import MirasConfig
 from models.memory import factored_fresh, read_memory
 from models.memory import memory_scan as reference_scan
@@ -53,7 +54,7 @@ def test_scan_surprise_is_the_loss_at_the_anchor(rule):
     cfg = rule_config(rule)
     gen = torch.Generator().manual_seed(17)
     B, T = 2, 11  # crosses two chunk boundaries (chunk 4)
-    x = random_inputs(cfg, B, T, gen)
+    x = random_inputs(rule_case(cfg), B, T, gen)
     memory = x["memory"]
     ref = reference_surprise(cfg, x, memory, T)
     gates = [x[name] for name in GATES]
@@ -86,7 +87,7 @@ def test_pool_surprise_for_the_rows_it_runs(rule):
     """In a slot pool, rows in any slot order and skipped rows (negative slot): each row gets its own."""
     cfg = rule_config(rule)
     gen = torch.Generator().manual_seed(3)
-    x = random_inputs(cfg, 3, 5, gen)
+    x = random_inputs(rule_case(cfg), 3, 5, gen)
     memory = x["memory"]
     ref = reference_surprise(cfg, x, memory, 5)
     gates = [x[name] for name in GATES]
@@ -100,7 +101,6 @@ def test_pool_surprise_for_the_rows_it_runs(rule):
             factored_scan_pool(cfg, factored_fresh(cfg, pool_memory), slots, pos, *gates, lengths,
                                x["ln_weight"], x["ln_bias"], got)
         else:
-            from kernels import memory_scan_pool
             memory_scan_pool(cfg, tuple(w.clone() for w in pool_memory), pool_memory, slots, pos, *gates, lengths,
                              x["ln_weight"], x["ln_bias"], got)
     assert close(ref[[0, 2]], got[[0, 2]])

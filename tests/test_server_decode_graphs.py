@@ -14,7 +14,7 @@ import pytest
 from conftest import small_model
 
 import models
-from kernels import forced_backend
+from models.backend import forced_backend
 from server import EngineConfig, LLMEngine, SamplingParams
 from server.cli import parse_args
 from server.decode_graphs import DecodeGraphs, capture_sizes

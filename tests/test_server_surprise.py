@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import small_model
 
-from kernels import forced_backend
+from models.backend import forced_backend
 from server.api import ServerSettings, ServerState, build_app
 from server.async_engine import AsyncEngine
 from server.engine import EngineConfig, LLMEngine
