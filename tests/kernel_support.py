@@ -10,10 +10,10 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from kernels import naive
 from kernels.testing import RuleCase, rel_err
 from models.backend import forced_backend
 from models.config import MirasConfig, preset_config
-from models.memory import memory_scan
 from models.model import MirasLM
 
 # Every rule and boundary step, plus combinations the presets do not use.
@@ -40,9 +40,10 @@ def rule_config(name: str, **overrides) -> MirasConfig:
 
 
 def reference_scan(cfg: MirasConfig) -> Callable[..., tuple]:
-    """The reference every kernel test compares against (the one place that chooses it): memory_scan's
-    contract with the rule bound."""
-    return partial(memory_scan, cfg)
+    """The reference every kernel test compares against (the one place that chooses it): the plain per-token
+    recurrence written from the equations (kernels/naive.py, itself held to the chunked spec models.memory by
+    tests/test_kernels_naive.py), with the rule bound."""
+    return partial(naive.memory_scan, cfg.memory_rule())
 
 
 def rule_case(cfg: MirasConfig) -> RuleCase:

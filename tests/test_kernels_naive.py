@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_support import rule_case
 
 from kernels import naive
 from kernels.rule import MemoryRule
@@ -49,7 +50,8 @@ def fp64_inputs(cfg: MirasConfig, batch: int, T: int, seed: int) -> dict:
             return tuple(fp64(t) for t in x)
         return None if x is None else x.double()
 
-    return {name: fp64(x) for name, x in random_inputs(cfg, batch, T, torch.Generator().manual_seed(seed)).items()}
+    drawn = random_inputs(rule_case(cfg), batch, T, torch.Generator().manual_seed(seed))
+    return {name: fp64(x) for name, x in drawn.items()}
 
 
 def lq_radius_between(rule: MemoryRule, memory: naive.Memory) -> float:
