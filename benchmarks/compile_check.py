@@ -62,7 +62,7 @@ def compile_scan(cfg: MirasConfig, decode: bool, varlen: bool = False, token_dty
     (kernels.prefill); decode, the kernels that run it (running: the scan kernel and the split kernels of
     kernels.decode; factored: the kernels of kernels.factored). Returns
     {kernel: {registers, spill_stores, spill_loads (bytes)}}."""
-    config, split_d, split_warps = split_launch({**launch_config(cfg, decode, varlen, dot),
+    config, split_d, split_warps = split_launch({**launch_config(cfg.memory_rule(), decode, varlen, dot),
                                                  **(launch or {})})
     options = {name: config.pop(name) for name in ("num_warps", "num_stages") if name in config}
     factored = layout == "factored"

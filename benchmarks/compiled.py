@@ -4,7 +4,7 @@
 
 One engine decode step (server/decode_graphs.py: the step the engine runs) of each variant, eager and
 compiled with each torch thread count, at each batch size, and the memory update alone (one Miras layer's
-``kernels.factored_scan_pool``, eager and compiled, on the first thread count), each interleaved
+``models.backend.factored_scan_pool``, eager and compiled, on the first thread count), each interleaved
 round-robin with a copy of its bytes (weights + state read and written for the step, the state of one
 layer for the memory update, from ``benchmarks/cost.py``; single-threaded), so load on a shared machine hits
 every column alike. The sequences' phases are spread over the chunk and the measured steps cover one whole
@@ -21,10 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-import kernels
 import models
 from benchmarks import report
 from benchmarks.runtime import step_cost
+from models.backend import factored_scan_pool
 from models.memory import FactoredMemory
 from server.decode_graphs import DecodeGraphs, use_project_compile_cache
 
@@ -49,8 +49,8 @@ def memory_update(model: models.MirasLM, pool: models.ModelState, graphs: Decode
     def update(slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
                log_alpha: torch.Tensor, first: torch.Tensor | None, filled: int | None) -> torch.Tensor:
         known = None if filled is None else models.memory.KnownStep(first, filled)
-        out = kernels.factored_scan_pool(cfg, state, slots, pool.pos.index_select(0, slots), q, k, v, eta,
-                                         log_alpha, None, torch.ones_like(slots), ln_weight, ln_bias, None, known)
+        out = factored_scan_pool(cfg, state, slots, pool.pos.index_select(0, slots), q, k, v, eta,
+                                 log_alpha, None, torch.ones_like(slots), ln_weight, ln_bias, None, known)
         pool.pos.index_add_(0, slots, torch.ones_like(slots))
         return out
 
@@ -132,7 +132,7 @@ def report_lines(model_name: str, model: models.MirasLM, rows: list[dict], argv:
         "the chunk) after a chunk of warm-up, which includes the compiles. Every round runs every variant once and, "
         "after each, a single-threaded copy of the bytes the byte model (`benchmarks/cost.py`, factored layout) says "
         "it must move: weights + state read and written for the *step* (one engine decode step of the whole "
-        "model), the state of one Miras layer for the *memory update* (`kernels.factored_scan_pool`).", "",
+        "model), the state of one Miras layer for the *memory update* (`models.backend.factored_scan_pool`).", "",
         "| batch | what | variant | threads | ms | tok/s | copy ms | ms / copy | vs eager | warm-up chunk s |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -86,16 +86,15 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, flush: torc
 
 def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool:
     import models
+    from benchmarks.kernel_cases import check_model_invariant, rule_case, rule_config
     from kernels.scan import dot_precision
     from kernels.testing import (
         check_decode_slots,
         check_factored_decode,
         check_factored_prefill,
         check_factored_varlen,
-        check_model_invariant,
         check_padded_prefill,
         check_varlen_prefill,
-        rule_config,
         tolerance,
     )
 
@@ -109,38 +108,40 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
     for rule in rules:
         for shape, overrides in shapes.items():
             cfg = rule_config(rule, **overrides)
+            case = rule_case(cfg)
+            tol = tolerance(case.rule, precision)
             T = 150 if cfg.chunk_size > 16 else 6 if smoke else 11
-            cases.append((f"{rule} {shape} prefill fp32", lambda c=cfg, t=T: check_padded_prefill(c, gen, dev, T=t),
-                          tolerance(cfg, precision)))
+            cases.append((f"{rule} {shape} prefill fp32",
+                          lambda c=case, t=T: check_padded_prefill(c, gen, dev, T=t), tol))
             if cfg.memory == "mlp":  # the default prefill is the slab-parallel one; the fused kernel beside it
                 cases.append((f"{rule} {shape} prefill fp32, fused kernel (SPLIT_D=0)",
-                              lambda c=cfg, t=T: check_padded_prefill(c, gen, dev, T=t, launch=dict(SPLIT_D=0)),
-                              tolerance(cfg, precision)))
-            cases.append((f"{rule} {shape} decode slots", lambda c=cfg: check_decode_slots(c, gen, dev),
-                          tolerance(cfg, "ieee")))
+                              lambda c=case, t=T: check_padded_prefill(c, gen, dev, T=t, launch=dict(SPLIT_D=0)),
+                              tol))
+            cases.append((f"{rule} {shape} decode slots", lambda c=case: check_decode_slots(c, gen, dev),
+                          tolerance(case.rule, "ieee")))
             if cfg.memory == "mlp":  # the factored state (the fold's dots run at the shipped precision)
                 cases.append((f"{rule} {shape} factored prefill + decode",
-                              lambda c=cfg, t=T: check_factored_prefill(c, gen, dev, T=t), tolerance(cfg, precision)))
-                cases.append((f"{rule} {shape} factored decode slots", lambda c=cfg: check_factored_decode(c, gen, dev),
-                              tolerance(cfg, precision)))
+                              lambda c=case, t=T: check_factored_prefill(c, gen, dev, T=t), tol))
+                cases.append((f"{rule} {shape} factored decode slots",
+                              lambda c=case: check_factored_decode(c, gen, dev), tol))
         cfg = rule_config(rule)
+        case = rule_case(cfg)
+        tol = tolerance(case.rule, precision)
         if not smoke:
-            cases.append((f"{rule} d8 c4 varlen", lambda c=cfg: check_varlen_prefill(c, gen, dev),
-                          tolerance(cfg, precision)))
+            cases.append((f"{rule} d8 c4 varlen", lambda c=case: check_varlen_prefill(c, gen, dev), tol))
             if cfg.memory == "mlp":
-                cases.append((f"{rule} d8 c4 factored varlen", lambda c=cfg: check_factored_varlen(c, gen, dev),
-                              tolerance(cfg, precision)))
+                cases.append((f"{rule} d8 c4 factored varlen", lambda c=case: check_factored_varlen(c, gen, dev), tol))
             cases.append((f"{rule} d8 c4 prefill bf16 q/k/v",
-                          lambda c=cfg: check_padded_prefill(c, gen, dev, torch.bfloat16), tolerance(cfg, precision)))
+                          lambda c=case: check_padded_prefill(c, gen, dev, torch.bfloat16), tol))
     for preset in ["moneta-h"] if smoke else ["moneta", "memora-h"]:
         torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
         model = models.from_preset(preset, **TINY).to(device).eval()
         ids = torch.randint(3, TINY["vocab_size"], (2, 7 if smoke else 10), generator=gen).to(device)
-        tol = tolerance(model.config, precision) * (1 if precision == "ieee" else 4)
+        tol = tolerance(model.config.memory_rule(), precision) * (1 if precision == "ieee" else 4)
         cases.append((f"model {preset}: parallel == prefill + decode",  # decode crosses the chunk boundary at 4
                       lambda m=model, i=ids: check_model_invariant(m, i, prompt=3 if smoke else 5), tol))
     cases.append(("engine decode: graph replay == eager, padded batches", partial(check_decode_graphs, device, gen),
-                  tolerance(rule_config("moneta"), precision) * 4))
+                  tolerance(rule_config("moneta").memory_rule(), precision) * 4))
     rows, ok = [], True
     for name, run, tol in cases:
         errors = run()
@@ -150,7 +151,7 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
         verdict = "pass" if passed else "**FAIL**"
         if not passed and precision != "ieee":
             # Tells TF32 rounding from a bug: the same case with exact fp32 dots.
-            from kernels import environment
+            from models.backend import environment
 
             with environment("MIRAS_DOT_PRECISION", "ieee"):
                 exact = max(run().values())
@@ -167,15 +168,17 @@ def check_dot_emulation(report: Report, device: torch.device, smoke: bool) -> No
     """Does the kernel's prefill round its dots as models.memory.emulate_dots says (the emulation the precision
     study of docs/precision.md rests on)? The same prefill, two chunks and a partial one from a random state,
     by the kernel at each dot precision and by the fp32 reference with each precision emulated."""
-    from kernels import DOT_PRECISIONS, environment
+    from benchmarks.kernel_cases import rule_case, rule_config
+    from kernels import DOT_PRECISIONS
     from kernels.scan import scan_pool
-    from kernels.testing import GATE_NAMES, random_inputs, rel_err, rule_config
+    from kernels.testing import GATE_NAMES, random_inputs, rel_err
+    from models.backend import environment
     from models.memory import emulate_dots, memory_scan
 
     cfg = rule_config("moneta") if smoke else rule_config("moneta", head_dim=64, chunk_size=64)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     batch, T = (2, cfg.chunk_size + 2) if smoke else (4, 2 * cfg.chunk_size + 5)
-    x = random_inputs(cfg, batch, T, gen, device.type)
+    x = random_inputs(rule_case(cfg), batch, T, gen, device.type)
     args = [x[n] for n in GATE_NAMES]
     pos = torch.zeros(batch, dtype=torch.long, device=device)
     valid = torch.ones(batch, T, dtype=torch.bool, device=device)
@@ -188,8 +191,8 @@ def check_dot_emulation(report: Report, device: torch.device, smoke: bool) -> No
     for precision in DOT_PRECISIONS:
         anchor, memory = (tuple(w.clone() for w in x[name]) for name in ("anchor", "memory"))
         with environment("MIRAS_DOT_PRECISION", precision):
-            out = scan_pool(cfg, anchor, memory, torch.arange(batch, device=device), pos, *args, x["ln_weight"],
-                            x["ln_bias"])
+            out = scan_pool(cfg.memory_rule(), anchor, memory, torch.arange(batch, device=device), pos, *args,
+                            x["ln_weight"], x["ln_bias"])
         errors = [rel_err(emulated[mode], out) for mode in DOT_PRECISIONS]
         closest = DOT_PRECISIONS[min(range(len(errors)), key=errors.__getitem__)]
         rows.append([precision] + [f"{e:.1e}" for e in errors] + [closest])
@@ -296,8 +299,8 @@ def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, dev
                 flops: float) -> list[str]:
     """One row of the prefill table (``flops``: the layer's): the layer on the Triton backend (slab prefill
     under a CUDA graph and eager, the fused kernel), on the PyTorch backend, and the SDPA layer."""
-    from kernels import environment, forced_backend
     from kernels.graphs import capture
+    from models.backend import environment, forced_backend
     from models.layers import state_layout
 
     dtype = next(layer.parameters()).dtype
@@ -426,8 +429,8 @@ def decode_times(model: nn.Module, batch: int, layout: str, device: torch.device
                  reps: int) -> tuple[float, dict[str, float]]:
     """Seconds per whole-model decode step through a slot pool in state ``layout``, sequences at random
     positions: CUDA graph with cold L2, and (for small batches) eager on both backends."""
-    from kernels import forced_backend
     from kernels.graphs import capture
+    from models.backend import forced_backend
 
     pool = model.init_state(batch, layout=layout)
     pool.pos.copy_(torch.randint(0, 4 * model.config.chunk_size, (batch,), device=device))
@@ -448,6 +451,7 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
     """The memory's decode kernels alone, one Miras layer at the 340M head shape, both state layouts side by
     side at each batch (same rule, same positions): time, and the byte model's bytes over the time against
     the copy bandwidth. Checked against the fp64 reference first (one step from the same state)."""
+    from benchmarks.kernel_cases import spec_case
     from kernels.scan import Factors, scan_pool
     from kernels.testing import GATE_NAMES, factored_memory, random_factors, random_inputs, ref_scan, rel_err
     from models.config import preset_config
@@ -460,17 +464,18 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
     rows = []
     for rule in ["moneta"] if smoke else ["moneta", "memora"]:
         cfg = preset_config(rule, **shape)
+        case = spec_case(cfg)
         for batch in [3] if smoke else DECODE_BATCHES:
-            x = random_inputs(cfg, batch, 1, gen, device.type)
+            x = random_inputs(case, batch, 1, gen, device.type)
             tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
             tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
             pos = torch.randint(0, 4 * cfg.chunk_size, (batch,), generator=gen)
-            factors = Factors(*(t.nan_to_num().to(device) for t in random_factors(cfg, pos, gen)))
+            factors = Factors(*(t.nan_to_num().to(device) for t in random_factors(case, pos, gen)))
             pos = pos.to(device)
-            states = {"running": (x["anchor"], factored_memory(cfg, x["anchor"], factors, pos)),
+            states = {"running": (x["anchor"], factored_memory(case.rule, x["anchor"], factors, pos)),
                       "factored": (x["anchor"], factors)}
             slots = torch.arange(batch, device=device)
-            reference = ref_scan(cfg, *states["running"], pos, *tokens,
+            reference = ref_scan(case, *states["running"], pos, *tokens,
                                  torch.ones(batch, 1, dtype=torch.bool, device=device), x["ln_weight"], x["ln_bias"])
             times = {}
             variants = [("running", {}), ("factored", {})]
@@ -483,8 +488,8 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
                 anchor = tuple(w.float().clone() for w in anchor)
                 memory = (tuple(w.float().clone() for w in memory) if layout == "running" else
                           Factors(*(t.clone() for t in memory)))
-                step = partial(scan_pool, cfg, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"],
-                               launch=launch)
+                step = partial(scan_pool, case.rule, anchor, memory, slots, pos, *tokens, x["ln_weight"],
+                               x["ln_bias"], launch=launch)
                 error = rel_err(reference[0], step())
                 # Positions stay put, so every timed step reads the same number of rows (the state advances).
                 t = timed(step, device, reps=1 if smoke else 20, flush=flush)
@@ -532,11 +537,12 @@ def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tenso
     anchor = tuple(w.clone() for w in x["anchor"])
     memory = tuple(w.clone() for w in x["memory"])
     prefix = [None if t is None else t[:, :, :check_tokens] for t in tokens]
-    reads = scan_pool(cfg, anchor, memory, slots, pos, *prefix, x["ln_weight"], x["ln_bias"], launch=launch)
+    rule = cfg.memory_rule()
+    reads = scan_pool(rule, anchor, memory, slots, pos, *prefix, x["ln_weight"], x["ln_bias"], launch=launch)
     ref_reads, ref_anchor, ref_memory = reference
     error = max(rel_err(r, g) for r, g in zip((ref_reads, *ref_anchor, *ref_memory), (reads, *anchor, *memory),
                                               strict=True))
-    step = partial(scan_pool, cfg, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"], launch=launch)
+    step = partial(scan_pool, rule, anchor, memory, slots, pos, *tokens, x["ln_weight"], x["ln_bias"], launch=launch)
     eager = timed(step, device, reps=reps, flush=flush)
     # (on a CPU there are no graphs: capture would return the step itself, timed above)
     graph = timed(capture(step, device), device, reps=reps, flush=flush) if device.type == "cuda" else eager
@@ -546,6 +552,7 @@ def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tenso
 def bench_launch_configs(report: Report, device: torch.device, smoke: bool, modes: tuple[str, ...]) -> None:
     """The scan kernel alone at the 340M head shape under several launch configurations, each checked
     against the fp64 reference and timed on the same machine in the same run."""
+    from benchmarks.kernel_cases import spec_case
     from kernels.scan import dot_precision, launch_config
     from kernels.testing import GATE_NAMES, random_inputs, ref_scan
     from models.config import preset_config
@@ -565,17 +572,17 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
                 continue
             if smoke:  # prefill: the slabs and the fused kernel; decode: fused, split, and the shipped one
                 launches = launches[:2] if mode == "prefill" else launches[:3]
-            x = random_inputs(cfg, batch, T, gen, device.type)
+            x = random_inputs(spec_case(cfg), batch, T, gen, device.type)
             tokens = [None if x[n] is None else x[n] for n in GATE_NAMES]
             tokens[:3] = [t.to(torch.bfloat16) for t in tokens[:3]]  # q, k, v as a bf16 model stores them
             slots = torch.arange(batch, device=device)
             pos = torch.randint(0, 4 * cfg.chunk_size, (batch,), generator=gen).to(device)
             checked = min(T, check_T)
             prefix = [None if t is None else t[:, :, :checked] for t in tokens]
-            reference = ref_scan(cfg, x["anchor"], x["memory"], pos, *prefix,
+            reference = ref_scan(spec_case(cfg), x["anchor"], x["memory"], pos, *prefix,
                                  torch.ones(batch, checked, dtype=torch.bool, device=device), x["ln_weight"],
                                  x["ln_bias"])
-            shipped = launch_config(cfg, mode == "decode", False, dot_precision(device))
+            shipped = launch_config(cfg.memory_rule(), mode == "decode", False, dot_precision(device))
             state_bytes = 3 * sum(w[0].numel() * 4 for w in x["memory"])  # anchor read, memory read + write
             for launch in launches:
                 merged = {**shipped, **launch}

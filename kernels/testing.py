@@ -1,7 +1,7 @@
 """Correctness checks of the Triton scan against a reference scan run in fp64, shared by the CPU tests
 (tests/test_kernels_*.py, under the Triton interpreter) and the GPU check (benchmarks/gpu_check.py).
 Nothing of the model: a :class:`RuleCase` carries the rule, its gates' scale and the reference, which the
-caller chooses (tests/kernel_support.py picks it for the tests).
+caller chooses (benchmarks/kernel_cases.py picks it for the tests and the GPU check).
 
 Each ``check_*`` function draws fresh random inputs, runs the kernel with its outputs poisoned with
 NaN, and returns ``{name: relative RMS error}``; a broken invariant (an untouched slot that changed,

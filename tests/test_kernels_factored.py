@@ -18,8 +18,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernel_support import PROMPT_HEADS, rule_case, rule_config  # noqa: E402
-
+from benchmarks.kernel_cases import PROMPT_HEADS, rule_case, rule_config  # noqa: E402
 from kernels.scan import Factors, dot_precision, scan_pool  # noqa: E402
 from kernels.testing import (  # noqa: E402
     check_factored_decode,

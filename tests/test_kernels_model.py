@@ -19,9 +19,9 @@ import pytest
 pytest.importorskip("triton")
 
 from conftest import small_model  # noqa: E402
-from kernel_support import check_model_invariant  # noqa: E402
 
 import models  # noqa: E402
+from benchmarks.kernel_cases import check_model_invariant  # noqa: E402
 from kernels.testing import rel_err  # noqa: E402
 from models.backend import forced_backend  # noqa: E402
 from models.layers import state_layout  # noqa: E402

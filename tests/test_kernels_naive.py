@@ -10,8 +10,8 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_support import rule_case
 
+from benchmarks.kernel_cases import rule_case
 from kernels import naive
 from kernels.rule import MemoryRule
 from kernels.testing import GATE_NAMES, random_inputs

@@ -20,8 +20,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernel_support import rule_case, rule_config  # noqa: E402
-
+from benchmarks.kernel_cases import rule_case, rule_config  # noqa: E402
 from kernels.prefill import chunk_phases, prefill_kernels  # noqa: E402
 from kernels.scan import dot_precision, launch_config, prefill_path, split_launch  # noqa: E402
 from kernels.testing import (  # noqa: E402

@@ -17,8 +17,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernel_support import PROMPT_HEADS, RULES, rule_case, rule_config  # noqa: E402
-
+from benchmarks.kernel_cases import PROMPT_HEADS, RULES, rule_case, rule_config  # noqa: E402
 from kernels.scan import dot_precision  # noqa: E402
 from kernels.testing import (  # noqa: E402
     check_decode_slots,

@@ -18,9 +18,9 @@ import pytest
 pytest.importorskip("triton")
 
 from conftest import small_model  # noqa: E402
-from kernel_support import RULES, rule_case, rule_config  # noqa: E402
 from test_models_surprise import GATES, close, reference_surprise  # noqa: E402
 
+from benchmarks.kernel_cases import RULES, rule_case, rule_config  # noqa: E402
 from kernels.scan import Factors, scan_pool  # noqa: E402
 from kernels.testing import random_inputs  # noqa: E402
 from models.backend import factored_scan, forced_backend, memory_scan  # noqa: E402

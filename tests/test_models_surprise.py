@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import small_model
-from kernel_support import RULES, rule_case, rule_config
 from torch import Tensor
 
 import models
+from benchmarks.kernel_cases import RULES, rule_case, rule_config
 from kernels.testing import random_inputs
 from models.backend import factored_scan, factored_scan_pool, forced_backend, memory_scan, memory_scan_pool
 from models.config import MirasConfig

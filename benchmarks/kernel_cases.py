@@ -1,6 +1,7 @@
-"""The model side of the kernel tests: the rules they run (small configs of the presets and combinations the
-presets do not use), the reference every kernel check compares against, and the whole-model invariant on the
-Triton backend. kernels/testing.py holds the kernel-level checks, which know nothing of the model."""
+"""The model side of the kernel tests and of the GPU check (benchmarks/gpu_check.py): the rules they run (small
+configs of the presets and combinations the presets do not use), the reference every kernel check compares
+against, and the whole-model invariant on the Triton backend. kernels/testing.py holds the kernel-level checks,
+which know nothing of the model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from kernels import naive
 from kernels.testing import RuleCase, rel_err
 from models.backend import forced_backend
 from models.config import MirasConfig, preset_config
+from models.memory import memory_scan
 from models.model import MirasLM
 
 # Every rule and boundary step, plus combinations the presets do not use.
@@ -49,6 +51,13 @@ def reference_scan(cfg: MirasConfig) -> Callable[..., tuple]:
 def rule_case(cfg: MirasConfig) -> RuleCase:
     """What the kernel checks take for a config: its memory rule, its gates' learning-rate scale, the reference."""
     return RuleCase(cfg.memory_rule(), cfg.eta_max, reference_scan(cfg))
+
+
+def spec_case(cfg: MirasConfig) -> RuleCase:
+    """:func:`rule_case` with the chunked spec (models.memory.memory_scan, held to the per-token reference by
+    tests/test_kernels_naive.py) as the reference: for the GPU check's 340M-shape sections, where a loop over
+    rows, heads and tokens would launch millions of tiny GPU ops."""
+    return RuleCase(cfg.memory_rule(), cfg.eta_max, partial(memory_scan, cfg))
 
 
 @torch.inference_mode()
