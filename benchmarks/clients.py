@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-import models
 from benchmarks import report
 from benchmarks.launch import miras_serve
-from models.checkpoint import resolve
+from miras_serve import models
+from miras_serve.models.checkpoint import resolve
 
 # (context, choices, index of the right one): multiple choice, scored by loglikelihood
 CHOICE_DOCS = [

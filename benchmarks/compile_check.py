@@ -21,11 +21,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.decode import split_kernels
-from kernels.factored import factored_kernels
-from kernels.prefill import prefill_kernels
-from kernels.scan import DOT_PRECISIONS, launch_config, miras_scan_kernel, split_launch
-from models.config import MirasConfig, preset_config
+from miras_serve.kernels.decode import split_kernels
+from miras_serve.kernels.factored import factored_kernels
+from miras_serve.kernels.prefill import prefill_kernels
+from miras_serve.kernels.scan import DOT_PRECISIONS, launch_config, miras_scan_kernel, split_launch
+from miras_serve.models.config import MirasConfig, preset_config
 
 INDEX_ARGS = ("SLOTS", "POS", "LENGTHS", "CU_SEQLENS")
 TOKEN_ARGS = ("Q", "K", "V")

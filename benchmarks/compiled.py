@@ -21,12 +21,12 @@ from collections.abc import Callable
 
 import torch
 
-import models
 from benchmarks import report
 from benchmarks.runtime import step_cost
-from models.backend import factored_scan_pool
-from models.memory import FactoredMemory
-from server.decode_graphs import DecodeGraphs, use_project_compile_cache
+from miras_serve import models
+from miras_serve.models.backend import factored_scan_pool
+from miras_serve.models.memory import FactoredMemory
+from miras_serve.server.decode_graphs import DecodeGraphs, use_project_compile_cache
 
 
 def spread_pool(model: models.MirasLM, batch: int) -> tuple[models.ModelState, torch.Tensor]:

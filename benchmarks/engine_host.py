@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-import models
-import server.engine as engine_module
+import miras_serve.server.engine as engine_module
 from benchmarks import report
-from server.engine import EngineConfig, LLMEngine
-from server.request import RequestStatus
-from server.sampling_params import SamplingParams
+from miras_serve import models
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.request import RequestStatus
+from miras_serve.server.sampling_params import SamplingParams
 
 BATCHES = (1, 64, 256)
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", default="tiny")
     report.add_out_argument(p)
     args = p.parse_args(argv)
-    from models.random_init import random_pretrained
+    from miras_serve.models.random_init import random_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(random_pretrained(args.preset, Path(tmp) / "model", args.size, dtype=torch.float32))

@@ -85,10 +85,10 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, flush: torc
 
 
 def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool:
-    import models
     from benchmarks.kernel_cases import check_model_invariant, rule_case, rule_config
-    from kernels.scan import dot_precision
-    from kernels.testing import (
+    from miras_serve import models
+    from miras_serve.kernels.scan import dot_precision
+    from miras_serve.kernels.testing import (
         check_decode_slots,
         check_factored_decode,
         check_factored_prefill,
@@ -151,7 +151,7 @@ def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool
         verdict = "pass" if passed else "**FAIL**"
         if not passed and precision != "ieee":
             # Tells TF32 rounding from a bug: the same case with exact fp32 dots.
-            from models.backend import environment
+            from miras_serve.models.backend import environment
 
             with environment("MIRAS_DOT_PRECISION", "ieee"):
                 exact = max(run().values())
@@ -169,11 +169,11 @@ def check_dot_emulation(report: Report, device: torch.device, smoke: bool) -> No
     study of docs/precision.md rests on)? The same prefill, two chunks and a partial one from a random state,
     by the kernel at each dot precision and by the fp32 reference with each precision emulated."""
     from benchmarks.kernel_cases import rule_case, rule_config
-    from kernels import DOT_PRECISIONS
-    from kernels.scan import scan_pool
-    from kernels.testing import GATE_NAMES, random_inputs, rel_err
-    from models.backend import environment
-    from models.memory import emulate_dots, memory_scan
+    from miras_serve.kernels import DOT_PRECISIONS
+    from miras_serve.kernels.scan import scan_pool
+    from miras_serve.kernels.testing import GATE_NAMES, random_inputs, rel_err
+    from miras_serve.models.backend import environment
+    from miras_serve.models.memory import emulate_dots, memory_scan
 
     cfg = rule_config("moneta") if smoke else rule_config("moneta", head_dim=64, chunk_size=64)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -211,9 +211,9 @@ def check_decode_graphs(device: torch.device, gen: torch.Generator) -> dict[str,
     """The serving engine's decode runner (server.decode_graphs: CUDA graphs on a GPU, padded to captured
     batch sizes with a scratch pool row) against the eager model step on a copy of the same pool, for
     batches that need padding and crossing a chunk boundary."""
-    import models
-    from kernels.testing import rel_err
-    from server.decode_graphs import DecodeGraphs
+    from miras_serve import models
+    from miras_serve.kernels.testing import rel_err
+    from miras_serve.server.decode_graphs import DecodeGraphs
 
     model = models.from_preset("moneta", **TINY).to(device).eval()
     pool = model.init_state(7)
@@ -256,9 +256,9 @@ def memory_prefill_flops(cfg, batch: int, tokens: int) -> float:
 
 
 def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
-    import models
-    from kernels.scan import dot_precision
-    from models.layers import MirasMixer
+    from miras_serve import models
+    from miras_serve.kernels.scan import dot_precision
+    from miras_serve.models.layers import MirasMixer
 
     shape = TINY if smoke else FULL
     cfg = models.preset_config("moneta", **shape)
@@ -299,9 +299,9 @@ def prefill_row(layer: nn.Module, attention: nn.Module, cfg, B: int, T: int, dev
                 flops: float) -> list[str]:
     """One row of the prefill table (``flops``: the layer's): the layer on the Triton backend (slab prefill
     under a CUDA graph and eager, the fused kernel), on the PyTorch backend, and the SDPA layer."""
-    from kernels.graphs import capture
-    from models.backend import environment, forced_backend
-    from models.layers import state_layout
+    from miras_serve.kernels.graphs import capture
+    from miras_serve.models.backend import environment, forced_backend
+    from miras_serve.models.layers import state_layout
 
     dtype = next(layer.parameters()).dtype
     x = torch.randn(B, T, cfg.d_model, device=device, dtype=dtype)
@@ -379,7 +379,7 @@ def step_cost(cfg, layout: str, batch: int, weight_bytes: float, n_miras_layers:
 
 
 def bench_decode(report: Report, device: torch.device, smoke: bool) -> None:
-    import models
+    from miras_serve import models
 
     shape = TINY if smoke else FULL
     model = models.from_preset("moneta", **shape).to(device=device, dtype=torch.float32 if smoke else torch.bfloat16)
@@ -429,8 +429,8 @@ def decode_times(model: nn.Module, batch: int, layout: str, device: torch.device
                  reps: int) -> tuple[float, dict[str, float]]:
     """Seconds per whole-model decode step through a slot pool in state ``layout``, sequences at random
     positions: CUDA graph with cold L2, and (for small batches) eager on both backends."""
-    from kernels.graphs import capture
-    from models.backend import forced_backend
+    from miras_serve.kernels.graphs import capture
+    from miras_serve.models.backend import forced_backend
 
     pool = model.init_state(batch, layout=layout)
     pool.pos.copy_(torch.randint(0, 4 * model.config.chunk_size, (batch,), device=device))
@@ -452,9 +452,16 @@ def bench_decode_layouts(report: Report, device: torch.device, smoke: bool) -> N
     side at each batch (same rule, same positions): time, and the byte model's bytes over the time against
     the copy bandwidth. Checked against the fp64 reference first (one step from the same state)."""
     from benchmarks.kernel_cases import spec_case
-    from kernels.scan import Factors, scan_pool
-    from kernels.testing import GATE_NAMES, factored_memory, random_factors, random_inputs, ref_scan, rel_err
-    from models.config import preset_config
+    from miras_serve.kernels.scan import Factors, scan_pool
+    from miras_serve.kernels.testing import (
+        GATE_NAMES,
+        factored_memory,
+        random_factors,
+        random_inputs,
+        ref_scan,
+        rel_err,
+    )
+    from miras_serve.models.config import preset_config
 
     shape = dict(n_heads=2, head_dim=8, chunk_size=4) if smoke else dict(
         n_heads=FULL["n_heads"], head_dim=FULL["head_dim"], memory_expansion=4, chunk_size=FULL["chunk_size"])
@@ -530,9 +537,9 @@ def run_launch(cfg, x: dict, tokens: list, slots: torch.Tensor, pos: torch.Tenso
     """One launch configuration: its error against the fp64 ``reference`` of the first ``check_tokens``
     tokens (from a copy of the state in ``x``), then its median time on the whole input, launched eagerly
     and replayed as a CUDA graph (the copy keeps advancing; the timing does not depend on the values)."""
-    from kernels.graphs import capture
-    from kernels.scan import scan_pool
-    from kernels.testing import rel_err
+    from miras_serve.kernels.graphs import capture
+    from miras_serve.kernels.scan import scan_pool
+    from miras_serve.kernels.testing import rel_err
 
     anchor = tuple(w.clone() for w in x["anchor"])
     memory = tuple(w.clone() for w in x["memory"])
@@ -553,9 +560,9 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
     """The scan kernel alone at the 340M head shape under several launch configurations, each checked
     against the fp64 reference and timed on the same machine in the same run."""
     from benchmarks.kernel_cases import spec_case
-    from kernels.scan import dot_precision, launch_config
-    from kernels.testing import GATE_NAMES, random_inputs, ref_scan
-    from models.config import preset_config
+    from miras_serve.kernels.scan import dot_precision, launch_config
+    from miras_serve.kernels.testing import GATE_NAMES, random_inputs, ref_scan
+    from miras_serve.models.config import preset_config
 
     shape = dict(n_heads=2, head_dim=8, chunk_size=4) if smoke else dict(
         n_heads=FULL["n_heads"], head_dim=FULL["head_dim"], memory_expansion=4, chunk_size=FULL["chunk_size"])
@@ -652,9 +659,9 @@ def serve_level(url: str, scratch: Path, name: str, model_dir: Path, concurrency
 def engine_alone_step(model: nn.Module, tokenizer, batch: int, prompt_len: int, reps: int) -> float:
     """Seconds per decode step of the serving engine in process (no HTTP; CUDA graphs on a GPU), every
     one of ``batch`` sequences decoding, greedy."""
-    from server.engine import EngineConfig, LLMEngine
-    from server.request import RequestStatus
-    from server.sampling_params import SamplingParams
+    from miras_serve.server.engine import EngineConfig, LLMEngine
+    from miras_serve.server.request import RequestStatus
+    from miras_serve.server.sampling_params import SamplingParams
 
     budget = max(2048, batch + model.config.chunk_size)
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget,
@@ -676,11 +683,11 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
     import shutil
     import tempfile
 
-    import models
     from benchmarks.launch import miras_serve
-    from models.layers import state_layout
-    from models.random_init import random_pretrained
-    from server.pool_sizing import plan_pool
+    from miras_serve import models
+    from miras_serve.models.layers import state_layout
+    from miras_serve.models.random_init import random_pretrained
+    from miras_serve.server.pool_sizing import plan_pool
 
     levels = [2] if smoke else SERVE_CONCURRENCY
     prompt, output = (32, 8) if smoke else (SERVE_PROMPT, SERVE_OUTPUT)

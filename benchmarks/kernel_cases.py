@@ -11,12 +11,12 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from kernels import naive
-from kernels.testing import RuleCase, rel_err
-from models.backend import forced_backend
-from models.config import MirasConfig, preset_config
-from models.memory import memory_scan
-from models.model import MirasLM
+from miras_serve.kernels import naive
+from miras_serve.kernels.testing import RuleCase, rel_err
+from miras_serve.models.backend import forced_backend
+from miras_serve.models.config import MirasConfig, preset_config
+from miras_serve.models.memory import memory_scan
+from miras_serve.models.model import MirasLM
 
 # Every rule and boundary step, plus combinations the presets do not use.
 RULES = {

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loadtest.process import ServerProcess, free_port
+from miras_serve.loadtest.process import ServerProcess, free_port
 
 
 def miras_serve(model: str, *flags: str, port: int | None = None, threads: int | None = 1, log: Path | None = None,
@@ -15,8 +15,8 @@ def miras_serve(model: str, *flags: str, port: int | None = None, threads: int |
     """``python -m server.cli --model model *flags`` with ``threads`` torch threads (None: torch's default), ready
     on return; ``url`` is where it listens. It runs outside the checkout, so it imports the server as installed."""
     port = port or free_port()
-    command = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", *flags]
+    command = [sys.executable, "-m", "miras_serve.server.cli", "--model", model, "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning", *flags]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     return ServerProcess(command, url=f"http://127.0.0.1:{port}", env=env, cwd=tempfile.gettempdir(), log=log,
                          timeout=timeout)

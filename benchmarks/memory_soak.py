@@ -59,9 +59,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One allocator's soak, in this process; returns its measurements."""
     import torch
 
-    from server.engine import EngineConfig, LLMEngine
-    from server.loader import load_model
-    from server.sampling_params import SamplingParams
+    from miras_serve.server.engine import EngineConfig, LLMEngine
+    from miras_serve.server.loader import load_model
+    from miras_serve.server.sampling_params import SamplingParams
 
     torch.set_num_threads(1)
     budget = int(args.budget_gb * (1 << 30))

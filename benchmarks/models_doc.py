@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from benchmarks import report
-from models.checkpoint import PRETRAINED_DIR, load_pretrained
-from models.train import sample
+from miras_serve.models.checkpoint import PRETRAINED_DIR, load_pretrained
+from miras_serve.models.train import sample
 
 SAMPLE_PROMPT = "KING.\n"
 NOTES_MARKER = "<!-- notes -->"

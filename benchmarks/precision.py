@@ -33,11 +33,11 @@ import torch
 from torch import Tensor
 
 from benchmarks import report
-from models import memory
-from models.checkpoint import load_pretrained, shipped_models
-from models.corpus import load_documents, split_documents
-from models.model import MirasLM
-from models.train import encode_stream
+from miras_serve.models import memory
+from miras_serve.models.checkpoint import load_pretrained, shipped_models
+from miras_serve.models.corpus import load_documents, split_documents
+from miras_serve.models.model import MirasLM
+from miras_serve.models.train import encode_stream
 
 SETTINGS = memory.DOT_EMULATIONS
 # The decision rule of issue 11: the cheapest setting that moves perplexity by less than this, relatively,

@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from models.train import cpu_name
+from miras_serve.models.train import cpu_name
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = CHECKOUT / "docs" / "benchmarks"

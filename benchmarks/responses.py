@@ -32,12 +32,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import report
 from benchmarks.launch import miras_serve
-from server.async_engine import AsyncEngine
-from server.engine import EngineConfig, LLMEngine
-from server.limits import TextLimits
-from server.loader import load_model
-from server.response_store import ResponseStore, StoredResponse
-from server.serving_responses import OpenAIServingResponses
+from miras_serve.server.async_engine import AsyncEngine
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.limits import TextLimits
+from miras_serve.server.loader import load_model
+from miras_serve.server.response_store import ResponseStore, StoredResponse
+from miras_serve.server.serving_responses import OpenAIServingResponses
 
 TOPICS = ["the king", "the sea", "a rose", "the night", "a letter", "the war", "a song", "the moon", "a friend",
           "the storm", "a crown", "the garden"]

@@ -21,9 +21,9 @@ import torch
 
 from benchmarks import report
 from benchmarks.cost import decode_step_cost
-from models.config import preset_config
-from models.model import MirasLM
-from models.train import SIZES
+from miras_serve.models.config import preset_config
+from miras_serve.models.model import MirasLM
+from miras_serve.models.train import SIZES
 
 LAYOUTS = ("running", "factored")  # today's layout first: the "before" column
 

@@ -25,9 +25,9 @@ import httpx
 
 from benchmarks import report
 from benchmarks.launch import miras_serve
-from loadtest.cli import run_cli
-from loadtest.correctness import scrape
-from models.checkpoint import resolve
+from miras_serve.loadtest.cli import run_cli
+from miras_serve.loadtest.correctness import scrape
+from miras_serve.models.checkpoint import resolve
 
 
 def load_average() -> str:

@@ -22,15 +22,15 @@ from pathlib import Path
 import httpx
 import torch
 
-import models
 from benchmarks import report
 from benchmarks.launch import miras_serve
-from loadtest.client import ApiConfig, send_request
-from loadtest.stats import RequestResult, percentile
-from loadtest.workload import RequestSpec
-from server.engine import EngineConfig, LLMEngine
-from server.request import RequestStatus
-from server.sampling_params import SamplingParams
+from miras_serve import models
+from miras_serve.loadtest.client import ApiConfig, send_request
+from miras_serve.loadtest.stats import RequestResult, percentile
+from miras_serve.loadtest.workload import RequestSpec
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.request import RequestStatus
+from miras_serve.server.sampling_params import SamplingParams
 
 SERVED_NAME = "bench"
 SAMPLE_TEXT = ("From fairest creatures we desire increase, that thereby beauty's rose might never die. "

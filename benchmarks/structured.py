@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from benchmarks import report
-from models import MirasTokenizer
-from server.engine import EngineConfig, LLMEngine
-from server.loader import load_model
-from server.sampler import Sampler
-from server.sampling_params import GuidedDecoding, SamplingParams
-from server.structured import GrammarCompiler, allowed_mask
+from miras_serve.models import MirasTokenizer
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.loader import load_model
+from miras_serve.server.sampler import Sampler
+from miras_serve.server.sampling_params import GuidedDecoding, SamplingParams
+from miras_serve.server.structured import GrammarCompiler, allowed_mask
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 16},

@@ -22,9 +22,9 @@ import time
 import torch
 
 from benchmarks import report
-from server.engine import EngineConfig, LLMEngine
-from server.loader import load_model
-from server.sampling_params import SamplingParams
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.loader import load_model
+from miras_serve.server.sampling_params import SamplingParams
 
 PROMPT_TOKENS, DECODE_TOKENS = 64, 48
 REQUEST_IDS = itertools.count()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from loadtest.cli import run_cli
+from miras_serve.loadtest.cli import run_cli
 
 
 def main() -> None:

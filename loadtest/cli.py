@@ -12,12 +12,12 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.client import ENDPOINTS, ApiConfig, new_client
-from loadtest.correctness import check_run, wait_until_idle
-from loadtest.report import markdown, plot_latency_cdfs, plot_sweep, write_json
-from loadtest.runner import Load, run_load
-from loadtest.stats import SLO, summarize
-from loadtest.workload import LengthDist, Workload, load_tokenizer, read_corpus, synthetic_corpus
+from miras_serve.loadtest.client import ENDPOINTS, ApiConfig, new_client
+from miras_serve.loadtest.correctness import check_run, wait_until_idle
+from miras_serve.loadtest.report import markdown, plot_latency_cdfs, plot_sweep, write_json
+from miras_serve.loadtest.runner import Load, run_load
+from miras_serve.loadtest.stats import SLO, summarize
+from miras_serve.loadtest.workload import LengthDist, Workload, load_tokenizer, read_corpus, synthetic_corpus
 
 DEFAULT_NUM_REQUESTS = 100
 LEVEL_INDEX_STRIDE = 1_000_000  # each level sends its own prompts, so no level profits from another's cache

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from loadtest.stats import RequestResult
-from loadtest.workload import RequestSpec
+from miras_serve.loadtest.stats import RequestResult
+from miras_serve.loadtest.workload import RequestSpec
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 CLEAN_REJECTIONS = (429, 503)  # overload and draining: the client may retry, nothing was lost

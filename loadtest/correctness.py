@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.stats import RequestResult
+from miras_serve.loadtest.stats import RequestResult
 
 
 async def scrape(client: httpx.AsyncClient, base_url: str, prefix: str) -> dict[str, float]:

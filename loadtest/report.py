@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from loadtest.stats import PERCENTILES, latency_samples
+from miras_serve.loadtest.stats import PERCENTILES, latency_samples
 
 LATENCIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency"))
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from loadtest.client import ApiConfig, check_tokens, new_client, send_request
-from loadtest.stats import RequestResult
-from loadtest.workload import Workload, poisson_arrivals
+from miras_serve.loadtest.client import ApiConfig, check_tokens, new_client, send_request
+from miras_serve.loadtest.stats import RequestResult
+from miras_serve.loadtest.workload import Workload, poisson_arrivals
 
 
 @dataclass(frozen=True)

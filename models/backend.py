@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from kernels import load_scan
+from miras_serve.kernels import load_scan
 
 from . import memory as spec
 from .config import MirasConfig

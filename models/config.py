@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernels.rule import MemoryRule
+from miras_serve.kernels.rule import MemoryRule
 
 MODEL_TYPE = "miras"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from models import MirasTokenizer
+from miras_serve.models import MirasTokenizer
 
 from .engine import LLMEngine
 from .engine_args import DEFAULTS

@@ -18,7 +18,7 @@ from types import FrameType
 import torch
 import uvicorn
 
-import models
+from miras_serve import models
 
 from .api import ServerSettings, ServerState, build_app
 from .async_engine import AsyncEngine

@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from kernels.graphs import capture
-from models import MirasLM
-from models.corpus import cache_dir
-from models.memory import KnownStep
-from models.model import ModelState
+from miras_serve.kernels.graphs import capture
+from miras_serve.models import MirasLM
+from miras_serve.models.corpus import cache_dir
+from miras_serve.models.memory import KnownStep
+from miras_serve.models.model import ModelState
 
 logger = logging.getLogger("miras.engine")
 

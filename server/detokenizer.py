@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 
-from models import MirasTokenizer
+from miras_serve.models import MirasTokenizer
 
 
 def token_text(tokenizer: MirasTokenizer, token_id: int) -> str:

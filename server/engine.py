@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from kernels import set_dot_precision
-from models import MirasLM, MirasTokenizer
+from miras_serve.kernels import set_dot_precision
+from miras_serve.models import MirasLM, MirasTokenizer
 
 from .decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 from .detokenizer import IncrementalDetokenizer

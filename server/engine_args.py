@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels import DOT_PRECISIONS
+from miras_serve.kernels import DOT_PRECISIONS
 
 from .bounds import Bound
 from .loader import DEFAULT_MODEL

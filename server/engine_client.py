@@ -16,7 +16,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from models import MirasTokenizer
+from miras_serve.models import MirasTokenizer
 
 from .outputs import RequestOutput
 from .request import StateContext

@@ -22,7 +22,7 @@ import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from models import MirasTokenizer
+from miras_serve.models import MirasTokenizer
 
 from .engine_args import DEFAULTS
 from .errors import APIError, error_body, wire_json

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-import models
+from miras_serve import models
 
 DEFAULT_MODEL = "moneta-tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -36,7 +36,7 @@ from collections import Counter, OrderedDict
 
 from torch import Tensor
 
-from models.model import ModelState
+from miras_serve.models.model import ModelState
 
 from .state_tiers import CachedState, StateTier
 

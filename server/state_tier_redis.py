@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from models.model import ModelState
+from miras_serve.models.model import ModelState
 
 from .state_tiers import BackgroundWriter, CachedState, pack_entry, unpack_entry
 

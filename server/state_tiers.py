@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from models import MirasLM
-from models.model import ModelState
+from miras_serve.models import MirasLM
+from miras_serve.models.model import ModelState
 
 logger = logging.getLogger("miras.state_tiers")
 

@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import models  # noqa: E402
+from miras_serve import models  # noqa: E402
 
 # One thread: the suite's shapes are small, and on a 2-core machine a test process and a server process
 # each spinning two OpenMP threads slow each other down by orders of magnitude.
@@ -54,7 +54,7 @@ def pytest_runtest_makereport(item, call):
     started with loadtest/process.py: miras-serve, redis-server, nginx)."""
     outcome = yield
     report = outcome.get_result()
-    process = sys.modules.get("loadtest.process")
+    process = sys.modules.get("miras_serve.loadtest.process")
     if report.failed and process is not None:
         for server in process.ServerProcess.STARTED:
             if server.alive() or (server.ended_at or 0.0) >= call.start:

@@ -11,7 +11,7 @@ import pytest
 from test_loadtest_process import tiny_server
 
 from benchmarks.llamacpp import llama_cpp_chat_template, on_live_server, prefilled, write_gguf
-from models.tokenizer import MirasTokenizer
+from miras_serve.models.tokenizer import MirasTokenizer
 
 
 def test_gguf_llama_has_our_tokenizer_and_every_tensor(tmp_path, tokenizer):

@@ -11,8 +11,8 @@ from conftest import TOKENIZER_TEXT, small_model
 from test_models_memory import B, config, random_inputs, random_memory
 
 from benchmarks.precision import decide, main, passes
-from models import memory
-from models.memory import (
+from miras_serve.models import memory
+from miras_serve.models.memory import (
     FactoredMemory,
     dot,
     emulate_dots,

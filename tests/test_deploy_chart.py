@@ -392,7 +392,7 @@ EMPTY_IS_SERVER_DEFAULT = {"servedModelName"}  # "" leaves the flag out: the ser
 
 
 def test_server_values_are_engine_args_with_the_server_defaults():
-    from server.engine_args import DEFAULTS, EngineArgs, flag
+    from miras_serve.server.engine_args import DEFAULTS, EngineArgs, flag
 
     readme = (CHART / "README.md").read_text()
     rows = dict(re.findall(r"^\| `server\.([^`]+)` \| `[^`]*` \| (.*) \|$", readme, flags=re.MULTILINE))
@@ -427,14 +427,14 @@ def test_notes_render_with_working_commands(helm, tmp_path):
     assert f"port-forward service/{RELEASE}-miras-serve 8000:8000" in notes
     assert f"get secret {RELEASE}-miras-serve-api-key" in notes
     (loadtest_line,) = [line.strip() for line in notes.splitlines() if line.strip().startswith("miras-loadtest")]
-    from loadtest.cli import build_parser
+    from miras_serve.loadtest.cli import build_parser
 
     build_parser().parse_args(loadtest_line.split()[1:])  # the advertised command is one the tool accepts
 
 
 @pytest.mark.parametrize("values", [None, *VALUES_FILES], ids=lambda v: v.name if v else "default")
 def test_rendered_command_line_is_accepted_by_the_server(helm, values):
-    from server.cli import parse_args
+    from miras_serve.server.cli import parse_args
 
     server = container(render(helm, *(["-f", str(values)] if values else [])))
     assert server["command"] == ["miras-serve"]

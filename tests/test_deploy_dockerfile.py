@@ -76,7 +76,7 @@ def test_serves_the_shipped_default_model_on_the_chart_port(final_stage):
     entrypoint = json.loads(last(final_stage, "ENTRYPOINT"))
     command = json.loads(last(final_stage, "CMD"))
     (script,) = importlib.metadata.entry_points(group="console_scripts", name=entrypoint[0])
-    assert script.value == "server.cli:main"
+    assert script.value == "miras_serve.server.cli:main"
     values = yaml.safe_load(CHART_VALUES.read_text())
     # --model lives in CMD, so `docker run IMAGE --model /models/mine` swaps the model and keeps host and port.
     assert "--model" not in entrypoint and command == ["--model", values["model"]["name"]] == ["--model",
@@ -107,17 +107,18 @@ def test_copied_sources_exist_and_pass_the_dockerignore():
 
     copies = [rest for stage in instructions() for kw, rest in stage if kw == "COPY" and "--from" not in rest]
     sources = [src for rest in copies for src in rest.split()[:-1]]
-    assert {"pyproject.toml", "models", "server"} <= set(sources)
+    assert {"pyproject.toml", "miras_serve", "models", "server"} <= set(sources)
     for source in sources:
         assert (REPO / source).exists(), f"COPY {source}: missing from the repository"
         assert not ignored(source), f"COPY {source}: excluded by {DOCKERIGNORE.name}"
     # The shipped checkpoints are package data, so the non-editable install puts them in the image.
-    (models_data,) = re.findall(r"^models = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), flags=re.MULTILINE)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (models_data,) = re.findall(r'^"miras_serve.models" = \[(.*)\]$', pyproject, flags=re.MULTILINE)
     assert any(fnmatch.fnmatch("pretrained/moneta-tiny/config.json", p) for p in json.loads(f"[{models_data}]"))
 
 
 def test_image_command_line_is_accepted_by_the_server(final_stage):
-    from server.cli import parse_args
+    from miras_serve.server.cli import parse_args
 
     entrypoint = json.loads(last(final_stage, "ENTRYPOINT"))
     default = parse_args(entrypoint[1:] + json.loads(last(final_stage, "CMD")))

@@ -20,11 +20,11 @@ pytest.importorskip("triton")
 
 from conftest import small_model  # noqa: E402
 
-import models  # noqa: E402
 from benchmarks.kernel_cases import check_model_invariant  # noqa: E402
-from kernels.testing import rel_err  # noqa: E402
-from models.backend import forced_backend  # noqa: E402
-from models.layers import state_layout  # noqa: E402
+from miras_serve import models  # noqa: E402
+from miras_serve.kernels.testing import rel_err  # noqa: E402
+from miras_serve.models.backend import forced_backend  # noqa: E402
+from miras_serve.models.layers import state_layout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5 if DEVICE == "cpu" else 5e-3  # relative RMS; TF32 dots on the GPU

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.kernel_cases import rule_case
-from kernels import naive
-from kernels.rule import MemoryRule
-from kernels.testing import GATE_NAMES, random_inputs
-from models.config import ATTENTIONAL_BIASES, MEMORY_ARCHITECTURES, RETENTIONS, ConfigError, MirasConfig
-from models.memory import memory_scan
+from miras_serve.kernels import naive
+from miras_serve.kernels.rule import MemoryRule
+from miras_serve.kernels.testing import GATE_NAMES, random_inputs
+from miras_serve.models.config import ATTENTIONAL_BIASES, MEMORY_ARCHITECTURES, RETENTIONS, ConfigError, MirasConfig
+from miras_serve.models.memory import memory_scan
 
 CHUNK = 4
 # Rows at every phase of the chunk, lengths that are no multiple of it, several chunks, right padding, an empty row.

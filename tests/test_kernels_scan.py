@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("triton")
 
 from benchmarks.kernel_cases import PROMPT_HEADS, RULES, rule_case, rule_config  # noqa: E402
-from kernels.scan import dot_precision  # noqa: E402
-from kernels.testing import (  # noqa: E402
+from miras_serve.kernels.scan import dot_precision  # noqa: E402
+from miras_serve.kernels.testing import (  # noqa: E402
     check_decode_slots,
     check_padded_prefill,
     check_varlen_prefill,
@@ -30,7 +30,7 @@ from kernels.testing import (  # noqa: E402
     to_device,
     tolerance,
 )
-from models import backend  # noqa: E402
+from miras_serve.models import backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")

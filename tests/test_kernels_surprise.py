@@ -21,10 +21,10 @@ from conftest import small_model  # noqa: E402
 from test_models_surprise import GATES, close, reference_surprise  # noqa: E402
 
 from benchmarks.kernel_cases import RULES, rule_case, rule_config  # noqa: E402
-from kernels.scan import Factors, scan_pool  # noqa: E402
-from kernels.testing import random_inputs  # noqa: E402
-from models.backend import factored_scan, forced_backend, memory_scan  # noqa: E402
-from models.memory import factored_fresh  # noqa: E402
+from miras_serve.kernels.scan import Factors, scan_pool  # noqa: E402
+from miras_serve.kernels.testing import random_inputs  # noqa: E402
+from miras_serve.models.backend import factored_scan, forced_backend, memory_scan  # noqa: E402
+from miras_serve.models.memory import factored_fresh  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
 B, T, PROMPT = 2, 6, 3  # chunk 4: the prompt ends mid-chunk, decode crosses a boundary

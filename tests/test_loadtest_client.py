@@ -18,11 +18,11 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from loadtest.cli import run_cli
-from loadtest.client import ApiConfig, check_tokens, send_request
-from loadtest.process import free_port
-from loadtest.runner import Load, run_load
-from loadtest.workload import LengthDist, RequestSpec, WordTokenizer, Workload, synthetic_corpus
+from miras_serve.loadtest.cli import run_cli
+from miras_serve.loadtest.client import ApiConfig, check_tokens, send_request
+from miras_serve.loadtest.process import free_port
+from miras_serve.loadtest.runner import Load, run_load
+from miras_serve.loadtest.workload import LengthDist, RequestSpec, WordTokenizer, Workload, synthetic_corpus
 
 ROTATION = ("ok", "429", "ok", "cut", "error-event", "503-text", "ok")
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from loadtest.process import ServerProcess, free_port, healthy
+from miras_serve.loadtest.process import ServerProcess, free_port, healthy
 
 # Answers every GET with 200 and logs the path; exits at once when started with "fail".
 TINY_SERVER = """

@@ -11,7 +11,7 @@ import json
 import pytest
 from test_server_support import ServerProcess
 
-from loadtest.cli import run_cli
+from miras_serve.loadtest.cli import run_cli
 
 # Small on purpose: 4 state slots and 4 queue places, so 16 closed-loop clients overload it.
 SERVER_FLAGS = ["--max-num-seqs", "4", "--max-queued-requests", "4", "--max-num-batched-tokens", "256"]

@@ -9,11 +9,11 @@ import statistics
 import numpy as np
 import pytest
 
-from loadtest.cli import build_parser, plan_loads
-from loadtest.correctness import check_run
-from loadtest.runner import Load
-from loadtest.stats import SLO, RequestResult, distribution, peak_concurrency, percentile, summarize
-from loadtest.workload import (
+from miras_serve.loadtest.cli import build_parser, plan_loads
+from miras_serve.loadtest.correctness import check_run
+from miras_serve.loadtest.runner import Load
+from miras_serve.loadtest.stats import SLO, RequestResult, distribution, peak_concurrency, percentile, summarize
+from miras_serve.loadtest.workload import (
     HFTokenizer,
     LengthDist,
     WordTokenizer,

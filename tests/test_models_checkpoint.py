@@ -11,7 +11,7 @@ import torch
 from conftest import SMALL, small_model
 from safetensors.torch import load_file, save_file
 
-import models
+from miras_serve import models
 
 
 @pytest.fixture()

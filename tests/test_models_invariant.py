@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import SMALL, small_model
 
-import models
-from models.layers import state_layout
-from models.memory import FactoredMemory, fold_rows
+from miras_serve import models
+from miras_serve.models.layers import state_layout
+from miras_serve.models.memory import FactoredMemory, fold_rows
 
 CHUNK = SMALL["chunk_size"]
 PREFILLS = [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]  # across chunk boundaries

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import naive
-from models.config import preset_config
-from models.memory import (
+from miras_serve.kernels import naive
+from miras_serve.models.config import preset_config
+from miras_serve.models.memory import (
     boundary_step,
     factored_decode_step,
     factored_fresh,

@@ -7,9 +7,9 @@ import json
 import torch
 from safetensors import safe_open
 
-import models
-from models.random_init import main
-from server import LLM, SamplingParams
+from miras_serve import models
+from miras_serve.models.random_init import main
+from miras_serve.server import LLM, SamplingParams
 
 
 def test_random_model_directory_has_bf16_weights_a_full_vocabulary_and_serves(tmp_path):

@@ -9,13 +9,13 @@ import torch
 from conftest import small_model
 from torch import Tensor
 
-import models
 from benchmarks.kernel_cases import RULES, rule_case, rule_config
-from kernels.testing import random_inputs
-from models.backend import factored_scan, factored_scan_pool, forced_backend, memory_scan, memory_scan_pool
-from models.config import MirasConfig
-from models.memory import factored_fresh, read_memory
-from models.memory import memory_scan as reference_scan
+from miras_serve import models
+from miras_serve.kernels.testing import random_inputs
+from miras_serve.models.backend import factored_scan, factored_scan_pool, forced_backend, memory_scan, memory_scan_pool
+from miras_serve.models.config import MirasConfig
+from miras_serve.models.memory import factored_fresh, read_memory
+from miras_serve.models.memory import memory_scan as reference_scan
 
 GATES = ("q", "k", "v", "eta", "log_alpha", "delta")
 TOL = 1e-5

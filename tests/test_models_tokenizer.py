@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-import models
-from models.random_init import random_pretrained
-from models.tokenizer import BOS_TOKEN, MirasTokenizer, jinja_chat_template
+from miras_serve import models
+from miras_serve.models.random_init import random_pretrained
+from miras_serve.models.tokenizer import BOS_TOKEN, MirasTokenizer, jinja_chat_template
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import TOKENIZER_TEXT
 
-import models
-from models.corpus import load_documents, split_documents
-from models.train import encode_stream, evaluate, main, sample
+from miras_serve import models
+from miras_serve.models.corpus import load_documents, split_documents
+from miras_serve.models.train import encode_stream, evaluate, main, sample
 
 SHIPPED = ["moneta-tiny", "yaad-tiny", "memora-tiny", "yaad-h-tiny"]
 

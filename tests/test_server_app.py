@@ -9,11 +9,11 @@ import time
 import httpx
 import pytest
 
-from server.api import ServerSettings, ServerState, build_app
-from server.async_engine import AsyncEngine
-from server.engine import EngineConfig, LLMEngine
-from server.loader import load_model
-from server.serving_base import SSE_PING, with_pings
+from miras_serve.server.api import ServerSettings, ServerState, build_app
+from miras_serve.server.async_engine import AsyncEngine
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.loader import load_model
+from miras_serve.server.serving_base import SSE_PING, with_pings
 
 
 @pytest.fixture

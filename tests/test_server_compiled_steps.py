@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import small_model
 
-from models.memory import KnownStep
-from server import EngineConfig, LLMEngine
-from server.cli import parse_args
-from server.decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
+from miras_serve.models.memory import KnownStep
+from miras_serve.server import EngineConfig, LLMEngine
+from miras_serve.server.cli import parse_args
+from miras_serve.server.decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

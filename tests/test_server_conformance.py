@@ -14,7 +14,7 @@ import openai
 import pytest
 from test_server_support import ServerProcess
 
-import models
+from miras_serve import models
 
 transformers = pytest.importorskip("transformers")
 

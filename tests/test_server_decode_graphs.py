@@ -13,11 +13,11 @@ if not torch.cuda.is_available():
 import pytest
 from conftest import small_model
 
-import models
-from models.backend import forced_backend
-from server import EngineConfig, LLMEngine, SamplingParams
-from server.cli import parse_args
-from server.decode_graphs import DecodeGraphs, capture_sizes
+from miras_serve import models
+from miras_serve.models.backend import forced_backend
+from miras_serve.server import EngineConfig, LLMEngine, SamplingParams
+from miras_serve.server.cli import parse_args
+from miras_serve.server.decode_graphs import DecodeGraphs, capture_sizes
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import small_model
 
-import kernels
-from server.cli import parse_args
-from server.engine import EngineConfig, LLMEngine
+from miras_serve import kernels
+from miras_serve.server.cli import parse_args
+from miras_serve.server.engine import EngineConfig, LLMEngine
 
 
 def test_flag_reaches_the_engine_config():
@@ -20,7 +20,7 @@ def test_flag_reaches_the_engine_config():
 
 def test_engine_sets_the_kernels_precision(monkeypatch, tokenizer):
     pytest.importorskip("triton")
-    from kernels.scan import dot_precision
+    from miras_serve.kernels.scan import dot_precision
 
     monkeypatch.setenv("MIRAS_DOT_PRECISION", "")  # restored after the test, whatever the engine sets
     gpu = torch.device("cuda")  # the choice is read per launch; no device is touched

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models
-from server import LLM, ParamError, SamplingParams
-from server.detokenizer import IncrementalDetokenizer
-from server.request import Request
-from server.scheduler import Scheduler
-from server.state_cache import CachedState
+from miras_serve import models
+from miras_serve.server import LLM, ParamError, SamplingParams
+from miras_serve.server.detokenizer import IncrementalDetokenizer
+from miras_serve.server.request import Request
+from miras_serve.server.scheduler import Scheduler
+from miras_serve.server.state_cache import CachedState
 
 PROMPTS = ["Shall I compare thee to a summer's day?", "From fairest", "Thou art more lovely and more temperate. " * 3,
            "x", "But as the riper should by time decease, his tender heir", "beauty's rose"]

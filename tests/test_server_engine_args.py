@@ -8,12 +8,12 @@ import re
 
 import pytest
 
-from server import LLM
-from server.api import ServerSettings
-from server.async_engine import AsyncEngine
-from server.cli import build_parser, parse_args
-from server.engine import EngineConfig
-from server.engine_args import DEFAULTS, EngineArgs, GiB, flag
+from miras_serve.server import LLM
+from miras_serve.server.api import ServerSettings
+from miras_serve.server.async_engine import AsyncEngine
+from miras_serve.server.cli import build_parser, parse_args
+from miras_serve.server.engine import EngineConfig
+from miras_serve.server.engine_args import DEFAULTS, EngineArgs, GiB, flag
 
 
 def test_every_field_is_a_flag_with_the_field_default():
@@ -60,8 +60,8 @@ def test_auto_tool_choice_needs_a_parser():
 
 
 def test_sampling_ranges_are_stated_once():
-    from server.protocol import ChatCompletionRequest, CompletionRequest
-    from server.sampling_params import RANGES, ParamError, SamplingParams
+    from miras_serve.server.protocol import ChatCompletionRequest, CompletionRequest
+    from miras_serve.server.sampling_params import RANGES, ParamError, SamplingParams
 
     schema = CompletionRequest.model_json_schema()["properties"]
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",

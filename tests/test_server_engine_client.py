@@ -6,8 +6,8 @@ import ast
 import inspect
 from pathlib import Path
 
-from server.async_engine import AsyncEngine
-from server.engine_client import EngineClient
+from miras_serve.server.async_engine import AsyncEngine
+from miras_serve.server.engine_client import EngineClient
 
 SERVER = Path(__file__).resolve().parents[1] / "server"
 HTTP_LAYER = ["api.py", "middleware.py", "errors.py", "limits.py", "protocol.py", "protocol_responses.py",

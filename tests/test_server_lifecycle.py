@@ -88,7 +88,7 @@ def test_sigterm_lets_short_requests_finish(tiny_checkpoint):
 
 
 def test_cli_reports_a_missing_model_clearly(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "server.cli", "--model", str(tmp_path / "nope")],
+    result = subprocess.run([sys.executable, "-m", "miras_serve.server.cli", "--model", str(tmp_path / "nope")],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode != 0
     assert "cannot load model" in result.stderr and "nope" in result.stderr

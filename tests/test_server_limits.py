@@ -14,8 +14,8 @@ import pytest
 from test_server_support import ServerProcess
 
 from benchmarks.limits import LONG_TEXT, HealthPoller, error_of, read_all, slow_headers, upload
-from server.cli import parse_args
-from server.limits import default_max_prompt_chars, default_max_request_bytes
+from miras_serve.server.cli import parse_args
+from miras_serve.server.limits import default_max_prompt_chars, default_max_request_bytes
 
 MAX_BODY = 4_000_000
 READ_TIMEOUT = 1.5

@@ -9,11 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 from jsonschema import Draft202012Validator
 
-from server.api import ServerSettings, ServerState, build_app
-from server.async_engine import AsyncEngine
-from server.engine import EngineConfig, LLMEngine
-from server.loader import load_model
-from server.structured import available as structured_available
+from miras_serve.server.api import ServerSettings, ServerState, build_app
+from miras_serve.server.async_engine import AsyncEngine
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.loader import load_model
+from miras_serve.server.structured import available as structured_available
 
 SAMPLE = {"max_tokens": 5, "temperature": 0, "seed": 1}
 

@@ -10,11 +10,11 @@ import re
 import httpx
 import pytest
 
-from server.api import PLAYGROUND_DIR, ServerSettings, ServerState, build_app
-from server.async_engine import AsyncEngine
-from server.cli import parse_args
-from server.engine import EngineConfig, LLMEngine
-from server.loader import load_model
+from miras_serve.server.api import PLAYGROUND_DIR, ServerSettings, ServerState, build_app
+from miras_serve.server.async_engine import AsyncEngine
+from miras_serve.server.cli import parse_args
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.loader import load_model
 
 
 def app_with(tiny_checkpoint, **settings):

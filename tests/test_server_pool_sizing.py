@@ -8,9 +8,9 @@ from functools import partial
 import pytest
 from conftest import small_model
 
-from server import cli
-from server.engine import EngineConfig, LLMEngine
-from server.pool_sizing import CPU_MAX_NUM_SEQS, SAMPLER_BYTES_PER_TOKEN, PoolSizeError, plan_pool
+from miras_serve.server import cli
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.pool_sizing import CPU_MAX_NUM_SEQS, SAMPLER_BYTES_PER_TOKEN, PoolSizeError, plan_pool
 
 GIB, MIB = 1 << 30, 1 << 20
 

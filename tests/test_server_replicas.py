@@ -17,14 +17,14 @@ from openai import OpenAI
 from test_server_support import ServerProcess, metric, metric_values
 
 from deploy.local.redis_process import RedisProcess
-from loadtest.process import free_port
-from server import EngineConfig, LLMEngine, SamplingParams
-from server.loader import load_model
-from server.response_store import ResponseStore, Segment, StoredResponse
-from server.response_store_redis import RedisResponses
-from server.state_cache import prefix_key
-from server.state_tier_redis import RedisStateTier, redis_client
-from server.state_tiers import CachedState, model_identity, pack_entry
+from miras_serve.loadtest.process import free_port
+from miras_serve.server import EngineConfig, LLMEngine, SamplingParams
+from miras_serve.server.loader import load_model
+from miras_serve.server.response_store import ResponseStore, Segment, StoredResponse
+from miras_serve.server.response_store_redis import RedisResponses
+from miras_serve.server.state_cache import prefix_key
+from miras_serve.server.state_tier_redis import RedisStateTier, redis_client
+from miras_serve.server.state_tiers import CachedState, model_identity, pack_entry
 
 MODEL = "tiny"
 
@@ -322,7 +322,7 @@ def test_the_router_keeps_conversations_on_one_replica_and_survives_a_crash(tiny
 
 
 def test_shared_store_flags():
-    from server.cli import parse_args
+    from miras_serve.server.cli import parse_args
 
     config = EngineConfig.from_args(parse_args(["--state-redis-url", "redis://127.0.0.1:7000/1",
                                                 "--state-redis-gb", "0.5", "--state-redis-ttl", "60"]))

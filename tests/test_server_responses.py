@@ -14,14 +14,14 @@ import pytest
 from openai import OpenAI
 from test_server_support import ServerProcess, metric_values
 
-from server.api import ServerSettings, ServerState, build_app
-from server.async_engine import AsyncEngine
-from server.engine import EngineConfig, LLMEngine
-from server.limits import TextLimits
-from server.loader import load_model
-from server.response_store import ResponseStore, StoredResponse
-from server.serving_responses import OpenAIServingResponses
-from server.tenancy import tenant_id
+from miras_serve.server.api import ServerSettings, ServerState, build_app
+from miras_serve.server.async_engine import AsyncEngine
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.limits import TextLimits
+from miras_serve.server.loader import load_model
+from miras_serve.server.response_store import ResponseStore, StoredResponse
+from miras_serve.server.serving_responses import OpenAIServingResponses
+from miras_serve.server.tenancy import tenant_id
 
 MODEL = "tiny"
 GREEDY = dict(model=MODEL, temperature=0, max_output_tokens=6)

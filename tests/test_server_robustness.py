@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-import models
-from server import EngineConfig, LLMEngine, ParamError, SamplingParams
-from server.async_engine import AsyncEngine, EngineUnavailableError
-from server.detokenizer import IncrementalDetokenizer
-from server.protocol import CompletionChoice
-from server.serving_base import sse
+from miras_serve import models
+from miras_serve.server import EngineConfig, LLMEngine, ParamError, SamplingParams
+from miras_serve.server.async_engine import AsyncEngine, EngineUnavailableError
+from miras_serve.server.detokenizer import IncrementalDetokenizer
+from miras_serve.server.protocol import CompletionChoice
+from miras_serve.server.serving_base import sse
 
 
 def test_sse_events_are_single_lines():

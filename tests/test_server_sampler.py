@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from server import SamplingParams
-from server.sampler import Sampler, row_uniforms
+from miras_serve.server import SamplingParams
+from miras_serve.server.sampler import Sampler, row_uniforms
 
 VOCAB, EOS = 64, 2
 
@@ -216,7 +216,7 @@ def test_logprobs_are_batched_per_row_k():
 def test_every_request_of_a_mixed_batch_gets_the_tokens_it_gets_alone(tiny_checkpoint):
     """End to end through the engine: seeded requests with every parameter, prefilled and decoded together
     (4 slots for 8 requests, so slots are reused), each give the tokens they give alone."""
-    from server import LLM
+    from miras_serve.server import LLM
 
     llm = LLM(tiny_checkpoint, max_num_seqs=4, max_num_batched_tokens=64)
     prompts = ["Shall I compare thee", "From fairest creatures we desire", "x", "Thou art more lovely"] * 2

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import small_model
 
-import models
-from server import LLM, EngineConfig, LLMEngine, SamplingParams
-from server.cli import parse_args
-from server.state_cache import StateCache
+from miras_serve import models
+from miras_serve.server import LLM, EngineConfig, LLMEngine, SamplingParams
+from miras_serve.server.cli import parse_args
+from miras_serve.server.state_cache import StateCache
 
 
 def row_state(model: models.MirasLM, fill: float) -> models.ModelState:

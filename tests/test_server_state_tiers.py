@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import small_model
 
-import models
-from server import EngineConfig, LLMEngine, SamplingParams
-from server.request import StateContext
-from server.response_store import ResponseStore, Segment, StoredResponse
-from server.state_cache import StateCache, chain_key, prefix_key
-from server.state_tiers import CachedState, DiskStateTier, decode_state, encode_state, model_identity
+from miras_serve import models
+from miras_serve.server import EngineConfig, LLMEngine, SamplingParams
+from miras_serve.server.request import StateContext
+from miras_serve.server.response_store import ResponseStore, Segment, StoredResponse
+from miras_serve.server.state_cache import StateCache, chain_key, prefix_key
+from miras_serve.server.state_tiers import CachedState, DiskStateTier, decode_state, encode_state, model_identity
 
 
 def filled(model: models.MirasLM, value: float) -> models.ModelState:
@@ -241,7 +241,7 @@ def test_a_long_conversation_loads_without_recursion(tmp_path):
 
 
 def test_disk_and_response_store_flags():
-    from server.cli import parse_args
+    from miras_serve.server.cli import parse_args
 
     config = EngineConfig.from_args(parse_args(["--state-disk-dir", "/tmp/x", "--state-disk-gb", "0.5",
                                                 "--state-disk-ttl", "60"]))

@@ -17,13 +17,13 @@ import pytest
 import torch
 from test_server_support import ServerProcess
 
-import models
-from server.engine import EngineConfig, LLMEngine
-from server.errors import APIError
-from server.protocol import ChatCompletionRequest
-from server.sampler import Sampler
-from server.sampling_params import GuidedDecoding, ParamError, SamplingParams
-from server.tool_calls import parse_tool_calls, tool_mode
+from miras_serve import models
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.errors import APIError
+from miras_serve.server.protocol import ChatCompletionRequest
+from miras_serve.server.sampler import Sampler
+from miras_serve.server.sampling_params import GuidedDecoding, ParamError, SamplingParams
+from miras_serve.server.tool_calls import parse_tool_calls, tool_mode
 
 MODEL_DIR = Path(models.__file__).parent / "pretrained" / "moneta-tiny"
 MODEL = "moneta-tiny"

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest import process
-from loadtest.process import free_port
+from miras_serve.loadtest import process
+from miras_serve.loadtest.process import free_port
 
 __all__ = ["ServerProcess", "free_port", "metric", "metric_values"]
 
@@ -26,7 +26,7 @@ class ServerProcess(process.ServerProcess):
         env.pop("MIRAS_API_KEY", None)
         # --enforce-eager: compiling the decode step takes minutes on a fresh 2-core machine (it has its own
         # tests, tests/test_server_compiled_steps.py)
-        cmd = [sys.executable, "-m", "server.cli", "--model", str(model), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "miras_serve.server.cli", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning", "--enforce-eager", *args]
         # run outside the checkout so imports resolve like an installed package's
         super().__init__(cmd, url=f"http://127.0.0.1:{self.port}", env=env, cwd=Path(model).parent)

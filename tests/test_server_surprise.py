@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import small_model
 
-from models.backend import forced_backend
-from server.api import ServerSettings, ServerState, build_app
-from server.async_engine import AsyncEngine
-from server.engine import EngineConfig, LLMEngine
-from server.loader import load_model
-from server.sampling_params import SamplingParams
+from miras_serve.models.backend import forced_backend
+from miras_serve.server.api import ServerSettings, ServerState, build_app
+from miras_serve.server.async_engine import AsyncEngine
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.loader import load_model
+from miras_serve.server.sampling_params import SamplingParams
 
 TOL = 1e-5
 

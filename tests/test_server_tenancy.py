@@ -8,11 +8,11 @@ import asyncio
 import httpx
 import pytest
 
-from server.api import ServerSettings, ServerState, build_app
-from server.async_engine import AsyncEngine
-from server.engine import EngineConfig, LLMEngine
-from server.loader import load_model
-from server.tenancy import cache_namespace, tenant_id
+from miras_serve.server.api import ServerSettings, ServerState, build_app
+from miras_serve.server.async_engine import AsyncEngine
+from miras_serve.server.engine import EngineConfig, LLMEngine
+from miras_serve.server.loader import load_model
+from miras_serve.server.tenancy import cache_namespace, tenant_id
 
 PROMPT = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate."
 

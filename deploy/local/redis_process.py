@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 
-from loadtest.process import ServerProcess, free_port
+from miras_serve.loadtest.process import ServerProcess, free_port
 
 
 def answers_ping(port: int) -> bool:

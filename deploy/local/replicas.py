@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loadtest.process import ServerProcess, free_port
+from miras_serve.loadtest.process import ServerProcess, free_port
 
 from .redis_process import RedisProcess
 
@@ -101,8 +101,8 @@ class Stack:
 
     def _serve(self, model: str, i: int, port: int, serve_args: tuple[str, ...]) -> ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "server.cli", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-               "--state-redis-url", self.redis.url, "--log-level", "warning", *serve_args]
+        cmd = [sys.executable, "-m", "miras_serve.server.cli", "--model", model, "--host", "127.0.0.1",
+               "--port", str(port), "--state-redis-url", self.redis.url, "--log-level", "warning", *serve_args]
         return ServerProcess(cmd, url=f"http://127.0.0.1:{port}", env=env, log=self.log_dir / f"replica-{i}.log",
                              wait=False)
 
