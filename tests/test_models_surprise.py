@@ -1,5 +1,5 @@
 """Surprise (models/SPEC.md §4): each token's attentional-bias loss at its chunk's anchor, computed in the
-pass the model makes anyway, equals the loss computed separately from the reference memory, for every
+pass the model makes anyway, equals the loss the per-token reference (kernels/naive.py) computes, for every
 rule, in the parallel scan, the factored prefill and decode, the slot pool and batches of any lengths."""
 
 from __future__ import annotations
@@ -11,37 +11,24 @@ from torch import Tensor
 
 from benchmarks.kernel_cases import RULES, rule_case, rule_config
 from miras_serve import models
+from miras_serve.kernels import naive
 from miras_serve.kernels.testing import random_inputs
 from miras_serve.models.backend import factored_scan, factored_scan_pool, forced_backend, memory_scan, memory_scan_pool
 from miras_serve.models.config import MirasConfig
-from miras_serve.models.memory import factored_fresh, read_memory
-from miras_serve.models.memory import memory_scan as reference_scan
+from miras_serve.models.memory import factored_fresh
 
 GATES = ("q", "k", "v", "eta", "log_alpha", "delta")
 TOL = 1e-5
 
 
-def loss_by_hand(cfg: MirasConfig, error: Tensor, delta: Tensor | None) -> Tensor:
-    """The loss table of models/SPEC.md §4, written out separately from models.memory."""
-    if cfg.attentional_bias == "l2":
-        return 0.5 * (error ** 2).sum(-1)
-    if cfg.attentional_bias == "lp":
-        return (error.abs() ** cfg.p).sum(-1) / cfg.p
-    rms = (error ** 2).mean(-1).sqrt()
-    return torch.where(rms <= delta, 0.5 * (error ** 2).sum(-1), delta * error.abs().sum(-1))
-
-
 def reference_surprise(cfg: MirasConfig, x: dict, memory: tuple, T: int) -> Tensor:
-    """Token t's loss at its chunk's anchor: the anchor that a scan of tokens 0..t ends with."""
-    out = []
-    for t in range(T):
-        prefix = {name: None if x[name] is None else x[name][:, :, :t + 1] for name in GATES}
-        B = prefix["q"].shape[0]
-        _, anchor, _ = reference_scan(cfg, memory, memory, torch.zeros(B, dtype=torch.long), *prefix.values(),
-                                      torch.ones(B, t + 1, dtype=torch.bool), x["ln_weight"], x["ln_bias"])
-        error = read_memory(cfg, anchor, x["k"][:, :, t:t + 1], x["ln_weight"], x["ln_bias"]) - x["v"][:, :, t:t + 1]
-        out.append(loss_by_hand(cfg, error, None if x["delta"] is None else x["delta"][:, :, t:t + 1]))
-    return torch.cat(out, dim=-1)
+    """Token t's loss at its chunk's anchor, from the per-token reference (kernels/naive.py) started at
+    ``memory``."""
+    B = x["q"].shape[0]
+    surprise = torch.full((B, cfg.n_heads, T), float("nan"))
+    naive.memory_scan(cfg.memory_rule(), memory, memory, torch.zeros(B, dtype=torch.long), *(x[n] for n in GATES),
+                      torch.ones(B, T, dtype=torch.bool), x["ln_weight"], x["ln_bias"], surprise)
+    return surprise
 
 
 def close(ref: Tensor, got: Tensor) -> bool:
