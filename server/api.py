@@ -250,7 +250,8 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab})", "tokens", "invalid_value")
         return DetokenizeResponse(prompt=await state.text.decode(request.tokens))
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])  # HEAD: what uptime checks and promtool's probes send
+    @app.get("/metrics")
+    @app.head("/metrics", include_in_schema=False)  # what uptime checks and promtool's probes send
     async def metrics() -> Response:
         return Response(generate_latest(state.engine.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
