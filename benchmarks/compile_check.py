@@ -23,8 +23,9 @@ from triton.compiler import ASTSource
 
 from miras_serve.kernels.decode import split_kernels
 from miras_serve.kernels.factored import factored_kernels
+from miras_serve.kernels.precision import DOT_PRECISIONS
 from miras_serve.kernels.prefill import prefill_kernels
-from miras_serve.kernels.scan import DOT_PRECISIONS, launch_config, miras_scan_kernel, split_launch
+from miras_serve.kernels.scan import launch_config, miras_scan_kernel, split_launch
 from miras_serve.models.config import MirasConfig, preset_config
 
 INDEX_ARGS = ("SLOTS", "POS", "LENGTHS", "CU_SEQLENS")

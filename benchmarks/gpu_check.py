@@ -87,7 +87,7 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, flush: torc
 def check_correctness(report: Report, device: torch.device, smoke: bool) -> bool:
     from benchmarks.kernel_cases import check_model_invariant, rule_case, rule_config
     from miras_serve import models
-    from miras_serve.kernels.scan import dot_precision
+    from miras_serve.kernels.precision import dot_precision
     from miras_serve.kernels.testing import (
         check_decode_slots,
         check_factored_decode,
@@ -257,7 +257,7 @@ def memory_prefill_flops(cfg, batch: int, tokens: int) -> float:
 
 def bench_prefill(report: Report, device: torch.device, smoke: bool) -> None:
     from miras_serve import models
-    from miras_serve.kernels.scan import dot_precision
+    from miras_serve.kernels.precision import dot_precision
     from miras_serve.models.layers import MirasMixer
 
     shape = TINY if smoke else FULL
@@ -560,7 +560,8 @@ def bench_launch_configs(report: Report, device: torch.device, smoke: bool, mode
     """The scan kernel alone at the 340M head shape under several launch configurations, each checked
     against the fp64 reference and timed on the same machine in the same run."""
     from benchmarks.kernel_cases import spec_case
-    from miras_serve.kernels.scan import dot_precision, launch_config
+    from miras_serve.kernels.precision import dot_precision
+    from miras_serve.kernels.scan import launch_config
     from miras_serve.kernels.testing import GATE_NAMES, random_inputs, ref_scan
     from miras_serve.models.config import preset_config
 

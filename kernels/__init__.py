@@ -2,11 +2,11 @@
 model; models/backend.py decides when they run.
 
 Entry points (kernels.scan, imported on first use: triton is an optional dependency): ``scan_pool`` (prefill
-and decode on a state pool, in place; the running layout or the factored one, :class:`kernels.scan.Factors`),
-``launch_config`` and ``dot_precision``. :func:`load_scan` imports them for tensors on a device type: on CPU
+and decode on a state pool, in place; the running layout or the factored one, :class:`kernels.scan.Factors`)
+and ``launch_config``. :func:`load_scan` imports them for tensors on a device type: on CPU
 tensors the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` is set if triton is not loaded
-yet). Kernel-level knobs: the fp32 dot precision (``MIRAS_DOT_PRECISION``, :func:`set_dot_precision`) and
-the prefill path (``MIRAS_PREFILL``, kernels.scan.prefill_path)."""
+yet). Kernel-level knobs: the fp32 dot precision (kernels.precision: ``MIRAS_DOT_PRECISION``,
+:func:`set_dot_precision`) and the prefill path (``MIRAS_PREFILL``, kernels.scan.prefill_path)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,8 @@ import os
 import sys
 from types import ModuleType
 
+from .precision import DOT_PRECISIONS, dot_precision, set_dot_precision
 from .rule import MemoryRule
-
-# Input precisions of the Triton kernels' fp32 tensor-core products (kernels.scan.dot_precision).
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
-
-
-def set_dot_precision(name: str) -> None:
-    """For the rest of the process, the Triton kernels' fp32 dots use input precision ``name`` (what
-    ``MIRAS_DOT_PRECISION`` sets; the server's ``--dot-precision``). The PyTorch backend is exact fp32 always."""
-    if name not in DOT_PRECISIONS:
-        raise ValueError(f"dot precision must be one of {DOT_PRECISIONS}, got {name!r}")
-    os.environ["MIRAS_DOT_PRECISION"] = name
 
 
 def load_scan(device_type: str) -> ModuleType:
@@ -41,4 +31,4 @@ def load_scan(device_type: str) -> ModuleType:
     return scan
 
 
-__all__ = ["DOT_PRECISIONS", "MemoryRule", "load_scan", "set_dot_precision"]
+__all__ = ["DOT_PRECISIONS", "MemoryRule", "dot_precision", "load_scan", "set_dot_precision"]

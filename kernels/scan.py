@@ -41,7 +41,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import DOT_PRECISIONS
 from .boundary import copy_boundary, fold_rows, kl_boundary, lq_boundary, square
 from .decode import split_decode
 from .factored import factored_decode, filled_rows
@@ -55,6 +54,7 @@ from .ops import (
     mm,
     row_offsets,
 )
+from .precision import dot_precision
 from .prefill import slab_prefill
 from .rule import MemoryRule
 from .segment import (
@@ -226,20 +226,6 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 PREFILL_PATHS = ("slabs", "fused")
-
-
-def dot_precision(device: torch.device) -> str:
-    """Input precision of the fp32 ``tl.dot``s: ``MIRAS_DOT_PRECISION=ieee|tf32x3|tf32`` (the server's
-    ``--dot-precision``). Default on the GPU: tf32x3 (three TF32 tensor-core products, fp32-level error);
-    elsewhere ieee. Chosen on the shipped trained models (docs/precision.md, ``python -m
-    benchmarks.precision``): over the held-out prefix on which exact fp32 stays on fp64's trajectory,
-    tf32x3 does too, while plain tf32 (10 mantissa bits) and bf16 (7) move moneta-tiny's perplexity and
-    top-1 tokens; so tf32 is opt-in and bf16 is not offered."""
-    default = "tf32x3" if device.type == "cuda" else "ieee"
-    choice = os.environ.get("MIRAS_DOT_PRECISION", "").strip().lower() or default
-    if choice not in DOT_PRECISIONS:
-        raise ValueError(f"MIRAS_DOT_PRECISION must be one of {DOT_PRECISIONS}, got {choice!r}")
-    return choice
 
 
 def prefill_path() -> str:

@@ -19,7 +19,8 @@ import pytest
 pytest.importorskip("triton")
 
 from benchmarks.kernel_cases import PROMPT_HEADS, rule_case, rule_config  # noqa: E402
-from miras_serve.kernels.scan import Factors, dot_precision, scan_pool  # noqa: E402
+from miras_serve.kernels.precision import dot_precision  # noqa: E402
+from miras_serve.kernels.scan import Factors, scan_pool  # noqa: E402
 from miras_serve.kernels.testing import (  # noqa: E402
     check_factored_decode,
     check_factored_prefill,

@@ -21,8 +21,9 @@ import pytest
 pytest.importorskip("triton")
 
 from benchmarks.kernel_cases import rule_case, rule_config  # noqa: E402
+from miras_serve.kernels.precision import dot_precision  # noqa: E402
 from miras_serve.kernels.prefill import chunk_phases, prefill_kernels  # noqa: E402
-from miras_serve.kernels.scan import dot_precision, launch_config, prefill_path, split_launch  # noqa: E402
+from miras_serve.kernels.scan import launch_config, prefill_path, split_launch  # noqa: E402
 from miras_serve.kernels.testing import (  # noqa: E402
     RuleCase,
     check_factored_prefill,

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("triton")
 
 from benchmarks.kernel_cases import PROMPT_HEADS, RULES, rule_case, rule_config  # noqa: E402
-from miras_serve.kernels.scan import dot_precision  # noqa: E402
+from miras_serve.kernels.precision import dot_precision  # noqa: E402
 from miras_serve.kernels.testing import (  # noqa: E402
     check_decode_slots,
     check_padded_prefill,

@@ -6,7 +6,7 @@
     loadtest/  imports nothing of the project (an HTTP client)
 
 No runtime package imports benchmarks/, tests/ or deploy/; every project import goes through the one
-import root ``miras_serve``; and the packages' import graph has no cycle. ``python -m pytest
+import root ``miras_serve``; and neither the packages nor their modules import each other in a loop. ``python -m pytest
 tests/test_layering.py`` prints each forbidden edge with its file and line.
 """
 
@@ -28,7 +28,7 @@ IMPORT_ROOT = "miras_serve"
 @dataclass(frozen=True)
 class Edge:
     source: str  # the importing module, e.g. "models.layers"
-    target: str  # the imported module or package, e.g. "kernels.scan"
+    target: str  # the imported module, package or name, e.g. "kernels.scan" or "models.memory.dot"
     where: str  # file:line
 
     @property
@@ -67,13 +67,12 @@ def imports_of(root: Path, path: Path) -> tuple[list[Edge], list[str]]:
         elif isinstance(node, ast.ImportFrom) and node.level:  # relative: resolved inside the package
             base = package.split(".")[:len(package.split(".")) - node.level + 1]
             module = ".".join(base + ([node.module] if node.module else []))
-            names = [f"{IMPORT_ROOT}.{module}.{alias.name}" if not node.module else f"{IMPORT_ROOT}.{module}"
-                     for alias in node.names]
+            names = [f"{IMPORT_ROOT}.{module}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.module == IMPORT_ROOT:  # from miras_serve import models
                 names = [f"{IMPORT_ROOT}.{alias.name}" for alias in node.names]
-            else:
-                names = [node.module] if node.module else []
+            else:  # "from a.b import c": module a.b.c if there is one, else a name of a.b (module_cycles decides)
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
         for name in names:
@@ -127,6 +126,46 @@ def package_cycles(edges: list[Edge]) -> list[list[str]]:
     return cycles
 
 
+def module_cycles(edges: list[Edge], modules: set[str]) -> list[list[str]]:
+    """The groups of modules that import each other in a loop (deferred imports included): the strongly
+    connected components of more than one module, each sorted."""
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for edge in edges:
+        target = edge.target
+        while target and target not in modules:  # "models.memory.dot" names a module's attribute
+            target = target.rpartition(".")[0]
+        if target and target != edge.source and edge.source in graph:
+            graph[edge.source].add(target)
+    order, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:  # Tarjan's algorithm
+        order[node] = low[node] = len(order)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in order:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], order[nxt])
+        if low[node] == order[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in order:
+            visit(node)
+    return groups
+
+
+def runtime_modules(root: Path) -> set[str]:
+    return {module_name(root, path) for folder in RUNTIME for path in (root / folder).rglob("*.py")}
+
+
 def test_every_project_import_goes_through_the_import_root():
     _, bare = import_graph(ROOT)
     assert not bare, "\n".join(bare)
@@ -142,6 +181,11 @@ def test_no_forbidden_import_edges():
 def test_the_package_graph_has_no_cycle():
     edges, _ = import_graph(ROOT)
     assert not package_cycles(edges)
+
+
+def test_no_modules_import_each_other_in_a_loop():
+    edges, _ = import_graph(ROOT)
+    assert not module_cycles(edges, runtime_modules(ROOT))
 
 
 @pytest.fixture
@@ -165,7 +209,7 @@ def tangled_tree(tmp_path: Path) -> Path:
 
 def test_the_checker_finds_each_kind_of_violation(tangled_tree: Path):
     edges, bare = import_graph(tangled_tree)
-    assert bare == ["server/engine.py:1: imports 'models' (use miras_serve.models)"]
+    assert bare == ["server/engine.py:1: imports 'models.config' (use miras_serve.models.config)"]
     bad = forbidden_edges(edges)
     assert any(b.startswith("kernels/scan.py:1: kernels/ may not import models/") for b in bad)
     assert any(b.startswith("models/bench.py:2: models/ may not import server/") for b in bad)  # a deferred import
@@ -173,3 +217,4 @@ def test_the_checker_finds_each_kind_of_violation(tangled_tree: Path):
     assert any(b.startswith("loadtest/__init__.py:1: loadtest/ may not import models/") for b in bad)
     assert not any("kernels.ops" in b for b in bad)  # a relative import inside the package is fine
     assert ["kernels", "models", "kernels"] in package_cycles(edges)
+    assert module_cycles(edges, runtime_modules(tangled_tree)) == [["kernels.scan", "models"]]

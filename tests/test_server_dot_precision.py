@@ -20,7 +20,7 @@ def test_flag_reaches_the_engine_config():
 
 def test_engine_sets_the_kernels_precision(monkeypatch, tokenizer):
     pytest.importorskip("triton")
-    from miras_serve.kernels.scan import dot_precision
+    from miras_serve.kernels.precision import dot_precision
 
     monkeypatch.setenv("MIRAS_DOT_PRECISION", "")  # restored after the test, whatever the engine sets
     gpu = torch.device("cuda")  # the choice is read per launch; no device is touched

@@ -4,6 +4,7 @@ shipped model from a fresh virtual environment, away from the checkout."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,12 +21,22 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("miras-serve", "miras-train", "miras-loadtest")
 
 
+# what the wheel is built from (pyproject.toml's package-dir mapping); copied, so that the build neither
+# writes into the checkout nor reuses a stale build/ there
+SOURCES = ("pyproject.toml", "README.md", "miras_serve", "models", "kernels", "server", "loadtest")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    # no build isolation: the build backend (setuptools, wheel) comes from this environment, no network
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", ".*-work"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    # no build isolation: the build backend (setuptools) comes from this environment, no network
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, text=True)
+                    str(source)], check=True, capture_output=True, text=True)
     (built,) = out.glob("miras_serve-*.whl")
     return built
 
