@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import report
-from benchmarks.launch import miras_serve
+from deploy.local.launch import miras_serve
 from miras_serve import models
 from miras_serve.models.checkpoint import resolve
 

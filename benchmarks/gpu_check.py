@@ -684,7 +684,7 @@ def bench_serve(report: Report, device: torch.device, smoke: bool) -> bool:
     import shutil
     import tempfile
 
-    from benchmarks.launch import miras_serve
+    from deploy.local.launch import miras_serve
     from miras_serve import models
     from miras_serve.models.layers import state_layout
     from miras_serve.models.random_init import random_pretrained

@@ -20,7 +20,7 @@ import time
 import httpx
 
 from benchmarks import report
-from benchmarks.launch import miras_serve
+from deploy.local.launch import miras_serve
 
 LONG_TEXT = "Shall I compare thee to a summer's day? " * 90_000  # 3.6 MB
 

@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from benchmarks import report
-from benchmarks.launch import miras_serve
+from deploy.local.launch import miras_serve
 from miras_serve import models
 from miras_serve.loadtest.process import ServerProcess
 from miras_serve.loadtest.workload import LengthDist, Workload, load_tokenizer, synthetic_corpus

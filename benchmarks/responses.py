@@ -31,7 +31,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import report
-from benchmarks.launch import miras_serve
+from deploy.local.launch import miras_serve
 from miras_serve.server.async_engine import AsyncEngine
 from miras_serve.server.engine import EngineConfig, LLMEngine
 from miras_serve.server.limits import TextLimits

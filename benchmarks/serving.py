@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks import report
-from benchmarks.launch import miras_serve
+from deploy.local.launch import miras_serve
 from miras_serve.loadtest.cli import run_cli
 from miras_serve.loadtest.correctness import scrape
 from miras_serve.models.checkpoint import resolve

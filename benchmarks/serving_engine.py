@@ -23,7 +23,7 @@ import httpx
 import torch
 
 from benchmarks import report
-from benchmarks.launch import miras_serve
+from deploy.local.launch import miras_serve
 from miras_serve import models
 from miras_serve.loadtest.client import ApiConfig, send_request
 from miras_serve.loadtest.stats import RequestResult, percentile

@@ -87,14 +87,16 @@ def to_device(x, device: str):
     return None if x is None else x.to(device)
 
 
+def fp64(x):
+    """A tensor, or a tuple of them, in fp64 (integer tensors and None as they are)."""
+    if isinstance(x, tuple):
+        return tuple(fp64(t) for t in x)
+    return x.double() if x is not None and x.is_floating_point() else x
+
+
 def ref_scan(case: RuleCase, *args):
     """The case's reference in fp64: the oracle every fp32 implementation is measured against."""
-    def f64(t):
-        if isinstance(t, tuple):
-            return tuple(f64(x) for x in t)
-        return t.double() if t is not None and t.is_floating_point() else t
-
-    return case.reference(*(f64(a) for a in args))
+    return case.reference(*(fp64(a) for a in args))
 
 
 def rel_err(ref: Tensor, got: Tensor) -> float:

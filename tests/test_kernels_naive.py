@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from benchmarks.kernel_cases import rule_case
 from miras_serve.kernels import naive
 from miras_serve.kernels.rule import MemoryRule
-from miras_serve.kernels.testing import GATE_NAMES, random_inputs
+from miras_serve.kernels.testing import GATE_NAMES, fp64, random_inputs
 from miras_serve.models.config import ATTENTIONAL_BIASES, MEMORY_ARCHITECTURES, RETENTIONS, ConfigError, MirasConfig
 from miras_serve.models.memory import memory_scan
 
@@ -45,11 +45,6 @@ def legal_rules() -> list[tuple[str, str, str]]:
 
 
 def fp64_inputs(cfg: MirasConfig, batch: int, T: int, seed: int) -> dict:
-    def fp64(x):
-        if isinstance(x, tuple):
-            return tuple(fp64(t) for t in x)
-        return None if x is None else x.double()
-
     drawn = random_inputs(rule_case(cfg), batch, T, torch.Generator().manual_seed(seed))
     return {name: fp64(x) for name, x in drawn.items()}
 

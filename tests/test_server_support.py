@@ -4,12 +4,12 @@ helper itself is loadtest/process.py."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.local.launch import serve_command
 from miras_serve.loadtest import process
 from miras_serve.loadtest.process import free_port
 
@@ -17,8 +17,8 @@ __all__ = ["ServerProcess", "free_port", "metric", "metric_values"]
 
 
 class ServerProcess(process.ServerProcess):
-    """``python -m server.cli --model model *args`` on a free loopback port, ready on return; ``stop()`` sends
-    SIGTERM (a drain) and waits."""
+    """``miras-serve --model model --enforce-eager *args`` (deploy/local/launch.py) on a free loopback port,
+    ready on return; ``stop()`` sends SIGTERM (a drain) and waits."""
 
     def __init__(self, model: Path, *args: str):
         self.port = free_port()
@@ -26,8 +26,7 @@ class ServerProcess(process.ServerProcess):
         env.pop("MIRAS_API_KEY", None)
         # --enforce-eager: compiling the decode step takes minutes on a fresh 2-core machine (it has its own
         # tests, tests/test_server_compiled_steps.py)
-        cmd = [sys.executable, "-m", "miras_serve.server.cli", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", "--enforce-eager", *args]
+        cmd = serve_command(model, self.port, "--enforce-eager", *args)
         # run outside the checkout so imports resolve like an installed package's
         super().__init__(cmd, url=f"http://127.0.0.1:{self.port}", env=env, cwd=Path(model).parent)
 

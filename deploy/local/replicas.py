@@ -29,6 +29,7 @@ from pathlib import Path
 
 from miras_serve.loadtest.process import ServerProcess, free_port
 
+from .launch import serve_command
 from .redis_process import RedisProcess
 
 NGINX_CONF = """worker_processes 1;
@@ -101,8 +102,7 @@ class Stack:
 
     def _serve(self, model: str, i: int, port: int, serve_args: tuple[str, ...]) -> ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "miras_serve.server.cli", "--model", model, "--host", "127.0.0.1",
-               "--port", str(port), "--state-redis-url", self.redis.url, "--log-level", "warning", *serve_args]
+        cmd = serve_command(model, port, "--state-redis-url", self.redis.url, *serve_args)
         return ServerProcess(cmd, url=f"http://127.0.0.1:{port}", env=env, log=self.log_dir / f"replica-{i}.log",
                              wait=False)
 
