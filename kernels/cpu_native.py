@@ -19,7 +19,10 @@ extern kernel."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +48,7 @@ def load(build_dir: Path) -> bool:
         try:
             from torch.utils import cpp_extension
 
+            _ninja_on_path()
             build_dir.mkdir(parents=True, exist_ok=True)
             cpp_extension.load(EXTENSION, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build_dir),
                                is_python_module=False)  # registers the op with torch (TORCH_LIBRARY)
@@ -56,6 +60,16 @@ def load(build_dir: Path) -> bool:
             warnings.warn(f"the native CPU factored decode could not be built ({type(error).__name__}: {error}); "
                           "decoding with the PyTorch path", RuntimeWarning, stacklevel=2)
     return _loaded[EXTENSION]
+
+
+def _ninja_on_path() -> None:
+    """torch's loader runs ``ninja`` from PATH: if there is none, the PyPI package's (a dependency), which sits
+    in the environment's bin directory, off PATH when the environment is not activated."""
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 def _fake_decode(q: Tensor, *args) -> Tensor:
