@@ -69,7 +69,8 @@ def _ninja_on_path() -> None:
         with contextlib.suppress(ImportError):
             import ninja
 
-            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+            if ninja.BIN_DIR:
+                os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 def _fake_decode(q: Tensor, *args) -> Tensor:
