@@ -35,6 +35,7 @@ from .rule import BIAS_CODES, MemoryRule
 SOURCE = Path(__file__).resolve().parent / "cpu" / "factored_decode.cpp"
 EXTENSION = "miras_factored_decode"
 CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+STALE_LOCK_S = 600.0  # a build takes ~25 s on 2 cores
 
 logger = logging.getLogger("miras.kernels")
 _loaded: dict[str, bool] = {}  # EXTENSION -> whether it built and loaded
@@ -50,6 +51,7 @@ def load(build_dir: Path) -> bool:
 
             _ninja_on_path()
             build_dir.mkdir(parents=True, exist_ok=True)
+            _drop_stale_lock(build_dir / "lock")
             cpp_extension.load(EXTENSION, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build_dir),
                                is_python_module=False)  # registers the op with torch (TORCH_LIBRARY)
             torch.library.register_fake("miras_serve::factored_decode")(_fake_decode)
@@ -60,6 +62,15 @@ def load(build_dir: Path) -> bool:
             warnings.warn(f"the native CPU factored decode could not be built ({type(error).__name__}: {error}); "
                           "decoding with the PyTorch path", RuntimeWarning, stacklevel=2)
     return _loaded[EXTENSION]
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """torch's loader waits, without end, while another process's build holds ``lock``: one left behind by a
+    process killed mid-build would hang every later load, so a lock older than any build is removed."""
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            logger.warning("removed a stale build lock %s", lock)
 
 
 def _ninja_on_path() -> None:

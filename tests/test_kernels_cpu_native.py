@@ -195,3 +195,17 @@ def test_a_failed_build_warns_and_keeps_the_torch_path(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert cpu_native.load(tmp_path / "build") is False
     assert cpu_native.load(tmp_path / "build") is False  # tried once per process
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """A lock left by a process killed mid-build would make torch's loader wait forever."""
+    from miras_serve.kernels import cpu_native
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_native._drop_stale_lock(lock)
+    assert lock.exists()  # a build in progress keeps its lock
+    old = lock.stat().st_mtime - cpu_native.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    cpu_native._drop_stale_lock(lock)
+    assert not lock.exists()
