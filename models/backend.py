@@ -248,7 +248,9 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     one row, the coefficients and the decay; a token that starts a chunk first folds its rows into the
     new anchor (once per chunk). The triton backend is in-place kernels without host syncs (CUDA-graph
     capturable, kernels/factored.py); the torch backend gathers a prompt's rows, runs the factored scan
-    and writes them back. ``known``: as in :func:`memory_scan_pool`.
+    and writes them back, and runs a decode step on CPU tensors through the native kernel in place
+    (:func:`native_decode_enabled`; else gathers, the reference's ``factored_token`` and scatters).
+    ``known``: as in :func:`memory_scan_pool`.
     """
     if backend_for(q.device.type) == "triton":
         return _triton_factored(cfg, pool, q.device.type, slots, pos, q, k, v, eta, log_alpha, delta, ln_weight,
