@@ -1,10 +1,13 @@
-"""The CPU decode step, eager vs compiled, against the time to copy the bytes it must read.
+"""The CPU decode step, eager vs compiled, PyTorch memory update vs the native kernel, against the time to copy
+the bytes it must read.
 
     python -m benchmarks.compiled [--model moneta-tiny] [--batches 1 32] [--threads 1 2]
 
 One engine decode step (server/decode_graphs.py: the step the engine runs) of each variant, eager and
-compiled with each torch thread count, at each batch size, and the memory update alone (one Miras layer's
-``models.backend.factored_scan_pool``, eager and compiled, on the first thread count), each interleaved
+compiled with each torch thread count, with the memory's decode step on the PyTorch path
+(``MIRAS_CPU_NATIVE=0``) and on the native kernel (kernels.cpu_native), at each batch size, and the memory
+update alone (one Miras layer's ``models.backend.factored_scan_pool``: PyTorch eager and compiled, the native
+kernel, on the first thread count), each interleaved
 round-robin with a copy of its bytes (weights + state read and written for the step, the state of one
 layer for the memory update, from ``benchmarks/cost.py``; single-threaded), so load on a shared machine hits
 every column alike. The sequences' phases are spread over the chunk and the measured steps cover one whole
@@ -24,7 +27,7 @@ import torch
 from benchmarks import report
 from benchmarks.runtime import step_cost
 from miras_serve import models
-from miras_serve.models.backend import factored_scan_pool
+from miras_serve.models.backend import environment, factored_scan_pool
 from miras_serve.models.memory import FactoredMemory
 from miras_serve.server.decode_graphs import DecodeGraphs, use_project_compile_cache
 
@@ -66,9 +69,13 @@ def measure(model: models.MirasLM, batches: list[int], threads: list[int]) -> li
         layer_bytes = (cost.state_bytes_read + cost.state_bytes_written) / len(model.miras_layers)
         for what, nbytes in (("step", cost.total_bytes), ("memory update", layer_bytes)):
             copy = (torch.empty(int(nbytes) // 4), torch.ones(int(nbytes) // 4))
-            # the memory update on the first thread count only (each variant costs compiles)
-            variants = [("eager", threads[0])] + [("compiled", t) for t in (threads if what == "step" else threads[:1])]
-            for mode, n in variants:
+            # (mode, memory decode kernel, threads); the memory update on the first thread count only (each
+            # compiled variant costs compiles)
+            counts = threads if what == "step" else threads[:1]
+            variants = [("eager", "torch", threads[0]), ("eager", "native", threads[0])]
+            variants += [("compiled", "torch", t) for t in counts]
+            variants += [("compiled", "native", t) for t in counts] if what == "step" else []
+            for mode, kernel, n in variants:
                 pool, slots = spread_pool(model, batch)
                 graphs = DecodeGraphs(model, pool, scratch_slot=batch, max_batch=batch, use_graphs=False,
                                       compile_backend="inductor" if mode == "compiled" else None)
@@ -87,16 +94,16 @@ def measure(model: models.MirasLM, batches: list[int], threads: list[int]) -> li
                              update: Callable = update, inputs: list = inputs, mode: str = mode) -> None:
                         known = graphs.known_step(slots) if mode == "compiled" else (None, None)
                         update(slots, *inputs, *known)
-                runs.append(dict(batch=batch, what=what, mode=mode, threads=n, call=call, copy=copy, graphs=graphs,
-                                 steps=[],
-                                 copies=[], compile_s=0.0))
+                runs.append(dict(batch=batch, what=what, mode=mode, kernel=kernel, threads=n, call=call, copy=copy,
+                                 graphs=graphs, steps=[], copies=[], compile_s=0.0))
     for step in range(2 * b):
         for run in runs:
             torch.set_num_threads(run["threads"])
             ids = torch.randint(3, model.config.vocab_size, (run["batch"], 1))
-            t0 = time.perf_counter()
-            run["call"](ids)
-            elapsed = time.perf_counter() - t0
+            with environment("MIRAS_CPU_NATIVE", "1" if run["kernel"] == "native" else "0"):
+                t0 = time.perf_counter()
+                run["call"](ids)
+                elapsed = time.perf_counter() - t0
             dst, src = run["copy"]
             torch.set_num_threads(1)
             t0 = time.perf_counter()
@@ -113,12 +120,13 @@ def measure(model: models.MirasLM, batches: list[int], threads: list[int]) -> li
             print("first round done", flush=True)
     rows = []
     for run in runs:
-        rows.append(dict(batch=run["batch"], what=run["what"], mode=run["mode"], threads=run["threads"],
+        rows.append(dict(batch=run["batch"], what=run["what"], mode=run["mode"], kernel=run["kernel"],
+                         threads=run["threads"],
                          step=statistics.median(run["steps"]), copy=statistics.median(run["copies"]),
                          compile_s=run["compile_s"]))
         r = rows[-1]
-        print(f"batch {r['batch']} {r['what']} {r['mode']} {r['threads']}t: {r['step'] * 1e3:.2f} ms, copy "
-              f"{r['copy'] * 1e3:.2f} ms ({r['step'] / r['copy']:.2f}x), warm-up chunk {r['compile_s']:.1f} s",
+        print(f"batch {r['batch']} {r['what']} {r['mode']} {r['kernel']} {r['threads']}t: {r['step'] * 1e3:.2f} ms, "
+              f"copy {r['copy'] * 1e3:.2f} ms ({r['step'] / r['copy']:.2f}x), warm-up chunk {r['compile_s']:.1f} s",
               flush=True)
     return rows
 
@@ -126,21 +134,25 @@ def measure(model: models.MirasLM, batches: list[int], threads: list[int]) -> li
 def report_lines(model_name: str, model: models.MirasLM, rows: list[dict], argv: list[str] | None) -> list[str]:
     b = model.config.chunk_size
     lines = [
-        *report.header(f"The CPU decode step, eager vs compiled: `{model_name}` ({model.num_parameters():,} "
-                       "parameters)", __spec__.name, argv),
+        *report.header(f"The CPU decode step, eager vs compiled, PyTorch vs native memory update: `{model_name}` "
+                       f"({model.num_parameters():,} parameters)", __spec__.name, argv),
         f"Median over one chunk of {b} steps (every count of factor rows, one fold per sequence; phases spread over "
         "the chunk) after a chunk of warm-up, which includes the compiles. Every round runs every variant once and, "
         "after each, a single-threaded copy of the bytes the byte model (`benchmarks/cost.py`, factored layout) says "
         "it must move: weights + state read and written for the *step* (one engine decode step of the whole "
-        "model), the state of one Miras layer for the *memory update* (`models.backend.factored_scan_pool`).", "",
-        "| batch | what | variant | threads | ms | tok/s | copy ms | ms / copy | vs eager | warm-up chunk s |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "model), the state of one Miras layer for the *memory update* (`models.backend.factored_scan_pool`). "
+        "*memory kernel*: the factored memory's one-token step on the PyTorch path (`MIRAS_CPU_NATIVE=0`) or the "
+        "native C++ kernel (`kernels/cpu/factored_decode.cpp`); *vs eager*: against the eager step with the "
+        "PyTorch path, the same batch.", "",
+        "| batch | what | variant | memory kernel | threads | ms | tok/s | copy ms | ms / copy | vs eager | "
+        "warm-up chunk s |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         eager = next(r for r in rows if r["batch"] == row["batch"] and r["what"] == row["what"]
-                     and r["mode"] == "eager")
+                     and r["mode"] == "eager" and r["kernel"] == "torch")
         rate = f"{row['batch'] / row['step']:,.0f}" if row["what"] == "step" else ""
-        lines.append(f"| {row['batch']} | {row['what']} | {row['mode']} | {row['threads']} | "
+        lines.append(f"| {row['batch']} | {row['what']} | {row['mode']} | {row['kernel']} | {row['threads']} | "
                      f"{row['step'] * 1e3:.2f} | {rate} | {row['copy'] * 1e3:.2f} | {row['step'] / row['copy']:.2f}x | "
                      f"{eager['step'] / row['step']:.2f}x | {row['compile_s']:.1f} |")
     return lines

@@ -14,11 +14,6 @@ import triton.language as tl
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
-# Codes of the config's categorical choices, as the kernel's constexpr switches.
-MEMORY_CODES = {"mlp": 0, "linear": 1}
-BIAS_CODES = {"l2": 0, "lp": 1, "huber": 2}
-RETENTION_CODES = {"l2": 0, "lq": 1, "kl": 2}
-
 
 @triton.jit
 def gelu(z):

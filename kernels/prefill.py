@@ -254,7 +254,7 @@ SLAB_PHASES = ("fold", "lag", "softmax", "forward", "update")  # grid (slabs, H,
 
 
 def chunk_phases(retention: int) -> list[str]:
-    """The launches of one chunk for a rule's retention code (kernels.ops.RETENTION_CODES): the boundary
+    """The launches of one chunk for a rule's retention code (kernels.rule.RETENTION_CODES): the boundary
     step's statistics (lq: one phase; Memora's lag step: two), then forward, update, output."""
     return ["lag"] * (retention in (1, 2)) + ["softmax"] * (retention == 2) + ["forward", "grad", "update", "output"]
 

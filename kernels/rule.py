@@ -6,6 +6,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# Codes of the config's categorical choices, as the kernels' compile-time switches (Triton constexprs, the
+# native CPU kernel's arguments).
+MEMORY_CODES = {"mlp": 0, "linear": 1}
+BIAS_CODES = {"l2": 0, "lp": 1, "huber": 2}
+RETENTION_CODES = {"l2": 0, "lq": 1, "kl": 2}
+
 
 @dataclass(frozen=True)
 class MemoryRule:

@@ -45,9 +45,6 @@ from .boundary import copy_boundary, fold_rows, kl_boundary, lq_boundary, square
 from .decode import split_decode
 from .factored import factored_decode, filled_rows
 from .ops import (
-    BIAS_CODES,
-    MEMORY_CODES,
-    RETENTION_CODES,
     attentional_loss,
     mlp_error_grad,
     mlp_forward,
@@ -56,7 +53,7 @@ from .ops import (
 )
 from .precision import dot_precision
 from .prefill import slab_prefill
-from .rule import MemoryRule
+from .rule import BIAS_CODES, MEMORY_CODES, RETENTION_CODES, MemoryRule
 from .segment import (
     finish_factored,
     mlp_read,

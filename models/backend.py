@@ -6,22 +6,28 @@ triton on CPU tensors runs the kernels under the Triton interpreter (kernels.loa
 Two state layouts (models/SPEC.md §7; ``models.layers.state_layout`` picks one per backend):
 ``memory_scan`` / ``memory_scan_pool`` take the anchor and the running memory, ``factored_scan`` /
 ``factored_scan_pool`` the anchor and the chunk's factor rows (on triton: kernels.factored, and the
-scan kernel's FACTORED prefill)."""
+scan kernel's FACTORED prefill).
+
+On CPU tensors the torch backend runs a factored pool's one-token decode step through the native kernel
+(kernels.cpu_native, built at first use under the project's cache dir) unless ``MIRAS_CPU_NATIVE=0``
+(:func:`native_decode_enabled`); the chunk starts still take the reference's ``start_chunk`` first."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import os
+import platform
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from miras_serve.kernels import load_scan
+from miras_serve.kernels import cpu_native, load_scan
 
 from . import memory as spec
 from .config import MirasConfig
+from .corpus import cache_dir
 from .memory import FactoredMemory, KnownStep, Memory
 
 BACKENDS = ("torch", "triton")
@@ -57,6 +63,19 @@ def forced_backend(name: str) -> contextlib.AbstractContextManager[None]:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return environment("MIRAS_KERNELS", name)
+
+
+def native_decode_enabled(device_type: str) -> bool:
+    """Whether a factored pool's one-token step on ``device_type`` runs the native CPU kernel: on CPU tensors,
+    unless ``MIRAS_CPU_NATIVE=0``, once the kernel has been built (the first call builds it)."""
+    return device_type == "cpu" and os.environ.get("MIRAS_CPU_NATIVE", "1").strip() != "0" and _native_built()
+
+
+@torch.compiler.assume_constant_result  # a compiled step asks once, while tracing, and keeps the answer
+def _native_built() -> bool:
+    # keyed on what the built library depends on: torch's ABI and the architecture
+    where = f"torch-{torch.__version__}-{platform.machine()}"
+    return cpu_native.load(cache_dir() / "torch_extensions" / where)
 
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
@@ -229,11 +248,16 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     one row, the coefficients and the decay; a token that starts a chunk first folds its rows into the
     new anchor (once per chunk). The triton backend is in-place kernels without host syncs (CUDA-graph
     capturable, kernels/factored.py); the torch backend gathers a prompt's rows, runs the factored scan
-    and writes them back. ``known``: as in :func:`memory_scan_pool`.
+    and writes them back, and runs a decode step on CPU tensors through the native kernel in place
+    (:func:`native_decode_enabled`; else gathers, the reference's ``factored_token`` and scatters).
+    ``known``: as in :func:`memory_scan_pool`.
     """
     if backend_for(q.device.type) == "triton":
         return _triton_factored(cfg, pool, q.device.type, slots, pos, q, k, v, eta, log_alpha, delta, ln_weight,
                                 ln_bias, lengths=lengths, surprise=surprise)
+    if q.shape[2] == 1 and pool.rows.dtype == torch.float32 and native_decode_enabled(q.device.type):
+        return _native_decode(cfg, pool, slots, pos, [q, k, v, eta, log_alpha, delta], lengths, ln_weight, ln_bias,
+                              surprise, known)
     if known is not None:  # every row live, none read on the host
         read, write = (lambda w: w.index_select(0, slots)), (lambda pool, new: pool.index_copy_(0, slots, new))
         token, picked, part = [q, k, v, eta, log_alpha, delta], slots, surprise
@@ -255,13 +279,8 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     row = pos % cfg.chunk_size
     first = (row == 0).nonzero().squeeze(1) if known is None else known.first
     if first is not None and first.numel():  # once per chunk per sequence: fold into the new anchor, start over
-        at = picked.index_select(0, first)
-        gathered = FactoredMemory(tuple(w.index_select(0, at) for w in pool.anchor),
-                                  *(t.index_select(0, at) for t in pool[1:]))
-        started = spec.start_chunk(cfg, gathered, *(t.index_select(0, first) for t in token[1:5]), ln_weight,
-                                   ln_bias)
-        for mine, new in zip((*pool.anchor, *pool[1:]), (*started.anchor, *started[1:]), strict=True):
-            mine.index_copy_(0, at, new)
+        _start_chunks(cfg, pool, picked.index_select(0, first), [t.index_select(0, first) for t in token[1:5]],
+                      ln_weight, ln_bias)
     # a known step gathers only the rows it reads (the compiled step copies what it gathers: the rows it
     # reads are overwritten in place later in the same graph)
     factors = pool.rows if known is None else pool.rows[:, :, :known.filled]
@@ -273,3 +292,31 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     write(pool.row_coef, coef)
     write(pool.row_decay, decay)
     return o if known is not None else _scatter_reads(q, rows, o, surprise, part)
+
+
+def _start_chunks(cfg: MirasConfig, pool: FactoredMemory, at: Tensor, token: list[Tensor], ln_weight: Tensor,
+                  ln_bias: Tensor) -> None:
+    """Pool slots ``at`` start a chunk with their token's (k, v, eta, log_alpha), in place: the reference's
+    ``start_chunk`` on their gathered states, written back."""
+    gathered = FactoredMemory(tuple(w.index_select(0, at) for w in pool.anchor),
+                              *(t.index_select(0, at) for t in pool[1:]))
+    started = spec.start_chunk(cfg, gathered, *token, ln_weight, ln_bias)
+    for mine, new in zip((*pool.anchor, *pool[1:]), (*started.anchor, *started[1:]), strict=True):
+        mine.index_copy_(0, at, new)
+
+
+def _native_decode(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, pos: Tensor, token: list[Tensor | None],
+                   lengths: Tensor, ln_weight: Tensor, ln_bias: Tensor, surprise: Tensor | None,
+                   known: KnownStep | None) -> Tensor:
+    """:func:`factored_scan_pool`'s one-token step through the native CPU kernel (kernels.cpu_native): the rows
+    whose token starts a chunk take the reference's chunk start first (1 token in b), then the kernel runs every
+    row in place where it lies, no gathers."""
+    if known is None:
+        first = ((pos % cfg.chunk_size == 0) & (slots >= 0) & (lengths > 0)).nonzero().squeeze(1)
+    else:
+        first = known.first
+    if first is not None and first.numel():
+        _start_chunks(cfg, pool, slots.index_select(0, first), [t.index_select(0, first) for t in token[1:5]],
+                      ln_weight, ln_bias)
+    return cpu_native.factored_decode(cfg.memory_rule(), pool.anchor, pool.rows, pool.row_coef, pool.row_decay, slots,
+                                      pos, lengths, *token, ln_weight, ln_bias, surprise)

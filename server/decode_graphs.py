@@ -39,9 +39,11 @@ from miras_serve.models.model import ModelState
 logger = logging.getLogger("miras.engine")
 
 # The engine's policy, by measurement (docs/benchmarks/compiled-cpu.md, moneta-tiny on a shared 2-core CPU):
-# compiled, batch 1 ran 1.84x faster than eager, batch 32 0.85x (its gathered anchors and factor rows are
-# copied before the products), so only batch 1 is compiled; on 2 threads it ran 10x slower than on 1.
-ENGINE_COMPILE_MAX_BATCH = 1
+# with the memory's decode step in the native kernel (kernels/cpu_native.py: no gathered anchors or factor
+# rows), the compiled step ran 1.60x faster than the eager one at batch 1 and 1.19x at batch 32 (with the
+# PyTorch memory path batch 32 had lost, 0.68x), so batches up to 32 are compiled (one graph family serves
+# every size above 1); on 2 threads the compiled step had run 10x slower than on 1.
+ENGINE_COMPILE_MAX_BATCH = 32
 COMPILED_STEP_THREADS = 1
 
 

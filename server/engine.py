@@ -18,6 +18,7 @@ from torch import Tensor
 
 from miras_serve.kernels import set_dot_precision
 from miras_serve.models import MirasLM, MirasTokenizer
+from miras_serve.models.backend import native_decode_enabled
 
 from .decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
@@ -110,6 +111,8 @@ class LLMEngine:
                                    model.config.chunk_size, self._cached_prefix if self.state_cache else None)
         # With graphs or compiled steps, one more pool row that no request owns takes the padding rows of a batch.
         self.pool = model.init_state(self.config.max_num_seqs + (1 if padded else 0))
+        if self.pool.layout == "factored":  # the native CPU decode kernel: built or loaded now, not on a first step
+            native_decode_enabled(self.device.type)
         self.decode_graphs = self._capture_decode_graphs(compiled) if padded else None
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)

@@ -1,0 +1,108 @@
+"""The factored memory's one-token decode step as a native CPU kernel (kernels/cpu/factored_decode.cpp), the
+CPU counterpart of kernels/factored.py: in place on the pool through ``slots``, reading the anchor and the
+factor rows where they lie, parallel over (row, head).
+
+It takes the tokens that continue a chunk, and the token that starts one once its chunk has been started
+(the rows folded into the anchor and the rule's boundary map applied, which the caller does first, once
+per chunk: 1 token in ``b``; models/backend.py runs the PyTorch reference's ``start_chunk`` for it). That
+keeps the C++ to the step every token takes, for every attentional bias (l2, lp, huber) and retention (the
+decay; Memora's in-chunk updates without decay and its first token entering through the boundary step).
+
+Built at first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; ``-O3 -march=native``) into a
+directory the caller names (the dispatcher passes one under the project's cache dir), so later processes
+load it in well under a second (the first build takes ~25 s); the build time is logged. If the build fails,
+:func:`load` warns and returns False and the caller keeps the PyTorch path. The step is the torch operator
+``miras_serve::factored_decode``, registered by the C++ (``TORCH_LIBRARY``, its schema marks the pool's rows,
+coefficients and decay and the surprise buffer as written), with a fake implementation registered here, so a
+compiled decode step (server/decode_graphs.py, ``fullgraph=True``) stays one graph and calls it as an
+extern kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .rule import BIAS_CODES, MemoryRule
+
+SOURCE = Path(__file__).resolve().parent / "cpu" / "factored_decode.cpp"
+EXTENSION = "miras_factored_decode"
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+STALE_LOCK_S = 600.0  # a build takes ~25 s on 2 cores
+
+logger = logging.getLogger("miras.kernels")
+_loaded: dict[str, bool] = {}  # EXTENSION -> whether it built and loaded
+
+
+def load(build_dir: Path) -> bool:
+    """Build (into ``build_dir``, on first use) and load the extension, once per process; False if it cannot
+    be built (with a warning)."""
+    if EXTENSION not in _loaded:
+        start = time.monotonic()
+        try:
+            from torch.utils import cpp_extension
+
+            _ninja_on_path()
+            build_dir.mkdir(parents=True, exist_ok=True)
+            _drop_stale_lock(build_dir / "lock")
+            cpp_extension.load(EXTENSION, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build_dir),
+                               is_python_module=False)  # registers the op with torch (TORCH_LIBRARY)
+            torch.library.register_fake("miras_serve::factored_decode")(_fake_decode)
+            _loaded[EXTENSION] = True
+            logger.info("native CPU factored decode ready in %.1f s (%s)", time.monotonic() - start, build_dir)
+        except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch path decodes instead
+            _loaded[EXTENSION] = False
+            warnings.warn(f"the native CPU factored decode could not be built ({type(error).__name__}: {error}); "
+                          "decoding with the PyTorch path", RuntimeWarning, stacklevel=2)
+    return _loaded[EXTENSION]
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """torch's loader waits, without end, while another process's build holds ``lock``: one left behind by a
+    process killed mid-build would hang every later load, so a lock older than any build is removed."""
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            logger.warning("removed a stale build lock %s", lock)
+
+
+def _ninja_on_path() -> None:
+    """torch's loader runs ``ninja`` from PATH: if there is none, the PyPI package's (a dependency), which sits
+    in the environment's bin directory, off PATH when the environment is not activated."""
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            if ninja.BIN_DIR:
+                os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
+def _fake_decode(q: Tensor, *args) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def factored_decode(rule: MemoryRule, anchor: tuple[Tensor, Tensor], rows: Tensor, coef: Tensor, decay: Tensor,
+                    slots: Tensor, pos: Tensor, lengths: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
+                    log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor, ln_bias: Tensor,
+                    surprise: Tensor | None = None) -> Tensor:
+    """One decode token per row (q, k, v [N, H, 1, d]; gates [N, H, 1]) of pool slot ``slots[n]`` at
+    position ``pos[n]``, in place on the factored pool (fp32, contiguous: anchor [P, H, D, d] and [P, H, d, D],
+    rows [P, H, b, 2(D + d)], coef [P, H, b], decay [P, H]); a negative slot or a row of length 0 is skipped
+    (read 0). A row whose token starts a chunk must have had its chunk started (see the module docstring).
+    Returns the reads [N, H, 1, d] (fp32); ``surprise`` [N, H, 1] (fp32, contiguous), if given, takes each
+    token's loss at the anchor. Call :func:`load` first."""
+    def f32(t: Tensor) -> Tensor:
+        return t.to(torch.float32).contiguous()
+
+    return torch.ops.miras_serve.factored_decode(
+        f32(q), f32(k), f32(v), f32(eta), f32(log_alpha), None if delta is None else f32(delta), *anchor, rows, coef,
+        decay, f32(ln_weight), f32(ln_bias), slots.contiguous(), pos.contiguous(), lengths.to(torch.long).contiguous(),
+        surprise, BIAS_CODES[rule.attentional_bias], rule.retention == "kl", rule.p, rule.abs_eps, rule.sign_sharpness,
+        rule.memory_ln_eps)

@@ -1,0 +1,211 @@
+"""The native CPU kernel of the factored memory's decode step (kernels/cpu/factored_decode.cpp through
+models.backend.factored_scan_pool) against the fp64 per-token reference (kernels/naive.py) and the PyTorch
+factored path (``MIRAS_CPU_NATIVE=0``), on fresh random inputs every run: every rule the factored layout
+serves, rows at every chunk phase (the token that starts a chunk, a fresh state), slots out of order, a
+skipped slot, an empty row, slots outside the batch bit-identical; whole models decoding after a prompt equal
+their parallel pass; a compiled decode step calling the op equals the eager one."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels.testing imports triton: this must precede it
+
+import pytest
+from conftest import small_model
+
+from benchmarks.kernel_cases import rule_case, rule_config
+from miras_serve.kernels.scan import Factors
+from miras_serve.kernels.testing import (
+    GATE_NAMES,
+    factored_memory,
+    random_factors,
+    random_inputs,
+    random_memory,
+    ref_scan,
+    rel_err,
+    tolerance,
+)
+from miras_serve.models import backend
+from miras_serve.models.backend import environment, factored_scan_pool
+from miras_serve.models.memory import FactoredMemory
+from miras_serve.server.decode_graphs import DecodeGraphs
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                       reason="no C++ compiler: the native CPU kernel cannot be built"),
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+]
+
+MLP_RULES = ["moneta", "yaad", "memora", "mlp-lp-l2", "mlp-huber-lq"]
+CHUNK = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert backend._native_built(), "a C++ compiler is here, so the native kernel must build"
+
+
+def native(on: bool):
+    return environment("MIRAS_CPU_NATIVE", "1" if on else "0")
+
+
+def fresh_generator() -> tuple[torch.Generator, int]:
+    seed = random.SystemRandom().randrange(2**31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+@pytest.mark.parametrize("rule", MLP_RULES)
+@torch.inference_mode()
+def test_native_decode_equals_reference_and_torch_path(rule):
+    """Six batch rows on a pool of 9 slots, for b + 2 steps: rows start mid-chunk, at a completed chunk (it
+    folds first), fresh (position 0) and in every other phase, so every row crosses a chunk start; batch row
+    1 is skipped (slot -1), row 4 is empty (length 0) and its slot, like the slots outside the batch, stays
+    bit-identical."""
+    cfg = rule_config(rule)
+    case = rule_case(cfg)
+    gen, seed = fresh_generator()
+    b, pool_size, steps = cfg.chunk_size, 9, cfg.chunk_size + 2
+    pool_pos = torch.randint(0, 3 * b, (pool_size,), generator=gen)
+    slots = torch.randperm(pool_size, generator=gen)[:6]
+    slots[1] = -1
+    start = torch.tensor([b - 1, 0, b, 0, 2, 2 * b + 1])
+    live = torch.tensor([True, False, True, True, False, True])
+    lengths = live.long()
+    pool_pos[slots[slots >= 0]] = start[slots >= 0]
+    anchor = random_memory(case.rule, pool_size, gen)
+    rows, coef, decay = random_factors(case, pool_pos, gen)
+    pool = FactoredMemory(anchor, rows.nan_to_num(0.0), coef, decay)  # a real pool holds 0 in unfilled rows
+    reference = pool._replace(anchor=tuple(w.clone() for w in anchor), rows=pool.rows.clone(),
+                              row_coef=coef.clone(), row_decay=decay.clone())
+    before = [t.clone() for t in (*pool.anchor, *pool[1:])]
+    at = slots[live]
+    ref_state = (tuple(w[at] for w in anchor), factored_memory(case.rule, tuple(w[at] for w in anchor),
+                                                               Factors(*(t[at] for t in pool[1:])), start[live]))
+    x = random_inputs(case, 6, steps, gen)
+    ln_weight, ln_bias = x["ln_weight"], x["ln_bias"]
+    errors, tol = {}, tolerance(case.rule, "ieee")
+    for step in range(steps):
+        token = [None if x[n] is None else x[n][:, :, step:step + 1] for n in GATE_NAMES]
+        ones = torch.ones(int(live.sum()), 1, dtype=torch.bool)
+        ref_out, *ref_state = ref_scan(case, *ref_state, start[live] + step,
+                                       *(None if t is None else t[live] for t in token), ones, ln_weight, ln_bias)
+        outputs = []
+        for on, state in ((True, pool), (False, reference)):
+            surprise = torch.full((6, cfg.n_heads, 1), float("nan"))
+            with native(on):
+                out = factored_scan_pool(cfg, state, slots, start + step, *token, lengths, ln_weight, ln_bias, surprise)
+            outputs.append((out, surprise))
+        (out, surprise), (torch_out, torch_surprise) = outputs
+        errors[f"reads step {step}"] = rel_err(ref_out, out[live])
+        errors[f"reads vs torch step {step}"] = rel_err(torch_out[live], out[live])
+        errors[f"surprise vs torch step {step}"] = rel_err(torch_surprise[live], surprise[live])
+        if out[~live].abs().sum() != 0 or surprise[~live].abs().sum() != 0:
+            errors[f"skipped rows read 0, step {step}"] = float("inf")
+    end = start[live] + steps
+    mine = type(pool)(tuple(w[at] for w in pool.anchor), *(t[at] for t in pool[1:]))
+    errors["anchor"] = max(rel_err(r, w) for r, w in zip(ref_state[0], mine.anchor, strict=True))
+    errors["memory"] = max(rel_err(r, w) for r, w in zip(
+        ref_state[1], factored_memory(case.rule, mine.anchor, Factors(*mine[1:]), end), strict=True))
+    for name, got, want in zip(("anchor in", "anchor out", "rows", "coef", "decay"), (*pool.anchor, *pool[1:]),
+                               (*reference.anchor, *reference[1:]), strict=True):
+        errors[f"{name} vs torch"] = rel_err(want[at], got[at])
+    untouched = torch.tensor([s for s in range(pool_size) if s not in at.tolist()])
+    for new, old in zip((*pool.anchor, *pool[1:]), before, strict=True):
+        if not torch.equal(new[untouched], old[untouched]):
+            errors["slots outside the batch bit-identical"] = float("inf")
+    bad = {name: err for name, err in errors.items() if not err < tol}
+    assert not bad, f"relative RMS errors above {tol:.1g}: {bad} (seed {seed})"
+
+
+@pytest.mark.parametrize("preset", ["moneta", "yaad", "memora", "yaad-h"])
+@torch.inference_mode()
+def test_model_decode_after_prompt_equals_parallel_pass(preset):
+    """Through the pool (the engine's path), rows in shuffled slots: a prompt, then token by token across
+    two chunk starts, gives the parallel pass's logits; the same with the PyTorch path."""
+    model = small_model(preset, seed=3, chunk_size=CHUNK, n_layers=2 if preset.endswith("-h") else 1)
+    ids = torch.randint(3, 200, (3, 13))
+    prompt = torch.tensor([5, 1, 4])
+    full, _ = model(ids)
+    for on in (True, False):
+        pool, slots = model.init_state(6), torch.tensor([4, 0, 2])
+        with native(on):
+            logits, _ = model(ids, pool, lengths=prompt, slots=slots)
+            steps = [logits[i, prompt[i] - 1] for i in range(3)]
+            got = [[s] for s in steps]
+            for t in range(int(prompt.min()), ids.shape[1]):
+                rows = (prompt <= t).nonzero().squeeze(1)
+                step_logits, _ = model(ids[rows, t:t + 1], pool, slots=slots[rows])
+                for j, i in enumerate(rows.tolist()):
+                    got[i].append(step_logits[j, 0])
+        for i in range(3):
+            want = full[i, prompt[i] - 1:]
+            torch.testing.assert_close(torch.stack(got[i][:want.shape[0]]), want, rtol=1e-4, atol=1e-4,
+                                       msg=f"{preset} row {i}, native {on}")
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@torch.inference_mode()
+def test_compiled_step_with_the_native_op_equals_eager(compile_backend):
+    """The compiled decode step (one graph, fullgraph) calls the native op; batch 2, across a chunk start."""
+    model = small_model("moneta", seed=1, chunk_size=CHUNK, n_layers=1)
+    pool = model.init_state(4)
+    model(torch.randint(3, 200, (2, 6)), pool, lengths=torch.tensor([3, 6]), slots=torch.tensor([2, 0]))
+    eager = pool.clone()
+    graphs = DecodeGraphs(model, pool, scratch_slot=3, max_batch=2, use_graphs=False, compile_backend=compile_backend)
+    slots = torch.tensor([0, 2])
+    for _ in range(3):
+        ids = torch.randint(3, 200, (2, 1))
+        expected, _ = model(ids, eager, slots=slots)
+        torch.testing.assert_close(graphs.run(ids, slots), expected, rtol=1e-5, atol=1e-5)
+    assert graphs.compiled is not None, "fell back to eager"
+    for mine, theirs in zip(pool.tensors(), eager.tensors(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_graph_calls_the_native_op():
+    """The traced decode step holds the native op (an extern kernel), not the PyTorch path's gathers."""
+    model = small_model("moneta", seed=1, chunk_size=CHUNK, n_layers=1)
+    pool = model.init_state(3)
+    graphs_seen = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs_seen.append(gm)
+        return gm.forward
+
+    with torch.inference_mode():
+        model(torch.randint(3, 200, (2, 2)), pool, slots=torch.tensor([0, 1]))
+        graphs = DecodeGraphs(model, pool, scratch_slot=2, max_batch=2, use_graphs=False, compile_backend=record)
+        graphs.run(torch.tensor([[5], [6]]), torch.tensor([0, 1]))
+    assert len(graphs_seen) == 1
+    targets = {str(node.target) for node in graphs_seen[0].graph.nodes if node.op == "call_function"}
+    assert any("miras_serve.factored_decode" in t for t in targets), targets
+
+
+def test_a_failed_build_warns_and_keeps_the_torch_path(tmp_path, monkeypatch):
+    from miras_serve.kernels import cpu_native
+
+    monkeypatch.setattr(cpu_native, "_loaded", {})
+    monkeypatch.setattr(cpu_native, "SOURCE", tmp_path / "missing.cpp")
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert cpu_native.load(tmp_path / "build") is False
+    assert cpu_native.load(tmp_path / "build") is False  # tried once per process
+
+
+def test_a_stale_build_lock_is_removed(tmp_path):
+    """A lock left by a process killed mid-build would make torch's loader wait forever."""
+    from miras_serve.kernels import cpu_native
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_native._drop_stale_lock(lock)
+    assert lock.exists()  # a build in progress keeps its lock
+    old = lock.stat().st_mtime - cpu_native.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    cpu_native._drop_stale_lock(lock)
+    assert not lock.exists()
