@@ -20,8 +20,10 @@ extern kernel."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import time
 import warnings
@@ -41,11 +43,27 @@ logger = logging.getLogger("miras.kernels")
 _loaded: dict[str, bool] = {}  # EXTENSION -> whether it built and loaded
 
 
-def load(build_dir: Path) -> bool:
-    """Build (into ``build_dir``, on first use) and load the extension, once per process; False if it cannot
-    be built (with a warning)."""
+def build_key() -> str:
+    """What the built library depends on: torch's ABI, the architecture, and (``-march=native``) this CPU, so a
+    cache dir shared by different machines (a volume, an image built elsewhere) never loads code for another CPU."""
+    cpu = hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
+    return f"torch-{torch.__version__}-{platform.machine()}-{cpu}"
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags (Linux), else what ``platform`` knows of it."""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    return platform.processor()
+
+
+def load(cache_root: Path) -> bool:
+    """Build (on first use, into ``cache_root`` / :func:`build_key`) and load the extension, once per process;
+    False if it cannot be built (with a warning)."""
     if EXTENSION not in _loaded:
         start = time.monotonic()
+        build_dir = cache_root / build_key()
         try:
             from torch.utils import cpp_extension
 

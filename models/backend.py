@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import platform
 from collections.abc import Callable, Iterator
 
 import torch
@@ -73,9 +72,7 @@ def native_decode_enabled(device_type: str) -> bool:
 
 @torch.compiler.assume_constant_result  # a compiled step asks once, while tracing, and keeps the answer
 def _native_built() -> bool:
-    # keyed on what the built library depends on: torch's ABI and the architecture
-    where = f"torch-{torch.__version__}-{platform.machine()}"
-    return cpu_native.load(cache_dir() / "torch_extensions" / where)
+    return cpu_native.load(cache_dir() / "torch_extensions")
 
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,

@@ -209,3 +209,13 @@ def test_a_stale_build_lock_is_removed(tmp_path):
     os.utime(lock, (old, old))
     cpu_native._drop_stale_lock(lock)
     assert not lock.exists()
+
+
+def test_the_build_is_keyed_on_the_cpu(monkeypatch):
+    """``-march=native`` code must not be loaded on another CPU from a shared cache dir."""
+    from miras_serve.kernels import cpu_native
+
+    here = cpu_native.build_key()
+    assert here == cpu_native.build_key() and torch.__version__ in here
+    monkeypatch.setattr(cpu_native, "_cpu_identity", lambda: "model name : another\nflags : sse2")
+    assert cpu_native.build_key() != here
