@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from miras_serve.kernels.graphs import capture
 from miras_serve.models import MirasLM
@@ -55,8 +56,11 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 def use_project_compile_cache() -> None:
     """Inductor's caches (FX graphs, generated C++) under the project's cache dir unless the environment
-    names one: compiled steps survive a restart."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    names one: compiled steps survive a restart. Importing torch._dynamo already wrote torch's default (a
+    temporary dir) into the environment, so that value counts as unset; inductor reads the variable at each
+    use, so setting it now still applies."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
 class DecodeGraphs:

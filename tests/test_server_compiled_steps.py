@@ -15,7 +15,12 @@ from conftest import small_model
 from miras_serve.models.memory import KnownStep
 from miras_serve.server import EngineConfig, LLMEngine
 from miras_serve.server.cli import parse_args
-from miras_serve.server.decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
+from miras_serve.server.decode_graphs import (
+    COMPILED_STEP_THREADS,
+    ENGINE_COMPILE_MAX_BATCH,
+    DecodeGraphs,
+    use_project_compile_cache,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -99,3 +104,18 @@ def test_batches_above_compile_max_batch_run_eagerly():
         ids, slots = torch.tensor([[5], [6]]), torch.tensor([0, 1])
         torch.testing.assert_close(graphs.run(ids, slots), model(ids, eager, slots=slots)[0])
     assert graphs.compiles == [] and graphs.compiled is not None
+
+
+def test_compiled_steps_cache_under_the_project_dir(tmp_path, monkeypatch):
+    """Importing torch._dynamo writes torch's default (a temporary dir) into TORCHINDUCTOR_CACHE_DIR before the
+    engine starts: that value must not keep compiled steps out of the project's cache dir; a value the user
+    chose is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("MIRAS_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))
+    use_project_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    use_project_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
