@@ -34,7 +34,6 @@ from benchmarks import report
 
 PACKAGES = ("models", "kernels", "server", "loadtest")
 ENGINE_BATCHES = (1, 32)
-LOADS = (("concurrency 1", 1, 8), ("concurrency 8", 8, 24), ("concurrency 32", 32, 64))  # label, clients, requests
 
 
 def import_root(tree: Path, into: Path) -> Path:
@@ -172,79 +171,106 @@ def load(url: str, out: Path, clients: int, requests: int) -> dict:
     return json.loads((out / "results.json").read_text())["levels"][0]["summary"]
 
 
-def http_side_by_side(roots: dict[str, Path], work: Path, repeats: int) -> dict[str, dict[str, dict]]:
+def http_side_by_side(roots: dict[str, Path], work: Path, repeats: int, levels: list[int]
+                      ) -> dict[str, dict[str, list[dict]]]:
+    """Every run's summary, by load label and tree, in order (the trees alternate, run after run)."""
     servers = {name: start_server(root, work / f"{name}-server.log") for name, root in roots.items()}
+    loads = [load_of(clients) for clients in levels]
     try:
         for name, server in servers.items():  # compile the batch-1 step, warm every path once
-            for _, clients, _ in LOADS:
+            for _, clients, _ in loads:
                 load(server.url, work / f"warm-{name}-{clients}", clients, clients)
-        best: dict[str, dict[str, dict]] = {name: {} for name in roots}
+        runs: dict[str, dict[str, list[dict]]] = {label: {name: [] for name in roots} for label, _, _ in loads}
         for repeat in range(repeats):
-            for label, clients, requests in LOADS:
+            for label, clients, requests in loads:
                 for name, server in servers.items():
                     s = load(server.url, work / f"{name}-{clients}-{repeat}", clients, requests)
                     s["load_average"] = os.getloadavg()[0]
                     print(name, label, f"ITL p50 {s['itl_ms']['p50']:.2f} ms, {s['output_throughput']:.0f} tok/s, "
                           f"load {s['load_average']:.1f}", flush=True)
-                    kept = best[name].get(label)
-                    if kept is None or s["output_throughput"] > kept["output_throughput"]:
-                        best[name][label] = s
-        return best
+                    runs[label][name].append(s)
+        return runs
     finally:
         for server in servers.values():
             server.stop()
 
 
+def load_of(clients: int) -> tuple[str, int, int]:
+    """(label, clients, requests) of a closed-loop run: 8 requests alone, else enough for two waves or more."""
+    return f"concurrency {clients}", clients, 8 if clients == 1 else max(2 * clients, 24)
+
+
 # ---- report ----------------------------------------------------------------------------------------------
 
 
-def _ratio(http: dict, label: str, *keys: str) -> float:
-    """baseline / current of a summary value (``keys``: its path) at load ``label``."""
-    values = []
-    for name in ("baseline", "current"):
-        value = http[name][label]
-        for key in keys:
-            value = value[key]
-        values.append(value)
-    return values[0] / values[1]
+def engine_section(engine: dict[int, dict[str, dict]]) -> list[str]:
+    return ["## Engine thread: host work per decode step", "",
+            "CPU ms of the engine thread per step (medians of `--steps` steps, one torch thread, the state cache "
+            "on as the server runs it): host = the step minus the model call (scheduling, building the inputs, "
+            "sampling, detokenising, stop checks, metrics, deltas). Batch 1 runs the compiled step, batch 32 the "
+            "eager one (ENGINE_COMPILE_MAX_BATCH). Every row greedy. Each row: the run with the least host time.",
+            "", *report.table(["batch", "tree", "step ms", "model ms", "host ms", "sampler ms"],
+                              [(b, name, *(f"{r[k]:.3f}" for k in ("step", "model", "host", "sampler")))
+                               for b, by_tree in engine.items() for name, r in by_tree.items()]),
+            "", *report.table(["batch", "host: baseline / current", "sampler: baseline / current"],
+                              [(b, f"{t['baseline']['host'] / t['current']['host']:.2f}x",
+                                f"{t['baseline']['sampler'] / t['current']['sampler']:.2f}x")
+                               for b, t in engine.items()]), ""]
 
 
-def report_lines(args: argparse.Namespace, argv: list[str] | None, engine: dict, loop: dict, http: dict) -> list[str]:
-    base = f"`{args.baseline}` (`{report.git('rev-parse', '--short', args.baseline)}`)"
-    lines = [*report.header("The server's work per streamed token on CPU", __spec__.name, argv,
-                            f"baseline {base} against this tree; moneta-tiny (random weights as shipped), fp32"),
-             "## Engine thread: host work per decode step", "",
-             "CPU ms of the engine thread per step (medians of `--steps` steps, one torch thread, the state cache "
-             "on as the server runs it): host = the step minus the model call (scheduling, building the inputs, "
-             "sampling, detokenising, stop checks, metrics, deltas). Batch 1 runs the compiled step, batch 32 the "
-             "eager one (ENGINE_COMPILE_MAX_BATCH). Every row greedy.", "",
-             *report.table(["batch", "tree", "step ms", "model ms", "host ms", "sampler ms"],
-                           [(b, name, *(f"{r[k]:.3f}" for k in ("step", "model", "host", "sampler")))
-                            for b, by_tree in engine.items() for name, r in by_tree.items()]),
-             "", *report.table(["batch", "host: baseline / current", "sampler: baseline / current"],
-                               [(b, f"{t['baseline']['host'] / t['current']['host']:.2f}x",
-                                 f"{t['baseline']['sampler'] / t['current']['sampler']:.2f}x")
-                                for b, t in engine.items()]),
-             "", "## Event loop: work per streamed token", "",
-             "CPU µs per event: a plain text completion chunk serialised as its SSE event, and one event passed "
-             "through the SSE ping wrapper (30 s interval).", "",
-             *report.table(["tree", "chunk µs", "ping wrapper µs", "sum µs"],
-                           [(name, f"{r['chunk_us']:.1f}", f"{r['pings_us']:.1f}",
-                             f"{r['chunk_us'] + r['pings_us']:.1f}") for name, r in loop.items()]),
-             "", "## Over HTTP, both servers up, loaded in turn by the same client", "",
-             f"Each row: the best of {args.repeats} runs (by output tokens/s), the runs of the two servers "
-             "alternating; streamed completions, 128-token prompts, 128 greedy tokens (ignore_eos), the CLI's "
-             "defaults (compiled batch-1 step, one torch thread on 2 cores). Load average: the machine's, after "
-             "the run.", "",
-             *report.table(["load", "tree", "ITL p50 ms", "ITL mean ms", "TPOT p50 ms", "output tok/s", "load avg"],
-                           [(label, name, f"{s['itl_ms']['p50']:.2f}", f"{s['itl_ms']['mean']:.2f}",
-                             f"{s['tpot_ms']['p50']:.2f}", f"{s['output_throughput']:.0f}", f"{s['load_average']:.1f}")
-                            for label, _, _ in LOADS for name, by_label in http.items()
-                            for s in [by_label[label]]]),
-             "", *report.table(["load", "ITL p50: baseline / current", "tokens/s: current / baseline"],
-                               [(label, f"{_ratio(http, label, 'itl_ms', 'p50'):.2f}x",
-                                 f"{1 / _ratio(http, label, 'output_throughput'):.2f}x") for label, _, _ in LOADS])]
-    return lines
+def loop_section(loop: dict[str, dict]) -> list[str]:
+    return ["## Event loop: work per streamed token", "",
+            "CPU µs per event: a plain text completion chunk serialised as its SSE event, and one event passed "
+            "through the SSE ping wrapper (30 s interval).", "",
+            *report.table(["tree", "chunk µs", "ping wrapper µs", "sum µs"],
+                          [(name, f"{r['chunk_us']:.1f}", f"{r['pings_us']:.1f}",
+                            f"{r['chunk_us'] + r['pings_us']:.1f}") for name, r in loop.items()]), ""]
+
+
+def http_section(runs: dict[str, dict[str, list[dict]]], repeats: int) -> list[str]:
+    rows, ratios = [], []
+    for label, by_tree in runs.items():
+        for name, summaries in by_tree.items():
+            itl = [s["itl_ms"]["p50"] for s in summaries]
+            rate = [s["output_throughput"] for s in summaries]
+            loads = [s["load_average"] for s in summaries]
+            rows.append((label, name, f"{min(itl):.2f}", f"{statistics.median(itl):.2f}", f"{max(rate):.0f}",
+                         f"{statistics.median(rate):.0f}", f"{min(loads):.1f}-{max(loads):.1f}"))
+        pairs = list(zip(by_tree["baseline"], by_tree["current"], strict=True))
+        ratios.append((label, f"{statistics.median(b['itl_ms']['p50'] / c['itl_ms']['p50'] for b, c in pairs):.2f}x",
+                       f"{statistics.median(c['output_throughput'] / b['output_throughput'] for b, c in pairs):.2f}x"))
+    return ["## Over HTTP, both servers up, loaded in turn by the same client", "",
+            f"{repeats} runs per tree and load, the two servers' runs back to back, alternating; streamed "
+            "completions, 128-token prompts, 128 greedy tokens (ignore_eos), the CLI's defaults (compiled batch-1 "
+            "step, one torch thread on 2 cores). Load average: the machine's after each run (its range).", "",
+            *report.table(["load", "tree", "ITL p50 ms best", "ITL p50 ms median", "output tok/s best",
+                           "output tok/s median", "load avg"], rows),
+            "", "Ratios: the median over the back-to-back pairs of runs.", "",
+            *report.table(["load", "ITL p50: baseline / current", "tokens/s: current / baseline"], ratios), ""]
+
+
+def measure_engines(roots: dict[str, Path], repeats: int, steps: int) -> dict[int, dict[str, dict]]:
+    engine: dict[int, dict[str, dict]] = {}
+    for _ in range(repeats):
+        for name, root in roots.items():
+            for batch in ENGINE_BATCHES:
+                r = run_worker(root, "engine", str(batch), str(steps))
+                print(name, "engine batch", batch, r, flush=True)
+                kept = engine.setdefault(batch, {}).get(name)
+                if kept is None or r["host"] < kept["host"]:  # other load only ever adds time
+                    engine[batch][name] = r
+    return engine
+
+
+def measure_loops(roots: dict[str, Path], repeats: int) -> dict[str, dict]:
+    loop: dict[str, dict] = {}
+    for _ in range(repeats):
+        for name, root in roots.items():
+            r = run_worker(root, "loop", "20000")
+            print(name, "event loop", r, flush=True)
+            if name not in loop or sum(r.values()) < sum(loop[name].values()):
+                loop[name] = r
+    return loop
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,28 +285,22 @@ def main(argv: list[str] | None = None) -> None:
                    "server work)")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each measurement; the best is kept")
     p.add_argument("--steps", type=int, default=100, help="timed engine steps per worker")
+    p.add_argument("--concurrency", default="1,8,32", help="the HTTP loads: concurrency levels (default %(default)s)")
+    p.add_argument("--http-only", action="store_true", help="skip the engine and event-loop parts")
     report.add_out_argument(p)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         roots = {"baseline": import_root(export(args.baseline, work / "baseline-tree"), work / "baseline"),
                  "current": import_root(report.CHECKOUT, work / "current")}
-        engine: dict[int, dict[str, dict]] = {}
-        loop: dict[str, dict] = {}
-        for _ in range(args.repeats):
-            for name, root in roots.items():
-                for batch in ENGINE_BATCHES:
-                    r = run_worker(root, "engine", str(batch), str(args.steps))
-                    print(name, "engine batch", batch, r, flush=True)
-                    kept = engine.setdefault(batch, {}).get(name)
-                    if kept is None or r["host"] < kept["host"]:  # other load only ever adds time
-                        engine[batch][name] = r
-                r = run_worker(root, "loop", "20000")
-                print(name, "event loop", r, flush=True)
-                if name not in loop or sum(r.values()) < sum(loop[name].values()):
-                    loop[name] = r
-        http = http_side_by_side(roots, work, args.repeats)
-        lines = report_lines(args, argv, engine, loop, http)
+        base = f"`{args.baseline}` (`{report.git('rev-parse', '--short', args.baseline)}`)"
+        lines = report.header("The server's work per streamed token on CPU", __spec__.name, argv,
+                              f"baseline {base} against this tree; moneta-tiny (random weights as shipped), fp32")
+        if not args.http_only:
+            lines += engine_section(measure_engines(roots, args.repeats, args.steps))
+            lines += loop_section(measure_loops(roots, args.repeats))
+        levels = [int(c) for c in args.concurrency.split(",")]
+        lines += http_section(http_side_by_side(roots, work, args.repeats, levels), args.repeats)
     print("\n".join(lines))
     report.write(args.out, "server-overhead-cpu.md", lines)
 
