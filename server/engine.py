@@ -296,7 +296,7 @@ class LLMEngine:
                     if request.params.return_surprise:
                         seq.new_surprise.append(row)
                         self._observe_surprise(request.num_prompt_tokens + len(seq.token_ids) - 1, [row])
-            self._sample(plan.decodes, owners, logits[:, -1, : self.vocab_size])
+            self._sample(plan.decodes, owners, logits[:, -1, : self.vocab_size], slots)
             touched.update((r.request_id, r) for r in owners)
         if plan.prefills:
             self._prefill(plan.prefills)
@@ -445,8 +445,10 @@ class LLMEngine:
             return
         self._sample(request.sequences, [request] * n, last_logits.unsqueeze(0).expand(n, -1))
 
-    def _sample(self, seqs: list[Sequence], owners: list[Request], logits: Tensor) -> None:
-        tokens, logprobs = self.sampler.sample(logits, [s.slot for s in seqs])
+    def _sample(self, seqs: list[Sequence], owners: list[Request], logits: Tensor, slots: Tensor | None = None
+                ) -> None:
+        """``slots``: the sequences' slots as a tensor on the device, if the caller has one."""
+        tokens, logprobs = self.sampler.sample(logits, [s.slot for s in seqs], slots)
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(tokens))
         for seq, request, token, logprob in zip(seqs, owners, tokens, logprobs, strict=True):

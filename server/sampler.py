@@ -5,7 +5,8 @@ starts (logit bias, banned ids and penalty counts as [slots, vocab] tables, allo
 step gathers them by slot. Each stage (logit bias, banned ids: eos and stop ids before ``min_tokens``,
 repetition / presence / frequency penalties, temperature, top-k, top-p, min-p, the draw) is a fixed
 number of tensor ops on the rows whose sequences use it, found from per-slot sets: a stage nobody uses
-costs nothing, and the costly ones (the sort of top-p) never run on rows that do not need them. Rows are
+costs nothing, and the costly ones (the sort of top-p) never run on rows that do not need them; a batch of
+greedy rows that use none takes the argmax of its (finite) logits and nothing more. Rows are
 never mixed, so a row's result does not depend on what else is in the batch. Structured outputs add one
 more stage next to the banned ids: each constrained row's grammar matcher (server/structured.py) writes its
 allowed tokens into a bitmask, and every other token gets -inf; the engine advances the matchers.
@@ -57,6 +58,11 @@ def _finite_(logits: Tensor) -> Tensor:
     return logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
 
 
+def _finite(logits: Tensor) -> Tensor:
+    """:func:`_finite_` into a new tensor (the caller's logits stay raw)."""
+    return logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+
+
 def _int64(value: int) -> int:
     """A Python int as the int64 with the same low 64 bits."""
     value &= (1 << 64) - 1
@@ -91,7 +97,8 @@ class Sampler:
         self.min_p = torch.zeros(num_slots, device=device)
         self.penalty = torch.zeros(num_slots, 3, device=device)  # repetition, presence, frequency
         self.key = torch.zeros(num_slots, dtype=torch.long, device=device)
-        self.step = torch.zeros(num_slots, dtype=torch.long, device=device)  # tokens generated so far
+        # tokens generated so far, counted for the sequences that read it (random draws, min_tokens bans)
+        self.step = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.min_tokens = torch.zeros(num_slots, dtype=torch.long, device=device)
         # [num_slots, vocab] tables, allocated when a sequence first needs one; only users' rows are read
         self.bias: Tensor | None = None
@@ -102,6 +109,7 @@ class Sampler:
         self.users: dict[str, set[int]] = {name: set() for name in
                                            ("bias", "banned", "guided", "penalties", "random", "top_k",
                                                             "top_p", "min_p")}
+        self.staged: set[int] = set()  # live slots using any stage: the others take the argmax of the raw logits
         self.params: list[SamplingParams | None] = [None] * num_slots
         self.matchers: list[GrammarMatcher | None] = [None] * num_slots
 
@@ -130,6 +138,7 @@ class Sampler:
         for name, used in uses.items():
             if used:
                 self.users[name].add(slot)
+                self.staged.add(slot)
         self.temperature[slot] = params.temperature if random else 1.0
         self.top_k[slot] = params.top_k
         self.top_p[slot] = params.top_p
@@ -162,6 +171,7 @@ class Sampler:
         """The sequence in ``slot`` ended."""
         for users in self.users.values():
             users.discard(slot)
+        self.staged.discard(slot)
         self.params[slot] = None
         self.matchers[slot] = None
 
@@ -178,10 +188,18 @@ class Sampler:
         take = torch.tensor(positions, dtype=torch.long, device=self.device)
         return _Rows(take, [slots[b] for b in positions], index[take])
 
-    def sample(self, logits: Tensor, slots: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def sample(self, logits: Tensor, slots: list[int], index: Tensor | None = None
+               ) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [B, V] (V the tokenizer's vocabulary), row b for the sequence in ``slots[b]`` -> one
-        token per row, and its logprobs where the sequence asked for them. Advances each row's step."""
-        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        token per row, and its logprobs where the sequence asked for them. Advances each row's step.
+        ``index``: ``slots`` as a long tensor on the device, if the caller has one."""
+        if self.staged.isdisjoint(slots):
+            # greedy rows with no other stage, the common case: two tensor ops, where a step's few host ops
+            # each cost tens of microseconds once the model has evicted them from the caches
+            x = logits if logits.dtype == torch.float32 else logits.float()
+            return self._results(logits, slots, torch.argmax(_finite(x), dim=-1))
+        if index is None:
+            index = torch.tensor(slots, dtype=torch.long, device=self.device)
         x = self._process(logits.to(torch.float32, copy=True), slots, index)  # raw logits stay for logprobs
         tokens = torch.argmax(x, dim=-1)
         if rows := self._rows("random", slots, index):

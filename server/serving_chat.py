@@ -28,7 +28,7 @@ from .protocol import (
     ToolDefinition,
     usage_info,
 )
-from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries
+from .serving_base import ServingBase, StreamUsage, SurpriseStream, TextChunks, clamp, collect, sse, top_entries
 from .tool_calls import ToolMode, chat_turns, parse_tool_calls, tool_mode
 
 
@@ -130,9 +130,16 @@ class OpenAIServingChat(ServingBase):
                                     finish_reason=None)
             yield sse(counts.stamp(ChatCompletionChunk(**meta, choices=[role])))
         surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
+        # plain text deltas (most tokens) skip the chunk models: the same bytes from a template
+        plain = TextChunks(ChatCompletionChunk, meta) if mode is None and not request.logprobs \
+            and surprise is None and not counts.continuous else None
         async for _, out in group:
             counts.count(out)
             for delta in out.outputs:
+                if plain is not None:
+                    if delta.text or delta.finish_reason:
+                        yield plain.chat(delta.index, delta.text, delta.finish_reason, delta.stop_reason)
+                    continue
                 logprobs = self._logprobs(delta) if request.logprobs and delta.token_ids else None
                 if surprise is not None:
                     surprise.add(delta.index, out.prompt_surprise, delta)

@@ -13,7 +13,7 @@ from .engine_client import RequestGroup
 from .errors import APIError, json_response
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, usage_info
-from .serving_base import ServingBase, StreamUsage, SurpriseStream, clamp, collect, sse, top_entries
+from .serving_base import ServingBase, StreamUsage, SurpriseStream, TextChunks, clamp, collect, sse, top_entries
 
 
 @dataclass
@@ -89,12 +89,19 @@ class OpenAIServingCompletion(ServingBase):
         prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # by prompt, once its prefill is done
         counts = StreamUsage(request.stream_options, sum(len(ids) for ids, _ in prompts))
         surprise = SurpriseStream(self.surprise_layers) if request.return_surprise else None
+        # plain text deltas (most tokens) skip the chunk models: the same bytes from a template
+        plain = TextChunks(CompletionResponse, meta) if request.logprobs is None and not request.echo \
+            and surprise is None and not counts.continuous else None
         async for prompt_index, out in group:
             counts.count(out)
             if out.prompt_logprobs is not None:
                 prompt_logprobs[prompt_index] = out.prompt_logprobs
             for delta in out.outputs:
                 index = prompt_index * n + delta.index
+                if plain is not None:
+                    if delta.text or delta.finish_reason:
+                        yield plain.completion(index, delta.text, delta.finish_reason, delta.stop_reason)
+                    continue
                 state = states.setdefault(index, _Choice())
                 choice = self._choice(state, request, prompts[prompt_index], delta, prompt_logprobs.get(prompt_index))
                 if surprise is not None:

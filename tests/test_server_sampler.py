@@ -198,6 +198,32 @@ def test_degenerate_rows_fall_back_to_their_argmax():
     assert all(0 <= t < VOCAB for t in tokens) and tokens[2] == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_greedy_batches_take_the_path_of_a_staged_batch(dtype):
+    """A batch of greedy rows with no other stage takes the argmax alone (the fast path); the same rows
+    beside a row that uses a stage (the general path) give the same tokens and logprobs, NaN and inf
+    included, and the raw logits stay untouched."""
+    gen = torch.Generator().manual_seed(5)
+    plain = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=3),
+             SamplingParams(temperature=0.0, max_tokens=5, stop=["x"]), SamplingParams(temperature=0.0)]
+    for _ in range(20):
+        logits = (3 * torch.randn(len(plain) + 1, VOCAB, generator=gen)).to(dtype)
+        logits[0, 5], logits[2, 7], logits[2, 9], logits[2, 3] = float("nan"), float("inf"), float("inf"), float("nan")
+        logits[3] = float("-inf")
+        raw = logits.clone()
+        fast, general = new_sampler(8), new_sampler(8)
+        for slot, p in enumerate(plain):
+            fast.add(slot, p, 0, [1])
+            general.add(slot, p, 0, [1])
+        general.add(len(plain), SamplingParams(temperature=0.9, top_k=5, seed=3), 0, [1])
+        assert fast.staged.isdisjoint(range(len(plain))) and general.staged == {len(plain)}
+        tokens, logprobs = fast.sample(logits[: len(plain)], list(range(len(plain))))
+        expected, expected_logprobs = general.sample(logits, list(range(len(plain) + 1)))
+        assert tokens == expected[: len(plain)] and tokens[0] != 5 and tokens[2] == 7
+        assert logprobs == expected_logprobs[: len(plain)] and logprobs[1] is not None
+        assert torch.equal(logits.isnan(), raw.isnan()) and torch.equal(logits.nan_to_num(), raw.nan_to_num())
+
+
 def test_logprobs_are_batched_per_row_k():
     sampler = new_sampler(3)
     for slot, k in enumerate((None, 0, 4)):
