@@ -4,8 +4,8 @@ side by side in one run, and the engine's decode tokens/s. Writes engine-host-cp
 
     python -m benchmarks.engine_host [--baseline REV] [--steps 30] [--preset linear --size tiny]
 
-The baseline is exported with ``git archive`` and this benchmarks/ package is copied into it, so both trees are measured
-by the same code (it only uses the engine API both have). Each measurement is its own process, with one
+Each tree runs from an import root of its own (benchmarks/trees.py), with this benchmarks/ package, so both trees are
+measured by the same code (it only uses the engine API both have). Each measurement is its own process, with one
 torch thread; baseline and current runs alternate, and each is repeated (``--repeats``), keeping the run
 with the least host time: other load on a shared machine only ever adds time.
 """
@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +25,7 @@ import torch
 
 import miras_serve.server.engine as engine_module
 from benchmarks import report
+from benchmarks.trees import export, import_root, run_worker
 from miras_serve import models
 from miras_serve.server.engine import EngineConfig, LLMEngine
 from miras_serve.server.request import RequestStatus
@@ -112,22 +110,6 @@ def host_time(run: dict[str, float]) -> float:
     return run["host"]
 
 
-def run_worker(tree: Path, model_dir: str, batch: int, kind: str, steps: int) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.engine_host", "--worker", model_dir, str(batch), kind,
-                          str(steps)], env=env, cwd=tree, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def export(rev: str, into: Path) -> Path:
-    """The tree of ``rev`` with this checkout's benchmarks/ package copied in."""
-    archive = subprocess.run(["git", "archive", rev], cwd=report.CHECKOUT, capture_output=True, check=True).stdout
-    into.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    shutil.copytree(Path(__file__).resolve().parent, into / "benchmarks", dirs_exist_ok=True)
-    return into
-
-
 def report_lines(args: argparse.Namespace, argv: list[str] | None, results: dict, model_dir: str) -> list[str]:
     config = models.load_pretrained(model_dir)[0].config
     lines = [
@@ -172,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(model_dir, int(batch), kind, int(steps))))
         return
     p = argparse.ArgumentParser("python -m benchmarks.engine_host", description=__doc__.split("\n\n")[0])
-    p.add_argument("--baseline", default="415010d", help="git revision to compare with (default: before the "
-                   "batched sampler)")
+    p.add_argument("--baseline", default="08d8478", help="git revision to compare with (default: before issue 19's "
+                   "server work; revisions before the miras_serve import root cannot be run side by side)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the least host time is kept")
     p.add_argument("--preset", default="linear")
@@ -184,14 +166,15 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(random_pretrained(args.preset, Path(tmp) / "model", args.size, dtype=torch.float32))
-        trees = {"baseline": export(args.baseline, Path(tmp) / "baseline"), "current": report.CHECKOUT}
+        trees = {"baseline": import_root(export(args.baseline, Path(tmp) / "baseline-tree"), Path(tmp) / "baseline"),
+                 "current": import_root(report.CHECKOUT, Path(tmp) / "current")}
         results: dict[tuple[str, int], dict[str, dict]] = {}
         for _ in range(args.repeats):
             for kind in ("greedy", "mixed"):
                 for batch in BATCHES:
                     best = results.setdefault((kind, batch), {})
                     for name, tree in trees.items():
-                        run = run_worker(tree, model_dir, batch, kind, args.steps)
+                        run = run_worker(tree, __spec__.name, model_dir, str(batch), kind, str(args.steps))
                         print(kind, batch, name, run, flush=True)
                         if name not in best or host_time(run) < host_time(best[name]):
                             best[name] = run

@@ -22,37 +22,16 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import report
+from benchmarks.trees import export, import_root, run_worker
 
-PACKAGES = ("models", "kernels", "server", "loadtest")
 ENGINE_BATCHES = (1, 32)
-
-
-def import_root(tree: Path, into: Path) -> Path:
-    """A folder holding ``miras_serve`` with ``tree``'s top-level packages linked in (pyproject's mapping)."""
-    package = into / "miras_serve"
-    package.mkdir(parents=True)
-    shutil.copy(tree / "miras_serve" / "__init__.py", package / "__init__.py")
-    for name in PACKAGES:
-        (package / name).symlink_to(tree / name, target_is_directory=True)
-    shutil.copytree(Path(__file__).resolve().parent, into / "benchmarks")
-    return into
-
-
-def export(rev: str, into: Path) -> Path:
-    """The files of ``rev`` (``git archive``) under ``into``."""
-    archive = subprocess.run(["git", "archive", rev], cwd=report.CHECKOUT, capture_output=True, check=True).stdout
-    into.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
 
 
 # ---- workers (run inside one tree's import root) ----------------------------------------------------------
@@ -137,13 +116,6 @@ def event_loop(events: int) -> dict[str, float]:
         return (time.thread_time() - start) / events * 1e6
 
     return {"chunk_us": chunk, "pings_us": asyncio.run(drain())}
-
-
-def run_worker(root: Path, *args: str) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.server_overhead", "--worker", *args], env=env, cwd=root,
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------------
@@ -254,7 +226,7 @@ def measure_engines(roots: dict[str, Path], repeats: int, steps: int) -> dict[in
     for _ in range(repeats):
         for name, root in roots.items():
             for batch in ENGINE_BATCHES:
-                r = run_worker(root, "engine", str(batch), str(steps))
+                r = run_worker(root, __spec__.name, "engine", str(batch), str(steps))
                 print(name, "engine batch", batch, r, flush=True)
                 kept = engine.setdefault(batch, {}).get(name)
                 if kept is None or r["host"] < kept["host"]:  # other load only ever adds time
@@ -266,7 +238,7 @@ def measure_loops(roots: dict[str, Path], repeats: int) -> dict[str, dict]:
     loop: dict[str, dict] = {}
     for _ in range(repeats):
         for name, root in roots.items():
-            r = run_worker(root, "loop", "20000")
+            r = run_worker(root, __spec__.name, "loop", "20000")
             print(name, "event loop", r, flush=True)
             if name not in loop or sum(r.values()) < sum(loop[name].values()):
                 loop[name] = r
