@@ -109,7 +109,6 @@ class Sampler:
         self.users: dict[str, set[int]] = {name: set() for name in
                                            ("bias", "banned", "guided", "penalties", "random", "top_k",
                                                             "top_p", "min_p")}
-        self.staged: set[int] = set()  # live slots using any stage: the others take the argmax of the raw logits
         self.params: list[SamplingParams | None] = [None] * num_slots
         self.matchers: list[GrammarMatcher | None] = [None] * num_slots
 
@@ -138,7 +137,6 @@ class Sampler:
         for name, used in uses.items():
             if used:
                 self.users[name].add(slot)
-                self.staged.add(slot)
         self.temperature[slot] = params.temperature if random else 1.0
         self.top_k[slot] = params.top_k
         self.top_p[slot] = params.top_p
@@ -171,7 +169,6 @@ class Sampler:
         """The sequence in ``slot`` ended."""
         for users in self.users.values():
             users.discard(slot)
-        self.staged.discard(slot)
         self.params[slot] = None
         self.matchers[slot] = None
 
@@ -187,6 +184,11 @@ class Sampler:
             return _Rows(slice(None), slots, index)
         take = torch.tensor(positions, dtype=torch.long, device=self.device)
         return _Rows(take, [slots[b] for b in positions], index[take])
+
+    @property
+    def staged(self) -> set[int]:
+        """Live slots using any stage: the others take the argmax of the raw logits."""
+        return set().union(*self.users.values())
 
     def sample(self, logits: Tensor, slots: list[int], index: Tensor | None = None
                ) -> tuple[list[int], list[TokenLogprob | None]]:
