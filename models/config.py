@@ -77,7 +77,10 @@ class MirasConfig:
     # --- hybrids ---
     layer_pattern: str = "M"  # repeated to n_layers, e.g. "MA" alternates Miras and attention
     swa_window: int = 128
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # the RoPE base of the attention layers and of memory_rope
+    # RoPE on the Miras memory's q and k, at positions modulo chunk_size (models/SPEC.md §2). False: none, as
+    # in the checkpoints that predate the field.
+    memory_rope: bool = False
     # --- bookkeeping ---
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -142,6 +145,9 @@ class MirasConfig:
         need(self.head_dim % 2 == 0 or "A" not in self.layer_pattern, "head_dim",
              "must be even for attention layers (RoPE)")
         need(self.conv_width >= 2, "conv_width", "must be >= 2")
+        need(isinstance(self.memory_rope, bool), "memory_rope", f"must be a bool, got {self.memory_rope!r}")
+        need(self.head_dim % 2 == 0 or not self.memory_rope, "head_dim",
+             f"must be even with memory_rope (RoPE rotates pairs), got {self.head_dim}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

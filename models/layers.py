@@ -91,7 +91,8 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
 
 
 class MirasMixer(nn.Module):
-    """q/k/v -> short conv -> SiLU -> l2-normalised q, k -> memory write/read -> norm, gate, out."""
+    """q/k/v -> short conv -> SiLU -> l2-normalised q, k (-> RoPE, with memory_rope) -> memory write/read ->
+    norm, gate, out."""
 
     def __init__(self, cfg: MirasConfig):
         super().__init__()
@@ -179,6 +180,13 @@ class MirasMixer(nn.Module):
         delta = F.softplus(raw[2]) if self.n_gates == 3 else None
         return eta, log_alpha, delta
 
+    def rotate(self, x: Tensor, pos: Tensor) -> Tensor:
+        """RoPE on a unit-norm q or k [B, H, T, d] whose first token is at ``pos`` [B], at its position in
+        its chunk: chunks sit at absolute positions (models/SPEC.md §5), so every residue is trained and no
+        context length rotates by an unseen angle (models/SPEC.md §2)."""
+        positions = pos.view(-1, 1) + torch.arange(x.shape[2], device=x.device)
+        return rope(x, torch.remainder(positions, self.cfg.chunk_size), self.cfg.rope_theta)
+
     def forward(self, x: Tensor, state: LayerState, pos: Tensor, valid: Tensor, lengths: Tensor,
                 slots: Tensor | None = None, surprise: Tensor | None = None,
                 known: KnownStep | None = None) -> tuple[Tensor, LayerState]:
@@ -193,6 +201,8 @@ class MirasMixer(nn.Module):
         # The memory runs in fp32 whatever the weights' dtype (its state is fp32; fp64 weights: fp64).
         qkv = qkv.to(compute_dtype(x.dtype))
         q, k, v = l2_normalise(qkv[0]), l2_normalise(qkv[1]), qkv[2]  # [B, H, T, d]
+        if cfg.memory_rope:
+            q, k = self.rotate(q, pos), self.rotate(k, pos)
         eta, log_alpha, delta = self.gates(x.to(qkv.dtype))
         names = self.memory_names
         anchor = tuple(state[f"anchor_{n}"] for n in names)
