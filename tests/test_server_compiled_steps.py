@@ -28,8 +28,9 @@ CHUNK = 4
 
 
 @torch.inference_mode()
-def check_compiled_equals_eager(preset: str, backend: str, batches: list[list[int]], steps: int) -> DecodeGraphs:
-    model = small_model(preset, seed=1, chunk_size=CHUNK, n_layers=2 if preset.endswith("-h") else 1)
+def check_compiled_equals_eager(preset: str, backend: str, batches: list[list[int]], steps: int,
+                                **overrides) -> DecodeGraphs:
+    model = small_model(preset, seed=1, chunk_size=CHUNK, n_layers=2 if preset.endswith("-h") else 1, **overrides)
     pool = model.init_state(5)  # slots 0-3 for sequences, 4 the scratch slot
     # staggered positions (3, 4, 6, 7), so rows of one batch start chunks at different steps
     model(torch.randint(3, 200, (4, 7)), pool, lengths=torch.tensor([3, 4, 6, 7]), slots=torch.arange(4))
@@ -58,6 +59,11 @@ def check_compiled_equals_eager(preset: str, backend: str, batches: list[list[in
 def test_traced_step_equals_eager(preset):
     """Batch sizes 2 and 1 (slot 1 starts a chunk at the first step, slot 2 at the third), slot 3 never in a batch."""
     check_compiled_equals_eager(preset, "aot_eager", [[2, 0], [1]], steps=3)
+
+
+def test_traced_step_with_memory_rope_equals_eager():
+    """RoPE on the memory's q/k (models/SPEC.md §2) takes each row's position from the pool inside the graph."""
+    check_compiled_equals_eager("moneta-h", "aot_eager", [[2, 0], [1]], steps=3, memory_rope=True)
 
 
 def test_inductor_step_equals_eager():
