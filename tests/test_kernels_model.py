@@ -33,8 +33,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::Depre
 
 @pytest.mark.parametrize("preset", sorted(models.PRESETS))
 def test_parallel_equals_prefill_then_decode(preset):
+    check_invariant(preset)
+
+
+def test_memory_rope_parallel_equals_prefill_then_decode():
+    """q/k reach the kernels rotated (models/SPEC.md §2): the same invariant, and triton == torch."""
+    check_invariant("moneta-h", memory_rope=True)
+
+
+def check_invariant(preset: str, **overrides) -> None:
     seed = random.SystemRandom().randrange(2**31)
-    model = small_model(preset, seed=seed % 1000).to(DEVICE)
+    model = small_model(preset, seed=seed % 1000, **overrides).to(DEVICE)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=gen).to(DEVICE)
     tol = TOL * (5 if model.config.retention == "kl" else 1)
