@@ -135,6 +135,7 @@ class MirasConfig:
         need(self.lp_knee is None or (isinstance(self.lp_knee, (int, float)) and not isinstance(self.lp_knee, bool)
                                       and math.isfinite(self.lp_knee) and self.lp_knee > 0), "lp_knee",
              f"must be null or a finite number > 0, got {self.lp_knee!r}")
+        need(self.lp_knee is None or self.attentional_bias == "lp", "lp_knee", "applies to the 'lp' bias only")
         need(2.0 <= self.q <= 8.0, "q", f"must be in [2, 8], got {self.q}")
         for name in ("lq_radius", "eta_max", "memory_ln_init", "delta_init", "sign_sharpness", "abs_eps", "memora_eps",
                      "norm_eps", "memory_ln_eps", "rope_theta"):

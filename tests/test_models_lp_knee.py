@@ -80,6 +80,8 @@ def test_the_knee_in_the_config_and_the_rule():
     for bad in (0.0, -1.0, math.inf, math.nan, "1", True):
         with pytest.raises(ConfigError, match="'lp_knee'"):
             preset_config("moneta", lp_knee=bad)
+    with pytest.raises(ConfigError, match="'lp_knee'.*'lp' bias"):
+        preset_config("yaad", lp_knee=1.0)
     cfg = preset_config("moneta", lp_knee=1.0)
     assert MirasConfig.from_dict(cfg.to_dict()).lp_knee == 1.0
     data = cfg.to_dict()
