@@ -63,10 +63,20 @@ def attentional_loss(rule: MemoryRule, error: Tensor, delta: Tensor | None) -> T
     if rule.attentional_bias == "l2":
         return 0.5 * error.pow(2).sum()
     if rule.attentional_bias == "lp":
-        return error.abs().pow(rule.p).sum() / rule.p
+        return lp_potential(rule, error.abs()).sum()
     if huber_is_quadratic(error, delta):
         return 0.5 * error.pow(2).sum()
     return delta * error.abs().sum()
+
+
+def lp_potential(rule: MemoryRule, size: Tensor) -> Tensor:
+    """phi(a) per component a = |e_j|: a^p / p up to the knee r, then the parabola r^p / p + r^(p-2) (a^2 - r^2) / 2
+    that continues it with the same slope (SPEC §4; no knee, r = inf: a^p / p throughout)."""
+    if math.isinf(rule.lp_knee):
+        return size.pow(rule.p) / rule.p
+    r = rule.lp_knee
+    below = size.clamp(max=r)
+    return below.pow(rule.p) / rule.p + r ** (rule.p - 2.0) * (size.pow(2) - below.pow(2)) / 2.0
 
 
 def huber_is_quadratic(error: Tensor, delta: Tensor) -> bool:
@@ -77,13 +87,15 @@ def huber_is_quadratic(error: Tensor, delta: Tensor) -> bool:
 def output_gradient(rule: MemoryRule, error: Tensor, delta: Tensor | None) -> Tensor:
     """g = d l / d M(k) (SPEC §4's table, with Remark 5's smoothing: Sign(x) ~ tanh(c x), |x| ~ sqrt(x^2 + eps)).
 
-    l2: e;   lp: tanh(c e) (e^2 + eps)^((p - 1)/2);   huber: e if rms(e) <= delta, else delta tanh(c e).
+    l2: e;   lp: tanh(c e) s min(s, r)^(p - 2) with s = sqrt(e^2 + eps) and the knee r (inf: tanh(c e) s^(p - 1));
+    huber: e if rms(e) <= delta, else delta tanh(c e).
     """
     if rule.attentional_bias == "l2":
         return error
     smooth_sign = torch.tanh(rule.sign_sharpness * error)
     if rule.attentional_bias == "lp":
-        return smooth_sign * (error.pow(2) + rule.abs_eps).pow((rule.p - 1.0) / 2.0)
+        s = torch.sqrt(error.pow(2) + rule.abs_eps)
+        return smooth_sign * s * s.clamp(max=rule.lp_knee).pow(rule.p - 2.0)
     if huber_is_quadratic(error, delta):
         return error
     return delta * smooth_sign

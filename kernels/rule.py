@@ -24,6 +24,7 @@ class MemoryRule:
     memory_hidden: int  # the MLP memory's hidden width D (unused by the linear memory)
     chunk_size: int  # tokens per chunk: gradients are taken at the chunk's anchor
     p: float
+    lp_knee: float  # lp's knee r: beyond |e_j| = r its gradient grows linearly (+inf: no knee)
     q: float
     lq_radius: float  # radius of the lq ball, in units of each matrix's initial entry std
     abs_eps: float  # |x| ~ sqrt(x^2 + eps)

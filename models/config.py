@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,9 @@ class MirasConfig:
     # --- axis 2: attentional bias ---
     attentional_bias: str = "l2"  # "l2", "lp" (with p), "huber" (with data-dependent delta)
     p: float = 3.0
+    # lp's knee r (in units of v's entries): beyond |e_j| = r the gradient grows linearly, not as |e|^(p-1)
+    # (models/SPEC.md §4). None: no knee (the unbounded gradient; checkpoints from before the field).
+    lp_knee: float | None = None
     # --- axis 3: retention ---
     retention: str = "l2"  # "l2" decay, "lq" (decay + lq-ball normalisation, with q), "kl" (softmax)
     q: float = 4.0
@@ -93,7 +97,9 @@ class MirasConfig:
         """The memory rule's fields, as the kernels take them."""
         return MemoryRule(memory=self.memory, attentional_bias=self.attentional_bias, retention=self.retention,
                           n_heads=self.n_heads, head_dim=self.head_dim, memory_hidden=self.memory_hidden,
-                          chunk_size=self.chunk_size, p=self.p, q=self.q, lq_radius=self.lq_radius,
+                          chunk_size=self.chunk_size, p=self.p,
+                          lp_knee=math.inf if self.lp_knee is None else float(self.lp_knee), q=self.q,
+                          lq_radius=self.lq_radius,
                           abs_eps=self.abs_eps, sign_sharpness=self.sign_sharpness, memora_eps=self.memora_eps,
                           memory_ln_eps=self.memory_ln_eps)
 
@@ -129,6 +135,10 @@ class MirasConfig:
         need(self.learning_algorithm in LEARNING_ALGORITHMS, "learning_algorithm",
              f"must be one of {LEARNING_ALGORITHMS}")
         need(1.0 < self.p <= 8.0, "p", f"must be in (1, 8], got {self.p}")
+        need(self.lp_knee is None or (isinstance(self.lp_knee, (int, float)) and not isinstance(self.lp_knee, bool)
+                                      and math.isfinite(self.lp_knee) and self.lp_knee > 0), "lp_knee",
+             f"must be null or a finite number > 0, got {self.lp_knee!r}")
+        need(self.lp_knee is None or self.attentional_bias == "lp", "lp_knee", "applies to the 'lp' bias only")
         need(2.0 <= self.q <= 8.0, "q", f"must be in [2, 8], got {self.q}")
         for name in ("lq_radius", "eta_max", "memory_ln_init", "delta_init", "sign_sharpness", "abs_eps", "memora_eps",
                      "norm_eps", "memory_ln_eps", "rope_theta"):
@@ -170,7 +180,7 @@ class MirasConfig:
             raise ConfigError(unknown[0], "unknown field", source)
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         for name, value in data.items():
-            if types[name] == "float" and isinstance(value, int) and not isinstance(value, bool):
+            if types[name] in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
                 data[name] = float(value)
         return cls(**data).validate(source)
 

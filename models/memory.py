@@ -142,18 +142,28 @@ def smooth_sign(x: Tensor, sharpness: float) -> Tensor:
     return torch.tanh(sharpness * x)
 
 
+def lp_magnitude(cfg: MirasConfig, s_sq: Tensor) -> Tensor:
+    """|g| of the lp bias from s^2 = e^2 + eps: s^(p-1) up to the knee r, r^(p-2) s beyond it (the same
+    s min(s, r)^(p-2), written so that without a knee it is exactly the unbounded (s^2)^((p-1)/2))."""
+    magnitude = s_sq.pow((cfg.p - 1.0) / 2.0)
+    if cfg.lp_knee is None:
+        return magnitude
+    knee = cfg.lp_knee
+    return torch.where(s_sq <= knee * knee, magnitude, knee ** (cfg.p - 2.0) * s_sq.sqrt())
+
+
 def output_grad(cfg: MirasConfig, error: Tensor, delta: Tensor | None) -> Tensor:
     """d l / d M(k) for the attentional bias, given the error e = M(k) - v  ([..., n, d]).
 
     l2:    l = 1/2 ||e||^2                          -> e
-    lp:    l = 1/p sum |e|^p, smoothed               -> tanh(c e) (e^2 + eps)^((p-1)/2)
+    lp:    l = 1/p sum |e|^p, smoothed               -> tanh(c e) s^(p-1),  s = sqrt(e^2 + eps)
+           with a knee r: quadratic beyond r          -> tanh(c e) s min(s, r)^(p-2)
     huber: per token, rms(e) <= delta ? l2 : delta * l1 (smoothed sign) -> e or delta tanh(c e)
     """
     if cfg.attentional_bias == "l2":
         return error
     if cfg.attentional_bias == "lp":
-        magnitude = (error * error + cfg.abs_eps).pow((cfg.p - 1.0) / 2.0)
-        return smooth_sign(error, cfg.sign_sharpness) * magnitude
+        return smooth_sign(error, cfg.sign_sharpness) * lp_magnitude(cfg, error * error + cfg.abs_eps)
     assert delta is not None, "the huber bias needs delta"
     delta = delta.unsqueeze(-1)
     rms = error.pow(2).mean(-1, keepdim=True).sqrt()
@@ -164,13 +174,19 @@ def attentional_loss(cfg: MirasConfig, error: Tensor, delta: Tensor | None) -> T
     """The attentional bias l(M(k), v) itself, per token ([..., n, d] -> [..., n]): the memory's surprise.
 
     The unsmoothed loss of models/SPEC.md §4 (the smoothing only shapes the gradient):
-    l2: 1/2 ||e||^2;  lp: 1/p sum |e|^p;  huber: rms(e) <= delta ? 1/2 ||e||^2 : delta * sum |e|.
+    l2: 1/2 ||e||^2;  huber: rms(e) <= delta ? 1/2 ||e||^2 : delta * sum |e|;
+    lp: sum phi(|e_j|), phi(a) = a^p / p, and with a knee r beyond it r^p / p + r^(p-2) (a^2 - r^2) / 2.
     """
     half_sq = 0.5 * error.pow(2).sum(-1)
     if cfg.attentional_bias == "l2":
         return half_sq
     if cfg.attentional_bias == "lp":
-        return error.abs().pow(cfg.p).sum(-1) / cfg.p
+        size = error.abs()
+        power = size.pow(cfg.p)  # p phi(|e_j|)
+        if cfg.lp_knee is not None:
+            r, p = cfg.lp_knee, cfg.p
+            power = torch.where(size <= r, power, r ** p + p * r ** (p - 2.0) * (size * size - r * r) / 2.0)
+        return power.sum(-1) / cfg.p
     assert delta is not None, "the huber bias needs delta"
     rms = error.pow(2).mean(-1).sqrt()
     return torch.where(rms <= delta, half_sq, delta * error.abs().sum(-1))

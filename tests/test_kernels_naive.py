@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import zlib
 
 import pytest
@@ -27,9 +28,14 @@ SCENARIOS = {
 }
 
 
-def config(memory: str, bias: str, retention: str) -> MirasConfig:
+# Moneta's knee in the "-knee" rules: the random errors (entries of M(k) - v, about N(0, 2)) lie on both sides of it.
+KNEE = 1.0
+
+
+def config(memory: str, bias: str, retention: str, knee: str | None = None) -> MirasConfig:
+    """The rule (memory, bias, retention), with the lp bias's knee at KNEE if ``knee`` ("knee")."""
     return MirasConfig(memory=memory, attentional_bias=bias, retention=retention, n_heads=2, head_dim=8,
-                       chunk_size=CHUNK, eta_max=0.5).validate()
+                       chunk_size=CHUNK, eta_max=0.5, lp_knee=KNEE if knee else None).validate()
 
 
 def legal_rules() -> list[tuple[str, str, str]]:
@@ -42,6 +48,11 @@ def legal_rules() -> list[tuple[str, str, str]]:
             continue
         legal.append(combination)
     return legal
+
+
+def rule_cases() -> list[tuple[str, ...]]:
+    """The legal rules, and those with the lp bias once more with a knee."""
+    return legal_rules() + [(*rule, "knee") for rule in legal_rules() if rule[1] == "lp"]
 
 
 def fp64_inputs(cfg: MirasConfig, batch: int, T: int, seed: int) -> dict:
@@ -57,18 +68,30 @@ def lq_radius_between(rule: MemoryRule, memory: naive.Memory) -> float:
     return (sizes[len(sizes) // 2 - 1] + sizes[len(sizes) // 2]) / 2
 
 
+def anchor_errors(rule: MemoryRule, x: dict, valid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(M_anchor(k) - v, delta or None) of every head and valid token: the errors the gradients are taken at."""
+    ln = zip(x["ln_weight"].reshape(rule.n_heads, -1), x["ln_bias"].reshape(rule.n_heads, -1), strict=True)
+    return [(naive.read(rule, tuple(w[b, h] for w in x["anchor"]), x["k"][b, h, t], gamma_beta) - x["v"][b, h, t],
+             None if x["delta"] is None else x["delta"][b, h, t])
+            for h, gamma_beta in enumerate(ln) for b, t in valid.nonzero().tolist()]
+
+
 def assert_huber_takes_both_branches(rule: MemoryRule, x: dict, valid: torch.Tensor) -> None:
     """Some errors at the anchor are above delta and some below: the inputs exercise both sides of Yaad's switch."""
-    ln = zip(x["ln_weight"].reshape(rule.n_heads, -1), x["ln_bias"].reshape(rule.n_heads, -1), strict=True)
-    quadratic = [naive.huber_is_quadratic(naive.read(rule, tuple(w[b, h] for w in x["anchor"]), x["k"][b, h, t],
-                                                     gamma_beta) - x["v"][b, h, t], x["delta"][b, h, t])
-                 for h, gamma_beta in enumerate(ln) for b, t in valid.nonzero().tolist()]
+    quadratic = [naive.huber_is_quadratic(error, delta) for error, delta in anchor_errors(rule, x, valid)]
     assert any(quadratic) and not all(quadratic), "the errors should take both branches of the Huber switch"
+
+
+def assert_lp_knee_crossed(rule: MemoryRule, x: dict, valid: torch.Tensor) -> None:
+    """Some error entries at the anchor lie beyond the lp knee and some below it."""
+    sizes = torch.cat([error.abs() for error, _ in anchor_errors(rule, x, valid)])
+    beyond = (sizes > rule.lp_knee).double().mean().item()
+    assert 0.2 < beyond < 0.8, f"the errors should lie on both sides of the knee ({beyond:.0%} beyond it)"
 
 
 @pytest.mark.parametrize("with_surprise", [False, True], ids=["reads", "surprise"])
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-@pytest.mark.parametrize("combination", legal_rules(), ids="-".join)
+@pytest.mark.parametrize("combination", rule_cases(), ids="-".join)
 def test_naive_equals_the_chunked_spec(combination, scenario, with_surprise):
     cfg = config(*combination)
     pos, lengths = (torch.tensor(SCENARIOS[scenario][key]) for key in ("pos", "lengths"))
@@ -80,6 +103,8 @@ def test_naive_equals_the_chunked_spec(combination, scenario, with_surprise):
     valid = torch.arange(T).view(1, -1) < lengths.view(-1, 1)
     if rule.attentional_bias == "huber":
         assert_huber_takes_both_branches(rule, x, valid)
+    if math.isfinite(rule.lp_knee) and valid.any():
+        assert_lp_knee_crossed(rule, x, valid)
     args = [x["anchor"], x["memory"], pos, *(x[name] for name in GATE_NAMES), valid, x["ln_weight"], x["ln_bias"]]
     before = [t.clone() for t in (*x["anchor"], *x["memory"])]
     surprise = {}
@@ -107,8 +132,11 @@ def stated_loss(rule: MemoryRule, y: torch.Tensor, v: torch.Tensor, delta: torch
     e = y - v
     if rule.attentional_bias == "l2":
         return 0.5 * e.pow(2).sum()
-    if rule.attentional_bias == "lp":
-        return e.abs().pow(rule.p).sum() / rule.p
+    if rule.attentional_bias == "lp":  # phi(|e_j|) of SPEC §4, with its knee r if any
+        a, r, p = e.abs(), rule.lp_knee, rule.p
+        if math.isinf(r):
+            return a.pow(p).sum() / p
+        return torch.where(a <= r, a.pow(p) / p, r**p / p + r ** (p - 2) * (a.pow(2) - r**2) / 2).sum()
     if e.pow(2).mean().sqrt() <= delta:
         return 0.5 * e.pow(2).sum()
     # delta * l1 with the smoothed sign: the potential of delta * tanh(c e) is delta/c log cosh(c e)
@@ -116,13 +144,15 @@ def stated_loss(rule: MemoryRule, y: torch.Tensor, v: torch.Tensor, delta: torch
 
 
 @pytest.mark.parametrize("memory", MEMORY_ARCHITECTURES)
-@pytest.mark.parametrize("bias,delta_scale", [("l2", 1.0), ("lp", 1.0), ("huber", 0.01), ("huber", 100.0)])
-def test_loss_gradient_equals_autograd(memory, bias, delta_scale):
+@pytest.mark.parametrize("bias,delta_scale,knee", [("l2", 1.0, None), ("lp", 1.0, None), ("lp", 1.0, KNEE),
+                                                    ("huber", 0.01, None), ("huber", 100.0, None)])
+def test_loss_gradient_equals_autograd(memory, bias, delta_scale, knee):
     """naive.memory_gradient (the chain rule written out) == autograd of the stated loss, for each attentional
-    bias (Huber on both sides of its switch) and both memories. Moneta's smoothing is sharpened so that its
-    smoothed gradient converges to the exact lp one."""
+    bias (Huber on both sides of its switch, Moneta's with and without its knee) and both memories. Moneta's
+    smoothing is sharpened so that its smoothed gradient converges to the exact lp one."""
     rule = dataclasses.replace(config("mlp", "l2", "l2").memory_rule(), memory=memory, attentional_bias=bias,
-                               sign_sharpness=1e4 if bias == "lp" else 10.0, abs_eps=1e-14 if bias == "lp" else 1e-6)
+                               sign_sharpness=1e4 if bias == "lp" else 10.0, abs_eps=1e-14 if bias == "lp" else 1e-6,
+                               lp_knee=math.inf if knee is None else knee)
     gen = torch.Generator().manual_seed(1)
     d, D = rule.head_dim, rule.memory_hidden
     shapes = [(d, d)] if memory == "linear" else [(D, d), (d, D)]
@@ -137,6 +167,9 @@ def test_loss_gradient_equals_autograd(memory, bias, delta_scale):
         if bias == "huber":
             quadratic = naive.huber_is_quadratic(naive.read(rule, w, k, ln) - v, delta)
             assert quadratic == (delta_scale > 1), "the test should take the intended side of the switch"
+        if knee is not None:
+            sizes = (naive.read(rule, w, k, ln) - v).abs()
+            assert (sizes > knee).any() and (sizes < knee).any(), "the errors should lie on both sides of the knee"
         params = [m.clone().requires_grad_() for m in w]
         expected = torch.autograd.grad(stated_loss(rule, naive.read(rule, tuple(params), k, ln), v, delta), params)
         for mine, ref in zip(naive.memory_gradient(rule, w, k, v, delta, ln), expected, strict=True):
