@@ -44,7 +44,7 @@ browser:
 
 test: setup $(HELM) system-deps browser
 	$(VENV)/bin/ruff check .
-	MIRAS_REQUIRE_BROWSER=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	MIRAS_REQUIRE_BROWSER=1 $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # 3 replicas of MODEL on CPU + nginx routing by x-session-id on PORT (default 8080) + Redis; Ctrl-C stops all.
 replicas: setup system-deps

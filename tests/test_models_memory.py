@@ -127,6 +127,32 @@ def test_linear_preset_is_the_gated_delta_rule(chunk):
     torch.testing.assert_close(final, S, rtol=1e-9, atol=1e-12)
 
 
+def test_linear_preset_equals_fla_gated_delta_rule_after_reparametrisation():
+    """The yardstick behind the preset's name (models/SPEC.md §5): with chunk 1, linear's (eta, alpha, v) equals
+    the gated delta rule as fla writes it, S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v'_t k_t^T,
+    o_t = S_t q_t, only after beta = eta / alpha and v' = alpha v; the natural mapping (beta = eta, v' = v)
+    gives another function."""
+    cfg = config("linear", chunk_size=1)
+    T = 9
+    q, k, v, eta, log_alpha, _, _, _ = random_inputs(T, seed=11)
+    S0 = 0.3 * torch.randn(B, H, d, d, dtype=torch.float64)
+    out, _, _ = memory_scan(cfg, (S0,), (S0,), torch.zeros(B, dtype=torch.long), q, k, v, eta, log_alpha, None,
+                            torch.ones(B, T, dtype=torch.bool), None, None)
+
+    def gated_delta_rule(beta: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        S, eye, reads = S0.clone(), torch.eye(d, dtype=torch.float64), []
+        for t in range(T):
+            kt = k[:, :, t, :, None]
+            b, vt = beta[:, :, t][..., None, None], values[:, :, t, :, None]
+            S = log_alpha[:, :, t].exp()[..., None, None] * S @ (eye - b * kt @ kt.mT) + b * vt @ kt.mT
+            reads.append((S @ q[:, :, t, :, None]).squeeze(-1))
+        return torch.stack(reads, dim=2)
+
+    alpha = log_alpha.exp()
+    torch.testing.assert_close(out, gated_delta_rule(eta / alpha, alpha.unsqueeze(-1) * v), rtol=1e-9, atol=1e-12)
+    assert (out - gated_delta_rule(eta, v)).abs().max() > 1e-3
+
+
 def test_memora_memory_stays_positive_and_normalised():
     cfg = config("memora", chunk_size=4)
     T = 4 * 6
