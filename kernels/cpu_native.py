@@ -68,8 +68,7 @@ def load(cache_root: Path) -> bool:
         try:
             from torch.utils import cpp_extension
 
-            build_dir = cache_root / build_key()
-
+            build_dir = cache_root / build_key()  # (reads the source: a missing one is a failed build too)
             _ninja_on_path()
             build_dir.mkdir(parents=True, exist_ok=True)
             _drop_stale_lock(build_dir / "lock")

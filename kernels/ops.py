@@ -77,8 +77,9 @@ def output_grad(error, delta, n, p, knee, abs_eps, sharpness, BIAS: tl.constexpr
         return error
     elif BIAS == 1:
         s_sq = error * error + abs_eps
+        s = tl.sqrt(s_sq)
         # min(s, r) is r wherever it is used and keeps the unused side finite (r = +inf: never used).
-        beyond = tl.sqrt(s_sq) * pow_pos(tl.minimum(tl.sqrt(s_sq), knee), p - 2.0)
+        beyond = s * pow_pos(tl.minimum(s, knee), p - 2.0)
         magnitude = tl.where(s_sq <= knee * knee, pow_pos(s_sq, (p - 1.0) * 0.5), beyond)
         return tanh(sharpness * error) * magnitude
     else:
