@@ -31,7 +31,7 @@ from miras_serve.models.config import MirasConfig, preset_config
 INDEX_ARGS = ("SLOTS", "POS", "LENGTHS", "CU_SEQLENS")
 TOKEN_ARGS = ("Q", "K", "V")
 SCALAR_ARGS = ("T", "SEG")  # token count, chunk segment
-FLOAT_ARGS = ("lq_radius", "lq_inv_std_in", "lq_inv_std_out", "q_exp", "p_exp", "abs_eps", "sharpness",
+FLOAT_ARGS = ("lq_radius", "lq_inv_std_in", "lq_inv_std_out", "q_exp", "p_exp", "lp_knee", "abs_eps", "sharpness",
               "memora_eps", "ln_eps")
 
 

@@ -21,6 +21,8 @@ from miras_serve.models.model import MirasLM
 # Every rule and boundary step, plus combinations the presets do not use.
 RULES = {
     "moneta": dict(preset="moneta"),
+    # the bounded lp gradient: the random errors (entries ~N(0, 2)) lie on both sides of the knee
+    "moneta-knee": dict(preset="moneta", lp_knee=1.0),
     "yaad": dict(preset="yaad"),
     "memora": dict(preset="memora"),
     "linear": dict(preset="linear"),

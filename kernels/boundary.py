@@ -162,7 +162,7 @@ def kl_boundary(m_in, m_out, a_in, a_out, k0, v0, eta0, log_alpha0, ln_w, ln_b, 
 @triton.jit
 def kl_lag_grad(u, k0, v0, ln_w, ln_b, ck, ln_eps, DK: tl.constexpr):
     """The lag token's output gradient gu (l2 bias) from its forward u = W_out gelu(W_in k0) at the old memory."""
-    return mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, (ck < DK)[None, :], ln_eps, 0.0, 0.0, 0.0, DK, 0)[0]
+    return mlp_error_grad(u, k0, v0, 0.0, ln_w, ln_b, (ck < DK)[None, :], ln_eps, 0.0, 0.0, 0.0, 0.0, DK, 0)[0]
 
 
 @triton.jit

@@ -44,10 +44,12 @@ _loaded: dict[str, bool] = {}  # EXTENSION -> whether it built and loaded
 
 
 def build_key() -> str:
-    """What the built library depends on: torch's ABI, the architecture, and (``-march=native``) this CPU, so a
-    cache dir shared by different machines (a volume, an image built elsewhere) never loads code for another CPU."""
+    """What the built library depends on: torch's ABI, the architecture, (``-march=native``) this CPU, so a
+    cache dir shared by different machines (a volume, an image built elsewhere) never loads code for another CPU,
+    and the source and flags, so a build of another revision (an older op schema) is never loaded."""
     cpu = hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
-    return f"torch-{torch.__version__}-{platform.machine()}-{cpu}"
+    source = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    return f"torch-{torch.__version__}-{platform.machine()}-{cpu}-src-{source}"
 
 
 def _cpu_identity() -> str:
@@ -63,10 +65,10 @@ def load(cache_root: Path) -> bool:
     False if it cannot be built (with a warning)."""
     if EXTENSION not in _loaded:
         start = time.monotonic()
-        build_dir = cache_root / build_key()
         try:
             from torch.utils import cpp_extension
 
+            build_dir = cache_root / build_key()  # (reads the source: a missing one is a failed build too)
             _ninja_on_path()
             build_dir.mkdir(parents=True, exist_ok=True)
             _drop_stale_lock(build_dir / "lock")
@@ -122,5 +124,5 @@ def factored_decode(rule: MemoryRule, anchor: tuple[Tensor, Tensor], rows: Tenso
     return torch.ops.miras_serve.factored_decode(
         f32(q), f32(k), f32(v), f32(eta), f32(log_alpha), None if delta is None else f32(delta), *anchor, rows, coef,
         decay, f32(ln_weight), f32(ln_bias), slots.contiguous(), pos.contiguous(), lengths.to(torch.long).contiguous(),
-        surprise, BIAS_CODES[rule.attentional_bias], rule.retention == "kl", rule.p, rule.abs_eps, rule.sign_sharpness,
-        rule.memory_ln_eps)
+        surprise, BIAS_CODES[rule.attentional_bias], rule.retention == "kl", rule.p, rule.lp_knee, rule.abs_eps,
+        rule.sign_sharpness, rule.memory_ln_eps)

@@ -78,7 +78,7 @@ def decode_forward_kernel(Q, K, A_IN, A_OUT, Z, U_PART, SLOTS, POS, LENGTHS, sq_
 @triton.jit
 def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_W, LN_B, Z, U_PART, UQ_PART, S,
                          SLOTS, POS, LENGTHS, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sg_b, sg_h,
-                         p_exp, abs_eps, sharpness, ln_eps,
+                         p_exp, lp_knee, abs_eps, sharpness, ln_eps,
                          H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr,
                          SURPRISE: tl.constexpr):
@@ -110,9 +110,10 @@ def decode_update_kernel(Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, M_IN, M_OUT, LN_
     u = tl.zeros((1, BLOCK_K), dtype=tl.float32)
     for i in range(n_slabs):
         u += tl.load(U_PART + (row * n_slabs + i) * BLOCK_K + ck[None, :])
-    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, lp_knee, abs_eps, sharpness, DK,
+                               BIAS)
     if SURPRISE:  # the token's loss at the anchor, in S (laid out as the gates); slab 0 writes it
-        tl.store(S + n * sg_b + h * sg_h, tl.sum(attentional_loss(error, delta, DK, p_exp, BIAS)),
+        tl.store(S + n * sg_b + h * sg_h, tl.sum(attentional_loss(error, delta, DK, p_exp, lp_knee, BIAS)),
                  mask=valid & (s == 0))
 
     z = tl.load(Z + row * D + s0 + cd[None, :], mask=(s0 + cd < D)[None, :], other=0.0)
@@ -187,7 +188,7 @@ def split_decode(rule: MemoryRule, config: dict, slab: int, warps: int, q: Tenso
     kernel[grid](q, k, v, *gates, anchor[1], memory[0], memory[1], ln_weight, ln_bias, z, u_part, uq_part, surprise,
                  slots, pos,
                  lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0], sg[1], rule.p,
-                 rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps, **constexprs, **options)
+                 rule.lp_knee, rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps, **constexprs, **options)
     kernel, constexprs, options = kernels["output"]
     kernel[(n_rows, H)](q, out, uq_part, ln_weight, ln_bias, slots, pos, lengths, sq[0], sq[1], sq[3], so[0], so[1],
                         rule.memory_ln_eps, **constexprs, **options)

@@ -117,7 +117,7 @@ def _finish(q, uq, scores, coef, rows, ci, n_gu, ck, ln_w, ln_b, ln_eps, D: tl.c
 def factored_decode_kernel(
     Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, ROWS, COEF, DECAY, LN_W, LN_B, Z, S, SLOTS, POS, LENGTHS,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, so_b, so_h, sg_b, sg_h,
-    lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, abs_eps, sharpness, memora_eps, ln_eps,
+    lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, lp_knee, abs_eps, sharpness, memora_eps, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr,
     DOT: tl.constexpr, BOUNDARY_ROWS_ONLY: tl.constexpr, SURPRISE: tl.constexpr,
@@ -182,9 +182,11 @@ def factored_decode_kernel(
         in_d = (s0 + cd < D)[None, :]
         tl.store(z_row + s0 + cd[None, :], z, mask=in_d)
         tl.store(z_row + D + s0 + cd[None, :], mm(q, w_in_t, True, "ieee"), mask=in_d)
-    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, lp_knee, abs_eps, sharpness, DK,
+                               BIAS)
     if SURPRISE:
-        tl.store(S + n * sg_b + h * sg_h, tl.sum(attentional_loss(error, delta, DK, p_exp, BIAS)), mask=valid)
+        tl.store(S + n * sg_b + h * sg_h, tl.sum(attentional_loss(error, delta, DK, p_exp, lp_knee, BIAS)),
+                 mask=valid)
     tl.debug_barrier()
 
     # Pass 2: the key's backward (the new row) and the query's read through the anchor and the rows.
@@ -218,7 +220,7 @@ def factored_decode_kernel(
 def factored_update_kernel(
     Q, K, V, ETA, LOG_ALPHA, DELTA, A_OUT, ROWS, COEF, DECAY, LN_W, LN_B, Z, U_PART, UQ_PART, SCORE_PART, S,
     SLOTS, POS, LENGTHS, sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, sg_b, sg_h,
-    p_exp, abs_eps, sharpness, ln_eps,
+    p_exp, lp_knee, abs_eps, sharpness, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BIAS: tl.constexpr, RETENTION: tl.constexpr,
     SURPRISE: tl.constexpr,
@@ -247,10 +249,10 @@ def factored_update_kernel(
     u = tl.zeros((1, BLOCK_K), dtype=tl.float32)
     for i in range(n_slabs):
         u += tl.load(U_PART + (row * n_slabs + i) * BLOCK_K + ck[None, :])
-    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, (ck < DK)[None, :], ln_eps, p_exp, abs_eps, sharpness, DK,
-                               BIAS)
+    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, (ck < DK)[None, :], ln_eps, p_exp, lp_knee, abs_eps,
+                               sharpness, DK, BIAS)
     if SURPRISE:  # slab 0 writes the token's loss
-        tl.store(S + n * sg_b + h * sg_h, tl.sum(attentional_loss(error, delta, DK, p_exp, BIAS)),
+        tl.store(S + n * sg_b + h * sg_h, tl.sum(attentional_loss(error, delta, DK, p_exp, lp_knee, BIAS)),
                  mask=valid & (s == 0))
 
     n_old = filled_rows(tl.load(POS + n).to(tl.int64), CHUNK)
@@ -354,8 +356,8 @@ def factored_decode(rule: MemoryRule, config: dict, slab: int, warps: int, q: Te
     kernel[(n_rows, H)](q, k, v, out, *gates, *anchor, rows, coef, decay, ln_weight, ln_bias, z, surprise, slots, pos,
                         lengths,
                         sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], so[0], so[1], sg[0], sg[1],
-                        rule.lq_radius, *lq_inv_std, rule.q, rule.p, rule.abs_eps, rule.sign_sharpness, rule.memora_eps,
-                        rule.memory_ln_eps, **constexprs, **options)
+                        rule.lq_radius, *lq_inv_std, rule.q, rule.p, rule.lp_knee, rule.abs_eps, rule.sign_sharpness,
+                        rule.memora_eps, rule.memory_ln_eps, **constexprs, **options)
     if slab == 0:
         return
     n_slabs = kernels["output"][1]["N_SLABS"]
@@ -369,7 +371,8 @@ def factored_decode(rule: MemoryRule, config: dict, slab: int, warps: int, q: Te
     kernel, constexprs, options = kernels["update"]
     kernel[grid](q, k, v, *gates, anchor[1], rows, coef, decay, ln_weight, ln_bias, z, u_part, uq_part, score_part,
                  surprise, slots, pos, lengths, sq[0], sq[1], sq[3], sk[0], sk[1], sk[3], sv[0], sv[1], sv[3], sg[0],
-                 sg[1], rule.p, rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps, **constexprs, **options)
+                 sg[1], rule.p, rule.lp_knee, rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps, **constexprs,
+                 **options)
     kernel, constexprs, options = kernels["output"]
     kernel[(n_rows, H)](q, out, gates[0], gates[1], rows, coef, decay, ln_weight, ln_bias, uq_part, score_part, slots,
                         pos, lengths, sq[0], sq[1], sq[3], so[0], so[1], sg[0], sg[1], rule.memory_ln_eps, **constexprs,

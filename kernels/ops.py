@@ -70,12 +70,17 @@ def layer_norm_backward_rows(grad_out, u_hat, inv_std, weight, col_mask, n):
 
 
 @triton.jit
-def output_grad(error, delta, n, p, abs_eps, sharpness, BIAS: tl.constexpr):
-    """d l / d M(k) for the attentional bias (models.memory.output_grad); delta is [R, 1] (huber)."""
+def output_grad(error, delta, n, p, knee, abs_eps, sharpness, BIAS: tl.constexpr):
+    """d l / d M(k) for the attentional bias (models.memory.output_grad); delta is [R, 1] (huber), knee the lp
+    bias's knee r (+inf: none). With s^2 = e^2 + eps, lp's |g| is s^(p-1) up to r and r^(p-2) s beyond."""
     if BIAS == 0:
         return error
     elif BIAS == 1:
-        magnitude = pow_pos(error * error + abs_eps, (p - 1.0) * 0.5)
+        s_sq = error * error + abs_eps
+        s = tl.sqrt(s_sq)
+        # min(s, r) is r wherever it is used and keeps the unused side finite (r = +inf: never used).
+        beyond = s * pow_pos(tl.minimum(s, knee), p - 2.0)
+        magnitude = tl.where(s_sq <= knee * knee, pow_pos(s_sq, (p - 1.0) * 0.5), beyond)
         return tanh(sharpness * error) * magnitude
     else:
         rms = tl.sqrt(tl.sum(error * error, axis=1, keep_dims=True) / n)
@@ -83,26 +88,30 @@ def output_grad(error, delta, n, p, abs_eps, sharpness, BIAS: tl.constexpr):
 
 
 @triton.jit
-def attentional_loss(error, delta, n, p, BIAS: tl.constexpr):
+def attentional_loss(error, delta, n, p, knee, BIAS: tl.constexpr):
     """The loss l(M(k), v) itself per row [R, 1]: a token's surprise (models.memory.attentional_loss,
-    unsmoothed); delta is [R, 1] (huber); padded columns hold 0 and add nothing."""
+    unsmoothed); delta is [R, 1] (huber), knee lp's knee r (+inf: none); padded columns hold 0 and add nothing."""
     half_sq = 0.5 * tl.sum(error * error, axis=1, keep_dims=True)
     if BIAS == 0:
         return half_sq
     elif BIAS == 1:
-        return tl.sum(pow_pos(tl.abs(error), p), axis=1, keep_dims=True) / p
+        size = tl.abs(error)
+        r = tl.minimum(size, knee)  # the knee wherever it is used, finite elsewhere
+        beyond = pow_pos(r, p) + p * pow_pos(r, p - 2.0) * (size * size - r * r) * 0.5
+        power = tl.where(size <= knee, pow_pos(size, p), beyond)  # p phi(|e_j|)
+        return tl.sum(power, axis=1, keep_dims=True) / p
     else:
         rms = tl.sqrt(2.0 * half_sq / n)
         return tl.where(rms <= delta, half_sq, delta * tl.sum(tl.abs(error), axis=1, keep_dims=True))
 
 
 @triton.jit
-def mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness,
+def mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, lp_knee, abs_eps, sharpness,
                    DK: tl.constexpr, BIAS: tl.constexpr):
     """gu = d l / d u for M(k) = k + LN(u) against v (models.memory.mlp_factors' gu), and the error M(k) - v."""
     y, u_hat, inv_std = layer_norm_rows(u, ln_w, ln_b, col_mask, DK, ln_eps)
     error = k + y - v
-    g = output_grad(error, delta, DK, p_exp, abs_eps, sharpness, BIAS)
+    g = output_grad(error, delta, DK, p_exp, lp_knee, abs_eps, sharpness, BIAS)
     return layer_norm_backward_rows(g, u_hat, inv_std, ln_w, col_mask, DK), error
 
 

@@ -97,7 +97,7 @@ def slab_prefill_kernel(
     Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, M_IN, M_OUT, ROWS, COEF, DECAY, LN_W, LN_B, S, SLOTS, POS,
     LENGTHS, CU_SEQLENS, U_PART, GU, CQK, UQ_PART, SC_PART, STATS, T, SEG,
     sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, sg_b, sg_h, sg_t,
-    lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, abs_eps, sharpness, memora_eps, ln_eps,
+    lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, lp_knee, abs_eps, sharpness, memora_eps, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, N_SLABS: tl.constexpr,
     BIAS: tl.constexpr, RETENTION: tl.constexpr, VARLEN: tl.constexpr, DOT: tl.constexpr, FACTORED: tl.constexpr,
@@ -241,11 +241,12 @@ def slab_prefill_kernel(
                     if BIAS == 2:
                         delta = tl.load(DELTA + g_off + tok * sg_t, mask=in_seg, other=1.0).to(tl.float32)[:, None]
                     gu, error = mlp_error_grad(_summed(U_PART, part, rt, ck, N_SLABS, BLOCK_K), k, v, delta, ln_w,
-                                               ln_b, col_mask[None, :], ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+                                               ln_b, col_mask[None, :], ln_eps, p_exp, lp_knee, abs_eps, sharpness,
+                                               DK, BIAS)
                     tl.store(gu_ptr, gu)
                     if SURPRISE:
-                        tl.store(S + g_off + tok[:, None] * sg_t, attentional_loss(error, delta, DK, p_exp, BIAS),
-                                 mask=valid[:, None])
+                        tl.store(S + g_off + tok[:, None] * sg_t,
+                                 attentional_loss(error, delta, DK, p_exp, lp_knee, BIAS), mask=valid[:, None])
                     if FACTORED:
                         store_key_rows(seg_rows, valid & last_seg, k, gu, ck, D, DK)
 
@@ -290,7 +291,8 @@ def slab_prefill(rule: MemoryRule, config: dict, slab: int, warps: int, q: Tenso
     args = (q, k, v, out, *gates, *anchor, *memory, *factors, ln_weight, ln_bias, surprise, slots, pos, lengths,
             cu_seqlens, u_part, gu, cqk, uq_part, sc_part, stats, T)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(), rule.lq_radius,
-               *lq_inv_std, rule.q, rule.p, rule.abs_eps, rule.sign_sharpness, rule.memora_eps, rule.memory_ln_eps)
+               *lq_inv_std, rule.q, rule.p, rule.lp_knee, rule.abs_eps, rule.sign_sharpness, rule.memora_eps,
+               rule.memory_ln_eps)
 
     def launch(name: str, segment: int) -> None:
         kernel, constexprs, options = kernels[name]

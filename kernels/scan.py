@@ -67,7 +67,7 @@ from .segment import (
 
 @triton.jit
 def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_in, m_out, ln_w, ln_b, ck, cd,
-                 ln_eps, p_exp, abs_eps, sharpness, seg_rows, row_store, D: tl.constexpr, DK: tl.constexpr,
+                 ln_eps, p_exp, lp_knee, abs_eps, sharpness, seg_rows, row_store, D: tl.constexpr, DK: tl.constexpr,
                  BLOCK_D: tl.constexpr, BIAS: tl.constexpr, VEC: tl.constexpr, DOT: tl.constexpr,
                  FACTORED: tl.constexpr):
     """The dual form of models.memory.memory_segment for the MLP memory; updates the running memory
@@ -77,7 +77,8 @@ def _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_
     col_mask = (ck < DK)[None, :]
     # Pass 1: the chunk's forward at the anchor, to the output gradient gu.
     u = mlp_forward(k, a_in, a_out, ck, cd, D, DK, BLOCK_D, VEC, DOT)
-    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, abs_eps, sharpness, DK, BIAS)
+    gu, error = mlp_error_grad(u, k, v, delta, ln_w, ln_b, col_mask, ln_eps, p_exp, lp_knee, abs_eps, sharpness, DK,
+                               BIAS)
     if FACTORED:
         store_key_rows(seg_rows, row_store, k, gu, ck, D, DK)
     # Pass 2, slab by slab: gz, the reads' hidden layer, and the memory update.
@@ -112,7 +113,7 @@ def miras_scan_kernel(
     Q, K, V, O, ETA, LOG_ALPHA, DELTA, A_IN, A_OUT, M_IN, M_OUT, ROWS, COEF, DECAY, LN_W, LN_B, S, SLOTS, POS, LENGTHS,
     CU_SEQLENS, T, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, sg_b,
     sg_h, sg_t,
-    lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, abs_eps, sharpness, memora_eps, ln_eps,
+    lq_radius, lq_inv_std_in, lq_inv_std_out, q_exp, p_exp, lp_knee, abs_eps, sharpness, memora_eps, ln_eps,
     H: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, MEMORY: tl.constexpr, BIAS: tl.constexpr,
     RETENTION: tl.constexpr, VARLEN: tl.constexpr, DOT: tl.constexpr, BOUNDARY_ROWS_ONLY: tl.constexpr,
@@ -201,11 +202,11 @@ def miras_scan_kernel(
                                          DOT)
         else:
             out, error = _mlp_segment(q, k, v, delta, decay, coeff, last, last_decay, a_in, a_out, m_in, m_out, ln_w,
-                               ln_b, ck, cd, ln_eps, p_exp, abs_eps, sharpness, factor_rows + j_first * RW,
+                               ln_b, ck, cd, ln_eps, p_exp, lp_knee, abs_eps, sharpness, factor_rows + j_first * RW,
                                valid & last_seg, D, DK, BLOCK_D, BIAS, BLOCK_T == 1, DOT, FACTORED)
         tl.store(o_ptr + tok[:, None] * so_t + ck[None, :], out, mask=tile_mask)
         if SURPRISE:
-            tl.store(S + g_off + tok[:, None] * sg_t, attentional_loss(error, delta, DK, p_exp, BIAS),
+            tl.store(S + g_off + tok[:, None] * sg_t, attentional_loss(error, delta, DK, p_exp, lp_knee, BIAS),
                      mask=valid[:, None])
         if FACTORED:  # noqa: SIM102 (a compile-time branch around a runtime one)
             if last_seg:
@@ -356,7 +357,7 @@ def scan_pool(rule: MemoryRule, anchor: tuple[Tensor, ...], memory: tuple[Tensor
         lengths,
         cu_seqlens if varlen else index, T,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *gates[0].stride(),
-        rule.lq_radius, *lq_inv_std, rule.q, rule.p, rule.abs_eps, rule.sign_sharpness, rule.memora_eps,
+        rule.lq_radius, *lq_inv_std, rule.q, rule.p, rule.lp_knee, rule.abs_eps, rule.sign_sharpness, rule.memora_eps,
         rule.memory_ln_eps,
         FACTORED=factored, **config,
     )

@@ -42,7 +42,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
 ]
 
-MLP_RULES = ["moneta", "yaad", "memora", "mlp-lp-l2", "mlp-huber-lq"]
+MLP_RULES = ["moneta", "moneta-knee", "yaad", "memora", "mlp-lp-l2", "mlp-huber-lq"]
 CHUNK = 4
 
 
@@ -218,4 +218,15 @@ def test_the_build_is_keyed_on_the_cpu(monkeypatch):
     here = cpu_native.build_key()
     assert here == cpu_native.build_key() and torch.__version__ in here
     monkeypatch.setattr(cpu_native, "_cpu_identity", lambda: "model name : another\nflags : sse2")
+    assert cpu_native.build_key() != here
+
+
+def test_the_build_is_keyed_on_the_source(tmp_path, monkeypatch):
+    """A build of another revision of the C++ (another op schema) must not be loaded from the cache dir."""
+    from miras_serve.kernels import cpu_native
+
+    here = cpu_native.build_key()
+    edited = tmp_path / "factored_decode.cpp"
+    edited.write_bytes(cpu_native.SOURCE.read_bytes() + b"\n// another revision\n")
+    monkeypatch.setattr(cpu_native, "SOURCE", edited)
     assert cpu_native.build_key() != here

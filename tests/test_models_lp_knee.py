@@ -3,13 +3,17 @@ beyond r, and it is the gradient of the stated loss phi; without a knee everythi
 
 from __future__ import annotations
 
+import json
 import math
+import random
 
 import pytest
 import torch
 
+from miras_serve.models import load_pretrained
 from miras_serve.models.config import ConfigError, MirasConfig, preset_config
 from miras_serve.models.memory import attentional_loss, output_grad
+from miras_serve.models.train import main
 
 
 def sharp_moneta(**overrides) -> MirasConfig:
@@ -89,3 +93,24 @@ def test_the_knee_in_the_config_and_the_rule():
     assert isinstance(MirasConfig.from_dict(data).lp_knee, float)
     del data["lp_knee"]  # a config.json from before the field: no knee
     assert MirasConfig.from_dict(data).lp_knee is None
+
+
+def test_moneta_h_with_a_knee_trains_without_a_non_finite_step(tmp_path):
+    """A micro moneta-h with the knee (miras-train --set lp_knee=1.0) trains 200 steps on random words at a
+    high learning rate with every loss and gradient finite (the trainer skips, and records, a non-finite
+    step); the knee is in the saved model's config."""
+    rng = random.Random(0)
+    corpus = tmp_path / "random.txt"
+    corpus.write_text(" ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 6)))
+                               for _ in range(4000)))
+    out = tmp_path / "knee"
+    assert main(["--preset", "moneta-h", "--size", "micro", "--corpus", str(corpus), "--out", str(out),
+                 "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--lr", "2e-2", "--warmup", "2",
+                 "--steps", "200", "--eval-every", "200", "--eval-windows", "2", "--checkpoint-every", "200",
+                 "--threads", "1", "--set", "lp_knee=1.0"]) == 0
+    history = json.loads((out / "training.json").read_text())["history"]
+    losses = [loss for _, loss in history["train"]]
+    assert len(losses) == 200 and all(math.isfinite(loss) for loss in losses)
+    assert "skipped_steps" not in history, f"non-finite gradients at steps {history['skipped_steps']}"
+    model, _ = load_pretrained(out)
+    assert model.config.lp_knee == 1.0 and model.config.memory_rule().lp_knee == 1.0

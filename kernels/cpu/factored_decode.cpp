@@ -34,7 +34,22 @@ struct Rule {
   int64_t bias;
   bool kl;  // Memora: no decay inside a chunk, and the chunk's first token enters through its boundary step
   float p, abs_eps, sharpness, ln_eps;
+  // lp's knee r (+inf: none) as the step uses it: r^2, r^p and r^(p-2) (beyond r, |g| = r^(p-2) s is linear)
+  float knee, knee_sq, knee_pow, knee_slope;
 };
+
+// p phi(|e_j|) of the lp bias: a^p up to the knee r, then r^p + p r^(p-2) (a^2 - r^2) / 2 (its C1 continuation).
+inline float lp_power(const Rule& rule, float e) {
+  const float a = std::fabs(e);
+  if (a <= rule.knee) return std::pow(a, rule.p);
+  return rule.knee_pow + rule.p * rule.knee_slope * (a * a - rule.knee_sq) * 0.5f;
+}
+
+// |g| of the lp bias from s^2 = e^2 + eps: s^(p-1) up to the knee, r^(p-2) s beyond it.
+inline float lp_magnitude(const Rule& rule, float s_sq) {
+  if (s_sq <= rule.knee_sq) return std::pow(s_sq, (rule.p - 1.0f) / 2.0f);
+  return rule.knee_slope * std::sqrt(s_sq);
+}
 
 inline float gelu(float z) { return 0.5f * z * (1.0f + std::erf(z * kSqrtHalf)); }
 
@@ -77,12 +92,12 @@ inline float output_grad(const Rule& rule, float delta, float* e, int64_t d) {
   for (int64_t c = 0; c < d; ++c) {
     sq += e[c] * e[c];
     abs_sum += std::fabs(e[c]);
-    if (rule.bias == kLp) p_sum += std::pow(std::fabs(e[c]), rule.p);
+    if (rule.bias == kLp) p_sum += lp_power(rule, e[c]);
   }
   if (rule.bias == kL2) return 0.5f * sq;
   if (rule.bias == kLp) {
     for (int64_t c = 0; c < d; ++c)
-      e[c] = std::tanh(rule.sharpness * e[c]) * std::pow(e[c] * e[c] + rule.abs_eps, (rule.p - 1.0f) / 2.0f);
+      e[c] = std::tanh(rule.sharpness * e[c]) * lp_magnitude(rule, e[c] * e[c] + rule.abs_eps);
     return p_sum / rule.p;
   }
   if (std::sqrt(sq / static_cast<float>(d)) <= delta) return 0.5f * sq;  // huber: l2 inside the radius
@@ -187,8 +202,8 @@ at::Tensor factored_decode(const at::Tensor& q, const at::Tensor& k, const at::T
                            const at::Tensor& anchor_in, const at::Tensor& anchor_out, at::Tensor& rows,
                            at::Tensor& coef, at::Tensor& decay, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                            const at::Tensor& slots, const at::Tensor& pos, const at::Tensor& lengths,
-                           const std::optional<at::Tensor>& surprise, int64_t bias, bool kl, double p, double abs_eps,
-                           double sharpness, double ln_eps) {
+                           const std::optional<at::Tensor>& surprise, int64_t bias, bool kl, double p, double lp_knee,
+                           double abs_eps, double sharpness, double ln_eps) {
   check_f32(q, "q");
   check_f32(k, "k");
   check_f32(v, "v");
@@ -210,8 +225,10 @@ at::Tensor factored_decode(const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t N = q.size(0), H = q.size(1), d = q.size(3), D = anchor_in.size(2), b = rows.size(2);
   TORCH_CHECK(q.size(2) == 1, "one token per row");
   TORCH_CHECK(rows.size(3) == 2 * (D + d), "factor rows must be 2(D + d) wide");
-  const Rule rule{bias, kl, static_cast<float>(p), static_cast<float>(abs_eps), static_cast<float>(sharpness),
-                  static_cast<float>(ln_eps)};
+  TORCH_CHECK(lp_knee > 0.0, "lp_knee must be > 0 (+inf: none)");
+  const float knee = static_cast<float>(lp_knee), p_f = static_cast<float>(p);
+  const Rule rule{bias, kl, p_f, static_cast<float>(abs_eps), static_cast<float>(sharpness), static_cast<float>(ln_eps),
+                  knee, knee * knee, std::pow(knee, p_f), std::pow(knee, p_f - 2.0f)};
   at::Tensor out = at::zeros_like(q);
   if (surprise) surprise->zero_();
   const float *q_p = q.data_ptr<float>(), *k_p = k.data_ptr<float>(), *v_p = v.data_ptr<float>();
@@ -244,8 +261,8 @@ TORCH_LIBRARY(miras_serve, m) {
   m.def(
       "factored_decode(Tensor q, Tensor k, Tensor v, Tensor eta, Tensor log_alpha, Tensor? delta, Tensor anchor_in, "
       "Tensor anchor_out, Tensor(a!) rows, Tensor(b!) coef, Tensor(c!) decay, Tensor ln_weight, Tensor ln_bias, "
-      "Tensor slots, Tensor pos, Tensor lengths, Tensor(d!)? surprise, int bias, bool kl, float p, float abs_eps, "
-      "float sharpness, float ln_eps) -> Tensor");
+      "Tensor slots, Tensor pos, Tensor lengths, Tensor(d!)? surprise, int bias, bool kl, float p, float lp_knee, "
+      "float abs_eps, float sharpness, float ln_eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(miras_serve, CPU, m) { m.impl("factored_decode", &factored_decode); }
