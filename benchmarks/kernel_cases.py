@@ -20,9 +20,10 @@ from miras_serve.models.model import MirasLM
 
 # Every rule and boundary step, plus combinations the presets do not use.
 RULES = {
+    # the preset's bounded lp gradient: the random errors (entries ~N(0, 2)) lie on both sides of its knee (1.0)
     "moneta": dict(preset="moneta"),
-    # the bounded lp gradient: the random errors (entries ~N(0, 2)) lie on both sides of the knee
-    "moneta-knee": dict(preset="moneta", lp_knee=1.0),
+    # the unbounded lp gradient of the checkpoints that predate the knee
+    "moneta-no-knee": dict(preset="moneta", lp_knee=None),
     "yaad": dict(preset="yaad"),
     "memora": dict(preset="memora"),
     "linear": dict(preset="linear"),

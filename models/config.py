@@ -186,10 +186,10 @@ class MirasConfig:
 
 
 # The presets settle the paper's choices for each variant (models/SPEC.md explains each one).
-# The Miras presets' numerics (models/SPEC.md §2-§4): RoPE on the memory's q/k, a LayerNorm eps that bounds the
-# norm's gain (1/sqrt(eps) = 10), Moneta's gradient linear beyond |e| = 1. The dataclass defaults keep the
-# behaviour of the checkpoints that predate these fields.
-MIRAS_NUMERICS: dict[str, Any] = dict(memory_rope=True, memory_ln_eps=1e-2)
+# The Miras presets' numerics (models/SPEC.md §2-§4): a LayerNorm eps that bounds the norm's gain (1/sqrt(eps)
+# = 10) and Moneta's gradient linear beyond |e| = 1; no RoPE on the memory's q/k (memory_rope: measured worse at
+# this scale, docs/models.md). The dataclass defaults keep the behaviour of the checkpoints that predate these fields.
+MIRAS_NUMERICS: dict[str, Any] = dict(memory_ln_eps=1e-2)
 PRESETS: dict[str, dict[str, Any]] = {
     "moneta": dict(memory="mlp", attentional_bias="lp", p=3.0, retention="lq", q=4.0, lp_knee=1.0, **MIRAS_NUMERICS),
     "yaad": dict(memory="mlp", attentional_bias="huber", retention="l2", **MIRAS_NUMERICS),

@@ -42,7 +42,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
 ]
 
-MLP_RULES = ["moneta", "moneta-knee", "yaad", "memora", "mlp-lp-l2", "mlp-huber-lq"]
+MLP_RULES = ["moneta", "moneta-no-knee", "yaad", "memora", "mlp-lp-l2", "mlp-huber-lq"]
 CHUNK = 4
 
 

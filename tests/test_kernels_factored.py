@@ -30,7 +30,7 @@ from miras_serve.kernels.testing import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MLP_RULES = ["moneta", "moneta-knee", "yaad", "memora", "mlp-lp-l2", "mlp-huber-lq"]
+MLP_RULES = ["moneta", "moneta-no-knee", "yaad", "memora", "mlp-lp-l2", "mlp-huber-lq"]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
 
 

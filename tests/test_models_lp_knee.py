@@ -67,8 +67,7 @@ def test_the_gradient_grows_linearly_beyond_the_knee():
 def test_without_a_knee_the_gradient_and_loss_are_today_s():
     """No knee: bit for bit the unbounded formulas (fp32, the default smoothing); a knee above every
     error gives the same too."""
-    cfg = preset_config("moneta")
-    assert cfg.lp_knee is None
+    cfg = preset_config("moneta", lp_knee=None)  # the checkpoints that predate the knee
     e = 3 * torch.randn(4, 2, 16, 8, generator=torch.Generator().manual_seed(2))
     today = torch.tanh(cfg.sign_sharpness * e) * (e * e + cfg.abs_eps).pow((cfg.p - 1) / 2)
     assert torch.equal(output_grad(cfg, e, None), today)
@@ -79,7 +78,8 @@ def test_without_a_knee_the_gradient_and_loss_are_today_s():
 
 
 def test_the_knee_in_the_config_and_the_rule():
-    assert preset_config("moneta").memory_rule().lp_knee == math.inf
+    assert preset_config("moneta").lp_knee == 1.0  # the preset's knee (models/SPEC.md §4)
+    assert preset_config("moneta", lp_knee=None).memory_rule().lp_knee == math.inf
     assert preset_config("moneta", lp_knee=0.5).memory_rule().lp_knee == 0.5
     for bad in (0.0, -1.0, math.inf, math.nan, "1", True):
         with pytest.raises(ConfigError, match="'lp_knee'"):
@@ -95,22 +95,25 @@ def test_the_knee_in_the_config_and_the_rule():
     assert MirasConfig.from_dict(data).lp_knee is None
 
 
-def test_moneta_h_with_a_knee_trains_without_a_non_finite_step(tmp_path):
-    """A micro moneta-h with the knee (miras-train --set lp_knee=1.0) trains 200 steps on random words at a
-    high learning rate with every loss and gradient finite (the trainer skips, and records, a non-finite
-    step); the knee is in the saved model's config."""
+@pytest.mark.parametrize("preset", ["moneta-h", "yaad-h", "memora-h"])
+def test_hybrid_of_each_rule_trains_without_a_non_finite_step(preset, tmp_path):
+    """A micro hybrid of each rule, with its preset's numerics (Moneta's knee 1.0 included), trains 200 steps
+    on random words at a high learning rate with every loss and gradient finite (the trainer skips, and
+    records, a non-finite step); the numerics are in the saved model's config."""
     rng = random.Random(0)
     corpus = tmp_path / "random.txt"
     corpus.write_text(" ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 6)))
                                for _ in range(4000)))
-    out = tmp_path / "knee"
-    assert main(["--preset", "moneta-h", "--size", "micro", "--corpus", str(corpus), "--out", str(out),
+    out = tmp_path / preset
+    assert main(["--preset", preset, "--size", "micro", "--corpus", str(corpus), "--out", str(out),
                  "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--lr", "2e-2", "--warmup", "2",
                  "--steps", "200", "--eval-every", "200", "--eval-windows", "2", "--checkpoint-every", "200",
-                 "--threads", "1", "--set", "lp_knee=1.0"]) == 0
+                 "--threads", "1"]) == 0
     history = json.loads((out / "training.json").read_text())["history"]
     losses = [loss for _, loss in history["train"]]
     assert len(losses) == 200 and all(math.isfinite(loss) for loss in losses)
     assert "skipped_steps" not in history, f"non-finite gradients at steps {history['skipped_steps']}"
     model, _ = load_pretrained(out)
-    assert model.config.lp_knee == 1.0 and model.config.memory_rule().lp_knee == 1.0
+    assert model.config.memory_ln_eps == 1e-2
+    if preset == "moneta-h":
+        assert model.config.lp_knee == 1.0 and model.config.memory_rule().lp_knee == 1.0

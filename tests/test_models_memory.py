@@ -66,7 +66,7 @@ def test_yaad_switch_takes_both_branches():
 
 
 def test_moneta_smoothing_matches_the_paper_form():
-    cfg = config("moneta")
+    cfg = config("moneta", lp_knee=None)  # the paper's form is unbounded (the knee: tests/test_models_lp_knee.py)
     e = torch.linspace(-2, 2, 101, dtype=torch.float64)
     expected = torch.tanh(cfg.sign_sharpness * e) * (e * e + cfg.abs_eps).pow((cfg.p - 1) / 2)
     torch.testing.assert_close(output_grad(cfg, e, None), expected)
