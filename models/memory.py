@@ -280,9 +280,15 @@ def lq_normalise(cfg: MirasConfig, w: Tensor, init_std: float) -> Tensor:
     """Moneta's boundary step: project each head's matrix onto the lq ball.
 
     nu(W) = (mean |W_ij|^q)^(1/q) / init_std;  W <- W * min(1, radius / nu(W)).
+
+    Written as (radius^q / max(nu^q, radius^q))^(1/q), the same value, so that training's backward stays finite
+    when the memory has decayed to (nearly) zero: there 1/nu and the q-th root's derivative overflow, and the
+    min's zero gradient times them gave NaN (Moneta skipped almost every step after warm-up in 1,024-token
+    windows).
     """
-    nu = w.abs().pow(cfg.q).mean((-2, -1), keepdim=True).pow(1.0 / cfg.q) / init_std
-    return w * torch.clamp(cfg.lq_radius / nu, max=1.0)
+    nu_q = w.abs().pow(cfg.q).mean((-2, -1), keepdim=True) / init_std ** cfg.q
+    radius_q = cfg.lq_radius ** cfg.q
+    return w * (radius_q / torch.clamp(nu_q, min=radius_q)).pow(1.0 / cfg.q)
 
 
 def softmax_rows(logits: Tensor) -> Tensor:

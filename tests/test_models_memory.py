@@ -72,6 +72,21 @@ def test_moneta_smoothing_matches_the_paper_form():
     torch.testing.assert_close(output_grad(cfg, e, None), expected)
 
 
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-12, 1.0, 1e3])
+def test_moneta_normalisation_has_a_finite_gradient(scale):
+    """Training differentiates through the projection: at a memory decayed to (nearly) zero the old form
+    min(1, R / nu) gave 0 * inf = NaN in its backward; the value is unchanged."""
+    cfg = config("moneta")
+    std = cfg.memory_rule().init_std[0]
+    w = (scale * torch.randn(1, 1, D, d)).requires_grad_()
+    projected = lq_normalise(cfg, w, std)
+    projected.sum().backward()
+    assert torch.isfinite(w.grad).all()
+    nu = w.detach().abs().pow(cfg.q).mean().pow(1 / cfg.q) / std
+    expected = w.detach() * torch.clamp(cfg.lq_radius / nu, max=1.0) if scale > 0 else w.detach()
+    torch.testing.assert_close(projected.detach(), expected)
+
+
 def test_moneta_normalisation_takes_both_branches():
     cfg = config("moneta")
     std = cfg.memory_rule().init_std[0]
