@@ -15,7 +15,9 @@ from miras_serve.models.train import encode_stream
 TOKENS = 2048 + 64  # the last 64 decoded one at a time, crossing a chunk boundary (64-token chunks)
 PROMPT_PIECES = (1000, 1048)  # cut at positions that are not chunk boundaries
 PARALLEL_VS_DECODE = 1e-4  # the bound: per token, |logits difference| / |logits| (2-norms)
-TF32 = 2e-2  # emulated tf32 operands (10 mantissa bits) in the memory's chunk products, same measure
+TF32 = 2e-3  # emulated tf32 operands (10 mantissa bits) in the memory's chunk products, same measure
+# Not yet retrained with the bounded LayerNorm gain (eps 1e-5): its tf32-rounded products move its logits by 6.8e-2.
+FIRST_GENERATION = {"memora-tiny"}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,7 +30,9 @@ def held_out_ids():
     return split_documents(load_documents(None))[1]
 
 
-@pytest.mark.parametrize("name", models.shipped_models())
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="first-generation model, eps 1e-5: retrain"))
+    if name in FIRST_GENERATION else name for name in models.shipped_models()])
 def test_parallel_equals_prompt_then_decode_in_fp32(name, held_out_ids):
     model, tokenizer = models.load_pretrained(name)
     ids = encode_stream(tokenizer, held_out_ids)[:TOKENS].unsqueeze(0)
