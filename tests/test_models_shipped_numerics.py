@@ -26,16 +26,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def held_out_ids():
+def held_out_texts():
     return split_documents(load_documents(None))[1]
 
 
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="first-generation model, eps 1e-5: retrain"))
     if name in FIRST_GENERATION else name for name in models.shipped_models()])
-def test_parallel_equals_prompt_then_decode_in_fp32(name, held_out_ids):
+def test_parallel_equals_prompt_then_decode_in_fp32(name, held_out_texts):
     model, tokenizer = models.load_pretrained(name)
-    ids = encode_stream(tokenizer, held_out_ids)[:TOKENS].unsqueeze(0)
+    ids = encode_stream(tokenizer, held_out_texts)[:TOKENS].unsqueeze(0)
     with torch.no_grad():
         parallel, _ = model(ids)
         parts, state, start = [], None, 0
