@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from miras_serve.models.checkpoint import load_pretrained
-from miras_serve.models.corpus import load_documents, split_documents
 from miras_serve.models.model import MirasLM
-from miras_serve.models.train import encode_stream
+from miras_serve.models.train import held_out_stream
 
 RESULT_FILE = "long_context.json"
 BAND_EDGES = (0, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -58,8 +57,7 @@ def measure(directory: Path, tokens: int, threads: int) -> dict:
     training = json.loads((directory / "training.json").read_text())
     window = int(training["args"]["seq_len"])
     model, tokenizer = load_pretrained(directory)
-    _, held_out = split_documents(load_documents(None))
-    stream = encode_stream(tokenizer, held_out)
+    stream = held_out_stream(tokenizer)
     count = (len(stream) - 1) // tokens
     if count < 1:
         raise SystemExit(f"the held-out split has {len(stream)} tokens, fewer than one sequence of {tokens}")

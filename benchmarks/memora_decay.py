@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from miras_serve.models.checkpoint import load_pretrained
-from miras_serve.models.corpus import load_documents, split_documents
-from miras_serve.models.train import encode_stream
+from miras_serve.models.train import held_out_stream
 
 
 def chunk_decays(log_alpha: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_pretrained(Path(args.model) if Path(args.model).is_dir() else args.model)
     if model.config.retention != "kl":
         raise SystemExit(f"{args.model}: not a Memora model (retention {model.config.retention!r})")
-    ids = encode_stream(tokenizer, split_documents(load_documents(None))[1])[:args.tokens].unsqueeze(0)
+    ids = held_out_stream(tokenizer)[:args.tokens].unsqueeze(0)
     recorded: dict[int, torch.Tensor] = {}
     for index in model.miras_layers:
         mixer = model.blocks[index].mixer

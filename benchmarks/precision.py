@@ -35,9 +35,8 @@ from torch import Tensor
 from benchmarks import report
 from miras_serve.models import memory
 from miras_serve.models.checkpoint import load_pretrained, shipped_models
-from miras_serve.models.corpus import load_documents, split_documents
 from miras_serve.models.model import MirasLM
-from miras_serve.models.train import encode_stream
+from miras_serve.models.train import held_out_stream
 
 SETTINGS = memory.DOT_EMULATIONS
 # The decision rule of issue 11: the cheapest setting that moves perplexity by less than this, relatively,
@@ -155,8 +154,7 @@ def decode_consistency(model: MirasLM, ids: Tensor, setting: str, tail: int) -> 
 def held_out_ids(tokenizer, tokens: int, corpus: list[str] | None = None) -> Tensor:
     """BOS and the first ``tokens`` tokens of the held-out split of ``corpus`` (default: the models' training
     corpus), its documents joined by EOS as training evaluates them: ``tokens + 1`` ids, inputs and targets."""
-    _, held_out = split_documents(load_documents(corpus))
-    stream = encode_stream(tokenizer, held_out)
+    stream = held_out_stream(tokenizer, corpus)
     if stream.numel() < tokens:
         raise ValueError(f"the held-out split has {stream.numel()} tokens, fewer than --tokens {tokens}")
     return torch.cat([torch.tensor([tokenizer.bos_token_id]), stream[:tokens]])

@@ -90,6 +90,12 @@ def encode_stream(tokenizer: MirasTokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def held_out_stream(tokenizer: MirasTokenizer, corpus: list[str] | None = None) -> torch.Tensor:
+    """The held-out split of ``corpus`` (default: the models' training corpus) as one stream, its documents
+    joined by EOS as training evaluates them."""
+    return encode_stream(tokenizer, split_documents(load_documents(corpus))[1])
+
+
 def lr_at(step: int, args: TrainArgs) -> float:
     """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
     if step < args.warmup:
