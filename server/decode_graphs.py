@@ -13,9 +13,11 @@ step of moneta-tiny is ~1,000 operator dispatches, which cost more than the byte
 step makes no host synchronisation: what depends on the batch's positions (which rows start a chunk, how
 many factor rows to read: :class:`models.memory.KnownStep`) is read here from the pool's positions, which
 live on the host, and passed in. Dynamo specialises on the first value of each size and, when it changes,
-recompiles once with it symbolic, so one decode graph serves every batch size above 1, every count of
-factor rows and of chunk starts: a handful of compiles in all, each logged with its time. Inductor's caches
-live under the project's cache dir, so a restart recompiles faster (tracing still runs). A step that fails to
+recompiles once with it symbolic; sizes 0 and 1 stay specialised. So a handful of graphs serve every step:
+batch 1 and batch > 1, each with no row, one row or several rows starting a chunk. :meth:`DecodeGraphs.warm_up`
+compiles all of them before the server takes a request (vLLM compiles and captures at start-up too), each
+logged with its time: a compile inside the engine loop would stall every stream. Inductor's caches live
+under the project's cache dir, so a restart recompiles faster (tracing still runs). A step that fails to
 compile makes the engine decode eagerly, with a warning. Compiled batches run unpadded.
 """
 
@@ -24,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -54,6 +57,21 @@ def capture_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+def warm_up_steps(max_batch: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """(batch size, rows that start a chunk, factor rows filled) of decode steps that, run in this order,
+    make dynamo build every graph the compiled step needs for batches up to ``max_batch``: batch 1 and the
+    rest, with no chunk start, one (a size-1 tensor stays specialised) or several, the batch size, the count
+    of chunk starts and of factor rows each seen at two values, so that those graphs are symbolic in them.
+    The first step is one whose graph is needed anyway (a fully specialised one serves nothing else).
+    ``tests/test_server_warm_up.py`` checks that a decode workload compiles nothing after these."""
+    partly = sorted({1, 2, chunk_size - 1} & set(range(1, chunk_size)))  # rows filled when a row goes on
+    steps = [(1, 1, 0)] + [(1, 0, n) for n in partly]
+    for batch in sorted({2, 3, max_batch} & set(range(2, max_batch + 1))):
+        for starts in sorted({0, 1, 2, batch - 1, batch} & set(range(batch + 1))):
+            steps += [(batch, batch, 0)] if starts == batch else [(batch, starts, n) for n in partly]
+    return steps
+
+
 def use_project_compile_cache() -> None:
     """Inductor's caches (FX graphs, generated C++) under the project's cache dir unless the environment
     names one: compiled steps survive a restart. Importing torch._dynamo already wrote torch's default (a
@@ -68,11 +86,13 @@ class DecodeGraphs:
     size of :func:`capture_sizes`: replayed from CUDA graphs (``use_graphs``), compiled with torch.compile's
     ``compile_backend`` (on a CPU: "inductor"; tests also use "aot_eager", which traces the same graph
     without generating code) for sizes up to ``compile_max_batch``, or eager, which is how the padding is
-    tested without a GPU. Compiled steps run on ``compile_threads`` torch threads (None: the caller's)."""
+    tested without a GPU. Compiled steps run on ``compile_threads`` torch threads (None: the caller's);
+    ``on_compile(batch size, step, seconds)`` hears of each graph compiled."""
 
     def __init__(self, model: MirasLM, pool: ModelState, scratch_slot: int, max_batch: int, use_graphs: bool,
                  compile_backend: str | None = None, compile_max_batch: int | None = None,
-                 compile_threads: int | None = None):
+                 compile_threads: int | None = None,
+                 on_compile: Callable[[int, KnownStep, float], None] | None = None):
         if not 0 <= scratch_slot < pool.batch_size:
             raise ValueError(f"scratch slot {scratch_slot} is outside the pool of {pool.batch_size}")
         if use_graphs and compile_backend is not None:
@@ -95,6 +115,7 @@ class DecodeGraphs:
         self.compile_max_batch = max_batch if compile_max_batch is None else compile_max_batch
         self.compile_threads = compile_threads
         self.compiles: list[tuple[int, KnownStep, float]] = []  # (batch size, step, seconds) of each compile
+        self.on_compile = on_compile
         if compile_backend is not None:
             use_project_compile_cache()
             # a few graphs per instance (batch 1 and the rest, chunk start or not, specialised then
@@ -131,23 +152,57 @@ class DecodeGraphs:
         first = (row == 0).nonzero().squeeze(1)
         return KnownStep(first if first.numel() else None, int(row.max()))
 
+    @torch.inference_mode()  # as the engine's steps run: whether an input is an inference tensor is a guard
+    def warm_up(self) -> float:
+        """Compile every graph of :func:`warm_up_steps` now, on the scratch slot (no request's state is touched;
+        the scratch row is restored): no later decode step compiles. Returns the seconds it took."""
+        if self.compiled is None:
+            return 0.0
+        start, graphs = time.monotonic(), len(self.compiles)
+        scratch = [self.scratch_slot]
+        saved = self.pool.select(scratch)
+        device = self.pool.pos.device
+        for batch, starts, filled in warm_up_steps(min(len(self.ids), self.compile_max_batch),
+                                                   self.model.config.chunk_size):
+            first = torch.arange(starts, device=device) if starts else None
+            slots = torch.full((batch,), self.scratch_slot, dtype=torch.long, device=device)
+            if self._run_known(torch.zeros(batch, 1, dtype=torch.long, device=device), slots,
+                               KnownStep(first, filled)) is None:
+                break  # fell back to eager
+        self.pool.assign(scratch, saved)
+        seconds = time.monotonic() - start
+        logger.info("compiled decode steps warmed up: %d graphs in %.1f s", len(self.compiles) - graphs, seconds)
+        return seconds
+
     def _run_compiled(self, ids: Tensor, slots: Tensor) -> Tensor:
+        logits = self._run_known(ids, slots, self.known_step(slots))
+        return self.run(ids, slots) if logits is None else logits
+
+    @contextmanager
+    def _compile_threads(self) -> Iterator[None]:
         threads = torch.get_num_threads()
         torch.set_num_threads(self.compile_threads or threads)
         try:
-            known = self.known_step(slots)
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run_known(self, ids: Tensor, slots: Tensor, known: KnownStep) -> Tensor | None:
+        """The compiled step's logits, each compile it makes recorded and logged; None if it failed to compile
+        (the engine decodes eagerly from then on)."""
+        with self._compile_threads():
             graphs, start = counters["stats"]["unique_graphs"], time.monotonic()
             try:
                 logits = self.compiled(ids, slots, *known)
             except Exception:  # a model the compiler cannot handle: serve eagerly rather than not at all
                 logger.warning("compiling the decode step failed; decoding eagerly", exc_info=True)
                 self.compiled = None
-                return self.run(ids, slots)
-            if counters["stats"]["unique_graphs"] != graphs:  # this step compiled a graph
-                self.compiles.append((ids.shape[0], known, time.monotonic() - start))
-                starts = 0 if known.first is None else known.first.numel()
-                logger.info("decode step compiled for batch %d (%d factor rows, %d chunk starts) in %.1f s",
-                            ids.shape[0], known.filled, starts, self.compiles[-1][2])
-            return logits
-        finally:
-            torch.set_num_threads(threads)
+                return None
+        if counters["stats"]["unique_graphs"] != graphs:  # this step compiled a graph
+            self.compiles.append((ids.shape[0], known, time.monotonic() - start))
+            starts = 0 if known.first is None else known.first.numel()
+            logger.info("decode step compiled for batch %d (%d factor rows, %d chunk starts) in %.1f s",
+                        ids.shape[0], known.filled, starts, self.compiles[-1][2])
+            if self.on_compile is not None:
+                self.on_compile(*self.compiles[-1])
+        return logits
