@@ -7,6 +7,7 @@ generation is slow to compile, so it runs for one preset; the others trace the s
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -86,6 +87,38 @@ def test_known_step_from_the_pool_positions():
     assert graphs.known_step(torch.tensor([1, 2])) == KnownStep(None, 3)
     first, filled = graphs.known_step(torch.tensor([1, 0, 3]))  # positions 5, 4, 0
     assert first.tolist() == [1, 2] and filled == 1
+
+
+@torch.inference_mode()
+def test_known_step_from_the_host_equals_the_device_formula_over_a_long_decode():
+    """DecodeGraphs.known_step reads the pool's positions through NumPy: over a long decode with sequences
+    joining (fresh prompts of every length, forks) and leaving, it says what the pool's positions say."""
+    model = small_model("linear", chunk_size=CHUNK, n_layers=1)
+    pool = model.init_state(6)
+    graphs = DecodeGraphs(model, pool, scratch_slot=5, max_batch=5, use_graphs=False)
+    rng = random.Random(0)
+    running, starts = [], 0
+    for _ in range(300):
+        if not running or rng.random() < 0.2 and len(running) < 5:
+            joining = rng.choice([s for s in range(5) if s not in running])
+            if running and rng.random() < 0.5:  # a fork: the position of a running sequence
+                pool.assign([joining], pool.select([rng.choice(running)]))
+            else:  # a fresh prompt of 1 to 9 tokens
+                pool.assign([joining], model.init_state(1))
+                model(torch.randint(3, 200, (1, rng.randint(1, 9))), pool, slots=torch.tensor([joining]))
+            running.append(joining)
+        elif rng.random() < 0.15 and len(running) > 1:
+            running.remove(rng.choice(running))
+        slots = torch.tensor(running)
+        row = pool.pos.index_select(0, slots) % CHUNK  # on the device: what the step must be told
+        first, filled = graphs.known_step(slots)
+        assert filled == int(row.max())
+        assert (first is None) == bool((row != 0).all())
+        if first is not None:
+            assert first.dtype == torch.long and first.tolist() == (row == 0).nonzero().squeeze(1).tolist()
+            starts += 1
+        graphs.run(torch.randint(3, 200, (len(running), 1)), slots)
+    assert starts > 50
 
 
 def test_engine_compiles_only_when_asked(tokenizer):
