@@ -27,8 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -183,26 +182,20 @@ class DecodeGraphs:
         logits = self._run_known(ids, slots, self.known_step(slots))
         return self.run(ids, slots) if logits is None else logits
 
-    @contextmanager
-    def _compile_threads(self) -> Iterator[None]:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.compile_threads or threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
     def _run_known(self, ids: Tensor, slots: Tensor, known: KnownStep) -> Tensor | None:
         """The compiled step's logits, each compile it makes recorded and logged; None if it failed to compile
         (the engine decodes eagerly from then on)."""
-        with self._compile_threads():
-            graphs, start = counters["stats"]["unique_graphs"], time.monotonic()
-            try:
-                logits = self.compiled(ids, slots, *known)
-            except Exception:  # a model the compiler cannot handle: serve eagerly rather than not at all
-                logger.warning("compiling the decode step failed; decoding eagerly", exc_info=True)
-                self.compiled = None
-                return None
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.compile_threads or threads)
+        graphs, start = counters["stats"]["unique_graphs"], time.monotonic()
+        try:
+            logits = self.compiled(ids, slots, *known)
+        except Exception:  # a model the compiler cannot handle: serve eagerly rather than not at all
+            logger.warning("compiling the decode step failed; decoding eagerly", exc_info=True)
+            self.compiled = None
+            return None
+        finally:
+            torch.set_num_threads(threads)
         if counters["stats"]["unique_graphs"] != graphs:  # this step compiled a graph
             self.compiles.append((ids.shape[0], known, time.monotonic() - start))
             starts = 0 if known.first is None else known.first.numel()

@@ -113,3 +113,21 @@ def test_the_server_warms_up_before_it_listens(tiny_checkpoint):
         assert "decode step compiled" not in server.output()[len(log):]
     finally:
         server.stop()
+
+
+@torch.inference_mode()
+def test_a_step_that_fails_to_compile_in_the_warm_up_decodes_eagerly(caplog):
+    def failing(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        raise RuntimeError("no code for this")
+
+    model = small_model("moneta", seed=2, chunk_size=CHUNK, n_layers=1)
+    pool = model.init_state(3)
+    model(torch.randint(3, 200, (2, 3)), pool, slots=torch.tensor([0, 1]))
+    graphs = DecodeGraphs(model, pool, scratch_slot=2, max_batch=2, use_graphs=False, compile_backend=failing)
+    before = pool.clone()
+    graphs.warm_up()
+    assert graphs.compiled is None and "compiling the decode step failed; decoding eagerly" in caplog.text
+    for mine, old in zip(pool.tensors(), before.tensors(), strict=True):
+        assert torch.equal(mine, old)
+    ids, slots = torch.tensor([[5], [6]]), torch.tensor([1, 0])
+    torch.testing.assert_close(graphs.run(ids, slots), model(ids, before, slots=slots)[0])
