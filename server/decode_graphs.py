@@ -14,8 +14,9 @@ step makes no host synchronisation: what depends on the batch's positions (which
 many factor rows to read: :class:`models.memory.KnownStep`) is read here from the pool's positions, which
 live on the host (through a NumPy view of them: a few operations on the batch's positions, not tensor ops),
 and passed in. Dynamo specialises on the first value of each size and, when it changes,
-recompiles once with it symbolic; sizes 0 and 1 stay specialised. So a handful of graphs serve every step:
-batch 1 and batch > 1, each with no row, one row or several rows starting a chunk. :meth:`DecodeGraphs.warm_up`
+recompiles once with it symbolic; sizes 0 and 1 stay specialised (the count of factor rows is symbolic from the
+start). So five graphs serve every step: batch 1 with and without a row starting a chunk, batch > 1 with none,
+one or several. :meth:`DecodeGraphs.warm_up`
 compiles all of them before the server takes a request (vLLM compiles and captures at start-up too), each
 logged with its time: a compile inside the engine loop would stall every stream. Inductor's caches live
 under the project's cache dir, so a restart recompiles faster (tracing still runs). A step that fails to
@@ -62,8 +63,8 @@ def warm_up_steps(max_batch: int, chunk_size: int) -> list[tuple[int, int, int]]
     """(batch size, rows that start a chunk, factor rows filled) of decode steps that, run in this order,
     make dynamo build every graph the compiled step needs for batches up to ``max_batch``: batch 1 and the
     rest, with no chunk start, one (a size-1 tensor stays specialised) or several, the batch size, the count
-    of chunk starts and of factor rows each seen at two values, so that those graphs are symbolic in them.
-    The first step is one whose graph is needed anyway (a fully specialised one serves nothing else).
+    of chunk starts and of factor rows each seen at two values or more, so that those graphs are symbolic in
+    them, and every row starting a chunk (in case dynamo gives equal sizes one symbol).
     ``tests/test_server_warm_up.py`` checks that a decode workload compiles nothing after these."""
     partly = sorted({1, 2, chunk_size - 1} & set(range(1, chunk_size)))  # rows filled when a row goes on
     steps = [(1, 1, 0)] + [(1, 0, n) for n in partly]
@@ -125,6 +126,11 @@ class DecodeGraphs:
             # symbolic), all on the code of _pool_step: let dynamo keep those of every instance
             torch._dynamo.config.recompile_limit += 8
             torch._dynamo.config.accumulated_recompile_limit += 8
+            # the count of factor rows is symbolic from its first compile: else dynamo compiles a graph for its
+            # first value, then another when it changes (one compile more at start-up)
+            sources = torch.compiler.config.dynamic_sources
+            if "L['filled']" not in sources.split(","):
+                torch.compiler.config.dynamic_sources = ",".join(filter(None, [sources, "L['filled']"]))
             # freezing: the weights become constants of the compiled code, the dense products oneDNN's
             # prepacked ones (the weights never change while serving); cpp_wrapper: the code that calls the
             # kernels is C++ too, not Python. Each measured faster (docs/benchmarks/compiled-cpu.md).
