@@ -91,7 +91,7 @@ def test_known_step_from_the_pool_positions():
 
 @torch.inference_mode()
 def test_known_step_from_the_host_equals_the_device_formula_over_a_long_decode():
-    """DecodeGraphs.known_step reads the pool's positions through NumPy: over a long decode with sequences
+    """DecodeGraphs.known_step reads the pool's positions as Python ints: over a long decode with sequences
     joining (fresh prompts of every length, forks) and leaving, it says what the pool's positions say."""
     model = small_model("linear", chunk_size=CHUNK, n_layers=1)
     pool = model.init_state(6)
