@@ -152,8 +152,9 @@ class DecodeGraphs:
 
     def known_step(self, slots: Tensor) -> KnownStep:
         """The shape of the next step of the sequences in ``slots`` (a CPU pool's), from the pool's positions
-        read as Python ints (one op; in the engine loop 4-7 µs, where seven tensor ops and a ``nonzero`` took
-        ~40 and NumPy ~30); the index tensor of the rows that start a chunk is built only on a step that has one."""
+        read as Python ints (one op: 11-21 µs a step in docs/benchmarks/engine-host-cpu-compiled.md, where seven
+        tensor ops and a ``nonzero`` took 41-99); the index tensor of the rows that start a chunk is built only on
+        a step that has one."""
         positions, chunk = self.pool.pos.tolist(), self.model.config.chunk_size
         rows = [positions[slot] % chunk for slot in slots.tolist()]
         first = [b for b, row in enumerate(rows) if row == 0]
