@@ -346,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows["llama.cpp"] |= on_live_server(server, "chat", lambda: measure_chat(server.url, "llama",
                                                                                          chat_messages),
                                                     restarts["llama.cpp"])
-        with miras_serve(args.model, *args.serve_arg, port=port + 1, threads=None, log=work / "miras.log",
-                         timeout=600) as server:
+        with miras_serve(args.model, *args.serve_arg, port=port + 1, threads=None, log=work / "miras.log") as server:
             commands["miras-serve"] = ["python", *server.command[1:]]
             rows["miras-serve"] = measure(server, args.model, tokenizer_dir, work / "miras", chat_messages,
                                           restarts["miras-serve"])

@@ -12,11 +12,14 @@ On a CPU the step is compiled instead (torch.compile, inductor's C++ code genera
 step of moneta-tiny is ~1,000 operator dispatches, which cost more than the bytes it reads. The compiled
 step makes no host synchronisation: what depends on the batch's positions (which rows start a chunk, how
 many factor rows to read: :class:`models.memory.KnownStep`) is read here from the pool's positions, which
-live on the host, and passed in. Dynamo specialises on the first value of each size and, when it changes,
-recompiles once with it symbolic, so one decode graph serves every batch size above 1, every count of
-factor rows and of chunk starts: a handful of compiles in all, each logged with its time. Inductor's caches
-live under the project's cache dir, so a restart recompiles faster (tracing still runs). A step that fails to
-compile makes the engine decode eagerly, with a warning. Compiled batches run unpadded.
+live on the host (read as Python ints: one op), and passed in. Dynamo specialises on the first value of each
+size and, when it changes, recompiles once with it symbolic; sizes 0 and 1 stay specialised (the count of
+factor rows is symbolic from the start). So five graphs serve every step: batch 1 with and without a row
+starting a chunk, batch > 1 with none, one or several. :meth:`DecodeGraphs.warm_up` compiles all of them
+before the server takes a request (vLLM compiles and captures at start-up too), each logged with its time: a
+compile inside the engine loop would stall every stream. Inductor's caches live under the project's cache
+dir, so a restart recompiles faster (tracing still runs). A step that fails to compile makes the engine
+decode eagerly, with a warning. Compiled batches run unpadded.
 """
 
 from __future__ import annotations
@@ -54,6 +57,21 @@ def capture_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+def warm_up_steps(max_batch: int, chunk_size: int) -> list[tuple[int, int, int]]:
+    """(batch size, rows that start a chunk, factor rows filled) of decode steps that, run in this order,
+    make dynamo build every graph the compiled step needs for batches up to ``max_batch``: batch 1 and the
+    rest, with no chunk start, one (a size-1 tensor stays specialised) or several, the batch size, the count
+    of chunk starts and of factor rows each seen at two values or more, so that those graphs are symbolic in
+    them, and every row starting a chunk (in case dynamo gives equal sizes one symbol).
+    ``tests/test_server_warm_up.py`` checks that a decode workload compiles nothing after these."""
+    partly = sorted({1, 2, chunk_size - 1} & set(range(1, chunk_size)))  # rows filled when a row goes on
+    steps = [(1, 1, 0)] + [(1, 0, n) for n in partly]
+    for batch in sorted({2, 3, max_batch} & set(range(2, max_batch + 1))):
+        for starts in sorted({0, 1, 2, batch - 1, batch} & set(range(batch + 1))):
+            steps += [(batch, batch, 0)] if starts == batch else [(batch, starts, n) for n in partly]
+    return steps
+
+
 def use_project_compile_cache() -> None:
     """Inductor's caches (FX graphs, generated C++) under the project's cache dir unless the environment
     names one: compiled steps survive a restart. Importing torch._dynamo already wrote torch's default (a
@@ -68,11 +86,13 @@ class DecodeGraphs:
     size of :func:`capture_sizes`: replayed from CUDA graphs (``use_graphs``), compiled with torch.compile's
     ``compile_backend`` (on a CPU: "inductor"; tests also use "aot_eager", which traces the same graph
     without generating code) for sizes up to ``compile_max_batch``, or eager, which is how the padding is
-    tested without a GPU. Compiled steps run on ``compile_threads`` torch threads (None: the caller's)."""
+    tested without a GPU. Compiled steps run on ``compile_threads`` torch threads (None: the caller's);
+    ``on_compile(batch size, step, seconds)`` hears of each graph compiled."""
 
     def __init__(self, model: MirasLM, pool: ModelState, scratch_slot: int, max_batch: int, use_graphs: bool,
                  compile_backend: str | None = None, compile_max_batch: int | None = None,
-                 compile_threads: int | None = None):
+                 compile_threads: int | None = None,
+                 on_compile: Callable[[int, KnownStep, float], None] | None = None):
         if not 0 <= scratch_slot < pool.batch_size:
             raise ValueError(f"scratch slot {scratch_slot} is outside the pool of {pool.batch_size}")
         if use_graphs and compile_backend is not None:
@@ -95,12 +115,18 @@ class DecodeGraphs:
         self.compile_max_batch = max_batch if compile_max_batch is None else compile_max_batch
         self.compile_threads = compile_threads
         self.compiles: list[tuple[int, KnownStep, float]] = []  # (batch size, step, seconds) of each compile
+        self.on_compile = on_compile
         if compile_backend is not None:
             use_project_compile_cache()
             # a few graphs per instance (batch 1 and the rest, chunk start or not, specialised then
             # symbolic), all on the code of _pool_step: let dynamo keep those of every instance
             torch._dynamo.config.recompile_limit += 8
             torch._dynamo.config.accumulated_recompile_limit += 8
+            # the count of factor rows is symbolic from its first compile: else dynamo compiles a graph for its
+            # first value, then another when it changes (one compile more at start-up)
+            sources = torch.compiler.config.dynamic_sources
+            if "L['filled']" not in sources.split(","):
+                torch.compiler.config.dynamic_sources = ",".join(filter(None, [sources, "L['filled']"]))
             # freezing: the weights become constants of the compiled code, the dense products oneDNN's
             # prepacked ones (the weights never change while serving); cpp_wrapper: the code that calls the
             # kernels is C++ too, not Python. Each measured faster (docs/benchmarks/compiled-cpu.md).
@@ -125,29 +151,60 @@ class DecodeGraphs:
         return self.logits[size][:batch]
 
     def known_step(self, slots: Tensor) -> KnownStep:
-        """The shape of the next step of the sequences in ``slots``, from the pool's positions: on a CPU
-        the pool lives on the host, so reading them costs no device sync."""
-        row = self.pool.pos.index_select(0, slots) % self.model.config.chunk_size
-        first = (row == 0).nonzero().squeeze(1)
-        return KnownStep(first if first.numel() else None, int(row.max()))
+        """The shape of the next step of the sequences in ``slots`` (a CPU pool's), from the pool's positions
+        read as Python ints (one op: 11-21 µs a step in docs/benchmarks/engine-host-cpu-compiled.md, where seven
+        tensor ops and a ``nonzero`` took 41-99); the index tensor of the rows that start a chunk is built only on
+        a step that has one."""
+        positions, chunk = self.pool.pos.tolist(), self.model.config.chunk_size
+        rows = [positions[slot] % chunk for slot in slots.tolist()]
+        first = [b for b, row in enumerate(rows) if row == 0]
+        return KnownStep(torch.tensor(first, device=slots.device) if first else None, max(rows))
+
+    @torch.inference_mode()  # as the engine's steps run: whether an input is an inference tensor is a guard
+    def warm_up(self) -> float:
+        """Compile every graph of :func:`warm_up_steps` now, on the scratch slot (no request's state is touched;
+        the scratch row is restored): no later decode step compiles. Returns the seconds it took."""
+        if self.compiled is None:
+            return 0.0
+        start, graphs = time.monotonic(), len(self.compiles)
+        scratch = [self.scratch_slot]
+        saved = self.pool.select(scratch)
+        device = self.pool.pos.device
+        for batch, starts, filled in warm_up_steps(min(len(self.ids), self.compile_max_batch),
+                                                   self.model.config.chunk_size):
+            first = torch.arange(starts, device=device) if starts else None
+            slots = torch.full((batch,), self.scratch_slot, dtype=torch.long, device=device)
+            if self._run_known(torch.zeros(batch, 1, dtype=torch.long, device=device), slots,
+                               KnownStep(first, filled)) is None:
+                break  # fell back to eager
+        self.pool.assign(scratch, saved)
+        seconds = time.monotonic() - start
+        logger.info("compiled decode steps warmed up: %d graphs in %.1f s", len(self.compiles) - graphs, seconds)
+        return seconds
 
     def _run_compiled(self, ids: Tensor, slots: Tensor) -> Tensor:
+        logits = self._run_known(ids, slots, self.known_step(slots))
+        return self.run(ids, slots) if logits is None else logits
+
+    def _run_known(self, ids: Tensor, slots: Tensor, known: KnownStep) -> Tensor | None:
+        """The compiled step's logits, each compile it makes recorded and logged; None if it failed to compile
+        (the engine decodes eagerly from then on)."""
         threads = torch.get_num_threads()
         torch.set_num_threads(self.compile_threads or threads)
+        graphs, start = counters["stats"]["unique_graphs"], time.monotonic()
         try:
-            known = self.known_step(slots)
-            graphs, start = counters["stats"]["unique_graphs"], time.monotonic()
-            try:
-                logits = self.compiled(ids, slots, *known)
-            except Exception:  # a model the compiler cannot handle: serve eagerly rather than not at all
-                logger.warning("compiling the decode step failed; decoding eagerly", exc_info=True)
-                self.compiled = None
-                return self.run(ids, slots)
-            if counters["stats"]["unique_graphs"] != graphs:  # this step compiled a graph
-                self.compiles.append((ids.shape[0], known, time.monotonic() - start))
-                starts = 0 if known.first is None else known.first.numel()
-                logger.info("decode step compiled for batch %d (%d factor rows, %d chunk starts) in %.1f s",
-                            ids.shape[0], known.filled, starts, self.compiles[-1][2])
-            return logits
+            logits = self.compiled(ids, slots, *known)
+        except Exception:  # a model the compiler cannot handle: serve eagerly rather than not at all
+            logger.warning("compiling the decode step failed; decoding eagerly", exc_info=True)
+            self.compiled = None
+            return None
         finally:
             torch.set_num_threads(threads)
+        if counters["stats"]["unique_graphs"] != graphs:  # this step compiled a graph
+            self.compiles.append((ids.shape[0], known, time.monotonic() - start))
+            starts = 0 if known.first is None else known.first.numel()
+            logger.info("decode step compiled for batch %d (%d factor rows, %d chunk starts) in %.1f s",
+                        ids.shape[0], known.filled, starts, self.compiles[-1][2])
+            if self.on_compile is not None:
+                self.on_compile(*self.compiles[-1])
+        return logits

@@ -19,6 +19,7 @@ from torch import Tensor
 from miras_serve.kernels import set_dot_precision
 from miras_serve.models import MirasLM, MirasTokenizer
 from miras_serve.models.backend import native_decode_enabled
+from miras_serve.models.memory import KnownStep
 
 from .decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
@@ -56,6 +57,7 @@ class EngineConfig:
     # Compile the decode step with torch.compile on a CPU (server/decode_graphs.py); the CLI turns it on
     # unless --enforce-eager. Off here: an embedded engine (and the tests) stays eager.
     compiled_steps: bool = False
+    compile_backend: str = DEFAULTS.compile_backend  # torch.compile's backend for them
     # Bytes of recurrent states kept for prompts that repeat or extend earlier ones (server/state_cache.py);
     # 0 turns the cache off.
     state_cache_bytes: int = int(DEFAULTS.state_cache_gb * GiB)
@@ -80,6 +82,7 @@ class EngineConfig:
         """The server's engine: --enforce-eager turns off both CUDA graphs and the CPU's compiled steps."""
         return cls(args.max_num_seqs, args.max_num_batched_tokens, args.max_prompt_tokens, args.seed,
                    cuda_graphs=False if args.enforce_eager else None, compiled_steps=not args.enforce_eager,
+                   compile_backend=args.compile_backend,
                    state_cache_bytes=int(args.state_cache_gb * GiB), state_disk_dir=args.state_disk_dir,
                    state_disk_bytes=int(args.state_disk_gb * GiB), state_disk_ttl=args.state_disk_ttl,
                    gpu_memory_utilization=args.gpu_memory_utilization, state_redis_url=args.state_redis_url,
@@ -113,14 +116,16 @@ class LLMEngine:
         self.pool = model.init_state(self.config.max_num_seqs + (1 if padded else 0))
         if self.pool.layout == "factored":  # the native CPU decode kernel: built or loaded now, not on a first step
             native_decode_enabled(self.device.type)
+        self.metrics = metrics or EngineMetrics(model_name)
         self.decode_graphs = self._capture_decode_graphs(compiled) if padded else None
+        if self.decode_graphs is not None:  # every compile now, before the first request, not in the engine loop
+            self.decode_graphs.warm_up()
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.sampler = Sampler(self.pool.batch_size, self.vocab_size, self.eos_token_id, self.device, self.generator)
         # built once at start-up (about a second), not on the first constrained request
         self.grammars = GrammarCompiler(tokenizer.tokenizer.to_str(), self.vocab_size, self.eos_token_id) \
             if structured_available() else None
-        self.metrics = metrics or EngineMetrics(model_name)
         self.metrics.state_slots_capacity.set(self.config.max_num_seqs)
         self.metrics.state_bytes_per_sequence.set(self.pool.nbytes_per_sequence())
         self.miras_layers = model.miras_layers  # the layers a surprise row lists, in order
@@ -185,12 +190,17 @@ class LLMEngine:
         try:
             return DecodeGraphs(self.model, self.pool, scratch_slot=self.config.max_num_seqs,
                                 max_batch=self.config.max_num_seqs, use_graphs=self.device.type == "cuda",
-                                compile_backend="inductor" if compiled else None,
+                                compile_backend=self.config.compile_backend if compiled else None,
                                 compile_max_batch=ENGINE_COMPILE_MAX_BATCH,
-                                compile_threads=min(COMPILED_STEP_THREADS, os.cpu_count() or 1))
+                                compile_threads=min(COMPILED_STEP_THREADS, os.cpu_count() or 1),
+                                on_compile=self._observe_compile)
         except Exception:  # e.g. a model whose step cannot be captured: serve eagerly rather than not at all
             logger.warning("preparing the decode steps failed; decoding eagerly", exc_info=True)
             return None
+
+    def _observe_compile(self, batch: int, known: KnownStep, seconds: float) -> None:
+        self.metrics.decode_graph_compiles.inc()
+        self.metrics.decode_compile_seconds.inc(seconds)
 
     # ---- requests -------------------------------------------------------------------------------------
 

@@ -76,6 +76,10 @@ class EngineArgs:
     enforce_eager: bool = arg(False, "decode eagerly: without CUDA graphs on a GPU (default: replay the decode step "
                               "from graphs), without compiled steps on a CPU (default: torch.compile the decode step)",
                               group="engine")
+    # a server argument: the offline LLM never compiles its decode step
+    compile_backend: str = arg("inductor", "torch.compile backend of the CPU's compiled decode steps: inductor "
+                               "generates C++ code; aot_eager traces the same graphs and runs them eagerly (tests, "
+                               "debugging: compiles in seconds)", choices=("inductor", "aot_eager"))
     state_cache_gb: float = arg(1.0, "memory for recurrent states of earlier prompts and replies, restored when a "
                                 "prompt repeats or extends one (the next turn of a chat): prefix caching; 0 disables",
                                 group="engine", bound=NON_NEGATIVE)

@@ -109,6 +109,10 @@ class EngineMetrics:
                                               STEP_BUCKETS)
         self.engine_batch_size = histogram("engine_batch_size", "Sequences in one engine step (decodes + prefill "
                                            "chunks).", BATCH_BUCKETS)
+        self.decode_graph_compiles = counter("decode_graph_compiles", "Graphs of the CPU's compiled decode step "
+                                             "built (at start-up: a compile later stalls every stream).")
+        self.decode_compile_seconds = counter("decode_compile_seconds", "Seconds spent compiling the CPU's decode "
+                                              "step (at start-up, before the server listens).")
         def per_tier(metric: Counter | Gauge | Histogram, names: tuple[str, ...]) -> dict:
             return {name: metric.labels(model_name, name) for name in names}
 

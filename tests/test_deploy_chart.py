@@ -142,8 +142,10 @@ def test_probes_and_ports_match_the_server(helm):
 
 
 def test_startup_probe_allows_minutes_for_model_load(helm):
+    """On a CPU the server compiles its decode step before it listens: minutes with a cold compiler cache
+    (docs/benchmarks/warm-up-cpu.md)."""
     startup = container(render(helm))["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800
 
 
 def test_every_server_value_becomes_its_flag(helm, tmp_path):

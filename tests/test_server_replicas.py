@@ -307,7 +307,8 @@ def test_the_router_keeps_conversations_on_one_replica_and_survives_a_crash(tiny
                     text = f"Tell me more, {name}"  # distinct: no conversation restores another's first prompt
                     _, previous[name], _ = await turn(http, stack.url, name, text, previous[name], 3)
 
-    with Stack(str(tiny_checkpoint), 2, serve_args=("--served-model-name", MODEL)) as stack:
+    # --enforce-eager: this is about routing; compiling the decode step at start-up has its own tests
+    with Stack(str(tiny_checkpoint), 2, serve_args=("--served-model-name", MODEL, "--enforce-eager")) as stack:
         previous: dict[str, str | None] = {f"conversation-{i}": None for i in range(4)}
         asyncio.run(converse(stack, previous, 3))
         per_replica = [hits(stack, port) for port in stack.replica_ports]

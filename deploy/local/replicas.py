@@ -29,7 +29,7 @@ from pathlib import Path
 
 from miras_serve.loadtest.process import ServerProcess, free_port
 
-from .launch import serve_command
+from .launch import STARTUP_TIMEOUT, serve_command
 from .redis_process import RedisProcess
 
 NGINX_CONF = """worker_processes 1;
@@ -94,7 +94,7 @@ class Stack:
             for i, p in enumerate(self.replica_ports):  # all loading at once, then each waited for
                 self.replicas.append(self._serve(model, i, p, serve_args))
             for replica in self.replicas:
-                replica.wait_ready(300)
+                replica.wait_ready(STARTUP_TIMEOUT)
             self.router = self._route(router, policy)
         except BaseException:
             self.stop()
