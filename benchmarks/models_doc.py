@@ -69,6 +69,16 @@ def side_by_side(trained: dict[str, dict], long_context: dict[str, dict]) -> lis
             "| ablation | shipped | numerics | val ppl | last band ppl |", "|---|---|---|---|---|", *lines, ""]
 
 
+RECIPE_KEYS = ("vocab_size", "seq_len", "batch_size", "steps", "lr", "min_lr_ratio", "warmup", "weight_decay",
+               "grad_clip", "seed")
+
+
+def recipe_changes(args: dict, recipe: dict) -> str:
+    """What a model's training arguments change in the shared recipe ("same" when nothing)."""
+    changes = [f"{key.replace('_', ' ')} {args[key]}" for key in RECIPE_KEYS if args[key] != recipe[key]]
+    return ", ".join(changes) or "same"
+
+
 def long_context_section(results: dict[str, dict]) -> list[str]:
     """The per-position table of ``benchmarks.long_context`` (from each directory's long_context.json)."""
     if not results:
@@ -89,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="directory to write models.md into (default: docs/ of this checkout)")
     args = p.parse_args(argv)
     rows, samples, trained, long_context = [], [], {}, {}
+    first = json.loads((Path(args.dirs[0]) / "training.json").read_text())
+    recipe = first["args"]
     for raw in args.dirs:
         directory = Path(raw)
         training_path = directory / "training.json"
@@ -103,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         val = training["validation"]
         rows.append((val["loss"], f"| `{directory.name}` | {training['role']} | "
                                   f"`{training['preset']}` | {training['numerics']} | "
+                                  f"{recipe_changes(training['args'], recipe)} | "
                                   f"{training['parameters'] / 1e6:.2f} M | "
                                   f"{training['tokens_seen'] / 1e6:.2f} M | {training['wall_time_s'] / 60:.0f} min | "
                                   f"{val['loss']:.3f} | {val['perplexity']:.1f} | {val['bits_per_byte']:.3f} |"))
@@ -111,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             text = sample(model, tokenizer, SAMPLE_PROMPT, max_new_tokens=80, temperature=0.8, seed=0)
             samples.append(f"### `{directory.name}`\n\n```text\n{text.strip()}\n```\n")
     rows.sort()
-    first = json.loads((Path(args.dirs[0]) / "training.json").read_text())
-    recipe = first["args"]
     lines = [
         "# Trained models",
         "",
@@ -126,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         f"({first['hardware']}). Validation: the first {first['eval']['windows']} windows of "
         f"{first['eval']['seq_len']} tokens of the held-out split, each from a fresh state. Bits per byte "
         f"divide the total loss by the UTF-8 bytes the target tokens stand for, so it compares across "
-        f"tokenizers. The exact command of each model is in its `MODEL_CARD.md`.",
+        f"tokenizers. The exact command of each model is in its `MODEL_CARD.md`; *recipe* names what a model "
+        f"changes in the recipe (the notes below say why).",
         "",
-        "| model | role | preset | memory numerics | parameters | tokens seen | training time | val loss | val ppl "
-        "| bits/byte |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | role | preset | memory numerics | recipe | parameters | tokens seen | training time | val loss "
+        "| val ppl | bits/byte |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *[row for _, row in rows],
         "",
         *side_by_side(trained, long_context),
