@@ -14,7 +14,7 @@ from miras_serve import models
 from miras_serve.models.corpus import load_documents, split_documents
 from miras_serve.models.train import encode_stream, evaluate, main, sample
 
-SHIPPED = ["moneta-tiny", "yaad-tiny", "memora-tiny", "moneta-h-tiny", "yaad-h-tiny"]
+SHIPPED = ["moneta-tiny", "yaad-tiny", "memora-tiny", "moneta-h-tiny", "yaad-h-tiny", "memora-h-tiny"]
 CARD_CHECK_TOKENS = 16384  # of the card's 64 windows: the first 16K tokens keep the suite short
 
 
