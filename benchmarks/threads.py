@@ -44,9 +44,9 @@ def decode_call(model: models.MirasLM, batch: int) -> Callable[[], None]:
     return call
 
 
-def prefill_call(model: models.MirasLM, cached: int, tokens: int) -> Callable[[], None]:
-    """The eager prefill of ``tokens`` new tokens continuing a sequence of ``cached`` tokens in a pool slot;
-    the slot's state is put back (untimed) before every call, so each call prefills the same turn."""
+def prefill_call(model: models.MirasLM, cached: int, tokens: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The eager prefill of ``tokens`` new tokens continuing a sequence of ``cached`` tokens in a pool slot, and
+    what puts the slot's state back (untimed, before every call, so each call prefills the same turn)."""
     pool, slots = model.init_state(2), torch.tensor([0])
     vocab = model.config.vocab_size
     if cached:
@@ -61,8 +61,7 @@ def prefill_call(model: models.MirasLM, cached: int, tokens: int) -> Callable[[]
         for dst, src in zip(pool.tensors(), saved.tensors(), strict=True):
             dst.copy_(src)
 
-    call.restore = restore  # type: ignore[attr-defined]
-    return call
+    return call, restore
 
 
 @torch.inference_mode()
@@ -73,19 +72,18 @@ def measure(model: models.MirasLM, threads: list[int], batches: list[int], cache
         torch.set_num_threads(n)
         for batch in batches:
             runs.append(dict(what=f"decode step, batch {batch}", tokens=batch, threads=n,
-                             call=decode_call(model, batch), times=[], warmup_s=0.0))
-        runs.append(dict(what=f"prefill {turn} tokens after {cached} cached", tokens=turn, threads=n,
-                         call=prefill_call(model, cached, turn), times=[], warmup_s=0.0))
-        runs.append(dict(what=f"prefill a {prompt}-token prompt", tokens=prompt, threads=n,
-                         call=prefill_call(model, 0, prompt), times=[], warmup_s=0.0))
+                             call=decode_call(model, batch), restore=None, times=[], warmup_s=0.0))
+        for what, before, tokens in ((f"prefill {turn} tokens after {cached} cached", cached, turn),
+                                     (f"prefill a {prompt}-token prompt", 0, prompt)):
+            call, restore = prefill_call(model, before, tokens)
+            runs.append(dict(what=what, tokens=tokens, threads=n, call=call, restore=restore, times=[], warmup_s=0.0))
     chunk = model.config.chunk_size
     for step in range(2 * chunk):
         for run in runs:
-            decode = run["what"].startswith("decode")
-            if not decode and (step < chunk or (step - chunk) % max(1, chunk // rounds)):
-                continue  # prefills: ``rounds`` times, spread over the measured decode chunk
-            if not decode:
-                run["call"].restore()
+            if run["restore"] is not None:  # a prefill: ``rounds`` times, spread over the measured decode chunk
+                if step < chunk or (step - chunk) % max(1, chunk // rounds):
+                    continue
+                run["restore"]()
             torch.set_num_threads(run["threads"])
             t0 = time.perf_counter()
             run["call"]()
