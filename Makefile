@@ -8,6 +8,8 @@ MODEL ?= moneta-tiny
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# pytest processes (pytest-xdist), each taking whole test files (module fixtures such as a server start once)
+TEST_WORKERS ?= 2
 
 .PHONY: setup serve test lint bench clean system-deps replicas bench-replicas browser
 
@@ -44,7 +46,7 @@ browser:
 
 test: setup $(HELM) system-deps browser
 	$(VENV)/bin/ruff check .
-	MIRAS_REQUIRE_BROWSER=1 $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
+	MIRAS_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 # 3 replicas of MODEL on CPU + nginx routing by x-session-id on PORT (default 8080) + Redis; Ctrl-C stops all.
 replicas: setup system-deps
