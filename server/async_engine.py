@@ -3,7 +3,8 @@
 Torch releases the GIL inside its kernels, so the event loop keeps streaming while a step runs. Callers
 add and abort requests through an inbox the engine thread drains between steps; outputs travel back
 through one asyncio queue per request. The waiting queue is bounded: beyond ``max_queued_requests``
-not-yet-admitted requests, ``submit`` raises QueueFullError (HTTP 429) instead of growing a backlog.
+requests waiting for a slot (not yet admitted, less the free slots), ``submit`` raises QueueFullError (HTTP
+429) instead of growing a backlog.
 It is the HTTP layer's :class:`~server.engine_client.EngineClient`.
 """
 
@@ -134,7 +135,10 @@ class AsyncEngine:
         with self._lock:
             if self._closed:  # the engine thread stopped or died after the check above
                 raise EngineUnavailableError("the engine is not running")
-            if len(self._inbox) + self.engine.num_waiting + len(pending) > self.max_queued_requests:
+            # requests that will wait for a slot: those not yet admitted, less the slots free now (a burst
+            # into an idle server is admitted, not refused because the engine thread has not yet taken it)
+            not_admitted = len(self._inbox) + self.engine.num_waiting + len(pending)
+            if not_admitted - self.engine.num_free_slots > self.max_queued_requests:
                 self.engine.metrics.request_rejected["queue_full"].inc()
                 raise QueueFullError(f"the server's queue is full ({self.max_queued_requests} waiting requests)")
             self._inbox.extend(pending)

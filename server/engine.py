@@ -280,6 +280,10 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
+    @property
+    def num_free_slots(self) -> int:
+        return len(self.scheduler.free_slots)
+
     # ---- one step --------------------------------------------------------------------------------------
 
     @torch.inference_mode()

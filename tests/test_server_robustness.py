@@ -9,7 +9,7 @@ import pytest
 
 from miras_serve import models
 from miras_serve.server import EngineConfig, LLMEngine, ParamError, SamplingParams
-from miras_serve.server.async_engine import AsyncEngine, EngineUnavailableError
+from miras_serve.server.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from miras_serve.server.detokenizer import IncrementalDetokenizer
 from miras_serve.server.protocol import CompletionChoice
 from miras_serve.server.serving_base import sse
@@ -101,3 +101,25 @@ def test_a_request_is_validated_once(engine, monkeypatch):
     assert len(calls) == 1
     with pytest.raises(ParamError, match="out of vocabulary"):
         engine.add_request("direct", [10**9], SamplingParams(max_tokens=1))
+
+
+def test_a_burst_into_free_slots_is_admitted_and_the_queue_bound_counts_waiting_requests(engine):
+    """4 slots and a queue of 2: six requests submitted at once are accepted whether or not the engine thread
+    has taken them yet (four get slots), the seventh waits beyond the queue's bound and gets QueueFullError."""
+    async def run() -> None:
+        async_engine = AsyncEngine(engine, max_queued_requests=2)
+        async_engine.start()
+        try:
+            params = SamplingParams(max_tokens=64, ignore_eos=True)  # none finishes during the burst
+            groups = [async_engine.submit([([5, 6, 7], None)], params) for _ in range(6)]
+            with pytest.raises(QueueFullError, match="queue is full"):
+                async_engine.submit([([5, 6, 7], None)], params)
+            served = await asyncio.wait_for(asyncio.gather(*[_deltas(group) for group in groups]), timeout=120)
+            assert all(deltas[-1].finished for deltas in served)  # each is served to its end
+        finally:
+            await asyncio.to_thread(async_engine.stop)
+    asyncio.run(run())
+
+
+async def _deltas(group) -> list:
+    return [delta async for _, delta in group]
