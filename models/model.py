@@ -177,7 +177,7 @@ class MirasLM(nn.Module):
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, lengths: Tensor | None = None,
                 slots: Tensor | None = None, surprise: Tensor | None = None,
-                known: KnownStep | None = None) -> tuple[Tensor, ModelState]:
+                known: KnownStep | None = None, last_only: bool = False) -> tuple[Tensor, ModelState]:
         """Process ``input_ids`` [B, T] continuing from ``state`` (None: fresh sequences).
 
         ``lengths[b]`` (default T) is the number of real tokens in row b; the rest of the row is
@@ -194,6 +194,9 @@ class MirasLM(nn.Module):
         ``known`` (a pool decode step: one token per row, every slot live): whether a row starts a chunk and
         how many factor rows to read, from the host (:class:`models.memory.KnownStep`); the step then reads no
         device value on the host, so that it compiles into one graph (server/decode_graphs.py).
+
+        ``last_only``: logits [B, 1, vocab] at each row's last real token only, what a prefill samples from
+        (the output projection is the largest product of a small model: a fifth of moneta-tiny's FLOPs per token).
         """
         if known is not None and (slots is None or input_ids.shape[1] != 1):
             raise ValueError("known is for one-token steps through a state pool (slots)")
@@ -204,14 +207,14 @@ class MirasLM(nn.Module):
             # The Miras memory (most of the state) is read and written in place by the memory scan;
             # the small entries (position, conv cache, attention ring) go through gather and scatter.
             logits, new_state = self._forward(input_ids, state.select(slots, whole=POOLED), lengths, slots, surprise,
-                                              known)
+                                              known, last_only)
             state.assign(slots, new_state, skip=POOLED)
             return logits, state
-        return self._forward(input_ids, state, lengths, None, surprise)
+        return self._forward(input_ids, state, lengths, None, surprise, last_only=last_only)
 
     def _forward(self, input_ids: Tensor, state: ModelState | None, lengths: Tensor | None,
                  slots: Tensor | None, surprise: Tensor | None,
-                 known: KnownStep | None = None) -> tuple[Tensor, ModelState]:
+                 known: KnownStep | None = None, last_only: bool = False) -> tuple[Tensor, ModelState]:
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids must hold at least one token per row")
@@ -231,5 +234,8 @@ class MirasLM(nn.Module):
             mine = surprise[..., next(columns)] if surprise is not None and block.kind == "M" else None
             x, layer_state = block(x, layer_state, state.pos, valid, lengths, slots, mine, known)
             new_layers.append(layer_state)
+        if last_only:
+            last = (lengths - 1).clamp(min=0).view(B, 1, 1).expand(B, 1, x.shape[-1])
+            x = x.gather(1, last)
         logits = self.lm_head(self.norm(x)).to(compute_dtype(x.dtype))
         return logits, ModelState(state.pos + lengths, new_layers)

@@ -11,11 +11,9 @@ import argparse
 import asyncio
 import concurrent.futures
 import logging
-import os
 import sys
 from types import FrameType
 
-import torch
 import uvicorn
 
 from miras_serve import models
@@ -94,10 +92,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.model == DEFAULT_MODEL and DEFAULT_MODEL not in models.shipped_models():
             hint = f"\n(the default model {DEFAULT_MODEL!r} is not shipped in this build; pass --model DIR)"
         sys.exit(f"miras-serve: cannot load model: {exc}{hint}")
-    if net.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # leave a core to the event loop that streams the tokens: intra-op threads that spin-wait on a
-        # busy core make every step far slower than one thread less
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     name = args.served_model_name or default_served_name(args.model)
     try:
         engine = LLMEngine(net, tokenizer, EngineConfig.from_args(args), name, EngineMetrics(name))

@@ -392,8 +392,10 @@ class LLMEngine:
             ids[row, : lengths[row]] = torch.tensor(c.request.prompt_token_ids[c.start: c.end])
         slots = torch.tensor([c.request.slots[0] for c in chunks], device=self.device)
         surprise = self._surprise_buffer([c.request for c in chunks], max(lengths))
+        # logits at every prompt position only for prompt logprobs; else each row's last (all a prefill samples)
+        every = any(c.request.params.prompt_logprobs is not None for c in chunks)
         logits, _ = self.model(ids.to(self.device), self.pool, torch.tensor(lengths, device=self.device), slots=slots,
-                               surprise=surprise)
+                               surprise=surprise, last_only=not every)
         logits = logits[..., : self.vocab_size]
         for row, c in enumerate(chunks):
             request = c.request
@@ -405,7 +407,7 @@ class LLMEngine:
             if request.params.prompt_logprobs is not None:
                 self._prompt_logprobs(c, logits[row, : lengths[row]])
             if c.last:
-                last_logits = logits[row, lengths[row] - 1]
+                last_logits = logits[row, lengths[row] - 1 if every else 0]
                 if self.state_cache is not None:
                     self._save(request, request.prompt_token_ids, [request.slots[0]], last_logits.clone())
                 self._start_decoding(request, last_logits)

@@ -40,6 +40,26 @@ def test_parallel_pass_equals_prefill_then_decode(preset):
             assert state.pos.tolist() == lengths.tolist()
 
 
+@pytest.mark.parametrize("preset", ["moneta", "yaad-h"])
+def test_last_only_logits_are_each_rows_last_and_the_state_is_the_same(preset):
+    """``last_only`` (what a prefill samples from): [B, 1, vocab] at each row's last real token, equal to the full
+    pass's there, through a pool too; the state is the one the full pass leaves."""
+    model = small_model(preset, seed=3)
+    ids = torch.randint(0, SMALL["vocab_size"], (3, T))
+    lengths = torch.tensor([T, CHUNK + 1, 1])
+    with torch.no_grad():
+        full, full_state = model(ids, lengths=lengths)
+        last, last_state = model(ids, lengths=lengths, last_only=True)
+        pool = model.init_state(4)
+        pooled, _ = model(ids, pool, lengths=lengths, slots=torch.tensor([2, 0, 3]), last_only=True)
+    assert last.shape == pooled.shape == (3, 1, full.shape[-1])
+    for row, n in enumerate(lengths.tolist()):
+        assert relative_error(last[row, 0], full[row, n - 1]) <= 1e-5
+        assert relative_error(pooled[row, 0], full[row, n - 1]) <= 1e-5
+    for mine, theirs in zip(last_state.tensors(), full_state.tensors(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
 @pytest.mark.parametrize("preset", ["moneta", "memora-h"])
 def test_rows_at_different_positions_batch_together(preset):
     """Continuing sequences whose chunk phases differ, in one batch, equals continuing each alone."""
