@@ -1,8 +1,13 @@
 """Side by side with llama.cpp on this CPU: ``llama-server`` serving a Llama of moneta-tiny's size (random
-weights, moneta-tiny's tokenizer and chat template) against ``miras-serve``, one server at a time, driven
-by the same client (the project's load generator, and one chat loop). Not run in CI.
+weights, moneta-tiny's tokenizer and chat template) against ``miras-serve``, driven by the same client (the
+project's load generator, and one chat loop). Not run in CI.
 
-    python -m benchmarks.llamacpp [--model moneta-tiny] [--threads 2] [--out DIR]
+    python -m benchmarks.llamacpp [--model moneta-tiny] [--threads 2] [--rounds 3] [--out DIR]
+
+The servers are up at once and idle but for the row being measured: each row runs on one server, then on the
+other (the order alternating from row to row and round to round), ``--rounds`` times; the table holds the
+medians. A shared machine's speed drifts by up to 2x within minutes, which measuring one server after the other
+had put into the ratios.
 
 Writes peer-llamacpp-cpu.md (and every run's rows as peer-llamacpp-cpu.json) into ``--out`` (default
 docs/benchmarks/). A server that dies during a row (llama-server did, mid-run) is restarted and the row run
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -35,6 +41,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -215,35 +222,31 @@ def on_live_server(server: ServerProcess, what: str, run: Callable[[], T], resta
     raise AssertionError("unreachable")
 
 
-def measure(server: ServerProcess, model: str, tokenizer_dir: str, work: Path, chat_messages: list[str] | None,
-            restarts: list[str]) -> dict[str, float]:
-    """One server's row of the table (load generator runs of 2 measured requests after 1 warm-up each);
-    the chat rows unless ``chat_messages`` is None."""
-    url = server.url
-
-    def measured(what: str, run: Callable[[], T]) -> T:
-        return on_live_server(server, what, run, restarts)
-
-    # first a load at concurrency 1 then 8, unmeasured: steps compiled on first use (one graph for batch 1, one
-    # for the rest) are compiled before anything is timed
+def warm_up(server: ServerProcess, tokenizer_dir: str, work: Path, restarts: list[str]) -> None:
+    """Loads at concurrency 1 then 8, unmeasured: whatever a server prepares on first use is ready before a row."""
     for concurrency in (1, 8):
-        measured(f"warm-up {concurrency}", lambda c=concurrency: load(url, tokenizer_dir, work / f"warm-up-{c}", c,
-                                                                       128, 128, c))
-    result: dict[str, float] = {}
-    for context in ITL_CONTEXTS:
-        summary = measured(f"ITL after {context}", lambda n=context: load(url, tokenizer_dir, work / f"itl-{n}", 1,
-                                                                          n, 128, 2))
-        result[f"decode ITL at concurrency 1 after {context} tokens (ms, p50)"] = summary["itl_ms"]["p50"]
+        on_live_server(server, f"warm-up {concurrency}", lambda c=concurrency: load(
+            server.url, tokenizer_dir, work / f"warm-up-{c}", c, 128, 128, c), restarts)
+
+
+def measures(url: str, model: str, tokenizer_dir: str, work: Path, chat_url: str,
+             chat_messages: list[str]) -> list[tuple[str, Callable[[], dict[str, float]]]]:
+    """One server's rows of the table, as (what, run) pairs: load generator runs of 2 measured requests after 1
+    warm-up each, then the chat (on ``chat_url``) of ``chat_messages``."""
+    def itl(context: int) -> dict[str, float]:
+        summary = load(url, tokenizer_dir, work / f"itl-{context}", 1, context, 128, 2)
+        result = {f"decode ITL at concurrency 1 after {context} tokens (ms, p50)": summary["itl_ms"]["p50"]}
         if context in LONG_PROMPTS:
             result[f"TTFT of one {context}-token prompt (ms, p50)"] = summary["ttft_ms"]["p50"]
-    for concurrency in CONCURRENCIES:
-        summary = measured(f"concurrency {concurrency}", lambda c=concurrency: load(
-            url, tokenizer_dir, work / f"c{c}", c, 128, 128, 2 * c))
-        result[f"output tokens/s at concurrency {concurrency} (128 in, 128 out)"] = summary["output_throughput"]
-    if chat_messages is not None:
-        result |= measured("chat", lambda: measure_chat(url, model, chat_messages))
-    result[LOAD] = os.getloadavg()[0]  # the machine may be shared: how busy it was
-    return result
+        return result
+
+    def throughput(concurrency: int) -> dict[str, float]:
+        summary = load(url, tokenizer_dir, work / f"c{concurrency}", concurrency, 128, 128, 2 * concurrency)
+        return {f"output tokens/s at concurrency {concurrency} (128 in, 128 out)": summary["output_throughput"]}
+
+    return [*[(f"ITL after {n}", partial(itl, n)) for n in ITL_CONTEXTS],
+            *[(f"concurrency {c}", partial(throughput, c)) for c in CONCURRENCIES],
+            ("chat", lambda: measure_chat(chat_url, model, chat_messages))]
 
 
 def measure_chat(url: str, model: str, chat_messages: list[str]) -> dict[str, float]:
@@ -268,8 +271,9 @@ def report_lines(run: dict, args: argparse.Namespace, reused: dict | None) -> li
     restarts = "; ".join(f"{name} restarted for {', '.join(rows)}" for name, rows in run["restarts"].items() if rows)
     lines = [run["title"], "",
              f"Machine: {run['machine']}; date {run['date']}; commit {run['commit']}. Command: `{run['command']}`. "
-             f"Servers restarted: {restarts or 'none'}. One server at a time, the same client (the project's load "
-             f"generator; one chat loop).{peer} "
+             f"Servers restarted: {restarts or 'none'}. The servers up at once, each row run on one then the other "
+             f"(the order alternating), {args.rounds} round(s), medians; the same client (the project's load "
+             f"generator; one chat loop, a new conversation each round).{peer} "
              f"`{model}`: {params['miras-serve']:,} parameters; the Llama: {params['llama.cpp']:,} (random "
              f"weights, `{model}`'s tokenizer and chat template). Load generator rows: 2 measured requests after 1 "
              f"warm-up (throughput: 2 per concurrent request); chat: {CHAT_TURNS} turns of +{CHAT_USER_TOKENS} user "
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="an extra miras-serve argument (repeat; e.g. --serve-arg=--enforce-eager)")
     p.add_argument("--section", help="append the run to --out under this heading instead of replacing the file")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every row on every server (medians)")
     p.add_argument("--reuse-llama", action="store_true",
                    help="measure miras-serve only; llama.cpp's row is the last one measured (--out's .json)")
     report.add_out_argument(p)
@@ -316,40 +321,63 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = str(resolve(args.model))  # the load generator cuts prompts with its tokenizer.json
     chat = Workload(synthetic_corpus(), load_tokenizer(tokenizer_dir), LengthDist.parse(f"fixed:{CHAT_USER_TOKENS}"),
                     LengthDist.parse("fixed:32"), seed=19)
-    chat_messages = [chat.request(i).prompt for i in range(CHAT_TURNS)]
-    rows, commands, restarts = {}, {}, {"llama.cpp": [], "miras-serve": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    # a new conversation each round: the servers' caches hold the earlier rounds' states
+    chats = [[chat.request(r * CHAT_TURNS + i).prompt for i in range(CHAT_TURNS)] for r in range(args.rounds)]
+    commands, restarts = {}, {"llama.cpp": [], "miras-serve": []}
+    samples: dict[str, dict[str, list[float]]] = {"llama.cpp": {}, "miras-serve": {}}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         gguf_path = work / "llama.gguf"
         llama_params = write_gguf(gguf_path, tokenizer, hidden=cfg.d_model, layers=args.llama_layers,
                                   heads=cfg.n_heads, ffn=cfg.mlp_hidden, vocab=cfg.vocab_size, context=32768,
                                   tied=cfg.tie_embeddings)
-        port = 8091
+        llama_port, miras_port, chat_port = 8091, 8092, 8093
+
+        def llama(port: int) -> list[str]:
+            return [str(binary), "-m", "llama.gguf", "-t", str(args.threads), "--host", "127.0.0.1", "--port",
+                    str(port), "--jinja"]
+
         # 32 slots of 17K tokens each: the longest prompt plus its output, or a whole chat
-        llama = [str(binary), "-m", "llama.gguf", "-t", str(args.threads), "--host", "127.0.0.1", "--port", str(port),
-                 "--jinja"]
-        commands["llama.cpp"] = [*llama, "-c", str(32 * 17408), "-np", "32"]
+        commands["llama.cpp"] = [*llama(llama_port), "-c", str(32 * 17408), "-np", "32"]
         # the chat on a server of one slot: with 32, this llama-server exits mid-conversation (no error logged)
-        commands["llama.cpp, chat"] = [*llama, "-c", "65536", "-np", "1"]
+        commands["llama.cpp, chat"] = [*llama(chat_port), "-c", "65536", "-np", "1"]
+        servers: dict[str, tuple[ServerProcess, ServerProcess]] = {}  # name: (server, chat server)
         if reused:
-            rows["llama.cpp"] = reused["rows"]["llama.cpp"]
             commands = {k: v for k, v in reused["commands"].items() if k.startswith("llama.cpp")}
         else:
-            def run(command: list[str]) -> ServerProcess:
-                return ServerProcess([str(gguf_path) if a == "llama.gguf" else a for a in command],
-                                     url=f"http://127.0.0.1:{port}", log=work / "llama.log", timeout=600)
+            def run(command: list[str], port: int) -> ServerProcess:
+                return stack.enter_context(ServerProcess(
+                    [str(gguf_path) if a == "llama.gguf" else a for a in command], url=f"http://127.0.0.1:{port}",
+                    log=work / f"llama-{port}.log", timeout=600))
 
-            with run(commands["llama.cpp"]) as server:
-                rows["llama.cpp"] = measure(server, "llama", tokenizer_dir, work / "llama", None,
-                                            restarts["llama.cpp"])
-            with run(commands["llama.cpp, chat"]) as server:
-                rows["llama.cpp"] |= on_live_server(server, "chat", lambda: measure_chat(server.url, "llama",
-                                                                                         chat_messages),
-                                                    restarts["llama.cpp"])
-        with miras_serve(args.model, *args.serve_arg, port=port + 1, threads=None, log=work / "miras.log") as server:
-            commands["miras-serve"] = ["python", *server.command[1:]]
-            rows["miras-serve"] = measure(server, args.model, tokenizer_dir, work / "miras", chat_messages,
-                                          restarts["miras-serve"])
+            servers["llama.cpp"] = (run(commands["llama.cpp"], llama_port),
+                                    run(commands["llama.cpp, chat"], chat_port))
+        miras = stack.enter_context(miras_serve(args.model, *args.serve_arg, port=miras_port, threads=None,
+                                                log=work / "miras.log"))
+        servers["miras-serve"] = (miras, miras)
+        commands["miras-serve"] = ["python", *miras.command[1:]]
+        for name, (server, _) in servers.items():
+            warm_up(server, tokenizer_dir, work / name, restarts[name])
+        # Every row on every server in turn, the order alternating, so that a machine whose speed drifts (a
+        # shared one does, by 2x within minutes) weighs on both columns alike.
+        order = list(servers)
+        for r in range(args.rounds):
+            per_server = {name: measures(server.url, "llama" if name == "llama.cpp" else args.model, tokenizer_dir,
+                                         work / name / f"round-{r}", chat_server.url, chats[r])
+                          for name, (server, chat_server) in servers.items()}
+            for index, (what, _) in enumerate(per_server[order[0]]):
+                for name in order if (r + index) % 2 == 0 else order[::-1]:
+                    server = servers[name][1 if what == "chat" else 0]
+                    result = on_live_server(server, what, dict(per_server[name])[what], restarts[name])
+                    for key, value in result.items():
+                        samples[name].setdefault(key, []).append(value)
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        for name in servers:
+            samples[name][LOAD] = [os.getloadavg()[0]]  # the machine may be shared: how busy it was
+    rows = {name: {key: statistics.median(values) for key, values in by_key.items()}
+            for name, by_key in samples.items() if by_key}
+    if reused:
+        rows["llama.cpp"] = reused["rows"]["llama.cpp"]
     title = f"## {args.section}" if args.section else (
         f"# Side by side with llama.cpp on CPU: `{args.model}` vs a Llama of the same size")
     run = {"title": title, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
