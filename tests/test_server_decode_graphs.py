@@ -88,3 +88,25 @@ def test_scratch_slot_must_be_in_the_pool():
 def test_enforce_eager_flag():
     assert EngineConfig.from_args(parse_args(["--max-num-seqs", "8"])).cuda_graphs is None  # graphs wherever CUDA is
     assert EngineConfig.from_args(parse_args(["--enforce-eager"])).cuda_graphs is False
+
+
+def test_the_compiled_step_reads_one_row_through_transposed_weights_that_share_the_models():
+    """with_transposed_linears: every nn.Linear of the copy is a TransposedLinear on the model's own parameters
+    (the model itself is untouched); one row goes through the contiguous W^T, more rows through the linear."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from miras_serve.server.decode_graphs import TransposedLinear, with_transposed_linears
+
+    model = small_model("yaad-h")
+    clone = with_transposed_linears(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    swapped = [m for m in clone.modules() if isinstance(m, TransposedLinear)]
+    assert linears and len(swapped) == len(linears)
+    assert not any(isinstance(m, TransposedLinear) for m in model.modules())
+    assert {id(p) for p in clone.parameters()} == {id(p) for p in model.parameters()}
+    for linear, mine in zip(linears, swapped, strict=True):
+        assert mine.weight is linear.weight and mine.weight_t.is_contiguous()
+        one, rows = torch.randn(1, 1, linear.in_features), torch.randn(3, 1, linear.in_features)
+        torch.testing.assert_close(mine(one), F.linear(one, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)
+        assert torch.equal(mine(rows), F.linear(rows, linear.weight, linear.bias))
