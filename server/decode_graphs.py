@@ -58,7 +58,8 @@ COMPILED_STEP_THREADS = 1
 class TransposedLinear(nn.Module):
     """``linear`` for one row of x computed as ``x @ W^T`` from a contiguous copy of ``W^T``: reading the weight
     along its rows of outputs ran moneta-tiny's 29 dense products in 2.5-3.1 ms against 4.0-5.5 ms as F.linear or
-    as inductor's frozen, oneDNN-prepacked products (1.6x), and the whole compiled batch-1 step 2.1x faster. More
+    as inductor's frozen, oneDNN-prepacked products (1.6x); the compiled batch-1 step went from 1.86x to 1.17x the
+    time to copy its bytes (docs/benchmarks/compiled-cpu.md). More
     rows take the linear itself: at batch 32 the prepacked products won (the compiled step 0.80x with the copy).
     ``weight`` stays the linear's own."""
 

@@ -15,14 +15,10 @@ from miras_serve.models.train import encode_stream
 TOKENS = 2048 + 64  # the last 64 decoded one at a time, crossing a chunk boundary (64-token chunks)
 PROMPT_PIECES = (1000, 1048)  # cut at positions that are not chunk boundaries
 PARALLEL_VS_DECODE = 1e-4  # the bound: per token, |logits difference| / |logits| (2-norms)
-# emulated tf32 operands (10 mantissa bits) in the memory's chunk products, same measure: (worst token, 99th
-# percentile of the tokens)
-TF32 = (2e-3, 2e-3)
+TF32 = 2e-3  # emulated tf32 operands (10 mantissa bits) in the memory's chunk products, same measure
 # Memora's KL retention updates log M and takes a softmax (models/SPEC.md §5), so a product's rounding lands in
-# an exponent, and its worst token is chaotic: rounding-level changes of the fp32 GELU (fused ops, 5.6e-5 from
-# fp64 against 7.1e-5 before) moved memora-tiny's from 8.4e-3 to 6.8e-2 (99th percentile 3.9e-3 -> 2.5e-2;
-# memora-h-tiny 1.5e-2 -> 1.7e-2). (The GPU default, tf32x3, is near fp32: docs/precision.md.)
-TF32_BY_RETENTION = {"kl": (1e-1, 3e-2)}
+# an exponent: memora-h-tiny measured 1.5e-2. (The GPU default, tf32x3, is near fp32: docs/precision.md.)
+TF32_BY_RETENTION = {"kl": 2e-2}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -55,6 +51,5 @@ def test_parallel_equals_prompt_then_decode_in_fp32(name, held_out_texts):
     error = relative_error(stepped[0], parallel[0])
     assert error.max() <= PARALLEL_VS_DECODE, f"worst token {int(error.argmax())}: {float(error.max()):.2e}"
     tf32_error = relative_error(rounded[0], parallel[0])
-    worst, p99 = TF32_BY_RETENTION.get(model.config.retention, TF32)
-    assert tf32_error.max() <= worst, f"worst token {int(tf32_error.argmax())}: {float(tf32_error.max()):.2e}"
-    assert tf32_error.quantile(0.99) <= p99, f"99th percentile: {float(tf32_error.quantile(0.99)):.2e}"
+    bound = TF32_BY_RETENTION.get(model.config.retention, TF32)
+    assert tf32_error.max() <= bound, f"worst token {int(tf32_error.argmax())}: {float(tf32_error.max()):.2e}"
