@@ -51,6 +51,7 @@ import numpy as np
 from benchmarks import report
 from deploy.local.launch import miras_serve
 from miras_serve import models
+from miras_serve.loadtest.correctness import scrape
 from miras_serve.loadtest.process import ServerProcess
 from miras_serve.loadtest.workload import LengthDist, Workload, load_tokenizer, synthetic_corpus
 from miras_serve.models.checkpoint import resolve
@@ -218,6 +219,9 @@ def on_live_server(server: ServerProcess, what: str, run: Callable[[], T], resta
             return run()
         except (RuntimeError, httpx.HTTPError):
             if attempt or server.alive():
+                # the run's temporary dir (and the log) goes with the exception: show the log's end now
+                print(f"{what} failed on {server.name}; the end of its log:\n{server.output()[-6000:]}",
+                      file=sys.stderr, flush=True)
                 raise
     raise AssertionError("unreachable")
 
@@ -262,6 +266,25 @@ HIGHER_IS_BETTER = "tokens/s"
 LOAD = "load average (1 min) when the server's run ended"
 
 
+async def decode_compiles(url: str) -> dict[str, float]:
+    """miras-serve's counters of its compiled decode steps (graphs built, compiles failed): a failed compile
+    leaves it decoding eagerly, several times slower, which its decode rows must say."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await scrape(client, url, "miras:decode_")
+
+
+def decode_line(compiles: dict[str, float] | None) -> str:
+    """How miras-serve decoded during the run, from :func:`decode_compiles` at its end."""
+    if compiles is None:
+        return "miras-serve's decode: not recorded."
+    graphs = int(compiles.get("miras:decode_graph_compiles_total", 0))
+    failed = int(compiles.get("miras:decode_compile_failures_total", 0))
+    if failed:
+        return (f"**miras-serve decoded eagerly**: {failed} compile(s) of its decode step failed ({graphs} graphs "
+                "built): its decode rows measure the eager step, not the compiled one.")
+    return f"miras-serve's decode: compiled ({graphs} graphs built at start-up and after, no failed compile)."
+
+
 def report_lines(run: dict, args: argparse.Namespace, reused: dict | None) -> list[str]:
     """The run's section of the report; ``reused``: the earlier run whose llama.cpp row it shows."""
     rows, params, model = run["rows"], run["params"], args.model
@@ -279,6 +302,7 @@ def report_lines(run: dict, args: argparse.Namespace, reused: dict | None) -> li
              f"warm-up (throughput: 2 per concurrent request); chat: {CHAT_TURNS} turns of +{CHAT_USER_TOKENS} user "
              "tokens, greedy 32-token replies, the history resent each turn.", "",
              *[f"- {name}: `{' '.join(command)}`" for name, command in run["commands"].items()], "",
+             decode_line(run.get("decode_compiles")), "",
              "| measure | llama.cpp | miras-serve | miras-serve vs llama.cpp |", "|---|---:|---:|---:|"]
     for key in sorted(theirs, key=lambda k: k == LOAD):  # the load average last
         a, b = ours.get(key), theirs[key]
@@ -374,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         for name in servers:
             samples[name][LOAD] = [os.getloadavg()[0]]  # the machine may be shared: how busy it was
+        compiles = asyncio.run(decode_compiles(miras.url))
     rows = {name: {key: statistics.median(values) for key, values in by_key.items()}
             for name, by_key in samples.items() if by_key}
     if reused:
@@ -382,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# Side by side with llama.cpp on CPU: `{args.model}` vs a Llama of the same size")
     run = {"title": title, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
            "commit": report.git_commit(), "machine": report.machine(), "command": report.command(__spec__.name, argv),
-           "restarts": restarts, "commands": commands, "rows": rows, "llama_reused": reused is not None,
+           "restarts": restarts, "commands": commands, "rows": rows, "decode_compiles": compiles,
+           "llama_reused": reused is not None,
            "params": {"miras-serve": net.num_parameters(), "llama.cpp": llama_params}}
     text = "\n".join(report_lines(run, args, reused)) + "\n"
     print(text)

@@ -123,12 +123,14 @@ class DecodeGraphs:
     ``compile_backend`` (on a CPU: "inductor"; tests also use "aot_eager", which traces the same graph
     without generating code) for sizes up to ``compile_max_batch``, or eager, which is how the padding is
     tested without a GPU. Compiled steps run on ``compile_threads`` torch threads (None: the caller's);
-    ``on_compile(batch size, step, seconds)`` hears of each graph compiled."""
+    ``on_compile(batch size, step, seconds)`` hears of each graph compiled, ``on_compile_failure()`` of a compile
+    that failed (the steps are eager from then on)."""
 
     def __init__(self, model: MirasLM, pool: ModelState, scratch_slot: int, max_batch: int, use_graphs: bool,
                  compile_backend: str | None = None, compile_max_batch: int | None = None,
                  compile_threads: int | None = None,
-                 on_compile: Callable[[int, KnownStep, float], None] | None = None):
+                 on_compile: Callable[[int, KnownStep, float], None] | None = None,
+                 on_compile_failure: Callable[[], None] | None = None):
         if not 0 <= scratch_slot < pool.batch_size:
             raise ValueError(f"scratch slot {scratch_slot} is outside the pool of {pool.batch_size}")
         if use_graphs and compile_backend is not None:
@@ -151,7 +153,7 @@ class DecodeGraphs:
         self.compile_max_batch = max_batch if compile_max_batch is None else compile_max_batch
         self.compile_threads = compile_threads
         self.compiles: list[tuple[int, KnownStep, float]] = []  # (batch size, step, seconds) of each compile
-        self.on_compile = on_compile
+        self.on_compile, self.on_compile_failure = on_compile, on_compile_failure
         if compile_backend is not None:
             use_project_compile_cache()
             # a few graphs per instance (batch 1 and the rest, chunk start or not, specialised then
@@ -234,6 +236,8 @@ class DecodeGraphs:
         except Exception:  # a model the compiler cannot handle: serve eagerly rather than not at all
             logger.warning("compiling the decode step failed; decoding eagerly", exc_info=True)
             self.compiled = None
+            if self.on_compile_failure is not None:
+                self.on_compile_failure()
             return None
         finally:
             torch.set_num_threads(threads)

@@ -193,9 +193,12 @@ class LLMEngine:
                                 compile_backend=self.config.compile_backend if compiled else None,
                                 compile_max_batch=ENGINE_COMPILE_MAX_BATCH,
                                 compile_threads=min(COMPILED_STEP_THREADS, os.cpu_count() or 1),
-                                on_compile=self._observe_compile)
+                                on_compile=self._observe_compile,
+                                on_compile_failure=self.metrics.decode_compile_failures.inc)
         except Exception:  # e.g. a model whose step cannot be captured: serve eagerly rather than not at all
             logger.warning("preparing the decode steps failed; decoding eagerly", exc_info=True)
+            if compiled:
+                self.metrics.decode_compile_failures.inc()
             return None
 
     def _observe_compile(self, batch: int, known: KnownStep, seconds: float) -> None:

@@ -113,6 +113,9 @@ class EngineMetrics:
                                              "built (at start-up: a compile later stalls every stream).")
         self.decode_compile_seconds = counter("decode_compile_seconds", "Seconds spent compiling the CPU's decode "
                                               "step (at start-up, before the server listens).")
+        self.decode_compile_failures = counter("decode_compile_failures", "Compiles of the CPU's decode step "
+                                               "that failed: the engine decodes eagerly from then on (several "
+                                               "times slower); alert on any.")
         def per_tier(metric: Counter | Gauge | Histogram, names: tuple[str, ...]) -> dict:
             return {name: metric.labels(model_name, name) for name in names}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_loadtest_process import tiny_server
 
-from benchmarks.llamacpp import llama_cpp_chat_template, on_live_server, prefilled, write_gguf
+from benchmarks.llamacpp import decode_line, llama_cpp_chat_template, on_live_server, prefilled, write_gguf
 from miras_serve.models.tokenizer import MirasTokenizer
 
 
@@ -57,7 +57,7 @@ def test_llama_cpp_template_renders_as_ours_without_raw_blocks(tokenizer):
         assert rendered == tokenizer.apply_chat_template(messages, add_generation_prompt=prompt)
 
 
-def test_a_server_dead_before_or_during_a_row_is_restarted_once():
+def test_a_server_dead_before_or_during_a_row_is_restarted_once(capsys):
     server = tiny_server()
     restarts: list[str] = []
     try:
@@ -82,5 +82,17 @@ def test_a_server_dead_before_or_during_a_row_is_restarted_once():
         with pytest.raises(RuntimeError, match="a real error"):  # not the server's death: no retry
             on_live_server(server, "row 3", fails_on_a_live_server, restarts)
         assert restarts == ["row 1", "row 2"]
+        # the log goes with the run's temporary dir: its end is printed with the failure
+        printed = capsys.readouterr().err
+        assert f"row 3 failed on {server.name}; the end of its log:\n" in printed
+        assert server.output()[-100:] in printed
     finally:
         server.stop()
+
+
+def test_the_report_says_when_miras_serve_decoded_eagerly():
+    compiled = decode_line({"miras:decode_graph_compiles_total": 5.0, "miras:decode_compile_failures_total": 0.0})
+    assert compiled.startswith("miras-serve's decode: compiled (5 graphs")
+    eager = decode_line({"miras:decode_graph_compiles_total": 2.0, "miras:decode_compile_failures_total": 1.0})
+    assert eager.startswith("**miras-serve decoded eagerly**: 1 compile(s)")
+    assert decode_line(None) == "miras-serve's decode: not recorded."

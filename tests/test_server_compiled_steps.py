@@ -135,9 +135,28 @@ def test_engine_compiles_only_when_asked(tokenizer):
     compiles = engine.decode_graphs.compiles
     assert compiles and engine.metrics.decode_graph_compiles._value.get() == len(compiles)
     assert engine.metrics.decode_compile_seconds._value.get() == pytest.approx(sum(s for _, _, s in compiles))
+    assert engine.metrics.decode_compile_failures._value.get() == 0
     # the policy by measurement (docs/benchmarks/compiled-cpu.md)
     assert engine.decode_graphs.compile_max_batch == ENGINE_COMPILE_MAX_BATCH
     assert engine.decode_graphs.compile_threads == min(COMPILED_STEP_THREADS, os.cpu_count() or 1)
+
+
+def test_a_failed_compile_decodes_eagerly_and_is_counted(tokenizer):
+    """A compiler that fails (as inductor's C++ build once did for moneta-tiny's shapes) must not stop the
+    server, and must not pass unseen: the engine decodes eagerly, logs a warning and counts the failure."""
+    @torch._dynamo.register_backend(name="failing_for_the_test")
+    def failing(graph, example_inputs):
+        raise RuntimeError("the compiler could not build this graph")
+
+    engine = LLMEngine(small_model("moneta", n_layers=1), tokenizer,
+                       EngineConfig(max_num_seqs=2, compiled_steps=True, compile_backend="failing_for_the_test",
+                                    state_cache_bytes=0))
+    assert engine.decode_graphs.compiled is None and engine.decode_graphs.compiles == []
+    assert engine.metrics.decode_compile_failures._value.get() == 1
+    ids, slots = torch.tensor([[5], [6]]), torch.tensor([0, 1])
+    eager = engine.pool.clone()
+    with torch.inference_mode():
+        torch.testing.assert_close(engine.decode_graphs.run(ids, slots), engine.model(ids, eager, slots=slots)[0])
 
 
 @torch.inference_mode()
