@@ -124,6 +124,18 @@ def gelu_grad(z: Tensor) -> Tensor:
     return 0.5 * (1.0 + torch.erf(z * _SQRT_HALF)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
 
 
+def power(x: Tensor, exponent: float) -> Tensor:
+    """``x ** exponent``, by multiplication for the exponents 1 to 4 the presets use (p = 3, q = 4): torch's
+    pow with a float exponent is ~18x slower than two squarings on a CPU; Moneta's 266-token chat-turn prefill
+    took 1.11x less time with products (in-process A/B on 2 threads: 85 -> 76 ms)."""
+    if exponent not in (1.0, 2.0, 3.0, 4.0):
+        return x.pow(exponent)
+    if exponent == 1.0:
+        return x
+    square = x * x
+    return {2.0: square, 3.0: square * x, 4.0: square * square}[exponent]
+
+
 def layer_norm(u: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm over the last dim; returns (output, normalised input, 1/std) for the backward."""
     centred = u - u.mean(-1, keepdim=True)
@@ -145,7 +157,7 @@ def smooth_sign(x: Tensor, sharpness: float) -> Tensor:
 def lp_magnitude(cfg: MirasConfig, s_sq: Tensor) -> Tensor:
     """|g| of the lp bias from s^2 = e^2 + eps: s^(p-1) up to the knee r, r^(p-2) s beyond it (the same
     s min(s, r)^(p-2), written so that without a knee it is exactly the unbounded (s^2)^((p-1)/2))."""
-    magnitude = s_sq.pow((cfg.p - 1.0) / 2.0)
+    magnitude = power(s_sq, (cfg.p - 1.0) / 2.0)
     if cfg.lp_knee is None:
         return magnitude
     knee = cfg.lp_knee
@@ -182,11 +194,11 @@ def attentional_loss(cfg: MirasConfig, error: Tensor, delta: Tensor | None) -> T
         return half_sq
     if cfg.attentional_bias == "lp":
         size = error.abs()
-        power = size.pow(cfg.p)  # p phi(|e_j|)
+        scaled = power(size, cfg.p)  # p phi(|e_j|)
         if cfg.lp_knee is not None:
             r, p = cfg.lp_knee, cfg.p
-            power = torch.where(size <= r, power, r ** p + p * r ** (p - 2.0) * (size * size - r * r) / 2.0)
-        return power.sum(-1) / cfg.p
+            scaled = torch.where(size <= r, scaled, r ** p + p * r ** (p - 2.0) * (size * size - r * r) / 2.0)
+        return scaled.sum(-1) / cfg.p
     assert delta is not None, "the huber bias needs delta"
     rms = error.pow(2).mean(-1).sqrt()
     return torch.where(rms <= delta, half_sq, delta * error.abs().sum(-1))
@@ -286,7 +298,7 @@ def lq_normalise(cfg: MirasConfig, w: Tensor, init_std: float) -> Tensor:
     min's zero gradient times them gave NaN (Moneta skipped almost every step after warm-up in 1,024-token
     windows).
     """
-    nu_q = w.abs().pow(cfg.q).mean((-2, -1), keepdim=True) / init_std ** cfg.q
+    nu_q = power(w.abs(), cfg.q).mean((-2, -1), keepdim=True) / init_std ** cfg.q
     radius_q = cfg.lq_radius ** cfg.q
     return w * (radius_q / torch.clamp(nu_q, min=radius_q)).pow(1.0 / cfg.q)
 
