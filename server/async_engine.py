@@ -6,6 +6,9 @@ through one asyncio queue per request. The waiting queue is bounded: beyond ``ma
 requests waiting for a slot (not yet admitted, less the free slots), ``submit`` raises QueueFullError (HTTP
 429) instead of growing a backlog.
 It is the HTTP layer's :class:`~server.engine_client.EngineClient`.
+
+On a CPU the engine thread is the process's only user of torch's intra-op (OpenMP) threads: see
+:func:`reserve_intra_op_threads`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import torch
 from prometheus_client import CollectorRegistry
 
 from miras_serve.models import MirasTokenizer
@@ -29,6 +33,22 @@ from .request import StateContext
 from .sampling_params import ParamError, SamplingParams
 
 logger = logging.getLogger("miras.engine")
+
+
+def reserve_intra_op_threads() -> int:
+    """Leave the calling thread (the server's main thread: start-up, then the event loop) one torch thread and
+    return the count the engine thread should run with instead (torch's default: every core, or
+    ``OMP_NUM_THREADS``). Call it before any torch work in that thread.
+
+    Why: each thread that runs a parallel torch op gets its own OpenMP team, whose worker threads live as long
+    as it does. Once the process holds more of them than there are cores, GNU OpenMP stops spin-waiting between
+    parallel regions (its throttled spin count) and every op of the engine thread pays a futex wake-up of its
+    workers: a 266-token prefill of moneta-tiny in the server's engine thread took 111-169 ms after the main
+    thread had loaded the model on two threads, and 85-91 ms when the main thread kept one (two in-process
+    runs each, 2 cores; docs/serving.md)."""
+    threads = torch.get_num_threads()  # also settles this thread's count, so that later ops keep the 1 below
+    torch.set_num_threads(1)
+    return threads
 
 
 @dataclass
@@ -45,8 +65,13 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int = DEFAULTS.max_queued_requests):
+    """``torch_threads``: the engine thread's torch intra-op threads (:func:`reserve_intra_op_threads`); None
+    leaves torch's count as the thread finds it."""
+
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = DEFAULTS.max_queued_requests,
+                 torch_threads: int | None = None):
         self.engine = engine
+        self.torch_threads = torch_threads
         self.model_info = ModelInfo(engine.config.max_prompt_tokens, engine.vocab_size, tuple(engine.miras_layers),
                                     engine.state_cache is not None)
         self.max_queued_requests = max_queued_requests
@@ -200,6 +225,8 @@ class AsyncEngine:
     def _run(self) -> None:
         error = EngineUnavailableError("the engine stopped")
         try:
+            if self.torch_threads is not None:
+                torch.set_num_threads(self.torch_threads)
             while True:
                 aborts = self._take_inbox()
                 if aborts is None:

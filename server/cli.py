@@ -19,7 +19,7 @@ import uvicorn
 from miras_serve import models
 
 from .api import ServerSettings, ServerState, build_app
-from .async_engine import AsyncEngine
+from .async_engine import AsyncEngine, reserve_intra_op_threads
 from .engine import EngineConfig, LLMEngine
 from .engine_args import EngineArgs
 from .limits import h11_protocol
@@ -85,6 +85,7 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_threads = reserve_intra_op_threads()  # before any torch work here: the engine thread runs them
     try:
         net, tokenizer = load_model(args.model, args.device, args.dtype)
     except (models.CheckpointError, models.ConfigError, ValueError, OSError) as exc:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     responses_dir = str(disk.model_dir / "responses") if disk is not None else None
     shared = RedisResponses(redis.redis, redis.identity, args.responses_max_count, args.responses_ttl) \
         if redis is not None else None
-    state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings, responses_dir, shared)
+    state = ServerState(AsyncEngine(engine, args.max_queued_requests, engine_threads), settings, responses_dir, shared)
     app = build_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, http=h11_protocol(args.request_read_timeout),
