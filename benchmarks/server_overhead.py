@@ -122,14 +122,14 @@ def event_loop(events: int) -> dict[str, float]:
 
 
 def start_server(root: Path, log: Path):
-    from deploy.local.launch import STARTUP_TIMEOUT, serve_command
+    from deploy.local.launch import STARTUP_TIMEOUT, empty_workdir, serve_command
     from miras_serve.loadtest.process import ServerProcess, free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the CLI's own thread default
     env["PYTHONPATH"] = str(root)
     return ServerProcess(serve_command("moneta-tiny", port), url=f"http://127.0.0.1:{port}", env=env,
-                         cwd=tempfile.gettempdir(), log=log,
+                         cwd=empty_workdir(), log=log,
                          timeout=STARTUP_TIMEOUT)
 
 
