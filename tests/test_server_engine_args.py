@@ -28,7 +28,7 @@ def test_engine_config_and_server_settings_default_to_engine_args():
     assert dataclasses.replace(built, compiled_steps=False) == plain
     assert plain.state_cache_bytes == int(DEFAULTS.state_cache_gb * GiB)
     assert ServerSettings.from_args(DEFAULTS, "m") == ServerSettings("m", str(DEFAULTS.model))
-    assert AsyncEngine.__init__.__defaults__ == (DEFAULTS.max_queued_requests,)
+    assert AsyncEngine.__init__.__defaults__ == (DEFAULTS.max_queued_requests, None)  # None: torch's threads as found
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
