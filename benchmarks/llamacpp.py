@@ -149,14 +149,15 @@ def write_gguf(path: Path, tokenizer: models.MirasTokenizer, *, hidden: int, lay
 
 
 def load(url: str, tokenizer_dir: str, out: Path, concurrency: int, input_len: int, output_len: int,
-         requests: int) -> dict:
-    """One run of the project's load generator; its summary."""
+         requests: int, seed: int) -> dict:
+    """One run of the project's load generator; its summary. Every run needs its own ``seed``: the same prompts
+    again would be restored from a server's prompt cache instead of prefilled."""
     from miras_serve.loadtest.cli import run_cli
 
     code = run_cli(["--base-url", url, "--endpoint", "completions", "--concurrency", str(concurrency),
                     "--num-requests", str(requests), "--input-len", f"fixed:{input_len}",
                     "--output-len", f"fixed:{output_len}", "--ignore-eos", "--tokenizer", tokenizer_dir,
-                    "--result-dir", str(out), "--no-progress", "--num-warmups", "1"])
+                    "--result-dir", str(out), "--no-progress", "--num-warmups", "1", "--seed", str(seed)])
     if code:
         raise RuntimeError(f"load generator failed ({code}) against {url}")
     return json.loads((out / "results.json").read_text())["levels"][0]["summary"]
@@ -200,6 +201,7 @@ async def chat_turns(url: str, model: str, messages_text: list[str]) -> list[tup
     return turns
 
 
+WARM_UP_SEED = 10_000  # the warm-ups' prompts, apart from every row's (measures: 100 * round + row)
 ITL_CONTEXTS = (128, 4096, 8192, 16384)
 LONG_PROMPTS = (8192, 16384)
 CONCURRENCIES = (1, 8, 32)
@@ -230,22 +232,27 @@ def warm_up(server: ServerProcess, tokenizer_dir: str, work: Path, restarts: lis
     """Loads at concurrency 1 then 8, unmeasured: whatever a server prepares on first use is ready before a row."""
     for concurrency in (1, 8):
         on_live_server(server, f"warm-up {concurrency}", lambda c=concurrency: load(
-            server.url, tokenizer_dir, work / f"warm-up-{c}", c, 128, 128, c), restarts)
+            server.url, tokenizer_dir, work / f"warm-up-{c}", c, 128, 128, c, seed=WARM_UP_SEED + c), restarts)
 
 
-def measures(url: str, model: str, tokenizer_dir: str, work: Path, chat_url: str,
-             chat_messages: list[str]) -> list[tuple[str, Callable[[], dict[str, float]]]]:
+def measures(url: str, model: str, tokenizer_dir: str, work: Path, chat_url: str, chat_messages: list[str],
+             round_: int) -> list[tuple[str, Callable[[], dict[str, float]]]]:
     """One server's rows of the table, as (what, run) pairs: load generator runs of 2 measured requests after 1
-    warm-up each, then the chat (on ``chat_url``) of ``chat_messages``."""
+    warm-up each, then the chat (on ``chat_url``) of ``chat_messages``. Each row of each round (``round_``)
+    draws its own prompts: a repeat would be restored from the server's prompt cache, not prefilled."""
+    def seed(row: int) -> int:
+        return 100 * round_ + row
+
     def itl(context: int) -> dict[str, float]:
-        summary = load(url, tokenizer_dir, work / f"itl-{context}", 1, context, 128, 2)
+        summary = load(url, tokenizer_dir, work / f"itl-{context}", 1, context, 128, 2, seed=seed(context % 97))
         result = {f"decode ITL at concurrency 1 after {context} tokens (ms, p50)": summary["itl_ms"]["p50"]}
         if context in LONG_PROMPTS:
             result[f"TTFT of one {context}-token prompt (ms, p50)"] = summary["ttft_ms"]["p50"]
         return result
 
     def throughput(concurrency: int) -> dict[str, float]:
-        summary = load(url, tokenizer_dir, work / f"c{concurrency}", concurrency, 128, 128, 2 * concurrency)
+        summary = load(url, tokenizer_dir, work / f"c{concurrency}", concurrency, 128, 128, 2 * concurrency,
+                       seed=seed(50 + concurrency))
         return {f"output tokens/s at concurrency {concurrency} (128 in, 128 out)": summary["output_throughput"]}
 
     return [*[(f"ITL after {n}", partial(itl, n)) for n in ITL_CONTEXTS],
@@ -387,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         order = list(servers)
         for r in range(args.rounds):
             per_server = {name: measures(server.url, "llama" if name == "llama.cpp" else args.model, tokenizer_dir,
-                                         work / name / f"round-{r}", chat_server.url, chats[r])
+                                         work / name / f"round-{r}", chat_server.url, chats[r], r)
                           for name, (server, chat_server) in servers.items()}
             for index, (what, _) in enumerate(per_server[order[0]]):
                 for name in order if (r + index) % 2 == 0 else order[::-1]:

@@ -61,16 +61,18 @@ def measure(model: str, settings: dict[str, dict[str, str]], rounds: int, c32: b
             servers[name] = stack.enter_context(ServerProcess(
                 serve_command(model, port), url=f"http://127.0.0.1:{port}", env={**os.environ, **env}, cwd=tmp,
                 log=work / f"server-{port}.log", timeout=STARTUP_TIMEOUT))
-            load(servers[name].url, tokenizer_dir, work / f"warm-up-{port}", 4, 128, 32, 4)  # every step size runs
+            # every step size runs; prompts of their own (a repeat would come from the prompt cache)
+            load(servers[name].url, tokenizer_dir, work / f"warm-up-{port}", 4, 128, 32, 4, seed=10_000)
         for r in range(rounds):
             messages = chat_messages(tokenizer_dir, seed=100 + r)  # new to every server's state cache
             for index, (name, server) in enumerate(servers.items()):
                 out = work / f"round-{r}-setting-{index}"
                 results[name][CHAT].append(measure_chat(server.url, model, messages)[CHAT])
-                results[name][ITL].append(load(server.url, tokenizer_dir, out / "itl", 1, 128, 128, 2)["itl_ms"]["p50"])
+                results[name][ITL].append(load(server.url, tokenizer_dir, out / "itl", 1, 128, 128, 2,
+                                                seed=100 * r + 1)["itl_ms"]["p50"])
                 if c32:
-                    results[name][C32].append(load(server.url, tokenizer_dir, out / "c32", 32, 128, 128, 64)[
-                        "output_throughput"])
+                    results[name][C32].append(load(server.url, tokenizer_dir, out / "c32", 32, 128, 128, 64,
+                                                   seed=100 * r + 2)["output_throughput"])
             print(f"round {r + 1}/{rounds}: " + "; ".join(
                 f"{name}: " + ", ".join(f"{v[-1]:.1f}" for v in values.values() if v)
                 for name, values in results.items()), flush=True)

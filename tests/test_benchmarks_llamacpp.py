@@ -96,3 +96,35 @@ def test_the_report_says_when_miras_serve_decoded_eagerly():
     eager = decode_line({"miras:decode_graph_compiles_total": 2.0, "miras:decode_compile_failures_total": 1.0})
     assert eager.startswith("**miras-serve decoded eagerly**: 1 compile(s)")
     assert decode_line(None) == "miras-serve's decode: not recorded."
+
+
+def test_every_load_generator_run_draws_its_own_prompts(monkeypatch, tmp_path):
+    """The same prompts again would be restored from a server's prompt cache instead of prefilled (the long
+    prompts' TTFT of rounds after the first once measured a cache hit): every row of every round and every
+    warm-up gets its own seed."""
+    import benchmarks.llamacpp as side_by_side
+
+    seeds: list[int] = []
+
+    def fake_load(*args, seed: int) -> dict:
+        seeds.append(seed)
+        return {"itl_ms": {"p50": 1.0}, "ttft_ms": {"p50": 1.0}, "output_throughput": 1.0}
+
+    monkeypatch.setattr(side_by_side, "load", fake_load)
+    for round_ in range(3):
+        for what, run in side_by_side.measures("url", "m", "tok", tmp_path, "chat-url", [], round_):
+            if what != "chat":
+                run()
+    side_by_side.warm_up(tiny_server_stub(), "tok", tmp_path, [])
+    assert len(seeds) == 3 * 7 + 2 and len(set(seeds)) == len(seeds)
+
+
+def tiny_server_stub():
+    class Alive:
+        url, name = "url", "stub"
+
+        @staticmethod
+        def alive() -> bool:
+            return True
+
+    return Alive()
