@@ -1,21 +1,25 @@
-"""The factored memory's one-token decode step as a native CPU kernel (kernels/cpu/factored_decode.cpp), the
-CPU counterpart of kernels/factored.py: in place on the pool through ``slots``, reading the anchor and the
-factor rows where they lie, parallel over (row, head).
+"""The native CPU kernels of a one-token decode step, built together as one torch extension:
 
-It takes the tokens that continue a chunk, and the token that starts one once its chunk has been started
-(the rows folded into the anchor and the rule's boundary map applied, which the caller does first, once
-per chunk: 1 token in ``b``; models/backend.py runs the PyTorch reference's ``start_chunk`` for it). That
-keeps the C++ to the step every token takes, for every attentional bias (l2, lp, huber) and retention (the
-decay; Memora's in-chunk updates without decay and its first token entering through the boundary step).
+- ``miras_serve::factored_decode`` (kernels/cpu/factored_decode.cpp), the factored memory's step, the CPU
+  counterpart of kernels/factored.py: in place on the pool through ``slots``, reading the anchor and the factor
+  rows where they lie, parallel over (row, head). It takes the tokens that continue a chunk, and the token that
+  starts one once its chunk has been started (the rows folded into the anchor and the rule's boundary map
+  applied, which the caller does first, once per chunk: 1 token in ``b``; models/backend.py runs the PyTorch
+  reference's ``start_chunk`` for it). That keeps the C++ to the step every token takes, for every attentional
+  bias (l2, lp, huber) and retention (the decay; Memora's in-chunk updates without decay and its first token
+  entering through the boundary step).
+- ``miras_serve::row_linear`` (kernels/cpu/row_linear.cpp), ``x W^T + b`` for one row of x, streaming the
+  linear's own weight along its rows, the outputs split over the threads.
 
-Built at first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; ``-O3 -march=native``) into a
+Built at first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; ``-O3 -march=native -fopenmp``) into a
 directory the caller names (the dispatcher passes one under the project's cache dir), so later processes
-load it in well under a second (the first build takes ~25 s); the build time is logged. If the build fails,
-:func:`load` warns and returns False and the caller keeps the PyTorch path. The step is the torch operator
-``miras_serve::factored_decode``, registered by the C++ (``TORCH_LIBRARY``, its schema marks the pool's rows,
-coefficients and decay and the surprise buffer as written), with a fake implementation registered here, so a
-compiled decode step (server/decode_graphs.py, ``fullgraph=True``) stays one graph and calls it as an
-extern kernel."""
+load it in well under a second (the first build takes ~25 s); the build time is logged. ``-fopenmp`` is what
+makes ``at::parallel_for`` parallel (ATen's OpenMP loop is in its header: without the flag it compiled to a
+serial loop); the library does not link an OpenMP runtime of its own, its calls bind to the one torch loaded,
+so its threads are torch's (``torch.set_num_threads``). If the build fails, :func:`load` warns and returns
+False and the caller keeps the PyTorch path. The C++ registers the torch operators (``TORCH_LIBRARY``; the
+schemas mark what they write), and fake implementations are registered here, so a compiled decode step
+(server/decode_graphs.py, ``fullgraph=True``) stays one graph and calls them as extern kernels."""
 
 from __future__ import annotations
 
@@ -34,9 +38,9 @@ from torch import Tensor
 
 from .rule import BIAS_CODES, MemoryRule
 
-SOURCE = Path(__file__).resolve().parent / "cpu" / "factored_decode.cpp"
-EXTENSION = "miras_factored_decode"
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+SOURCES = tuple(Path(__file__).resolve().parent / "cpu" / name for name in ("factored_decode.cpp", "row_linear.cpp"))
+EXTENSION = "miras_cpu_kernels"
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 STALE_LOCK_S = 600.0  # a build takes ~25 s on 2 cores
 
 logger = logging.getLogger("miras.kernels")
@@ -46,9 +50,10 @@ _loaded: dict[str, bool] = {}  # EXTENSION -> whether it built and loaded
 def build_key() -> str:
     """What the built library depends on: torch's ABI, the architecture, (``-march=native``) this CPU, so a
     cache dir shared by different machines (a volume, an image built elsewhere) never loads code for another CPU,
-    and the source and flags, so a build of another revision (an older op schema) is never loaded."""
+    and the sources and flags, so a build of another revision (an older op schema) is never loaded."""
     cpu = hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
-    source = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    sources = b"".join(path.read_bytes() for path in SOURCES)
+    source = hashlib.sha256(sources + " ".join(CFLAGS).encode()).hexdigest()[:12]
     return f"torch-{torch.__version__}-{platform.machine()}-{cpu}-src-{source}"
 
 
@@ -68,18 +73,20 @@ def load(cache_root: Path) -> bool:
         try:
             from torch.utils import cpp_extension
 
-            build_dir = cache_root / build_key()  # (reads the source: a missing one is a failed build too)
+            build_dir = cache_root / build_key()  # (reads the sources: a missing one is a failed build too)
             _ninja_on_path()
             build_dir.mkdir(parents=True, exist_ok=True)
             _drop_stale_lock(build_dir / "lock")
-            cpp_extension.load(EXTENSION, [str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build_dir),
-                               is_python_module=False)  # registers the op with torch (TORCH_LIBRARY)
+            # registers the ops with torch (TORCH_LIBRARY)
+            cpp_extension.load(EXTENSION, [str(path) for path in SOURCES], extra_cflags=CFLAGS,
+                               build_directory=str(build_dir), is_python_module=False)
             torch.library.register_fake("miras_serve::factored_decode")(_fake_decode)
+            torch.library.register_fake("miras_serve::row_linear")(_fake_row_linear)
             _loaded[EXTENSION] = True
-            logger.info("native CPU factored decode ready in %.1f s (%s)", time.monotonic() - start, build_dir)
+            logger.info("native CPU decode kernels ready in %.1f s (%s)", time.monotonic() - start, build_dir)
         except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch path decodes instead
             _loaded[EXTENSION] = False
-            warnings.warn(f"the native CPU factored decode could not be built ({type(error).__name__}: {error}); "
+            warnings.warn(f"the native CPU decode kernels could not be built ({type(error).__name__}: {error}); "
                           "decoding with the PyTorch path", RuntimeWarning, stacklevel=2)
     return _loaded[EXTENSION]
 
@@ -106,6 +113,19 @@ def _ninja_on_path() -> None:
 
 def _fake_decode(q: Tensor, *args) -> Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _fake_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for fp32 ``x`` [..., K] of few rows (one, in a decode step; every row
+    re-reads the weight), computed by the native kernel: the dot products along ``weight``'s rows [N, K], split
+    over torch's threads. Call :func:`load` first."""
+    out = torch.ops.miras_serve.row_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
+                                           None if bias is None else bias.contiguous())
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def factored_decode(rule: MemoryRule, anchor: tuple[Tensor, Tensor], rows: Tensor, coef: Tensor, decay: Tensor,

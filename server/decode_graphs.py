@@ -38,8 +38,10 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+from miras_serve.kernels.cpu_native import row_linear
 from miras_serve.kernels.graphs import capture
 from miras_serve.models import MirasLM
+from miras_serve.models.backend import native_decode_enabled
 from miras_serve.models.corpus import cache_dir
 from miras_serve.models.memory import KnownStep
 from miras_serve.models.model import ModelState
@@ -50,40 +52,48 @@ logger = logging.getLogger("miras.engine")
 # with the memory's decode step in the native kernel (kernels/cpu_native.py: no gathered anchors or factor
 # rows), the compiled step ran 1.60x faster than the eager one at batch 1 and 1.19x at batch 32 (with the
 # PyTorch memory path batch 32 had lost, 0.68x), so batches up to 32 are compiled (one graph family serves
-# every size above 1); on 2 threads the compiled step had run 10x slower than on 1.
+# every size above 1). The graphs are compiled on COMPILE_THREADS torch threads: inductor's own loops are then
+# serial (on 2 threads the batch-1 step was no faster, 0.93x), and the server's main thread, which warms them
+# up, starts no OpenMP team (server/async_engine.py). The steps run on the caller's threads, on which the
+# native kernels (the memory update, the one-row products) and the BLAS split their work.
 ENGINE_COMPILE_MAX_BATCH = 32
-COMPILED_STEP_THREADS = 1
+COMPILE_THREADS = 1
 
 
-class TransposedLinear(nn.Module):
-    """``linear`` for one row of x computed as ``x @ W^T`` from a contiguous copy of ``W^T``: reading the weight
-    along its rows of outputs ran moneta-tiny's 29 dense products in 2.5-3.1 ms against 4.0-5.5 ms as F.linear or
-    as inductor's frozen, oneDNN-prepacked products (1.6x); the compiled batch-1 step went from 1.86x to 1.17x the
-    time to copy its bytes (docs/benchmarks/compiled-cpu.md). More
-    rows take the linear itself: at batch 32 the prepacked products won (the compiled step 0.80x with the copy).
-    ``weight`` stays the linear's own."""
+class OneRowLinear(nn.Module):
+    """``linear`` as the compiled CPU decode step runs it. One row of x (batch 1): the native kernel's dot
+    products along the weight's rows, split over the threads (kernels.cpu_native.row_linear), or, where it is
+    not built, ``x @ W^T`` from a contiguous copy of ``W^T``. Both stream the weight in one pass; as F.linear,
+    or as inductor's frozen, oneDNN-prepacked products, the BLAS ran moneta-tiny's 29 products on one thread,
+    1.6x slower than the transposed copy (docs/benchmarks/compiled-cpu.md). More rows take the linear itself:
+    at batch 32 the prepacked products won (the compiled step 0.80x with the copy). ``weight`` stays the
+    linear's own."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
+        self.native = native_decode_enabled(linear.weight.device.type) and linear.weight.dtype == torch.float32
+        if not self.native:
+            self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if math.prod(x.shape[:-1]) != 1:  # batch sizes 0 and 1 are specialised: decided when tracing
             return F.linear(x, self.weight, self.bias)
+        if self.native:
+            return row_linear(x, self.weight, self.bias)
         out = x @ self.weight_t
         return out if self.bias is None else out + self.bias
 
 
-def with_transposed_linears(model: MirasLM) -> MirasLM:
-    """A copy of ``model`` that shares its parameters, every nn.Linear a :class:`TransposedLinear` (the compiled
+def with_one_row_linears(model: MirasLM) -> MirasLM:
+    """A copy of ``model`` that shares its parameters, every nn.Linear a :class:`OneRowLinear` (the compiled
     CPU decode step's; the eager paths keep the model as it is)."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     clone = copy.deepcopy(model, shared)
     for module in list(clone.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, TransposedLinear(child))
+                setattr(module, name, OneRowLinear(child))
     return clone
 
 
@@ -122,7 +132,8 @@ class DecodeGraphs:
     size of :func:`capture_sizes`: replayed from CUDA graphs (``use_graphs``), compiled with torch.compile's
     ``compile_backend`` (on a CPU: "inductor"; tests also use "aot_eager", which traces the same graph
     without generating code) for sizes up to ``compile_max_batch``, or eager, which is how the padding is
-    tested without a GPU. Compiled steps run on ``compile_threads`` torch threads (None: the caller's);
+    tested without a GPU. :meth:`warm_up` compiles on ``compile_threads`` torch threads (None: the caller's);
+    every step runs on the caller's.
     ``on_compile(batch size, step, seconds)`` hears of each graph compiled, ``on_compile_failure()`` of a compile
     that failed (the steps are eager from then on)."""
 
@@ -169,7 +180,7 @@ class DecodeGraphs:
             # prepacked ones (the weights never change while serving); cpp_wrapper: the code that calls the
             # kernels is C++ too, not Python. Each measured faster (docs/benchmarks/compiled-cpu.md).
             options = {"freezing": True, "cpp_wrapper": True} if compile_backend == "inductor" else None
-            self.compile_model = with_transposed_linears(model)
+            self.compile_model = with_one_row_linears(model)
             self.compiled = torch.compile(self._pool_step, backend=compile_backend, dynamic=None, options=options,
                                           fullgraph=True)  # a graph break is a host sync: fall back instead
 
@@ -202,20 +213,26 @@ class DecodeGraphs:
     @torch.inference_mode()  # as the engine's steps run: whether an input is an inference tensor is a guard
     def warm_up(self) -> float:
         """Compile every graph of :func:`warm_up_steps` now, on the scratch slot (no request's state is touched;
-        the scratch row is restored): no later decode step compiles. Returns the seconds it took."""
+        the scratch row is restored), on ``compile_threads``: no later decode step compiles. Returns the seconds
+        it took."""
         if self.compiled is None:
             return 0.0
         start, graphs = time.monotonic(), len(self.compiles)
         scratch = [self.scratch_slot]
         saved = self.pool.select(scratch)
         device = self.pool.pos.device
-        for batch, starts, filled in warm_up_steps(min(len(self.ids), self.compile_max_batch),
-                                                   self.model.config.chunk_size):
-            first = torch.arange(starts, device=device) if starts else None
-            slots = torch.full((batch,), self.scratch_slot, dtype=torch.long, device=device)
-            if self._run_known(torch.zeros(batch, 1, dtype=torch.long, device=device), slots,
-                               KnownStep(first, filled)) is None:
-                break  # fell back to eager
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.compile_threads or threads)
+        try:
+            for batch, starts, filled in warm_up_steps(min(len(self.ids), self.compile_max_batch),
+                                                       self.model.config.chunk_size):
+                first = torch.arange(starts, device=device) if starts else None
+                slots = torch.full((batch,), self.scratch_slot, dtype=torch.long, device=device)
+                if self._run_known(torch.zeros(batch, 1, dtype=torch.long, device=device), slots,
+                                   KnownStep(first, filled)) is None:
+                    break  # fell back to eager
+        finally:
+            torch.set_num_threads(threads)
         self.pool.assign(scratch, saved)
         seconds = time.monotonic() - start
         logger.info("compiled decode steps warmed up: %d graphs in %.1f s", len(self.compiles) - graphs, seconds)
@@ -228,8 +245,6 @@ class DecodeGraphs:
     def _run_known(self, ids: Tensor, slots: Tensor, known: KnownStep) -> Tensor | None:
         """The compiled step's logits, each compile it makes recorded and logged; None if it failed to compile
         (the engine decodes eagerly from then on)."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.compile_threads or threads)
         graphs, start = counters["stats"]["unique_graphs"], time.monotonic()
         try:
             logits = self.compiled(ids, slots, *known)
@@ -239,8 +254,6 @@ class DecodeGraphs:
             if self.on_compile_failure is not None:
                 self.on_compile_failure()
             return None
-        finally:
-            torch.set_num_threads(threads)
         if counters["stats"]["unique_graphs"] != graphs:  # this step compiled a graph
             self.compiles.append((ids.shape[0], known, time.monotonic() - start))
             starts = 0 if known.first is None else known.first.numel()

@@ -21,7 +21,7 @@ from miras_serve.models import MirasLM, MirasTokenizer
 from miras_serve.models.backend import native_decode_enabled
 from miras_serve.models.memory import KnownStep
 
-from .decode_graphs import COMPILED_STEP_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
+from .decode_graphs import COMPILE_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .engine_args import DEFAULTS, EngineArgs, GiB
 from .metrics import EngineMetrics
@@ -192,7 +192,7 @@ class LLMEngine:
                                 max_batch=self.config.max_num_seqs, use_graphs=self.device.type == "cuda",
                                 compile_backend=self.config.compile_backend if compiled else None,
                                 compile_max_batch=ENGINE_COMPILE_MAX_BATCH,
-                                compile_threads=min(COMPILED_STEP_THREADS, os.cpu_count() or 1),
+                                compile_threads=min(COMPILE_THREADS, os.cpu_count() or 1),
                                 on_compile=self._observe_compile,
                                 on_compile_failure=self.metrics.decode_compile_failures.inc)
         except Exception:  # e.g. a model whose step cannot be captured: serve eagerly rather than not at all

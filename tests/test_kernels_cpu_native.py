@@ -191,7 +191,7 @@ def test_a_failed_build_warns_and_keeps_the_torch_path(tmp_path, monkeypatch):
     from miras_serve.kernels import cpu_native
 
     monkeypatch.setattr(cpu_native, "_loaded", {})
-    monkeypatch.setattr(cpu_native, "SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setattr(cpu_native, "SOURCES", (*cpu_native.SOURCES, tmp_path / "missing.cpp"))
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert cpu_native.load(tmp_path / "build") is False
     assert cpu_native.load(tmp_path / "build") is False  # tried once per process
@@ -226,7 +226,73 @@ def test_the_build_is_keyed_on_the_source(tmp_path, monkeypatch):
     from miras_serve.kernels import cpu_native
 
     here = cpu_native.build_key()
-    edited = tmp_path / "factored_decode.cpp"
-    edited.write_bytes(cpu_native.SOURCE.read_bytes() + b"\n// another revision\n")
-    monkeypatch.setattr(cpu_native, "SOURCE", edited)
-    assert cpu_native.build_key() != here
+    for index, source in enumerate(cpu_native.SOURCES):
+        edited = tmp_path / source.name
+        edited.write_bytes(source.read_bytes() + b"\n// another revision\n")
+        sources = list(cpu_native.SOURCES)
+        sources[index] = edited
+        monkeypatch.setattr(cpu_native, "SOURCES", tuple(sources))
+        assert cpu_native.build_key() != here, source.name
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@torch.inference_mode()
+def test_row_linear_equals_linear(threads):
+    """``x W^T + b`` of the native one-row products equals F.linear in fp64 on fresh random shapes (odd widths,
+    products smaller than one block of the thread split and larger, one row and several, with and without a
+    bias), to fp32 rounding of a K-term dot product of unit-variance terms (each output ~ sqrt(K))."""
+    from miras_serve.kernels.cpu_native import row_linear
+
+    gen, seed = fresh_generator()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(6):
+            k, n = (int(torch.randint(1, hi, (), generator=gen)) for hi in (700, 3000))
+            rows = int(torch.randint(1, 4, (), generator=gen))
+            x, w = torch.randn(rows, 1, k, generator=gen), torch.randn(n, k, generator=gen)
+            bias = torch.randn(n, generator=gen) if n % 2 else None
+            exact = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+            torch.testing.assert_close(row_linear(x, w, bias).double(), exact, rtol=1e-5, atol=4e-6 * k ** 0.5,
+                                       msg=lambda m, k=k, n=n: f"seed {seed}, K {k} N {n}: {m}")
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(RuntimeError, match="x is \\[M, 3\\] but the weight is \\[2, 4\\]"):
+        row_linear(torch.randn(1, 3), torch.randn(2, 4), None)
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        row_linear(torch.randn(1, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64), None)
+
+
+THREADS_CHILD = """
+import json, os, torch
+torch.set_num_threads(1)
+from miras_serve.kernels.cpu_native import row_linear
+from miras_serve.models.backend import _native_built
+assert _native_built()
+x, w = torch.randn(1, 512), torch.randn(4096, 512)  # 8 MB of weight: 256 blocks of the thread split
+row_linear(x, w, None)  # one thread: inline
+before = len(os.listdir("/proc/self/task"))
+torch.set_num_threads(2)
+row_linear(x, w, None)
+print(json.dumps({"spawned": len(os.listdir("/proc/self/task")) - before,
+                  "openmp": sorted({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line})}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_the_native_kernels_run_on_torchs_openmp_threads():
+    """The library's ``at::parallel_for`` must really split the work: ATen's OpenMP loop sits in its header, and
+    built without ``-fopenmp`` it compiled to a serial loop (both kernels ran on one thread whatever torch's
+    count). And on torch's own OpenMP runtime, not a second one beside it. In a fresh interpreter, since an
+    OpenMP team once started stays."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", THREADS_CHILD], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["spawned"] == 1, seen  # the second thread of the team that ran the product
+    assert len(seen["openmp"]) == 1 and seen["openmp"][0].startswith(os.path.dirname(torch.__file__)), seen

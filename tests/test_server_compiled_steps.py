@@ -17,7 +17,7 @@ from miras_serve.models.memory import KnownStep
 from miras_serve.server import EngineConfig, LLMEngine
 from miras_serve.server.cli import parse_args
 from miras_serve.server.decode_graphs import (
-    COMPILED_STEP_THREADS,
+    COMPILE_THREADS,
     ENGINE_COMPILE_MAX_BATCH,
     DecodeGraphs,
     use_project_compile_cache,
@@ -138,7 +138,7 @@ def test_engine_compiles_only_when_asked(tokenizer):
     assert engine.metrics.decode_compile_failures._value.get() == 0
     # the policy by measurement (docs/benchmarks/compiled-cpu.md)
     assert engine.decode_graphs.compile_max_batch == ENGINE_COMPILE_MAX_BATCH
-    assert engine.decode_graphs.compile_threads == min(COMPILED_STEP_THREADS, os.cpu_count() or 1)
+    assert engine.decode_graphs.compile_threads == min(COMPILE_THREADS, os.cpu_count() or 1)
 
 
 def test_a_failed_compile_decodes_eagerly_and_is_counted(tokenizer):

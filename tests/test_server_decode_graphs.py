@@ -14,7 +14,7 @@ import pytest
 from conftest import small_model
 
 from miras_serve import models
-from miras_serve.models.backend import forced_backend
+from miras_serve.models.backend import environment, forced_backend
 from miras_serve.server import EngineConfig, LLMEngine, SamplingParams
 from miras_serve.server.cli import parse_args
 from miras_serve.server.decode_graphs import DecodeGraphs, capture_sizes
@@ -90,23 +90,27 @@ def test_enforce_eager_flag():
     assert EngineConfig.from_args(parse_args(["--enforce-eager"])).cuda_graphs is False
 
 
-def test_the_compiled_step_reads_one_row_through_transposed_weights_that_share_the_models():
-    """with_transposed_linears: every nn.Linear of the copy is a TransposedLinear on the model's own parameters
-    (the model itself is untouched); one row goes through the contiguous W^T, more rows through the linear."""
+@pytest.mark.parametrize("native", [True, False])
+def test_the_compiled_step_reads_one_row_through_linears_that_share_the_models(native):
+    """with_one_row_linears: every nn.Linear of the copy is a OneRowLinear on the model's own parameters (the
+    model itself is untouched); one row goes through the native kernel or, without it, a contiguous W^T, more
+    rows through the linear."""
     import torch.nn.functional as F
     from torch import nn
 
-    from miras_serve.server.decode_graphs import TransposedLinear, with_transposed_linears
+    from miras_serve.server.decode_graphs import OneRowLinear, with_one_row_linears
 
     model = small_model("yaad-h")
-    clone = with_transposed_linears(model)
+    with environment("MIRAS_CPU_NATIVE", "1" if native else "0"):
+        clone = with_one_row_linears(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    swapped = [m for m in clone.modules() if isinstance(m, TransposedLinear)]
+    swapped = [m for m in clone.modules() if isinstance(m, OneRowLinear)]
     assert linears and len(swapped) == len(linears)
-    assert not any(isinstance(m, TransposedLinear) for m in model.modules())
+    assert not any(isinstance(m, OneRowLinear) for m in model.modules())
     assert {id(p) for p in clone.parameters()} == {id(p) for p in model.parameters()}
     for linear, mine in zip(linears, swapped, strict=True):
-        assert mine.weight is linear.weight and mine.weight_t.is_contiguous()
+        assert mine.weight is linear.weight and mine.native == native
+        assert native or mine.weight_t.is_contiguous()
         one, rows = torch.randn(1, 1, linear.in_features), torch.randn(3, 1, linear.in_features)
         torch.testing.assert_close(mine(one), F.linear(one, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)
         assert torch.equal(mine(rows), F.linear(rows, linear.weight, linear.bias))

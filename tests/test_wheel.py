@@ -67,7 +67,8 @@ def test_the_wheel_holds_one_import_root(wheel: Path):
     assert top == {"miras_serve", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     assert "miras_serve/models/pretrained/moneta-tiny/model.safetensors" in names
     assert "miras_serve/server/static/index.html" in names
-    assert "miras_serve/kernels/cpu/factored_decode.cpp" in names  # built at first use (kernels.cpu_native)
+    for source in ("factored_decode.cpp", "row_linear.cpp"):  # built at first use (kernels.cpu_native)
+        assert f"miras_serve/kernels/cpu/{source}" in names
     assert not [n for n in names if "/benchmarks/" in n or "/tests/" in n]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
