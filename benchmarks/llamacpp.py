@@ -183,19 +183,28 @@ async def chat_turns(url: str, model: str, messages_text: list[str]) -> list[tup
             messages.append({"role": "user", "content": text})
             body = {"model": model, "messages": messages, "max_tokens": 32, "temperature": 0.0, "stream": True,
                     "stream_options": {"include_usage": True}}
-            start, first, reply, final = time.perf_counter(), None, "", {}
-            async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    final |= {k: event[k] for k in ("usage", "timings") if event.get(k)}
-                    for choice in event.get("choices") or []:
-                        delta = (choice.get("delta") or {}).get("content") or ""
-                        if delta and first is None:
-                            first = time.perf_counter() - start
-                        reply += delta
+            for attempt in range(2):
+                start, first, reply, final = time.perf_counter(), None, "", {}
+                try:
+                    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                        response.raise_for_status()
+                        async for line in response.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            event = json.loads(line[6:])
+                            final |= {k: event[k] for k in ("usage", "timings") if event.get(k)}
+                            for choice in event.get("choices") or []:
+                                delta = (choice.get("delta") or {}).get("content") or ""
+                                if delta and first is None:
+                                    first = time.perf_counter() - start
+                                reply += delta
+                    break
+                except httpx.RemoteProtocolError as error:
+                    # A new connection closed before any response, now and then, on either server (neither logs
+                    # the request; not understood): the request never ran, so it is sent once more.
+                    if attempt or "without sending a response" not in str(error):
+                        raise
+                    print(f"{url}: {error}; sending the turn again", file=sys.stderr, flush=True)
             turns.append((first if first is not None else time.perf_counter() - start, prefilled(final)))
             messages.append({"role": "assistant", "content": reply})
     return turns
