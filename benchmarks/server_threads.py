@@ -9,8 +9,7 @@ earlier round's saved states answer it: 8 turns of +256 user tokens, the history
 benchmarks/llamacpp.py), the decode ITL at concurrency 1 after a 128-token prompt, and with ``--c32`` the
 output tokens/s at concurrency 32. Settings are environment variables of the server process (the default ones:
 torch's threads through ``OMP_NUM_THREADS`` at 1 and 2, and 2 with OpenMP's passive wait policy). The server
-compiles its decode steps on ``COMPILE_THREADS`` and runs them, like everything else, on the engine thread's
-threads (server/decode_graphs.py).
+compiles its decode steps for, and runs them on, the engine thread's threads (server/decode_graphs.py).
 Writes server-threads-cpu.md into ``--out`` (default docs/benchmarks/).
 """
 

@@ -65,13 +65,12 @@ class _Pending:
 
 
 class AsyncEngine:
-    """``torch_threads``: the engine thread's torch intra-op threads (:func:`reserve_intra_op_threads`); None
-    leaves torch's count as the thread finds it."""
+    """The engine thread runs on the engine's ``config.step_threads`` torch intra-op threads (what its decode
+    steps were compiled for; :func:`reserve_intra_op_threads`); None leaves torch's count as the thread finds
+    it."""
 
-    def __init__(self, engine: LLMEngine, max_queued_requests: int = DEFAULTS.max_queued_requests,
-                 torch_threads: int | None = None):
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = DEFAULTS.max_queued_requests):
         self.engine = engine
-        self.torch_threads = torch_threads
         self.model_info = ModelInfo(engine.config.max_prompt_tokens, engine.vocab_size, tuple(engine.miras_layers),
                                     engine.state_cache is not None)
         self.max_queued_requests = max_queued_requests
@@ -225,8 +224,8 @@ class AsyncEngine:
     def _run(self) -> None:
         error = EngineUnavailableError("the engine stopped")
         try:
-            if self.torch_threads is not None:
-                torch.set_num_threads(self.torch_threads)
+            if self.engine.config.step_threads is not None:
+                torch.set_num_threads(self.engine.config.step_threads)
             while True:
                 aborts = self._take_inbox()
                 if aborts is None:

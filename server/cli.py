@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import sys
+from dataclasses import replace
 from types import FrameType
 
 import uvicorn
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"miras-serve: cannot load model: {exc}{hint}")
     name = args.served_model_name or default_served_name(args.model)
     try:
-        engine = LLMEngine(net, tokenizer, EngineConfig.from_args(args), name, EngineMetrics(name))
+        config = replace(EngineConfig.from_args(args), step_threads=engine_threads)
+        engine = LLMEngine(net, tokenizer, config, name, EngineMetrics(name))
     except (ValueError, OSError) as exc:
         sys.exit(f"miras-serve: {exc}")
     settings = ServerSettings.from_args(args, name)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     responses_dir = str(disk.model_dir / "responses") if disk is not None else None
     shared = RedisResponses(redis.redis, redis.identity, args.responses_max_count, args.responses_ttl) \
         if redis is not None else None
-    state = ServerState(AsyncEngine(engine, args.max_queued_requests, engine_threads), settings, responses_dir, shared)
+    state = ServerState(AsyncEngine(engine, args.max_queued_requests), settings, responses_dir, shared)
     app = build_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, http=h11_protocol(args.request_read_timeout),

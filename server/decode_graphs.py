@@ -29,6 +29,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -52,12 +53,12 @@ logger = logging.getLogger("miras.engine")
 # with the memory's decode step in the native kernel (kernels/cpu_native.py: no gathered anchors or factor
 # rows), the compiled step ran 1.60x faster than the eager one at batch 1 and 1.19x at batch 32 (with the
 # PyTorch memory path batch 32 had lost, 0.68x), so batches up to 32 are compiled (one graph family serves
-# every size above 1). The graphs are compiled on COMPILE_THREADS torch threads: inductor's own loops are then
-# serial (on 2 threads the batch-1 step was no faster, 0.93x), and the server's main thread, which warms them
-# up, starts no OpenMP team (server/async_engine.py). The steps run on the caller's threads, on which the
-# native kernels (the memory update, the one-row products) and the BLAS split their work.
+# every size above 1). The steps run on every thread the engine thread has: the native kernels (the memory
+# update, the one-row products), the BLAS and inductor's loops split their work (the batch-1 step 1.6x faster on 2
+# threads than on 1, batch 32 1.36x: docs/serving.md).
 ENGINE_COMPILE_MAX_BATCH = 32
-COMPILE_THREADS = 1
+# dynamo's defaults (recompile_limit, accumulated_recompile_limit), which each DecodeGraphs raises
+DYNAMO_RECOMPILE_LIMITS = (torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit)
 
 
 class OneRowLinear(nn.Module):
@@ -132,14 +133,12 @@ class DecodeGraphs:
     size of :func:`capture_sizes`: replayed from CUDA graphs (``use_graphs``), compiled with torch.compile's
     ``compile_backend`` (on a CPU: "inductor"; tests also use "aot_eager", which traces the same graph
     without generating code) for sizes up to ``compile_max_batch``, or eager, which is how the padding is
-    tested without a GPU. :meth:`warm_up` compiles on ``compile_threads`` torch threads (None: the caller's);
-    every step runs on the caller's.
+    tested without a GPU.
     ``on_compile(batch size, step, seconds)`` hears of each graph compiled, ``on_compile_failure()`` of a compile
     that failed (the steps are eager from then on)."""
 
     def __init__(self, model: MirasLM, pool: ModelState, scratch_slot: int, max_batch: int, use_graphs: bool,
                  compile_backend: str | None = None, compile_max_batch: int | None = None,
-                 compile_threads: int | None = None,
                  on_compile: Callable[[int, KnownStep, float], None] | None = None,
                  on_compile_failure: Callable[[], None] | None = None):
         if not 0 <= scratch_slot < pool.batch_size:
@@ -162,20 +161,12 @@ class DecodeGraphs:
             self.steps[size] = capture(step, device, memory_pool) if use_graphs else step
         self.compiled: Callable[[Tensor, Tensor, Tensor | None, int], Tensor] | None = None
         self.compile_max_batch = max_batch if compile_max_batch is None else compile_max_batch
-        self.compile_threads = compile_threads
         self.compiles: list[tuple[int, KnownStep, float]] = []  # (batch size, step, seconds) of each compile
         self.on_compile, self.on_compile_failure = on_compile, on_compile_failure
         if compile_backend is not None:
             use_project_compile_cache()
-            # a few graphs per instance (batch 1 and the rest, chunk start or not, specialised then
-            # symbolic), all on the code of _pool_step: let dynamo keep those of every instance
-            torch._dynamo.config.recompile_limit += 8
-            torch._dynamo.config.accumulated_recompile_limit += 8
-            # the count of factor rows is symbolic from its first compile: else dynamo compiles a graph for its
-            # first value, then another when it changes (one compile more at start-up)
-            sources = torch.compiler.config.dynamic_sources
-            if "L['filled']" not in sources.split(","):
-                torch.compiler.config.dynamic_sources = ",".join(filter(None, [sources, "L['filled']"]))
+            DecodeGraphs.compiling_instances += 1
+            self._configured_threads: set[int] = set()
             # freezing: the weights become constants of the compiled code, the dense products oneDNN's
             # prepacked ones (the weights never change while serving); cpp_wrapper: the code that calls the
             # kernels is C++ too, not Python. Each measured faster (docs/benchmarks/compiled-cpu.md).
@@ -183,6 +174,26 @@ class DecodeGraphs:
             self.compile_model = with_one_row_linears(model)
             self.compiled = torch.compile(self._pool_step, backend=compile_backend, dynamic=None, options=options,
                                           fullgraph=True)  # a graph break is a host sync: fall back instead
+
+    compiling_instances = 0  # DecodeGraphs that compile, in this process
+
+    def _configure_dynamo(self) -> None:
+        """Dynamo's settings for these graphs, in the calling thread: torch's config modules hold a value per
+        thread (one set in a thread is not seen by another, which reads the default), and the graphs compile in
+        the warm-up's thread, or in whichever thread runs a step that needs a new one."""
+        if threading.get_ident() in self._configured_threads:
+            return
+        # a few graphs per instance (batch 1 and the rest, chunk start or not, specialised then symbolic), all
+        # on the code of _pool_step: let dynamo keep those of every instance
+        extra = 8 * DecodeGraphs.compiling_instances
+        torch._dynamo.config.recompile_limit = DYNAMO_RECOMPILE_LIMITS[0] + extra
+        torch._dynamo.config.accumulated_recompile_limit = DYNAMO_RECOMPILE_LIMITS[1] + extra
+        # the count of factor rows is symbolic from its first compile: else dynamo compiles a graph for its
+        # first value, then another when it changes (one compile more at start-up)
+        sources = torch.compiler.config.dynamic_sources
+        if "L['filled']" not in sources.split(","):
+            torch.compiler.config.dynamic_sources = ",".join(filter(None, [sources, "L['filled']"]))
+        self._configured_threads.add(threading.get_ident())
 
     def _pool_step(self, ids: Tensor, slots: Tensor, first: Tensor | None, filled: int) -> Tensor:
         return self.compile_model(ids, self.pool, slots=slots, known=KnownStep(first, filled))[0]
@@ -210,32 +221,47 @@ class DecodeGraphs:
         first = [b for b, row in enumerate(rows) if row == 0]
         return KnownStep(torch.tensor(first, device=slots.device) if first else None, max(rows))
 
-    @torch.inference_mode()  # as the engine's steps run: whether an input is an inference tensor is a guard
-    def warm_up(self) -> float:
+    def warm_up(self, threads: int | None = None) -> float:
         """Compile every graph of :func:`warm_up_steps` now, on the scratch slot (no request's state is touched;
-        the scratch row is restored), on ``compile_threads``: no later decode step compiles. Returns the seconds
-        it took."""
+        the scratch row is restored): no later decode step compiles. Returns the seconds it took.
+
+        It compiles in a thread of its own, which ends with it, on ``threads`` torch threads (None: the caller's
+        count). The steps must run on as many: dynamo's guards hold the thread count (on another count every
+        graph compiles again, in the engine loop). And a thread that runs parallel code keeps an OpenMP team as
+        long as it lives, which the server's main thread, where the engine is built, must not
+        (server/async_engine.py); a finished thread's team goes with it."""
         if self.compiled is None:
             return 0.0
+        threads = threads or torch.get_num_threads()
         start, graphs = time.monotonic(), len(self.compiles)
-        scratch = [self.scratch_slot]
-        saved = self.pool.select(scratch)
-        device = self.pool.pos.device
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.compile_threads or threads)
-        try:
-            for batch, starts, filled in warm_up_steps(min(len(self.ids), self.compile_max_batch),
-                                                       self.model.config.chunk_size):
-                first = torch.arange(starts, device=device) if starts else None
-                slots = torch.full((batch,), self.scratch_slot, dtype=torch.long, device=device)
-                if self._run_known(torch.zeros(batch, 1, dtype=torch.long, device=device), slots,
-                                   KnownStep(first, filled)) is None:
-                    break  # fell back to eager
-        finally:
+        failure: list[BaseException] = []
+
+        @torch.inference_mode()  # as the engine's steps run: whether an input is an inference tensor is a guard
+        def compile_all() -> None:
             torch.set_num_threads(threads)
-        self.pool.assign(scratch, saved)
+            scratch = [self.scratch_slot]
+            saved = self.pool.select(scratch)
+            device = self.pool.pos.device
+            try:
+                for batch, starts, filled in warm_up_steps(min(len(self.ids), self.compile_max_batch),
+                                                           self.model.config.chunk_size):
+                    first = torch.arange(starts, device=device) if starts else None
+                    slots = torch.full((batch,), self.scratch_slot, dtype=torch.long, device=device)
+                    if self._run_known(torch.zeros(batch, 1, dtype=torch.long, device=device), slots,
+                                       KnownStep(first, filled)) is None:
+                        break  # fell back to eager
+                self.pool.assign(scratch, saved)
+            except BaseException as error:  # raised in the caller's thread below
+                failure.append(error)
+
+        worker = threading.Thread(target=compile_all, name="miras-compile")
+        worker.start()
+        worker.join()
+        if failure:
+            raise failure[0]
         seconds = time.monotonic() - start
-        logger.info("compiled decode steps warmed up: %d graphs in %.1f s", len(self.compiles) - graphs, seconds)
+        logger.info("compiled decode steps warmed up: %d graphs in %.1f s (for %d torch threads)",
+                    len(self.compiles) - graphs, seconds, threads)
         return seconds
 
     def _run_compiled(self, ids: Tensor, slots: Tensor) -> Tensor:
@@ -245,6 +271,7 @@ class DecodeGraphs:
     def _run_known(self, ids: Tensor, slots: Tensor, known: KnownStep) -> Tensor | None:
         """The compiled step's logits, each compile it makes recorded and logged; None if it failed to compile
         (the engine decodes eagerly from then on)."""
+        self._configure_dynamo()
         graphs, start = counters["stats"]["unique_graphs"], time.monotonic()
         try:
             logits = self.compiled(ids, slots, *known)

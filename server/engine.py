@@ -9,7 +9,6 @@ touched request produced in this step (deltas).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 
@@ -21,7 +20,7 @@ from miras_serve.models import MirasLM, MirasTokenizer
 from miras_serve.models.backend import native_decode_enabled
 from miras_serve.models.memory import KnownStep
 
-from .decode_graphs import COMPILE_THREADS, ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
+from .decode_graphs import ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .engine_args import DEFAULTS, EngineArgs, GiB
 from .metrics import EngineMetrics
@@ -76,6 +75,9 @@ class EngineConfig:
     # Input precision of the Triton kernels' fp32 tensor-core products (kernels.DOT_PRECISIONS), for the whole
     # process; None: MIRAS_DOT_PRECISION or the kernels' default (docs/precision.md).
     dot_precision: str | None = DEFAULTS.dot_precision
+    # Torch threads of the thread that will run the steps (the server's engine thread sets it,
+    # server/async_engine.py), which the compiled decode steps are compiled for; None: the constructing thread's.
+    step_threads: int | None = None
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> EngineConfig:
@@ -119,7 +121,7 @@ class LLMEngine:
         self.metrics = metrics or EngineMetrics(model_name)
         self.decode_graphs = self._capture_decode_graphs(compiled) if padded else None
         if self.decode_graphs is not None:  # every compile now, before the first request, not in the engine loop
-            self.decode_graphs.warm_up()
+            self.decode_graphs.warm_up(self.config.step_threads)
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.sampler = Sampler(self.pool.batch_size, self.vocab_size, self.eos_token_id, self.device, self.generator)
@@ -192,7 +194,6 @@ class LLMEngine:
                                 max_batch=self.config.max_num_seqs, use_graphs=self.device.type == "cuda",
                                 compile_backend=self.config.compile_backend if compiled else None,
                                 compile_max_batch=ENGINE_COMPILE_MAX_BATCH,
-                                compile_threads=min(COMPILE_THREADS, os.cpu_count() or 1),
                                 on_compile=self._observe_compile,
                                 on_compile_failure=self.metrics.decode_compile_failures.inc)
         except Exception:  # e.g. a model whose step cannot be captured: serve eagerly rather than not at all

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 
 import pytest
 import torch
@@ -17,7 +18,6 @@ from miras_serve.models.memory import KnownStep
 from miras_serve.server import EngineConfig, LLMEngine
 from miras_serve.server.cli import parse_args
 from miras_serve.server.decode_graphs import (
-    COMPILE_THREADS,
     ENGINE_COMPILE_MAX_BATCH,
     DecodeGraphs,
     use_project_compile_cache,
@@ -138,7 +138,38 @@ def test_engine_compiles_only_when_asked(tokenizer):
     assert engine.metrics.decode_compile_failures._value.get() == 0
     # the policy by measurement (docs/benchmarks/compiled-cpu.md)
     assert engine.decode_graphs.compile_max_batch == ENGINE_COMPILE_MAX_BATCH
-    assert engine.decode_graphs.compile_threads == min(COMPILE_THREADS, os.cpu_count() or 1)
+
+
+def test_the_warm_up_compiles_for_the_threads_that_run_the_steps(tokenizer):
+    """The server builds the engine on its main thread (one torch thread) and steps it on the engine thread
+    (every core): the warm-up compiles for ``step_threads``, so that steps on that count, in another thread,
+    compile nothing (dynamo's guards hold the thread count), and the builder's own count stays as it was."""
+    builder_threads = torch.get_num_threads()  # conftest: 1
+    torch._dynamo.reset()  # no graph of an earlier test (dynamo caches per code object, every instance's)
+    engine = LLMEngine(small_model("moneta", n_layers=1), tokenizer,
+                       EngineConfig(max_num_seqs=2, compiled_steps=True, compile_backend="aot_eager",
+                                    state_cache_bytes=0, step_threads=builder_threads + 1))
+    assert torch.get_num_threads() == builder_threads
+    warmed = len(engine.decode_graphs.compiles)
+    errors = []
+
+    @torch.inference_mode()
+    def steps() -> None:
+        try:
+            torch.set_num_threads(builder_threads + 1)
+            for ids, slots in (([[5]], [0]), ([[5], [6]], [0, 1]), ([[7]], [1])):
+                engine.decode_graphs.run(torch.tensor(ids), torch.tensor(slots))
+        except Exception as error:
+            errors.append(error)
+
+    engine_thread = threading.Thread(target=steps)
+    engine_thread.start()
+    engine_thread.join()
+    assert not errors and len(engine.decode_graphs.compiles) == warmed
+    # the measurement can fail: on the builder's count the same step compiles again
+    with torch.inference_mode():
+        engine.decode_graphs.run(torch.tensor([[5]]), torch.tensor([0]))
+    assert len(engine.decode_graphs.compiles) > warmed
 
 
 def test_a_failed_compile_decodes_eagerly_and_is_counted(tokenizer):
@@ -164,7 +195,7 @@ def test_batches_above_compile_max_batch_run_eagerly():
     model = small_model("moneta", chunk_size=CHUNK, n_layers=1)
     pool = model.init_state(3)
     graphs = DecodeGraphs(model, pool, scratch_slot=2, max_batch=2, use_graphs=False, compile_backend="aot_eager",
-                          compile_max_batch=1, compile_threads=1)
+                          compile_max_batch=1)
     eager = pool.clone()
     for _ in range(2):
         ids, slots = torch.tensor([[5], [6]]), torch.tensor([0, 1])

@@ -35,11 +35,17 @@ CHILD = textwrap.dedent("""
     from miras_serve.server.async_engine import AsyncEngine
 
     model, tokenizer = models.load_pretrained(sys.argv[1])
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2))
+    # compiled decode steps: warmed up in a thread of their own, on the engine thread's count (aot_eager: the
+    # same graphs, run by ATen's ops, without generating code)
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, step_threads=engine_threads,
+                                                      compiled_steps=True, compile_backend="aot_eager"))
+    before_warm_up = os_threads()
+    engine.decode_graphs.warm_up(2)  # again on 2 threads (nothing left to compile): its steps' team goes with it
+    warm_up_left = os_threads() - before_warm_up
     seen = []
     step = engine.step
     engine.step = lambda: seen.append(torch.get_num_threads()) or step()
-    async_engine = AsyncEngine(engine, torch_threads=engine_threads)
+    async_engine = AsyncEngine(engine)
 
     async def generate() -> None:
         async_engine.start()
@@ -49,7 +55,8 @@ CHILD = textwrap.dedent("""
 
     asyncio.run(generate())
     print(json.dumps({"engine_threads": engine_threads, "main_spawned": spawned, "main_threads":
-                      torch.get_num_threads(), "engine_step_threads": sorted(set(seen))}))
+                      torch.get_num_threads(), "engine_step_threads": sorted(set(seen)), "warm_up_left": warm_up_left,
+                      "warm_up_compiles": len(engine.decode_graphs.compiles)}))
 """)
 
 
@@ -64,7 +71,10 @@ def run_child(checkpoint, mode: str) -> dict:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_the_main_thread_starts_no_openmp_team_and_the_engine_thread_runs_every_core(tiny_checkpoint):
     reserved = run_child(tiny_checkpoint, "reserve")
-    assert reserved == {"engine_threads": 2, "main_spawned": 0, "main_threads": 1, "engine_step_threads": [2]}
+    assert reserved.pop("warm_up_compiles") >= 2, reserved  # the warm-up compiled (batch 1 and 2)
+    # the warm-up's thread ran parallel ops on 2 threads: its OpenMP team went with it
+    assert reserved == {"engine_threads": 2, "main_spawned": 0, "main_threads": 1, "engine_step_threads": [2],
+                        "warm_up_left": 0}
     # the measurement can fail: without the reservation the same op starts a team (one more OS thread)
     unreserved = run_child(tiny_checkpoint, "default")
     assert unreserved["main_spawned"] >= 1 and unreserved["main_threads"] == 2
