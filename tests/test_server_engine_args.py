@@ -28,7 +28,8 @@ def test_engine_config_and_server_settings_default_to_engine_args():
     assert dataclasses.replace(built, compiled_steps=False) == plain
     assert plain.state_cache_bytes == int(DEFAULTS.state_cache_gb * GiB)
     assert ServerSettings.from_args(DEFAULTS, "m") == ServerSettings("m", str(DEFAULTS.model))
-    assert AsyncEngine.__init__.__defaults__ == (DEFAULTS.max_queued_requests, None)  # None: torch's threads as found
+    assert AsyncEngine.__init__.__defaults__ == (DEFAULTS.max_queued_requests,)
+    assert plain.step_threads is None  # the steps run on the constructing thread's torch threads
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
