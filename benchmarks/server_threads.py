@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.llamacpp import CHAT_TURNS, CHAT_USER_TOKENS, load, measure_chat
+from benchmarks.llamacpp import CHAT_TURNS, CHAT_USER_TOKENS, WARM_UP_SEED, load, measure_chat
 from deploy.local.launch import STARTUP_TIMEOUT, serve_command
 from miras_serve.loadtest.process import ServerProcess, free_port
 from miras_serve.loadtest.workload import LengthDist, Workload, load_tokenizer, synthetic_corpus
@@ -62,7 +62,7 @@ def measure(model: str, settings: dict[str, dict[str, str]], rounds: int, c32: b
                 serve_command(model, port), url=f"http://127.0.0.1:{port}", env={**os.environ, **env}, cwd=tmp,
                 log=work / f"server-{port}.log", timeout=STARTUP_TIMEOUT))
             # every step size runs; prompts of their own (a repeat would come from the prompt cache)
-            load(servers[name].url, tokenizer_dir, work / f"warm-up-{port}", 4, 128, 32, 4, seed=10_000)
+            load(servers[name].url, tokenizer_dir, work / f"warm-up-{port}", 4, 128, 32, 4, seed=WARM_UP_SEED)
         for r in range(rounds):
             messages = chat_messages(tokenizer_dir, seed=100 + r)  # new to every server's state cache
             for index, (name, server) in enumerate(servers.items()):

@@ -5,7 +5,7 @@
 //
 // Why not the BLAS: for one row of x the product is a matrix-vector product bound by reading W, and the BLAS
 // runs it on one thread; moneta-tiny's 29 products (18 MB) stream at the bandwidth of one core that way, and at
-// that of both cores here (docs/benchmarks/compiled-cpu.md).
+// that of both cores here (docs/kernels.md, "One-row products").
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
