@@ -55,7 +55,7 @@ def prefill_call(model: models.MirasLM, cached: int, tokens: int) -> tuple[Calla
     ids = torch.randint(3, vocab, (1, tokens))
 
     def call() -> None:
-        model(ids, pool, slots=slots)
+        model(ids, pool, slots=slots, last_only=True)
 
     def restore() -> None:
         for dst, src in zip(pool.tensors(), saved.tensors(), strict=True):

@@ -10,14 +10,25 @@
 // key's and the query's first layers in one pass), A_out three times while it sits in L1/L2 (forward,
 // backward, read), and its j filled rows; it writes its row, the coefficients and the decay. Nothing of the
 // memory's size is written. Rows with a negative slot or length 0 are skipped (their read and surprise: 0).
-// Parallel over (row, head) on ATen's thread pool; the inner loops are contiguous fp32 (vectorised by
-// -O3 -march=native with `omp simd`).
+// Parallel over (row, head) on ATen's thread pool. The inner loops are written with ATen's vectors
+// (at::vec::Vectorized, AVX2 with -march=native on x86): register-blocked matrix-vector products and vectorised
+// erf/exp/tanh. Written as plain loops they ran at ~7 GFLOP/s, bound by FMA chains, accumulators kept on the
+// stack and libm calls one value at a time; see docs/kernels.md for the measurement.
 
+// ATen's vectorised math (the same erf, exp and tanh as torch's own CPU kernels): its AVX2 specialisations are
+// compiled in only with CPU_CAPABILITY_AVX2 defined, which torch's build passes on its command line.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -38,36 +49,140 @@ struct Rule {
   float knee, knee_sq, knee_pow, knee_slope;
 };
 
+// x^e by products for the exponents 1 to 4 the presets use (as models.memory.power): libm's pow was ~10x slower.
+inline float power(float x, float e) {
+  if (e == 1.0f) return x;
+  if (e == 2.0f) return x * x;
+  if (e == 3.0f) return x * x * x;
+  if (e == 4.0f) return (x * x) * (x * x);
+  return std::pow(x, e);
+}
+
 // p phi(|e_j|) of the lp bias: a^p up to the knee r, then r^p + p r^(p-2) (a^2 - r^2) / 2 (its C1 continuation).
 inline float lp_power(const Rule& rule, float e) {
   const float a = std::fabs(e);
-  if (a <= rule.knee) return std::pow(a, rule.p);
+  if (a <= rule.knee) return power(a, rule.p);
   return rule.knee_pow + rule.p * rule.knee_slope * (a * a - rule.knee_sq) * 0.5f;
 }
 
 // |g| of the lp bias from s^2 = e^2 + eps: s^(p-1) up to the knee, r^(p-2) s beyond it.
 inline float lp_magnitude(const Rule& rule, float s_sq) {
-  if (s_sq <= rule.knee_sq) return std::pow(s_sq, (rule.p - 1.0f) / 2.0f);
+  if (s_sq <= rule.knee_sq) return power(s_sq, (rule.p - 1.0f) / 2.0f);
   return rule.knee_slope * std::sqrt(s_sq);
 }
 
-inline float gelu(float z) { return 0.5f * z * (1.0f + std::erf(z * kSqrtHalf)); }
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
 
-inline float gelu_grad(float z) {
-  return 0.5f * (1.0f + std::erf(z * kSqrtHalf)) + z * std::exp(-0.5f * z * z) * kInvSqrt2Pi;
+// out = gelu(z) over n values (out may be z). Vectorised: erf and exp one value at a time through libm cost more
+// than the products around them.
+inline void gelu(const float* z, float* out, int64_t n) {
+  at::vec::map([](Vec x) { return Vec(0.5f) * x * (Vec(1.0f) + (x * Vec(kSqrtHalf)).erf()); }, out, z, n);
 }
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// g *= gelu'(z) = Phi(z) + z phi(z), over n values.
+inline void times_gelu_grad(float* g, const float* z, int64_t n) {
+  at::vec::map2(
+      [](Vec gv, Vec x) {
+        const Vec phi = (Vec(-0.5f) * x * x).exp() * Vec(kInvSqrt2Pi);
+        return gv * (Vec(0.5f) * (Vec(1.0f) + (x * Vec(kSqrtHalf)).erf()) + x * phi);
+      },
+      g, g, z, n);
 }
 
-// y += alpha x
-inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+// The products below are matrix-vector products of one head's small matrices, which sit in L1/L2 after their
+// first read: they are bound by the latency of the FMA chains, not by memory. So each keeps several independent
+// accumulators (a single chain of n / 8 dependent FMAs per dot product, and a horizontal sum per output, were
+// most of the step).
+
+// The sums of four vectors' lanes, {a.sum, b.sum, c.sum, d.sum}, into y[0..3].
+inline void reduce4(const Vec& a, const Vec& b, const Vec& c, const Vec& d, float* y) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);  // pairs of lanes summed, interleaved
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);  // per 128-bit half: {a, b, c, d} partial sums
+  _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+#else
+  y[0] = a.reduce_add();
+  y[1] = b.reduce_add();
+  y[2] = c.reduce_add();
+  y[3] = d.reduce_add();
+#endif
+}
+
+// y_x[r] = w[r] . x for NX vectors x at once (rows of w ``stride`` apart, ``cols`` long): four rows at a time,
+// their 4 NX accumulators named (an array of them was kept on the stack and stored every iteration).
+template <int NX>
+void matvec(const float* w, int64_t stride, int64_t rows, int64_t cols, const float* const (&x)[NX],
+            float* const (&y)[NX]) {
+  static_assert(NX == 1 || NX == 2, "one or two vectors");
+  const int64_t vec_cols = cols - cols % kLanes;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float *w0 = w + r * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
+    Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f), b0(0.0f), b1(0.0f), b2(0.0f), b3(0.0f);
+    for (int64_t c = 0; c < vec_cols; c += kLanes) {
+      const Vec x0 = Vec::loadu(x[0] + c), v0 = Vec::loadu(w0 + c), v1 = Vec::loadu(w1 + c),
+                v2 = Vec::loadu(w2 + c), v3 = Vec::loadu(w3 + c);
+      a0 = at::vec::fmadd(v0, x0, a0);
+      a1 = at::vec::fmadd(v1, x0, a1);
+      a2 = at::vec::fmadd(v2, x0, a2);
+      a3 = at::vec::fmadd(v3, x0, a3);
+      if constexpr (NX == 2) {
+        const Vec x1 = Vec::loadu(x[NX - 1] + c);
+        b0 = at::vec::fmadd(v0, x1, b0);
+        b1 = at::vec::fmadd(v1, x1, b1);
+        b2 = at::vec::fmadd(v2, x1, b2);
+        b3 = at::vec::fmadd(v3, x1, b3);
+      }
+    }
+    reduce4(a0, a1, a2, a3, y[0] + r);
+    if constexpr (NX == 2) reduce4(b0, b1, b2, b3, y[NX - 1] + r);
+    for (int64_t c = vec_cols; c < cols; ++c)
+      for (int n = 0; n < NX; ++n)
+        for (int i = 0; i < 4; ++i) y[n][r + i] += w[(r + i) * stride + c] * x[n][c];
+  }
+  for (; r < rows; ++r)
+    for (int n = 0; n < NX; ++n) {
+      Vec acc(0.0f);
+      for (int64_t c = 0; c < vec_cols; c += kLanes)
+        acc = at::vec::fmadd(Vec::loadu(w + r * stride + c), Vec::loadu(x[n] + c), acc);
+      float sum = acc.reduce_add();
+      for (int64_t c = vec_cols; c < cols; ++c) sum += w[r * stride + c] * x[n][c];
+      y[n][r] = sum;
+    }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float out;
+  matvec<1>(a, n, 1, n, {b}, {&out});
+  return out;
+}
+
+// y[c] = sum_r g[r] w[r, c] (w's rows ``stride`` apart, ``cols`` long): blocks of four vectors of y held in
+// named registers while every row streams past.
+void matvec_t(const float* w, int64_t stride, int64_t rows, int64_t cols, const float* g, float* y) {
+  int64_t c = 0;
+  for (; c + 4 * kLanes <= cols; c += 4 * kLanes) {
+    Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+    const float* wr = w + c;
+    for (int64_t r = 0; r < rows; ++r, wr += stride) {
+      const Vec gr(g[r]);
+      a0 = at::vec::fmadd(gr, Vec::loadu(wr), a0);
+      a1 = at::vec::fmadd(gr, Vec::loadu(wr + kLanes), a1);
+      a2 = at::vec::fmadd(gr, Vec::loadu(wr + 2 * kLanes), a2);
+      a3 = at::vec::fmadd(gr, Vec::loadu(wr + 3 * kLanes), a3);
+    }
+    a0.store(y + c);
+    a1.store(y + c + kLanes);
+    a2.store(y + c + 2 * kLanes);
+    a3.store(y + c + 3 * kLanes);
+  }
+  for (; c < cols; c += kLanes) {
+    const int64_t count = std::min(kLanes, cols - c);
+    Vec acc(0.0f);
+    for (int64_t r = 0; r < rows; ++r) acc = at::vec::fmadd(Vec(g[r]), Vec::loadu(w + r * stride + c, count), acc);
+    acc.store(y + c, count);
+  }
 }
 
 // LayerNorm of u [d] into out (weight, bias [d]); keeps the normalised input and 1/std for the backward.
@@ -87,7 +202,7 @@ inline float layer_norm(const float* u, const float* weight, const float* bias, 
 }
 
 // The key's output gradient gu [d] at the anchor from its error e = M(k) - v (overwritten), and its loss.
-inline float output_grad(const Rule& rule, float delta, float* e, int64_t d) {
+inline float output_grad(const Rule& rule, float delta, float* e, float* magnitude, int64_t d) {
   float sq = 0.0f, abs_sum = 0.0f, p_sum = 0.0f;
   for (int64_t c = 0; c < d; ++c) {
     sq += e[c] * e[c];
@@ -96,19 +211,23 @@ inline float output_grad(const Rule& rule, float delta, float* e, int64_t d) {
   }
   if (rule.bias == kL2) return 0.5f * sq;
   if (rule.bias == kLp) {
-    for (int64_t c = 0; c < d; ++c)
-      e[c] = std::tanh(rule.sharpness * e[c]) * lp_magnitude(rule, e[c] * e[c] + rule.abs_eps);
+    for (int64_t c = 0; c < d; ++c) magnitude[c] = lp_magnitude(rule, e[c] * e[c] + rule.abs_eps);
+    const float sharpness = rule.sharpness;
+    at::vec::map2([sharpness](Vec x, Vec m) { return (Vec(sharpness) * x).tanh() * m; }, e, e, magnitude, d);
     return p_sum / rule.p;
   }
   if (std::sqrt(sq / static_cast<float>(d)) <= delta) return 0.5f * sq;  // huber: l2 inside the radius
-  for (int64_t c = 0; c < d; ++c) e[c] = delta * std::tanh(rule.sharpness * e[c]);
+  const float sharpness = rule.sharpness;
+  at::vec::map([sharpness, delta](Vec x) { return Vec(delta) * (Vec(sharpness) * x).tanh(); }, e, e, d);
   return delta * abs_sum;
 }
 
+// Per-thread scratch: D-sized for the hidden layer, d-sized for the output, b-sized for the rows' weights.
 struct Scratch {
-  std::vector<float> z, zq, a, gz, aq, u, u_hat, y, gu, uq;
-  Scratch(int64_t D, int64_t d)
-      : z(D), zq(D), a(D), gz(D), aq(D), u(d), u_hat(d), y(d), gu(d), uq(d) {}
+  std::vector<float> z, zq, a, gz, aq, sum_d, u, u_hat, y, gu, uq, magnitude, sum_o, weight;
+  Scratch(int64_t D, int64_t d, int64_t b)
+      : z(D), zq(D), a(D), gz(D), aq(D), sum_d(D), u(d), u_hat(d), y(d), gu(d), uq(d), magnitude(d), sum_o(d),
+        weight(b) {}
 };
 
 // One (row, head): the token's factors at the anchor, the read at the updated memory, the new row.
@@ -118,24 +237,14 @@ void decode_head(const Rule& rule, const float* q, const float* k, const float* 
                  int64_t d) {
   const int64_t RW = 2 * (D + d);
   // Pass 1 over A_in: the key's and the query's pre-activations.
-  for (int64_t r = 0; r < D; ++r) {
-    const float* w = a_in + r * d;
-    float zk = 0.0f, zq = 0.0f;
-#pragma omp simd reduction(+ : zk, zq)
-    for (int64_t c = 0; c < d; ++c) {
-      zk += w[c] * k[c];
-      zq += w[c] * q[c];
-    }
-    s.z[r] = zk;
-    s.zq[r] = zq;
-    s.a[r] = gelu(zk);
-  }
+  matvec<2>(a_in, d, D, d, {k, q}, {s.z.data(), s.zq.data()});
+  gelu(s.z.data(), s.a.data(), D);
   // The key's forward through A_out, its error, loss and output gradient (LayerNorm's backward).
-  for (int64_t c = 0; c < d; ++c) s.u[c] = dot(a_out + c * D, s.a.data(), D);
+  matvec<1>(a_out, D, d, D, {s.a.data()}, {s.u.data()});
   const float inv_std = layer_norm(s.u.data(), ln_w, ln_b, rule.ln_eps, s.u_hat.data(), s.y.data(), d);
   float* g = s.y.data();  // y becomes the error, then d l / d M(k)
   for (int64_t c = 0; c < d; ++c) g[c] = k[c] + s.y[c] - v[c];
-  const float loss = output_grad(rule, delta, g, d);
+  const float loss = output_grad(rule, delta, g, s.magnitude.data(), d);
   if (surprise != nullptr) *surprise = loss;
   float g_mean = 0.0f, gu_mean = 0.0f;
   for (int64_t c = 0; c < d; ++c) {
@@ -147,9 +256,8 @@ void decode_head(const Rule& rule, const float* q, const float* k, const float* 
   gu_mean /= static_cast<float>(d);
   for (int64_t c = 0; c < d; ++c) s.gu[c] = inv_std * (g[c] - g_mean - s.u_hat[c] * gu_mean);
   // The key's backward through A_out: gz = (A_out^T gu) * gelu'(z).
-  std::fill(s.gz.begin(), s.gz.end(), 0.0f);
-  for (int64_t c = 0; c < d; ++c) axpy(s.gu[c], a_out + c * D, s.gz.data(), D);
-  for (int64_t r = 0; r < D; ++r) s.gz[r] *= gelu_grad(s.z[r]);
+  matvec_t(a_out, D, d, D, s.gu.data(), s.gz.data());
+  times_gelu_grad(s.gz.data(), s.z.data(), D);
 
   // The token's gates: its alpha decays the old rows' coefficients and the anchor's; it enters with eta.
   float alpha = std::exp(log_alpha);
@@ -160,20 +268,21 @@ void decode_head(const Rule& rule, const float* q, const float* k, const float* 
   for (int64_t i = 0; i < j; ++i) coef[i] *= alpha;
   const float decay = *decay_ptr * alpha;
 
-  // The read: zq = W_in q, aq = gelu(zq), uq = W_out aq, through the anchor and the old rows and the new one.
+  // The read: zq = W_in q, aq = gelu(zq), uq = W_out aq, through the anchor and the old rows and the new one:
+  // zq = decay A_in q - sum_i C_i (k_i . q) gz_i - eta (k . q) gz, and likewise uq through (a_i, gu_i).
+  float* weight = s.weight.data();
+  matvec<1>(rows, RW, j, d, {q}, {weight});  // k_i . q
+  for (int64_t i = 0; i < j; ++i) weight[i] *= coef[i];
+  matvec_t(rows + d, RW, j, D, weight, s.sum_d.data());
   const float kq = dot(k, q, d);
-  for (int64_t r = 0; r < D; ++r) s.zq[r] = decay * s.zq[r] - eta * kq * s.gz[r];
-  for (int64_t i = 0; i < j; ++i) {
-    const float* row = rows + i * RW;
-    axpy(-coef[i] * dot(row, q, d), row + d, s.zq.data(), D);
-  }
-  for (int64_t r = 0; r < D; ++r) s.aq[r] = gelu(s.zq[r]);
+  for (int64_t r = 0; r < D; ++r) s.zq[r] = decay * s.zq[r] - eta * kq * s.gz[r] - s.sum_d[r];
+  gelu(s.zq.data(), s.aq.data(), D);
   const float aa = dot(s.aq.data(), s.a.data(), D);
-  for (int64_t c = 0; c < d; ++c) s.uq[c] = decay * dot(a_out + c * D, s.aq.data(), D) - eta * aa * s.gu[c];
-  for (int64_t i = 0; i < j; ++i) {
-    const float* row = rows + i * RW;
-    axpy(-coef[i] * dot(row + d + D, s.aq.data(), D), row + d + 2 * D, s.uq.data(), d);
-  }
+  matvec<1>(a_out, D, d, D, {s.aq.data()}, {s.uq.data()});
+  matvec<1>(rows + d + D, RW, j, D, {s.aq.data()}, {weight});  // a_i . aq
+  for (int64_t i = 0; i < j; ++i) weight[i] *= coef[i];
+  matvec_t(rows + d + 2 * D, RW, j, d, weight, s.sum_o.data());
+  for (int64_t c = 0; c < d; ++c) s.uq[c] = decay * s.uq[c] - eta * aa * s.gu[c] - s.sum_o[c];
   layer_norm(s.uq.data(), ln_w, ln_b, rule.ln_eps, s.u_hat.data(), out, d);
   for (int64_t c = 0; c < d; ++c) out[c] += q[c];
 
@@ -242,7 +351,7 @@ at::Tensor factored_decode(const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t* len_p = lengths.data_ptr<int64_t>();
   float* out_p = out.data_ptr<float>();
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(D, d);
+    Scratch scratch(D, d, b);
     for (int64_t index = begin; index < end; ++index) {
       const int64_t n = index / H, h = index % H, slot = slot_p[n];
       if (slot < 0 || len_p[n] <= 0) continue;
