@@ -1,4 +1,4 @@
-"""The native CPU kernels of a one-token decode step, built together as one torch extension:
+"""The native CPU kernels of the memory and of a one-token decode step, built together as one torch extension:
 
 - ``miras_serve::factored_decode`` (kernels/cpu/factored_decode.cpp), the factored memory's step, the CPU
   counterpart of kernels/factored.py: in place on the pool through ``slots``, reading the anchor and the factor
@@ -8,6 +8,9 @@
   reference's ``start_chunk`` for it). That keeps the C++ to the step every token takes, for every attentional
   bias (l2, lp, huber) and retention (the decay; Memora's in-chunk updates without decay and its first token
   entering through the boundary step).
+- ``miras_serve::mlp_segment`` (kernels/cpu/mlp_segment.cpp), ``models.memory.memory_segment`` for the MLP
+  memory: a prompt's tokens of one chunk, their reads and the memory after them, the products through ATen's
+  batched matrix products and every elementwise chain fused into one pass (the prefill's memory).
 - ``miras_serve::row_linear`` (kernels/cpu/row_linear.cpp), ``x W^T + b`` for one row of x, streaming the
   linear's own weight along its rows, the outputs split over the threads.
 
@@ -38,7 +41,9 @@ from torch import Tensor
 
 from .rule import BIAS_CODES, MemoryRule
 
-SOURCES = tuple(Path(__file__).resolve().parent / "cpu" / name for name in ("factored_decode.cpp", "row_linear.cpp"))
+_CPU_DIR = Path(__file__).resolve().parent / "cpu"
+SOURCES = tuple(_CPU_DIR / name for name in ("factored_decode.cpp", "mlp_segment.cpp", "row_linear.cpp"))
+HEADERS = (_CPU_DIR / "memory_math.h",)  # included by the sources: part of what a build depends on
 EXTENSION = "miras_cpu_kernels"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 STALE_LOCK_S = 600.0  # a build takes ~25 s on 2 cores
@@ -52,7 +57,7 @@ def build_key() -> str:
     cache dir shared by different machines (a volume, an image built elsewhere) never loads code for another CPU,
     and the sources and flags, so a build of another revision (an older op schema) is never loaded."""
     cpu = hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
-    sources = b"".join(path.read_bytes() for path in SOURCES)
+    sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     source = hashlib.sha256(sources + " ".join(CFLAGS).encode()).hexdigest()[:12]
     return f"torch-{torch.__version__}-{platform.machine()}-{cpu}-src-{source}"
 
@@ -126,6 +131,23 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     out = torch.ops.miras_serve.row_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
                                            None if bias is None else bias.contiguous())
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def mlp_segment(rule: MemoryRule, anchor: tuple[Tensor, Tensor], memory: tuple[Tensor, Tensor], q: Tensor, k: Tensor,
+                v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor, ln_bias: Tensor,
+                want_surprise: bool) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
+    """``models.memory.memory_segment`` for the MLP memory on fp32 CPU tensors (anchor and memory: ([B, H, D, d],
+    [B, H, d, D]); q, k, v [B, H, n, d]; gates [B, H, n]; ln_weight, ln_bias [H, 1, d]): the reads [B, H, n, d],
+    the memory after the segment, and each token's loss at the anchor [B, H, n] if ``want_surprise`` (else None).
+    Call :func:`load` first."""
+    def f32(t: Tensor) -> Tensor:
+        return t.to(torch.float32).contiguous()
+
+    out, new_in, new_out, loss = torch.ops.miras_serve.mlp_segment(
+        *(f32(w) for w in (*anchor, *memory)), f32(q), f32(k), f32(v), f32(eta), f32(log_alpha),
+        None if delta is None else f32(delta), f32(ln_weight), f32(ln_bias), want_surprise,
+        BIAS_CODES[rule.attentional_bias], rule.p, rule.lp_knee, rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps)
+    return out, (new_in, new_out), loss if want_surprise else None
 
 
 def factored_decode(rule: MemoryRule, anchor: tuple[Tensor, Tensor], rows: Tensor, coef: Tensor, decay: Tensor,

@@ -10,7 +10,7 @@ scan kernel's FACTORED prefill).
 
 On CPU tensors the torch backend runs a factored pool's one-token decode step through the native kernel
 (kernels.cpu_native, built at first use under the project's cache dir) unless ``MIRAS_CPU_NATIVE=0``
-(:func:`native_decode_enabled`); the chunk starts still take the reference's ``start_chunk`` first."""
+(:func:`native_kernels_enabled`); the chunk starts still take the reference's ``start_chunk`` first."""
 
 from __future__ import annotations
 
@@ -64,9 +64,10 @@ def forced_backend(name: str) -> contextlib.AbstractContextManager[None]:
     return environment("MIRAS_KERNELS", name)
 
 
-def native_decode_enabled(device_type: str) -> bool:
-    """Whether a factored pool's one-token step on ``device_type`` runs the native CPU kernel: on CPU tensors,
-    unless ``MIRAS_CPU_NATIVE=0``, once the kernel has been built (the first call builds it)."""
+def native_kernels_enabled(device_type: str) -> bool:
+    """Whether the native CPU kernels run on ``device_type`` (a factored pool's one-token step, a prompt's
+    segments of the MLP memory): on CPU tensors, unless ``MIRAS_CPU_NATIVE=0``, once the kernels have been built
+    (the first call builds them)."""
     return device_type == "cpu" and os.environ.get("MIRAS_CPU_NATIVE", "1").strip() != "0" and _native_built()
 
 
@@ -75,13 +76,37 @@ def _native_built() -> bool:
     return cpu_native.load(cache_dir() / "torch_extensions")
 
 
+def prompt_segment(cfg: MirasConfig, *inputs: Tensor | None) -> spec.Segment:
+    """What runs a prompt's segments on the torch backend (``inputs``: the memory and the tokens' tensors): the
+    native kernel (kernels/cpu/mlp_segment.cpp) for the MLP memory on fp32 CPU tensors with exact products and
+    nothing to differentiate, when the native kernels are enabled; else the reference's ``memory_segment``."""
+    tensors = [t for t in inputs if t is not None]
+    if (cfg.memory == "mlp" and all(t.dtype == torch.float32 for t in tensors) and spec.dot_emulation() == "ieee"
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and native_kernels_enabled(tensors[0].device.type)):
+        return _native_segment
+    return spec.memory_segment
+
+
+def _native_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
+                    log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor, ln_bias: Tensor,
+                    surprise: Tensor | None = None) -> tuple[Tensor, Memory]:
+    """:func:`models.memory.memory_segment` through the native kernel."""
+    out, new_memory, loss = cpu_native.mlp_segment(cfg.memory_rule(), anchor, memory, q, k, v, eta, log_alpha, delta,
+                                                   ln_weight, ln_bias, surprise is not None)
+    if surprise is not None:
+        surprise.copy_(loss)
+    return out, new_memory
+
+
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
                 eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor | None,
                 ln_bias: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Memory, Memory]:
     """Same contract as :func:`models.memory.memory_scan`, on the selected backend (inputs untouched)."""
     if backend_for(q.device.type) == "torch":
         return spec.memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
-                                surprise)
+                                surprise, segment=prompt_segment(cfg, *anchor, *memory, q, k, v, eta, log_alpha, delta,
+                                                                 ln_weight))
     anchor = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in anchor)
     memory = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in memory)
     rows = torch.arange(q.shape[0], device=q.device)
@@ -129,7 +154,8 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
     part = _surprise_part(surprise, rows)
     o, new_anchor, new_memory = spec.memory_scan(
         cfg, tuple(read(w) for w in anchor), tuple(read(w) for w in memory), pick(pos), pick(q), pick(k), pick(v),
-        pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias, part)
+        pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias, part,
+        segment=prompt_segment(cfg, *anchor, *memory, q, k, v, eta, log_alpha, delta, ln_weight))
     # The anchor changes only where a chunk starts inside the processed tokens; most decode steps
     # cross no boundary, so skip that copy (half the state traffic of the write-back).
     first_boundary = torch.remainder(-pick(pos), cfg.chunk_size)
@@ -231,7 +257,8 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
     if q.shape[2] == 1:
         return spec.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
                                          surprise)
-    return spec.factored_scan(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise)
+    return spec.factored_scan(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise,
+                              segment=prompt_segment(cfg, *state.anchor, q, k, v, eta, log_alpha, delta, ln_weight))
 
 
 def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
@@ -246,13 +273,13 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     new anchor (once per chunk). The triton backend is in-place kernels without host syncs (CUDA-graph
     capturable, kernels/factored.py); the torch backend gathers a prompt's rows, runs the factored scan
     and writes them back, and runs a decode step on CPU tensors through the native kernel in place
-    (:func:`native_decode_enabled`; else gathers, the reference's ``factored_token`` and scatters).
+    (:func:`native_kernels_enabled`; else gathers, the reference's ``factored_token`` and scatters).
     ``known``: as in :func:`memory_scan_pool`.
     """
     if backend_for(q.device.type) == "triton":
         return _triton_factored(cfg, pool, q.device.type, slots, pos, q, k, v, eta, log_alpha, delta, ln_weight,
                                 ln_bias, lengths=lengths, surprise=surprise)
-    if q.shape[2] == 1 and pool.rows.dtype == torch.float32 and native_decode_enabled(q.device.type):
+    if q.shape[2] == 1 and pool.rows.dtype == torch.float32 and native_kernels_enabled(q.device.type):
         return _native_decode(cfg, pool, slots, pos, [q, k, v, eta, log_alpha, delta], lengths, ln_weight, ln_bias,
                               surprise, known)
     if known is not None:  # every row live, none read on the host
@@ -269,7 +296,8 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
     if q.shape[2] > 1:
         valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < pick(lengths).view(-1, 1)
         state = FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
-        o, state = spec.factored_scan(cfg, state, pos, *token, valid, ln_weight, ln_bias, part)
+        o, state = spec.factored_scan(cfg, state, pos, *token, valid, ln_weight, ln_bias, part,
+                                      segment=prompt_segment(cfg, *state.anchor, *token, ln_weight))
         for mine, new in zip((*pool.anchor, *pool[1:]), (*state.anchor, *state[1:]), strict=True):
             write(mine, new)
         return _scatter_reads(q, rows, o, surprise, part)

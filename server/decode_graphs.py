@@ -42,7 +42,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from miras_serve.kernels.cpu_native import row_linear
 from miras_serve.kernels.graphs import capture
 from miras_serve.models import MirasLM
-from miras_serve.models.backend import native_decode_enabled
+from miras_serve.models.backend import native_kernels_enabled
 from miras_serve.models.corpus import cache_dir
 from miras_serve.models.memory import KnownStep
 from miras_serve.models.model import ModelState
@@ -73,7 +73,7 @@ class OneRowLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        self.native = native_decode_enabled(linear.weight.device.type) and linear.weight.dtype == torch.float32
+        self.native = native_kernels_enabled(linear.weight.device.type) and linear.weight.dtype == torch.float32
         if not self.native:
             self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
 

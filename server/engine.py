@@ -17,7 +17,7 @@ from torch import Tensor
 
 from miras_serve.kernels import set_dot_precision
 from miras_serve.models import MirasLM, MirasTokenizer
-from miras_serve.models.backend import native_decode_enabled
+from miras_serve.models.backend import native_kernels_enabled
 from miras_serve.models.memory import KnownStep
 
 from .decode_graphs import ENGINE_COMPILE_MAX_BATCH, DecodeGraphs
@@ -117,7 +117,7 @@ class LLMEngine:
         # With graphs or compiled steps, one more pool row that no request owns takes the padding rows of a batch.
         self.pool = model.init_state(self.config.max_num_seqs + (1 if padded else 0))
         if self.pool.layout == "factored":  # the native CPU decode kernel: built or loaded now, not on a first step
-            native_decode_enabled(self.device.type)
+            native_kernels_enabled(self.device.type)
         self.metrics = metrics or EngineMetrics(model_name)
         self.decode_graphs = self._capture_decode_graphs(compiled) if padded else None
         if self.decode_graphs is not None:  # every compile now, before the first request, not in the engine loop

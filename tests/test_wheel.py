@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from miras_serve.kernels import cpu_native
 from miras_serve.loadtest.process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +68,8 @@ def test_the_wheel_holds_one_import_root(wheel: Path):
     assert top == {"miras_serve", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     assert "miras_serve/models/pretrained/moneta-tiny/model.safetensors" in names
     assert "miras_serve/server/static/index.html" in names
-    for source in ("factored_decode.cpp", "row_linear.cpp"):  # built at first use (kernels.cpu_native)
-        assert f"miras_serve/kernels/cpu/{source}" in names
+    for source in cpu_native.SOURCES + cpu_native.HEADERS:  # built at first use
+        assert f"miras_serve/kernels/cpu/{source.name}" in names
     assert not [n for n in names if "/benchmarks/" in n or "/tests/" in n]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -1,0 +1,189 @@
+// One segment of a prompt through the MLP memory on the CPU: the tokens of one chunk (or of its part a call
+// holds), their reads and the memory after the last, exactly models.memory.memory_segment (the Python side is
+// kernels/cpu_native.py). Per sequence and head, with the chunk's anchor (A_in, A_out), the running memory
+// before the segment (W_in, W_out) and n tokens:
+//     factors at the anchor:  Z = K A_in^T, A = gelu(Z), U = A A_out^T, GU = LN'(d l / d y), GZ = (GU A_out) * gelu'(Z)
+//     reads:  ZQ = decay * (Q W_in^T) - (C * Q K^T) GZ,  AQ = gelu(ZQ),  UQ = decay * (AQ W_out^T) - (C * AQ A^T) GU,
+//             out = q + LN(UQ)
+//     memory: W_in' = decay_n W_in - GZ^T (c_n * K),  W_out' = decay_n W_out - GU^T (c_n * A)
+// with decay_t = prod_{j<=t} alpha_j and C[t, i] = eta_i prod_{i<j<=t} alpha_j (i <= t), c_n = C[n-1, :].
+//
+// Why native: in PyTorch a segment is ~250 small ops, most of them elementwise over [B, H, n, D] (GELU's erf, the
+// bias's gradient, two LayerNorms and one backward), each a pass over memory and a dispatch from Python; they were
+// two thirds of a chat turn's prefill. Here the products stay ATen's batched matrix products (the BLAS) and every
+// elementwise chain is one fused pass, parallel over the rows on ATen's thread pool.
+
+#include "memory_math.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using namespace miras_cpu;
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
+              " must be a contiguous fp32 CPU tensor");
+}
+
+// Grain of the row loops: a few rows of the hidden width per task, so a small segment runs inline.
+constexpr int64_t kRowGrain = 16;
+
+}  // namespace
+
+// anchor_in, memory_in [B, H, D, d]; anchor_out, memory_out [B, H, d, D]; q, k, v [B, H, n, d]; eta, log_alpha
+// (and delta, huber's) [B, H, n]; ln_weight, ln_bias [H, 1, d]. Returns the reads [B, H, n, d], the new
+// (W_in, W_out), and each token's loss at the anchor [B, H, n] (empty unless want_surprise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_segment(
+    const at::Tensor& anchor_in, const at::Tensor& anchor_out, const at::Tensor& memory_in,
+    const at::Tensor& memory_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+    const at::Tensor& log_alpha, const std::optional<at::Tensor>& delta, const at::Tensor& ln_weight,
+    const at::Tensor& ln_bias, bool want_surprise, int64_t bias, double p, double lp_knee, double abs_eps,
+    double sharpness, double ln_eps) {
+  for (const auto& [t, name] : {std::pair{&anchor_in, "anchor_in"}, {&anchor_out, "anchor_out"},
+                                {&memory_in, "memory_in"}, {&memory_out, "memory_out"}, {&q, "q"}, {&k, "k"},
+                                {&v, "v"}, {&eta, "eta"}, {&log_alpha, "log_alpha"}, {&ln_weight, "ln_weight"},
+                                {&ln_bias, "ln_bias"}})
+    check_f32(*t, name);
+  if (delta) check_f32(*delta, "delta");
+  TORCH_CHECK(bias != kHuber || delta.has_value(), "the huber bias needs delta");
+  TORCH_CHECK(lp_knee > 0.0, "lp_knee must be > 0 (+inf: none)");
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), D = anchor_in.size(2);
+  TORCH_CHECK(n >= 1 && anchor_in.sizes() == memory_in.sizes() && anchor_out.sizes() == memory_out.sizes() &&
+                  anchor_in.sizes() == at::IntArrayRef({B, H, D, d}) &&
+                  anchor_out.sizes() == at::IntArrayRef({B, H, d, D}),
+              "memory shapes must be [B, H, D, d] and [B, H, d, D] for q [B, H, n, d]");
+  const Rule rule = make_rule(bias, false, p, lp_knee, abs_eps, sharpness, ln_eps);
+  const int64_t rows = B * H * n;
+
+  // The chunk's coefficients: cum_t = sum_{j<=t} log alpha_j (accumulated in double, as torch's CPU cumsum),
+  // decay_t = exp(cum_t), C[t, i] = eta_i exp(cum_t - cum_i) for i <= t, else 0.
+  at::Tensor decay = at::empty({B, H, n}, q.options());
+  at::Tensor coeff = at::empty({B, H, n, n}, q.options());
+  {
+    const float *eta_p = eta.data_ptr<float>(), *la_p = log_alpha.data_ptr<float>();
+    float *decay_p = decay.data_ptr<float>(), *coeff_p = coeff.data_ptr<float>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> cum(n);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        double running = 0.0;
+        for (int64_t t = 0; t < n; ++t) {
+          running += la_p[bh * n + t];
+          cum[t] = static_cast<float>(running);
+          decay_p[bh * n + t] = std::exp(cum[t]);
+        }
+        float* c = coeff_p + bh * n * n;
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t i = 0; i < n; ++i) c[t * n + i] = i <= t ? eta_p[bh * n + i] * std::exp(cum[t] - cum[i]) : 0.0f;
+      }
+    });
+  }
+
+  // The factors at the anchor.
+  at::Tensor z = at::matmul(k, anchor_in.transpose(-1, -2));  // [B, H, n, D]
+  at::Tensor a = at::empty_like(z);
+  {
+    const float* z_p = z.data_ptr<float>();
+    float* a_p = a.data_ptr<float>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      gelu(z_p + begin * D, a_p + begin * D, (end - begin) * D);
+    });
+  }
+  at::Tensor u = at::matmul(a, anchor_out.transpose(-1, -2));  // [B, H, n, d]
+  at::Tensor gu = at::empty_like(u);
+  at::Tensor loss = want_surprise ? at::empty({B, H, n}, q.options()) : at::empty({0}, q.options());
+  {
+    const float *u_p = u.data_ptr<float>(), *k_p = k.data_ptr<float>(), *v_p = v.data_ptr<float>();
+    const float *lw = ln_weight.data_ptr<float>(), *lb = ln_bias.data_ptr<float>();
+    const float* delta_p = delta ? delta->data_ptr<float>() : nullptr;
+    float *gu_p = gu.data_ptr<float>(), *loss_p = want_surprise ? loss.data_ptr<float>() : nullptr;
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> u_hat(d), g(d), magnitude(d);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t h = row / n % H;
+        const float *w = lw + h * d, *b = lb + h * d;
+        const float inv_std = layer_norm(u_p + row * d, w, b, rule.ln_eps, u_hat.data(), g.data(), d);
+        for (int64_t c = 0; c < d; ++c) g[c] += k_p[row * d + c] - v_p[row * d + c];  // the error M(k) - v
+        const float l = output_grad(rule, delta_p ? delta_p[row] : 0.0f, g.data(), magnitude.data(), d);
+        if (loss_p != nullptr) loss_p[row] = l;
+        float g_mean = 0.0f, gu_mean = 0.0f;
+        for (int64_t c = 0; c < d; ++c) {
+          g[c] *= w[c];
+          g_mean += g[c];
+          gu_mean += g[c] * u_hat[c];
+        }
+        g_mean /= static_cast<float>(d);
+        gu_mean /= static_cast<float>(d);
+        for (int64_t c = 0; c < d; ++c) gu_p[row * d + c] = inv_std * (g[c] - g_mean - u_hat[c] * gu_mean);
+      }
+    });
+  }
+  at::Tensor gz = at::matmul(gu, anchor_out);  // [B, H, n, D], then * gelu'(z)
+  {
+    const float* z_p = z.data_ptr<float>();
+    float* gz_p = gz.data_ptr<float>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      times_gelu_grad(gz_p + begin * D, z_p + begin * D, (end - begin) * D);
+    });
+  }
+
+  // The reads at the updated memory: zq, aq = gelu(zq) (into z's storage, no longer needed), uq, out.
+  at::Tensor zq = at::matmul(q, memory_in.transpose(-1, -2));
+  at::Tensor zq_rows = at::matmul(at::matmul(q, k.transpose(-1, -2)).mul_(coeff), gz);
+  {
+    const float *decay_p = decay.data_ptr<float>(), *rows_p = zq_rows.data_ptr<float>();
+    float *zq_p = zq.data_ptr<float>(), *aq_p = z.data_ptr<float>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const float scale = decay_p[row];
+        at::vec::map2([scale](Vec x, Vec r) { return Vec(scale) * x - r; }, zq_p + row * D, zq_p + row * D,
+                      rows_p + row * D, D);
+      }
+      gelu(zq_p + begin * D, aq_p + begin * D, (end - begin) * D);
+    });
+  }
+  const at::Tensor& aq = z;
+  at::Tensor uq = at::matmul(aq, memory_out.transpose(-1, -2));  // [B, H, n, d]
+  at::Tensor uq_rows = at::matmul(at::matmul(aq, a.transpose(-1, -2)).mul_(coeff), gu);
+  at::Tensor out = at::empty_like(q);
+  {
+    const float *decay_p = decay.data_ptr<float>(), *rows_p = uq_rows.data_ptr<float>(), *q_p = q.data_ptr<float>();
+    const float *lw = ln_weight.data_ptr<float>(), *lb = ln_bias.data_ptr<float>();
+    float *uq_p = uq.data_ptr<float>(), *out_p = out.data_ptr<float>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> u_hat(d);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t h = row / n % H;
+        float* x = uq_p + row * d;
+        for (int64_t c = 0; c < d; ++c) x[c] = decay_p[row] * x[c] - rows_p[row * d + c];
+        layer_norm(x, lw + h * d, lb + h * d, rule.ln_eps, u_hat.data(), out_p + row * d, d);
+        for (int64_t c = 0; c < d; ++c) out_p[row * d + c] += q_p[row * d + c];
+      }
+    });
+  }
+
+  // The memory after the segment.
+  const at::Tensor last = coeff.select(2, n - 1).unsqueeze(-1);  // [B, H, n, 1]: C[n-1, i]
+  const at::Tensor decay_last = decay.select(2, n - 1).view({B, H, 1, 1});
+  at::Tensor new_in = memory_in * decay_last;
+  new_in.sub_(at::matmul(gz.transpose(-1, -2), k * last));
+  at::Tensor new_out = memory_out * decay_last;
+  new_out.sub_(at::matmul(gu.transpose(-1, -2), a * last));
+  return {out, new_in, new_out, loss};
+}
+
+TORCH_LIBRARY_FRAGMENT(miras_serve, m) {
+  m.def(
+      "mlp_segment(Tensor anchor_in, Tensor anchor_out, Tensor memory_in, Tensor memory_out, Tensor q, Tensor k, "
+      "Tensor v, Tensor eta, Tensor log_alpha, Tensor? delta, Tensor ln_weight, Tensor ln_bias, bool want_surprise, "
+      "int bias, float p, float lp_knee, float abs_eps, float sharpness, float ln_eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(miras_serve, CPU, m) { m.impl("mlp_segment", &mlp_segment); }
