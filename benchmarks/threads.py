@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from benchmarks import report
 from benchmarks.compiled import spread_pool
@@ -44,9 +45,10 @@ def decode_call(model: models.MirasLM, batch: int) -> Callable[[], None]:
     return call
 
 
-def prefill_call(model: models.MirasLM, cached: int, tokens: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    """The eager prefill of ``tokens`` new tokens continuing a sequence of ``cached`` tokens in a pool slot, and
-    what puts the slot's state back (untimed, before every call, so each call prefills the same turn)."""
+def prefill_call(model: models.MirasLM, cached: int, tokens: int) -> tuple[Callable[[], Tensor], Callable[[], None]]:
+    """The eager prefill of ``tokens`` new tokens continuing a sequence of ``cached`` tokens in a pool slot (it
+    returns the last token's logits, all the engine samples from), and what puts the slot's state back
+    (untimed, before every call, so each call prefills the same turn)."""
     pool, slots = model.init_state(2), torch.tensor([0])
     vocab = model.config.vocab_size
     if cached:
@@ -54,8 +56,8 @@ def prefill_call(model: models.MirasLM, cached: int, tokens: int) -> tuple[Calla
     saved = pool.clone()
     ids = torch.randint(3, vocab, (1, tokens))
 
-    def call() -> None:
-        model(ids, pool, slots=slots, last_only=True)
+    def call() -> Tensor:
+        return model(ids, pool, slots=slots, last_only=True)[0]
 
     def restore() -> None:
         for dst, src in zip(pool.tensors(), saved.tensors(), strict=True):

@@ -139,13 +139,9 @@ def mlp_segment(rule: MemoryRule, anchor: tuple[Tensor, Tensor], memory: tuple[T
     """``models.memory.memory_segment`` for the MLP memory on fp32 CPU tensors (anchor and memory: ([B, H, D, d],
     [B, H, d, D]); q, k, v [B, H, n, d]; gates [B, H, n]; ln_weight, ln_bias [H, 1, d]): the reads [B, H, n, d],
     the memory after the segment, and each token's loss at the anchor [B, H, n] if ``want_surprise`` (else None).
-    Call :func:`load` first."""
-    def f32(t: Tensor) -> Tensor:
-        return t.to(torch.float32).contiguous()
-
+    Every tensor fp32 (views of any strides). Call :func:`load` first."""
     out, new_in, new_out, loss = torch.ops.miras_serve.mlp_segment(
-        *(f32(w) for w in (*anchor, *memory)), f32(q), f32(k), f32(v), f32(eta), f32(log_alpha),
-        None if delta is None else f32(delta), f32(ln_weight), f32(ln_bias), want_surprise,
+        *anchor, *memory, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias, want_surprise,
         BIAS_CODES[rule.attentional_bias], rule.p, rule.lp_knee, rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps)
     return out, (new_in, new_out), loss if want_surprise else None
 

@@ -406,8 +406,11 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
         if known.first is not None if known is not None else bool(at_boundary.any()):
             stepped = boundary_step(cfg, memory, k[:, :, t:t + 1], v[:, :, t:t + 1], eta[:, :, t:t + 1],
                                     lag_log_alpha[:, :, t:t + 1], ln_weight, ln_bias)
-            anchor = _where_rows(at_boundary, stepped, anchor)
-            memory = _where_rows(at_boundary, stepped, memory)
+            if known is None and bool(at_boundary.all()):  # every row (a prompt's usual case): no selection
+                anchor = memory = stepped
+            else:
+                anchor = _where_rows(at_boundary, stepped, anchor)
+                memory = _where_rows(at_boundary, stepped, memory)
             if cfg.retention == "kl":
                 # The lag token's update is the softmax step itself.
                 first = torch.where(at_boundary.view(-1, 1), 0.0, seg_eta[:, :, 0])

@@ -28,8 +28,7 @@ namespace {
 using namespace miras_cpu;
 
 void check_f32(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
-              " must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be an fp32 CPU tensor");
 }
 
 // Grain of the row loops: a few rows of the hidden width per task, so a small segment runs inline.
@@ -41,11 +40,19 @@ constexpr int64_t kRowGrain = 16;
 // (and delta, huber's) [B, H, n]; ln_weight, ln_bias [H, 1, d]. Returns the reads [B, H, n, d], the new
 // (W_in, W_out), and each token's loss at the anchor [B, H, n] (empty unless want_surprise).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_segment(
-    const at::Tensor& anchor_in, const at::Tensor& anchor_out, const at::Tensor& memory_in,
-    const at::Tensor& memory_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
-    const at::Tensor& log_alpha, const std::optional<at::Tensor>& delta, const at::Tensor& ln_weight,
-    const at::Tensor& ln_bias, bool want_surprise, int64_t bias, double p, double lp_knee, double abs_eps,
-    double sharpness, double ln_eps) {
+    const at::Tensor& anchor_in_any, const at::Tensor& anchor_out_any, const at::Tensor& memory_in_any,
+    const at::Tensor& memory_out_any, const at::Tensor& q_any, const at::Tensor& k_any, const at::Tensor& v_any,
+    const at::Tensor& eta_any, const at::Tensor& log_alpha_any, const std::optional<at::Tensor>& delta_any,
+    const at::Tensor& ln_weight_any, const at::Tensor& ln_bias_any, bool want_surprise, int64_t bias, double p,
+    double lp_knee, double abs_eps, double sharpness, double ln_eps) {
+  // A segment of a longer prompt arrives as strided views of the whole prompt's tensors: contiguous copies here
+  // (no-ops for contiguous inputs) cost less than a call each from Python.
+  const at::Tensor anchor_in = anchor_in_any.contiguous(), anchor_out = anchor_out_any.contiguous();
+  const at::Tensor memory_in = memory_in_any.contiguous(), memory_out = memory_out_any.contiguous();
+  const at::Tensor q = q_any.contiguous(), k = k_any.contiguous(), v = v_any.contiguous();
+  const at::Tensor eta = eta_any.contiguous(), log_alpha = log_alpha_any.contiguous();
+  const at::Tensor ln_weight = ln_weight_any.contiguous(), ln_bias = ln_bias_any.contiguous();
+  const std::optional<at::Tensor> delta = delta_any ? std::optional<at::Tensor>(delta_any->contiguous()) : std::nullopt;
   for (const auto& [t, name] : {std::pair{&anchor_in, "anchor_in"}, {&anchor_out, "anchor_out"},
                                 {&memory_in, "memory_in"}, {&memory_out, "memory_out"}, {&q, "q"}, {&k, "k"},
                                 {&v, "v"}, {&eta, "eta"}, {&log_alpha, "log_alpha"}, {&ln_weight, "ln_weight"},
