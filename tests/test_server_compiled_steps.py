@@ -191,6 +191,28 @@ def test_a_failed_compile_decodes_eagerly_and_is_counted(tokenizer):
 
 
 @torch.inference_mode()
+@torch.inference_mode()
+def test_two_instances_never_share_compiled_graphs():
+    """The compiled steps check no guards on their instance's objects (server/decode_graphs.py,
+    guards_on_arguments): two instances over models of different depths, stepped in turn, each give their own
+    model's logits. A graph traced for one looked up for the other would run its one layer on the other's (with
+    every guard dropped, the code object of its own is what keeps them apart: checked by mutation)."""
+    runs = []
+    for layers in (1, 2):
+        model = small_model("moneta", seed=layers, chunk_size=CHUNK, n_layers=layers)
+        pool = model.init_state(2)
+        model(torch.randint(3, 200, (1, 2)), pool, slots=torch.tensor([0]))
+        runs.append((model, pool.clone(), DecodeGraphs(model, pool, scratch_slot=1, max_batch=1, use_graphs=False,
+                                                       compile_backend="inductor")))
+    slots = torch.tensor([0])
+    for _ in range(2):
+        ids = torch.randint(3, 200, (1, 1))
+        for model, eager, graphs in runs:
+            torch.testing.assert_close(graphs.run(ids, slots), model(ids, eager, slots=slots)[0], rtol=1e-5,
+                                       atol=1e-5)
+    assert all(graphs.compiled is not None for *_, graphs in runs)
+
+
 def test_batches_above_compile_max_batch_run_eagerly():
     model = small_model("moneta", chunk_size=CHUNK, n_layers=1)
     pool = model.init_state(3)
