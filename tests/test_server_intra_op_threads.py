@@ -20,6 +20,16 @@ CHILD = textwrap.dedent("""
     def os_threads() -> int:
         return len(os.listdir("/proc/self/task"))
 
+    def settled_threads() -> int:
+        # an ended thread, and its team's worker, leave /proc a moment after the join: the count once it holds
+        # still for 0.3 s (at most 10 s)
+        count, since, deadline = os_threads(), time.monotonic(), time.monotonic() + 10
+        while time.monotonic() - since < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if os_threads() != count:
+                count, since = os_threads(), time.monotonic()
+        return count
+
     reserve = sys.argv[2] == "reserve"
     if reserve:
         from miras_serve.server.async_engine import reserve_intra_op_threads
@@ -39,12 +49,9 @@ CHILD = textwrap.dedent("""
     # same graphs, run by ATen's ops, without generating code)
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, step_threads=engine_threads,
                                                       compiled_steps=True, compile_backend="aot_eager"))
-    before_warm_up = os_threads()
+    before_warm_up = settled_threads()  # (the engine's own warm-up's threads gone)
     engine.decode_graphs.warm_up(2)  # again on 2 threads (nothing left to compile), from this (1-thread) thread
-    deadline = time.monotonic() + 10  # an ended thread, and its team's worker, leave /proc a moment later
-    while os_threads() > before_warm_up and time.monotonic() < deadline:
-        time.sleep(0.05)
-    warm_up_left = os_threads() - before_warm_up
+    warm_up_left = settled_threads() - before_warm_up
     seen = []
     step = engine.step
     engine.step = lambda: seen.append(torch.get_num_threads()) or step()
