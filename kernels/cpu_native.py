@@ -16,7 +16,7 @@
 
 Built at first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; ``-O3 -march=native -fopenmp``) into a
 directory the caller names (the dispatcher passes one under the project's cache dir), so later processes
-load it in well under a second (the first build takes ~25 s); the build time is logged. ``-fopenmp`` is what
+load it in well under a second (the first build takes ~16 s on 2 cores); the build time is logged. ``-fopenmp`` is what
 makes ``at::parallel_for`` parallel (ATen's OpenMP loop is in its header: without the flag it compiled to a
 serial loop); the library does not link an OpenMP runtime of its own, its calls bind to the one torch loaded,
 so its threads are torch's (``torch.set_num_threads``). If the build fails, :func:`load` warns and returns
@@ -46,7 +46,7 @@ SOURCES = tuple(_CPU_DIR / name for name in ("factored_decode.cpp", "mlp_segment
 HEADERS = (_CPU_DIR / "memory_math.h",)  # included by the sources: part of what a build depends on
 EXTENSION = "miras_cpu_kernels"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-STALE_LOCK_S = 600.0  # a build takes ~25 s on 2 cores
+STALE_LOCK_S = 600.0  # a build takes ~16 s on 2 cores
 
 logger = logging.getLogger("miras.kernels")
 _loaded: dict[str, bool] = {}  # EXTENSION -> whether it built and loaded
