@@ -10,7 +10,8 @@
   entering through the boundary step).
 - ``miras_serve::mlp_segment`` (kernels/cpu/mlp_segment.cpp), ``models.memory.memory_segment`` for the MLP
   memory: a prompt's tokens of one chunk, their reads and the memory after them, the products through ATen's
-  batched matrix products and every elementwise chain fused into one pass (the prefill's memory).
+  batched matrix products and every elementwise chain fused into one pass (the prefill's memory); and
+  ``miras_serve::mlp_factors``, its first half, ``models.memory.mlp_factors`` (a factored state's last rows).
 - ``miras_serve::row_linear`` (kernels/cpu/row_linear.cpp), ``x W^T + b`` for one row of x, streaming the
   linear's own weight along its rows, the outputs split over the threads.
 
@@ -144,6 +145,16 @@ def mlp_segment(rule: MemoryRule, anchor: tuple[Tensor, Tensor], memory: tuple[T
         *anchor, *memory, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias, want_surprise,
         BIAS_CODES[rule.attentional_bias], rule.p, rule.lp_knee, rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps)
     return out, (new_in, new_out), loss if want_surprise else None
+
+
+def mlp_factors(rule: MemoryRule, anchor: tuple[Tensor, Tensor], k: Tensor, v: Tensor, delta: Tensor | None,
+                ln_weight: Tensor, ln_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``models.memory.mlp_factors`` for fp32 CPU tensors (anchor ([B, H, D, d], [B, H, d, D]); k, v [B, H, n, d];
+    delta [B, H, n]; ln_weight, ln_bias [H, 1, d]): the factors (a, gz, gu) of each token's gradient at the
+    anchor. Call :func:`load` first."""
+    return torch.ops.miras_serve.mlp_factors(*anchor, k, v, delta, ln_weight, ln_bias,
+                                             BIAS_CODES[rule.attentional_bias], rule.p, rule.lp_knee, rule.abs_eps,
+                                             rule.sign_sharpness, rule.memory_ln_eps)
 
 
 def factored_decode(rule: MemoryRule, anchor: tuple[Tensor, Tensor], rows: Tensor, coef: Tensor, decay: Tensor,

@@ -76,16 +76,17 @@ def _native_built() -> bool:
     return cpu_native.load(cache_dir() / "torch_extensions")
 
 
-def prompt_segment(cfg: MirasConfig, *inputs: Tensor | None) -> spec.Segment:
-    """What runs a prompt's segments on the torch backend (``inputs``: the memory and the tokens' tensors): the
-    native kernel (kernels/cpu/mlp_segment.cpp) for the MLP memory on fp32 CPU tensors with exact products and
-    nothing to differentiate, when the native kernels are enabled; else the reference's ``memory_segment``."""
+def prompt_kernels(cfg: MirasConfig, *inputs: Tensor | None) -> spec.PromptKernels:
+    """What runs a prompt's chunks on the torch backend (``inputs``: the memory and the tokens' tensors): the
+    native kernels (kernels/cpu/mlp_segment.cpp) for the MLP memory on fp32 CPU tensors with exact products and
+    nothing to differentiate, when the native kernels are enabled; else the reference's
+    (``memory_segment``, ``mlp_factors``)."""
     tensors = [t for t in inputs if t is not None]
     if (cfg.memory == "mlp" and all(t.dtype == torch.float32 for t in tensors) and spec.dot_emulation() == "ieee"
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and native_kernels_enabled(tensors[0].device.type)):
-        return _native_segment
-    return spec.memory_segment
+        return NATIVE_PROMPT_KERNELS
+    return spec.REFERENCE
 
 
 def _native_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
@@ -99,13 +100,22 @@ def _native_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor,
     return out, new_memory
 
 
+def _native_factors(cfg: MirasConfig, w_in: Tensor, w_out: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor,
+                    ln_bias: Tensor, delta: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`models.memory.mlp_factors` (without the surprise) through the native kernel."""
+    return cpu_native.mlp_factors(cfg.memory_rule(), (w_in, w_out), k, v, delta, ln_weight, ln_bias)
+
+
+NATIVE_PROMPT_KERNELS = spec.PromptKernels(_native_segment, _native_factors)
+
+
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
                 eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor | None,
                 ln_bias: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Memory, Memory]:
     """Same contract as :func:`models.memory.memory_scan`, on the selected backend (inputs untouched)."""
     if backend_for(q.device.type) == "torch":
         return spec.memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
-                                surprise, segment=prompt_segment(cfg, *anchor, *memory, q, k, v, eta, log_alpha, delta,
+                                surprise, kernels=prompt_kernels(cfg, *anchor, *memory, q, k, v, eta, log_alpha, delta,
                                                                  ln_weight))
     anchor = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in anchor)
     memory = tuple(w.to(torch.float32).clone(memory_format=torch.contiguous_format) for w in memory)
@@ -155,7 +165,7 @@ def memory_scan_pool(cfg: MirasConfig, anchor: Memory, memory: Memory, slots: Te
     o, new_anchor, new_memory = spec.memory_scan(
         cfg, tuple(read(w) for w in anchor), tuple(read(w) for w in memory), pick(pos), pick(q), pick(k), pick(v),
         pick(eta), pick(log_alpha), pick(delta), pick(valid), ln_weight, ln_bias, part,
-        segment=prompt_segment(cfg, *anchor, *memory, q, k, v, eta, log_alpha, delta, ln_weight))
+        kernels=prompt_kernels(cfg, *anchor, *memory, q, k, v, eta, log_alpha, delta, ln_weight))
     # The anchor changes only where a chunk starts inside the processed tokens; most decode steps
     # cross no boundary, so skip that copy (half the state traffic of the write-back).
     first_boundary = torch.remainder(-pick(pos), cfg.chunk_size)
@@ -258,7 +268,7 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
         return spec.factored_decode_step(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
                                          surprise)
     return spec.factored_scan(cfg, state, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias, surprise,
-                              segment=prompt_segment(cfg, *state.anchor, q, k, v, eta, log_alpha, delta, ln_weight))
+                              kernels=prompt_kernels(cfg, *state.anchor, q, k, v, eta, log_alpha, delta, ln_weight))
 
 
 def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, pos: Tensor, q: Tensor, k: Tensor,
@@ -297,7 +307,7 @@ def factored_scan_pool(cfg: MirasConfig, pool: FactoredMemory, slots: Tensor, po
         valid = torch.arange(q.shape[2], device=q.device).view(1, -1) < pick(lengths).view(-1, 1)
         state = FactoredMemory(tuple(read(w) for w in pool.anchor), *(read(t) for t in pool[1:]))
         o, state = spec.factored_scan(cfg, state, pos, *token, valid, ln_weight, ln_bias, part,
-                                      segment=prompt_segment(cfg, *state.anchor, *token, ln_weight))
+                                      kernels=prompt_kernels(cfg, *state.anchor, *token, ln_weight))
         for mine, new in zip((*pool.anchor, *pool[1:]), (*state.anchor, *state[1:]), strict=True):
             write(mine, new)
         return _scatter_reads(q, rows, o, surprise, part)

@@ -344,29 +344,36 @@ def _where_rows(mask: Tensor, new: Memory, old: Memory) -> Memory:
     return tuple(torch.where(m, a, b) for a, b in zip(new, old, strict=True))
 
 
-# What runs one segment: memory_segment's signature and contract (models.backend may pass a native one).
-Segment = Callable[..., tuple[Tensor, Memory]]
+class PromptKernels(NamedTuple):
+    """What runs a prompt's chunks in :func:`memory_scan` and :func:`factored_scan`: :func:`memory_segment` and
+    :func:`mlp_factors`, or implementations of their contracts (models.backend picks native ones on a CPU)."""
+
+    segment: Callable[..., tuple[Tensor, Memory]] = memory_segment
+    factors: Callable[..., tuple[Tensor, Tensor, Tensor]] = mlp_factors
+
+
+REFERENCE = PromptKernels()
 
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor,
                 v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor,
                 ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None,
-                known: KnownStep | None = None, segment: Segment = memory_segment) -> tuple[Tensor, Memory, Memory]:
+                known: KnownStep | None = None, kernels: PromptKernels = REFERENCE) -> tuple[Tensor, Memory, Memory]:
     """Run the memory over ``T`` tokens per sequence, continuing from (anchor, memory) at ``pos``.
 
     q, k, v: [B, H, T, d]; eta, log_alpha, delta: [B, H, T]; pos: [B] absolute position of the
     first token; valid: [B, T] (padding at the end of a row updates nothing).
     Returns the reads [B, H, T, d] and the new (anchor, memory). ``surprise`` [B, H, T], if given, takes
     every token's loss at its chunk's anchor (``memory_segment``; padding: unspecified). ``known`` (T = 1):
-    which rows start a chunk, from the host (:class:`KnownStep`); None: looked up on the device. ``segment``
-    runs each segment (:func:`memory_segment`, or an implementation of the same contract).
+    which rows start a chunk, from the host (:class:`KnownStep`); None: looked up on the device. ``kernels.segment``
+    runs each segment (:class:`PromptKernels`).
     """
     b = cfg.chunk_size
     T = q.shape[2]
     if T == 1 and dot_emulation() != "ieee":  # one-token decode: the kernels run it on the CUDA cores, exact fp32
         with emulate_dots("ieee"):
             return memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
-                               surprise, segment=segment)
+                               surprise, kernels=kernels)
     phase = pos % b
     if T > 1 and bool((phase != phase[0]).any()):
         # Rows whose chunk boundaries fall at different offsets are processed in groups.
@@ -382,7 +389,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
             part = None if surprise is None else surprise.new_empty(len(rows), *surprise.shape[1:])
             o, an, mem = memory_scan(cfg, tuple(pick(w) for w in anchor), tuple(pick(w) for w in memory),
                                      pick(pos), pick(q), pick(k), pick(v), pick(eta), pick(log_alpha),
-                                     pick(delta), pick(valid), ln_weight, ln_bias, part, segment=segment)
+                                     pick(delta), pick(valid), ln_weight, ln_bias, part, kernels=kernels)
             if surprise is not None:
                 surprise.index_copy_(0, rows, part)
             out = out.index_copy(0, rows, o)
@@ -415,7 +422,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
                 # The lag token's update is the softmax step itself.
                 first = torch.where(at_boundary.view(-1, 1), 0.0, seg_eta[:, :, 0])
                 seg_eta = torch.cat([first.unsqueeze(-1), seg_eta[:, :, 1:]], dim=-1)
-        o, memory = segment(cfg, anchor, memory, q[:, :, seg], k[:, :, seg], v[:, :, seg], seg_eta,
+        o, memory = kernels.segment(cfg, anchor, memory, q[:, :, seg], k[:, :, seg], v[:, :, seg], seg_eta,
                                    log_alpha[:, :, seg], None if delta is None else delta[:, :, seg],
                                    ln_weight, ln_bias, None if surprise is None else surprise[:, :, seg])
         outs.append(o)
@@ -565,14 +572,14 @@ def factored_decode_step(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q
 def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
                   log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor,
                   ln_bias: Tensor, surprise: Tensor | None = None,
-                  segment: Segment = memory_segment) -> tuple[Tensor, FactoredMemory]:
+                  kernels: PromptKernels = REFERENCE) -> tuple[Tensor, FactoredMemory]:
     """``memory_scan`` from and to a factored state (any number of tokens, rows at any positions, a chunk
     possibly half consumed): the running memory is folded once, the tokens run through the chunked scan,
     and the tokens of the last (possibly partial) chunk become its factor rows at the final anchor
     (``surprise`` [B, H, T]: as in ``memory_scan``)."""
     b, T = cfg.chunk_size, q.shape[2]
     out, anchor, _ = memory_scan(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta, valid,
-                                 ln_weight, ln_bias, surprise, segment=segment)
+                                 ln_weight, ln_bias, surprise, kernels=kernels)
     lengths = valid.sum(1)
     end = pos + lengths
     chunk_start = torch.div(end - 1, b, rounding_mode="floor") * b  # of the chunk of each row's last token
@@ -586,7 +593,8 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
         return x.gather(2, index if x.dim() == 3 else index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
     k_tail = tail(k)
-    a, gz, gu = mlp_factors(cfg, *anchor, k_tail, tail(v), ln_weight, ln_bias, None if delta is None else tail(delta))
+    a, gz, gu = kernels.factors(cfg, *anchor, k_tail, tail(v), ln_weight, ln_bias,
+                                None if delta is None else tail(delta))
     zero = torch.zeros((), dtype=state.rows.dtype, device=pos.device)
     rows = torch.where(new.unsqueeze(-1), torch.cat([k_tail, gz, a, gu], dim=-1),
                        torch.where(crossed.unsqueeze(-1), zero, state.rows))

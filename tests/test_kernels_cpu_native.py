@@ -4,8 +4,8 @@ factored path (``MIRAS_CPU_NATIVE=0``), on fresh random inputs every run: every 
 serves, rows at every chunk phase (the token that starts a chunk, a fresh state), slots out of order, a
 skipped slot, an empty row, slots outside the batch bit-identical; whole models decoding after a prompt equal
 their parallel pass; a compiled decode step calling the op equals the eager one. A prompt's segment of the MLP
-memory (kernels/cpu/mlp_segment.cpp through models.backend.prompt_segment) against the reference's
-memory_segment in fp64. The one-row product against F.linear."""
+memory and its factors (kernels/cpu/mlp_segment.cpp through models.backend.prompt_kernels) against the
+reference's memory_segment and mlp_factors in fp64. The one-row product against F.linear."""
 
 from __future__ import annotations
 
@@ -134,43 +134,48 @@ def test_native_decode_equals_reference_and_torch_path(rule, head_dim):
 @torch.inference_mode()
 def test_native_segment_equals_reference(rule, head_dim):
     """A prompt's segment through the native kernel against the reference's memory_segment in fp64: the reads,
-    the memory after it and each token's surprise, for one token, an odd count and a whole chunk, three
-    sequences of fresh random inputs with the anchor and the running memory apart (a segment that starts
-    mid-chunk). Head dim 20: hidden widths that are no multiple of the vector width."""
+    the memory after it, each token's surprise and the factors at the anchor (mlp_factors), for one token, an
+    odd count and a whole chunk, three sequences of fresh random inputs with the anchor and the running memory
+    apart (a segment that starts mid-chunk). Head dim 20: hidden widths that are no multiple of the vector
+    width."""
     cfg = rule_config(rule, head_dim=head_dim, chunk_size=8)
     case = rule_case(cfg)
     gen, seed = fresh_generator()
-    segment = backend.prompt_segment(cfg, torch.zeros(1))
-    assert segment is not spec.memory_segment, "fp32 CPU inputs without autograd take the native kernel"
+    kernels = backend.prompt_kernels(cfg, torch.zeros(1))
+    assert kernels is not spec.REFERENCE, "fp32 CPU inputs without autograd take the native kernels"
     errors = {}
     for n in (1, 5, cfg.chunk_size):
         x = random_inputs(case, 3, n, gen)
         args = [x[name] for name in ("anchor", "memory", *GATE_NAMES, "ln_weight", "ln_bias")]
         surprise = torch.full((3, cfg.n_heads, n), float("nan"))
-        out, memory = segment(cfg, *args, surprise)
+        out, memory = kernels.segment(cfg, *args, surprise)
         ref_surprise = torch.empty(3, cfg.n_heads, n, dtype=torch.float64)
         ref_out, ref_memory = spec.memory_segment(cfg, *fp64(tuple(args)), ref_surprise)
         errors[f"reads, {n} tokens"] = rel_err(ref_out, out)
         errors[f"surprise, {n} tokens"] = rel_err(ref_surprise, surprise)
         for name, want, got in zip(("W_in", "W_out"), ref_memory, memory, strict=True):
             errors[f"{name}, {n} tokens"] = rel_err(want, got)
+        factor_args = (*x["anchor"], x["k"], x["v"], x["ln_weight"], x["ln_bias"], x["delta"])
+        ref_factors = spec.mlp_factors(cfg, *fp64(factor_args))
+        for name, want, got in zip(("a", "gz", "gu"), ref_factors, kernels.factors(cfg, *factor_args), strict=True):
+            errors[f"factor {name}, {n} tokens"] = rel_err(want, got)
     tol = tolerance(case.rule, "ieee")
     bad = {name: err for name, err in errors.items() if not err < tol}
     assert not bad, f"relative RMS errors above {tol:.1g}: {bad} (seed {seed})"
 
 
-def test_prompt_segments_take_the_reference_where_the_kernel_does_not_apply():
-    """The native segment serves fp32 CPU tensors of the MLP memory with exact products and nothing to
+def test_prompt_kernels_take_the_reference_where_the_native_ones_do_not_apply():
+    """The native prompt kernels serve fp32 CPU tensors of the MLP memory with exact products and nothing to
     differentiate, when the native kernels are on; anything else runs the reference."""
     moneta, x = rule_config("moneta"), torch.zeros(1)
-    assert backend.prompt_segment(moneta, x) is not spec.memory_segment
-    assert backend.prompt_segment(moneta, x.double()) is spec.memory_segment
-    assert backend.prompt_segment(moneta, x, torch.zeros(1, requires_grad=True)) is spec.memory_segment
-    assert backend.prompt_segment(rule_config("linear"), x) is spec.memory_segment
+    assert backend.prompt_kernels(moneta, x) is backend.NATIVE_PROMPT_KERNELS
+    assert backend.prompt_kernels(moneta, x.double()) is spec.REFERENCE
+    assert backend.prompt_kernels(moneta, x, torch.zeros(1, requires_grad=True)) is spec.REFERENCE
+    assert backend.prompt_kernels(rule_config("linear"), x) is spec.REFERENCE
     with spec.emulate_dots("tf32"):
-        assert backend.prompt_segment(moneta, x) is spec.memory_segment
+        assert backend.prompt_kernels(moneta, x) is spec.REFERENCE
     with native(False):
-        assert backend.prompt_segment(moneta, x) is spec.memory_segment
+        assert backend.prompt_kernels(moneta, x) is spec.REFERENCE
 
 
 @pytest.mark.parametrize("preset", ["moneta", "yaad", "memora", "yaad-h"])

@@ -34,6 +34,67 @@ void check_f32(const at::Tensor& t, const char* name) {
 // Grain of the row loops: a few rows of the hidden width per task, so a small segment runs inline.
 constexpr int64_t kRowGrain = 16;
 
+// The factors of n tokens' gradients at the anchor (models.memory.mlp_factors): Z = K A_in^T, A = gelu(Z),
+// GU (LayerNorm's backward of the bias's output gradient), GZ = (GU A_out) * gelu'(Z), and each token's loss.
+struct Factors {
+  at::Tensor z, a, gu, gz, loss;
+};
+
+Factors factors_at_anchor(const Rule& rule, const at::Tensor& anchor_in, const at::Tensor& anchor_out,
+                          const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& delta,
+                          const at::Tensor& ln_weight, const at::Tensor& ln_bias, bool want_surprise) {
+  const int64_t B = k.size(0), H = k.size(1), n = k.size(2), d = k.size(3), D = anchor_in.size(2);
+  const int64_t rows = B * H * n;
+  at::Tensor z = at::matmul(k, anchor_in.transpose(-1, -2));  // [B, H, n, D]
+  at::Tensor a = at::empty_like(z);
+  {
+    const float* z_p = z.data_ptr<float>();
+    float* a_p = a.data_ptr<float>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      gelu(z_p + begin * D, a_p + begin * D, (end - begin) * D);
+    });
+  }
+  at::Tensor u = at::matmul(a, anchor_out.transpose(-1, -2));  // [B, H, n, d]
+  at::Tensor gu = at::empty_like(u);
+  at::Tensor loss = want_surprise ? at::empty({B, H, n}, k.options()) : at::empty({0}, k.options());
+  {
+    const float *u_p = u.data_ptr<float>(), *k_p = k.data_ptr<float>(), *v_p = v.data_ptr<float>();
+    const float *lw = ln_weight.data_ptr<float>(), *lb = ln_bias.data_ptr<float>();
+    const float* delta_p = delta ? delta->data_ptr<float>() : nullptr;
+    float *gu_p = gu.data_ptr<float>(), *loss_p = want_surprise ? loss.data_ptr<float>() : nullptr;
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> u_hat(d), g(d), magnitude(d);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t h = row / n % H;
+        const float *w = lw + h * d, *b = lb + h * d;
+        const float inv_std = layer_norm(u_p + row * d, w, b, rule.ln_eps, u_hat.data(), g.data(), d);
+        for (int64_t c = 0; c < d; ++c) g[c] += k_p[row * d + c] - v_p[row * d + c];  // the error M(k) - v
+        const float l = output_grad(rule, delta_p ? delta_p[row] : 0.0f, g.data(), magnitude.data(), d);
+        if (loss_p != nullptr) loss_p[row] = l;
+        float g_mean = 0.0f, gu_mean = 0.0f;
+        for (int64_t c = 0; c < d; ++c) {
+          g[c] *= w[c];
+          g_mean += g[c];
+          gu_mean += g[c] * u_hat[c];
+        }
+        g_mean /= static_cast<float>(d);
+        gu_mean /= static_cast<float>(d);
+        for (int64_t c = 0; c < d; ++c) gu_p[row * d + c] = inv_std * (g[c] - g_mean - u_hat[c] * gu_mean);
+      }
+    });
+  }
+  at::Tensor gz = at::matmul(gu, anchor_out);  // [B, H, n, D], then * gelu'(z)
+  {
+    const float* z_p = z.data_ptr<float>();
+    float* gz_p = gz.data_ptr<float>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      times_gelu_grad(gz_p + begin * D, z_p + begin * D, (end - begin) * D);
+    });
+  }
+
+  return {z, a, gu, gz, loss};
+}
+
 }  // namespace
 
 // anchor_in, memory_in [B, H, D, d]; anchor_out, memory_out [B, H, d, D]; q, k, v [B, H, n, d]; eta, log_alpha
@@ -92,53 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_segment(
     });
   }
 
-  // The factors at the anchor.
-  at::Tensor z = at::matmul(k, anchor_in.transpose(-1, -2));  // [B, H, n, D]
-  at::Tensor a = at::empty_like(z);
-  {
-    const float* z_p = z.data_ptr<float>();
-    float* a_p = a.data_ptr<float>();
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      gelu(z_p + begin * D, a_p + begin * D, (end - begin) * D);
-    });
-  }
-  at::Tensor u = at::matmul(a, anchor_out.transpose(-1, -2));  // [B, H, n, d]
-  at::Tensor gu = at::empty_like(u);
-  at::Tensor loss = want_surprise ? at::empty({B, H, n}, q.options()) : at::empty({0}, q.options());
-  {
-    const float *u_p = u.data_ptr<float>(), *k_p = k.data_ptr<float>(), *v_p = v.data_ptr<float>();
-    const float *lw = ln_weight.data_ptr<float>(), *lb = ln_bias.data_ptr<float>();
-    const float* delta_p = delta ? delta->data_ptr<float>() : nullptr;
-    float *gu_p = gu.data_ptr<float>(), *loss_p = want_surprise ? loss.data_ptr<float>() : nullptr;
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> u_hat(d), g(d), magnitude(d);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t h = row / n % H;
-        const float *w = lw + h * d, *b = lb + h * d;
-        const float inv_std = layer_norm(u_p + row * d, w, b, rule.ln_eps, u_hat.data(), g.data(), d);
-        for (int64_t c = 0; c < d; ++c) g[c] += k_p[row * d + c] - v_p[row * d + c];  // the error M(k) - v
-        const float l = output_grad(rule, delta_p ? delta_p[row] : 0.0f, g.data(), magnitude.data(), d);
-        if (loss_p != nullptr) loss_p[row] = l;
-        float g_mean = 0.0f, gu_mean = 0.0f;
-        for (int64_t c = 0; c < d; ++c) {
-          g[c] *= w[c];
-          g_mean += g[c];
-          gu_mean += g[c] * u_hat[c];
-        }
-        g_mean /= static_cast<float>(d);
-        gu_mean /= static_cast<float>(d);
-        for (int64_t c = 0; c < d; ++c) gu_p[row * d + c] = inv_std * (g[c] - g_mean - u_hat[c] * gu_mean);
-      }
-    });
-  }
-  at::Tensor gz = at::matmul(gu, anchor_out);  // [B, H, n, D], then * gelu'(z)
-  {
-    const float* z_p = z.data_ptr<float>();
-    float* gz_p = gz.data_ptr<float>();
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      times_gelu_grad(gz_p + begin * D, z_p + begin * D, (end - begin) * D);
-    });
-  }
+  Factors f = factors_at_anchor(rule, anchor_in, anchor_out, k, v, delta, ln_weight, ln_bias, want_surprise);
+  at::Tensor &z = f.z, &a = f.a, &gu = f.gu, &gz = f.gz, &loss = f.loss;
 
   // The reads at the updated memory: zq, aq = gelu(zq) (into z's storage, no longer needed), uq, out.
   at::Tensor zq = at::matmul(q, memory_in.transpose(-1, -2));
@@ -185,7 +201,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_segment(
   return {out, new_in, new_out, loss};
 }
 
+// The factors alone (models.memory.mlp_factors; the factored state's rows of a prompt's last chunk): anchor_in
+// [B, H, D, d], anchor_out [B, H, d, D]; k, v [B, H, n, d]; delta (huber's) [B, H, n]; ln_weight, ln_bias
+// [H, 1, d]. Returns (a, gz, gu).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_factors(
+    const at::Tensor& anchor_in, const at::Tensor& anchor_out, const at::Tensor& k_any, const at::Tensor& v_any,
+    const std::optional<at::Tensor>& delta_any, const at::Tensor& ln_weight, const at::Tensor& ln_bias, int64_t bias,
+    double p, double lp_knee, double abs_eps, double sharpness, double ln_eps) {
+  const at::Tensor k = k_any.contiguous(), v = v_any.contiguous();
+  const std::optional<at::Tensor> delta = delta_any ? std::optional<at::Tensor>(delta_any->contiguous()) : std::nullopt;
+  for (const auto& [t, name] : {std::pair{&anchor_in, "anchor_in"}, {&anchor_out, "anchor_out"}, {&k, "k"},
+                                {&v, "v"}, {&ln_weight, "ln_weight"}, {&ln_bias, "ln_bias"}})
+    check_f32(*t, name);
+  TORCH_CHECK(bias != kHuber || delta.has_value(), "the huber bias needs delta");
+  TORCH_CHECK(lp_knee > 0.0, "lp_knee must be > 0 (+inf: none)");
+  const Rule rule = make_rule(bias, false, p, lp_knee, abs_eps, sharpness, ln_eps);
+  Factors f = factors_at_anchor(rule, anchor_in.contiguous(), anchor_out.contiguous(), k, v, delta,
+                                ln_weight.contiguous(), ln_bias.contiguous(), false);
+  return {f.a, f.gz, f.gu};
+}
+
 TORCH_LIBRARY_FRAGMENT(miras_serve, m) {
+  m.def(
+      "mlp_factors(Tensor anchor_in, Tensor anchor_out, Tensor k, Tensor v, Tensor? delta, Tensor ln_weight, "
+      "Tensor ln_bias, int bias, float p, float lp_knee, float abs_eps, float sharpness, float ln_eps) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "mlp_segment(Tensor anchor_in, Tensor anchor_out, Tensor memory_in, Tensor memory_out, Tensor q, Tensor k, "
       "Tensor v, Tensor eta, Tensor log_alpha, Tensor? delta, Tensor ln_weight, Tensor ln_bias, bool want_surprise, "
@@ -193,4 +233,7 @@ TORCH_LIBRARY_FRAGMENT(miras_serve, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(miras_serve, CPU, m) { m.impl("mlp_segment", &mlp_segment); }
+TORCH_LIBRARY_IMPL(miras_serve, CPU, m) {
+  m.impl("mlp_segment", &mlp_segment);
+  m.impl("mlp_factors", &mlp_factors);
+}
