@@ -8,9 +8,10 @@ Two state layouts (models/SPEC.md §7; ``models.layers.state_layout`` picks one 
 ``factored_scan_pool`` the anchor and the chunk's factor rows (on triton: kernels.factored, and the
 scan kernel's FACTORED prefill).
 
-On CPU tensors the torch backend runs a factored pool's one-token decode step through the native kernel
-(kernels.cpu_native, built at first use under the project's cache dir) unless ``MIRAS_CPU_NATIVE=0``
-(:func:`native_kernels_enabled`); the chunk starts still take the reference's ``start_chunk`` first."""
+On CPU tensors the torch backend runs a factored pool's one-token decode step, and a prompt's segments of the
+MLP memory (:func:`prompt_kernels`), through native kernels (kernels.cpu_native, built at first use under the
+project's cache dir) unless ``MIRAS_CPU_NATIVE=0`` (:func:`native_kernels_enabled`); the chunk starts still take
+the reference's ``start_chunk`` first."""
 
 from __future__ import annotations
 

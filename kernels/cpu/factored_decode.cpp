@@ -145,20 +145,9 @@ void decode_head(const Rule& rule, const float* q, const float* k, const float* 
   gelu(s.z.data(), s.a.data(), D);
   // The key's forward through A_out, its error, loss and output gradient (LayerNorm's backward).
   matvec<1>(a_out, D, d, D, {s.a.data()}, {s.u.data()});
-  const float inv_std = layer_norm(s.u.data(), ln_w, ln_b, rule.ln_eps, s.u_hat.data(), s.y.data(), d);
-  float* g = s.y.data();  // y becomes the error, then d l / d M(k)
-  for (int64_t c = 0; c < d; ++c) g[c] = k[c] + s.y[c] - v[c];
-  const float loss = output_grad(rule, delta, g, s.magnitude.data(), d);
+  const float loss = key_output_grad(rule, delta, s.u.data(), k, v, ln_w, ln_b, s.u_hat.data(), s.y.data(),
+                                     s.magnitude.data(), s.gu.data(), d);
   if (surprise != nullptr) *surprise = loss;
-  float g_mean = 0.0f, gu_mean = 0.0f;
-  for (int64_t c = 0; c < d; ++c) {
-    g[c] *= ln_w[c];
-    g_mean += g[c];
-    gu_mean += g[c] * s.u_hat[c];
-  }
-  g_mean /= static_cast<float>(d);
-  gu_mean /= static_cast<float>(d);
-  for (int64_t c = 0; c < d; ++c) s.gu[c] = inv_std * (g[c] - g_mean - s.u_hat[c] * gu_mean);
   // The key's backward through A_out: gz = (A_out^T gu) * gelu'(z).
   matvec_t(a_out, D, d, D, s.gu.data(), s.gz.data());
   times_gelu_grad(s.gz.data(), s.z.data(), D);
@@ -231,15 +220,13 @@ at::Tensor factored_decode(const at::Tensor& q, const at::Tensor& k, const at::T
   check_f32(ln_bias, "ln_bias");
   if (delta) check_f32(*delta, "delta");
   if (surprise) check_f32(*surprise, "surprise");
-  TORCH_CHECK(bias != kHuber || delta.has_value(), "the huber bias needs delta");
   for (const auto* t : {&slots, &pos, &lengths})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == q.size(0),
                 "slots, pos and lengths must be contiguous int64 [N]");
   const int64_t N = q.size(0), H = q.size(1), d = q.size(3), D = anchor_in.size(2), b = rows.size(2);
   TORCH_CHECK(q.size(2) == 1, "one token per row");
   TORCH_CHECK(rows.size(3) == 2 * (D + d), "factor rows must be 2(D + d) wide");
-  TORCH_CHECK(lp_knee > 0.0, "lp_knee must be > 0 (+inf: none)");
-  const Rule rule = make_rule(bias, kl, p, lp_knee, abs_eps, sharpness, ln_eps);
+  const Rule rule = make_rule(bias, kl, p, lp_knee, abs_eps, sharpness, ln_eps, delta.has_value());
   at::Tensor out = at::zeros_like(q);
   if (surprise) surprise->zero_();
   const float *q_p = q.data_ptr<float>(), *k_p = k.data_ptr<float>(), *v_p = v.data_ptr<float>();

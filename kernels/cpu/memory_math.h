@@ -11,6 +11,7 @@
 #endif
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
@@ -72,9 +73,12 @@ inline void times_gelu_grad(float* g, const float* z, int64_t n) {
       g, g, z, n);
 }
 
-// The rule's constants as the kernels use them (lp_knee: +inf for none).
+// The rule's constants as the kernels use them (lp_knee: +inf for none), its arguments checked (``has_delta``:
+// whether the call passed huber's delta).
 inline Rule make_rule(int64_t bias, bool kl, double p, double lp_knee, double abs_eps, double sharpness,
-                      double ln_eps) {
+                      double ln_eps, bool has_delta) {
+  TORCH_CHECK(bias != kHuber || has_delta, "the huber bias needs delta");
+  TORCH_CHECK(lp_knee > 0.0, "lp_knee must be > 0 (+inf: none)");
   const float knee = static_cast<float>(lp_knee), p_f = static_cast<float>(p);
   return Rule{bias,  kl,          p_f, static_cast<float>(abs_eps), static_cast<float>(sharpness),
               static_cast<float>(ln_eps), knee, knee * knee, std::pow(knee, p_f), std::pow(knee, p_f - 2.0f)};
@@ -115,6 +119,27 @@ inline float output_grad(const Rule& rule, float delta, float* e, float* magnitu
   const float sharpness = rule.sharpness;
   at::vec::map([sharpness, delta](Vec x) { return Vec(delta) * (Vec(sharpness) * x).tanh(); }, e, e, d);
   return delta * abs_sum;
+}
+
+// A key's output gradient through the memory's LayerNorm (models.memory.mlp_factors_at, one token): from
+// u = A_out a [d], the error e = k + LN(u) - v, the bias's gradient d l / d y, and gu [d] = LN's backward of it.
+// u_hat, g, magnitude: scratch [d]. Returns the token's loss.
+inline float key_output_grad(const Rule& rule, float delta, const float* u, const float* k, const float* v,
+                             const float* ln_w, const float* ln_b, float* u_hat, float* g, float* magnitude,
+                             float* gu, int64_t d) {
+  const float inv_std = layer_norm(u, ln_w, ln_b, rule.ln_eps, u_hat, g, d);
+  for (int64_t c = 0; c < d; ++c) g[c] = k[c] + g[c] - v[c];  // the error M(k) - v
+  const float loss = output_grad(rule, delta, g, magnitude, d);
+  float g_mean = 0.0f, gu_mean = 0.0f;
+  for (int64_t c = 0; c < d; ++c) {
+    g[c] *= ln_w[c];
+    g_mean += g[c];
+    gu_mean += g[c] * u_hat[c];
+  }
+  g_mean /= static_cast<float>(d);
+  gu_mean /= static_cast<float>(d);
+  for (int64_t c = 0; c < d; ++c) gu[c] = inv_std * (g[c] - g_mean - u_hat[c] * gu_mean);
+  return loss;
 }
 
 }  // namespace miras_cpu

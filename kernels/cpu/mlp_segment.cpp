@@ -66,20 +66,10 @@ Factors factors_at_anchor(const Rule& rule, const at::Tensor& anchor_in, const a
       std::vector<float> u_hat(d), g(d), magnitude(d);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t h = row / n % H;
-        const float *w = lw + h * d, *b = lb + h * d;
-        const float inv_std = layer_norm(u_p + row * d, w, b, rule.ln_eps, u_hat.data(), g.data(), d);
-        for (int64_t c = 0; c < d; ++c) g[c] += k_p[row * d + c] - v_p[row * d + c];  // the error M(k) - v
-        const float l = output_grad(rule, delta_p ? delta_p[row] : 0.0f, g.data(), magnitude.data(), d);
+        const float l = key_output_grad(rule, delta_p ? delta_p[row] : 0.0f, u_p + row * d, k_p + row * d,
+                                        v_p + row * d, lw + h * d, lb + h * d, u_hat.data(), g.data(),
+                                        magnitude.data(), gu_p + row * d, d);
         if (loss_p != nullptr) loss_p[row] = l;
-        float g_mean = 0.0f, gu_mean = 0.0f;
-        for (int64_t c = 0; c < d; ++c) {
-          g[c] *= w[c];
-          g_mean += g[c];
-          gu_mean += g[c] * u_hat[c];
-        }
-        g_mean /= static_cast<float>(d);
-        gu_mean /= static_cast<float>(d);
-        for (int64_t c = 0; c < d; ++c) gu_p[row * d + c] = inv_std * (g[c] - g_mean - u_hat[c] * gu_mean);
       }
     });
   }
@@ -120,14 +110,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_segment(
                                 {&ln_bias, "ln_bias"}})
     check_f32(*t, name);
   if (delta) check_f32(*delta, "delta");
-  TORCH_CHECK(bias != kHuber || delta.has_value(), "the huber bias needs delta");
-  TORCH_CHECK(lp_knee > 0.0, "lp_knee must be > 0 (+inf: none)");
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), D = anchor_in.size(2);
   TORCH_CHECK(n >= 1 && anchor_in.sizes() == memory_in.sizes() && anchor_out.sizes() == memory_out.sizes() &&
                   anchor_in.sizes() == at::IntArrayRef({B, H, D, d}) &&
                   anchor_out.sizes() == at::IntArrayRef({B, H, d, D}),
               "memory shapes must be [B, H, D, d] and [B, H, d, D] for q [B, H, n, d]");
-  const Rule rule = make_rule(bias, false, p, lp_knee, abs_eps, sharpness, ln_eps);
+  const Rule rule = make_rule(bias, false, p, lp_knee, abs_eps, sharpness, ln_eps, delta.has_value());
   const int64_t rows = B * H * n;
 
   // The chunk's coefficients: cum_t = sum_{j<=t} log alpha_j (accumulated in double, as torch's CPU cumsum),
@@ -213,9 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_factors(
   for (const auto& [t, name] : {std::pair{&anchor_in, "anchor_in"}, {&anchor_out, "anchor_out"}, {&k, "k"},
                                 {&v, "v"}, {&ln_weight, "ln_weight"}, {&ln_bias, "ln_bias"}})
     check_f32(*t, name);
-  TORCH_CHECK(bias != kHuber || delta.has_value(), "the huber bias needs delta");
-  TORCH_CHECK(lp_knee > 0.0, "lp_knee must be > 0 (+inf: none)");
-  const Rule rule = make_rule(bias, false, p, lp_knee, abs_eps, sharpness, ln_eps);
+  if (delta) check_f32(*delta, "delta");
+  const Rule rule = make_rule(bias, false, p, lp_knee, abs_eps, sharpness, ln_eps, delta.has_value());
   Factors f = factors_at_anchor(rule, anchor_in.contiguous(), anchor_out.contiguous(), k, v, delta,
                                 ln_weight.contiguous(), ln_bias.contiguous(), false);
   return {f.a, f.gz, f.gu};
