@@ -44,7 +44,8 @@ from .rule import BIAS_CODES, MemoryRule
 
 _CPU_DIR = Path(__file__).resolve().parent / "cpu"
 SOURCES = tuple(_CPU_DIR / name for name in ("factored_decode.cpp", "mlp_segment.cpp", "row_linear.cpp"))
-HEADERS = (_CPU_DIR / "memory_math.h",)  # included by the sources: part of what a build depends on
+# included by the sources: part of what a build depends on
+HEADERS = (_CPU_DIR / "memory_math.h", _CPU_DIR / "vec_products.h")
 EXTENSION = "miras_cpu_kernels"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 STALE_LOCK_S = 600.0  # a build takes ~16 s on 2 cores

@@ -191,7 +191,6 @@ def test_a_failed_compile_decodes_eagerly_and_is_counted(tokenizer):
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def test_two_instances_never_share_compiled_graphs():
     """The compiled steps check no guards on their instance's objects (server/decode_graphs.py,
     guards_on_arguments): two instances over models of different depths, stepped in turn, each give their own

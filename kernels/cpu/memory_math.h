@@ -3,14 +3,8 @@
 // pieces, written with ATen's vectors (at::vec::Vectorized) where they run over the memory's hidden width.
 #pragma once
 
-// ATen's vectorised math (the same erf, exp and tanh as torch's own CPU kernels): its AVX2 specialisations are
-// compiled in only with CPU_CAPABILITY_AVX2 defined, which torch's build passes on its command line.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include "vec_products.h"
+
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -53,9 +47,6 @@ inline float lp_magnitude(const Rule& rule, float s_sq) {
   if (s_sq <= rule.knee_sq) return power(s_sq, (rule.p - 1.0f) / 2.0f);
   return rule.knee_slope * std::sqrt(s_sq);
 }
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
 
 // out = gelu(z) over n values (out may be z). Vectorised: erf and exp one value at a time through libm cost more
 // than the products around them.
