@@ -20,6 +20,7 @@ from miras_serve.server.cli import parse_args
 from miras_serve.server.decode_graphs import (
     ENGINE_COMPILE_MAX_BATCH,
     DecodeGraphs,
+    guards_on_arguments,
     use_project_compile_cache,
 )
 
@@ -188,6 +189,36 @@ def test_a_failed_compile_decodes_eagerly_and_is_counted(tokenizer):
     eager = engine.pool.clone()
     with torch.inference_mode():
         torch.testing.assert_close(engine.decode_graphs.run(ids, slots), engine.model(ids, eager, slots=slots)[0])
+
+
+@torch.inference_mode()
+def test_the_guard_filter_keeps_the_arguments_and_the_global_state(monkeypatch):
+    """guards_on_arguments, on the guards dynamo offers for a real step: it drops those on the instance's objects
+    and on module globals, and keeps those on the step's arguments and the global state (grad mode, the thread
+    count: a step on another thread count must compile again, not run a graph built for the other)."""
+    from miras_serve.server import decode_graphs
+
+    offered = []
+
+    def recording(entries: list) -> list[bool]:
+        offered.extend(entries)
+        return guards_on_arguments(entries)
+
+    monkeypatch.setattr(decode_graphs, "guards_on_arguments", recording)
+    model = small_model("moneta", seed=0, chunk_size=CHUNK)
+    graphs = DecodeGraphs(model, model.init_state(2), scratch_slot=1, max_batch=1, use_graphs=False,
+                          compile_backend="aot_eager")
+    graphs.run(torch.tensor([[5]]), torch.tensor([0]))
+    kept = dict(zip(map(id, offered), guards_on_arguments(offered), strict=True))
+    by_kind = {kind: [kept[id(e)] for e in offered if test(e)] for kind, test in {
+        "instance": lambda e: e.name == "self" or e.name.startswith(("self.", "self[")),
+        "globals": lambda e: e.is_global,
+        "arguments": lambda e: e.name.startswith("L["),
+        "global state": lambda e: e.guard_type == "GLOBAL_STATE"}.items()}
+    assert by_kind["instance"] and not any(by_kind["instance"])
+    assert by_kind["globals"] and not any(by_kind["globals"])
+    assert by_kind["arguments"] and all(by_kind["arguments"])
+    assert by_kind["global state"] and all(by_kind["global state"])
 
 
 @torch.inference_mode()
