@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import sys
 from dataclasses import replace
@@ -83,6 +84,19 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def freeze_startup_heap() -> int:
+    """Make every object alive at start-up (torch, the model, dynamo's compiled steps, the app) permanent for
+    Python's garbage collector, as vLLM does, and return how many it froze. Why: a full collection walks every
+    tracked object, ~600,000 here (moneta-tiny), and took 290-440 ms, holding the GIL: every stream stalls for
+    it. One comes once enough new objects have survived younger collections (saved responses, cached states'
+    records): rarely, but in the middle of someone's stream. With the start-up heap frozen it took under 0.1 ms
+    (one process, three collections each; docs/serving.md, "Host work per step"). Objects frozen still go when
+    their last reference does; only a reference cycle among them would stay."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -114,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, http=h11_protocol(args.request_read_timeout),
                             timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency)
+    logger.info("froze %d start-up objects (the garbage collector skips them)", freeze_startup_heap())
     logger.info("serving %s (%s) on http://%s:%d", name, args.model, args.host, args.port)
     DrainingServer(config, state).run()
 

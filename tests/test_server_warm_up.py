@@ -84,8 +84,9 @@ def test_after_the_warm_up_no_decode_step_compiles_and_no_owned_slot_changed():
 
 def test_the_server_warms_up_before_it_listens(tiny_checkpoint):
     """A real server (the CLI, compiled steps on, traced with aot_eager): the warm-up is logged before uvicorn
-    starts, its compiles are counted in /metrics when /health first answers, and requests at several
-    concurrencies (batch 1, 2 and more, crossing chunk boundaries) compile nothing more."""
+    starts, and so is the freeze of the start-up heap (server.cli.freeze_startup_heap); the warm-up's compiles
+    are counted in /metrics when /health first answers, and requests at several concurrencies (batch 1, 2 and
+    more, crossing chunk boundaries) compile nothing more."""
     port = free_port()
     command = serve_command(tiny_checkpoint, port, "--compile-backend", "aot_eager", "--max-num-seqs", "6",
                             "--log-level", "info")
@@ -96,6 +97,9 @@ def test_the_server_warms_up_before_it_listens(tiny_checkpoint):
         warmed = re.search(r"compiled decode steps warmed up: (\d+) graphs in", log)
         assert warmed and int(warmed.group(1)) > 0, log[-3000:]
         assert warmed.start() < log.index("Application startup complete")
+        frozen = re.search(r"froze (\d+) start-up objects", log)  # the heap the collector skips from now on
+        assert frozen and int(frozen.group(1)) > 100_000, log[-3000:]
+        assert frozen.start() < log.index("Application startup complete")
         compiles = metric(metric_values(server.url), "miras:decode_graph_compiles_total")
         assert compiles == int(warmed.group(1))
         assert metric(metric_values(server.url), "miras:decode_compile_seconds_total") > 0
