@@ -42,7 +42,7 @@ inline void reduce4(const Vec& a, const Vec& b, const Vec& c, const Vec& d, floa
 // their 4 NX accumulators named (an array of them was kept on the stack and stored every iteration).
 template <int NX>
 inline void matvec(const float* w, int64_t stride, int64_t rows, int64_t cols, const float* const (&x)[NX],
-            float* const (&y)[NX]) {
+                   float* const (&y)[NX]) {
   static_assert(NX == 1 || NX == 2, "one or two vectors");
   const int64_t vec_cols = cols - cols % kLanes;
   int64_t r = 0;
