@@ -298,7 +298,8 @@ def lq_normalise(cfg: MirasConfig, w: Tensor, init_std: float) -> Tensor:
     min's zero gradient times them gave NaN (Moneta skipped almost every step after warm-up in 1,024-token
     windows).
     """
-    nu_q = power(w.abs(), cfg.q).mean((-2, -1), keepdim=True) / init_std ** cfg.q
+    magnitude = w if cfg.q % 2 == 0 else w.abs()  # |w|^q = w^q bit for bit for an even q: one pass fewer
+    nu_q = power(magnitude, cfg.q).mean((-2, -1), keepdim=True) / init_std ** cfg.q
     radius_q = cfg.lq_radius ** cfg.q
     return w * (radius_q / torch.clamp(nu_q, min=radius_q)).pow(1.0 / cfg.q)
 

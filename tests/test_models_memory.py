@@ -99,8 +99,9 @@ def test_moneta_normalisation_has_a_finite_gradient(scale):
     torch.testing.assert_close(projected.detach(), expected)
 
 
-def test_moneta_normalisation_takes_both_branches():
-    cfg = config("moneta")
+@pytest.mark.parametrize("q", [4.0, 3.0])  # Moneta's q, and an odd one (where |w|^q needs the abs)
+def test_moneta_normalisation_takes_both_branches(q):
+    cfg = config("moneta", q=q)
     std = cfg.memory_rule().init_std[0]
     small = 0.5 * std * torch.randn(1, 1, D, d, dtype=torch.float64)  # inside the ball: unchanged
     torch.testing.assert_close(lq_normalise(cfg, small, std), small)
