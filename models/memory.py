@@ -424,8 +424,8 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
                 first = torch.where(at_boundary.view(-1, 1), 0.0, seg_eta[:, :, 0])
                 seg_eta = torch.cat([first.unsqueeze(-1), seg_eta[:, :, 1:]], dim=-1)
         o, memory = kernels.segment(cfg, anchor, memory, q[:, :, seg], k[:, :, seg], v[:, :, seg], seg_eta,
-                                   log_alpha[:, :, seg], None if delta is None else delta[:, :, seg],
-                                   ln_weight, ln_bias, None if surprise is None else surprise[:, :, seg])
+                                    log_alpha[:, :, seg], None if delta is None else delta[:, :, seg],
+                                    ln_weight, ln_bias, None if surprise is None else surprise[:, :, seg])
         outs.append(o)
         t += n
     return torch.cat(outs, dim=2), anchor, memory
