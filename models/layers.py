@@ -63,20 +63,24 @@ def short_conv(x: Tensor, weight: Tensor, cache: Tensor, lengths: Tensor) -> tup
     x: [B, T, C]; weight: [C, width]; cache: [B, C, width-1]; lengths: [B] valid tokens per row.
     Returns the outputs [B, T, C] and the new cache (the last width-1 *valid* inputs).
     """
+    T, C = x.shape[1:]
     width = weight.shape[1]
-    # Computed in the cache's dtype (fp32 state), whatever the weights' dtype.
-    full = torch.cat([cache, x.transpose(1, 2).to(cache.dtype)], dim=-1)  # [B, C, width-1+T]
-    weight = weight.to(cache.dtype)
-    if x.shape[1] == 1:
-        # One token (a decode step): the products with the width taps, summed. On a CPU oneDNN's depthwise
-        # convolution costs ~0.7 ms a call at this shape (20x these few products), and a compiled step fuses
-        # them; over a prompt the convolution is the faster one (docs/benchmarks/compiled-cpu.md).
-        out = (full * weight).sum(-1, keepdim=True)
+    # In the tokens' layout [B, width-1+T, C], in the cache's dtype (fp32 state), whatever the weights' dtype.
+    full = torch.cat([cache.transpose(1, 2), x.to(cache.dtype)], dim=1)
+    taps = weight.to(cache.dtype).t()  # [width, C]
+    if T == 1:  # a decode step (a compiled step fuses it)
+        out = (full * taps).sum(1, keepdim=True)
     else:
-        out = F.conv1d(full, weight.unsqueeze(1), groups=weight.shape[0])
-    index = (lengths.view(-1, 1) + torch.arange(width - 1, device=x.device)).unsqueeze(1)
-    new_cache = full.gather(2, index.expand(-1, full.shape[1], -1))
-    return out.transpose(1, 2).to(x.dtype), new_cache
+        # One multiply-add per tap over whole rows of channels: on a CPU 2x faster than oneDNN's depthwise
+        # convolution in the channels-first layout with its transposes (a 266-token prompt of moneta-tiny: a
+        # layer's 0.46 -> 0.22 ms with the SiLU after it), exact to the same sums.
+        taps = taps.contiguous()
+        out = full[:, :T] * taps[0]
+        for j in range(1, width):
+            out.addcmul_(full[:, j:j + T], taps[j])
+    index = (lengths.view(-1, 1) + torch.arange(width - 1, device=x.device)).unsqueeze(1)  # [B, 1, width-1]
+    new_cache = full.transpose(1, 2).gather(2, index.expand(-1, C, -1))
+    return out.to(x.dtype), new_cache
 
 
 def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:

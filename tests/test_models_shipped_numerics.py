@@ -17,8 +17,11 @@ PROMPT_PIECES = (1000, 1048)  # cut at positions that are not chunk boundaries
 PARALLEL_VS_DECODE = 1e-4  # the issue's bound: per token, |logits difference| / |logits| (2-norms)
 TF32 = 2e-3  # emulated tf32 operands (10 mantissa bits) in the memory's chunk products, same measure
 # Memora's KL retention updates log M and takes a softmax (models/SPEC.md §5), so a product's rounding lands in
-# an exponent: memora-h-tiny measured 1.5e-2. (The GPU default, tf32x3, is near fp32: docs/precision.md.)
-TF32_BY_RETENTION = {"kl": 2e-2}
+# an exponent, and its worst token is chaotic: 1-ulp perturbations of the fp32 inputs (the embeddings moved one
+# ulp; products of other strides) moved the two Memora models' worst token between 8.5e-3 and 2.7e-2 while the
+# 99th percentile stayed at 4-6e-3. The bound is twice the worst seen. (The GPU default, tf32x3, is near fp32:
+# docs/precision.md.)
+TF32_BY_RETENTION = {"kl": 5e-2}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
