@@ -12,6 +12,8 @@
   memory: a prompt's tokens of one chunk, their reads and the memory after them, the products through ATen's
   batched matrix products and every elementwise chain fused into one pass (the prefill's memory); and
   ``miras_serve::mlp_factors``, its first half, ``models.memory.mlp_factors`` (a factored state's last rows).
+- ``miras_serve::lq_normalise`` (kernels/cpu/lq_normalise.cpp), Moneta's boundary map
+  (``models.memory.lq_normalise``) in two passes over each matrix, for a prompt's chunk boundaries.
 - ``miras_serve::row_linear`` (kernels/cpu/row_linear.cpp), ``x W^T + b`` for one row of x, streaming the
   linear's own weight along its rows, the outputs split over the threads.
 
@@ -43,7 +45,8 @@ from torch import Tensor
 from .rule import BIAS_CODES, MemoryRule
 
 _CPU_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = tuple(_CPU_DIR / name for name in ("factored_decode.cpp", "mlp_segment.cpp", "row_linear.cpp"))
+SOURCES = tuple(_CPU_DIR / name for name in ("factored_decode.cpp", "mlp_segment.cpp", "lq_normalise.cpp",
+                                             "row_linear.cpp"))
 # included by the sources: part of what a build depends on
 HEADERS = (_CPU_DIR / "memory_math.h", _CPU_DIR / "vec_products.h")
 EXTENSION = "miras_cpu_kernels"
@@ -137,15 +140,17 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def mlp_segment(rule: MemoryRule, anchor: tuple[Tensor, Tensor], memory: tuple[Tensor, Tensor], q: Tensor, k: Tensor,
                 v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor, ln_bias: Tensor,
-                want_surprise: bool) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
+                want_surprise: bool) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor],
+                                              Tensor | None]:
     """``models.memory.memory_segment`` for the MLP memory on fp32 CPU tensors (anchor and memory: ([B, H, D, d],
     [B, H, d, D]); q, k, v [B, H, n, d]; gates [B, H, n]; ln_weight, ln_bias [H, 1, d]): the reads [B, H, n, d],
-    the memory after the segment, and each token's loss at the anchor [B, H, n] if ``want_surprise`` (else None).
-    Every tensor fp32 (views of any strides). Call :func:`load` first."""
-    out, new_in, new_out, loss = torch.ops.miras_serve.mlp_segment(
+    the memory after the segment, the tokens' factors (a, gz, gu) at the anchor, and each token's loss at the
+    anchor [B, H, n] if ``want_surprise`` (else None). Every tensor fp32 (views of any strides). Call :func:`load`
+    first."""
+    out, new_in, new_out, loss, a, gz, gu = torch.ops.miras_serve.mlp_segment(
         *anchor, *memory, q, k, v, eta, log_alpha, delta, ln_weight, ln_bias, want_surprise,
         BIAS_CODES[rule.attentional_bias], rule.p, rule.lp_knee, rule.abs_eps, rule.sign_sharpness, rule.memory_ln_eps)
-    return out, (new_in, new_out), loss if want_surprise else None
+    return out, (new_in, new_out), (a, gz, gu), loss if want_surprise else None
 
 
 def mlp_factors(rule: MemoryRule, anchor: tuple[Tensor, Tensor], k: Tensor, v: Tensor, delta: Tensor | None,
@@ -156,6 +161,12 @@ def mlp_factors(rule: MemoryRule, anchor: tuple[Tensor, Tensor], k: Tensor, v: T
     return torch.ops.miras_serve.mlp_factors(*anchor, k, v, delta, ln_weight, ln_bias,
                                              BIAS_CODES[rule.attentional_bias], rule.p, rule.lp_knee, rule.abs_eps,
                                              rule.sign_sharpness, rule.memory_ln_eps)
+
+
+def lq_normalise(w: Tensor, q: float, radius: float, init_std: float) -> Tensor:
+    """``models.memory.lq_normalise`` for fp32 CPU matrices ``w`` [..., R, C] (each mapped on its own; any
+    strides), with the rule's ``q``, ``radius`` and the matrix's ``init_std``. Call :func:`load` first."""
+    return torch.ops.miras_serve.lq_normalise(w, q, radius, init_std)
 
 
 def factored_decode(rule: MemoryRule, anchor: tuple[Tensor, Tensor], rows: Tensor, coef: Tensor, decay: Tensor,

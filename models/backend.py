@@ -79,9 +79,9 @@ def _native_built() -> bool:
 
 def prompt_kernels(cfg: MirasConfig, *inputs: Tensor | None) -> spec.PromptKernels:
     """What runs a prompt's chunks on the torch backend (``inputs``: the memory and the tokens' tensors): the
-    native kernels (kernels/cpu/mlp_segment.cpp) for the MLP memory on fp32 CPU tensors with exact products and
-    nothing to differentiate, when the native kernels are enabled; else the reference's
-    (``memory_segment``, ``mlp_factors``)."""
+    native kernels (kernels/cpu/mlp_segment.cpp, lq_normalise.cpp) for the MLP memory on fp32 CPU tensors with
+    exact products and nothing to differentiate, when the native kernels are enabled; else the reference's
+    (``memory_segment``, ``mlp_factors``, ``lq_normalise``)."""
     tensors = [t for t in inputs if t is not None]
     if (cfg.memory == "mlp" and all(t.dtype == torch.float32 for t in tensors) and spec.dot_emulation() == "ieee"
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
@@ -92,13 +92,13 @@ def prompt_kernels(cfg: MirasConfig, *inputs: Tensor | None) -> spec.PromptKerne
 
 def _native_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
                     log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor, ln_bias: Tensor,
-                    surprise: Tensor | None = None) -> tuple[Tensor, Memory]:
+                    surprise: Tensor | None = None) -> tuple[Tensor, Memory, spec.Factors]:
     """:func:`models.memory.memory_segment` through the native kernel."""
-    out, new_memory, loss = cpu_native.mlp_segment(cfg.memory_rule(), anchor, memory, q, k, v, eta, log_alpha, delta,
-                                                   ln_weight, ln_bias, surprise is not None)
+    out, new_memory, factors, loss = cpu_native.mlp_segment(cfg.memory_rule(), anchor, memory, q, k, v, eta,
+                                                            log_alpha, delta, ln_weight, ln_bias, surprise is not None)
     if surprise is not None:
         surprise.copy_(loss)
-    return out, new_memory
+    return out, new_memory, factors
 
 
 def _native_factors(cfg: MirasConfig, w_in: Tensor, w_out: Tensor, k: Tensor, v: Tensor, ln_weight: Tensor,
@@ -107,7 +107,12 @@ def _native_factors(cfg: MirasConfig, w_in: Tensor, w_out: Tensor, k: Tensor, v:
     return cpu_native.mlp_factors(cfg.memory_rule(), (w_in, w_out), k, v, delta, ln_weight, ln_bias)
 
 
-NATIVE_PROMPT_KERNELS = spec.PromptKernels(_native_segment, _native_factors)
+def _native_lq_map(cfg: MirasConfig, w: Tensor, init_std: float) -> Tensor:
+    """:func:`models.memory.lq_normalise` through the native kernel."""
+    return cpu_native.lq_normalise(w, cfg.q, cfg.lq_radius, init_std)
+
+
+NATIVE_PROMPT_KERNELS = spec.PromptKernels(_native_segment, _native_factors, _native_lq_map)
 
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,

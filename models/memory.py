@@ -40,6 +40,8 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 # A memory is a tuple of tensors: (W_in, W_out) for the MLP memory, (W,) for the linear one.
 Memory = tuple[Tensor, ...]
+# The factors (a, gz, gu) of tokens' gradients at an anchor, as mlp_factors returns them.
+TokenFactors = tuple[Tensor, Tensor, Tensor]
 
 
 # How the Triton kernels' tensor-core products (``tl.dot``, kernels/scan.py) round their fp32 operands, emulated
@@ -258,8 +260,10 @@ def decayed_update(w: Tensor, decay: Tensor, left: Tensor, right: Tensor) -> Ten
 
 def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, k: Tensor, v: Tensor,
                    eta: Tensor, log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor | None,
-                   ln_bias: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Memory]:
-    """Process tokens that all lie in one chunk: reads for every token and the memory after the last.
+                   ln_bias: Tensor | None, surprise: Tensor | None = None) -> tuple[Tensor, Memory,
+                                                                                   TokenFactors | None]:
+    """Process tokens that all lie in one chunk: reads for every token, the memory after the last and, for the
+    MLP memory, the tokens' gradient factors at the anchor (:func:`mlp_factors`; None for the linear memory).
 
     ``anchor`` is the chunk's anchor (gradients are taken there), ``memory`` the running memory
     just before the first token. Reads see the post-update memory:
@@ -276,7 +280,7 @@ def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, 
             surprise.copy_(attentional_loss(cfg, error, delta))
         g = output_grad(cfg, error, delta)
         out = decay.unsqueeze(-1) * dot(q, w.transpose(-1, -2)) - dot(coeff * dot(q, k.transpose(-1, -2)), g)
-        return out, (decayed_update(w, decay_last, g.transpose(-1, -2), last * k),)
+        return out, (decayed_update(w, decay_last, g.transpose(-1, -2), last * k),), None
     a, gz, gu = mlp_factors(cfg, *anchor, k, v, ln_weight, ln_bias, delta, surprise)
     w_in, w_out = memory
     zq = decay.unsqueeze(-1) * dot(q, w_in.transpose(-1, -2)) - dot(coeff * dot(q, k.transpose(-1, -2)), gz)
@@ -285,7 +289,7 @@ def memory_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, 
     out = q + layer_norm(uq, ln_weight, ln_bias, cfg.memory_ln_eps)[0]
     new_in = decayed_update(w_in, decay_last, gz.transpose(-1, -2), last * k)
     new_out = decayed_update(w_out, decay_last, gu.transpose(-1, -2), last * a)
-    return out, (new_in, new_out)
+    return out, (new_in, new_out), (a, gz, gu)
 
 
 def lq_normalise(cfg: MirasConfig, w: Tensor, init_std: float) -> Tensor:
@@ -331,10 +335,12 @@ def memora_lag_step(cfg: MirasConfig, memory: Memory, k0: Tensor, v0: Tensor, et
 
 
 def boundary_step(cfg: MirasConfig, memory: Memory, k0: Tensor, v0: Tensor, eta0: Tensor,
-                  log_alpha0: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None) -> Memory:
-    """The memory at a chunk start becomes the new anchor, after the rule's boundary map."""
+                  log_alpha0: Tensor, ln_weight: Tensor | None, ln_bias: Tensor | None,
+                  lq_map: Callable[[MirasConfig, Tensor, float], Tensor] = lq_normalise) -> Memory:
+    """The memory at a chunk start becomes the new anchor, after the rule's boundary map (``lq_map``: what
+    computes :func:`lq_normalise`)."""
     if cfg.retention == "lq":
-        return tuple(lq_normalise(cfg, w, std) for w, std in zip(memory, cfg.memory_rule().init_std, strict=True))
+        return tuple(lq_map(cfg, w, std) for w, std in zip(memory, cfg.memory_rule().init_std, strict=True))
     if cfg.retention == "kl":
         return memora_lag_step(cfg, memory, k0, v0, eta0, log_alpha0, ln_weight, ln_bias)
     return memory
@@ -346,14 +352,24 @@ def _where_rows(mask: Tensor, new: Memory, old: Memory) -> Memory:
 
 
 class PromptKernels(NamedTuple):
-    """What runs a prompt's chunks in :func:`memory_scan` and :func:`factored_scan`: :func:`memory_segment` and
-    :func:`mlp_factors`, or implementations of their contracts (models.backend picks native ones on a CPU)."""
+    """What runs a prompt's chunks in :func:`memory_scan` and :func:`factored_scan`: :func:`memory_segment`,
+    :func:`mlp_factors` and :func:`lq_normalise` (at chunk boundaries), or implementations of their contracts
+    (models.backend picks native ones on a CPU)."""
 
-    segment: Callable[..., tuple[Tensor, Memory]] = memory_segment
+    segment: Callable[..., tuple[Tensor, Memory, TokenFactors | None]] = memory_segment
     factors: Callable[..., tuple[Tensor, Tensor, Tensor]] = mlp_factors
+    lq_map: Callable[[MirasConfig, Tensor, float], Tensor] = lq_normalise
 
 
 REFERENCE = PromptKernels()
+
+
+class LastSegment(NamedTuple):
+    """The last segment of a scan: its first token's index in the call, and its tokens' gradient factors at its
+    anchor (the scan's final anchor) as the kernels' segment returned them (None for the linear memory)."""
+
+    start: int
+    factors: TokenFactors | None
 
 
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor,
@@ -398,12 +414,25 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
             new_memory = [x.index_copy(0, rows, y) for x, y in zip(new_memory, mem, strict=True)]
         return out, tuple(new_anchor), tuple(new_memory)
 
+    out, anchor, memory, _ = scan_chunks(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight,
+                                         ln_bias, surprise, known, kernels)
+    return out, anchor, memory
+
+
+def scan_chunks(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor, ln_weight: Tensor | None,
+                ln_bias: Tensor | None, surprise: Tensor | None = None, known: KnownStep | None = None,
+                kernels: PromptKernels = REFERENCE) -> tuple[Tensor, Memory, Memory, LastSegment]:
+    """:func:`memory_scan` for rows whose chunks start at the same offsets (one phase, or one token), segment by
+    segment; also returns its last segment (:class:`LastSegment`)."""
+    b = cfg.chunk_size
+    T = q.shape[2]
     mask = valid.unsqueeze(1).to(eta.dtype)  # padding: eta = 0 and alpha = 1, so nothing changes
     eta = eta * mask
     lag_log_alpha = log_alpha * mask
     # Memora's retention lives in the lag step only; inside a chunk its updates are not decayed.
     log_alpha = torch.zeros_like(log_alpha) if cfg.retention == "kl" else lag_log_alpha
-    start_phase = int(phase[0]) if T > 1 else 0  # one token is one segment, whatever its phase
+    start_phase = int(pos[0]) % b if T > 1 else 0  # one token is one segment, whatever its phase
     outs = []
     t = 0
     while t < T:
@@ -413,7 +442,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
         at_boundary = ((pos + t) % b == 0) & valid[:, t]
         if known.first is not None if known is not None else bool(at_boundary.any()):
             stepped = boundary_step(cfg, memory, k[:, :, t:t + 1], v[:, :, t:t + 1], eta[:, :, t:t + 1],
-                                    lag_log_alpha[:, :, t:t + 1], ln_weight, ln_bias)
+                                    lag_log_alpha[:, :, t:t + 1], ln_weight, ln_bias, kernels.lq_map)
             if known is None and bool(at_boundary.all()):  # every row (a prompt's usual case): no selection
                 anchor = memory = stepped
             else:
@@ -423,12 +452,12 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
                 # The lag token's update is the softmax step itself.
                 first = torch.where(at_boundary.view(-1, 1), 0.0, seg_eta[:, :, 0])
                 seg_eta = torch.cat([first.unsqueeze(-1), seg_eta[:, :, 1:]], dim=-1)
-        o, memory = kernels.segment(cfg, anchor, memory, q[:, :, seg], k[:, :, seg], v[:, :, seg], seg_eta,
+        o, memory, factors = kernels.segment(cfg, anchor, memory, q[:, :, seg], k[:, :, seg], v[:, :, seg], seg_eta,
                                     log_alpha[:, :, seg], None if delta is None else delta[:, :, seg],
                                     ln_weight, ln_bias, None if surprise is None else surprise[:, :, seg])
         outs.append(o)
         t += n
-    return torch.cat(outs, dim=2), anchor, memory
+    return torch.cat(outs, dim=2), anchor, memory, LastSegment(T - n, factors)
 
 
 def initial_memory(cfg: MirasConfig, params: dict[str, Tensor]) -> Memory:
@@ -579,8 +608,16 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
     and the tokens of the last (possibly partial) chunk become its factor rows at the final anchor
     (``surprise`` [B, H, T]: as in ``memory_scan``)."""
     b, T = cfg.chunk_size, q.shape[2]
-    out, anchor, _ = memory_scan(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta, valid,
-                                 ln_weight, ln_bias, surprise, kernels=kernels)
+    phase = pos % b
+    if T > 1 and bool(valid.all()) and not bool((phase != phase[0]).any()):
+        # Rows of one length and phase (a prompt's usual case) end in the same segment, which holds exactly the
+        # tokens of the last chunk this call adds, and computed their factors at the final anchor already.
+        out, anchor, _, last = scan_chunks(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta,
+                                           valid, ln_weight, ln_bias, surprise, kernels=kernels)
+    else:
+        out, anchor, _ = memory_scan(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta, valid,
+                                     ln_weight, ln_bias, surprise, kernels=kernels)
+        last = None
     lengths = valid.sum(1)
     end = pos + lengths
     chunk_start = torch.div(end - 1, b, rounding_mode="floor") * b  # of the chunk of each row's last token
@@ -593,12 +630,18 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
     def tail(x: Tensor) -> Tensor:
         return x.gather(2, index if x.dim() == 3 else index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
-    k_tail = tail(k)
-    a, gz, gu = kernels.factors(cfg, *anchor, k_tail, tail(v), ln_weight, ln_bias,
-                                None if delta is None else tail(delta))
     zero = torch.zeros((), dtype=state.rows.dtype, device=pos.device)
-    rows = torch.where(new.unsqueeze(-1), torch.cat([k_tail, gz, a, gu], dim=-1),
-                       torch.where(crossed.unsqueeze(-1), zero, state.rows))
+    if last is None:
+        k_tail = tail(k)
+        a, gz, gu = kernels.factors(cfg, *anchor, k_tail, tail(v), ln_weight, ln_bias,
+                                    None if delta is None else tail(delta))
+        rows = torch.where(new.unsqueeze(-1), torch.cat([k_tail, gz, a, gu], dim=-1),
+                           torch.where(crossed.unsqueeze(-1), zero, state.rows))
+    else:  # the last segment's tokens are rows first.. of their chunk: after the old rows if it did not start it
+        first, a, gz, gu = (int(pos[0]) + last.start) % b, *last.factors
+        after = state.rows[:, :, first + T - last.start:]
+        rows = torch.cat([state.rows[:, :, :first], torch.cat([k[:, :, last.start:], gz, a, gu], dim=-1),
+                          after if first else torch.zeros_like(after)], dim=2)
     eta_new = torch.where(new, tail(eta), zero)
     log_alpha_new = torch.zeros_like(eta_new) if cfg.retention == "kl" else torch.where(new, tail(log_alpha), zero)
     if cfg.retention == "kl":  # the lag token (row 0) enters through its boundary step

@@ -5,7 +5,8 @@ serves, rows at every chunk phase (the token that starts a chunk, a fresh state)
 skipped slot, an empty row, slots outside the batch bit-identical; whole models decoding after a prompt equal
 their parallel pass; a compiled decode step calling the op equals the eager one. A prompt's segment of the MLP
 memory and its factors (kernels/cpu/mlp_segment.cpp through models.backend.prompt_kernels) against the
-reference's memory_segment and mlp_factors in fp64. The one-row product against F.linear."""
+reference's memory_segment and mlp_factors in fp64, and Moneta's boundary map (kernels/cpu/lq_normalise.cpp)
+against lq_normalise. The one-row product against F.linear."""
 
 from __future__ import annotations
 
@@ -134,10 +135,10 @@ def test_native_decode_equals_reference_and_torch_path(rule, head_dim):
 @torch.inference_mode()
 def test_native_segment_equals_reference(rule, head_dim):
     """A prompt's segment through the native kernel against the reference's memory_segment in fp64: the reads,
-    the memory after it, each token's surprise and the factors at the anchor (mlp_factors), for one token, an
-    odd count and a whole chunk, three sequences of fresh random inputs with the anchor and the running memory
-    apart (a segment that starts mid-chunk). Head dim 20: hidden widths that are no multiple of the vector
-    width."""
+    the memory after it, each token's surprise and the factors at the anchor (the segment's and mlp_factors'),
+    for one token, an odd count and a whole chunk, three sequences of fresh random inputs with the anchor and the
+    running memory apart (a segment that starts mid-chunk). Head dim 20: hidden widths that are no multiple of
+    the vector width."""
     cfg = rule_config(rule, head_dim=head_dim, chunk_size=8)
     case = rule_case(cfg)
     gen, seed = fresh_generator()
@@ -148,20 +149,47 @@ def test_native_segment_equals_reference(rule, head_dim):
         x = random_inputs(case, 3, n, gen)
         args = [x[name] for name in ("anchor", "memory", *GATE_NAMES, "ln_weight", "ln_bias")]
         surprise = torch.full((3, cfg.n_heads, n), float("nan"))
-        out, memory = kernels.segment(cfg, *args, surprise)
+        out, memory, factors = kernels.segment(cfg, *args, surprise)
         ref_surprise = torch.empty(3, cfg.n_heads, n, dtype=torch.float64)
-        ref_out, ref_memory = spec.memory_segment(cfg, *fp64(tuple(args)), ref_surprise)
+        ref_out, ref_memory, ref_factors = spec.memory_segment(cfg, *fp64(tuple(args)), ref_surprise)
         errors[f"reads, {n} tokens"] = rel_err(ref_out, out)
         errors[f"surprise, {n} tokens"] = rel_err(ref_surprise, surprise)
         for name, want, got in zip(("W_in", "W_out"), ref_memory, memory, strict=True):
             errors[f"{name}, {n} tokens"] = rel_err(want, got)
         factor_args = (*x["anchor"], x["k"], x["v"], x["ln_weight"], x["ln_bias"], x["delta"])
-        ref_factors = spec.mlp_factors(cfg, *fp64(factor_args))
-        for name, want, got in zip(("a", "gz", "gu"), ref_factors, kernels.factors(cfg, *factor_args), strict=True):
-            errors[f"factor {name}, {n} tokens"] = rel_err(want, got)
+        alone = kernels.factors(cfg, *factor_args)
+        for name, want, got, got_alone in zip(("a", "gz", "gu"), ref_factors, factors, alone, strict=True):
+            errors[f"segment's factor {name}, {n} tokens"] = rel_err(want, got)
+            errors[f"factor {name} alone, {n} tokens"] = rel_err(want, got_alone)
     tol = tolerance(case.rule, "ieee")
     bad = {name: err for name, err in errors.items() if not err < tol}
     assert not bad, f"relative RMS errors above {tol:.1g}: {bad} (seed {seed})"
+
+
+@pytest.mark.parametrize("q", [4.0, 3.0, 2.5])
+@torch.inference_mode()
+def test_native_lq_map_equals_reference(q):
+    """Moneta's boundary map through the native kernel against the reference's lq_normalise in fp64, per matrix:
+    matrices inside the ball (returned bit for bit), on its edge and far outside it, odd sizes (no multiple of the
+    vector width), a strided view; q = 3 and 2.5 take the abs (and the general power) the even q skips."""
+    gen, seed = fresh_generator()
+    cfg = rule_config("moneta", q=q)
+    kernels = backend.prompt_kernels(cfg, torch.zeros(1))
+
+    def nu(w: torch.Tensor, std: float) -> torch.Tensor:  # per matrix, in units of the radius
+        return w.double().abs().pow(q).mean((-2, -1)).pow(1 / q) / std / cfg.lq_radius
+
+    for shape, std in (((2, 3, 40, 9), 1.0), ((1, 4, 9, 37), 0.25)):
+        w = torch.randn(shape, generator=gen) * std * torch.rand(*shape[:2], 1, 1, generator=gen) * 3 * cfg.lq_radius
+        w[0, 0] = 0.0  # a memory decayed to nothing
+        w[-1, -1] /= nu(w[-1, -1], std)  # on the edge
+        for x in (w, w.transpose(-1, -2)):
+            got, want = kernels.lq_map(cfg, x, std), spec.lq_normalise(cfg, x.double(), std)
+            assert got.shape == x.shape
+            assert rel_err(want, got) < 1e-6, f"q {q}, shape {tuple(x.shape)} (seed {seed})"
+            inside = nu(x, std) < 1 - 1e-5
+            assert torch.equal(got[inside], x[inside]), f"a matrix inside the ball changed (seed {seed})"
+            assert not inside.all() and inside.any(), "the case must have matrices on both sides"
 
 
 def test_prompt_kernels_take_the_reference_where_the_native_ones_do_not_apply():

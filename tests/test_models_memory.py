@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from miras_serve.kernels import naive
 from miras_serve.models.config import preset_config
 from miras_serve.models.memory import (
+    REFERENCE,
+    PromptKernels,
     boundary_step,
     factored_decode_step,
     factored_fresh,
@@ -251,21 +253,30 @@ def test_factored_decode_equals_running_decode(preset):
 
 
 @pytest.mark.parametrize("preset", ["moneta", "yaad", "memora"])
-@pytest.mark.parametrize("lengths", [(9, 2), (4, 7), (1, 0)])  # mid-chunk, exactly at a chunk end, empty row
-def test_factored_scan_continues_and_writes_the_factored_state(preset, lengths):
+# after 3 tokens of a 4-token chunk: rows ending mid-chunk, exactly at a chunk end, an empty row, one token;
+# rows of one length (their last chunk's rows come from the last segment): crossing two chunk starts; after
+# 1 token: filling the chunk's middle rows without crossing one
+@pytest.mark.parametrize("consumed,lengths", [(3, (9, 2)), (3, (4, 7)), (3, (1, 0)), (3, (1, 1)), (3, (6, 6)),
+                                              (1, (2, 2))])
+def test_factored_scan_continues_and_writes_the_factored_state(preset, consumed, lengths):
     """A prompt continuing a half-consumed chunk (rows at different positions) on a factored state equals
     the running-memory scan (reads, anchor, folded memory), and leaves the state that token-by-token
-    decoding leaves: prefill then decode and decode all the way are the same state."""
+    decoding leaves: prefill then decode and decode all the way are the same state. Rows of one length take
+    their last chunk's factor rows from the scan's last segment, not from the kernels' factors."""
     cfg = config(preset, chunk_size=4)
     memory = random_memory(cfg, seed=13)
-    start = factored_state_after(cfg, memory, 3, seed=14)
-    pos = torch.tensor([3, 3])
+    start = factored_state_after(cfg, memory, consumed, seed=14)
+    pos = torch.tensor([consumed, consumed])
     T = max(lengths)
     q, k, v, eta, log_alpha, delta, ln_w, ln_b = random_inputs(T, seed=15)
     valid = torch.arange(T).view(1, -1) < torch.tensor(lengths).view(-1, 1)
     gates = (q, k, v, eta, log_alpha, delta)
     ref_out, ref_anchor, ref_memory = memory_scan(cfg, start.anchor, fold_rows(start), pos, *gates, valid, ln_w, ln_b)
-    out, state = factored_scan(cfg, start, pos, *gates, valid, ln_w, ln_b)
+    def no_factors(*args):
+        raise AssertionError("rows of one length and phase must not recompute their last chunk's factors")
+
+    kernels = PromptKernels(factors=no_factors) if len(set(lengths)) == 1 and T > 1 else REFERENCE
+    out, state = factored_scan(cfg, start, pos, *gates, valid, ln_w, ln_b, kernels=kernels)
     mask = valid[:, None, :, None]
     torch.testing.assert_close(out * mask, ref_out * mask, rtol=1e-9, atol=1e-12)
     for mine, ref in zip((*state.anchor, *fold_rows(state)), (*ref_anchor, *ref_memory), strict=True):

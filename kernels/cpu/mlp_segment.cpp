@@ -89,8 +89,9 @@ Factors factors_at_anchor(const Rule& rule, const at::Tensor& anchor_in, const a
 
 // anchor_in, memory_in [B, H, D, d]; anchor_out, memory_out [B, H, d, D]; q, k, v [B, H, n, d]; eta, log_alpha
 // (and delta, huber's) [B, H, n]; ln_weight, ln_bias [H, 1, d]. Returns the reads [B, H, n, d], the new
-// (W_in, W_out), and each token's loss at the anchor [B, H, n] (empty unless want_surprise).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_segment(
+// (W_in, W_out), each token's loss at the anchor [B, H, n] (empty unless want_surprise) and the tokens' factors
+// at the anchor (A [B, H, n, D], GZ [B, H, n, D], GU [B, H, n, d]: a prompt's last chunk keeps them as its rows).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_segment(
     const at::Tensor& anchor_in_any, const at::Tensor& anchor_out_any, const at::Tensor& memory_in_any,
     const at::Tensor& memory_out_any, const at::Tensor& q_any, const at::Tensor& k_any, const at::Tensor& v_any,
     const at::Tensor& eta_any, const at::Tensor& log_alpha_any, const std::optional<at::Tensor>& delta_any,
@@ -186,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_segment(
   new_in.sub_(at::matmul(gz.transpose(-1, -2), k * last));
   at::Tensor new_out = memory_out * decay_last;
   new_out.sub_(at::matmul(gu.transpose(-1, -2), a * last));
-  return {out, new_in, new_out, loss};
+  return {out, new_in, new_out, loss, a, gz, gu};
 }
 
 // The factors alone (models.memory.mlp_factors; the factored state's rows of a prompt's last chunk): anchor_in
@@ -217,7 +218,7 @@ TORCH_LIBRARY_FRAGMENT(miras_serve, m) {
       "mlp_segment(Tensor anchor_in, Tensor anchor_out, Tensor memory_in, Tensor memory_out, Tensor q, Tensor k, "
       "Tensor v, Tensor eta, Tensor log_alpha, Tensor? delta, Tensor ln_weight, Tensor ln_bias, bool want_surprise, "
       "int bias, float p, float lp_knee, float abs_eps, float sharpness, float ln_eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(miras_serve, CPU, m) {
