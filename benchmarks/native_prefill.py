@@ -4,8 +4,9 @@
 
 The engine's eager chunked prefill (the last token's logits only, as the engine samples them) of a chat turn
 (``--turn`` new tokens continuing a sequence of ``--cached`` tokens, as a state-cache hit prefills it) and of a
-fresh ``--prompt``-token prompt, with the MLP memory's segments through ``models.memory.memory_segment``
-(``MIRAS_CPU_NATIVE=0``) and through ``miras_serve::mlp_segment`` (kernels/cpu/mlp_segment.cpp). Every round
+fresh ``--prompt``-token prompt, with the MLP memory's segments (and Moneta's boundary map) through
+``models.memory.memory_segment`` (``lq_normalise``; ``MIRAS_CPU_NATIVE=0``) and through ``miras_serve::mlp_segment``
+(``miras_serve::lq_normalise``; kernels/cpu/). Every round
 runs every (prefill, variant) once, so load on a shared machine hits both columns alike. Also checks that the
 two variants' logits agree. Writes native-prefill-cpu.md into ``--out`` (default docs/benchmarks/).
 """
@@ -60,8 +61,9 @@ def report_lines(model_name: str, rows: list[dict], threads: int, rounds: int, a
         *report.header(f"The CPU prefill, the memory's segments on the PyTorch reference vs the native kernel: "
                        f"`{model_name}`", __spec__.name, argv, f"torch threads: {threads}"),
         f"Median of {rounds} rounds after one of warm-up; every round runs both variants of every prefill, "
-        "interleaved. *PyTorch reference*: `models.memory.memory_segment` (`MIRAS_CPU_NATIVE=0`); *native "
-        "kernel*: `miras_serve::mlp_segment` (kernels/cpu/mlp_segment.cpp). The rest of the model is the same "
+        "interleaved. *PyTorch reference*: `models.memory.memory_segment` and Moneta's boundary map "
+        "`lq_normalise` (`MIRAS_CPU_NATIVE=0`); *native kernel*: `miras_serve::mlp_segment` and "
+        "`miras_serve::lq_normalise` (kernels/cpu/). The rest of the model is the same "
         "eager PyTorch in both. *logits max diff*: the largest difference of the last token's logits, relative "
         "to their largest magnitude.", "",
         *report.table(["prefill", *(f"{n} ms" for n in names), "speed-up", "logits max diff"],

@@ -372,6 +372,11 @@ class LastSegment(NamedTuple):
     factors: TokenFactors | None
 
 
+def _one_phase(phase: Tensor) -> bool:
+    """Whether every row's chunks start at the same offset (``phase``: each row's position mod the chunk size)."""
+    return not bool((phase != phase[0]).any())
+
+
 def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q: Tensor, k: Tensor,
                 v: Tensor, eta: Tensor, log_alpha: Tensor, delta: Tensor | None, valid: Tensor,
                 ln_weight: Tensor | None, ln_bias: Tensor | None, surprise: Tensor | None = None,
@@ -392,7 +397,7 @@ def memory_scan(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
             return memory_scan(cfg, anchor, memory, pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
                                surprise, kernels=kernels)
     phase = pos % b
-    if T > 1 and bool((phase != phase[0]).any()):
+    if T > 1 and not _one_phase(phase):
         # Rows whose chunk boundaries fall at different offsets are processed in groups.
         out = torch.empty_like(q)
         new_anchor = [torch.empty_like(w) for w in anchor]
@@ -452,9 +457,9 @@ def scan_chunks(cfg: MirasConfig, anchor: Memory, memory: Memory, pos: Tensor, q
                 # The lag token's update is the softmax step itself.
                 first = torch.where(at_boundary.view(-1, 1), 0.0, seg_eta[:, :, 0])
                 seg_eta = torch.cat([first.unsqueeze(-1), seg_eta[:, :, 1:]], dim=-1)
-        o, memory, factors = kernels.segment(cfg, anchor, memory, q[:, :, seg], k[:, :, seg], v[:, :, seg], seg_eta,
-                                    log_alpha[:, :, seg], None if delta is None else delta[:, :, seg],
-                                    ln_weight, ln_bias, None if surprise is None else surprise[:, :, seg])
+        o, memory, factors = kernels.segment(cfg, anchor, memory, q[:, :, seg], k[:, :, seg], v[:, :, seg],
+                                             seg_eta, log_alpha[:, :, seg], None if delta is None else delta[:, :, seg],
+                                             ln_weight, ln_bias, None if surprise is None else surprise[:, :, seg])
         outs.append(o)
         t += n
     return torch.cat(outs, dim=2), anchor, memory, LastSegment(T - n, factors)
@@ -608,8 +613,7 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
     and the tokens of the last (possibly partial) chunk become its factor rows at the final anchor
     (``surprise`` [B, H, T]: as in ``memory_scan``)."""
     b, T = cfg.chunk_size, q.shape[2]
-    phase = pos % b
-    if T > 1 and bool(valid.all()) and not bool((phase != phase[0]).any()):
+    if T > 1 and bool(valid.all()) and _one_phase(pos % b):
         # Rows of one length and phase (a prompt's usual case) end in the same segment, which holds exactly the
         # tokens of the last chunk this call adds, and computed their factors at the final anchor already.
         out, anchor, _, last = scan_chunks(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta,
