@@ -92,7 +92,7 @@ def prompt_kernels(cfg: MirasConfig, *inputs: Tensor | None) -> spec.PromptKerne
 
 def _native_segment(cfg: MirasConfig, anchor: Memory, memory: Memory, q: Tensor, k: Tensor, v: Tensor, eta: Tensor,
                     log_alpha: Tensor, delta: Tensor | None, ln_weight: Tensor, ln_bias: Tensor,
-                    surprise: Tensor | None = None) -> tuple[Tensor, Memory, spec.Factors]:
+                    surprise: Tensor | None = None) -> tuple[Tensor, Memory, spec.TokenFactors]:
     """:func:`models.memory.memory_segment` through the native kernel."""
     out, new_memory, factors, loss = cpu_native.mlp_segment(cfg.memory_rule(), anchor, memory, q, k, v, eta,
                                                             log_alpha, delta, ln_weight, ln_bias, surprise is not None)

@@ -613,15 +613,14 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
     and the tokens of the last (possibly partial) chunk become its factor rows at the final anchor
     (``surprise`` [B, H, T]: as in ``memory_scan``)."""
     b, T = cfg.chunk_size, q.shape[2]
+    scan_args = (cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta, valid, ln_weight, ln_bias,
+                 surprise)
     if T > 1 and bool(valid.all()) and _one_phase(pos % b):
         # Rows of one length and phase (a prompt's usual case) end in the same segment, which holds exactly the
         # tokens of the last chunk this call adds, and computed their factors at the final anchor already.
-        out, anchor, _, last = scan_chunks(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta,
-                                           valid, ln_weight, ln_bias, surprise, kernels=kernels)
+        out, anchor, _, last = scan_chunks(*scan_args, kernels=kernels)
     else:
-        out, anchor, _ = memory_scan(cfg, state.anchor, fold_rows(state), pos, q, k, v, eta, log_alpha, delta, valid,
-                                     ln_weight, ln_bias, surprise, kernels=kernels)
-        last = None
+        (out, anchor, _), last = memory_scan(*scan_args, kernels=kernels), None
     lengths = valid.sum(1)
     end = pos + lengths
     chunk_start = torch.div(end - 1, b, rounding_mode="floor") * b  # of the chunk of each row's last token
@@ -641,7 +640,7 @@ def factored_scan(cfg: MirasConfig, state: FactoredMemory, pos: Tensor, q: Tenso
                                     None if delta is None else tail(delta))
         rows = torch.where(new.unsqueeze(-1), torch.cat([k_tail, gz, a, gu], dim=-1),
                            torch.where(crossed.unsqueeze(-1), zero, state.rows))
-    else:  # the last segment's tokens are rows first.. of their chunk: after the old rows if it did not start it
+    else:  # the last segment's tokens become the rows from `first` on: after the old rows if it did not start the chunk
         first, a, gz, gu = (int(pos[0]) + last.start) % b, *last.factors
         after = state.rows[:, :, first + T - last.start:]
         rows = torch.cat([state.rows[:, :, :first], torch.cat([k[:, :, last.start:], gz, a, gu], dim=-1),
